@@ -1,0 +1,246 @@
+//! Model and run configurations: named presets, TOML files, and flag overrides.
+//!
+//! A run is described by a [`RunConfig`] (TOML). Every field has a default, so a TOML file only
+//! names what differs; CLI flags override the file. The model shape lives in [`ModelConfig`],
+//! which is also written next to every checkpoint as `config.json`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid TOML: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("unknown preset `{0}` (known: {known})", known = PRESETS.join(", "))]
+    UnknownPreset(String),
+    #[error("invalid model config: {0}")]
+    Invalid(String),
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: &[&str] = &["tiny", "small", "gpt2-124m"];
+
+/// Shape of a GPT-2 style model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Real vocabulary size (token ids are `< vocab_size`).
+    pub vocab_size: usize,
+    /// Embedding rows: `vocab_size` rounded up to a multiple of 64, for aligned GPU matmuls.
+    pub padded_vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// Longest sequence (rows of the position embedding).
+    pub max_seq_len: usize,
+}
+
+/// Rounds `v` up to a multiple of 64.
+pub fn pad_vocab(v: usize) -> usize {
+    v.div_ceil(64) * 64
+}
+
+impl ModelConfig {
+    /// A named preset for a tokenizer of `vocab_size` tokens.
+    pub fn preset(name: &str, vocab_size: usize) -> Result<Self, ConfigError> {
+        let (n_layer, n_head, n_embd, max_seq_len) = match name {
+            // Seconds per step on two CPU cores.
+            "tiny" => (4, 4, 128, 256),
+            // A step up for a workstation GPU or a patient CPU.
+            "small" => (6, 6, 384, 512),
+            // GPT-2 small.
+            "gpt2-124m" => (12, 12, 768, 1024),
+            other => return Err(ConfigError::UnknownPreset(other.to_string())),
+        };
+        let cfg = Self {
+            vocab_size,
+            padded_vocab_size: pad_vocab(vocab_size),
+            n_layer,
+            n_head,
+            n_embd,
+            max_seq_len,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.vocab_size == 0 || self.n_layer == 0 || self.n_head == 0 || self.max_seq_len == 0 {
+            return bad(format!("all sizes must be positive: {self:?}"));
+        }
+        if self.n_embd % self.n_head != 0 {
+            return bad(format!(
+                "n_embd {} is not divisible by n_head {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        if self.padded_vocab_size < self.vocab_size {
+            return bad(format!(
+                "padded_vocab_size {} < vocab_size {}",
+                self.padded_vocab_size, self.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters counted the usual way: every weight, the tied head once, padding rows included.
+    pub fn num_params(&self) -> usize {
+        let (c, l) = (self.n_embd, self.n_layer);
+        let per_layer = 2 * c
+            + (3 * c * c + 3 * c)
+            + (c * c + c)
+            + 2 * c
+            + (4 * c * c + 4 * c)
+            + (4 * c * c + c);
+        self.padded_vocab_size * c + self.max_seq_len * c + l * per_layer + 2 * c
+    }
+
+    /// Training FLOPs per token: `6 N + 12 L C T` with `N` excluding the position embedding
+    /// (PaLM appendix B; the convention of docs/PERF.md).
+    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
+        let n = (self.num_params() - self.max_seq_len * self.n_embd) as f64;
+        6.0 * n + 12.0 * (self.n_layer * self.n_embd * seq_len) as f64
+    }
+}
+
+/// Everything a training run needs besides the data and the tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Model preset name (see [`PRESETS`]); the vocabulary comes from the tokenizer.
+    pub preset: String,
+    /// Micro-batch rows.
+    pub batch_size: usize,
+    /// Sequence length of each row (`<= max_seq_len`).
+    pub seq_len: usize,
+    /// Tokens per optimizer step; a multiple of `batch_size * seq_len` (gradient accumulation).
+    /// 0 means one micro-batch per step.
+    pub total_batch_tokens: usize,
+    pub max_steps: usize,
+    pub learning_rate: f32,
+    /// Final learning rate as a fraction of the peak, reached at `max_steps` by cosine decay.
+    pub min_lr_ratio: f32,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f32,
+    /// Validation every this many steps (0 disables), over `val_batches` micro-batches.
+    pub val_every: usize,
+    pub val_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    pub seed: u64,
+    /// Data-parallel rank and world size (each rank reads its own windows).
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            preset: "tiny".into(),
+            batch_size: 8,
+            seq_len: 256,
+            total_batch_tokens: 0,
+            max_steps: 300,
+            learning_rate: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            val_every: 50,
+            val_batches: 8,
+            checkpoint_every: 100,
+            seed: 1337,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML file; missing fields take their defaults, unknown ones are an error.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn grad_accum_steps(&self) -> Result<usize, ConfigError> {
+        let micro = self.batch_size * self.seq_len;
+        if micro == 0 {
+            return Err(ConfigError::Invalid(
+                "batch_size and seq_len must be positive".into(),
+            ));
+        }
+        if self.total_batch_tokens == 0 {
+            return Ok(1);
+        }
+        if self.total_batch_tokens % micro != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "total_batch_tokens {} is not a multiple of batch_size*seq_len = {micro}",
+                self.total_batch_tokens
+            )));
+        }
+        Ok(self.total_batch_tokens / micro)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_124m_matches_the_published_count() {
+        let cfg = ModelConfig::preset("gpt2-124m", 50257).unwrap();
+        assert_eq!(cfg.padded_vocab_size, 50304);
+        // docs/PERF.md: N without the position embedding = 123,689,472 (padded, tied head once).
+        assert_eq!(cfg.num_params() - 1024 * 768, 123_689_472);
+    }
+
+    #[test]
+    fn toml_overrides_only_what_it_names() {
+        let cfg: RunConfig = toml::from_str("max_steps = 7\nlearning_rate = 0.01").unwrap();
+        assert_eq!(cfg.max_steps, 7);
+        assert_eq!(cfg.batch_size, RunConfig::default().batch_size);
+        assert!(toml::from_str::<RunConfig>("max_stepz = 7").is_err());
+    }
+
+    #[test]
+    fn accumulation_must_divide() {
+        let cfg = RunConfig {
+            batch_size: 2,
+            seq_len: 8,
+            total_batch_tokens: 48,
+            ..Default::default()
+        };
+        assert_eq!(cfg.grad_accum_steps().unwrap(), 3);
+        let bad = RunConfig {
+            total_batch_tokens: 50,
+            ..cfg
+        };
+        assert!(bad.grad_accum_steps().is_err());
+    }
+}

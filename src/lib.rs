@@ -1,0 +1,11 @@
+//! topcoat: a CUDA-native LLM trainer that runs pretraining, SFT and preference tuning.
+//!
+//! Module map (one line each):
+pub mod backend; // the Backend trait, the CPU reference and the CUDA backend
+pub mod config; // model presets and run configs (TOML + flag overrides)
+pub mod data; // token shards, the window loader, tokenizers, `prepare`
+pub mod generate; // sampling from a model (temperature, top-k)
+pub mod model; // GPT-2: parameter layout, forward and backward against Backend
+pub mod optim; // AdamW parameter groups and the learning-rate schedule
+pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
+pub mod train; // the shared step loop, checkpoints, metrics

@@ -1,0 +1,2 @@
+//! The `topcoat` command line (being written).
+fn main() {}
