@@ -1,5 +1,157 @@
 //! GPT-2: parameter layout, activations, and forward/backward written once against `Backend`.
+//!
+//! Learned positions, pre-LN blocks, a GELU (tanh) MLP, tied input/output embeddings, and a
+//! vocabulary padded to a multiple of 64 whose padded logits never take part in the loss.
 
+pub mod activations;
+mod backward;
+pub mod forward;
 pub mod params;
 
+pub use activations::{Activations, GradScratch};
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
+
+use crate::backend::{Backend, BackendError, Role};
+use crate::config::ModelConfig;
+use crate::rng::Rng;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A GPT-2 model living on backend `B`: parameters, their gradients, and activation buffers
+/// sized for the last batch shape seen.
+pub struct Gpt<B: Backend> {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<B::Buf>,
+    pub grads: Vec<B::Buf>,
+    acts: Option<Activations<B>>,
+    scratch: Option<GradScratch<B>>,
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A model with GPT-2 initialisation drawn from `seed`.
+    pub fn init(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let layout = ParamLayout::new(cfg);
+        let values = layout.init_values(cfg, &mut Rng::new(seed));
+        Self::from_values(be, cfg, values)
+    }
+
+    /// A model from host values, one `Vec` per tensor in [`ParamLayout`] order.
+    pub fn from_values(be: &B, cfg: &ModelConfig, values: Vec<Vec<f32>>) -> Result<Self> {
+        cfg.validate().map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let layout = ParamLayout::new(cfg);
+        if values.len() != layout.specs.len() {
+            return Err(ModelError::Invalid(format!(
+                "expected {} parameter tensors, got {}",
+                layout.specs.len(),
+                values.len()
+            )));
+        }
+        let mut params = Vec::with_capacity(values.len());
+        let mut grads = Vec::with_capacity(values.len());
+        for (spec, v) in layout.specs.iter().zip(&values) {
+            if v.len() != spec.numel() {
+                return Err(ModelError::Invalid(format!(
+                    "parameter {} has {} values, expected {} for shape {:?}",
+                    spec.name,
+                    v.len(),
+                    spec.numel(),
+                    spec.shape
+                )));
+            }
+            params.push(be.upload(v, Role::Param)?);
+            grads.push(be.zeros(v.len(), Role::Grad)?);
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            layout,
+            params,
+            grads,
+            acts: None,
+            scratch: None,
+        })
+    }
+
+    /// Downloads every parameter tensor, in layout order.
+    pub fn param_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        Ok(self.params.iter().map(|p| be.download(p)).collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Downloads every gradient tensor, in layout order.
+    pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        Ok(self.grads.iter().map(|g| be.download(g)).collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn zero_grad(&mut self, be: &B) -> Result<()> {
+        for g in &mut self.grads {
+            be.fill_zero(g)?;
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn grad_norm(&self, be: &B) -> Result<f32> {
+        let refs: Vec<&B::Buf> = self.grads.iter().collect();
+        Ok(be.global_norm(&refs)?)
+    }
+
+    /// Makes sure activation buffers match `(b, t)`, reallocating only on a change of shape.
+    fn ensure_acts(&mut self, be: &B, b: usize, t: usize) -> Result<()> {
+        if b == 0 || t == 0 {
+            return Err(ModelError::Invalid(format!("empty batch: B={b}, T={t}")));
+        }
+        if t > self.cfg.max_seq_len {
+            return Err(ModelError::Invalid(format!(
+                "sequence length {t} exceeds the model's max_seq_len {}",
+                self.cfg.max_seq_len
+            )));
+        }
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None; // free the old set first: both may not fit at once
+            self.scratch = None;
+            self.acts = Some(Activations::new(be, &self.cfg, b, t)?);
+        }
+        Ok(())
+    }
+
+    fn check_ids(&self, what: &str, ids: &[i32], b: usize, t: usize, allow_masked: bool) -> Result<()> {
+        if ids.len() != b * t {
+            return Err(ModelError::Invalid(format!("{what}: {} ids for B*T = {}", ids.len(), b * t)));
+        }
+        let v = self.cfg.vocab_size as i32;
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id >= v || (id < 0 && !(allow_masked && id == -1)))
+        {
+            return Err(ModelError::Invalid(format!(
+                "{what}[{i}] = {id} is outside the vocabulary [0, {v}){}",
+                if allow_masked { " (or -1 for a masked target)" } else { "" }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logits row of position `(row, pos)` of the last forward, the real vocabulary only.
+    pub fn logits_at(&self, be: &B, row: usize, pos: usize) -> Result<Vec<f32>> {
+        let acts = self.acts.as_ref().ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
+        let vp = self.cfg.padded_vocab_size;
+        let offset = (row * acts.t + pos) * vp;
+        Ok(be.download_range(&acts.logits, offset, self.cfg.vocab_size)?)
+    }
+
+    /// Per-position losses of the last forward with targets (`[B*T]`, 0 where masked).
+    pub fn position_losses(&self, be: &B) -> Result<Vec<f32>> {
+        let acts = self.acts.as_ref().ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
+        Ok(be.download(&acts.losses)?)
+    }
+}
