@@ -1,2 +1,241 @@
-//! The `topcoat` command line (being written).
-fn main() {}
+//! The `topcoat` command line: parses flags, then calls the library (`topcoat::run`).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use topcoat::config::RunConfig;
+use topcoat::data::{self, PrepareOptions, Tokenizer};
+use topcoat::generate::SampleOptions;
+use topcoat::run::{self, PretrainJob};
+
+#[derive(Parser)]
+#[command(name = "topcoat", version, about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning")]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize text files, directories or JSONL into train/val token shards.
+    Prepare(PrepareArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Pretrain a GPT-2 model (no --data: the embedded corpus).
+    Pretrain(PretrainArgs),
+    /// Generate text from a checkpoint (or a run directory's newest checkpoint).
+    Sample(SampleArgs),
+    /// Describe a token shard, a checkpoint or a run directory.
+    Info { path: PathBuf },
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Text files, directories (searched recursively) or JSONL files with a "text" field.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
+    #[arg(long, default_value = "gpt2")]
+    tokenizer: String,
+    /// Vocabulary size when training a BPE.
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Most tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: usize,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE tokenizer.
+    Train {
+        /// Text files, directories or JSONL files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        /// Where to write tokenizer.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// TOML run config; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Prepared data directory (from `topcoat prepare`); default: the embedded corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/pretrain")]
+    out: PathBuf,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    total_batch_tokens: Option<usize>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    #[arg(long)]
+    val_every: Option<usize>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Checkpoint directory or run directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// 0 = no top-k filtering.
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn run_config(a: &PretrainArgs) -> Result<RunConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => RunConfig::from_toml_file(p)?,
+        None => RunConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident <- $flag:expr),* $(,)?) => { $(if let Some(v) = $flag.clone() { cfg.$field = v; })* };
+    }
+    set!(preset <- a.preset, max_steps <- a.max_steps, batch_size <- a.batch_size, seq_len <- a.seq_len,
+         total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
+         weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
+         checkpoint_every <- a.checkpoint_every, seed <- a.seed);
+    cfg.grad_accum_steps()?;
+    Ok(cfg)
+}
+
+fn note(msg: &str) {
+    eprintln!("{msg}");
+}
+
+fn prepare(a: &PrepareArgs) -> Result<()> {
+    let tok = match a.tokenizer.as_str() {
+        "gpt2" => Tokenizer::gpt2(),
+        "bpe" => {
+            let docs = data::prepare::read_documents(&a.inputs)?;
+            note(&format!("training a {}-token BPE on {} documents", a.vocab_size, docs.len()));
+            Tokenizer::train_bpe(docs.iter().map(String::as_str), a.vocab_size, |_, _| {})?
+        }
+        path => Tokenizer::load(path).with_context(|| format!("loading tokenizer {path}"))?,
+    };
+    let opts = PrepareOptions { val_fraction: a.val_fraction, shard_tokens: a.shard_tokens, ..PrepareOptions::new(&a.out) };
+    let tty = std::io::stderr().is_terminal();
+    let summary = data::prepare(&a.inputs, &tok, &opts, &|ev| {
+        let line = run::describe_progress(&ev);
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    tok.save(a.out.join("tokenizer.json"))?;
+    println!(
+        "{}: {} train documents ({} tokens, {} files), {} val documents ({} tokens, {} files), tokenizer.json ({} ids)",
+        a.out.display(),
+        summary.docs_train,
+        summary.tokens_train,
+        summary.train_files.len(),
+        summary.docs_val,
+        summary.tokens_val,
+        summary.val_files.len(),
+        tok.vocab_size()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting --threads")?;
+    }
+    match cli.command {
+        Command::Prepare(a) => prepare(&a)?,
+        Command::Tokenizer(TokenizerCmd::Train { inputs, vocab_size, out }) => {
+            let docs = data::prepare::read_documents(&inputs)?;
+            let tok = Tokenizer::train_bpe(docs.iter().map(String::as_str), vocab_size, |_, _| {})?;
+            tok.save(&out)?;
+            println!("{}: byte-level BPE with {} ids", out.display(), tok.vocab_size());
+        }
+        Command::Pretrain(a) => {
+            let run = run_config(&a)?;
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let job = PretrainJob { run, data: a.data.clone(), out: a.out.clone(), resume: a.resume, device, quiet: false };
+            let s = run::pretrain(&job, &note)?;
+            let first = s.val_losses.first().map(|v| v.1);
+            let last = s.val_losses.last().map(|v| v.1);
+            if let (Some(f), Some(l)) = (first, last) {
+                println!("validation loss {f:.4} -> {l:.4}");
+            }
+            println!(
+                "trained to step {} in {:.1} s ({:.0} tokens/s); checkpoint: {}",
+                s.final_step,
+                s.elapsed.as_secs_f64(),
+                s.tokens_per_s,
+                s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+            );
+        }
+        Command::Sample(a) => {
+            if a.temperature < 0.0 {
+                bail!("--temperature must be >= 0");
+            }
+            let opts = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, seed: a.seed, stop: None };
+            print!("{}", a.prompt);
+            run::sample(&a.checkpoint, &a.prompt, &opts, |text| {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!();
+        }
+        Command::Info { path } => print!("{}", run::info(&path)?),
+    }
+    Ok(())
+}

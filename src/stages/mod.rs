@@ -1,0 +1,3 @@
+//! Training stages: each holds only its loss and data wiring; the loop lives in `train`.
+
+pub mod pretrain;
