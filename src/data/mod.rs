@@ -1,9 +1,17 @@
-//! (placeholder until the data layer lands)
-use thiserror::Error;
-#[derive(Debug, Error)]
-pub enum DataError { #[error("{0}")] Other(String) }
-pub struct Tokenizer;
-impl Tokenizer {
-    pub fn save(&self, _p: &std::path::Path) -> Result<(), DataError> { Ok(()) }
-    pub fn load(_p: &std::path::Path) -> Result<Tokenizer, DataError> { Ok(Tokenizer) }
-}
+//! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
+//! and a trainable byte-level BPE) and `prepare` (text -> shards).
+
+pub mod bpe;
+pub mod error;
+pub mod loader;
+pub mod prepare;
+pub mod pretok;
+pub mod shard;
+pub mod tokenizer;
+
+pub use bpe::Bpe;
+pub use error::DataError;
+pub use loader::{Batch, Loader, LoaderPosition};
+pub use prepare::{prepare, PrepareOptions, PrepareSummary, ProgressEvent};
+pub use shard::{write_shard, Shard, ShardWriter, MAGIC_U16, MAGIC_U32};
+pub use tokenizer::{Tokenizer, TokenizerKind, SPECIAL_TOKENS};

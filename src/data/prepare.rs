@@ -1,0 +1,410 @@
+//! The library side of `topcoat prepare`: text files, directories and JSONL -> token shards for a
+//! train and a validation split.
+//!
+//! Inputs: a file is read as one document, except `*.jsonl`, where each non-blank line is one
+//! `{"text": "..."}` document. A directory is walked recursively for files ending in
+//! [`TEXT_EXTENSIONS`], in sorted path order. Each document is encoded as ordinary text and followed
+//! by `<|endoftext|>`.
+//!
+//! Split: with `k = round(1 / val_fraction)`, documents `k-1, 2k-1, ...` (0-based, in input order)
+//! go to validation; when there are fewer than `k` but at least 2 documents, the last one does, so
+//! the validation split is never empty then. `val_fraction = 0` disables it.
+//!
+//! Output: `{out}/train_000000.bin, ...` and `{out}/val_000000.bin, ...`, each at most
+//! `shard_tokens` tokens (documents may span shards). Everything is written into a staging
+//! directory inside `{out}` and moved into place only when every input has been read, so an error
+//! leaves no new or changed shard behind. Tokenization runs in parallel over documents; the output
+//! does not depend on the number of threads.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::error::{DataError, Result};
+use super::shard::ShardWriter;
+use super::tokenizer::Tokenizer;
+
+/// File endings taken from a directory.
+pub const TEXT_EXTENSIONS: [&str; 5] = ["txt", "md", "rst", "text", "jsonl"];
+
+/// Text read before a parallel tokenization pass.
+const GROUP_BYTES: usize = 32 << 20;
+
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub out_dir: PathBuf,
+    /// Fraction of documents for validation (default 0.05); 0 disables the split.
+    pub val_fraction: f64,
+    /// Maximum tokens per shard file (default 100M).
+    pub shard_tokens: usize,
+}
+
+impl PrepareOptions {
+    pub fn new(out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            out_dir: out_dir.into(),
+            val_fraction: 0.05,
+            shard_tokens: 100_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum ProgressEvent {
+    /// Inputs found: files, documents and bytes to read.
+    Start {
+        files: usize,
+        docs: usize,
+        bytes: u64,
+    },
+    /// After each tokenized group of documents.
+    Progress {
+        docs_done: usize,
+        docs_total: usize,
+        bytes_done: u64,
+        bytes_total: u64,
+        tokens: u64,
+    },
+    /// A shard is complete (still in the staging directory until the end).
+    ShardDone { name: String, tokens: u64 },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrepareSummary {
+    pub docs_train: usize,
+    pub docs_val: usize,
+    pub tokens_train: u64,
+    pub tokens_val: u64,
+    /// Shard files written, train first, in order.
+    pub train_files: Vec<PathBuf>,
+    pub val_files: Vec<PathBuf>,
+}
+
+/// Input files in processing order: directories expanded recursively (sorted, filtered by
+/// [`TEXT_EXTENSIONS`]); an explicit file is taken whatever its name.
+pub fn collect_inputs(inputs: &[impl AsRef<Path>]) -> Result<Vec<PathBuf>> {
+    if inputs.is_empty() {
+        return Err(DataError::InvalidArgument("prepare needs at least one input".into()));
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        let input = input.as_ref();
+        let meta = fs::metadata(input).map_err(|e| DataError::io(input, "stat", e))?;
+        if meta.is_dir() {
+            let before = files.len();
+            walk(input, &mut files)?;
+            if files.len() == before {
+                return Err(DataError::EmptyDir {
+                    path: input.to_path_buf(),
+                    exts: TEXT_EXTENSIONS.map(|e| format!(".{e}")).join(" "),
+                });
+            }
+        } else {
+            files.push(input.to_path_buf());
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, "read directory", e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| DataError::io(dir, "read directory", e))?;
+    entries.sort();
+    for p in entries {
+        let meta = fs::metadata(&p).map_err(|e| DataError::io(&p, "stat", e))?;
+        if meta.is_dir() {
+            walk(&p, files)?;
+        } else if has_text_extension(&p) {
+            files.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn has_text_extension(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| TEXT_EXTENSIONS.contains(&e))
+}
+
+fn is_jsonl(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()) == Some("jsonl")
+}
+
+/// Documents in `path`: 1 for text, the non-blank lines for JSONL.
+fn count_docs(path: &Path) -> Result<usize> {
+    if !is_jsonl(path) {
+        return Ok(1);
+    }
+    let f = fs::File::open(path).map_err(|e| DataError::io(path, "open", e))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut line = Vec::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        let got = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| DataError::io(path, "read", e))?;
+        if got == 0 {
+            return Ok(n);
+        }
+        if !line.iter().all(|b| b.is_ascii_whitespace()) {
+            n += 1;
+        }
+    }
+}
+
+/// The `text` of one JSONL line.
+fn parse_jsonl_line(path: &Path, line_no: usize, line: &str) -> Result<String> {
+    let err = |msg: String| DataError::Jsonl {
+        path: path.to_path_buf(),
+        line: line_no,
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err(format!("expected an object {{\"text\": ...}}, found {}", kind(&v))))?;
+    match obj.get("text") {
+        None => Err(err("missing field \"text\"".into())),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(err(format!(
+            "field \"text\" is {}, expected a string",
+            kind(other)
+        ))),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Removes the staging directory unless disarmed.
+struct Staging {
+    dir: PathBuf,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Shards of one split, rolled over every `shard_tokens` tokens.
+struct SplitWriter {
+    prefix: &'static str,
+    dir: PathBuf,
+    vocab_size: usize,
+    shard_tokens: u64,
+    current: Option<ShardWriter>,
+    done: Vec<String>,
+    tokens: u64,
+    docs: usize,
+}
+
+impl SplitWriter {
+    fn write(&mut self, mut tokens: &[u32], progress: &dyn Fn(ProgressEvent)) -> Result<()> {
+        while !tokens.is_empty() {
+            if self.current.is_none() {
+                let name = format!("{}_{:06}.bin", self.prefix, self.done.len());
+                self.current = Some(ShardWriter::create(self.dir.join(name), self.vocab_size)?);
+            }
+            let w = self.current.as_mut().unwrap();
+            let room = (self.shard_tokens - w.len()) as usize;
+            let n = room.min(tokens.len());
+            w.write(&tokens[..n])?;
+            self.tokens += n as u64;
+            tokens = &tokens[n..];
+            if w.len() == self.shard_tokens {
+                self.close(progress)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, progress: &dyn Fn(ProgressEvent)) -> Result<()> {
+        if let Some(w) = self.current.take() {
+            let tokens = w.len();
+            let path = w.finish()?;
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            progress(ProgressEvent::ShardDone {
+                name: name.clone(),
+                tokens,
+            });
+            self.done.push(name);
+        }
+        Ok(())
+    }
+}
+
+/// Tokenizes `inputs` into train/val shards under `opts.out_dir` (see the module doc).
+pub fn prepare(
+    inputs: &[impl AsRef<Path>],
+    tokenizer: &Tokenizer,
+    opts: &PrepareOptions,
+    progress: &dyn Fn(ProgressEvent),
+) -> Result<PrepareSummary> {
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        return Err(DataError::InvalidArgument(format!(
+            "val_fraction must be in [0, 1), got {}",
+            opts.val_fraction
+        )));
+    }
+    if opts.shard_tokens == 0 {
+        return Err(DataError::InvalidArgument("shard_tokens must be >= 1".into()));
+    }
+    let files = collect_inputs(inputs)?;
+    let mut docs_total = 0;
+    let mut bytes_total = 0u64;
+    for f in &files {
+        docs_total += count_docs(f)?;
+        bytes_total += fs::metadata(f).map_err(|e| DataError::io(f, "stat", e))?.len();
+    }
+    progress(ProgressEvent::Start {
+        files: files.len(),
+        docs: docs_total,
+        bytes: bytes_total,
+    });
+    let k = if opts.val_fraction == 0.0 {
+        0
+    } else {
+        ((1.0 / opts.val_fraction).round() as usize).max(1)
+    };
+    let is_val = |i: usize| {
+        k != 0 && (i % k == k - 1 || (docs_total >= 2 && docs_total < k && i == docs_total - 1))
+    };
+
+    let out = &opts.out_dir;
+    fs::create_dir_all(out).map_err(|e| DataError::io(out, "create directory", e))?;
+    let staging = Staging {
+        dir: out.join(format!(".prepare-{}.tmp", std::process::id())),
+    };
+    fs::create_dir_all(&staging.dir)
+        .map_err(|e| DataError::io(&staging.dir, "create directory", e))?;
+    let vocab_size = tokenizer.vocab_size();
+    let eot = tokenizer.eot();
+    let mk = |prefix| SplitWriter {
+        prefix,
+        dir: staging.dir.clone(),
+        vocab_size,
+        shard_tokens: opts.shard_tokens as u64,
+        current: None,
+        done: Vec::new(),
+        tokens: 0,
+        docs: 0,
+    };
+    let (mut train, mut val) = (mk("train"), mk("val"));
+
+    let mut group: Vec<(String, u64)> = Vec::new();
+    let mut group_bytes = 0usize;
+    let mut docs_done = 0usize;
+    let mut bytes_done = 0u64;
+    let mut flush = |group: &mut Vec<(String, u64)>,
+                     train: &mut SplitWriter,
+                     val: &mut SplitWriter|
+     -> Result<()> {
+        let encoded: Vec<Vec<u32>> = group.par_iter().map(|(d, _)| tokenizer.encode(d)).collect();
+        for (mut ids, (_, src_bytes)) in encoded.into_iter().zip(group.drain(..)) {
+            ids.push(eot);
+            let split = if is_val(docs_done) { &mut *val } else { &mut *train };
+            split.write(&ids, progress)?;
+            split.docs += 1;
+            docs_done += 1;
+            bytes_done += src_bytes;
+        }
+        progress(ProgressEvent::Progress {
+            docs_done,
+            docs_total,
+            bytes_done,
+            bytes_total,
+            tokens: train.tokens + val.tokens,
+        });
+        Ok(())
+    };
+
+    for f in &files {
+        if is_jsonl(f) {
+            let file = fs::File::open(f).map_err(|e| DataError::io(f, "open", e))?;
+            let mut r = BufReader::with_capacity(1 << 20, file);
+            let mut buf = Vec::new();
+            let mut line_no = 0;
+            loop {
+                buf.clear();
+                let got = r
+                    .read_until(b'\n', &mut buf)
+                    .map_err(|e| DataError::io(f, "read", e))?;
+                if got == 0 {
+                    break;
+                }
+                line_no += 1;
+                if buf.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                let line = std::str::from_utf8(&buf).map_err(|e| DataError::Jsonl {
+                    path: f.clone(),
+                    line: line_no,
+                    msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
+                })?;
+                let text = parse_jsonl_line(f, line_no, line)?;
+                group_bytes += text.len();
+                group.push((text, got as u64));
+                if group_bytes >= GROUP_BYTES {
+                    flush(&mut group, &mut train, &mut val)?;
+                    group_bytes = 0;
+                }
+            }
+        } else {
+            let bytes = fs::read(f).map_err(|e| DataError::io(f, "read", e))?;
+            let n = bytes.len();
+            let text = String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
+                path: f.clone(),
+                offset: e.utf8_error().valid_up_to(),
+            })?;
+            group_bytes += n;
+            group.push((text, n as u64));
+            if group_bytes >= GROUP_BYTES {
+                flush(&mut group, &mut train, &mut val)?;
+                group_bytes = 0;
+            }
+        }
+    }
+    if !group.is_empty() {
+        flush(&mut group, &mut train, &mut val)?;
+    }
+    train.close(progress)?;
+    val.close(progress)?;
+
+    // Every input has been read: move the shards into place.
+    let mut summary = PrepareSummary {
+        docs_train: train.docs,
+        docs_val: val.docs,
+        tokens_train: train.tokens,
+        tokens_val: val.tokens,
+        ..Default::default()
+    };
+    for (names, dst) in [
+        (&train.done, &mut summary.train_files),
+        (&val.done, &mut summary.val_files),
+    ] {
+        for name in names {
+            let to = out.join(name);
+            fs::rename(staging.dir.join(name), &to).map_err(|e| DataError::io(&to, "rename", e))?;
+            dst.push(to);
+        }
+    }
+    drop(staging);
+    Ok(summary)
+}
