@@ -159,6 +159,59 @@ fn count_docs(path: &Path) -> Result<usize> {
     }
 }
 
+/// Calls `each(text, source_bytes)` for every document of `files`, in order: a whole file, or
+/// each non-blank line of a JSONL file.
+fn for_each_document(files: &[PathBuf], mut each: impl FnMut(String, u64) -> Result<()>) -> Result<()> {
+    for f in files {
+        if !is_jsonl(f) {
+            let bytes = fs::read(f).map_err(|e| DataError::io(f, "read", e))?;
+            let n = bytes.len() as u64;
+            let text = String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
+                path: f.clone(),
+                offset: e.utf8_error().valid_up_to(),
+            })?;
+            each(text, n)?;
+            continue;
+        }
+        let file = fs::File::open(f).map_err(|e| DataError::io(f, "open", e))?;
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        let mut buf = Vec::new();
+        let mut line_no = 0;
+        loop {
+            buf.clear();
+            let got = r
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| DataError::io(f, "read", e))?;
+            if got == 0 {
+                break;
+            }
+            line_no += 1;
+            if buf.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            let line = std::str::from_utf8(&buf).map_err(|e| DataError::Jsonl {
+                path: f.clone(),
+                line: line_no,
+                msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
+            })?;
+            each(parse_jsonl_line(f, line_no, line)?, got as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every document of `inputs` (files, directories, JSONL) as text, in `prepare`'s order; used
+/// to train a tokenizer on the same documents that will be tokenized.
+pub fn read_documents(inputs: &[impl AsRef<Path>]) -> Result<Vec<String>> {
+    let files = collect_inputs(inputs)?;
+    let mut docs = Vec::new();
+    for_each_document(&files, |text, _| {
+        docs.push(text);
+        Ok(())
+    })?;
+    Ok(docs)
+}
+
 /// The `text` of one JSONL line.
 fn parse_jsonl_line(path: &Path, line_no: usize, line: &str) -> Result<String> {
     let err = |msg: String| DataError::Jsonl {
@@ -335,52 +388,15 @@ pub fn prepare(
         Ok(())
     };
 
-    for f in &files {
-        if is_jsonl(f) {
-            let file = fs::File::open(f).map_err(|e| DataError::io(f, "open", e))?;
-            let mut r = BufReader::with_capacity(1 << 20, file);
-            let mut buf = Vec::new();
-            let mut line_no = 0;
-            loop {
-                buf.clear();
-                let got = r
-                    .read_until(b'\n', &mut buf)
-                    .map_err(|e| DataError::io(f, "read", e))?;
-                if got == 0 {
-                    break;
-                }
-                line_no += 1;
-                if buf.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
-                }
-                let line = std::str::from_utf8(&buf).map_err(|e| DataError::Jsonl {
-                    path: f.clone(),
-                    line: line_no,
-                    msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
-                })?;
-                let text = parse_jsonl_line(f, line_no, line)?;
-                group_bytes += text.len();
-                group.push((text, got as u64));
-                if group_bytes >= GROUP_BYTES {
-                    flush(&mut group, &mut train, &mut val)?;
-                    group_bytes = 0;
-                }
-            }
-        } else {
-            let bytes = fs::read(f).map_err(|e| DataError::io(f, "read", e))?;
-            let n = bytes.len();
-            let text = String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
-                path: f.clone(),
-                offset: e.utf8_error().valid_up_to(),
-            })?;
-            group_bytes += n;
-            group.push((text, n as u64));
-            if group_bytes >= GROUP_BYTES {
-                flush(&mut group, &mut train, &mut val)?;
-                group_bytes = 0;
-            }
+    for_each_document(&files, |text, src_bytes| {
+        group_bytes += text.len();
+        group.push((text, src_bytes));
+        if group_bytes >= GROUP_BYTES {
+            flush(&mut group, &mut train, &mut val)?;
+            group_bytes = 0;
         }
-    }
+        Ok(())
+    })?;
     if !group.is_empty() {
         flush(&mut group, &mut train, &mut val)?;
     }

@@ -28,7 +28,7 @@ pub fn split_files(dir: &Path, split: &str) -> std::result::Result<Vec<PathBuf>,
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(DataError::NoShards { dir: dir.to_path_buf(), split: split.to_string() });
+        return Err(DataError::NoShards { what: format!("no {split}_*.bin files in {}", dir.display()) });
     }
     Ok(files)
 }
