@@ -14,7 +14,10 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn read_all(files: &[std::path::PathBuf]) -> Vec<u32> {
-    files.iter().flat_map(|f| Shard::open(f).unwrap().to_vec()).collect()
+    files
+        .iter()
+        .flat_map(|f| Shard::open(f).unwrap().to_vec())
+        .collect()
 }
 
 #[test]
@@ -24,7 +27,10 @@ fn text_directory_to_shards_reproduces_documents() {
     std::fs::create_dir_all(input.join("sub")).unwrap();
     let mut docs = Vec::new();
     for i in 0..12 {
-        let text = format!("Document number {i}.\nIt says hello, wörld, {} times.\n", i * 3);
+        let text = format!(
+            "Document number {i}.\nIt says hello, wörld, {} times.\n",
+            i * 3
+        );
         let name = if i % 2 == 0 {
             format!("{i:02}.txt")
         } else {
@@ -35,7 +41,7 @@ fn text_directory_to_shards_reproduces_documents() {
     }
     std::fs::write(input.join("ignored.bin"), "not text").unwrap();
     // Processing order is sorted path order: top-level files, then sub/.
-    docs.sort_by(|a, b| input.join(&a.0).cmp(&input.join(&b.0)));
+    docs.sort_by_key(|d| input.join(&d.0));
 
     let tok = Tokenizer::gpt2();
     let out = dir.path().join("out");
@@ -49,7 +55,9 @@ fn text_directory_to_shards_reproduces_documents() {
     assert_eq!(s.docs_val, 3);
     assert!(s.tokens_val > 0 && !s.val_files.is_empty());
     assert!(s.train_files.len() > 1, "small shard_tokens rolls over");
-    assert!(names(&out).iter().all(|n| n.starts_with("train_") || n.starts_with("val_")));
+    assert!(names(&out)
+        .iter()
+        .all(|n| n.starts_with("train_") || n.starts_with("val_")));
 
     let (train, val) = (read_all(&s.train_files), read_all(&s.val_files));
     assert_eq!(train.len() as u64, s.tokens_train);
@@ -76,13 +84,23 @@ fn text_directory_to_shards_reproduces_documents() {
 fn jsonl_documents_and_minimum_one_val_doc() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("docs.jsonl");
-    std::fs::write(&f, "{\"text\": \"first doc\"}\n\n{\"text\": \"second doc\"}\n").unwrap();
+    std::fs::write(
+        &f,
+        "{\"text\": \"first doc\"}\n\n{\"text\": \"second doc\"}\n",
+    )
+    .unwrap();
     let tok = Tokenizer::gpt2();
     let out = dir.path().join("out");
     let s = prepare(&[&f], &tok, &PrepareOptions::new(&out), &|_| {}).unwrap();
     assert_eq!((s.docs_train, s.docs_val), (1, 1));
-    assert_eq!(tok.decode(&read_all(&s.val_files)), "second doc<|endoftext|>");
-    assert_eq!(tok.decode(&read_all(&s.train_files)), "first doc<|endoftext|>");
+    assert_eq!(
+        tok.decode(&read_all(&s.val_files)),
+        "second doc<|endoftext|>"
+    );
+    assert_eq!(
+        tok.decode(&read_all(&s.train_files)),
+        "first doc<|endoftext|>"
+    );
 }
 
 #[test]
@@ -91,13 +109,20 @@ fn malformed_jsonl_names_file_and_line_and_writes_nothing() {
     let good = dir.path().join("a_good.txt");
     std::fs::write(&good, "a fine document").unwrap();
     let f = dir.path().join("b_broken.jsonl");
-    std::fs::write(&f, "{\"text\": \"ok\"}\n{\"text\": \"ok too\"}\n{\"text\": oops}\n").unwrap();
+    std::fs::write(
+        &f,
+        "{\"text\": \"ok\"}\n{\"text\": \"ok too\"}\n{\"text\": oops}\n",
+    )
+    .unwrap();
     let out = dir.path().join("out");
     let tok = Tokenizer::gpt2();
     let msg = prepare(&[&good, &f], &tok, &PrepareOptions::new(&out), &|_| {})
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("b_broken.jsonl: line 3: invalid JSON"), "{msg}");
+    assert!(
+        msg.contains("b_broken.jsonl: line 3: invalid JSON"),
+        "{msg}"
+    );
     assert!(names(&out).is_empty(), "no output left: {:?}", names(&out));
 
     let g = dir.path().join("c_fields.jsonl");
@@ -105,12 +130,18 @@ fn malformed_jsonl_names_file_and_line_and_writes_nothing() {
     let msg = prepare(&[&g], &tok, &PrepareOptions::new(&out), &|_| {})
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("c_fields.jsonl: line 2: missing field \"text\""), "{msg}");
+    assert!(
+        msg.contains("c_fields.jsonl: line 2: missing field \"text\""),
+        "{msg}"
+    );
     std::fs::write(&g, "{\"text\": 5}\n").unwrap();
     let msg = prepare(&[&g], &tok, &PrepareOptions::new(&out), &|_| {})
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("line 1: field \"text\" is a number, expected a string"), "{msg}");
+    assert!(
+        msg.contains("line 1: field \"text\" is a number, expected a string"),
+        "{msg}"
+    );
     assert!(names(&out).is_empty());
 }
 
@@ -121,9 +152,14 @@ fn empty_input_directory_is_named() {
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::write(empty.join("data.bin"), "x").unwrap();
     let out = dir.path().join("out");
-    let msg = prepare(&[&empty], &Tokenizer::gpt2(), &PrepareOptions::new(&out), &|_| {})
-        .unwrap_err()
-        .to_string();
+    let msg = prepare(
+        &[&empty],
+        &Tokenizer::gpt2(),
+        &PrepareOptions::new(&out),
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("nothing_here"), "{msg}");
     assert!(msg.contains("no input files"), "{msg}");
     assert!(!out.exists() || names(&out).is_empty());

@@ -58,7 +58,10 @@ fn u32_round_trip() {
     assert_eq!(s.to_vec(), toks);
     let mut out = vec![0i32; 3];
     s.copy_range(2997, &mut out);
-    assert_eq!(out, [toks[2997] as i32, toks[2998] as i32, toks[2999] as i32]);
+    assert_eq!(
+        out,
+        [toks[2997] as i32, toks[2998] as i32, toks[2999] as i32]
+    );
 }
 
 #[test]
@@ -91,7 +94,10 @@ fn open_err(bytes: Vec<u8>, name: &str) -> String {
 fn wrong_magic_is_named() {
     let msg = open_err(hand_packed(12345, 1, 2, &[1, 2]), "magic.bin");
     assert!(msg.contains("bad shard magic 12345"), "{msg}");
-    assert!(msg.contains("20240520") && msg.contains("20240801"), "{msg}");
+    assert!(
+        msg.contains("20240520") && msg.contains("20240801"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -104,7 +110,10 @@ fn unknown_version_is_named() {
 fn file_shorter_than_header_says() {
     let msg = open_err(hand_packed(20240520, 1, 10, &[1, 2, 3]), "short.bin");
     assert!(msg.contains("shorter than its header says"), "{msg}");
-    assert!(msg.contains("expected 1044 bytes, found 1030 bytes"), "{msg}");
+    assert!(
+        msg.contains("expected 1044 bytes, found 1030 bytes"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -116,7 +125,10 @@ fn file_longer_than_header_says() {
 #[test]
 fn file_shorter_than_header_block() {
     let msg = open_err(vec![0u8; 100], "tiny.bin");
-    assert!(msg.contains("100 bytes, shorter than the 1024-byte shard header"), "{msg}");
+    assert!(
+        msg.contains("100 bytes, shorter than the 1024-byte shard header"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -127,7 +139,14 @@ fn token_id_out_of_vocab_through_loader() {
     toks[37] = 1000;
     std::fs::write(&p, hand_packed(20240520, 1, 100, &toks)).unwrap();
     let e = Loader::open(&[&p], 1, 8, 0, 0, 1, 500).unwrap_err();
-    assert!(matches!(e, DataError::TokenOutOfRange { offset: 37, id: 1000, .. }));
+    assert!(matches!(
+        e,
+        DataError::TokenOutOfRange {
+            offset: 37,
+            id: 1000,
+            ..
+        }
+    ));
     let msg = e.to_string();
     assert!(msg.contains("ids.bin"), "{msg}");
     assert!(msg.contains("token id 1000 at token offset 37"), "{msg}");

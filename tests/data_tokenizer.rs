@@ -29,7 +29,10 @@ fn gpt2_ids_match_openai() {
     let ids = tok.encode("a<|endoftext|>b");
     assert!(!ids.contains(&50256));
     assert_eq!(tok.decode(&ids), "a<|endoftext|>b");
-    assert_eq!(tok.decode(&[15496, 50256, 50259, 995]), "Hello<|endoftext|><|assistant|> world");
+    assert_eq!(
+        tok.decode(&[15496, 50256, 50259, 995]),
+        "Hello<|endoftext|><|assistant|> world"
+    );
     assert_eq!(tok.decode(&tok.encode(UNICODE)), UNICODE);
 }
 
@@ -43,25 +46,40 @@ fn bpe_round_trips_and_compresses() {
         assert_eq!(tok.decode(&tok.encode(s)), s);
     }
     let ids = tok.encode(SAMPLE);
-    assert!(ids.len() * 2 < SAMPLE.len(), "{} ids for {} bytes", ids.len(), SAMPLE.len());
-    assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size() - SPECIAL_TOKENS.len()));
+    assert!(
+        ids.len() * 2 < SAMPLE.len(),
+        "{} ids for {} bytes",
+        ids.len(),
+        SAMPLE.len()
+    );
+    assert!(ids
+        .iter()
+        .all(|&i| (i as usize) < tok.vocab_size() - SPECIAL_TOKENS.len()));
 }
 
 #[test]
 fn bpe_specials_are_last_distinct_and_in_range() {
     let text = corpus();
     let tok = Tokenizer::train_bpe(std::iter::once(text.as_str()), 300, |_, _| {}).unwrap();
-    let ids: Vec<u32> = SPECIAL_TOKENS.iter().map(|s| tok.special(s).unwrap()).collect();
+    let ids: Vec<u32> = SPECIAL_TOKENS
+        .iter()
+        .map(|s| tok.special(s).unwrap())
+        .collect();
     assert_eq!(ids, vec![295, 296, 297, 298, 299]);
     assert_eq!(tok.eot(), 295);
     let gpt2 = Tokenizer::gpt2();
     for t in [&tok, &gpt2] {
-        let ids: Vec<u32> = SPECIAL_TOKENS.iter().map(|s| t.special(s).unwrap()).collect();
+        let ids: Vec<u32> = SPECIAL_TOKENS
+            .iter()
+            .map(|s| t.special(s).unwrap())
+            .collect();
         let set: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(set.len(), 5);
         assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
     }
-    assert!(!tok.encode("<|user|>").contains(&tok.special("<|user|>").unwrap()));
+    assert!(!tok
+        .encode("<|user|>")
+        .contains(&tok.special("<|user|>").unwrap()));
 }
 
 #[test]
@@ -94,4 +112,27 @@ fn load_rejects_inconsistent_file_naming_it() {
     let msg = Tokenizer::load(&p).unwrap_err().to_string();
     assert!(msg.contains("bad_tok.json"), "{msg}");
     assert!(msg.contains("vocab_size is 999"), "{msg}");
+}
+
+/// BPE training speed on a real text file: `TOPCOAT_BPE_BENCH=path cargo test --test
+/// data_tokenizer -- --ignored --nocapture bpe_training_speed` (test profile = opt-level 3).
+#[test]
+#[ignore]
+fn bpe_training_speed() {
+    let path = std::env::var("TOPCOAT_BPE_BENCH").expect("set TOPCOAT_BPE_BENCH to a text file");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let t0 = std::time::Instant::now();
+    let tok = Tokenizer::train_bpe(std::iter::once(text.as_str()), 4096, |_, _| {}).unwrap();
+    let train_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let ids = tok.encode(&text);
+    let enc_s = t1.elapsed().as_secs_f64();
+    assert_eq!(tok.decode(&ids), text);
+    println!(
+        "{:.1} MB -> vocab {} in {train_s:.2} s; encode {:.1} MB/s, {:.2} bytes/token",
+        text.len() as f64 / 1e6,
+        tok.vocab_size(),
+        text.len() as f64 / 1e6 / enc_s,
+        text.len() as f64 / ids.len() as f64
+    );
 }
