@@ -86,7 +86,9 @@ pub struct PrepareSummary {
 /// [`TEXT_EXTENSIONS`]); an explicit file is taken whatever its name.
 pub fn collect_inputs(inputs: &[impl AsRef<Path>]) -> Result<Vec<PathBuf>> {
     if inputs.is_empty() {
-        return Err(DataError::InvalidArgument("prepare needs at least one input".into()));
+        return Err(DataError::InvalidArgument(
+            "prepare needs at least one input".into(),
+        ));
     }
     let mut files = Vec::new();
     for input in inputs {
@@ -221,9 +223,12 @@ fn parse_jsonl_line(path: &Path, line_no: usize, line: &str) -> Result<String> {
     };
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| err(format!("expected an object {{\"text\": ...}}, found {}", kind(&v))))?;
+    let obj = v.as_object().ok_or_else(|| {
+        err(format!(
+            "expected an object {{\"text\": ...}}, found {}",
+            kind(&v)
+        ))
+    })?;
     match obj.get("text") {
         None => Err(err("missing field \"text\"".into())),
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -317,14 +322,18 @@ pub fn prepare(
         )));
     }
     if opts.shard_tokens == 0 {
-        return Err(DataError::InvalidArgument("shard_tokens must be >= 1".into()));
+        return Err(DataError::InvalidArgument(
+            "shard_tokens must be >= 1".into(),
+        ));
     }
     let files = collect_inputs(inputs)?;
     let mut docs_total = 0;
     let mut bytes_total = 0u64;
     for f in &files {
         docs_total += count_docs(f)?;
-        bytes_total += fs::metadata(f).map_err(|e| DataError::io(f, "stat", e))?.len();
+        bytes_total += fs::metadata(f)
+            .map_err(|e| DataError::io(f, "stat", e))?
+            .len();
     }
     progress(ProgressEvent::Start {
         files: files.len(),
@@ -372,7 +381,11 @@ pub fn prepare(
         let encoded: Vec<Vec<u32>> = group.par_iter().map(|(d, _)| tokenizer.encode(d)).collect();
         for (mut ids, (_, src_bytes)) in encoded.into_iter().zip(group.drain(..)) {
             ids.push(eot);
-            let split = if is_val(docs_done) { &mut *val } else { &mut *train };
+            let split = if is_val(docs_done) {
+                &mut *val
+            } else {
+                &mut *train
+            };
             split.write(&ids, progress)?;
             split.docs += 1;
             docs_done += 1;

@@ -6,6 +6,9 @@
 //! an English contraction suffix; a run of letters, of digits, or of other symbols, each with at
 //! most one leading space; and whitespace, where a run followed by a non-space keeps its last
 //! character for the next piece. Letters are `char::is_alphabetic`, digits `char::is_numeric`.
+//! Checked against the regex on 2 MB of English docs: identical pieces; the one known departure is
+//! that Unicode's Alphabetic property also holds some combining marks (e.g. Hebrew points) that
+//! `\p{L}` leaves out, so such a mark stays with its letter here.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -110,7 +113,10 @@ mod tests {
     #[test]
     fn matches_gpt2_pattern_on_examples() {
         assert_eq!(split("Hello world"), vec!["Hello", " world"]);
-        assert_eq!(split("I'm here, don't"), vec!["I", "'m", " here", ",", " don", "'t"]);
+        assert_eq!(
+            split("I'm here, don't"),
+            vec!["I", "'m", " here", ",", " don", "'t"]
+        );
         assert_eq!(split("a  b"), vec!["a", " ", " b"]);
         assert_eq!(split("x\n\ny"), vec!["x", "\n", "\n", "y"]);
         assert_eq!(split("ab 123 !!? "), vec!["ab", " 123", " !!?", " "]);

@@ -112,7 +112,8 @@ impl ShardWriter {
             self.buf
                 .extend(tokens.iter().flat_map(|&t| (t as u16).to_le_bytes()));
         } else {
-            self.buf.extend(tokens.iter().flat_map(|&t| t.to_le_bytes()));
+            self.buf
+                .extend(tokens.iter().flat_map(|&t| t.to_le_bytes()));
         }
         let out = self.out.as_mut().expect("writer used after finish");
         out.write_all(&self.buf)
@@ -131,7 +132,11 @@ impl ShardWriter {
                 max,
             });
         }
-        let magic = if self.width == 2 { MAGIC_U16 } else { MAGIC_U32 };
+        let magic = if self.width == 2 {
+            MAGIC_U16
+        } else {
+            MAGIC_U32
+        };
         let out = self.out.take().expect("writer used after finish");
         let tmp = self.tmp.clone();
         let mut file = out
@@ -264,7 +269,11 @@ impl Shard {
 
     /// Token `i`; panics when `i >= len()`.
     pub fn get(&self, i: usize) -> u32 {
-        assert!(i < self.len, "token {i} out of range for {} tokens", self.len);
+        assert!(
+            i < self.len,
+            "token {i} out of range for {} tokens",
+            self.len
+        );
         let d = &self.data()[i * self.width..(i + 1) * self.width];
         if self.width == 2 {
             u16::from_le_bytes([d[0], d[1]]) as u32
@@ -276,7 +285,11 @@ impl Shard {
     /// Copies tokens `start..start + out.len()` into `out`; panics when the range is out of bounds.
     pub fn copy_range(&self, start: usize, out: &mut [i32]) {
         let end = start + out.len();
-        assert!(end <= self.len, "range {start}..{end} out of {} tokens", self.len);
+        assert!(
+            end <= self.len,
+            "range {start}..{end} out of {} tokens",
+            self.len
+        );
         let bytes = &self.data()[start * self.width..end * self.width];
         if self.width == 2 {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
