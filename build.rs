@@ -52,13 +52,14 @@ fn main() {
     };
 
     // One nvcc per file, in parallel; results come back in sorted order.
-    let results: Vec<(String, PathBuf, String)> = std::thread::scope(|s| {
+    let results: Result<Vec<(String, PathBuf, String)>, String> = std::thread::scope(|s| {
         let handles: Vec<_> = sources
             .iter()
             .map(|src| s.spawn(|| compile(&nvcc, code, &kdir, src, &out)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let results = results.unwrap_or_else(|err| panic!("{err}"));
 
     let mut report = format!("# ptxas -v, nvcc {version}, -gencode arch=compute_90,code={code}\n");
     for (family, _, log) in &results {
@@ -114,14 +115,15 @@ fn nvcc_version(nvcc: &Path) -> String {
         .to_string()
 }
 
-/// Compiles one `.cu` file; returns (family, fatbin path, nvcc output holding the ptxas log).
+/// Compiles one `.cu` file into (family, fatbin path, nvcc output holding the ptxas log), or
+/// nvcc's error output.
 fn compile(
     nvcc: &Path,
     code: &str,
     kdir: &Path,
     src: &Path,
     out: &Path,
-) -> (String, PathBuf, String) {
+) -> Result<(String, PathBuf, String), String> {
     let family = src.file_stem().unwrap().to_string_lossy().into_owned();
     let fatbin = out.join(format!("{family}.fatbin"));
     let output = Command::new(nvcc)
@@ -140,17 +142,17 @@ fn compile(
         .arg(&fatbin)
         .arg(src)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
     let log = String::from_utf8_lossy(&output.stderr).into_owned()
         + &String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        panic!(
-            "nvcc failed on {} ({}):\n{log}",
-            src.display(),
-            output.status
-        );
+        let status = output.status;
+        return Err(format!(
+            "nvcc failed on {} ({status}):\n{log}",
+            src.display()
+        ));
     }
-    (family, fatbin, log)
+    Ok((family, fatbin, log))
 }
 
 /// Appends one line per kernel to `report`; warns on any spill.
