@@ -29,6 +29,13 @@ pub struct DeviceInfo {
     pub total_mem_bytes: usize,
 }
 
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (major, minor) = self.compute_capability;
+        write!(f, "{} (sm_{major}{minor}, {:.0} GiB)", self.name, self.total_mem_bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
 /// Opens device 0 and describes it, or says why there is no usable CUDA device.
 pub fn probe() -> Result<DeviceInfo, BackendError> {
     if !BUILT_WITH_NVCC || kernels().is_empty() {
