@@ -404,8 +404,8 @@ fn naive_attention(qkv: &[f64]) -> (Vec<f64>, Vec<f64>) {
             // Full T x T score matrix with the causal mask as -inf.
             let mut s = vec![vec![f64::NEG_INFINITY; T]; T];
             for i in 0..T {
-                for j in 0..=i {
-                    s[i][j] = (0..hs).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() * scale;
+                for (j, sij) in s[i][..=i].iter_mut().enumerate() {
+                    *sij = (0..hs).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() * scale;
                 }
                 let z: f64 = s[i].iter().map(|x| x.exp()).sum();
                 lse[(b * NH + h) * T + i] = z.ln();

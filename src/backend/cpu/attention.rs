@@ -47,15 +47,15 @@ pub fn attention_forward<F: Float>(
             let mut scores = vec![0.0f64; t];
             for i in 0..t {
                 let mut max = f64::NEG_INFINITY;
-                for j in 0..=i {
-                    scores[j] = dot(q(i), k(j)).as_f64() * scale;
-                    max = max.max(scores[j]);
+                for (j, s) in scores[..=i].iter_mut().enumerate() {
+                    *s = dot(q(i), k(j)).as_f64() * scale;
+                    max = max.max(*s);
                 }
                 let sum: f64 = scores[..=i].iter().map(|s| (s - max).exp()).sum();
                 let row_lse = max + sum.ln();
                 let oi = &mut o[i * hs..][..hs];
-                for j in 0..=i {
-                    let p = F::of((scores[j] - row_lse).exp());
+                for (j, &s) in scores[..=i].iter().enumerate() {
+                    let p = F::of((s - row_lse).exp());
                     for (od, &vd) in oi.iter_mut().zip(v(j)) {
                         *od += p * vd;
                     }

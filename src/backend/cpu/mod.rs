@@ -109,7 +109,7 @@ impl Backend for CpuBackend {
     }
 
     fn download_range(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
-        let end = offset.checked_add(len).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(len);
         if end > buf.len() {
             return Err(BackendError::Shape {
                 op: "download_range",
