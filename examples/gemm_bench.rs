@@ -1,4 +1,7 @@
-//! Benchmark of the two GEMM crates the CPU backend could use, on this model's shapes.
+//! Benchmark of the CPU backend's GEMM crate (`gemm`) on this model's shapes.
+//!
+//! It was first written to compare `gemm` with `matrixmultiply` (results and the reasons for
+//! the choice: docs/PERF.md "CPU GEMM crate choice"); only the chosen crate is linked now.
 //!
 //! For each shape `inp [N*C]`, `weight [OC*C]` it times the three products of a linear layer:
 //! - `fwd`:   `out [N,OC]   = inp [N,C] @ weight^T`      (m=N,  n=OC, k=C)
@@ -15,25 +18,9 @@ use std::time::{Duration, Instant};
 
 use topcoat::rng::Rng;
 
-#[derive(Clone, Copy, PartialEq)]
-enum Crate {
-    Gemm,
-    MatrixMultiply,
-}
-
-impl Crate {
-    fn name(self) -> &'static str {
-        match self {
-            Crate::Gemm => "gemm 0.18",
-            Crate::MatrixMultiply => "matrixmultiply 0.3",
-        }
-    }
-}
-
 /// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`, every matrix given by (row stride, col stride).
 #[allow(clippy::too_many_arguments)]
 fn run(
-    which: Crate,
     m: usize,
     n: usize,
     k: usize,
@@ -45,51 +32,30 @@ fn run(
     rhs: &[f32],
     rhs_s: (isize, isize),
 ) {
-    match which {
-        // SAFETY: the strides describe matrices lying inside the given slices (checked by the
-        // callers' shapes), and dst does not alias lhs or rhs.
-        Crate::Gemm => unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                dst_s.1,
-                dst_s.0,
-                accumulate,
-                lhs.as_ptr(),
-                lhs_s.1,
-                lhs_s.0,
-                rhs.as_ptr(),
-                rhs_s.1,
-                rhs_s.0,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            )
-        },
-        // SAFETY: as above.
-        Crate::MatrixMultiply => unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                lhs.as_ptr(),
-                lhs_s.0,
-                lhs_s.1,
-                rhs.as_ptr(),
-                rhs_s.0,
-                rhs_s.1,
-                if accumulate { 1.0 } else { 0.0 },
-                dst.as_mut_ptr(),
-                dst_s.0,
-                dst_s.1,
-            )
-        },
+    // SAFETY: the strides describe matrices lying inside the given slices (the callers build
+    // them from one set of shapes), and dst does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_s.1,
+            dst_s.0,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_s.1,
+            lhs_s.0,
+            rhs.as_ptr(),
+            rhs_s.1,
+            rhs_s.0,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
     }
 }
 
@@ -98,7 +64,7 @@ fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
 }
 
 /// Times one product; returns (best GFLOP/s, deterministic?).
-fn time_product(which: Crate, prod: &str, n: usize, c: usize, oc: usize) -> (f64, bool) {
+fn time_product(prod: &str, n: usize, c: usize, oc: usize) -> (f64, bool) {
     let mut rng = Rng::new(1234);
     let inp = random(n * c, &mut rng);
     let weight = random(oc * c, &mut rng);
@@ -111,7 +77,6 @@ fn time_product(which: Crate, prod: &str, n: usize, c: usize, oc: usize) -> (f64
     };
     let once = |dst: &mut [f32]| match prod {
         "fwd" => run(
-            which,
             n,
             oc,
             c,
@@ -124,7 +89,6 @@ fn time_product(which: Crate, prod: &str, n: usize, c: usize, oc: usize) -> (f64
             (1, c_i),
         ),
         "dinp" => run(
-            which,
             n,
             c,
             oc,
@@ -137,7 +101,6 @@ fn time_product(which: Crate, prod: &str, n: usize, c: usize, oc: usize) -> (f64
             (c_i, 1),
         ),
         _ => run(
-            which,
             oc,
             c,
             n,
@@ -192,32 +155,19 @@ fn main() {
         rayon::current_num_threads(),
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
-    println!(
-        "| shape | N | C | OC | product | {} GFLOP/s | {} GFLOP/s |",
-        Crate::Gemm.name(),
-        Crate::MatrixMultiply.name()
-    );
-    println!("|---|---|---|---|---|---|---|");
+    println!("| shape | N | C | OC | product | gemm 0.18 GFLOP/s |");
+    println!("|---|---|---|---|---|---|");
     let mut all_same = true;
     for &(label, n, c, oc) in &shapes {
         for prod in ["fwd", "dinp", "dw"] {
-            let (g, g_same) = time_product(Crate::Gemm, prod, n, c, oc);
-            let (mm, mm_same) = time_product(Crate::MatrixMultiply, prod, n, c, oc);
-            all_same &= g_same && mm_same;
-            let mark = |s: bool| if s { "" } else { " (NOT deterministic)" };
-            println!(
-                "| {label} | {n} | {c} | {oc} | {prod} | {g:.1}{} | {mm:.1}{} |",
-                mark(g_same),
-                mark(mm_same)
-            );
+            let (g, same) = time_product(prod, n, c, oc);
+            all_same &= same;
+            let mark = if same { "" } else { " (NOT deterministic)" };
+            println!("| {label} | {n} | {c} | {oc} | {prod} | {g:.1}{mark} |");
         }
     }
     println!(
         "determinism (same inputs twice -> bit-identical): {}",
-        if all_same {
-            "yes, both crates"
-        } else {
-            "NO (see marks)"
-        }
+        if all_same { "yes" } else { "NO (see marks)" }
     );
 }
