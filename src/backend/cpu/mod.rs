@@ -1,1 +1,422 @@
-//! The f32 CPU reference backend (being written).
+//! The f32 CPU reference backend: the specification every other backend is tested against.
+//!
+//! [`CpuBackend`] implements [`Backend`] with plain `Vec<f32>` buffers. Each trait method checks
+//! its buffer lengths and arguments (returning [`BackendError`], never reading out of bounds),
+//! then calls the f32 instantiation of a free function from the kernel family file of the same
+//! name. Those functions are generic over [`Float`], so the tests run the very same code in
+//! f64 for finite-difference gradient checks. Work is split across rayon threads only over
+//! independent outputs, and every cross-row sum runs in a fixed order: results are
+//! bit-identical whatever the thread count.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod encoder;
+pub mod float;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+
+pub use float::Float;
+
+use super::{check_len, AdamWStep, Backend, BackendError, Result, Role};
+
+/// The f32 CPU reference backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn invalid(op: &'static str, msg: String) -> BackendError {
+    BackendError::Invalid { op, msg }
+}
+
+/// Rows in a `[rows * c]` table whose row count the op does not fix (`wte`, `wpe`).
+fn table_rows(op: &'static str, what: &'static str, len: usize, c: usize) -> Result<usize> {
+    if c == 0 {
+        return Err(invalid(op, "C must be positive".into()));
+    }
+    check_len(op, what, len - len % c, len)?;
+    Ok(len / c)
+}
+
+/// Every id must index a row of a `vocab`-row table.
+fn check_ids(op: &'static str, ids: &[i32], vocab: usize) -> Result<()> {
+    match ids.iter().position(|&id| id < 0 || id as usize >= vocab) {
+        None => Ok(()),
+        Some(i) => Err(invalid(
+            op,
+            format!(
+                "token id {} at position {i} is outside [0, {vocab})",
+                ids[i]
+            ),
+        )),
+    }
+}
+
+/// Checks the encoder's shapes. `names` are the op's names for (out, wte, wpe) buffers.
+#[allow(clippy::too_many_arguments)]
+fn check_encoder(
+    op: &'static str,
+    names: [&'static str; 3],
+    out: usize,
+    ids: &[i32],
+    wte: usize,
+    wpe: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    check_len(op, names[0], b * t * c, out)?;
+    check_len(op, "ids", b * t, ids.len())?;
+    let vocab = table_rows(op, names[1], wte, c)?;
+    let tmax = table_rows(op, names[2], wpe, c)?;
+    if t > tmax {
+        return Err(BackendError::Shape {
+            op,
+            what: names[2],
+            expected: t * c,
+            found: wpe,
+        });
+    }
+    check_ids(op, ids, vocab)
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize, _role: Role) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, host: &[f32], _role: Role) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        check_len("write", "host", buf.len(), host.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download_range(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let end = offset.saturating_add(len);
+        if end > buf.len() {
+            return Err(BackendError::Shape {
+                op: "download_range",
+                what: "buf",
+                expected: end,
+                found: buf.len(),
+            });
+        }
+        Ok(buf[offset..end].to_vec())
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+
+    fn upload_ids(&self, host: &[i32]) -> Result<Vec<i32>> {
+        Ok(host.to_vec())
+    }
+
+    fn ids_len(&self, ids: &Vec<i32>) -> usize {
+        ids.len()
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &Vec<i32>,
+        wte: &Vec<f32>,
+        wpe: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let names = ["out", "wte", "wpe"];
+        check_encoder(
+            "encoder_forward",
+            names,
+            out.len(),
+            ids,
+            wte.len(),
+            wpe.len(),
+            b,
+            t,
+            c,
+        )?;
+        encoder::encoder_forward(out, ids, wte, wpe, b, t, c);
+        Ok(())
+    }
+
+    fn encoder_backward(
+        &self,
+        dwte: &mut Vec<f32>,
+        dwpe: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        ids: &Vec<i32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "encoder_backward";
+        let names = ["dout", "dwte", "dwpe"];
+        check_encoder(op, names, dout.len(), ids, dwte.len(), dwpe.len(), b, t, c)?;
+        encoder::encoder_backward(dwte, dwpe, dout, ids, b, t, c);
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        check_len(op, "out", n * c, out.len())?;
+        check_len(op, "mean", n, mean.len())?;
+        check_len(op, "rstd", n, rstd.len())?;
+        check_len(op, "inp", n * c, inp.len())?;
+        check_len(op, "weight", c, weight.len())?;
+        check_len(op, "bias", c, bias.len())?;
+        layernorm::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        check_len(op, "dinp", n * c, dinp.len())?;
+        check_len(op, "dweight", c, dweight.len())?;
+        check_len(op, "dbias", c, dbias.len())?;
+        check_len(op, "dout", n * c, dout.len())?;
+        check_len(op, "inp", n * c, inp.len())?;
+        check_len(op, "weight", c, weight.len())?;
+        check_len(op, "mean", n, mean.len())?;
+        check_len(op, "rstd", n, rstd.len())?;
+        layernorm::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
+        Ok(())
+    }
+
+    fn residual_forward(
+        &self,
+        out: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let op = "residual_forward";
+        check_len(op, "out", n, out.len())?;
+        check_len(op, "a", n, a.len())?;
+        check_len(op, "b", n, b.len())?;
+        gelu::residual_forward(out, a, b, n);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
+        check_len("gelu_forward", "out", n, out.len())?;
+        check_len("gelu_forward", "inp", n, inp.len())?;
+        gelu::gelu_forward(out, inp, n);
+        Ok(())
+    }
+
+    fn gelu_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        dout: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let op = "gelu_backward";
+        check_len(op, "dinp", n, dinp.len())?;
+        check_len(op, "inp", n, inp.len())?;
+        check_len(op, "dout", n, dout.len())?;
+        gelu::gelu_backward(dinp, inp, dout, n);
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_forward";
+        check_len(op, "out", n * oc, out.len())?;
+        check_len(op, "inp", n * c, inp.len())?;
+        check_len(op, "weight", oc * c, weight.len())?;
+        if let Some(bias) = bias {
+            check_len(op, "bias", oc, bias.len())?;
+        }
+        matmul::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_backward";
+        check_len(op, "dinp", n * c, dinp.len())?;
+        check_len(op, "dweight", oc * c, dweight.len())?;
+        if let Some(dbias) = &dbias {
+            check_len(op, "dbias", oc, dbias.len())?;
+        }
+        check_len(op, "dout", n * oc, dout.len())?;
+        check_len(op, "inp", n * c, inp.len())?;
+        check_len(op, "weight", oc * c, weight.len())?;
+        let dbias = dbias.map(|b| b.as_mut_slice());
+        matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        check_heads(op, c, nh)?;
+        check_len(op, "out", b * t * c, out.len())?;
+        check_len(op, "lse", b * nh * t, lse.len())?;
+        check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
+        attention::attention_forward(out, lse, qkv, b, t, c, nh);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        check_heads(op, c, nh)?;
+        check_len(op, "dqkv", b * t * 3 * c, dqkv.len())?;
+        check_len(op, "dout", b * t * c, dout.len())?;
+        check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
+        check_len(op, "out", b * t * c, out.len())?;
+        check_len(op, "lse", b * nh * t, lse.len())?;
+        attention::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut Vec<f32>,
+        logits: &mut Vec<f32>,
+        targets: &Vec<i32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        let op = "cross_entropy";
+        if v == 0 || v > vp {
+            return Err(invalid(
+                op,
+                format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
+            ));
+        }
+        check_len(op, "losses", n, losses.len())?;
+        check_len(op, "logits", n * vp, logits.len())?;
+        check_len(op, "targets", n, targets.len())?;
+        if let Some(i) = targets.iter().position(|&x| x >= 0 && x as usize >= v) {
+            return Err(invalid(
+                op,
+                format!("target {} at row {i} is not below V = {v}", targets[i]),
+            ));
+        }
+        cross_entropy::cross_entropy(losses, logits, targets, n, v, vp, dloss);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw";
+        check_len(op, "grad", param.len(), grad.len())?;
+        check_len(op, "m", param.len(), m.len())?;
+        check_len(op, "v", param.len(), v.len())?;
+        if hp.step == 0 {
+            return Err(invalid(op, "step is 1-based, got 0".into()));
+        }
+        adamw::adamw(param, grad, m, v, hp);
+        Ok(())
+    }
+
+    fn global_norm(&self, bufs: &[&Vec<f32>]) -> Result<f32> {
+        let slices: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
+        Ok(adamw::global_norm(&slices) as f32)
+    }
+}
+
+/// Attention needs `NH > 0` heads that divide `C`.
+fn check_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
+    if nh == 0 || c % nh != 0 {
+        return Err(invalid(
+            op,
+            format!("C = {c} is not a multiple of NH = {nh}"),
+        ));
+    }
+    Ok(())
+}

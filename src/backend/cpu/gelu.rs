@@ -1,0 +1,49 @@
+//! Elementwise ops: GELU (tanh approximation) forward and backward, and the residual add.
+//!
+//! Napkin math: each op streams its inputs and output once, a handful of FLOPs per element;
+//! memory-bound.
+
+use rayon::prelude::*;
+
+use super::float::Float;
+
+/// `sqrt(2 / pi)`.
+const GELU_SCALE: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044715;
+
+/// `out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F], n: usize) {
+    let (s, k, half) = (F::of(GELU_SCALE), F::of(GELU_CUBIC), F::of(0.5));
+    out[..n]
+        .par_iter_mut()
+        .zip(inp[..n].par_iter())
+        .for_each(|(o, &x)| {
+            let u = s * (x + k * x * x * x);
+            *o = half * x * (F::one() + u.tanh());
+        });
+}
+
+/// `dinp += gelu'(x) * dout`, with
+/// `gelu'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)`.
+pub fn gelu_backward<F: Float>(dinp: &mut [F], inp: &[F], dout: &[F], n: usize) {
+    let (s, k, half, three) = (F::of(GELU_SCALE), F::of(GELU_CUBIC), F::of(0.5), F::of(3.0));
+    dinp[..n]
+        .par_iter_mut()
+        .zip(inp[..n].par_iter().zip(dout[..n].par_iter()))
+        .for_each(|(dx, (&x, &dy))| {
+            let u = s * (x + k * x * x * x);
+            let th = u.tanh();
+            let sech2 = F::one() - th * th;
+            let local =
+                half * (F::one() + th) + half * x * sech2 * s * (F::one() + three * k * x * x);
+            *dx += local * dy;
+        });
+}
+
+/// `out = a + b` over `n` elements.
+pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F], n: usize) {
+    out[..n]
+        .par_iter_mut()
+        .zip(a[..n].par_iter().zip(b[..n].par_iter()))
+        .for_each(|(o, (&x, &y))| *o = x + y);
+}

@@ -1,0 +1,150 @@
+//! Matmul of a linear layer (`nn.Linear` layout), forward and backward, through the `gemm`
+//! crate (chosen over `matrixmultiply` by measurement: see docs/PERF.md "CPU GEMM crate choice").
+//!
+//! Napkin math: forward `2*N*C*OC` FLOPs; backward twice that (`dinp` and `dweight`) plus the
+//! `N*OC` bias column sums. The GEMM crate splits output tiles across rayon threads, never the
+//! inner dimension, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use super::float::{sum_rows_f64, Float};
+
+/// A strided read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct View<'a, F> {
+    pub data: &'a [F],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) @ rhs (k x n)`.
+///
+/// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
+pub fn gemm<F: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [F],
+    accumulate: bool,
+    lhs: View<'_, F>,
+    rhs: View<'_, F>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let fits = |v: &View<'_, F>, rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * v.rs + (cols - 1) * v.cs < v.data.len()
+    };
+    assert!(dst.len() >= m * n, "gemm: dst too short");
+    assert!(
+        fits(&lhs, m, k) && fits(&rhs, k, n),
+        "gemm: operand too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(F::zero());
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element the views address inside its slice; `dst`
+    // is a unique borrow, so it aliases neither operand. `gemm::gemm` supports f32 and f64,
+    // the only `Float` implementors.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            F::one(),
+            F::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// `out [N*OC] = inp [N*C] @ weight^T + bias`, `weight [OC*C]`, optional `bias [OC]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward<F: Float>(
+    out: &mut [F],
+    inp: &[F],
+    weight: &[F],
+    bias: Option<&[F]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    let inp = View {
+        data: &inp[..n * c],
+        rs: c,
+        cs: 1,
+    };
+    // weight^T (C x OC): element (c_, o) = weight[o * C + c_].
+    let wt = View {
+        data: &weight[..oc * c],
+        rs: 1,
+        cs: c,
+    };
+    gemm(n, oc, c, &mut out[..n * oc], false, inp, wt);
+    if let Some(bias) = bias {
+        out[..n * oc].par_chunks_mut(oc.max(1)).for_each(|row| {
+            for (o, &b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        });
+    }
+}
+
+/// Accumulates `dinp += dout @ weight`, `dweight += dout^T @ inp`, `dbias += sum_rows(dout)`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward<F: Float>(
+    dinp: &mut [F],
+    dweight: &mut [F],
+    dbias: Option<&mut [F]>,
+    dout: &[F],
+    inp: &[F],
+    weight: &[F],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    let dout_v = View {
+        data: &dout[..n * oc],
+        rs: oc,
+        cs: 1,
+    };
+    let w = View {
+        data: &weight[..oc * c],
+        rs: c,
+        cs: 1,
+    };
+    gemm(n, c, oc, &mut dinp[..n * c], true, dout_v, w);
+    // dout^T (OC x N): element (o, i) = dout[i * OC + o].
+    let dout_t = View {
+        data: &dout[..n * oc],
+        rs: 1,
+        cs: oc,
+    };
+    let x = View {
+        data: &inp[..n * c],
+        rs: c,
+        cs: 1,
+    };
+    gemm(oc, c, n, &mut dweight[..oc * c], true, dout_t, x);
+    if let Some(dbias) = dbias {
+        for (g, s) in dbias[..oc].iter_mut().zip(sum_rows_f64(dout, n, oc)) {
+            *g += F::of(s);
+        }
+    }
+}
