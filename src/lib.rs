@@ -2,6 +2,7 @@
 //!
 //! Module map (one line each):
 pub mod backend; // the Backend trait, the CPU reference and the CUDA backend
+pub mod bench; // `topcoat bench`: training-step throughput on random tokens
 pub mod config; // model presets and run configs (TOML + flag overrides)
 pub mod data; // token shards, the window loader, tokenizers, `prepare`
 pub mod generate; // sampling from a model (temperature, top-k)

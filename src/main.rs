@@ -4,7 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use topcoat::config::RunConfig;
+use topcoat::backend::cpu::CpuBackend;
+use topcoat::bench;
+use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::run::{self, PretrainJob};
@@ -32,6 +34,32 @@ enum Command {
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
     Info { path: PathBuf },
+    /// Time training steps of a preset on random tokens.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Vocabulary size (4096: a small BPE; 50257: GPT-2).
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Time forward + backward only (no gradient norm, no AdamW).
+    #[arg(long)]
+    no_optimizer: bool,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -191,6 +219,34 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench(a: &BenchArgs) -> Result<()> {
+    let (_device, why) = run::resolve_device(&a.device)?;
+    let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;
+    if a.seq_len > cfg.max_seq_len {
+        bail!("--seq-len {} exceeds the {} preset's max_seq_len {}", a.seq_len, a.preset, cfg.max_seq_len);
+    }
+    println!(
+        "bench: {} preset ({:.2} M parameters, vocab {} padded {}), B={}, T={}, {}, {} threads, device {why}",
+        a.preset,
+        cfg.num_params() as f64 / 1e6,
+        cfg.vocab_size,
+        cfg.padded_vocab_size,
+        a.batch_size,
+        a.seq_len,
+        if a.no_optimizer { "forward+backward" } else { "forward+backward+AdamW" },
+        rayon::current_num_threads()
+    );
+    let be = CpuBackend::default();
+    let r = bench::bench_train(&be, &cfg, a.batch_size, a.seq_len, a.warmup, a.steps, !a.no_optimizer, |i, ms| {
+        let tag = if i < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
+    })?;
+    println!("| median step ms | tokens/s | model GFLOP/s |");
+    println!("| --- | --- | --- |");
+    println!("| {:.1} | {:.0} | {:.1} |", r.median_ms, r.tokens_per_s, r.gflops);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -236,6 +292,7 @@ fn main() -> Result<()> {
             println!();
         }
         Command::Info { path } => print!("{}", run::info(&path)?),
+        Command::Bench(a) => bench(&a)?,
     }
     Ok(())
 }
