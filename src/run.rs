@@ -98,6 +98,8 @@ pub fn data_tokenizer(dir: &Path) -> Result<Tokenizer, DataError> {
 
 /// Runs pretraining; returns the summary (the checkpoint is in `job.out`).
 pub fn pretrain(job: &PretrainJob, progress: &dyn Fn(&str)) -> Result<TrainSummary, TrainError> {
+    // Refuse an unknown preset before spending time on data.
+    ModelConfig::preset(&job.run.preset, 64)?;
     let data_dir = match &job.data {
         Some(d) => d.clone(),
         None => prepare_embedded(&job.out.join("data"), progress)?,

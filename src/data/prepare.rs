@@ -13,7 +13,8 @@
 //! Output: `{out}/train_000000.bin, ...` and `{out}/val_000000.bin, ...`, each at most
 //! `shard_tokens` tokens (documents may span shards). Everything is written into a staging
 //! directory inside `{out}` and moved into place only when every input has been read, so an error
-//! leaves no new or changed shard behind. Tokenization runs in parallel over documents; the output
+//! leaves no new or changed shard behind. Shards of an earlier preparation in `{out}` are
+//! replaced, not mixed with the new ones. Tokenization runs in parallel over documents; the output
 //! does not depend on the number of threads.
 
 use std::fs;
@@ -424,6 +425,15 @@ pub fn prepare(
         tokens_val: val.tokens,
         ..Default::default()
     };
+    // Shards of an earlier, larger preparation would otherwise be read alongside the new ones.
+    for entry in fs::read_dir(out).map_err(|e| DataError::io(out, "list", e))? {
+        let path = entry.map_err(|e| DataError::io(out, "list", e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let stale = (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
+        if stale && path.is_file() {
+            fs::remove_file(&path).map_err(|e| DataError::io(&path, "remove stale shard", e))?;
+        }
+    }
     for (names, dst) in [
         (&train.done, &mut summary.train_files),
         (&val.done, &mut summary.val_files),

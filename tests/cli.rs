@@ -1,0 +1,78 @@
+//! The `topcoat` binary end to end: prepare -> pretrain -> sample -> info, and its errors
+//! (a clear message and a non-zero exit, never a panic).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn topcoat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_topcoat")).args(args).output().expect("running topcoat")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = topcoat(args);
+    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = topcoat(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
+    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
+    t
+}
+
+#[test]
+fn prepare_pretrain_sample_info() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for i in 0..20 {
+        let body = format!("Entry {i}. A cat is a small animal. A dog is a loyal animal. Number {i}.\n");
+        std::fs::write(docs.join(format!("{i:02}.txt")), body.repeat(20)).unwrap();
+    }
+    let out = ok(&["prepare", &p("docs"), "--out", &p("data"), "--tokenizer", "bpe", "--vocab-size", "300"]);
+    assert!(out.contains("train documents") && Path::new(&p("data/tokenizer.json")).is_file(), "{out}");
+
+    let out = ok(&[
+        "pretrain", "--data", &p("data"), "--out", &p("run"), "--device", "cpu", "--max-steps", "6",
+        "--batch-size", "2", "--seq-len", "32", "--val-every", "3", "--warmup-steps", "2",
+    ]);
+    assert!(out.contains("validation loss") && out.contains("ckpt_000006"), "{out}");
+
+    let out = ok(&["sample", "--checkpoint", &p("run"), "--prompt", "A cat", "--max-tokens", "8", "--temperature", "0"]);
+    assert!(out.starts_with("A cat"), "{out}");
+    let again = ok(&["sample", "--checkpoint", &p("run"), "--prompt", "A cat", "--max-tokens", "8", "--temperature", "0"]);
+    assert_eq!(out, again, "greedy sampling is deterministic");
+
+    let out = ok(&["info", &p("run")]);
+    assert!(out.contains("step 6") && out.contains("vocab: 300"), "{out}");
+    let out = ok(&["info", &p("data/train_000000.bin")]);
+    assert!(out.contains("16-bit ids"), "{out}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    std::fs::create_dir_all(tmp.path().join("empty")).unwrap();
+    std::fs::write(tmp.path().join("junk.bin"), vec![7u8; 2048]).unwrap();
+
+    let t = fails(&["prepare", &p("empty"), "--out", &p("out")]);
+    assert!(t.contains("empty") && t.contains("no input files"), "{t}");
+    let t = fails(&["info", &p("junk.bin")]);
+    assert!(t.contains("junk.bin") && t.contains("magic"), "{t}");
+    let t = fails(&["pretrain", "--data", &p("empty"), "--out", &p("run"), "--device", "cpu"]);
+    assert!(t.contains("tokenizer.json"), "{t}");
+    let t = fails(&["sample", "--checkpoint", &p("empty")]);
+    assert!(t.contains("empty") && t.contains("checkpoint"), "{t}");
+    let t = fails(&["pretrain", "--device", "cuda", "--out", &p("run")]);
+    assert!(t.to_lowercase().contains("cuda") || t.contains("nvcc"), "{t}");
+    let t = fails(&["pretrain", "--preset", "huge", "--out", &p("run"), "--device", "cpu"]);
+    assert!(t.contains("unknown preset `huge`"), "{t}");
+}
