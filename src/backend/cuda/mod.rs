@@ -32,7 +32,12 @@ pub struct DeviceInfo {
 impl std::fmt::Display for DeviceInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (major, minor) = self.compute_capability;
-        write!(f, "{} (sm_{major}{minor}, {:.0} GiB)", self.name, self.total_mem_bytes as f64 / (1u64 << 30) as f64)
+        write!(
+            f,
+            "{} (sm_{major}{minor}, {:.0} GiB)",
+            self.name,
+            self.total_mem_bytes as f64 / (1u64 << 30) as f64
+        )
     }
 }
 
