@@ -49,12 +49,18 @@ pub fn bench_train<B: Backend>(
     mut on_step: impl FnMut(usize, f64),
 ) -> Result<BenchResult> {
     let mut model = Gpt::init(be, cfg, 1)?;
-    let mut opt = if optimizer { Some(AdamW::new(be, &model)?) } else { None };
+    let mut opt = if optimizer {
+        Some(AdamW::new(be, &model)?)
+    } else {
+        None
+    };
     let run = RunConfig::default();
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
     for i in 0..warmup + steps.max(1) {
-        let tokens: Vec<i32> = (0..b * (t + 1)).map(|_| rng.below(cfg.vocab_size as u64) as i32).collect();
+        let tokens: Vec<i32> = (0..b * (t + 1))
+            .map(|_| rng.below(cfg.vocab_size as u64) as i32)
+            .collect();
         let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
         for row in tokens.chunks(t + 1) {
             inputs.extend_from_slice(&row[..t]);

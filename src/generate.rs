@@ -21,7 +21,13 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { max_tokens: 100, temperature: 0.8, top_k: 40, seed: 42, stop: None }
+        Self {
+            max_tokens: 100,
+            temperature: 0.8,
+            top_k: 40,
+            seed: 42,
+            stop: None,
+        }
     }
 }
 
@@ -31,7 +37,13 @@ pub fn pick_token(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng)
         logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if temperature <= 0.0 || top_k == 1 {
@@ -42,8 +54,14 @@ pub fn pick_token(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng)
         idx.select_nth_unstable_by(top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
         idx.truncate(top_k);
     }
-    let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) / temperature) as f64).exp()).collect();
+    let max = idx
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - max) / temperature) as f64).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     let mut r = rng.next_f64() * total;
     for (&i, w) in idx.iter().zip(&weights) {
@@ -103,8 +121,13 @@ mod tests {
     fn temperature_sampling_follows_the_softmax() {
         let logits = [0.0, (3.0f32).ln()]; // probabilities 1/4 and 3/4
         let mut rng = Rng::new(9);
-        let ones = (0..20_000).filter(|_| pick_token(&logits, 1.0, 0, &mut rng) == 1).count();
+        let ones = (0..20_000)
+            .filter(|_| pick_token(&logits, 1.0, 0, &mut rng) == 1)
+            .count();
         let frac = ones as f64 / 20_000.0;
-        assert!((frac - 0.75).abs() < 0.015, "drew token 1 with frequency {frac}");
+        assert!(
+            (frac - 0.75).abs() < 0.015,
+            "drew token 1 with frequency {frac}"
+        );
     }
 }

@@ -12,7 +12,11 @@ use topcoat::generate::SampleOptions;
 use topcoat::run::{self, PretrainJob};
 
 #[derive(Parser)]
-#[command(name = "topcoat", version, about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning")]
+#[command(
+    name = "topcoat",
+    version,
+    about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning"
+)]
 struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
@@ -186,12 +190,20 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
         "gpt2" => Tokenizer::gpt2(),
         "bpe" => {
             let docs = data::prepare::read_documents(&a.inputs)?;
-            note(&format!("training a {}-token BPE on {} documents", a.vocab_size, docs.len()));
+            note(&format!(
+                "training a {}-token BPE on {} documents",
+                a.vocab_size,
+                docs.len()
+            ));
             Tokenizer::train_bpe(docs.iter().map(String::as_str), a.vocab_size, |_, _| {})?
         }
         path => Tokenizer::load(path).with_context(|| format!("loading tokenizer {path}"))?,
     };
-    let opts = PrepareOptions { val_fraction: a.val_fraction, shard_tokens: a.shard_tokens, ..PrepareOptions::new(&a.out) };
+    let opts = PrepareOptions {
+        val_fraction: a.val_fraction,
+        shard_tokens: a.shard_tokens,
+        ..PrepareOptions::new(&a.out)
+    };
     let tty = std::io::stderr().is_terminal();
     let summary = data::prepare(&a.inputs, &tok, &opts, &|ev| {
         let line = run::describe_progress(&ev);
@@ -223,7 +235,12 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let (_device, why) = run::resolve_device(&a.device)?;
     let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;
     if a.seq_len > cfg.max_seq_len {
-        bail!("--seq-len {} exceeds the {} preset's max_seq_len {}", a.seq_len, a.preset, cfg.max_seq_len);
+        bail!(
+            "--seq-len {} exceeds the {} preset's max_seq_len {}",
+            a.seq_len,
+            a.preset,
+            cfg.max_seq_len
+        );
     }
     println!(
         "bench: {} preset ({:.2} M parameters, vocab {} padded {}), B={}, T={}, {}, {} threads, device {why}",
@@ -237,13 +254,25 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     let be = CpuBackend::default();
-    let r = bench::bench_train(&be, &cfg, a.batch_size, a.seq_len, a.warmup, a.steps, !a.no_optimizer, |i, ms| {
-        let tag = if i < a.warmup { " (warm-up)" } else { "" };
-        eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
-    })?;
+    let r = bench::bench_train(
+        &be,
+        &cfg,
+        a.batch_size,
+        a.seq_len,
+        a.warmup,
+        a.steps,
+        !a.no_optimizer,
+        |i, ms| {
+            let tag = if i < a.warmup { " (warm-up)" } else { "" };
+            eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
+        },
+    )?;
     println!("| median step ms | tokens/s | model GFLOP/s |");
     println!("| --- | --- | --- |");
-    println!("| {:.1} | {:.0} | {:.1} |", r.median_ms, r.tokens_per_s, r.gflops);
+    println!(
+        "| {:.1} | {:.0} | {:.1} |",
+        r.median_ms, r.tokens_per_s, r.gflops
+    );
     Ok(())
 }
 
@@ -261,21 +290,39 @@ fn main() -> std::process::ExitCode {
 fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting --threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting --threads")?;
     }
     match cli.command {
         Command::Prepare(a) => prepare(&a)?,
-        Command::Tokenizer(TokenizerCmd::Train { inputs, vocab_size, out }) => {
+        Command::Tokenizer(TokenizerCmd::Train {
+            inputs,
+            vocab_size,
+            out,
+        }) => {
             let docs = data::prepare::read_documents(&inputs)?;
             let tok = Tokenizer::train_bpe(docs.iter().map(String::as_str), vocab_size, |_, _| {})?;
             tok.save(&out)?;
-            println!("{}: byte-level BPE with {} ids", out.display(), tok.vocab_size());
+            println!(
+                "{}: byte-level BPE with {} ids",
+                out.display(),
+                tok.vocab_size()
+            );
         }
         Command::Pretrain(a) => {
             let run = run_config(&a)?;
             let (device, why) = run::resolve_device(&a.device)?;
             note(&format!("device: {why}"));
-            let job = PretrainJob { run, data: a.data.clone(), out: a.out.clone(), resume: a.resume, device, quiet: false };
+            let job = PretrainJob {
+                run,
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.resume,
+                device,
+                quiet: false,
+            };
             let s = run::pretrain(&job, &note)?;
             let first = s.val_losses.first().map(|v| v.1);
             let last = s.val_losses.last().map(|v| v.1);
@@ -287,14 +334,22 @@ fn run_cli() -> Result<()> {
                 s.final_step,
                 s.elapsed.as_secs_f64(),
                 s.tokens_per_s,
-                s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                s.last_checkpoint
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
             );
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {
                 bail!("--temperature must be >= 0");
             }
-            let opts = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, seed: a.seed, stop: None };
+            let opts = SampleOptions {
+                max_tokens: a.max_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                seed: a.seed,
+                stop: None,
+            };
             print!("{}", a.prompt);
             run::sample(&a.checkpoint, &a.prompt, &opts, |text| {
                 print!("{text}");

@@ -39,7 +39,14 @@ impl<B: Backend> AdamW<B> {
 
     /// Applies one update to every parameter. Weight decay applies only to tensors the
     /// layout marks for decay (matrices), never to biases and layernorm parameters.
-    pub fn update(&mut self, be: &B, model: &mut Gpt<B>, cfg: &RunConfig, lr: f32, grad_scale: f32) -> Result<()> {
+    pub fn update(
+        &mut self,
+        be: &B,
+        model: &mut Gpt<B>,
+        cfg: &RunConfig,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
         self.step += 1;
         for (i, spec) in model.layout.specs.iter().enumerate() {
             let hp = AdamWStep {
@@ -51,7 +58,13 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 grad_scale,
             };
-            be.adamw(&mut model.params[i], &model.grads[i], &mut self.m[i], &mut self.v[i], &hp)?;
+            be.adamw(
+                &mut model.params[i],
+                &model.grads[i],
+                &mut self.m[i],
+                &mut self.v[i],
+                &hp,
+            )?;
         }
         Ok(())
     }
@@ -66,7 +79,10 @@ mod tests {
         let (lr, warm, max, floor) = (1.0, 10, 110, 0.1);
         assert!((lr_at(0, lr, warm, max, floor) - 0.1).abs() < 1e-6);
         assert!((lr_at(9, lr, warm, max, floor) - 1.0).abs() < 1e-6);
-        assert!((lr_at(60, lr, warm, max, floor) - 0.55).abs() < 1e-6, "half way: mid of [0.1, 1]");
+        assert!(
+            (lr_at(60, lr, warm, max, floor) - 0.55).abs() < 1e-6,
+            "half way: mid of [0.1, 1]"
+        );
         assert!((lr_at(110, lr, warm, max, floor) - 0.1).abs() < 1e-6);
         let mut prev = f32::INFINITY;
         for s in warm..max {

@@ -40,9 +40,14 @@ pub fn resolve_device(name: &str) -> Result<(DeviceKind, String), BackendError> 
                 Ok(info) => format!("{info} found, but the CUDA training backend is not built yet"),
                 Err(e) => e.to_string(),
             };
-            Ok((DeviceKind::Cpu, format!("cpu (f32 reference backend; no CUDA: {why})")))
+            Ok((
+                DeviceKind::Cpu,
+                format!("cpu (f32 reference backend; no CUDA: {why})"),
+            ))
         }
-        other => Err(BackendError::Device(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
+        other => Err(BackendError::Device(format!(
+            "unknown device `{other}` (expected auto, cpu or cuda)"
+        ))),
     }
 }
 
@@ -156,12 +161,18 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
     }
     checkpoint::latest(path)?.ok_or_else(|| TrainError::Checkpoint {
         path: path.to_path_buf(),
-        msg: "neither a checkpoint (no config.json) nor a run directory with ckpt_* checkpoints".into(),
+        msg: "neither a checkpoint (no config.json) nor a run directory with ckpt_* checkpoints"
+            .into(),
     })
 }
 
 /// Generates a continuation of `prompt` from a checkpoint, streaming text to `on_text`.
-pub fn sample(ckpt: &Path, prompt: &str, opts: &SampleOptions, mut on_text: impl FnMut(&str)) -> Result<String, TrainError> {
+pub fn sample(
+    ckpt: &Path,
+    prompt: &str,
+    opts: &SampleOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<String, TrainError> {
     let dir = resolve_checkpoint(ckpt)?;
     let tokenizer = checkpoint::load_tokenizer(&dir)?;
     let be = CpuBackend::default();
@@ -170,14 +181,20 @@ pub fn sample(ckpt: &Path, prompt: &str, opts: &SampleOptions, mut on_text: impl
     if ids.is_empty() {
         ids.push(tokenizer.eot());
     }
-    let opts = SampleOptions { stop: opts.stop.or(Some(tokenizer.eot())), ..opts.clone() };
+    let opts = SampleOptions {
+        stop: opts.stop.or(Some(tokenizer.eot())),
+        ..opts.clone()
+    };
     let mut generated: Vec<u32> = Vec::new();
     let mut shown = String::new();
     generate::generate(&be, &mut model, &ids, &opts, |tok| {
         generated.push(tok);
         // Decode the whole continuation so multi-byte characters split across tokens print whole.
         let text = tokenizer.decode(&generated);
-        if text.len() > shown.len() && text.starts_with(shown.as_str()) && !text.ends_with('\u{FFFD}') {
+        if text.len() > shown.len()
+            && text.starts_with(shown.as_str())
+            && !text.ends_with('\u{FFFD}')
+        {
             on_text(&text[shown.len()..]);
             shown = text;
         }
@@ -202,11 +219,30 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
     let dir = resolve_checkpoint(path)?;
     let cfg = checkpoint::load_config(&dir)?;
     let _ = writeln!(s, "checkpoint {}", dir.display());
-    let _ = writeln!(s, "  model: {} layers, {} heads, d={}, max_seq_len {}", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_seq_len);
-    let _ = writeln!(s, "  vocab: {} (padded {})", cfg.vocab_size, cfg.padded_vocab_size);
-    let _ = writeln!(s, "  parameters: {} ({:.2} M)", cfg.num_params(), cfg.num_params() as f64 / 1e6);
+    let _ = writeln!(
+        s,
+        "  model: {} layers, {} heads, d={}, max_seq_len {}",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_seq_len
+    );
+    let _ = writeln!(
+        s,
+        "  vocab: {} (padded {})",
+        cfg.vocab_size, cfg.padded_vocab_size
+    );
+    let _ = writeln!(
+        s,
+        "  parameters: {} ({:.2} M)",
+        cfg.num_params(),
+        cfg.num_params() as f64 / 1e6
+    );
     if let Ok(tok) = checkpoint::load_tokenizer(&dir) {
-        let _ = writeln!(s, "  tokenizer: {:?}, {} ids, eot {}", tok.kind(), tok.vocab_size(), tok.eot());
+        let _ = writeln!(
+            s,
+            "  tokenizer: {:?}, {} ids, eot {}",
+            tok.kind(),
+            tok.vocab_size(),
+            tok.eot()
+        );
     }
     let state = dir.join("train_state.json");
     if state.exists() {
@@ -228,9 +264,18 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
 pub fn describe_progress(ev: &ProgressEvent) -> String {
     match ev {
         ProgressEvent::Start { files, docs, bytes } => {
-            format!("{files} files, {docs} documents, {:.1} MB", *bytes as f64 / 1e6)
+            format!(
+                "{files} files, {docs} documents, {:.1} MB",
+                *bytes as f64 / 1e6
+            )
         }
-        ProgressEvent::Progress { docs_done, docs_total, bytes_done, bytes_total, tokens } => format!(
+        ProgressEvent::Progress {
+            docs_done,
+            docs_total,
+            bytes_done,
+            bytes_total,
+            tokens,
+        } => format!(
             "{:5.1}% | {docs_done}/{docs_total} documents | {:.1}/{:.1} MB | {tokens} tokens",
             100.0 * *bytes_done as f64 / (*bytes_total).max(1) as f64,
             *bytes_done as f64 / 1e6,

@@ -164,7 +164,10 @@ fn count_docs(path: &Path) -> Result<usize> {
 
 /// Calls `each(text, source_bytes)` for every document of `files`, in order: a whole file, or
 /// each non-blank line of a JSONL file.
-fn for_each_document(files: &[PathBuf], mut each: impl FnMut(String, u64) -> Result<()>) -> Result<()> {
+fn for_each_document(
+    files: &[PathBuf],
+    mut each: impl FnMut(String, u64) -> Result<()>,
+) -> Result<()> {
     for f in files {
         if !is_jsonl(f) {
             let bytes = fs::read(f).map_err(|e| DataError::io(f, "read", e))?;
@@ -428,8 +431,12 @@ pub fn prepare(
     // Shards of an earlier, larger preparation would otherwise be read alongside the new ones.
     for entry in fs::read_dir(out).map_err(|e| DataError::io(out, "list", e))? {
         let path = entry.map_err(|e| DataError::io(out, "list", e))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let stale = (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stale =
+            (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
         if stale && path.is_file() {
             fs::remove_file(&path).map_err(|e| DataError::io(&path, "remove stale shard", e))?;
         }

@@ -4,7 +4,7 @@
 //! right before the op that fills it, while the residual-stream gradient keeps accumulating
 //! across the two branches of every block.
 
-use super::{GradScratch, Gpt, ModelError, Result};
+use super::{Gpt, GradScratch, ModelError, Result};
 use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
@@ -19,12 +19,25 @@ impl<B: Backend> Gpt<B> {
         let lay = &self.layout;
         let p = &self.params;
         let g = &mut self.grads;
-        let acts = self.acts.as_ref().ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
         let s = self.scratch.as_mut().expect("allocated above");
 
         // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
         be.fill_zero(&mut s.dln)?;
-        be.matmul_backward(&mut s.dln, &mut g[lay.wte], None, &acts.logits, &acts.lnf, &p[lay.wte], n, c, vp)?;
+        be.matmul_backward(
+            &mut s.dln,
+            &mut g[lay.wte],
+            None,
+            &acts.logits,
+            &acts.lnf,
+            &p[lay.wte],
+            n,
+            c,
+            vp,
+        )?;
         let last = acts.layers.last().expect("at least one layer");
         be.fill_zero(&mut s.dresidual)?;
         let (gw, gb) = two_mut(g, lay.lnf_w, lay.lnf_b);
@@ -44,31 +57,97 @@ impl<B: Backend> Gpt<B> {
         for l in (0..acts.layers.len()).rev() {
             let w = &lay.layers[l];
             let a = &acts.layers[l];
-            let resid_in = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].residual3 };
+            let resid_in = if l == 0 {
+                &acts.encoded
+            } else {
+                &acts.layers[l - 1].residual3
+            };
 
             // MLP branch: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))).
             be.fill_zero(&mut s.dfch_gelu)?;
             let (gw, gb) = two_mut(g, w.fc_proj_w, w.fc_proj_b);
-            be.matmul_backward(&mut s.dfch_gelu, gw, Some(gb), &s.dresidual, &a.fch_gelu, &p[w.fc_proj_w], n, 4 * c, c)?;
+            be.matmul_backward(
+                &mut s.dfch_gelu,
+                gw,
+                Some(gb),
+                &s.dresidual,
+                &a.fch_gelu,
+                &p[w.fc_proj_w],
+                n,
+                4 * c,
+                c,
+            )?;
             be.fill_zero(&mut s.dfch)?;
             be.gelu_backward(&mut s.dfch, &a.fch, &s.dfch_gelu, n * 4 * c)?;
             be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.fc_w, w.fc_b);
-            be.matmul_backward(&mut s.dln, gw, Some(gb), &s.dfch, &a.ln2, &p[w.fc_w], n, c, 4 * c)?;
+            be.matmul_backward(
+                &mut s.dln,
+                gw,
+                Some(gb),
+                &s.dfch,
+                &a.ln2,
+                &p[w.fc_w],
+                n,
+                c,
+                4 * c,
+            )?;
             let (gw, gb) = two_mut(g, w.ln2_w, w.ln2_b);
-            be.layernorm_backward(&mut s.dresidual, gw, gb, &s.dln, &a.residual2, &p[w.ln2_w], &a.ln2_mean, &a.ln2_rstd, n, c)?;
+            be.layernorm_backward(
+                &mut s.dresidual,
+                gw,
+                gb,
+                &s.dln,
+                &a.residual2,
+                &p[w.ln2_w],
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                n,
+                c,
+            )?;
 
             // Attention branch: residual2 = resid_in + attn_proj(attention(qkv(ln1(resid_in)))).
             be.fill_zero(&mut s.datty)?;
             let (gw, gb) = two_mut(g, w.attn_proj_w, w.attn_proj_b);
-            be.matmul_backward(&mut s.datty, gw, Some(gb), &s.dresidual, &a.atty, &p[w.attn_proj_w], n, c, c)?;
+            be.matmul_backward(
+                &mut s.datty,
+                gw,
+                Some(gb),
+                &s.dresidual,
+                &a.atty,
+                &p[w.attn_proj_w],
+                n,
+                c,
+                c,
+            )?;
             be.fill_zero(&mut s.dqkv)?;
             be.attention_backward(&mut s.dqkv, &s.datty, &a.qkv, &a.atty, &a.lse, b, t, c, nh)?;
             be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
-            be.matmul_backward(&mut s.dln, gw, Some(gb), &s.dqkv, &a.ln1, &p[w.qkv_w], n, c, 3 * c)?;
+            be.matmul_backward(
+                &mut s.dln,
+                gw,
+                Some(gb),
+                &s.dqkv,
+                &a.ln1,
+                &p[w.qkv_w],
+                n,
+                c,
+                3 * c,
+            )?;
             let (gw, gb) = two_mut(g, w.ln1_w, w.ln1_b);
-            be.layernorm_backward(&mut s.dresidual, gw, gb, &s.dln, resid_in, &p[w.ln1_w], &a.ln1_mean, &a.ln1_rstd, n, c)?;
+            be.layernorm_backward(
+                &mut s.dresidual,
+                gw,
+                gb,
+                &s.dln,
+                resid_in,
+                &p[w.ln1_w],
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                n,
+                c,
+            )?;
         }
 
         let ids = be.upload_ids(inputs)?;

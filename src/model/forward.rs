@@ -42,11 +42,31 @@ impl<B: Backend> Gpt<B> {
             let w = &lay.layers[l];
             let (done, rest) = acts.layers.split_at_mut(l);
             let (cur, later) = rest.split_first_mut().expect("l < n_layer");
-            let resid_in = if l == 0 { &acts.encoded } else { &done[l - 1].residual3 };
+            let resid_in = if l == 0 {
+                &acts.encoded
+            } else {
+                &done[l - 1].residual3
+            };
 
-            be.matmul_forward(&mut cur.qkv, &cur.ln1, &p[w.qkv_w], Some(&p[w.qkv_b]), n, c, 3 * c)?;
+            be.matmul_forward(
+                &mut cur.qkv,
+                &cur.ln1,
+                &p[w.qkv_w],
+                Some(&p[w.qkv_b]),
+                n,
+                c,
+                3 * c,
+            )?;
             be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, b, t, c, nh)?;
-            be.matmul_forward(&mut cur.attproj, &cur.atty, &p[w.attn_proj_w], Some(&p[w.attn_proj_b]), n, c, c)?;
+            be.matmul_forward(
+                &mut cur.attproj,
+                &cur.atty,
+                &p[w.attn_proj_w],
+                Some(&p[w.attn_proj_b]),
+                n,
+                c,
+                c,
+            )?;
             be.residual_layernorm_forward(
                 &mut cur.residual2,
                 &mut cur.ln2,
@@ -59,19 +79,58 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             )?;
-            be.matmul_forward(&mut cur.fch, &cur.ln2, &p[w.fc_w], Some(&p[w.fc_b]), n, c, 4 * c)?;
+            be.matmul_forward(
+                &mut cur.fch,
+                &cur.ln2,
+                &p[w.fc_w],
+                Some(&p[w.fc_b]),
+                n,
+                c,
+                4 * c,
+            )?;
             be.gelu_forward(&mut cur.fch_gelu, &cur.fch, n * 4 * c)?;
-            be.matmul_forward(&mut cur.fcproj, &cur.fch_gelu, &p[w.fc_proj_w], Some(&p[w.fc_proj_b]), n, 4 * c, c)?;
+            be.matmul_forward(
+                &mut cur.fcproj,
+                &cur.fch_gelu,
+                &p[w.fc_proj_w],
+                Some(&p[w.fc_proj_b]),
+                n,
+                4 * c,
+                c,
+            )?;
             // The residual add after the MLP is fused with the next layernorm: the next
             // block's ln_1, or ln_f after the last block.
             let (out, mean, rstd, lw, lb) = match later.first_mut() {
                 Some(next) => {
                     let nw = &lay.layers[l + 1];
-                    (&mut next.ln1, &mut next.ln1_mean, &mut next.ln1_rstd, &p[nw.ln1_w], &p[nw.ln1_b])
+                    (
+                        &mut next.ln1,
+                        &mut next.ln1_mean,
+                        &mut next.ln1_rstd,
+                        &p[nw.ln1_w],
+                        &p[nw.ln1_b],
+                    )
                 }
-                None => (&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &p[lay.lnf_w], &p[lay.lnf_b]),
+                None => (
+                    &mut acts.lnf,
+                    &mut acts.lnf_mean,
+                    &mut acts.lnf_rstd,
+                    &p[lay.lnf_w],
+                    &p[lay.lnf_b],
+                ),
             };
-            be.residual_layernorm_forward(&mut cur.residual3, out, mean, rstd, &cur.residual2, &cur.fcproj, lw, lb, n, c)?;
+            be.residual_layernorm_forward(
+                &mut cur.residual3,
+                out,
+                mean,
+                rstd,
+                &cur.residual2,
+                &cur.fcproj,
+                lw,
+                lb,
+                n,
+                c,
+            )?;
         }
         // Tied head: logits = lnf @ wte^T over all padded rows.
         be.matmul_forward(&mut acts.logits, &acts.lnf, &p[lay.wte], None, n, c, vp)?;
@@ -80,7 +139,14 @@ impl<B: Backend> Gpt<B> {
 
     /// Forward pass plus the mean cross-entropy over unmasked targets (`-1` masks a position).
     /// No gradient is computed.
-    pub fn forward_loss(&mut self, be: &B, inputs: &[i32], targets: &[i32], b: usize, t: usize) -> Result<Loss> {
+    pub fn forward_loss(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<Loss> {
         self.loss_pass(be, inputs, targets, b, t, None)
     }
 
@@ -117,10 +183,25 @@ impl<B: Backend> Gpt<B> {
         let dloss = loss_scale.map(|s| if tokens > 0 { s / tokens as f32 } else { 0.0 });
         let tgt = be.upload_ids(targets)?;
         let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
-        let acts = self.acts.as_mut().ok_or_else(|| ModelError::Invalid("no activations".into()))?;
-        be.cross_entropy(&mut acts.losses, &mut acts.logits, &tgt, b * t, v, vp, dloss)?;
+        let acts = self
+            .acts
+            .as_mut()
+            .ok_or_else(|| ModelError::Invalid("no activations".into()))?;
+        be.cross_entropy(
+            &mut acts.losses,
+            &mut acts.logits,
+            &tgt,
+            b * t,
+            v,
+            vp,
+            dloss,
+        )?;
         let sum: f64 = be.download(&acts.losses)?.iter().map(|&x| x as f64).sum();
-        let mean = if tokens > 0 { (sum / tokens as f64) as f32 } else { 0.0 };
+        let mean = if tokens > 0 {
+            (sum / tokens as f64) as f32
+        } else {
+            0.0
+        };
         Ok(Loss { mean, sum, tokens })
     }
 }

@@ -47,7 +47,8 @@ impl<B: Backend> Gpt<B> {
 
     /// A model from host values, one `Vec` per tensor in [`ParamLayout`] order.
     pub fn from_values(be: &B, cfg: &ModelConfig, values: Vec<Vec<f32>>) -> Result<Self> {
-        cfg.validate().map_err(|e| ModelError::Invalid(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
         let layout = ParamLayout::new(cfg);
         if values.len() != layout.specs.len() {
             return Err(ModelError::Invalid(format!(
@@ -83,12 +84,20 @@ impl<B: Backend> Gpt<B> {
 
     /// Downloads every parameter tensor, in layout order.
     pub fn param_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        Ok(self.params.iter().map(|p| be.download(p)).collect::<std::result::Result<_, _>>()?)
+        Ok(self
+            .params
+            .iter()
+            .map(|p| be.download(p))
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// Downloads every gradient tensor, in layout order.
     pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        Ok(self.grads.iter().map(|g| be.download(g)).collect::<std::result::Result<_, _>>()?)
+        Ok(self
+            .grads
+            .iter()
+            .map(|g| be.download(g))
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     pub fn zero_grad(&mut self, be: &B) -> Result<()> {
@@ -123,9 +132,20 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
-    fn check_ids(&self, what: &str, ids: &[i32], b: usize, t: usize, allow_masked: bool) -> Result<()> {
+    fn check_ids(
+        &self,
+        what: &str,
+        ids: &[i32],
+        b: usize,
+        t: usize,
+        allow_masked: bool,
+    ) -> Result<()> {
         if ids.len() != b * t {
-            return Err(ModelError::Invalid(format!("{what}: {} ids for B*T = {}", ids.len(), b * t)));
+            return Err(ModelError::Invalid(format!(
+                "{what}: {} ids for B*T = {}",
+                ids.len(),
+                b * t
+            )));
         }
         let v = self.cfg.vocab_size as i32;
         if let Some((i, &id)) = ids
@@ -135,7 +155,11 @@ impl<B: Backend> Gpt<B> {
         {
             return Err(ModelError::Invalid(format!(
                 "{what}[{i}] = {id} is outside the vocabulary [0, {v}){}",
-                if allow_masked { " (or -1 for a masked target)" } else { "" }
+                if allow_masked {
+                    " (or -1 for a masked target)"
+                } else {
+                    ""
+                }
             )));
         }
         Ok(())
@@ -143,7 +167,10 @@ impl<B: Backend> Gpt<B> {
 
     /// Logits row of position `(row, pos)` of the last forward, the real vocabulary only.
     pub fn logits_at(&self, be: &B, row: usize, pos: usize) -> Result<Vec<f32>> {
-        let acts = self.acts.as_ref().ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
         let vp = self.cfg.padded_vocab_size;
         let offset = (row * acts.t + pos) * vp;
         Ok(be.download_range(&acts.logits, offset, self.cfg.vocab_size)?)
@@ -151,7 +178,10 @@ impl<B: Backend> Gpt<B> {
 
     /// Per-position losses of the last forward with targets (`[B*T]`, 0 where masked).
     pub fn position_losses(&self, be: &B) -> Result<Vec<f32>> {
-        let acts = self.acts.as_ref().ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
         Ok(be.download(&acts.losses)?)
     }
 }

@@ -18,17 +18,26 @@ use std::path::{Path, PathBuf};
 
 /// The shard files of one split (`train` or `val`) in a prepared data directory, sorted.
 pub fn split_files(dir: &Path, split: &str) -> std::result::Result<Vec<PathBuf>, DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.to_path_buf(), op: "list", source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
+        path: dir.to_path_buf(),
+        op: "list",
+        source,
+    })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             name.starts_with(&format!("{split}_")) && name.ends_with(".bin")
         })
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(DataError::NoShards { what: format!("no {split}_*.bin files in {}", dir.display()) });
+        return Err(DataError::NoShards {
+            what: format!("no {split}_*.bin files in {}", dir.display()),
+        });
     }
     Ok(files)
 }
@@ -53,13 +62,25 @@ impl Pretrain {
         vocab_size: usize,
         val_batches: usize,
     ) -> std::result::Result<Self, DataError> {
-        let train = Loader::open(&split_files(dir, "train")?, b, t, seed, rank, world, vocab_size)?;
+        let train = Loader::open(
+            &split_files(dir, "train")?,
+            b,
+            t,
+            seed,
+            rank,
+            world,
+            vocab_size,
+        )?;
         let val = match split_files(dir, "val") {
             Ok(files) => Some(Loader::sequential(&files, b, t, rank, world, vocab_size)?),
             Err(DataError::NoShards { .. }) => None,
             Err(e) => return Err(e),
         };
-        Ok(Self { train, val, val_batches })
+        Ok(Self {
+            train,
+            val,
+            val_batches,
+        })
     }
 }
 
@@ -68,15 +89,32 @@ impl<B: Backend> Objective<B> for Pretrain {
         "pretrain"
     }
 
-    fn micro_step(&mut self, be: &B, model: &mut Gpt<B>, _rng: &mut Rng, loss_scale: f32) -> Result<Loss> {
+    fn micro_step(
+        &mut self,
+        be: &B,
+        model: &mut Gpt<B>,
+        _rng: &mut Rng,
+        loss_scale: f32,
+    ) -> Result<Loss> {
         let batch = self.train.next_batch();
-        Ok(model.forward_backward(be, &batch.inputs, &batch.targets, batch.b, batch.t, loss_scale)?)
+        Ok(model.forward_backward(
+            be,
+            &batch.inputs,
+            &batch.targets,
+            batch.b,
+            batch.t,
+            loss_scale,
+        )?)
     }
 
     fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
-        let Some(val) = self.val.as_mut() else { return Ok(None) };
+        let Some(val) = self.val.as_mut() else {
+            return Ok(None);
+        };
         val.reset();
-        let n = (self.val_batches as u64).min(val.batches_per_epoch()).max(1);
+        let n = (self.val_batches as u64)
+            .min(val.batches_per_epoch())
+            .max(1);
         let (mut sum, mut tokens) = (0.0f64, 0usize);
         for _ in 0..n {
             let batch = val.next_batch();
@@ -92,8 +130,11 @@ impl<B: Backend> Objective<B> for Pretrain {
     }
 
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()> {
-        let pos: LoaderPosition = serde_json::from_value(pos.clone())
-            .map_err(|e| TrainError::Checkpoint { path: PathBuf::from("train_state.json"), msg: format!("bad data position: {e}") })?;
+        let pos: LoaderPosition =
+            serde_json::from_value(pos.clone()).map_err(|e| TrainError::Checkpoint {
+                path: PathBuf::from("train_state.json"),
+                msg: format!("bad data position: {e}"),
+            })?;
         self.train.set_position(pos);
         Ok(())
     }

@@ -38,7 +38,10 @@ pub struct TrainState {
 const PREFIX: &str = "ckpt_";
 
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> TrainError {
-    TrainError::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// The directory name of the checkpoint after `step` steps.
@@ -57,7 +60,10 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(io_err(run_dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(step) = name
+            .strip_prefix(PREFIX)
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             out.push((step, entry.path()));
         }
     }
@@ -103,7 +109,10 @@ pub fn save<B: Backend>(
 ) -> Result<PathBuf> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
@@ -114,13 +123,25 @@ pub fn save<B: Backend>(
     let values = model.param_values(be)?;
     write_safetensors(
         &tmp.join("model.safetensors"),
-        specs.iter().zip(&values).map(|(s, v)| (s.name.clone(), s.shape.clone(), v.as_slice())).collect(),
+        specs
+            .iter()
+            .zip(&values)
+            .map(|(s, v)| (s.name.clone(), s.shape.clone(), v.as_slice()))
+            .collect(),
     )?;
     write_json(&tmp.join("config.json"), &model.cfg)?;
     tokenizer.save(&tmp.join("tokenizer.json"))?;
     if let Some((opt, state)) = training {
-        let m = opt.m.iter().map(|b| be.download(b)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let v = opt.v.iter().map(|b| be.download(b)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let m = opt
+            .m
+            .iter()
+            .map(|b| be.download(b))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let v = opt
+            .v
+            .iter()
+            .map(|b| be.download(b))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut tensors = Vec::with_capacity(2 * specs.len());
         for (s, data) in specs.iter().zip(&m) {
             tensors.push((format!("m.{}", s.name), s.shape.clone(), data.as_slice()));
@@ -163,10 +184,14 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
 /// Reads a checkpoint's model config.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     if !dir.is_dir() {
-        return Err(ckpt_err(dir, "not a checkpoint directory (expected config.json, model.safetensors, tokenizer.json)"));
+        return Err(ckpt_err(
+            dir,
+            "not a checkpoint directory (expected config.json, model.safetensors, tokenizer.json)",
+        ));
     }
     let cfg: ModelConfig = read_json(&dir.join("config.json"))?;
-    cfg.validate().map_err(|e| ckpt_err(&dir.join("config.json"), e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| ckpt_err(&dir.join("config.json"), e.to_string()))?;
     Ok(cfg)
 }
 
@@ -179,7 +204,11 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 pub fn check_config(dir: &Path, found: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
     let fields = [
         ("vocab_size", found.vocab_size, wanted.vocab_size),
-        ("padded_vocab_size", found.padded_vocab_size, wanted.padded_vocab_size),
+        (
+            "padded_vocab_size",
+            found.padded_vocab_size,
+            wanted.padded_vocab_size,
+        ),
         ("n_layer", found.n_layer, wanted.n_layer),
         ("n_head", found.n_head, wanted.n_head),
         ("n_embd", found.n_embd, wanted.n_embd),
@@ -188,32 +217,48 @@ pub fn check_config(dir: &Path, found: &ModelConfig, wanted: &ModelConfig) -> Re
     let diffs: Vec<String> = fields
         .iter()
         .filter(|(_, f, w)| f != w)
-        .map(|(name, f, w)| format!("{name} is {f} in the checkpoint but {w} in the requested model"))
+        .map(|(name, f, w)| {
+            format!("{name} is {f} in the checkpoint but {w} in the requested model")
+        })
         .collect();
     if diffs.is_empty() {
         Ok(())
     } else {
-        Err(ckpt_err(&dir.join("config.json"), format!("config does not match: {}", diffs.join("; "))))
+        Err(ckpt_err(
+            &dir.join("config.json"),
+            format!("config does not match: {}", diffs.join("; ")),
+        ))
     }
 }
 
 /// Reads tensors named `prefix + spec.name` for every spec of `layout`, checking shapes.
 fn read_tensors(path: &Path, layout: &ParamLayout, prefix: &str) -> Result<Vec<Vec<f32>>> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ckpt_err(path, format!("invalid safetensors: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ckpt_err(path, format!("invalid safetensors: {e}")))?;
     layout
         .specs
         .iter()
         .map(|spec| {
             let name = format!("{prefix}{}", spec.name);
-            let t = st.tensor(&name).map_err(|_| ckpt_err(path, format!("missing tensor {name}")))?;
+            let t = st
+                .tensor(&name)
+                .map_err(|_| ckpt_err(path, format!("missing tensor {name}")))?;
             if t.dtype() != Dtype::F32 || t.shape() != spec.shape.as_slice() {
                 return Err(ckpt_err(
                     path,
-                    format!("tensor {name} is {:?} {:?}, expected F32 {:?}", t.dtype(), t.shape(), spec.shape),
+                    format!(
+                        "tensor {name} is {:?} {:?}, expected F32 {:?}",
+                        t.dtype(),
+                        t.shape(),
+                        spec.shape
+                    ),
                 ));
             }
-            Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
         })
         .collect()
 }
@@ -229,10 +274,17 @@ pub fn load_model<B: Backend>(be: &B, dir: &Path, wanted: Option<&ModelConfig>) 
 }
 
 /// Restores the optimizer moments and the training state of a training checkpoint.
-pub fn load_training<B: Backend>(be: &B, dir: &Path, model: &Gpt<B>) -> Result<(AdamW<B>, TrainState)> {
+pub fn load_training<B: Backend>(
+    be: &B,
+    dir: &Path,
+    model: &Gpt<B>,
+) -> Result<(AdamW<B>, TrainState)> {
     let state_path = dir.join("train_state.json");
     if !state_path.exists() {
-        return Err(ckpt_err(dir, "has no train_state.json: it is a weights-only checkpoint and cannot be resumed"));
+        return Err(ckpt_err(
+            dir,
+            "has no train_state.json: it is a weights-only checkpoint and cannot be resumed",
+        ));
     }
     let state: TrainState = read_json(&state_path)?;
     let path = dir.join("optimizer.safetensors");

@@ -43,7 +43,10 @@ impl MetricsLog {
             }
         }
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         Ok(Self { path, file })
     }
 
@@ -73,7 +76,11 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool, every: usize) -> Self {
-        Self { tty: std::io::stderr().is_terminal(), every: every.max(1), quiet }
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            every: every.max(1),
+            quiet,
+        }
     }
 
     pub fn step(&self, step: usize, total: usize, text: &str) {
@@ -111,15 +118,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(dir.path(), None).unwrap();
         for step in 1..=5 {
-            log.write(&serde_json::json!({"step": step, "loss": 1.0})).unwrap();
+            log.write(&serde_json::json!({"step": step, "loss": 1.0}))
+                .unwrap();
         }
         drop(log);
         let mut log = MetricsLog::open(dir.path(), Some(3)).unwrap();
-        log.write(&serde_json::json!({"step": 4, "loss": 2.0})).unwrap();
+        log.write(&serde_json::json!({"step": 4, "loss": 2.0}))
+            .unwrap();
         let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
         let steps: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
     }

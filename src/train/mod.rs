@@ -23,7 +23,10 @@ pub enum TrainError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("training diverged at step {step}: {what}")]

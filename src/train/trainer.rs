@@ -21,7 +21,13 @@ pub trait Objective<B: Backend> {
     fn name(&self) -> &str;
     /// Draws the next micro-batch, runs forward and backward, and accumulates
     /// `loss_scale * gradient` into the model. Returns the micro-batch loss.
-    fn micro_step(&mut self, be: &B, model: &mut Gpt<B>, rng: &mut Rng, loss_scale: f32) -> Result<Loss>;
+    fn micro_step(
+        &mut self,
+        be: &B,
+        model: &mut Gpt<B>,
+        rng: &mut Rng,
+        loss_scale: f32,
+    ) -> Result<Loss>;
     /// Mean validation loss, or `None` when the stage has no validation data.
     fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>>;
     /// Where the data stream stands, for checkpoints.
@@ -85,13 +91,24 @@ pub fn train<B: Backend>(
             start_step = state.step;
             tokens_seen = state.tokens_seen;
             prior_elapsed = state.elapsed_s;
-            progress.note(&format!("resuming from {} (step {start_step})", dir.display()));
+            progress.note(&format!(
+                "resuming from {} (step {start_step})",
+                dir.display()
+            ));
         }
     }
     let mut log = MetricsLog::open(&opts.out_dir, opts.resume.then_some(start_step))?;
-    let mut summary = TrainSummary { final_step: start_step, ..Default::default() };
+    let mut summary = TrainSummary {
+        final_step: start_step,
+        ..Default::default()
+    };
 
-    let validate = |model: &mut Gpt<B>, objective: &mut dyn Objective<B>, step: usize, log: &mut MetricsLog, summary: &mut TrainSummary| -> Result<()> {
+    let validate = |model: &mut Gpt<B>,
+                    objective: &mut dyn Objective<B>,
+                    step: usize,
+                    log: &mut MetricsLog,
+                    summary: &mut TrainSummary|
+     -> Result<()> {
         if let Some(val) = objective.validate(be, model)? {
             log.write(&json!({"step": step, "val_loss": val}))?;
             summary.val_losses.push((step, val));
@@ -105,7 +122,14 @@ pub fn train<B: Backend>(
 
     let started = Instant::now();
     let mut run_tokens = 0u64;
-    let save = |model: &Gpt<B>, opt: &AdamW<B>, objective: &dyn Objective<B>, rng: &Rng, step: usize, tokens_seen: u64, elapsed: f64| -> Result<PathBuf> {
+    let save = |model: &Gpt<B>,
+                opt: &AdamW<B>,
+                objective: &dyn Objective<B>,
+                rng: &Rng,
+                step: usize,
+                tokens_seen: u64,
+                elapsed: f64|
+     -> Result<PathBuf> {
         let state = TrainState {
             step,
             rng: rng.clone(),
@@ -115,7 +139,13 @@ pub fn train<B: Backend>(
             elapsed_s: elapsed,
             stage: objective.name().to_string(),
         };
-        let dir = checkpoint::save(be, &checkpoint::dir_for(&opts.out_dir, step), model, tokenizer, Some((opt, &state)))?;
+        let dir = checkpoint::save(
+            be,
+            &checkpoint::dir_for(&opts.out_dir, step),
+            model,
+            tokenizer,
+            Some((opt, &state)),
+        )?;
         checkpoint::prune(&opts.out_dir, opts.keep_checkpoints)?;
         Ok(dir)
     };
@@ -133,10 +163,23 @@ pub fn train<B: Backend>(
         let loss = (loss_sum / accum as f64) as f32;
         let norm = model.grad_norm(be)?;
         if !loss.is_finite() || !norm.is_finite() {
-            return Err(TrainError::Diverged { step: step + 1, what: format!("loss {loss}, gradient norm {norm}") });
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                what: format!("loss {loss}, gradient norm {norm}"),
+            });
         }
-        let grad_scale = if run.grad_clip > 0.0 && norm > run.grad_clip { run.grad_clip / norm } else { 1.0 };
-        let lr = lr_at(step, run.learning_rate, run.warmup_steps, run.max_steps, run.min_lr_ratio);
+        let grad_scale = if run.grad_clip > 0.0 && norm > run.grad_clip {
+            run.grad_clip / norm
+        } else {
+            1.0
+        };
+        let lr = lr_at(
+            step,
+            run.learning_rate,
+            run.warmup_steps,
+            run.max_steps,
+            run.min_lr_ratio,
+        );
         opt.update(be, model, run, lr, grad_scale)?;
 
         let done = step + 1;
@@ -167,7 +210,15 @@ pub fn train<B: Backend>(
             validate(model, objective, done, &mut log, &mut summary)?;
         }
         if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.max_steps {
-            let dir = save(model, &opt, objective, &rng, done, tokens_seen, prior_elapsed + elapsed.as_secs_f64())?;
+            let dir = save(
+                model,
+                &opt,
+                objective,
+                &rng,
+                done,
+                tokens_seen,
+                prior_elapsed + elapsed.as_secs_f64(),
+            )?;
             progress.note(&format!("saved {}", dir.display()));
             summary.last_checkpoint = Some(dir);
         }
