@@ -5,11 +5,18 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn topcoat(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat")).args(args).output().expect("running topcoat")
+    Command::new(env!("CARGO_BIN_EXE_topcoat"))
+        .args(args)
+        .output()
+        .expect("running topcoat")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn ok(args: &[&str]) -> String {
@@ -33,25 +40,79 @@ fn prepare_pretrain_sample_info() {
     let docs = tmp.path().join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     for i in 0..20 {
-        let body = format!("Entry {i}. A cat is a small animal. A dog is a loyal animal. Number {i}.\n");
+        let body =
+            format!("Entry {i}. A cat is a small animal. A dog is a loyal animal. Number {i}.\n");
         std::fs::write(docs.join(format!("{i:02}.txt")), body.repeat(20)).unwrap();
     }
-    let out = ok(&["prepare", &p("docs"), "--out", &p("data"), "--tokenizer", "bpe", "--vocab-size", "300"]);
-    assert!(out.contains("train documents") && Path::new(&p("data/tokenizer.json")).is_file(), "{out}");
+    let out = ok(&[
+        "prepare",
+        &p("docs"),
+        "--out",
+        &p("data"),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+    ]);
+    assert!(
+        out.contains("train documents") && Path::new(&p("data/tokenizer.json")).is_file(),
+        "{out}"
+    );
 
     let out = ok(&[
-        "pretrain", "--data", &p("data"), "--out", &p("run"), "--device", "cpu", "--max-steps", "6",
-        "--batch-size", "2", "--seq-len", "32", "--val-every", "3", "--warmup-steps", "2",
+        "pretrain",
+        "--data",
+        &p("data"),
+        "--out",
+        &p("run"),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--val-every",
+        "3",
+        "--warmup-steps",
+        "2",
     ]);
-    assert!(out.contains("validation loss") && out.contains("ckpt_000006"), "{out}");
+    assert!(
+        out.contains("validation loss") && out.contains("ckpt_000006"),
+        "{out}"
+    );
 
-    let out = ok(&["sample", "--checkpoint", &p("run"), "--prompt", "A cat", "--max-tokens", "8", "--temperature", "0"]);
+    let out = ok(&[
+        "sample",
+        "--checkpoint",
+        &p("run"),
+        "--prompt",
+        "A cat",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
     assert!(out.starts_with("A cat"), "{out}");
-    let again = ok(&["sample", "--checkpoint", &p("run"), "--prompt", "A cat", "--max-tokens", "8", "--temperature", "0"]);
+    let again = ok(&[
+        "sample",
+        "--checkpoint",
+        &p("run"),
+        "--prompt",
+        "A cat",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
     assert_eq!(out, again, "greedy sampling is deterministic");
 
     let out = ok(&["info", &p("run")]);
-    assert!(out.contains("step 6") && out.contains("vocab: 300"), "{out}");
+    assert!(
+        out.contains("step 6") && out.contains("vocab: 300"),
+        "{out}"
+    );
     let out = ok(&["info", &p("data/train_000000.bin")]);
     assert!(out.contains("16-bit ids"), "{out}");
 }
@@ -67,12 +128,31 @@ fn bad_input_is_a_clear_error() {
     assert!(t.contains("empty") && t.contains("no input files"), "{t}");
     let t = fails(&["info", &p("junk.bin")]);
     assert!(t.contains("junk.bin") && t.contains("magic"), "{t}");
-    let t = fails(&["pretrain", "--data", &p("empty"), "--out", &p("run"), "--device", "cpu"]);
+    let t = fails(&[
+        "pretrain",
+        "--data",
+        &p("empty"),
+        "--out",
+        &p("run"),
+        "--device",
+        "cpu",
+    ]);
     assert!(t.contains("tokenizer.json"), "{t}");
     let t = fails(&["sample", "--checkpoint", &p("empty")]);
     assert!(t.contains("empty") && t.contains("checkpoint"), "{t}");
     let t = fails(&["pretrain", "--device", "cuda", "--out", &p("run")]);
-    assert!(t.to_lowercase().contains("cuda") || t.contains("nvcc"), "{t}");
-    let t = fails(&["pretrain", "--preset", "huge", "--out", &p("run"), "--device", "cpu"]);
+    assert!(
+        t.to_lowercase().contains("cuda") || t.contains("nvcc"),
+        "{t}"
+    );
+    let t = fails(&[
+        "pretrain",
+        "--preset",
+        "huge",
+        "--out",
+        &p("run"),
+        "--device",
+        "cpu",
+    ]);
     assert!(t.contains("unknown preset `huge`"), "{t}");
 }

@@ -192,13 +192,26 @@ fn preparing_again_replaces_the_shards_of_an_earlier_larger_run() {
     let tok = Tokenizer::gpt2();
     let line = |i: usize| format!("{{\"text\": \"document {i} with some words in it\"}}\n");
     std::fs::write(&input, (0..40).map(line).collect::<String>()).unwrap();
-    let big = PrepareOptions { shard_tokens: 20, ..PrepareOptions::new(&out) };
+    let big = PrepareOptions {
+        shard_tokens: 20,
+        ..PrepareOptions::new(&out)
+    };
     let first = prepare(&[&input], &tok, &big, &|_| {}).unwrap();
-    assert!(first.train_files.len() > 3, "the first run should need several shards");
+    assert!(
+        first.train_files.len() > 3,
+        "the first run should need several shards"
+    );
 
     std::fs::write(&input, (0..4).map(line).collect::<String>()).unwrap();
     let second = prepare(&[&input], &tok, &PrepareOptions::new(&out), &|_| {}).unwrap();
     assert_eq!(second.train_files.len(), 1);
-    let bins: Vec<String> = names(&out).into_iter().filter(|n| n.ends_with(".bin")).collect();
-    assert_eq!(bins, vec!["train_000000.bin", "val_000000.bin"], "stale shards were left behind");
+    let bins: Vec<String> = names(&out)
+        .into_iter()
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    assert_eq!(
+        bins,
+        vec!["train_000000.bin", "val_000000.bin"],
+        "stale shards were left behind"
+    );
 }

@@ -26,18 +26,37 @@ fn tiny_pretraining_on_the_embedded_corpus_lowers_validation_loss() {
         checkpoint_every: 0,
         ..Default::default()
     };
-    let job = PretrainJob { run, data: None, out: tmp.path().join("run"), resume: false, device: DeviceKind::Cpu, quiet: true };
+    let job = PretrainJob {
+        run,
+        data: None,
+        out: tmp.path().join("run"),
+        resume: false,
+        device: DeviceKind::Cpu,
+        quiet: true,
+    };
     let s = run::pretrain(&job, &|_| {}).unwrap();
 
     let (first_step, first) = s.val_losses[0];
     let (last_step, last) = *s.val_losses.last().unwrap();
     assert_eq!((first_step, last_step), (0, 100));
     let uniform = (run::EMBEDDED_VOCAB as f32).ln();
-    assert!((first - uniform).abs() < START_SLACK, "initial val loss {first}, uniform is {uniform}");
-    assert!(last < MAX_FINAL_VAL_LOSS, "val loss only fell from {first} to {last}");
+    assert!(
+        (first - uniform).abs() < START_SLACK,
+        "initial val loss {first}, uniform is {uniform}"
+    );
+    assert!(
+        last < MAX_FINAL_VAL_LOSS,
+        "val loss only fell from {first} to {last}"
+    );
     // The run left a complete checkpoint and a tokenizer trained on the corpus.
     let ckpt = s.last_checkpoint.expect("a final checkpoint");
-    for f in ["model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "train_state.json"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "train_state.json",
+    ] {
         assert!(ckpt.join(f).is_file(), "checkpoint lacks {f}");
     }
 }

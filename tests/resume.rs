@@ -14,7 +14,13 @@ fn small_data(dir: &Path) {
     std::fs::write(&src, &text[..cut + 1]).unwrap();
     let docs = data::prepare::read_documents(&[&src]).unwrap();
     let tok = Tokenizer::train_bpe(docs.iter().map(String::as_str), 512, |_, _| {}).unwrap();
-    data::prepare(&[&src], &tok, &PrepareOptions::new(dir.join("data")), &|_| {}).unwrap();
+    data::prepare(
+        &[&src],
+        &tok,
+        &PrepareOptions::new(dir.join("data")),
+        &|_| {},
+    )
+    .unwrap();
     tok.save(dir.join("data/tokenizer.json")).unwrap();
 }
 
@@ -30,7 +36,14 @@ fn job(dir: &Path, out: &str, resume: bool) -> PretrainJob {
         val_batches: 2,
         ..Default::default()
     };
-    PretrainJob { run, data: Some(dir.join("data")), out: dir.join(out), resume, device: DeviceKind::Cpu, quiet: true }
+    PretrainJob {
+        run,
+        data: Some(dir.join("data")),
+        out: dir.join(out),
+        resume,
+        device: DeviceKind::Cpu,
+        quiet: true,
+    }
 }
 
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
@@ -56,14 +69,21 @@ fn resumed_run_matches_an_uninterrupted_one() {
     let crashed = tmp.path().join("crashed");
     std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 8)).unwrap();
     let resumed = run::pretrain(&job(tmp.path(), "crashed", true), &|_| {}).unwrap();
-    assert_eq!(resumed.train_losses.first().map(|x| x.0), Some(5), "resume starts after step 4");
+    assert_eq!(
+        resumed.train_losses.first().map(|x| x.0),
+        Some(5),
+        "resume starts after step 4"
+    );
 
     let a = losses(&tmp.path().join("straight"));
     let b = losses(&crashed);
     assert_eq!(a.len(), 8);
     assert_eq!(a, b, "per-step losses differ after resume");
 
-    let wa = std::fs::read(checkpoint::dir_for(&tmp.path().join("straight"), 8).join("model.safetensors")).unwrap();
+    let wa = std::fs::read(
+        checkpoint::dir_for(&tmp.path().join("straight"), 8).join("model.safetensors"),
+    )
+    .unwrap();
     let wb = std::fs::read(checkpoint::dir_for(&crashed, 8).join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ after resume");
 }
@@ -80,7 +100,13 @@ fn resuming_with_a_different_model_is_refused() {
     let mut other = job(tmp.path(), "run", true);
     other.run.preset = "small".into();
     let err = run::pretrain(&other, &|_| {}).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("n_layer is 4 in the checkpoint but 6"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("n_layer is 4 in the checkpoint but 6"),
+        "{err}"
+    );
     let after = std::fs::read(checkpoint::dir_for(&j.out, 4).join("model.safetensors")).unwrap();
-    assert!(before == after, "a refused resume must not touch the checkpoint");
+    assert!(
+        before == after,
+        "a refused resume must not touch the checkpoint"
+    );
 }
