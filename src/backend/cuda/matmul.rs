@@ -10,6 +10,7 @@
 //!   reads as `C x OC` (N), dout as `OC x N` (N); m = C, n = N, k = OC; beta = 1.
 //! - dweight  `dW[OC,C] += dout^T inp`: `dW^T (C x OC) = inp^T dout`, inp reads as `C x N` (N),
 //!   dout as `OC x N` (transb = T); m = C, n = OC, k = N; D fp32, beta = 1.
+//!
 //! A and B are bf16, compute and scale fp32. The heuristic's algorithm is cached per shape.
 
 use std::collections::HashMap;
