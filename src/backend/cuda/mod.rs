@@ -1,12 +1,43 @@
-//! The CUDA backend: the kernels embedded at build time and the device probe.
+//! The CUDA backend: device set-up, buffers, the embedded kernels and the [`Backend`] impl.
 //!
 //! `build.rs` compiles every `kernels/<family>.cu` into a fatbin (sm_90 SASS + compute_90 PTX)
 //! and embeds it; [`kernels`] lists them. A build without nvcc embeds none and is CPU-only.
 //! The CUDA driver is opened at run time (cudarc `dynamic-loading`), so [`probe`] turns a
 //! missing driver, a missing GPU or a CPU-only build into a [`BackendError::Device`], never a panic.
+//!
+//! [`CudaBackend`] owns one context, one stream, every kernel function (loaded once from the
+//! fatbins) and a cuBLASLt handle. Each op's launcher lives in the file named after its kernel
+//! family (`encoder.rs` <-> `kernels/encoder.cu`, ...); this file holds the trait impl, which
+//! only forwards.
+//!
+//! Precision of a [`CudaBuf`] by [`Role`] (DESIGN.md "Precision"):
+//! - `Param`: a bf16 working copy (what kernels and matmuls read) plus an fp32 master copy
+//!   (what AdamW updates; it rewrites the bf16 copy from it).
+//! - `Activation`: bf16, and so are the activation gradients and the small per-row statistics
+//!   the trait hands out as activations (layernorm mean/rstd, attention lse, losses); the
+//!   backward kernels recompute what bf16 would spoil (layernorm stats, an fp32 lse).
+//! - `Grad`: fp32. Backward ops accumulate into parameter gradients over layers and
+//!   micro-batches; fp32 keeps small contributions from vanishing, and AdamW reads it directly.
+//! - `State`: fp32 (AdamW moments).
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod encoder;
+mod gelu;
+mod global_norm;
+mod layernorm;
+mod matmul;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
+use half::bf16;
 
 use super::BackendError;
-use cudarc::driver::{result::DriverError, CudaContext};
+use super::{check_len, AdamWStep, Backend, Result, Role};
+use cudarc::driver::result::DriverError;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -42,7 +73,7 @@ impl std::fmt::Display for DeviceInfo {
 }
 
 /// Opens device 0 and describes it, or says why there is no usable CUDA device.
-pub fn probe() -> Result<DeviceInfo, BackendError> {
+pub fn probe() -> Result<DeviceInfo> {
     if !BUILT_WITH_NVCC || kernels().is_empty() {
         return Err(BackendError::Device(
             "this topcoat was built without nvcc: no CUDA kernels; rebuild with NVCC set \
@@ -66,7 +97,7 @@ pub fn probe() -> Result<DeviceInfo, BackendError> {
     })
 }
 
-fn open_device_0() -> Result<DeviceInfo, BackendError> {
+fn open_device_0() -> Result<DeviceInfo> {
     let ctx = CudaContext::new(0).map_err(|e| driver_error("creating a context on device 0", e))?;
     Ok(DeviceInfo {
         name: ctx.name().map_err(|e| driver_error("device name", e))?,
@@ -83,6 +114,523 @@ fn open_device_0() -> Result<DeviceInfo, BackendError> {
 /// driver call (cuGetErrorString).
 fn driver_error(what: &str, e: DriverError) -> BackendError {
     BackendError::Device(format!("{what}: {:?} (CUresult {})", e.0, e.0 as u32))
+}
+
+/// A launch failure (or any driver call) as a `BackendError::Device` naming the call and code.
+fn launch_error(kernel: &str, e: DriverError) -> BackendError {
+    driver_error(&format!("launching {kernel}"), e)
+}
+
+/// Grid-stride launch shape: enough blocks of `block` threads to cover `n` items, capped so
+/// the grid stays a small multiple of the SM count (the kernels loop over the rest).
+fn grid_stride(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 132 * 32) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A shape argument as the `int` the kernels take.
+fn as_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| BackendError::Invalid {
+        op,
+        msg: format!("{what} = {x} does not fit in a 32-bit int"),
+    })
+}
+
+enum Mem {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+    Param {
+        work: CudaSlice<bf16>,
+        master: CudaSlice<f32>,
+    },
+}
+
+/// A device buffer; its precision follows its [`Role`] (see the module header).
+pub struct CudaBuf {
+    role: Role,
+    mem: Mem,
+}
+
+impl CudaBuf {
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.mem {
+            Mem::Bf16(x) => x.len(),
+            Mem::F32(x) => x.len(),
+            Mem::Param { master, .. } => master.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn dtype_error(&self, op: &'static str, what: &str, want: &str) -> BackendError {
+        BackendError::Invalid {
+            op,
+            msg: format!(
+                "buffer `{what}` is a {:?} buffer, this op needs {want} on the CUDA backend",
+                self.role
+            ),
+        }
+    }
+
+    /// The bf16 data kernels read: an activation, or a parameter's working copy.
+    fn bf16(&self, op: &'static str, what: &str) -> Result<&CudaSlice<bf16>> {
+        match &self.mem {
+            Mem::Bf16(x) => Ok(x),
+            Mem::Param { work, .. } => Ok(work),
+            Mem::F32(_) => Err(self.dtype_error(op, what, "a bf16 (Activation or Param) buffer")),
+        }
+    }
+
+    /// bf16 data a kernel may write: activations only (a parameter changes through AdamW).
+    fn bf16_mut(&mut self, op: &'static str, what: &str) -> Result<&mut CudaSlice<bf16>> {
+        if !matches!(self.mem, Mem::Bf16(_)) {
+            return Err(self.dtype_error(op, what, "a writable bf16 (Activation) buffer"));
+        }
+        match &mut self.mem {
+            Mem::Bf16(x) => Ok(x),
+            _ => unreachable!(),
+        }
+    }
+
+    fn f32(&self, op: &'static str, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.mem {
+            Mem::F32(x) => Ok(x),
+            _ => Err(self.dtype_error(op, what, "an fp32 (Grad or State) buffer")),
+        }
+    }
+
+    fn f32_mut(&mut self, op: &'static str, what: &str) -> Result<&mut CudaSlice<f32>> {
+        if !matches!(self.mem, Mem::F32(_)) {
+            return Err(self.dtype_error(op, what, "an fp32 (Grad or State) buffer"));
+        }
+        match &mut self.mem {
+            Mem::F32(x) => Ok(x),
+            _ => unreachable!(),
+        }
+    }
+}
+
+/// Token ids on the device, plus the host copy they were uploaded from (the launchers check
+/// id ranges and build the encoder's backward buckets from it without a download).
+pub struct CudaIds {
+    dev: CudaSlice<i32>,
+    host: Vec<i32>,
+}
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    info: DeviceInfo,
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    blas: matmul::Blas,
+}
+
+/// Every kernel this backend launches, by family: all must be present in the embedded fatbins.
+const FUNCTIONS: &[(&str, &[&str])] = &[
+    ("adamw", adamw::KERNELS),
+    ("attention", attention::KERNELS),
+    ("cross_entropy", cross_entropy::KERNELS),
+    ("encoder", encoder::KERNELS),
+    ("gelu", gelu::KERNELS),
+    ("global_norm", global_norm::KERNELS),
+    ("layernorm", layernorm::KERNELS),
+    ("matmul", matmul::KERNELS),
+];
+
+impl CudaBackend {
+    /// Opens device `ordinal`, loads every embedded kernel and a cuBLASLt handle. Fails with
+    /// [`BackendError::Device`] (never a panic) without a driver, a device, kernels or cuBLASLt.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let info = probe()?;
+        // SAFETY: only tries to dlopen the libcublasLt candidates and drops the handle.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(BackendError::Device(
+                "cuBLASLt library libcublasLt.so not found (install the CUDA 13 cuBLAS runtime)"
+                    .into(),
+            ));
+        }
+        std::panic::catch_unwind(|| Self::open(ordinal, info)).unwrap_or_else(|_| {
+            Err(BackendError::Device(
+                "a CUDA library is missing a function topcoat needs (older than CUDA 13?)".into(),
+            ))
+        })
+    }
+
+    fn open(ordinal: usize, info: DeviceInfo) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| driver_error(&format!("creating a context on device {ordinal}"), e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("creating a stream", e))?;
+        let mut functions = HashMap::new();
+        for &(family, names) in FUNCTIONS {
+            let bytes = kernels()
+                .iter()
+                .find(|(f, _)| *f == family)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| {
+                    BackendError::Device(format!("kernels/{family}.cu is not in this build"))
+                })?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+                .map_err(|e| driver_error(&format!("loading kernels/{family}.cu"), e))?;
+            for &name in names {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| driver_error(&format!("finding {name} in {family}.cu"), e))?;
+                functions.insert(name, f);
+            }
+        }
+        let blas = matmul::Blas::new(stream.clone())?;
+        Ok(Self {
+            info,
+            ordinal,
+            ctx,
+            stream,
+            functions,
+            blas,
+        })
+    }
+
+    /// The context, for callers that need raw driver calls.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device [`probe`] found.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Waits for every queued op.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronizing the stream", e))
+    }
+
+    fn function(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| BackendError::Device(format!("kernel {name} was not loaded")))
+    }
+
+    fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(len)
+            .map_err(|e| driver_error("allocating device memory", e))
+    }
+
+    fn alloc_bf16(&self, len: usize) -> Result<CudaSlice<bf16>> {
+        self.stream
+            .alloc_zeros::<bf16>(len)
+            .map_err(|e| driver_error("allocating device memory", e))
+    }
+
+    fn htod<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| driver_error("copying to the device", e))
+    }
+}
+
+fn to_bf16(host: &[f32]) -> Vec<bf16> {
+    host.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Ids = CudaIds;
+
+    fn name(&self) -> String {
+        format!("cuda:{} {}", self.ordinal, self.info)
+    }
+
+    fn zeros(&self, len: usize, role: Role) -> Result<CudaBuf> {
+        let mem = match role {
+            Role::Param => Mem::Param {
+                work: self.alloc_bf16(len)?,
+                master: self.alloc_f32(len)?,
+            },
+            Role::Activation => Mem::Bf16(self.alloc_bf16(len)?),
+            Role::Grad | Role::State => Mem::F32(self.alloc_f32(len)?),
+        };
+        Ok(CudaBuf { role, mem })
+    }
+
+    fn upload(&self, host: &[f32], role: Role) -> Result<CudaBuf> {
+        let mem = match role {
+            Role::Param => Mem::Param {
+                work: self.htod(&to_bf16(host))?,
+                master: self.htod(host)?,
+            },
+            Role::Activation => Mem::Bf16(self.htod(&to_bf16(host))?),
+            Role::Grad | Role::State => Mem::F32(self.htod(host)?),
+        };
+        Ok(CudaBuf { role, mem })
+    }
+
+    fn write(&self, buf: &mut CudaBuf, host: &[f32]) -> Result<()> {
+        check_len("write", "host", buf.len(), host.len())?;
+        let copy = |e| driver_error("copying to the device", e);
+        match &mut buf.mem {
+            Mem::Bf16(x) => self.stream.memcpy_htod(&to_bf16(host), x).map_err(copy),
+            Mem::F32(x) => self.stream.memcpy_htod(host, x).map_err(copy),
+            Mem::Param { work, master } => {
+                self.stream
+                    .memcpy_htod(&to_bf16(host), work)
+                    .map_err(copy)?;
+                self.stream.memcpy_htod(host, master).map_err(copy)
+            }
+        }
+    }
+
+    /// A parameter downloads its fp32 master copy.
+    fn download_range(&self, buf: &CudaBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let end = offset.saturating_add(len);
+        if end > buf.len() {
+            return Err(BackendError::Shape {
+                op: "download_range",
+                what: "buf",
+                expected: end,
+                found: buf.len(),
+            });
+        }
+        let copy = |e| driver_error("copying from the device", e);
+        match &buf.mem {
+            Mem::Bf16(x) => {
+                let host = self
+                    .stream
+                    .clone_dtoh(&x.slice(offset..end))
+                    .map_err(copy)?;
+                Ok(host.into_iter().map(f32::from).collect())
+            }
+            Mem::F32(x) | Mem::Param { master: x, .. } => {
+                self.stream.clone_dtoh(&x.slice(offset..end)).map_err(copy)
+            }
+        }
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
+        let set = |e| driver_error("zeroing device memory", e);
+        match &mut buf.mem {
+            Mem::Bf16(x) => self.stream.memset_zeros(x).map_err(set),
+            Mem::F32(x) => self.stream.memset_zeros(x).map_err(set),
+            Mem::Param { work, master } => {
+                self.stream.memset_zeros(work).map_err(set)?;
+                self.stream.memset_zeros(master).map_err(set)
+            }
+        }
+    }
+
+    fn upload_ids(&self, host: &[i32]) -> Result<CudaIds> {
+        Ok(CudaIds {
+            dev: self.htod(host)?,
+            host: host.to_vec(),
+        })
+    }
+
+    fn ids_len(&self, ids: &CudaIds) -> usize {
+        ids.host.len()
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &mut CudaBuf,
+        ids: &CudaIds,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        encoder::forward(self, out, ids, wte, wpe, b, t, c)
+    }
+
+    fn encoder_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
+        ids: &CudaIds,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        encoder::backward(self, dwte, dwpe, dout, ids, b, t, c)
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        layernorm::forward(self, out, mean, rstd, inp, weight, bias, n, c)
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        layernorm::backward(
+            self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c,
+        )
+    }
+
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        layernorm::residual_forward(self, residual, out, mean, rstd, a, b, weight, bias, n, c)
+    }
+
+    fn residual_forward(
+        &self,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        n: usize,
+    ) -> Result<()> {
+        gelu::residual_forward(self, out, a, b, n)
+    }
+
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize) -> Result<()> {
+        gelu::forward(self, out, inp, n)
+    }
+
+    fn gelu_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        inp: &CudaBuf,
+        dout: &CudaBuf,
+        n: usize,
+    ) -> Result<()> {
+        gelu::backward(self, dinp, inp, dout, n)
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        matmul::forward(self, out, inp, weight, bias, n, c, oc)
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        matmul::backward(self, dinp, dweight, dbias, dout, inp, weight, n, c, oc)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        qkv: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        attention::forward(self, out, lse, qkv, b, t, c, nh)
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        attention::backward(self, dqkv, dout, qkv, out, lse, b, t, c, nh)
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &mut CudaBuf,
+        targets: &CudaIds,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        cross_entropy::forward(self, losses, logits, targets, n, v, vp, dloss)
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        adamw::update(self, param, grad, m, v, hp)
+    }
+
+    fn global_norm(&self, bufs: &[&CudaBuf]) -> Result<f32> {
+        global_norm::global_norm(self, bufs)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,51 @@
+// gelu.cu: GELU (tanh approximation) forward and backward, and the residual add.
+//
+// Twin of Backend::gelu_forward / gelu_backward / residual_forward and src/backend/cpu/gelu.rs.
+// All buffers bf16, arithmetic fp32.
+//
+// Napkin math (memory bound; GELU ~20 FLOPs per element, free next to the traffic):
+//   gelu forward: read 2 B + write 2 B per element; GPT-2 small B*T*4C = 201M elements
+//                 -> 805 MB, ~0.27 ms at 3 TB/s.
+//   gelu backward: read inp 2 B + dout 2 B + dinp 2 B, write dinp 2 B = 8 B per element, ~0.54 ms.
+//   residual: read 4 B, write 2 B per element; B*T*C = 50.3M -> 302 MB, ~0.1 ms.
+#include "common.cuh"
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+#define GELU_CUBIC 0.044715f
+
+extern "C" __global__ void gelu_forward_bf16(__nv_bfloat16* __restrict__ out,
+                                             const __nv_bfloat16* __restrict__ inp, size_t n) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float x = bf16_to_f32(inp[i]);
+        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        out[i] = f32_to_bf16(0.5f * x * (1.0f + tanhf(u)));
+    }
+}
+
+// dinp += gelu'(inp) * dout (accumulates, like every backward op).
+extern "C" __global__ void gelu_backward_bf16(__nv_bfloat16* __restrict__ dinp,
+                                              const __nv_bfloat16* __restrict__ inp,
+                                              const __nv_bfloat16* __restrict__ dout, size_t n) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float x = bf16_to_f32(inp[i]);
+        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        const float th = tanhf(u);
+        const float sech2 = 1.0f - th * th;
+        const float local = 0.5f * (1.0f + th) +
+                            0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
+        dinp[i] = f32_to_bf16(bf16_to_f32(dinp[i]) + local * bf16_to_f32(dout[i]));
+    }
+}
+
+// out = a + b.
+extern "C" __global__ void gelu_residual_forward_bf16(__nv_bfloat16* __restrict__ out,
+                                                      const __nv_bfloat16* __restrict__ a,
+                                                      const __nv_bfloat16* __restrict__ b,
+                                                      size_t n) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
+    }
+}

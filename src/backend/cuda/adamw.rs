@@ -1,0 +1,65 @@
+//! Launcher for `kernels/adamw.cu`: AdamW on the fp32 master copy, rewriting the bf16 copy.
+
+use cudarc::driver::PushKernelArg;
+
+use super::{
+    check_len, grid_stride, launch_error, AdamWStep, BackendError, CudaBackend, CudaBuf, Mem,
+    Result,
+};
+
+pub(super) const KERNELS: &[&str] = &["adamw_update_bf16"];
+
+pub(super) fn update(
+    be: &CudaBackend,
+    param: &mut CudaBuf,
+    grad: &CudaBuf,
+    m: &mut CudaBuf,
+    v: &mut CudaBuf,
+    hp: &AdamWStep,
+) -> Result<()> {
+    let op = "adamw";
+    let n = param.len();
+    check_len(op, "grad", n, grad.len())?;
+    check_len(op, "m", n, m.len())?;
+    check_len(op, "v", n, v.len())?;
+    if hp.step == 0 {
+        return Err(BackendError::Invalid {
+            op,
+            msg: "step is 1-based, got 0".into(),
+        });
+    }
+    let g = grad.f32(op, "grad")?;
+    let m = m.f32_mut(op, "m")?;
+    let v = v.f32_mut(op, "v")?;
+    let Mem::Param { work, master } = &mut param.mem else {
+        return Err(param.dtype_error(op, "param", "a Param buffer"));
+    };
+    let step = hp.step.min(i32::MAX as u64) as i32;
+    let b1c = 1.0 - hp.beta1.powi(step);
+    let b2c = 1.0 - hp.beta2.powi(step);
+    let name = KERNELS[0];
+    let f = be.function(name)?;
+    // SAFETY: master, work, grad, m and v all hold `n` elements of the kernel's types
+    // (fp32, bf16, fp32, fp32, fp32; checked above); the scalar list matches the signature.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(master)
+            .arg(work)
+            .arg(g)
+            .arg(m)
+            .arg(v)
+            .arg(&n)
+            .arg(&hp.lr)
+            .arg(&hp.beta1)
+            .arg(&hp.beta2)
+            .arg(&hp.eps)
+            .arg(&hp.weight_decay)
+            .arg(&b1c)
+            .arg(&b2c)
+            .arg(&hp.grad_scale)
+            .launch(grid_stride(n, 256))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}

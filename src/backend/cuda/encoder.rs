@@ -1,0 +1,214 @@
+//! Launchers for `kernels/encoder.cu`: token + position embedding, forward and backward.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{
+    as_i32, check_len, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds,
+    Result,
+};
+
+pub(super) const KERNELS: &[&str] = &[
+    "encoder_forward_bf16",
+    "encoder_backward_wte_f32",
+    "encoder_backward_wpe_f32",
+];
+
+/// Checks the shapes shared by forward and backward; returns the vocabulary size.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    op: &'static str,
+    names: [&'static str; 3],
+    act: usize,
+    ids: &CudaIds,
+    wte: usize,
+    wpe: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<usize> {
+    if c == 0 {
+        return Err(BackendError::Invalid {
+            op,
+            msg: "C must be positive".into(),
+        });
+    }
+    check_len(op, names[0], b * t * c, act)?;
+    check_len(op, "ids", b * t, ids.host.len())?;
+    check_len(op, names[1], wte - wte % c, wte)?;
+    check_len(op, names[2], wpe - wpe % c, wpe)?;
+    if t > wpe / c {
+        return Err(BackendError::Shape {
+            op,
+            what: names[2],
+            expected: t * c,
+            found: wpe,
+        });
+    }
+    let vocab = wte / c;
+    if let Some(i) = ids
+        .host
+        .iter()
+        .position(|&id| id < 0 || id as usize >= vocab)
+    {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!(
+                "token id {} at position {i} is outside [0, {vocab})",
+                ids.host[i]
+            ),
+        });
+    }
+    as_i32(op, "B*T", b * t)?;
+    as_i32(op, "C", c)?;
+    Ok(vocab)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    ids: &CudaIds,
+    wte: &CudaBuf,
+    wpe: &CudaBuf,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "encoder_forward";
+    check(
+        op,
+        ["out", "wte", "wpe"],
+        out.len(),
+        ids,
+        wte.len(),
+        wpe.len(),
+        b,
+        t,
+        c,
+    )?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let o = out.bf16_mut(op, "out")?;
+    let (te, pe) = (wte.bf16(op, "wte")?, wpe.bf16(op, "wpe")?);
+    let (n, t_, c_) = ((b * t) as i32, t as i32, c as i32);
+    let name = KERNELS[0];
+    let f = be.function(name)?;
+    // SAFETY: out holds N*C bf16, ids N ints each in [0, V) (checked on the host copy), wte V*C
+    // and wpe at least T*C bf16; arguments match (bf16*, const int*, bf16*, bf16*, int, int, int).
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(o)
+            .arg(&ids.dev)
+            .arg(te)
+            .arg(pe)
+            .arg(&n)
+            .arg(&t_)
+            .arg(&c_)
+            .launch(grid_stride(b * t * c, 256))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
+
+/// Positions grouped by token id, ascending within each group: (order, bucket starts, tokens).
+fn buckets(ids: &[i32], vocab: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut count = vec![0usize; vocab];
+    for &id in ids {
+        count[id as usize] += 1;
+    }
+    let mut start = vec![0i32];
+    let mut tokens = Vec::new();
+    let mut offset = vec![0usize; vocab];
+    let mut total = 0usize;
+    for (tok, &k) in count.iter().enumerate() {
+        if k > 0 {
+            offset[tok] = total;
+            total += k;
+            tokens.push(tok as i32);
+            start.push(total as i32);
+        }
+    }
+    let mut order = vec![0i32; ids.len()];
+    for (pos, &id) in ids.iter().enumerate() {
+        order[offset[id as usize]] = pos as i32;
+        offset[id as usize] += 1;
+    }
+    (order, start, tokens)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    be: &CudaBackend,
+    dwte: &mut CudaBuf,
+    dwpe: &mut CudaBuf,
+    dout: &CudaBuf,
+    ids: &CudaIds,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "encoder_backward";
+    let vocab = check(
+        op,
+        ["dout", "dwte", "dwpe"],
+        dout.len(),
+        ids,
+        dwte.len(),
+        dwpe.len(),
+        b,
+        t,
+        c,
+    )?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let dy = dout.bf16(op, "dout")?;
+    let (order, start, tokens) = buckets(&ids.host, vocab);
+    let (order, start_d, tokens_d) = (be.htod(&order)?, be.htod(&start)?, be.htod(&tokens)?);
+    let c_ = c as i32;
+    {
+        let dte = dwte.f32_mut(op, "dwte")?;
+        let name = KERNELS[1];
+        let f = be.function(name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.len() as u32, 1, 1),
+            block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one block per bucket; bucket k's positions order[start[k]..start[k+1]] index
+        // rows of dout (N*C bf16) and its token a row of dwte (V*C fp32), all built on the host
+        // from checked ids; arguments match (float*, bf16*, int*, int*, int*, int).
+        unsafe {
+            be.stream
+                .launch_builder(f)
+                .arg(dte)
+                .arg(dy)
+                .arg(&order)
+                .arg(&start_d)
+                .arg(&tokens_d)
+                .arg(&c_)
+                .launch(cfg)
+        }
+        .map_err(|e| launch_error(name, e))?;
+    }
+    let dpe = dwpe.f32_mut(op, "dwpe")?;
+    let (b_, t_) = (b as i32, t as i32);
+    let name = KERNELS[2];
+    let f = be.function(name)?;
+    // SAFETY: dwpe holds at least T*C floats and dout B*T*C bf16 (checked); the kernel covers
+    // the first T*C elements of dwpe; arguments match (float*, bf16*, int, int, int).
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(dpe)
+            .arg(dy)
+            .arg(&b_)
+            .arg(&t_)
+            .arg(&c_)
+            .launch(grid_stride(t * c, 256))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}

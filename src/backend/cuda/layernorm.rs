@@ -1,0 +1,243 @@
+//! Launchers for `kernels/layernorm.cu`: LayerNorm forward, fused residual + LayerNorm forward,
+//! and the deterministic backward (dinp per row, then dweight/dbias over fixed row chunks).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{as_i32, check_len, launch_error, CudaBackend, CudaBuf, Result};
+
+pub(super) const KERNELS: &[&str] = &[
+    "layernorm_forward_bf16",
+    "layernorm_residual_forward_bf16",
+    "layernorm_backward_dinp_bf16",
+    "layernorm_backward_partial_bf16",
+    "layernorm_backward_reduce_f32",
+];
+
+/// Rows per block in the warp-per-row kernels (256 threads).
+const ROWS: usize = 8;
+/// Rows per chunk of the dweight/dbias partial sums.
+const CHUNK_ROWS: usize = 256;
+
+fn rows_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(ROWS) as u32, 1, 1),
+        block_dim: ((ROWS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    mean: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    inp: &CudaBuf,
+    weight: &CudaBuf,
+    bias: &CudaBuf,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "layernorm_forward";
+    check_len(op, "out", n * c, out.len())?;
+    check_len(op, "mean", n, mean.len())?;
+    check_len(op, "rstd", n, rstd.len())?;
+    check_len(op, "inp", n * c, inp.len())?;
+    check_len(op, "weight", c, weight.len())?;
+    check_len(op, "bias", c, bias.len())?;
+    let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
+    if n == 0 {
+        return Ok(());
+    }
+    let (o, m, s) = (
+        out.bf16_mut(op, "out")?,
+        mean.bf16_mut(op, "mean")?,
+        rstd.bf16_mut(op, "rstd")?,
+    );
+    let (x, w, b) = (
+        inp.bf16(op, "inp")?,
+        weight.bf16(op, "weight")?,
+        bias.bf16(op, "bias")?,
+    );
+    let name = KERNELS[0];
+    let f = be.function(name)?;
+    // SAFETY: out/inp hold N*C bf16, mean/rstd N, weight/bias C (checked above); one warp per
+    // row, rows past N exit; arguments match the kernel signature.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(o)
+            .arg(m)
+            .arg(s)
+            .arg(x)
+            .arg(w)
+            .arg(b)
+            .arg(&n_)
+            .arg(&c_)
+            .launch(rows_cfg(n))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn residual_forward(
+    be: &CudaBackend,
+    residual: &mut CudaBuf,
+    out: &mut CudaBuf,
+    mean: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    a: &CudaBuf,
+    b: &CudaBuf,
+    weight: &CudaBuf,
+    bias: &CudaBuf,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "residual_layernorm_forward";
+    check_len(op, "residual", n * c, residual.len())?;
+    check_len(op, "out", n * c, out.len())?;
+    check_len(op, "mean", n, mean.len())?;
+    check_len(op, "rstd", n, rstd.len())?;
+    check_len(op, "a", n * c, a.len())?;
+    check_len(op, "b", n * c, b.len())?;
+    check_len(op, "weight", c, weight.len())?;
+    check_len(op, "bias", c, bias.len())?;
+    let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
+    if n == 0 {
+        return Ok(());
+    }
+    let r = residual.bf16_mut(op, "residual")?;
+    let (o, m, s) = (
+        out.bf16_mut(op, "out")?,
+        mean.bf16_mut(op, "mean")?,
+        rstd.bf16_mut(op, "rstd")?,
+    );
+    let (x, y) = (a.bf16(op, "a")?, b.bf16(op, "b")?);
+    let (w, bb) = (weight.bf16(op, "weight")?, bias.bf16(op, "bias")?);
+    let name = KERNELS[1];
+    let f = be.function(name)?;
+    // SAFETY: residual/out/a/b hold N*C bf16, mean/rstd N, weight/bias C (checked above); one
+    // warp per row; arguments match the kernel signature.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(r)
+            .arg(o)
+            .arg(m)
+            .arg(s)
+            .arg(x)
+            .arg(y)
+            .arg(w)
+            .arg(bb)
+            .arg(&n_)
+            .arg(&c_)
+            .launch(rows_cfg(n))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
+
+/// `mean` and `rstd` are checked but not read: the kernels recompute them in fp32 from `inp`
+/// (the saved copies are bf16; see kernels/layernorm.cu).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    be: &CudaBackend,
+    dinp: &mut CudaBuf,
+    dweight: &mut CudaBuf,
+    dbias: &mut CudaBuf,
+    dout: &CudaBuf,
+    inp: &CudaBuf,
+    weight: &CudaBuf,
+    mean: &CudaBuf,
+    rstd: &CudaBuf,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "layernorm_backward";
+    check_len(op, "dinp", n * c, dinp.len())?;
+    check_len(op, "dweight", c, dweight.len())?;
+    check_len(op, "dbias", c, dbias.len())?;
+    check_len(op, "dout", n * c, dout.len())?;
+    check_len(op, "inp", n * c, inp.len())?;
+    check_len(op, "weight", c, weight.len())?;
+    check_len(op, "mean", n, mean.len())?;
+    check_len(op, "rstd", n, rstd.len())?;
+    let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
+    if n == 0 || c == 0 {
+        return Ok(());
+    }
+    let dx = dinp.bf16_mut(op, "dinp")?;
+    let (dw, db) = (dweight.f32_mut(op, "dweight")?, dbias.f32_mut(op, "dbias")?);
+    let (dy, x, w) = (
+        dout.bf16(op, "dout")?,
+        inp.bf16(op, "inp")?,
+        weight.bf16(op, "weight")?,
+    );
+    let mut stats = be.alloc_f32(2 * n)?;
+    let chunks = n.div_ceil(CHUNK_ROWS);
+    let mut partials = be.alloc_f32(chunks * 2 * c)?;
+
+    let name = KERNELS[2];
+    let f = be.function(name)?;
+    // SAFETY: dinp/dout/inp hold N*C bf16, weight C, stats 2N floats; one warp per row.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(dx)
+            .arg(&mut stats)
+            .arg(dy)
+            .arg(x)
+            .arg(w)
+            .arg(&n_)
+            .arg(&c_)
+            .launch(rows_cfg(n))
+    }
+    .map_err(|e| launch_error(name, e))?;
+
+    let name = KERNELS[3];
+    let f = be.function(name)?;
+    let chunk_rows = CHUNK_ROWS as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: grid (ceil(C/32), chunks) with block (32, 8) as the kernel expects; partials hold
+    // chunks*2*C floats, stats 2N, dout/inp N*C bf16.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(&mut partials)
+            .arg(&stats)
+            .arg(dy)
+            .arg(x)
+            .arg(&n_)
+            .arg(&c_)
+            .arg(&chunk_rows)
+            .launch(cfg)
+    }
+    .map_err(|e| launch_error(name, e))?;
+
+    let name = KERNELS[4];
+    let f = be.function(name)?;
+    let chunks_ = chunks as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dweight/dbias hold C floats, partials chunks*2*C; threads past C exit.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(dw)
+            .arg(db)
+            .arg(&partials)
+            .arg(&chunks_)
+            .arg(&c_)
+            .launch(cfg)
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
