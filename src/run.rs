@@ -1,7 +1,7 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
 //! `pretrain`, `sample` and `info`. The binary only parses flags and prints.
 
-use crate::backend::{cpu::CpuBackend, cuda, BackendError};
+use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
 use crate::config::{ModelConfig, RunConfig};
 use crate::data::{self, DataError, PrepareOptions, ProgressEvent, Shard, Tokenizer};
 use crate::generate::{self, SampleOptions};
@@ -22,32 +22,21 @@ pub const EMBEDDED_VOCAB: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
     Cpu,
+    /// CUDA device 0.
+    Cuda,
 }
 
-/// Resolves `--device` (`auto`, `cpu`, `cuda`). `auto` takes CUDA when a device and kernels are
-/// present and the CUDA backend can run there; otherwise the CPU, saying why.
+/// Resolves `--device` (`auto`, `cpu`, `cuda`) and says what was chosen and why. `auto` takes
+/// CUDA when this build embeds kernels and a device is present, otherwise the CPU.
 pub fn resolve_device(name: &str) -> Result<(DeviceKind, String), BackendError> {
     match name {
         "cpu" => Ok((DeviceKind::Cpu, "cpu (f32 reference backend)".into())),
-        "cuda" => {
-            let info = cuda::probe()?;
-            Err(BackendError::Device(format!(
-                "found {info}, but this topcoat has no CUDA training backend yet; use --device cpu"
-            )))
-        }
-        "auto" => {
-            let why = match cuda::probe() {
-                Ok(info) => format!("{info} found, but the CUDA training backend is not built yet"),
-                Err(e) => e.to_string(),
-            };
-            Ok((
-                DeviceKind::Cpu,
-                format!("cpu (f32 reference backend; no CUDA: {why})"),
-            ))
-        }
-        other => Err(BackendError::Device(format!(
-            "unknown device `{other}` (expected auto, cpu or cuda)"
-        ))),
+        "cuda" => Ok((DeviceKind::Cuda, format!("cuda: {}", cuda::probe()?))),
+        "auto" => Ok(match cuda::probe() {
+            Ok(info) => (DeviceKind::Cuda, format!("cuda: {info}")),
+            Err(e) => (DeviceKind::Cpu, format!("cpu (f32 reference backend; no CUDA: {e})")),
+        }),
+        other => Err(BackendError::Device(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
     }
 }
 
@@ -129,29 +118,39 @@ pub fn pretrain(job: &PretrainJob, progress: &dyn Fn(&str)) -> Result<TrainSumma
         cfg.vocab_size,
         run.val_batches,
     )?;
+    let opts = TrainOptions {
+        run: run.clone(),
+        out_dir: job.out.clone(),
+        resume: job.resume,
+        keep_checkpoints: 3,
+        quiet: job.quiet,
+    };
     match job.device {
-        DeviceKind::Cpu => {
-            let be = CpuBackend;
-            let mut model = Gpt::init(&be, &cfg, run.seed)?;
-            progress(&format!(
-                "model: {} preset, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}",
-                run.preset,
-                cfg.num_params() as f64 / 1e6,
-                cfg.vocab_size,
-                cfg.padded_vocab_size,
-                cfg.n_layer,
-                cfg.n_embd
-            ));
-            let opts = TrainOptions {
-                run: run.clone(),
-                out_dir: job.out.clone(),
-                resume: job.resume,
-                keep_checkpoints: 3,
-                quiet: job.quiet,
-            };
-            train::train(&be, &mut model, &mut objective, &tokenizer, &opts)
-        }
+        DeviceKind::Cpu => train_on(&CpuBackend, &cfg, &mut objective, &tokenizer, &opts, progress),
+        DeviceKind::Cuda => train_on(&cuda::CudaBackend::new(0)?, &cfg, &mut objective, &tokenizer, &opts, progress),
     }
+}
+
+fn train_on<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    objective: &mut Pretrain,
+    tokenizer: &Tokenizer,
+    opts: &TrainOptions,
+    progress: &dyn Fn(&str),
+) -> Result<TrainSummary, TrainError> {
+    let mut model = Gpt::init(be, cfg, opts.run.seed)?;
+    progress(&format!(
+        "model: {} preset, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
+        opts.run.preset,
+        cfg.num_params() as f64 / 1e6,
+        cfg.vocab_size,
+        cfg.padded_vocab_size,
+        cfg.n_layer,
+        cfg.n_embd,
+        be.name()
+    ));
+    train::train(be, &mut model, objective, tokenizer, opts)
 }
 
 /// A checkpoint directory, or a run directory (its newest checkpoint).
