@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::float::{sum_rows_f64, Float};
+use super::float::{sum_rows_f64, Float, ROW_BLOCK};
 
 /// A strided read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -17,7 +17,15 @@ pub struct View<'a, F> {
     pub cs: usize,
 }
 
-/// `dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) @ rhs (k x n)`.
+/// Where a product runs: split over the rayon pool, or on the calling thread (for products
+/// that already run inside a parallel task, such as attention's per-head products).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    Pool,
+    Serial,
+}
+
+/// `dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) @ rhs (k x n)`, on the pool.
 ///
 /// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
 pub fn gemm<F: Float>(
@@ -28,6 +36,24 @@ pub fn gemm<F: Float>(
     accumulate: bool,
     lhs: View<'_, F>,
     rhs: View<'_, F>,
+) {
+    gemm_scaled(m, n, k, dst, accumulate, lhs, rhs, F::one(), Threads::Pool);
+}
+
+/// `dst (m x n, row-major, contiguous) = [dst +] scale * lhs (m x k) @ rhs (k x n)`.
+///
+/// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_scaled<F: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [F],
+    accumulate: bool,
+    lhs: View<'_, F>,
+    rhs: View<'_, F>,
+    scale: F,
+    threads: Threads,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -46,9 +72,14 @@ pub fn gemm<F: Float>(
         }
         return;
     }
+    let parallelism = match threads {
+        Threads::Pool => gemm::Parallelism::Rayon(0),
+        Threads::Serial => gemm::Parallelism::None,
+    };
     // SAFETY: the asserts above keep every element the views address inside its slice; `dst`
     // is a unique borrow, so it aliases neither operand. `gemm::gemm` supports f32 and f64,
-    // the only `Float` implementors.
+    // the only `Float` implementors. It computes `dst = alpha * dst + beta * lhs @ rhs`, and
+    // reads `dst` only when `accumulate` is set.
     unsafe {
         gemm::gemm(
             m,
@@ -65,11 +96,11 @@ pub fn gemm<F: Float>(
             rhs.cs as isize,
             rhs.rs as isize,
             F::one(),
-            F::one(),
+            scale,
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            parallelism,
         )
     }
 }
@@ -96,14 +127,18 @@ pub fn matmul_forward<F: Float>(
         rs: 1,
         cs: c,
     };
-    gemm(n, oc, c, &mut out[..n * oc], false, inp, wt);
+    // With a bias, every row starts as the bias and the product accumulates onto it (one pass
+    // over `out` fewer than adding the bias afterwards).
     if let Some(bias) = bias {
-        out[..n * oc].par_chunks_mut(oc.max(1)).for_each(|row| {
-            for (o, &b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        });
+        out[..n * oc]
+            .par_chunks_mut((ROW_BLOCK * oc).max(1))
+            .for_each(|rows| {
+                for row in rows.chunks_mut(oc.max(1)) {
+                    row.copy_from_slice(&bias[..oc]);
+                }
+            });
     }
+    gemm(n, oc, c, &mut out[..n * oc], bias.is_some(), inp, wt);
 }
 
 /// Accumulates `dinp += dout @ weight`, `dweight += dout^T @ inp`, `dbias += sum_rows(dout)`.
