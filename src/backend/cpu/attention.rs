@@ -5,16 +5,17 @@
 //! Layout: `qkv [B, T, 3C]` holds `q | k | v` per position, head `h` owning columns
 //! `h*hs .. (h+1)*hs` of each; `out [B, T, C]` heads concatenated; `lse [B, NH, T]`.
 //! Each `(b, h)` pair is independent and runs as one rayon task. Within it the products are
-//! whole-matrix GEMMs on the calling thread (`q k^T`, `P v`, and in backward `P^T dout`,
-//! `dout v^T`, `dS k`, `dS^T q`), read straight out of `qkv` through strided views; the softmax
-//! and its gradient are plain row loops over the `T x T` block. Results are computed into
-//! local buffers and then copied (forward) or added (backward) into place, so the result does
-//! not depend on the thread count.
+//! GEMMs on the calling thread (`q k^T`, `P v`, and in backward `P^T dout`, `dout v^T`,
+//! `dS k`, `dS^T q`), read straight out of `qkv` through strided views; the softmax and its
+//! gradient are plain row loops over a local `T x T` buffer. The products skip the blocks of
+//! [`BLOCK`] x [`BLOCK`] that lie wholly above the diagonal (all masked); inside the diagonal
+//! blocks the masked entries of `P` and `dS` are zero. Results are computed into local buffers
+//! and then copied (forward) or added (backward) into place, so the result does not depend on
+//! the thread count.
 //!
-//! Napkin math: each product is `2 * T * T * hs` FLOPs per `(b, h)` (the GEMMs compute the
-//! full square; the causal mask zeroes the upper triangle of `P`): forward 2 products,
-//! backward 5 (the scores are recomputed), so `2 * B * NH * T^2 * hs * 7` FLOPs per layer for
-//! forward + backward.
+//! Napkin math: a product over the full square is `2 * T * T * hs` FLOPs per `(b, h)`; the
+//! block-causal ones do `(1 + T/BLOCK) / (2 T/BLOCK)` of that (5/8 at T = 256). Forward runs
+//! 2 products, backward 5 (the scores are recomputed).
 
 use rayon::prelude::*;
 
@@ -63,6 +64,97 @@ impl<'a, F> Head<'a, F> {
     }
 }
 
+/// Rows (or columns) per block of the block-causal products.
+pub const BLOCK: usize = 64;
+
+/// The blocks `[r0, r1)` of `0..t`, `BLOCK` long (the last may be shorter).
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(t)))
+}
+
+/// `s [T, T] (row stride T) = q k^T * scale` on the blocks at or below the diagonal: row
+/// block `[r0, r1)` needs columns `[0, r1)` only. Entries right of `r1` are left as they are.
+fn causal_scores<F: Float>(
+    s: &mut [F],
+    q: View<'_, F>,
+    kt: View<'_, F>,
+    t: usize,
+    hs: usize,
+    scale: F,
+) {
+    for (r0, r1) in blocks(t) {
+        gemm_scaled(
+            r1 - r0,
+            r1,
+            hs,
+            &mut s[r0 * t..],
+            t,
+            false,
+            q.at(r0, 0),
+            kt,
+            scale,
+            Threads::Serial,
+        );
+    }
+}
+
+/// `dst [T, hs] = a [T, T] x [T, hs] * scale` for a lower-triangular `a` (zero above the
+/// diagonal, row stride T): row block `[r0, r1)` sums over `[0, r1)` only.
+fn causal_times<F: Float>(dst: &mut [F], a: &[F], x: View<'_, F>, t: usize, hs: usize, scale: F) {
+    let a = View {
+        data: a,
+        rs: t,
+        cs: 1,
+    };
+    for (r0, r1) in blocks(t) {
+        gemm_scaled(
+            r1 - r0,
+            hs,
+            r1,
+            &mut dst[r0 * hs..],
+            hs,
+            false,
+            a.at(r0, 0),
+            x,
+            scale,
+            Threads::Serial,
+        );
+    }
+}
+
+/// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for a lower-triangular `a` (row stride T):
+/// output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, T)` only.
+fn causal_transposed_times<F: Float>(
+    dst: &mut [F],
+    a: &[F],
+    x: View<'_, F>,
+    t: usize,
+    hs: usize,
+    scale: F,
+) {
+    let at = View {
+        data: a,
+        rs: 1,
+        cs: t,
+    };
+    for (c0, c1) in blocks(t) {
+        gemm_scaled(
+            c1 - c0,
+            hs,
+            t - c0,
+            &mut dst[c0 * hs..],
+            hs,
+            false,
+            at.at(c0, c0),
+            x.at(c0, 0),
+            scale,
+            Threads::Serial,
+        );
+    }
+}
+
 /// Forward: `out = softmax(q k^T / sqrt(hs) + causal mask) v`; `lse[b,h,t]` is the
 /// log-sum-exp of the scaled scores of row `t` (over `j <= t`).
 #[allow(clippy::too_many_arguments)]
@@ -85,17 +177,7 @@ pub fn attention_forward<F: Float>(
             // p [T, T]: scaled scores s = q k^T / sqrt(hs), then, row by row, the causal
             // softmax P_ij = exp(s_ij - lse_i) for j <= i and 0 above the diagonal.
             let mut p = vec![F::zero(); t * t];
-            gemm_scaled(
-                t,
-                t,
-                hs,
-                &mut p,
-                false,
-                head.q,
-                head.kt,
-                scale,
-                Threads::Serial,
-            );
+            causal_scores(&mut p, head.q, head.kt, t, hs, scale);
             let mut l = vec![F::zero(); t];
             for (i, row) in p.chunks_mut(t).enumerate() {
                 let (live, masked) = row.split_at_mut(i + 1);
@@ -114,22 +196,7 @@ pub fn attention_forward<F: Float>(
             }
             // o [T, hs] = P v.
             let mut o = vec![F::zero(); t * hs];
-            let pv = View {
-                data: &p[..],
-                rs: t,
-                cs: 1,
-            };
-            gemm_scaled(
-                t,
-                hs,
-                t,
-                &mut o,
-                false,
-                pv,
-                head.v,
-                F::one(),
-                Threads::Serial,
-            );
+            causal_times(&mut o, &p, head.v, t, hs, F::one());
             (o, l)
         })
         .collect();
@@ -183,17 +250,7 @@ pub fn attention_backward<F: Float>(
             let y = |i: usize| &out[(bb * t + i) * c + h * hs..][..hs];
             // p [T, T]: P recomputed from the scores and the saved log-sum-exp.
             let mut p = vec![F::zero(); t * t];
-            gemm_scaled(
-                t,
-                t,
-                hs,
-                &mut p,
-                false,
-                head.q,
-                head.kt,
-                scale,
-                Threads::Serial,
-            );
+            causal_scores(&mut p, head.q, head.kt, t, hs, scale);
             for (i, row) in p.chunks_mut(t).enumerate() {
                 let row_lse = lse[bh * t + i];
                 let (live, masked) = row.split_at_mut(i + 1);
@@ -202,29 +259,9 @@ pub fn attention_backward<F: Float>(
                 }
                 masked.fill(F::zero());
             }
-            let mut g = vec![F::zero(); 3 * t * hs];
-            let (dq, rest) = g.split_at_mut(t * hs);
-            let (dk, dv) = rest.split_at_mut(t * hs);
-            // dv [T, hs] = P^T dout.
-            let pt = View {
-                data: &p[..],
-                rs: 1,
-                cs: t,
-            };
-            gemm_scaled(t, hs, t, dv, false, pt, dy, F::one(), Threads::Serial);
             // ds [T, T]: dP = dout v^T, then dS_ij = P_ij (dP_ij - D_i) in place.
             let mut ds = vec![F::zero(); t * t];
-            gemm_scaled(
-                t,
-                t,
-                hs,
-                &mut ds,
-                false,
-                dy,
-                head.vt,
-                F::one(),
-                Threads::Serial,
-            );
+            causal_scores(&mut ds, dy, head.vt, t, hs, F::one());
             for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                 let d_i = dot(&dout[(bb * t + i) * c + h * hs..][..hs], y(i));
                 let (live, masked) = ds_row.split_at_mut(i + 1);
@@ -233,19 +270,13 @@ pub fn attention_backward<F: Float>(
                 }
                 masked.fill(F::zero());
             }
-            // dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs).
-            let dsv = View {
-                data: &ds[..],
-                rs: t,
-                cs: 1,
-            };
-            let dst = View {
-                data: &ds[..],
-                rs: 1,
-                cs: t,
-            };
-            gemm_scaled(t, hs, t, dq, false, dsv, head.k, scale, Threads::Serial);
-            gemm_scaled(t, hs, t, dk, false, dst, head.q, scale, Threads::Serial);
+            let mut g = vec![F::zero(); 3 * t * hs];
+            let (dq, rest) = g.split_at_mut(t * hs);
+            let (dk, dv) = rest.split_at_mut(t * hs);
+            // dv = P^T dout, dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs).
+            causal_transposed_times(dv, &p, dy, t, hs, F::one());
+            causal_times(dq, &ds, head.k, t, hs, scale);
+            causal_transposed_times(dk, &ds, head.q, t, hs, scale);
             g
         })
         .collect();

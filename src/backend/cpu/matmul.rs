@@ -17,6 +17,16 @@ pub struct View<'a, F> {
     pub cs: usize,
 }
 
+impl<'a, F> View<'a, F> {
+    /// The view whose element `(0, 0)` is this view's `(i, j)`.
+    pub fn at(self, i: usize, j: usize) -> Self {
+        View {
+            data: &self.data[i * self.rs + j * self.cs..],
+            ..self
+        }
+    }
+}
+
 /// Where a product runs: split over the rayon pool, or on the calling thread (for products
 /// that already run inside a parallel task, such as attention's per-head products).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,10 +47,21 @@ pub fn gemm<F: Float>(
     lhs: View<'_, F>,
     rhs: View<'_, F>,
 ) {
-    gemm_scaled(m, n, k, dst, accumulate, lhs, rhs, F::one(), Threads::Pool);
+    gemm_scaled(
+        m,
+        n,
+        k,
+        dst,
+        n,
+        accumulate,
+        lhs,
+        rhs,
+        F::one(),
+        Threads::Pool,
+    );
 }
 
-/// `dst (m x n, row-major, contiguous) = [dst +] scale * lhs (m x k) @ rhs (k x n)`.
+/// `dst (m x n, row-major, row stride dst_rs) = [dst +] scale * lhs (m x k) @ rhs (k x n)`.
 ///
 /// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
 #[allow(clippy::too_many_arguments)]
@@ -49,6 +70,7 @@ pub fn gemm_scaled<F: Float>(
     n: usize,
     k: usize,
     dst: &mut [F],
+    dst_rs: usize,
     accumulate: bool,
     lhs: View<'_, F>,
     rhs: View<'_, F>,
@@ -61,14 +83,19 @@ pub fn gemm_scaled<F: Float>(
     let fits = |v: &View<'_, F>, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * v.rs + (cols - 1) * v.cs < v.data.len()
     };
-    assert!(dst.len() >= m * n, "gemm: dst too short");
+    assert!(
+        dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: dst too short"
+    );
     assert!(
         fits(&lhs, m, k) && fits(&rhs, k, n),
         "gemm: operand too short"
     );
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(F::zero());
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(F::zero());
+            }
         }
         return;
     }
@@ -87,7 +114,7 @@ pub fn gemm_scaled<F: Float>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
