@@ -29,9 +29,24 @@ fn randn(len: usize, rng: &mut Rng) -> Vec<f32> {
     (0..len).map(|_| rng.normal()).collect()
 }
 
-/// Median wall time of `f` in milliseconds over `REPS` runs, after one warm-up run.
-fn time_ms(mut f: impl FnMut()) -> f64 {
+/// On-CPU time of all this process's threads so far, in ms (Linux `schedstat`; 0 elsewhere).
+/// On a shared machine it is a steadier measure of work than wall time, though it also counts
+/// rayon workers spinning while they wait for work.
+fn cpu_ms() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e6
+}
+
+/// (median wall ms, mean on-CPU ms) of `f` over `REPS` runs, after one warm-up run.
+fn time_ms(mut f: impl FnMut()) -> (f64, f64) {
     f();
+    let cpu0 = cpu_ms();
     let mut ms: Vec<f64> = (0..REPS)
         .map(|_| {
             let t0 = Instant::now();
@@ -39,13 +54,15 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
             t0.elapsed().as_secs_f64() * 1e3
         })
         .collect();
+    let cpu = (cpu_ms() - cpu0) / REPS as f64;
     ms.sort_by(|a, b| a.total_cmp(b));
-    ms[REPS / 2]
+    (ms[REPS / 2], cpu)
 }
 
 struct Row {
     name: String,
     ms: f64,
+    cpu_ms: f64,
     per_step: usize,
 }
 
@@ -63,10 +80,11 @@ fn main() {
     let ids: Vec<i32> = (0..N).map(|_| rng.below(V as u64) as i32).collect();
     let r = |len: usize, rng: &mut Rng| randn(len, rng);
     let mut rows: Vec<Row> = Vec::new();
-    let mut add = |name: &str, per_step: usize, ms: f64| {
+    let mut add = |name: &str, per_step: usize, (ms, cpu_ms): (f64, f64)| {
         rows.push(Row {
             name: name.to_string(),
             ms,
+            cpu_ms,
             per_step,
         })
     };
@@ -225,22 +243,17 @@ fn main() {
     let mut logits = logits0.clone();
     let mut losses = vec![0.0; N];
     let targets: Vec<i32> = (0..N).map(|_| rng.below(V as u64) as i32).collect();
+    let (ms, cpu) = time_ms(|| {
+        logits.copy_from_slice(&logits0);
+        let dloss = Some(1.0 / N as f32);
+        be.cross_entropy(&mut losses, &mut logits, &targets, N, V, VP, dloss)
+            .unwrap()
+    });
+    let (copy_ms, copy_cpu) = time_ms(|| logits.copy_from_slice(&logits0));
     add(
         "cross_entropy (with grad)",
         1,
-        time_ms(|| {
-            logits.copy_from_slice(&logits0);
-            be.cross_entropy(
-                &mut losses,
-                &mut logits,
-                &targets,
-                N,
-                V,
-                VP,
-                Some(1.0 / N as f32),
-            )
-            .unwrap()
-        }) - time_ms(|| logits.copy_from_slice(&logits0)),
+        (ms - copy_ms, cpu - copy_cpu),
     );
 
     // ---- optimizer: every parameter tensor of the model ----
@@ -296,27 +309,29 @@ fn main() {
 
     // ---- report ----
     let step_ms: f64 = rows.iter().map(|r| r.ms * r.per_step as f64).sum();
+    let step_cpu: f64 = rows.iter().map(|r| r.cpu_ms * r.per_step as f64).sum();
     println!(
         "CPU backend op profile: {}, B={B} T={T} C={C} NH={NH} L={L} V=VP={V}, median of {REPS}",
         be.name()
     );
     println!(
-        "{:<40} {:>9} {:>6} {:>10} {:>6}",
-        "op", "ms/call", "calls", "ms/step", "share"
+        "{:<40} {:>9} {:>6} {:>10} {:>6} {:>12}",
+        "op", "ms/call", "calls", "ms/step", "share", "cpu ms/step"
     );
     for r in &rows {
         let total = r.ms * r.per_step as f64;
         println!(
-            "{:<40} {:>9.3} {:>6} {:>10.2} {:>5.1}%",
+            "{:<40} {:>9.3} {:>6} {:>10.2} {:>5.1}% {:>12.2}",
             r.name,
             r.ms,
             r.per_step,
             total,
-            100.0 * total / step_ms
+            100.0 * total / step_ms,
+            r.cpu_ms * r.per_step as f64
         );
     }
     println!(
-        "sum over a step: {step_ms:.1} ms -> {:.0} tokens/s",
+        "sum over a step: {step_ms:.1} ms wall -> {:.0} tokens/s; {step_cpu:.1} ms on-CPU (all threads)",
         N as f64 / (step_ms / 1e3)
     );
 }
