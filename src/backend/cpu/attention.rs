@@ -1,6 +1,6 @@
 //! Causal multi-head self-attention, forward and backward, flash-attention style: the forward
 //! saves only the log-sum-exp of each score row, the backward recomputes the probabilities
-//! from `q`, `k` and that log-sum-exp; the `T x T` matrix is never stored.
+//! from `q`, `k` and that log-sum-exp; the `T x T` matrix is never kept between the two.
 //!
 //! Layout: `qkv [B, T, 3C]` holds `q | k | v` per position, head `h` owning columns
 //! `h*hs .. (h+1)*hs` of each; `out [B, T, C]` heads concatenated; `lse [B, NH, T]`.
