@@ -2,7 +2,7 @@
 //! written in place.
 //!
 //! Napkin math: reads `N*V` logits twice (max, then exp-sum) and, with a gradient, writes
-//! `N*VP`; memory-bound.
+//! `N*VP` twice (the exponentials, then the gradient); one `exp` per logit.
 
 use rayon::prelude::*;
 
@@ -12,7 +12,8 @@ use super::float::Float;
 /// `losses[i] = logsumexp(logits[i,:V]) - logits[i, targets[i]]`, 0 where `targets[i] < 0`.
 /// With `dloss = Some(s)`, row `i` is overwritten by `s * (softmax - onehot)` over `[0, V)`
 /// and 0 over `[V, VP)`; a masked row becomes all zeros. Targets must be `< V` (the caller
-/// checks). The log-sum-exp is taken in f64 after a max shift.
+/// checks). The exponentials `exp(x - max)` are taken in `F` after the max shift (so they lie
+/// in `(0, 1]`) and summed in f64; the log-sum-exp is formed in f64.
 pub fn cross_entropy<F: Float>(
     losses: &mut [F],
     logits: &mut [F],
@@ -35,19 +36,29 @@ pub fn cross_entropy<F: Float>(
                 return;
             }
             let target = target as usize;
-            let max = row[..v]
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, x| m.max(x.as_f64()));
-            let sum: f64 = row[..v].iter().map(|x| (x.as_f64() - max).exp()).sum();
-            let lse = max + sum.ln();
-            *loss = F::of(lse - row[target].as_f64());
+            let max = row[..v].iter().fold(F::neg_infinity(), |m, &x| m.max(x));
+            let target_logit = row[target].as_f64();
+            let sum: f64 = match dloss {
+                // Forward only: the logits are left untouched.
+                None => row[..v].iter().map(|&x| (x - max).exp().as_f64()).sum(),
+                // With a gradient: keep each exp(x - max) in the row for the second pass.
+                Some(_) => row[..v]
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - max).exp();
+                        x.as_f64()
+                    })
+                    .sum(),
+            };
+            let lse = max.as_f64() + sum.ln();
+            *loss = F::of(lse - target_logit);
             if let Some(s) = dloss {
-                let s = s.as_f64();
-                for (j, x) in row[..v].iter_mut().enumerate() {
-                    let p = (x.as_f64() - lse).exp();
-                    let onehot = if j == target { 1.0 } else { 0.0 };
-                    *x = F::of(s * (p - onehot));
+                // softmax_j = exp(x_j - max) / sum.
+                let s_over_sum = F::of(s.as_f64() / sum);
+                for x in row[..v].iter_mut() {
+                    *x *= s_over_sum;
                 }
+                row[target] -= s;
                 row[v..].fill(F::zero());
             }
         });

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::float::{sum_rows_f64, Float};
+use super::float::{sum_rows_f64, Float, ROW_BLOCK};
 
 /// A strided read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -17,7 +17,25 @@ pub struct View<'a, F> {
     pub cs: usize,
 }
 
-/// `dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) @ rhs (k x n)`.
+impl<'a, F> View<'a, F> {
+    /// The view whose element `(0, 0)` is this view's `(i, j)`.
+    pub fn at(self, i: usize, j: usize) -> Self {
+        View {
+            data: &self.data[i * self.rs + j * self.cs..],
+            ..self
+        }
+    }
+}
+
+/// Where a product runs: split over the rayon pool, or on the calling thread (for products
+/// that already run inside a parallel task, such as attention's per-head products).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    Pool,
+    Serial,
+}
+
+/// `dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) @ rhs (k x n)`, on the pool.
 ///
 /// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
 pub fn gemm<F: Float>(
@@ -29,26 +47,66 @@ pub fn gemm<F: Float>(
     lhs: View<'_, F>,
     rhs: View<'_, F>,
 ) {
+    gemm_scaled(
+        m,
+        n,
+        k,
+        dst,
+        n,
+        accumulate,
+        lhs,
+        rhs,
+        F::one(),
+        Threads::Pool,
+    );
+}
+
+/// `dst (m x n, row-major, row stride dst_rs) = [dst +] scale * lhs (m x k) @ rhs (k x n)`.
+///
+/// Panics if a view does not fit inside its slice (the backend checks shapes before calling).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_scaled<F: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [F],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View<'_, F>,
+    rhs: View<'_, F>,
+    scale: F,
+    threads: Threads,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let fits = |v: &View<'_, F>, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * v.rs + (cols - 1) * v.cs < v.data.len()
     };
-    assert!(dst.len() >= m * n, "gemm: dst too short");
+    assert!(
+        dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
+        "gemm: dst too short"
+    );
     assert!(
         fits(&lhs, m, k) && fits(&rhs, k, n),
         "gemm: operand too short"
     );
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(F::zero());
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(F::zero());
+            }
         }
         return;
     }
+    let parallelism = match threads {
+        Threads::Pool => gemm::Parallelism::Rayon(0),
+        Threads::Serial => gemm::Parallelism::None,
+    };
     // SAFETY: the asserts above keep every element the views address inside its slice; `dst`
     // is a unique borrow, so it aliases neither operand. `gemm::gemm` supports f32 and f64,
-    // the only `Float` implementors.
+    // the only `Float` implementors. It computes `dst = alpha * dst + beta * lhs @ rhs`, and
+    // reads `dst` only when `accumulate` is set.
     unsafe {
         gemm::gemm(
             m,
@@ -56,7 +114,7 @@ pub fn gemm<F: Float>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
@@ -65,11 +123,11 @@ pub fn gemm<F: Float>(
             rhs.cs as isize,
             rhs.rs as isize,
             F::one(),
-            F::one(),
+            scale,
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            parallelism,
         )
     }
 }
@@ -96,14 +154,18 @@ pub fn matmul_forward<F: Float>(
         rs: 1,
         cs: c,
     };
-    gemm(n, oc, c, &mut out[..n * oc], false, inp, wt);
+    // With a bias, every row starts as the bias and the product accumulates onto it (one pass
+    // over `out` fewer than adding the bias afterwards).
     if let Some(bias) = bias {
-        out[..n * oc].par_chunks_mut(oc.max(1)).for_each(|row| {
-            for (o, &b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        });
+        out[..n * oc]
+            .par_chunks_mut((ROW_BLOCK * oc).max(1))
+            .for_each(|rows| {
+                for row in rows.chunks_mut(oc.max(1)) {
+                    row.copy_from_slice(&bias[..oc]);
+                }
+            });
     }
+    gemm(n, oc, c, &mut out[..n * oc], bias.is_some(), inp, wt);
 }
 
 /// Accumulates `dinp += dout @ weight`, `dweight += dout^T @ inp`, `dbias += sum_rows(dout)`.
