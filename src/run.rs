@@ -34,9 +34,14 @@ pub fn resolve_device(name: &str) -> Result<(DeviceKind, String), BackendError> 
         "cuda" => Ok((DeviceKind::Cuda, format!("cuda: {}", cuda::probe()?))),
         "auto" => Ok(match cuda::probe() {
             Ok(info) => (DeviceKind::Cuda, format!("cuda: {info}")),
-            Err(e) => (DeviceKind::Cpu, format!("cpu (f32 reference backend; no CUDA: {e})")),
+            Err(e) => (
+                DeviceKind::Cpu,
+                format!("cpu (f32 reference backend; no CUDA: {e})"),
+            ),
         }),
-        other => Err(BackendError::Device(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
+        other => Err(BackendError::Device(format!(
+            "unknown device `{other}` (expected auto, cpu or cuda)"
+        ))),
     }
 }
 
@@ -126,8 +131,22 @@ pub fn pretrain(job: &PretrainJob, progress: &dyn Fn(&str)) -> Result<TrainSumma
         quiet: job.quiet,
     };
     match job.device {
-        DeviceKind::Cpu => train_on(&CpuBackend, &cfg, &mut objective, &tokenizer, &opts, progress),
-        DeviceKind::Cuda => train_on(&cuda::CudaBackend::new(0)?, &cfg, &mut objective, &tokenizer, &opts, progress),
+        DeviceKind::Cpu => train_on(
+            &CpuBackend,
+            &cfg,
+            &mut objective,
+            &tokenizer,
+            &opts,
+            progress,
+        ),
+        DeviceKind::Cuda => train_on(
+            &cuda::CudaBackend::new(0)?,
+            &cfg,
+            &mut objective,
+            &tokenizer,
+            &opts,
+            progress,
+        ),
     }
 }
 
