@@ -5,11 +5,12 @@ use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::backend::cuda::CudaBackend;
 use topcoat::bench;
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
-use topcoat::run::{self, PretrainJob};
+use topcoat::run::{self, DeviceKind, PretrainJob};
 
 #[derive(Parser)]
 #[command(
@@ -232,7 +233,7 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
-    let (_device, why) = run::resolve_device(&a.device)?;
+    let (device, why) = run::resolve_device(&a.device)?;
     let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;
     if a.seq_len > cfg.max_seq_len {
         bail!(
@@ -253,20 +254,27 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if a.no_optimizer { "forward+backward" } else { "forward+backward+AdamW" },
         rayon::current_num_threads()
     );
-    let be = CpuBackend;
-    let r = bench::bench_train(
-        &be,
-        &cfg,
-        a.batch_size,
-        a.seq_len,
-        a.warmup,
-        a.steps,
-        !a.no_optimizer,
-        |i, ms| {
-            let tag = if i < a.warmup { " (warm-up)" } else { "" };
-            eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
-        },
-    )?;
+    let on_step = |i: usize, ms: f64| {
+        let tag = if i < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
+    };
+    let (b, t, optimizer) = (a.batch_size, a.seq_len, !a.no_optimizer);
+    let r = match device {
+        DeviceKind::Cpu => bench::bench_train(
+            &CpuBackend,
+            &cfg,
+            b,
+            t,
+            a.warmup,
+            a.steps,
+            optimizer,
+            on_step,
+        )?,
+        DeviceKind::Cuda => {
+            let be = CudaBackend::new(0)?;
+            bench::bench_train(&be, &cfg, b, t, a.warmup, a.steps, optimizer, on_step)?
+        }
+    };
     println!("| median step ms | tokens/s | model GFLOP/s |");
     println!("| --- | --- | --- |");
     println!(
