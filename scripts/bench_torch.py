@@ -2,9 +2,11 @@
 """PyTorch baseline for `topcoat bench`: the same GPT-2 at the same config, timed the same way.
 
     python3 scripts/bench_torch.py --preset gpt2-124m --batch-size 64 --seq-len 1024 --steps 40
-    python3 scripts/bench_torch.py --device cpu --preset tiny --vocab-size 4096 --no-compile   # smoke test
+    python3 scripts/bench_torch.py --device cpu --preset tiny --vocab-size 4096 --batch-size 8 \
+        --seq-len 256 --steps 20 --no-compile --threads 2      # the CPU anchor of docs/PERF.md
 
 On CUDA: torch.compile, bf16 autocast, SDPA (flash) attention, fused AdamW, random tokens.
+On the CPU: float32, eager with --no-compile. Both: AdamW (decay on matrices), clipping at 1.0.
 Prints the median step time of the last half of the steps, tokens/s, MFU against a measured
 bf16 matmul peak (or --peak-tflops), and peak device memory, as one table row.
 Model FLOPs per token = 6 N + 12 L C T, N = all parameters but the position embedding (the
@@ -91,10 +93,13 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true", help="eager mode")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator; 0 measures it")
     args = ap.parse_args()
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n_layer, n_head, c, max_t = PRESETS[args.preset]
     padded = (args.vocab_size + 63) // 64 * 64
     cuda = args.device.startswith("cuda")
