@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::bench;
 use topcoat::config::{ModelConfig, RunConfig};
-use topcoat::data::{self, PrepareOptions, Tokenizer};
+use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
-use topcoat::run::{self, PretrainJob};
+use topcoat::run::{self, PretrainJob, SftJob};
+use topcoat::train::TrainSummary;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,10 @@ enum Command {
     Tokenizer(TokenizerCmd),
     /// Pretrain a GPT-2 model (no --data: the embedded corpus).
     Pretrain(PretrainArgs),
+    /// Render conversations JSONL into SFT shards with loss masks.
+    PrepareSft(PrepareSftArgs),
+    /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
+    Sft(SftArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
@@ -105,15 +110,55 @@ enum TokenizerCmd {
 
 #[derive(Args)]
 struct PretrainArgs {
-    /// TOML run config; flags below override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
     /// Prepared data directory (from `topcoat prepare`); default: the embedded corpus.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Run directory for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/pretrain")]
     out: PathBuf,
+    #[command(flatten)]
+    flags: RunFlags,
+}
+
+#[derive(Args)]
+struct PrepareSftArgs {
+    /// Conversations JSONL: one {"messages": [{"role": ..., "content": ...}]} per line.
+    input: PathBuf,
+    /// Output directory for sft_train.{bin,idx}, sft_val.{bin,idx} and tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// A tokenizer.json, or the checkpoint or run directory to fine-tune (its tokenizer).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Most tokens per example; longer ones are cut (or dropped if no response token fits).
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    /// Fraction of conversations held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+}
+
+#[derive(Args)]
+struct SftArgs {
+    /// Pretrained checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    init: PathBuf,
+    /// Directory from `topcoat prepare-sft`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/sft")]
+    out: PathBuf,
+    #[command(flatten)]
+    flags: RunFlags,
+}
+
+/// Flags shared by the training commands.
+#[derive(Args)]
+struct RunFlags {
+    /// TOML run config; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -165,10 +210,11 @@ struct SampleArgs {
     seed: u64,
 }
 
-fn run_config(a: &PretrainArgs) -> Result<RunConfig> {
+/// The run config: `defaults`, then the TOML file, then the flags.
+fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
     let mut cfg = match &a.config {
         Some(p) => RunConfig::from_toml_file(p)?,
-        None => RunConfig::default(),
+        None => defaults,
     };
     macro_rules! set {
         ($($field:ident <- $flag:expr),* $(,)?) => { $(if let Some(v) = $flag.clone() { cfg.$field = v; })* };
@@ -276,6 +322,25 @@ fn bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints what a training run did.
+fn report(s: &TrainSummary) {
+    let first = s.val_losses.first().map(|v| v.1);
+    let last = s.val_losses.last().map(|v| v.1);
+    if let (Some(f), Some(l)) = (first, last) {
+        println!("validation loss {f:.4} -> {l:.4}");
+    }
+    println!(
+        "trained to step {} in {:.1} s ({:.0} tokens/s); checkpoint: {}",
+        s.final_step,
+        s.elapsed.as_secs_f64(),
+        s.tokens_per_s,
+        s.last_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+}
+
 fn main() -> std::process::ExitCode {
     // Errors print as one readable chain, never as a debug dump with a backtrace.
     match run_cli() {
@@ -312,32 +377,55 @@ fn run_cli() -> Result<()> {
             );
         }
         Command::Pretrain(a) => {
-            let run = run_config(&a)?;
-            let (device, why) = run::resolve_device(&a.device)?;
+            let run = run_config(&a.flags, RunConfig::default())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
             note(&format!("device: {why}"));
             let job = PretrainJob {
                 run,
                 data: a.data.clone(),
                 out: a.out.clone(),
-                resume: a.resume,
+                resume: a.flags.resume,
                 device,
                 quiet: false,
             };
-            let s = run::pretrain(&job, &note)?;
-            let first = s.val_losses.first().map(|v| v.1);
-            let last = s.val_losses.last().map(|v| v.1);
-            if let (Some(f), Some(l)) = (first, last) {
-                println!("validation loss {f:.4} -> {l:.4}");
-            }
+            report(&run::pretrain(&job, &note)?);
+        }
+        Command::PrepareSft(a) => {
+            let opts = SftPrepareOptions {
+                max_len: a.max_len,
+                val_fraction: a.val_fraction,
+                ..SftPrepareOptions::new(&a.out)
+            };
+            let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
             println!(
-                "trained to step {} in {:.1} s ({:.0} tokens/s); checkpoint: {}",
-                s.final_step,
-                s.elapsed.as_secs_f64(),
-                s.tokens_per_s,
-                s.last_checkpoint
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into())
+                "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
+                 {} truncated to --max-len {}, {} dropped (no response token within it)",
+                a.out.display(),
+                s.conversations,
+                s.train_examples,
+                s.train_tokens,
+                s.train_loss_tokens,
+                s.val_examples,
+                s.val_tokens,
+                s.truncated,
+                a.max_len,
+                s.dropped
             );
+        }
+        Command::Sft(a) => {
+            let run = run_config(&a.flags, run::sft_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = SftJob {
+                run,
+                init: a.init.clone(),
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+            };
+            report(&run::sft(&job, &note)?);
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {
