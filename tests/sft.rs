@@ -10,6 +10,7 @@ use topcoat::data::{self, PrepareOptions, SftPrepareOptions, SftSplit, Tokenizer
 use topcoat::model::Gpt;
 use topcoat::run::{self, DeviceKind, PretrainJob, SftJob, EMBEDDED_CORPUS};
 use topcoat::stages::sft::fill_row;
+use topcoat::train::checkpoint;
 
 fn small_tokenizer() -> Tokenizer {
     let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();
@@ -275,4 +276,43 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
     .to_string();
     let want = format!("{} ids", small_tokenizer().vocab_size());
     assert!(e.contains("tokenizer mismatch") && e.contains(&want), "{e}");
+}
+
+#[test]
+fn resumed_sft_run_matches_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pre = pretrain_tiny(dir.path());
+    let lines: Vec<String> = (0..7)
+        .map(|i| conv(&format!("Count to {i}."), &format!("{i} and done.")))
+        .collect();
+    let src = dir.path().join("chats.jsonl");
+    std::fs::write(&src, lines.join("\n")).unwrap();
+    let data_dir = dir.path().join("sft_data");
+    run::prepare_sft(&src, &pre, &SftPrepareOptions::new(&data_dir)).unwrap();
+    let job = |out: &str, resume: bool| SftJob {
+        run: RunConfig {
+            batch_size: 4, // 6 training examples: batches straddle epochs
+            seq_len: 32,
+            max_steps: 6,
+            warmup_steps: 1,
+            val_every: 3,
+            checkpoint_every: 3,
+            ..run::sft_run_defaults()
+        },
+        init: pre.clone(),
+        data: data_dir.clone(),
+        out: dir.path().join(out),
+        resume,
+        device: DeviceKind::Cpu,
+        quiet: true,
+    };
+    let straight = run::sft(&job("straight", false), &|_| {}).unwrap();
+    run::sft(&job("crashed", false), &|_| {}).unwrap();
+    let crashed = dir.path().join("crashed");
+    std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 6)).unwrap();
+    let resumed = run::sft(&job("crashed", true), &|_| {}).unwrap();
+    assert_eq!(resumed.train_losses, straight.train_losses[3..].to_vec());
+    let weights =
+        |run: &Path| std::fs::read(checkpoint::dir_for(run, 6).join("model.safetensors")).unwrap();
+    assert!(weights(&dir.path().join("straight")) == weights(&crashed));
 }
