@@ -1,175 +1,26 @@
 //! The `topcoat` command line: parses flags, then calls the library (`topcoat::run`).
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
 use topcoat::bench;
 use topcoat::config::{ModelConfig, RunConfig};
-use topcoat::data::{self, PrepareOptions, Tokenizer};
+use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
-use topcoat::run::{self, DeviceKind, PretrainJob};
+use topcoat::run::{self, DeviceKind, PretrainJob, SftJob};
+use topcoat::train::TrainSummary;
 
-#[derive(Parser)]
-#[command(
-    name = "topcoat",
-    version,
-    about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning"
-)]
-struct Cli {
-    /// Worker threads for the CPU backend (default: all cores).
-    #[arg(long, global = true)]
-    threads: Option<usize>,
-    #[command(subcommand)]
-    command: Command,
-}
+mod cli;
 
-#[derive(Subcommand)]
-enum Command {
-    /// Tokenize text files, directories or JSONL into train/val token shards.
-    Prepare(PrepareArgs),
-    /// Tokenizer tools.
-    #[command(subcommand)]
-    Tokenizer(TokenizerCmd),
-    /// Pretrain a GPT-2 model (no --data: the embedded corpus).
-    Pretrain(PretrainArgs),
-    /// Generate text from a checkpoint (or a run directory's newest checkpoint).
-    Sample(SampleArgs),
-    /// Describe a token shard, a checkpoint or a run directory.
-    Info { path: PathBuf },
-    /// Time training steps of a preset on random tokens.
-    Bench(BenchArgs),
-}
+use cli::*;
 
-#[derive(Args)]
-struct BenchArgs {
-    #[arg(long, default_value = "tiny")]
-    preset: String,
-    /// Vocabulary size (4096: a small BPE; 50257: GPT-2).
-    #[arg(long, default_value_t = 4096)]
-    vocab_size: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
-    /// Timed steps (after the warm-up steps).
-    #[arg(long, default_value_t = 10)]
-    steps: usize,
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
-    /// Time forward + backward only (no gradient norm, no AdamW).
-    #[arg(long)]
-    no_optimizer: bool,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
-}
-
-#[derive(Args)]
-struct PrepareArgs {
-    /// Text files, directories (searched recursively) or JSONL files with a "text" field.
-    #[arg(required = true)]
-    inputs: Vec<PathBuf>,
-    /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
-    #[arg(long)]
-    out: PathBuf,
-    /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
-    #[arg(long, default_value = "gpt2")]
-    tokenizer: String,
-    /// Vocabulary size when training a BPE.
-    #[arg(long, default_value_t = 4096)]
-    vocab_size: usize,
-    /// Fraction of documents held out for validation.
-    #[arg(long, default_value_t = 0.05)]
-    val_fraction: f64,
-    /// Most tokens per shard file.
-    #[arg(long, default_value_t = 100_000_000)]
-    shard_tokens: usize,
-}
-
-#[derive(Subcommand)]
-enum TokenizerCmd {
-    /// Train a byte-level BPE tokenizer.
-    Train {
-        /// Text files, directories or JSONL files.
-        #[arg(required = true)]
-        inputs: Vec<PathBuf>,
-        #[arg(long)]
-        vocab_size: usize,
-        /// Where to write tokenizer.json.
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-#[derive(Args)]
-struct PretrainArgs {
-    /// TOML run config; flags below override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Prepared data directory (from `topcoat prepare`); default: the embedded corpus.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run directory for metrics.jsonl and checkpoints.
-    #[arg(long, default_value = "runs/pretrain")]
-    out: PathBuf,
-    /// Continue from the newest checkpoint in --out.
-    #[arg(long)]
-    resume: bool,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long)]
-    max_steps: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    seq_len: Option<usize>,
-    #[arg(long)]
-    total_batch_tokens: Option<usize>,
-    #[arg(long)]
-    lr: Option<f32>,
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    #[arg(long)]
-    weight_decay: Option<f32>,
-    #[arg(long)]
-    grad_clip: Option<f32>,
-    #[arg(long)]
-    val_every: Option<usize>,
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-}
-
-#[derive(Args)]
-struct SampleArgs {
-    /// Checkpoint directory or run directory.
-    #[arg(long)]
-    checkpoint: PathBuf,
-    #[arg(long, default_value = "")]
-    prompt: String,
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    /// 0 = no top-k filtering.
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-}
-
-fn run_config(a: &PretrainArgs) -> Result<RunConfig> {
+/// The run config: `defaults`, then the TOML file, then the flags.
+fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
     let mut cfg = match &a.config {
         Some(p) => RunConfig::from_toml_file(p)?,
-        None => RunConfig::default(),
+        None => defaults,
     };
     macro_rules! set {
         ($($field:ident <- $flag:expr),* $(,)?) => { $(if let Some(v) = $flag.clone() { cfg.$field = v; })* };
@@ -284,6 +135,25 @@ fn bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints what a training run did.
+fn report(s: &TrainSummary) {
+    let first = s.val_losses.first().map(|v| v.1);
+    let last = s.val_losses.last().map(|v| v.1);
+    if let (Some(f), Some(l)) = (first, last) {
+        println!("validation loss {f:.4} -> {l:.4}");
+    }
+    println!(
+        "trained to step {} in {:.1} s ({:.0} tokens/s); checkpoint: {}",
+        s.final_step,
+        s.elapsed.as_secs_f64(),
+        s.tokens_per_s,
+        s.last_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+}
+
 fn main() -> std::process::ExitCode {
     // Errors print as one readable chain, never as a debug dump with a backtrace.
     match run_cli() {
@@ -320,32 +190,55 @@ fn run_cli() -> Result<()> {
             );
         }
         Command::Pretrain(a) => {
-            let run = run_config(&a)?;
-            let (device, why) = run::resolve_device(&a.device)?;
+            let run = run_config(&a.flags, RunConfig::default())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
             note(&format!("device: {why}"));
             let job = PretrainJob {
                 run,
                 data: a.data.clone(),
                 out: a.out.clone(),
-                resume: a.resume,
+                resume: a.flags.resume,
                 device,
                 quiet: false,
             };
-            let s = run::pretrain(&job, &note)?;
-            let first = s.val_losses.first().map(|v| v.1);
-            let last = s.val_losses.last().map(|v| v.1);
-            if let (Some(f), Some(l)) = (first, last) {
-                println!("validation loss {f:.4} -> {l:.4}");
-            }
+            report(&run::pretrain(&job, &note)?);
+        }
+        Command::PrepareSft(a) => {
+            let opts = SftPrepareOptions {
+                max_len: a.max_len,
+                val_fraction: a.val_fraction,
+                ..SftPrepareOptions::new(&a.out)
+            };
+            let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
             println!(
-                "trained to step {} in {:.1} s ({:.0} tokens/s); checkpoint: {}",
-                s.final_step,
-                s.elapsed.as_secs_f64(),
-                s.tokens_per_s,
-                s.last_checkpoint
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into())
+                "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
+                 {} truncated to --max-len {}, {} dropped (no response token within it)",
+                a.out.display(),
+                s.conversations,
+                s.train_examples,
+                s.train_tokens,
+                s.train_loss_tokens,
+                s.val_examples,
+                s.val_tokens,
+                s.truncated,
+                a.max_len,
+                s.dropped
             );
+        }
+        Command::Sft(a) => {
+            let run = run_config(&a.flags, run::sft_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = SftJob {
+                run,
+                init: a.init.clone(),
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+            };
+            report(&run::sft(&job, &note)?);
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {

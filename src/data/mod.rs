@@ -1,11 +1,14 @@
 //! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
-//! and a trainable byte-level BPE) and `prepare` (text -> shards).
+//! and a trainable byte-level BPE), `prepare` (text -> shards), the chat template and
+//! `prepare-sft` (conversations -> shards + loss masks).
 
 pub mod bpe;
+pub mod chat;
 pub mod error;
 pub mod loader;
 pub mod prepare;
 pub mod pretok;
+pub mod sft;
 pub mod shard;
 pub mod tokenizer;
 
@@ -13,5 +16,6 @@ pub use bpe::Bpe;
 pub use error::DataError;
 pub use loader::{Batch, Loader, LoaderPosition};
 pub use prepare::{prepare, PrepareOptions, PrepareSummary, ProgressEvent};
+pub use sft::{prepare_sft, SftPrepareOptions, SftPrepareSummary, SftSplit};
 pub use shard::{write_shard, Shard, ShardWriter, MAGIC_U16, MAGIC_U32};
 pub use tokenizer::{Tokenizer, TokenizerKind, SPECIAL_TOKENS};

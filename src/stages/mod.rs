@@ -1,3 +1,4 @@
 //! Training stages: each holds only its loss and data wiring; the loop lives in `train`.
 
 pub mod pretrain;
+pub mod sft;

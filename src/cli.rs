@@ -1,0 +1,202 @@
+//! The command-line flags of `topcoat` (clap derive): one struct per subcommand.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "topcoat",
+    version,
+    about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning"
+)]
+pub struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Tokenize text files, directories or JSONL into train/val token shards.
+    Prepare(PrepareArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Pretrain a GPT-2 model (no --data: the embedded corpus).
+    Pretrain(PretrainArgs),
+    /// Render conversations JSONL into SFT shards with loss masks.
+    PrepareSft(PrepareSftArgs),
+    /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
+    Sft(SftArgs),
+    /// Generate text from a checkpoint (or a run directory's newest checkpoint).
+    Sample(SampleArgs),
+    /// Describe a token shard, a checkpoint or a run directory.
+    Info { path: PathBuf },
+    /// Time training steps of a preset on random tokens.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Vocabulary size (4096: a small BPE; 50257: GPT-2).
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Time forward + backward only (no gradient norm, no AdamW).
+    #[arg(long)]
+    pub no_optimizer: bool,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// Text files, directories (searched recursively) or JSONL files with a "text" field.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
+    #[arg(long, default_value = "gpt2")]
+    pub tokenizer: String,
+    /// Vocabulary size when training a BPE.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    pub val_fraction: f64,
+    /// Most tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub shard_tokens: usize,
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCmd {
+    /// Train a byte-level BPE tokenizer.
+    Train {
+        /// Text files, directories or JSONL files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        /// Where to write tokenizer.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// Prepared data directory (from `topcoat prepare`); default: the embedded corpus.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/pretrain")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+#[derive(Args)]
+pub struct PrepareSftArgs {
+    /// Conversations JSONL: one {"messages": [{"role": ..., "content": ...}]} per line.
+    pub input: PathBuf,
+    /// Output directory for sft_train.{bin,idx}, sft_val.{bin,idx} and tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A tokenizer.json, or the checkpoint or run directory to fine-tune (its tokenizer).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Most tokens per example; longer ones are cut (or dropped if no response token fits).
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Fraction of conversations held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// Pretrained checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Directory from `topcoat prepare-sft`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/sft")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+/// Flags shared by the training commands.
+#[derive(Args)]
+pub struct RunFlags {
+    /// TOML run config; flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub total_batch_tokens: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    #[arg(long)]
+    pub grad_clip: Option<f32>,
+    #[arg(long)]
+    pub val_every: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Checkpoint directory or run directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 = no top-k filtering.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
