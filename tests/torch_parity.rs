@@ -84,6 +84,7 @@ fn loss_and_gradients_match_pytorch() {
     );
 
     let grads = model.grad_values(&be).unwrap();
+    let mut worst = (0.0f64, "");
     for (spec, g) in layout.specs.iter().zip(&grads) {
         let want = floats(&st, &format!("grad.{}", spec.name));
         let err = rel_err(g, &want);
@@ -92,5 +93,12 @@ fn loss_and_gradients_match_pytorch() {
             "grad of {}: relative error {err:.3e}",
             spec.name
         );
+        if err > worst.0 {
+            worst = (err, spec.name.as_str());
+        }
     }
+    println!(
+        "largest gradient relative error: {:.2e} ({})",
+        worst.0, worst.1
+    );
 }
