@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, on the development machine, everything a GPU check needs into dist/ (ignored by git):
-# the release binary and the test executables with the CUDA kernels embedded (nvcc from the
+# the release binary and the CUDA parity tests with the kernels embedded, stripped (nvcc from the
 # pinned PyPI wheels), plus the PyTorch baseline. The GPU machine has no cargo: carry dist/.
 #   bash scripts/gpu_dist.sh && (on the GPU machine) bash scripts/gpu_check.sh
 set -euo pipefail
@@ -10,16 +10,17 @@ export NVCC
 touch build.rs # make build.rs look for nvcc again after a CPU-only build
 cargo build --release
 rm -rf dist && mkdir -p dist
-cp target/release/topcoat dist/
-# Test executables: the newest build of each integration test.
-cargo test --release --no-run --message-format=json 2>/dev/null |
+# The device machine takes at most 64 MiB: carry only what gpu_check.sh runs, stripped.
+strip -o dist/topcoat target/release/topcoat
+cargo test --release --test cuda_parity --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], "dist/" + m["target"]["name"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_parity":
+        shutil.copy(m["executable"], "dist/cuda_parity")
 '
+strip dist/cuda_parity
 cp scripts/bench_torch.py dist/
 du -sh dist
-ls dist
+ls -l dist
