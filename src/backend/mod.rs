@@ -15,6 +15,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod shapes;
 
 use thiserror::Error;
 

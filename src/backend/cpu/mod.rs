@@ -19,7 +19,7 @@ pub mod matmul;
 
 pub use float::Float;
 
-use super::{check_len, AdamWStep, Backend, BackendError, Result, Role};
+use super::{check_len, shapes, AdamWStep, Backend, BackendError, Result, Role};
 
 /// The f32 CPU reference backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -192,13 +192,16 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        let op = "layernorm_forward";
-        check_len(op, "out", n * c, out.len())?;
-        check_len(op, "mean", n, mean.len())?;
-        check_len(op, "rstd", n, rstd.len())?;
-        check_len(op, "inp", n * c, inp.len())?;
-        check_len(op, "weight", c, weight.len())?;
-        check_len(op, "bias", c, bias.len())?;
+        shapes::layernorm_forward(
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
         layernorm::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
         Ok(())
     }
@@ -216,15 +219,18 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        let op = "layernorm_backward";
-        check_len(op, "dinp", n * c, dinp.len())?;
-        check_len(op, "dweight", c, dweight.len())?;
-        check_len(op, "dbias", c, dbias.len())?;
-        check_len(op, "dout", n * c, dout.len())?;
-        check_len(op, "inp", n * c, inp.len())?;
-        check_len(op, "weight", c, weight.len())?;
-        check_len(op, "mean", n, mean.len())?;
-        check_len(op, "rstd", n, rstd.len())?;
+        shapes::layernorm_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.len(),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            mean.len(),
+            rstd.len(),
+            n,
+            c,
+        )?;
         layernorm::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
@@ -276,13 +282,15 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let op = "matmul_forward";
-        check_len(op, "out", n * oc, out.len())?;
-        check_len(op, "inp", n * c, inp.len())?;
-        check_len(op, "weight", oc * c, weight.len())?;
-        if let Some(bias) = bias {
-            check_len(op, "bias", oc, bias.len())?;
-        }
+        shapes::matmul_forward(
+            out.len(),
+            inp.len(),
+            weight.len(),
+            bias.map(|x| x.len()),
+            n,
+            c,
+            oc,
+        )?;
         matmul::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
         Ok(())
     }
@@ -299,15 +307,17 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let op = "matmul_backward";
-        check_len(op, "dinp", n * c, dinp.len())?;
-        check_len(op, "dweight", oc * c, dweight.len())?;
-        if let Some(dbias) = &dbias {
-            check_len(op, "dbias", oc, dbias.len())?;
-        }
-        check_len(op, "dout", n * oc, dout.len())?;
-        check_len(op, "inp", n * c, inp.len())?;
-        check_len(op, "weight", oc * c, weight.len())?;
+        shapes::matmul_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.as_ref().map(|x| x.len()),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            n,
+            c,
+            oc,
+        )?;
         let dbias = dbias.map(|b| b.as_mut_slice());
         matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
         Ok(())
@@ -325,9 +335,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let op = "attention_forward";
         check_heads(op, c, nh)?;
-        check_len(op, "out", b * t * c, out.len())?;
-        check_len(op, "lse", b * nh * t, lse.len())?;
-        check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
+        shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
         attention::attention_forward(out, lse, qkv, b, t, c, nh);
         Ok(())
     }
@@ -346,11 +354,17 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let op = "attention_backward";
         check_heads(op, c, nh)?;
-        check_len(op, "dqkv", b * t * 3 * c, dqkv.len())?;
-        check_len(op, "dout", b * t * c, dout.len())?;
-        check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
-        check_len(op, "out", b * t * c, out.len())?;
-        check_len(op, "lse", b * nh * t, lse.len())?;
+        shapes::attention_backward(
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            out.len(),
+            lse.len(),
+            b,
+            t,
+            c,
+            nh,
+        )?;
         attention::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh);
         Ok(())
     }

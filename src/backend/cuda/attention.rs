@@ -3,7 +3,8 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{as_i32, check_len, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
 
 pub(super) const KERNELS: &[&str] = &[
     "attention_forward_bf16",
@@ -62,9 +63,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "attention_forward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    check_len(op, "out", b * t * c, out.len())?;
-    check_len(op, "lse", b * nh * t, lse.len())?;
-    check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
+    shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
     if b * t * c == 0 {
         return Ok(());
     }
@@ -106,11 +105,17 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "attention_backward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    check_len(op, "dqkv", b * t * 3 * c, dqkv.len())?;
-    check_len(op, "dout", b * t * c, dout.len())?;
-    check_len(op, "qkv", b * t * 3 * c, qkv.len())?;
-    check_len(op, "out", b * t * c, out.len())?;
-    check_len(op, "lse", b * nh * t, lse.len())?;
+    shapes::attention_backward(
+        dqkv.len(),
+        dout.len(),
+        qkv.len(),
+        out.len(),
+        lse.len(),
+        b,
+        t,
+        c,
+        nh,
+    )?;
     if b * t * c == 0 {
         return Ok(());
     }

@@ -4,6 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{as_i32, check_len, launch_error, CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
 
 pub(super) const KERNELS: &[&str] = &[
     "layernorm_forward_bf16",
@@ -39,12 +40,16 @@ pub(super) fn forward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_forward";
-    check_len(op, "out", n * c, out.len())?;
-    check_len(op, "mean", n, mean.len())?;
-    check_len(op, "rstd", n, rstd.len())?;
-    check_len(op, "inp", n * c, inp.len())?;
-    check_len(op, "weight", c, weight.len())?;
-    check_len(op, "bias", c, bias.len())?;
+    shapes::layernorm_forward(
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        inp.len(),
+        weight.len(),
+        bias.len(),
+        n,
+        c,
+    )?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -155,14 +160,18 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_backward";
-    check_len(op, "dinp", n * c, dinp.len())?;
-    check_len(op, "dweight", c, dweight.len())?;
-    check_len(op, "dbias", c, dbias.len())?;
-    check_len(op, "dout", n * c, dout.len())?;
-    check_len(op, "inp", n * c, inp.len())?;
-    check_len(op, "weight", c, weight.len())?;
-    check_len(op, "mean", n, mean.len())?;
-    check_len(op, "rstd", n, rstd.len())?;
+    shapes::layernorm_backward(
+        dinp.len(),
+        dweight.len(),
+        dbias.len(),
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        mean.len(),
+        rstd.len(),
+        n,
+        c,
+    )?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 || c == 0 {
         return Ok(());

@@ -21,9 +21,8 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{
-    as_i32, check_len, driver_error, launch_error, BackendError, CudaBackend, CudaBuf, Result,
-};
+use super::{as_i32, driver_error, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
 
 pub(super) const KERNELS: &[&str] = &[
     "matmul_bias_backward_partial_bf16",
@@ -229,12 +228,15 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_forward";
-    check_len(op, "out", n * oc, out.len())?;
-    check_len(op, "inp", n * c, inp.len())?;
-    check_len(op, "weight", oc * c, weight.len())?;
-    if let Some(bias) = bias {
-        check_len(op, "bias", oc, bias.len())?;
-    }
+    shapes::matmul_forward(
+        out.len(),
+        inp.len(),
+        weight.len(),
+        bias.map(|x| x.len()),
+        n,
+        c,
+        oc,
+    )?;
     if n * oc == 0 {
         return Ok(());
     }
@@ -289,14 +291,17 @@ pub(super) fn backward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_backward";
-    check_len(op, "dinp", n * c, dinp.len())?;
-    check_len(op, "dweight", oc * c, dweight.len())?;
-    if let Some(dbias) = &dbias {
-        check_len(op, "dbias", oc, dbias.len())?;
-    }
-    check_len(op, "dout", n * oc, dout.len())?;
-    check_len(op, "inp", n * c, inp.len())?;
-    check_len(op, "weight", oc * c, weight.len())?;
+    shapes::matmul_backward(
+        dinp.len(),
+        dweight.len(),
+        dbias.as_ref().map(|x| x.len()),
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        n,
+        c,
+        oc,
+    )?;
     let (n_, oc_) = (as_i32(op, "N", n)?, as_i32(op, "OC", oc)?);
     if n == 0 || oc == 0 || c == 0 {
         return Ok(());

@@ -1,0 +1,126 @@
+//! Buffer-length checks for the ops whose shapes every backend checks the same way; each
+//! backend calls these before launching, so the rules live in one place.
+
+use super::{check_len, Result};
+
+/// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    out: usize,
+    mean: usize,
+    rstd: usize,
+    inp: usize,
+    weight: usize,
+    bias: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "layernorm_forward";
+    check_len(op, "out", n * c, out)?;
+    check_len(op, "mean", n, mean)?;
+    check_len(op, "rstd", n, rstd)?;
+    check_len(op, "inp", n * c, inp)?;
+    check_len(op, "weight", c, weight)?;
+    check_len(op, "bias", c, bias)
+}
+
+/// Lengths for `layernorm_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dinp: usize,
+    dweight: usize,
+    dbias: usize,
+    dout: usize,
+    inp: usize,
+    weight: usize,
+    mean: usize,
+    rstd: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "layernorm_backward";
+    check_len(op, "dinp", n * c, dinp)?;
+    check_len(op, "dweight", c, dweight)?;
+    check_len(op, "dbias", c, dbias)?;
+    check_len(op, "dout", n * c, dout)?;
+    check_len(op, "inp", n * c, inp)?;
+    check_len(op, "weight", c, weight)?;
+    check_len(op, "mean", n, mean)?;
+    check_len(op, "rstd", n, rstd)
+}
+
+/// Lengths for `matmul_forward`: `out [N*OC]`, `inp [N*C]`, `weight [OC*C]`, `bias [OC]`.
+pub fn matmul_forward(
+    out: usize,
+    inp: usize,
+    weight: usize,
+    bias: Option<usize>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_forward";
+    check_len(op, "out", n * oc, out)?;
+    check_len(op, "inp", n * c, inp)?;
+    check_len(op, "weight", oc * c, weight)?;
+    bias.map_or(Ok(()), |len| check_len(op, "bias", oc, len))
+}
+
+/// Lengths for `matmul_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dinp: usize,
+    dweight: usize,
+    dbias: Option<usize>,
+    dout: usize,
+    inp: usize,
+    weight: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_backward";
+    check_len(op, "dinp", n * c, dinp)?;
+    check_len(op, "dweight", oc * c, dweight)?;
+    dbias.map_or(Ok(()), |len| check_len(op, "dbias", oc, len))?;
+    check_len(op, "dout", n * oc, dout)?;
+    check_len(op, "inp", n * c, inp)?;
+    check_len(op, "weight", oc * c, weight)
+}
+
+/// Lengths for `attention_forward`: `out [B*T*C]`, `lse [B*NH*T]`, `qkv [B*T*3C]`.
+pub fn attention_forward(
+    out: usize,
+    lse: usize,
+    qkv: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let op = "attention_forward";
+    check_len(op, "out", b * t * c, out)?;
+    check_len(op, "lse", b * nh * t, lse)?;
+    check_len(op, "qkv", b * t * 3 * c, qkv)
+}
+
+/// Lengths for `attention_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dqkv: usize,
+    dout: usize,
+    qkv: usize,
+    out: usize,
+    lse: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let op = "attention_backward";
+    check_len(op, "dqkv", b * t * 3 * c, dqkv)?;
+    check_len(op, "dout", b * t * c, dout)?;
+    check_len(op, "qkv", b * t * 3 * c, qkv)?;
+    check_len(op, "out", b * t * c, out)?;
+    check_len(op, "lse", b * nh * t, lse)
+}
