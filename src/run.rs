@@ -11,7 +11,7 @@ use crate::data::{self, DataError, PrepareOptions, ProgressEvent, Shard, Tokeniz
 use crate::generate::{self, SampleOptions};
 use crate::model::Gpt;
 use crate::stages::pretrain::{split_files, Pretrain};
-use crate::train::{self, checkpoint, io_err, TrainError, TrainOptions, TrainSummary};
+use crate::train::{self, checkpoint, io_err, Objective, TrainError, TrainOptions, TrainSummary};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -134,38 +134,70 @@ pub fn pretrain(job: &PretrainJob, progress: &dyn Fn(&str)) -> Result<TrainSumma
         keep_checkpoints: 3,
         quiet: job.quiet,
     };
-    match job.device {
-        DeviceKind::Cpu => train_on(
-            &CpuBackend,
-            &cfg,
-            &mut objective,
-            &tokenizer,
-            &opts,
-            progress,
-        ),
-        DeviceKind::Cuda => train_on(
+    train_on_device(
+        job.device,
+        ModelInit::Fresh(&cfg),
+        &mut objective,
+        &tokenizer,
+        &opts,
+        progress,
+    )
+}
+
+/// Where a run's starting weights come from.
+pub(crate) enum ModelInit<'a> {
+    /// GPT-2 initialisation of this shape, drawn from the run's seed.
+    Fresh(&'a ModelConfig),
+    /// The weights of this checkpoint.
+    Checkpoint(&'a Path),
+}
+
+/// Builds the model on `device` and runs the shared training loop with `objective`.
+pub(crate) fn train_on_device<O>(
+    device: DeviceKind,
+    init: ModelInit,
+    objective: &mut O,
+    tokenizer: &Tokenizer,
+    opts: &TrainOptions,
+    progress: &dyn Fn(&str),
+) -> Result<TrainSummary, TrainError>
+where
+    O: Objective<CpuBackend> + Objective<cuda::CudaBackend>,
+{
+    match device {
+        DeviceKind::Cpu => train_with(&CpuBackend, init, objective, tokenizer, opts, progress),
+        DeviceKind::Cuda => train_with(
             &cuda::CudaBackend::new(0)?,
-            &cfg,
-            &mut objective,
-            &tokenizer,
-            &opts,
+            init,
+            objective,
+            tokenizer,
+            opts,
             progress,
         ),
     }
 }
 
-fn train_on<B: Backend>(
+fn train_with<B: Backend, O: Objective<B>>(
     be: &B,
-    cfg: &ModelConfig,
-    objective: &mut Pretrain,
+    init: ModelInit,
+    objective: &mut O,
     tokenizer: &Tokenizer,
     opts: &TrainOptions,
     progress: &dyn Fn(&str),
 ) -> Result<TrainSummary, TrainError> {
-    let mut model = Gpt::init(be, cfg, opts.run.seed)?;
+    let (mut model, source) = match init {
+        ModelInit::Fresh(cfg) => (
+            Gpt::init(be, cfg, opts.run.seed)?,
+            format!("{} preset", opts.run.preset),
+        ),
+        ModelInit::Checkpoint(dir) => (
+            checkpoint::load_model(be, dir, None)?,
+            dir.display().to_string(),
+        ),
+    };
+    let cfg = &model.cfg;
     progress(&format!(
-        "model: {} preset, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
-        opts.run.preset,
+        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
         cfg.num_params() as f64 / 1e6,
         cfg.vocab_size,
         cfg.padded_vocab_size,

@@ -1,12 +1,11 @@
 //! `prepare-sft` and `sft` as library calls: tokenizer resolution, the tokenizer agreement check
 //! between a pretrained checkpoint and SFT data, and the SFT run on the shared loop.
 
-use super::{data_tokenizer, resolve_checkpoint, DeviceKind};
-use crate::backend::{cpu::CpuBackend, cuda, Backend};
+use super::{data_tokenizer, resolve_checkpoint, train_on_device, DeviceKind, ModelInit};
 use crate::config::{ConfigError, RunConfig};
 use crate::data::{self, DataError, SftPrepareOptions, SftPrepareSummary, Tokenizer};
 use crate::stages::sft::Sft;
-use crate::train::{self, checkpoint, TrainError, TrainOptions, TrainSummary};
+use crate::train::{checkpoint, TrainError, TrainOptions, TrainSummary};
 use std::path::{Path, PathBuf};
 
 /// SFT defaults for the tiny preset: a lower peak rate than pretraining, fewer steps.
@@ -124,40 +123,12 @@ pub fn sft(job: &SftJob, progress: &dyn Fn(&str)) -> Result<TrainSummary, TrainE
         keep_checkpoints: 3,
         quiet: job.quiet,
     };
-    match job.device {
-        DeviceKind::Cpu => train_on(
-            &CpuBackend,
-            &ckpt,
-            &mut objective,
-            &model_tok,
-            &opts,
-            progress,
-        ),
-        DeviceKind::Cuda => train_on(
-            &cuda::CudaBackend::new(0)?,
-            &ckpt,
-            &mut objective,
-            &model_tok,
-            &opts,
-            progress,
-        ),
-    }
-}
-
-fn train_on<B: Backend>(
-    be: &B,
-    ckpt: &Path,
-    objective: &mut Sft,
-    tokenizer: &Tokenizer,
-    opts: &TrainOptions,
-    progress: &dyn Fn(&str),
-) -> Result<TrainSummary, TrainError> {
-    let mut model = checkpoint::load_model(be, ckpt, None)?;
-    progress(&format!(
-        "model: {} ({:.2} M parameters) on {}",
-        ckpt.display(),
-        model.cfg.num_params() as f64 / 1e6,
-        be.name()
-    ));
-    train::train(be, &mut model, objective, tokenizer, opts)
+    train_on_device(
+        job.device,
+        ModelInit::Checkpoint(&ckpt),
+        &mut objective,
+        &model_tok,
+        &opts,
+        progress,
+    )
 }
