@@ -49,6 +49,9 @@ pub enum Role {
     Activation,
     /// Optimizer moments and other fp32 state.
     State,
+    /// Small per-row statistics saved by a forward for its backward where bf16 would spoil
+    /// them (attention's log-sum-exp): fp32 on every backend.
+    Stat,
 }
 
 /// Hyper-parameters of one AdamW update (Loshchilov & Hutter, decoupled weight decay).
@@ -75,6 +78,21 @@ pub trait Backend: Send + Sync {
 
     /// Short human-readable name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
+
+    // ---- timing and memory accounting (benchmarks) ----------------------------------------
+    /// Waits until every op issued so far has finished (a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes of device memory in use by this process's device, where the backend can tell.
+    fn memory_in_use(&self) -> Option<usize> {
+        None
+    }
+    /// Bytes per element a buffer of this role takes (4 on the f32 CPU backend).
+    fn element_bytes(&self, role: Role) -> usize {
+        let _ = role;
+        4
+    }
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `len` elements.
