@@ -1,8 +1,9 @@
 // attention.cu: causal multi-head self-attention, forward and backward, flash-attention style.
 //
 // Twin of Backend::attention_forward / attention_backward and src/backend/cpu/attention.rs.
+// The CUDA-core fallback for head sizes the tensor-core kernels (attention_mma.cu) don't take.
 // Layout: qkv [B, T, 3C] bf16 (q | k | v per position, head h owns columns h*hs .. (h+1)*hs),
-// out [B, T, C] bf16, lse [B, NH, T] bf16 (the Backend hands out activations as bf16).
+// out [B, T, C] bf16, lse [B, NH, T] fp32.
 // Head size hs = C / NH, at most ATT_MAX_HS = 128. Arithmetic and accumulation in fp32.
 //
 // Forward: one warp per query row, ATT_ROWS = 8 rows per block; the block walks key tiles of
@@ -12,9 +13,8 @@
 // shuffles. The T x T matrix never leaves registers.
 //
 // Backward (three kernels, no float atomics, deterministic):
-//   prep: per query row, D_i = dout_i . out_i and an fp32 lse. The saved lse is bf16 (up to
-//         ~0.016 absolute error at lse ~ 7, i.e. a 1.6% error in every P); prep re-sums
-//         exp(s_ij - lse_bf16) over the row and corrects it: lse = lse_bf16 + log(sum).
+//   prep: per query row, D_i = dout_i . out_i, and the lse refined by one re-summation
+//         lse += log(sum_j exp(s_ij - lse)) (a no-op up to rounding for the forward's own lse).
 //   dq:   per query row, over key tiles: P = exp(s - lse), dP = dout_i . v_j,
 //         dS = P (dP - D_i), dq_i += scale * sum_j dS_ij k_j.
 //   dkv:  per key row, over query tiles: dv_j += sum_i P_ij dout_i, dk_j += scale * sum_i dS_ij q_i.
@@ -63,7 +63,7 @@ __device__ __forceinline__ float dot_hs(const float* a, const float* b, int hs) 
 
 // Grid (ceil(T / ATT_ROWS), B * NH), block ATT_ROWS * 32 threads.
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
-    attention_forward_bf16(__nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ lse,
+    attention_forward_bf16(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                            const __nv_bfloat16* __restrict__ qkv, int t, int c, int nh,
                            float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
@@ -116,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         const int d = lane + r * WARP_SIZE;
         if (d < hs) out[((size_t)bb * t + i) * c + h * hs + d] = f32_to_bf16(o[r] * inv_l);
     }
-    if (lane == 0) lse[(size_t)bh * t + i] = f32_to_bf16(m + logf(l));
+    if (lane == 0) lse[(size_t)bh * t + i] = m + logf(l);
 }
 
 // Backward prep: stats[(bh*T + i)*2 + 0] = exact fp32 lse, [.. + 1] = D_i = dout_i . out_i.
@@ -125,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_prep_bf16(float* __restrict__ stats, const __nv_bfloat16* __restrict__ dout,
                                  const __nv_bfloat16* __restrict__ out,
                                  const __nv_bfloat16* __restrict__ qkv,
-                                 const __nv_bfloat16* __restrict__ lse, int t, int c, int nh,
+                                 const float* __restrict__ lse, int t, int c, int nh,
                                  float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float k_s[ATT_TILE][ATT_MAX_HS + 1];
@@ -145,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         }
     }
     dsum = warp_reduce_sum(dsum);
-    const float lse0 = active ? bf16_to_f32(lse[(size_t)bh * t + i]) : 0.0f;
+    const float lse0 = active ? lse[(size_t)bh * t + i] : 0.0f;
     float psum = 0.0f;
     const int last_row = min(t - 1, row0 + ATT_ROWS - 1);
     for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
