@@ -266,6 +266,11 @@ fn attention<B: Backend>(be: &B) {
         (1, 33, 64, 2),
         (2, 70, 160, 2),
         (1, 45, 128, 1),
+        // Head sizes the tensor-core kernels take (32, 64), over several 64-row tiles and a
+        // ragged last one.
+        (2, 200, 128, 2),
+        (1, 130, 256, 8),
+        (3, 64, 192, 3),
     ] {
         let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
         let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
@@ -273,7 +278,7 @@ fn attention<B: Backend>(be: &B) {
             .unwrap();
         let gqkv = up(be, &qkv, Role::Activation);
         let mut gout = up(be, &nan(b * t * c), Role::Activation);
-        let mut glse = up(be, &nan(b * nh * t), Role::Activation);
+        let mut glse = up(be, &nan(b * nh * t), Role::Stat);
         be.attention_forward(&mut gout, &mut glse, &gqkv, b, t, c, nh)
             .unwrap();
         let got = down(be, &gout);
@@ -296,17 +301,17 @@ fn attention<B: Backend>(be: &B) {
         let dout = randn(&mut rng, b * t * c, 1.0);
         let mut dqkv = randn(&mut rng, b * t * 3 * c, 1.0);
         let mut gdqkv = up(be, &dqkv, Role::Activation);
-        // Both backwards use the CPU's forward outputs rounded to bf16 (what a bf16 backend saves).
+        // Both backwards use the CPU's forward output rounded to bf16 (what a bf16 backend
+        // saves) and its fp32 lse (a Role::Stat buffer).
         let out_r: Vec<f32> = out.iter().map(|&x| bf16_round(x)).collect();
-        let lse_r: Vec<f32> = lse.iter().map(|&x| bf16_round(x)).collect();
         cpu.attention_backward(&mut dqkv, &dout, &qkv, &out_r, &lse, b, t, c, nh)
             .unwrap();
         let (gdout, gout_r) = (
             up(be, &dout, Role::Activation),
             up(be, &out_r, Role::Activation),
         );
-        let glse_r = up(be, &lse_r, Role::Activation);
-        be.attention_backward(&mut gdqkv, &gdout, &gqkv, &gout_r, &glse_r, b, t, c, nh)
+        let glse = up(be, &lse, Role::Stat);
+        be.attention_backward(&mut gdqkv, &gdout, &gqkv, &gout_r, &glse, b, t, c, nh)
             .unwrap();
         assert_close(
             "attention_backward dqkv",
@@ -325,6 +330,8 @@ fn cross_entropy<B: Backend>(be: &B) {
         (4, 11, 16, Some(0.25)),
         (33, 1000, 1024, None),
         (7, 5000, 5003, Some(1.0)),
+        // The GPT-2 vocabulary padded to 64: 16-byte accesses with a ragged real part.
+        (9, 50257, 50304, Some(0.5)),
     ] {
         let logits = randn(&mut rng, n * vp, 2.0);
         let mut targets = ids_for(&mut rng, n, v);
@@ -408,7 +415,7 @@ fn shape_errors<B: Backend>(be: &B) {
         Err(BackendError::Shape { what: "bias", .. }) => {}
         other => panic!("layernorm_forward with a long bias: {other:?}"),
     }
-    let mut lse = be.zeros(n, Role::Activation).unwrap();
+    let mut lse = be.zeros(n, Role::Stat).unwrap();
     match be.attention_forward(&mut out, &mut lse, &x, 1, n, c, 2) {
         Err(BackendError::Shape { .. }) => {}
         other => panic!("attention_forward with a short qkv: {other:?}"),
