@@ -188,7 +188,7 @@ fn main() {
         "attention_forward",
         L,
         time_ms(|| {
-            be.attention_forward(&mut att, &mut lse, &qkv, B, T, C, NH)
+            be.attention_forward(&mut att, &mut lse, &qkv, None, B, T, C, NH)
                 .unwrap()
         }),
     );
@@ -197,7 +197,7 @@ fn main() {
         "attention_backward",
         L,
         time_ms(|| {
-            be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, B, T, C, NH)
+            be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, None, B, T, C, NH)
                 .unwrap()
         }),
     );

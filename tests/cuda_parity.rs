@@ -31,13 +31,14 @@ fn ids_for(rng: &mut Rng, n: usize, v: usize) -> Vec<i32> {
     (0..n).map(|_| rng.below(v as u64) as i32).collect()
 }
 
-/// Positions that restart at random example boundaries inside each row, each in `[0, tmax)`.
-fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize) -> Vec<i32> {
+/// Positions that restart at random example boundaries inside each row (a new example at each
+/// token with probability `1 / one_in`), each in `[0, tmax)`.
+fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize, one_in: u64) -> Vec<i32> {
     let mut pos = Vec::with_capacity(b * t);
     for _ in 0..b {
         let mut p = 0;
         for _ in 0..t {
-            if p == tmax || rng.below(6) == 0 {
+            if p == tmax || rng.below(one_in) == 0 {
                 p = 0;
             }
             pos.push(p as i32);
@@ -59,7 +60,7 @@ fn encoder<B: Backend>(be: &B) {
         (2, 64, 64, 257, 300, true),
     ] {
         let ids = ids_for(&mut rng, b * t, v);
-        let pos = packed.then(|| packed_positions(&mut rng, b, t, tmax));
+        let pos = packed.then(|| packed_positions(&mut rng, b, t, tmax, 6));
         let (wte, wpe) = (randn(&mut rng, v * c, 1.0), randn(&mut rng, tmax * c, 1.0));
         let mut want = vec![0.0; b * t * c];
         cpu.encoder_forward(&mut want, &ids, pos.as_ref(), &wte, &wpe, b, t, c)
@@ -257,7 +258,15 @@ backend_tests!(matmul => matmul_cpu, matmul_cuda);
 
 /// Naive bf16 attention forward on the host: f64 scores and softmax, probabilities rounded to
 /// bf16, the weighted sum in f64, the output rounded to bf16 (q, k, v are bf16 already).
-fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> Vec<f64> {
+/// Query `i` of row `bb` attends keys `starts[bb*t + i] ..= i` (0 ..= i without `starts`).
+fn naive_bf16_attention(
+    qkv: &[f32],
+    starts: Option<&[i32]>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Vec<f64> {
     let hs = c / nh;
     let scale = 1.0 / (hs as f64).sqrt();
     let mut out = vec![0.0f64; b * t * c];
@@ -267,7 +276,8 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
     for bb in 0..b {
         for h in 0..nh {
             for i in 0..t {
-                let s: Vec<f64> = (0..=i)
+                let first = starts.map_or(0, |s| s[bb * t + i] as usize);
+                let s: Vec<f64> = (first..=i)
                     .map(|j| {
                         (0..hs)
                             .map(|d| at(bb, i, 0, h, d) * at(bb, j, 1, h, d))
@@ -278,9 +288,9 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
                 for d in 0..hs {
-                    let o: f64 = (0..=i)
+                    let o: f64 = (first..=i)
                         .map(|j| {
-                            bf16_round(((s[j] - max).exp() / sum) as f32) as f64
+                            bf16_round(((s[j - first] - max).exp() / sum) as f32) as f64
                                 * at(bb, j, 2, h, d)
                         })
                         .sum();
@@ -295,20 +305,32 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
 fn attention<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(5);
-    for (b, t, c, nh) in [
-        (2, 5, 12, 3),
-        (1, 33, 64, 2),
-        (2, 70, 160, 2),
-        (1, 45, 128, 1),
+    // `one_in`: 0 for plain causal, else packed rows with a new example at each token with
+    // probability 1 / one_in (short examples, and long ones that span several key tiles).
+    for (b, t, c, nh, one_in) in [
+        (2, 5, 12, 3, 0),
+        (1, 33, 64, 2, 0),
+        (2, 70, 160, 2, 0),
+        (1, 45, 128, 1, 0),
+        (2, 5, 12, 3, 2),
+        (2, 70, 160, 2, 6),
+        (3, 101, 64, 2, 40),
+        (1, 45, 128, 1, 15),
     ] {
         let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
+        // A packed row's starts: position i minus its position within its example.
+        let starts: Option<Vec<i32>> = (one_in > 0).then(|| {
+            let pos = packed_positions(&mut rng, b, t, t, one_in);
+            (0..b * t).map(|k| (k % t) as i32 - pos[k]).collect()
+        });
+        let gstarts = starts.as_ref().map(|s| be.upload_ids(s).unwrap());
         let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
-        cpu.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh)
+        cpu.attention_forward(&mut out, &mut lse, &qkv, starts.as_ref(), b, t, c, nh)
             .unwrap();
         let gqkv = up(be, &qkv, Role::Activation);
         let mut gout = up(be, &nan(b * t * c), Role::Activation);
         let mut glse = up(be, &nan(b * nh * t), Role::Activation);
-        be.attention_forward(&mut gout, &mut glse, &gqkv, b, t, c, nh)
+        be.attention_forward(&mut gout, &mut glse, &gqkv, gstarts.as_ref(), b, t, c, nh)
             .unwrap();
         let got = down(be, &gout);
         assert_close("attention_forward out", &got, &out, BF16_TOL);
@@ -317,8 +339,9 @@ fn attention<B: Backend>(be: &B) {
         // Against f64: at most ATTN_NAIVE_FACTOR times the error of naive bf16 attention.
         let q64: Vec<f64> = qkv.iter().map(|&x| x as f64).collect();
         let (mut o64, mut l64) = (vec![0.0f64; b * t * c], vec![0.0f64; b * nh * t]);
-        cpu_attention::attention_forward(&mut o64, &mut l64, &q64, b, t, c, nh);
-        let naive = naive_bf16_attention(&qkv, b, t, c, nh);
+        let st = starts.as_deref();
+        cpu_attention::attention_forward(&mut o64, &mut l64, &q64, st, b, t, c, nh);
+        let naive = naive_bf16_attention(&qkv, st, b, t, c, nh);
         let got64: Vec<f64> = got.iter().map(|&x| x as f64).collect();
         let (e_got, e_naive) = (rel_err_f64(&got64, &o64), rel_err_f64(&naive, &o64));
         println!("attention vs f64: backend {e_got:.2e}, naive bf16 {e_naive:.2e}");
@@ -333,21 +356,45 @@ fn attention<B: Backend>(be: &B) {
         // Both backwards use the CPU's forward outputs rounded to bf16 (what a bf16 backend saves).
         let out_r: Vec<f32> = out.iter().map(|&x| bf16_round(x)).collect();
         let lse_r: Vec<f32> = lse.iter().map(|&x| bf16_round(x)).collect();
-        cpu.attention_backward(&mut dqkv, &dout, &qkv, &out_r, &lse, b, t, c, nh)
-            .unwrap();
+        cpu.attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv,
+            &out_r,
+            &lse,
+            starts.as_ref(),
+            b,
+            t,
+            c,
+            nh,
+        )
+        .unwrap();
         let (gdout, gout_r) = (
             up(be, &dout, Role::Activation),
             up(be, &out_r, Role::Activation),
         );
         let glse_r = up(be, &lse_r, Role::Activation);
-        be.attention_backward(&mut gdqkv, &gdout, &gqkv, &gout_r, &glse_r, b, t, c, nh)
-            .unwrap();
+        let gst = gstarts.as_ref();
+        be.attention_backward(
+            &mut gdqkv, &gdout, &gqkv, &gout_r, &glse_r, gst, b, t, c, nh,
+        )
+        .unwrap();
         assert_close(
             "attention_backward dqkv",
             &down(be, &gdqkv),
             &dqkv,
             BF16_TOL,
         );
+    }
+    // Starts that do not cut a row into contiguous examples are refused before launching.
+    let (t, c, nh) = (6, 8, 2);
+    let qkv = up(be, &randn(&mut rng, t * 3 * c, 1.0), Role::Activation);
+    let mut out = up(be, &nan(t * c), Role::Activation);
+    let mut lse = up(be, &nan(nh * t), Role::Activation);
+    let bad = be.upload_ids(&[0, 0, 2, 1, 4, 4]).unwrap();
+    match be.attention_forward(&mut out, &mut lse, &qkv, Some(&bad), 1, t, c, nh) {
+        Err(BackendError::Invalid { msg, .. }) => assert!(msg.contains("starts[3] = 1"), "{msg}"),
+        other => panic!("attention_forward with starts[3] = 1: {other:?}"),
     }
 }
 backend_tests!(attention => attention_cpu, attention_cuda);
@@ -443,7 +490,7 @@ fn shape_errors<B: Backend>(be: &B) {
         other => panic!("layernorm_forward with a long bias: {other:?}"),
     }
     let mut lse = be.zeros(n, Role::Activation).unwrap();
-    match be.attention_forward(&mut out, &mut lse, &x, 1, n, c, 2) {
+    match be.attention_forward(&mut out, &mut lse, &x, None, 1, n, c, 2) {
         Err(BackendError::Shape { .. }) => {}
         other => panic!("attention_forward with a short qkv: {other:?}"),
     }

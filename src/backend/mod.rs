@@ -232,21 +232,28 @@ pub trait Backend: Send + Sync {
     // ---- attention ----------------------------------------------------------------------
     /// Causal multi-head self-attention. `qkv [B*T*3C]` holds, per position, `q | k | v`
     /// (each `C` wide; head `h` owns columns `h*hs .. (h+1)*hs`, `hs = C / NH`).
-    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + causal mask) v`.
-    /// Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so backward can
-    /// recompute probabilities without storing the `T x T` matrix.
+    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + mask) v`, where query
+    /// `i` of row `b` attends keys `j` with `s <= j <= i`: `s = 0` (plain causal) when `starts`
+    /// is `None`, else `s = starts[b*T + i]`, the position within the row where the example
+    /// holding position `i` begins (examples packed into one row do not see each other).
+    /// Examples are contiguous: `starts[b*T] = 0` and each later entry repeats the previous one
+    /// or equals its own position (a new example); see [`shapes::attention_starts`]
+    /// ([`BackendError::Invalid`] otherwise). Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so
+    /// backward can recompute probabilities without storing the `T x T` matrix.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
         qkv: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()>;
-    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`.
+    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`
+    /// and the same `starts`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -255,6 +262,7 @@ pub trait Backend: Send + Sync {
         qkv: &Self::Buf,
         out: &Self::Buf,
         lse: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,

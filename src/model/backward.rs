@@ -121,7 +121,18 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             be.fill_zero(&mut s.dqkv)?;
-            be.attention_backward(&mut s.dqkv, &s.datty, &a.qkv, &a.atty, &a.lse, b, t, c, nh)?;
+            be.attention_backward(
+                &mut s.dqkv,
+                &s.datty,
+                &a.qkv,
+                &a.atty,
+                &a.lse,
+                None,
+                b,
+                t,
+                c,
+                nh,
+            )?;
             be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
             be.matmul_backward(

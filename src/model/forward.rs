@@ -66,7 +66,7 @@ impl<B: Backend> Gpt<B> {
                 c,
                 3 * c,
             )?;
-            be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, b, t, c, nh)?;
+            be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, None, b, t, c, nh)?;
             be.matmul_forward(
                 &mut cur.attproj,
                 &cur.atty,

@@ -365,6 +365,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
         qkv: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
         b: usize,
         t: usize,
         c: usize,
@@ -373,7 +374,9 @@ impl Backend for CpuBackend {
         let op = "attention_forward";
         check_heads(op, c, nh)?;
         shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
-        attention::attention_forward(out, lse, qkv, b, t, c, nh);
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_forward(out, lse, qkv, starts, b, t, c, nh);
         Ok(())
     }
 
@@ -384,6 +387,7 @@ impl Backend for CpuBackend {
         qkv: &Vec<f32>,
         out: &Vec<f32>,
         lse: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
         b: usize,
         t: usize,
         c: usize,
@@ -402,7 +406,9 @@ impl Backend for CpuBackend {
             c,
             nh,
         )?;
-        attention::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh);
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh);
         Ok(())
     }
 

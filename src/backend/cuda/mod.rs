@@ -504,12 +504,13 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
         qkv: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::forward(self, out, lse, qkv, b, t, c, nh)
+        attention::forward(self, out, lse, qkv, starts, b, t, c, nh)
     }
 
     fn attention_backward(
@@ -519,12 +520,13 @@ impl Backend for CudaBackend {
         qkv: &CudaBuf,
         out: &CudaBuf,
         lse: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::backward(self, dqkv, dout, qkv, out, lse, b, t, c, nh)
+        attention::backward(self, dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
     }
 
     fn cross_entropy(
