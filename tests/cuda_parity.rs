@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, bf16_round, down, randn, rel_err_f64};
+use common::{assert_close, bf16_round, down, randn, rel_err, rel_err_f64};
 use topcoat::backend::cpu::{attention as cpu_attention, CpuBackend};
 use topcoat::backend::{AdamWStep, Backend, BackendError, Role};
 use topcoat::rng::Rng;
@@ -496,3 +496,95 @@ fn shape_errors<B: Backend>(be: &B) {
     }
 }
 backend_tests!(shape_errors => shape_errors_cpu, shape_errors_cuda);
+
+/// Packed vs unpacked SFT batches on one backend: the same summed loss and gradients.
+const PACKED_LOSS_TOL: f64 = 1e-3;
+const PACKED_GRAD_TOL: f64 = 1e-2;
+/// The packed batch on this backend vs the f32 CPU reference (a whole bf16 model).
+const PACKED_MODEL_TOL: f64 = 5e-2;
+
+/// The examples of one packed batch of 4 rows of T = 40 (slots 10 + 25 + 5 fill row 0,
+/// 17 + 12 + 8 row 1, 30 row 2, a cut 50-token example row 3), as an unpacked batch of 8 rows
+/// and a packed one; random ids below `v`, random loss masks (-1 targets).
+#[allow(clippy::type_complexity)]
+fn sft_batches(rng: &mut Rng, v: usize) -> ((Vec<i32>, Vec<i32>), topcoat::stages::sft::SftBatch) {
+    use topcoat::stages::sft::{fill_row, BatchBuilder};
+    let t = 40;
+    let lens = [11, 26, 6, 18, 13, 9, 31, 50];
+    let mut unpacked = (vec![0; lens.len() * t], vec![0; lens.len() * t]);
+    let mut packed = BatchBuilder::new(4, t, 0, true);
+    for (r, &n) in lens.iter().enumerate() {
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let mut mask: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
+        mask[n - 1] = true;
+        let rows = r * t..(r + 1) * t;
+        let (i, o) = (&mut unpacked.0[rows.clone()], &mut unpacked.1[rows]);
+        fill_row(&ids, &mask, t, 0, i, o);
+        assert!(packed.push(&ids, &mask));
+    }
+    (unpacked, packed.finish())
+}
+
+/// (summed loss, every gradient concatenated) of one forward + backward.
+fn loss_and_grads<B: Backend>(
+    be: &B,
+    model: &mut topcoat::model::Gpt<B>,
+    (inputs, targets): (&[i32], &[i32]),
+    packing: Option<&topcoat::model::Packing>,
+    b: usize,
+) -> (f64, Vec<f32>) {
+    model.zero_grad(be).unwrap();
+    let loss = model
+        .forward_backward_with(be, inputs, targets, packing, b, 40, 1.0)
+        .unwrap();
+    (loss.sum, model.grad_values(be).unwrap().concat())
+}
+
+fn packed_model<B: Backend>(be: &B) {
+    use topcoat::model::Gpt;
+    let cfg = topcoat::config::ModelConfig {
+        vocab_size: 61,
+        padded_vocab_size: 64,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 64,
+        max_seq_len: 48,
+    };
+    let mut rng = Rng::new(9);
+    let ((ui, ut), packed) = sft_batches(&mut rng, cfg.vocab_size);
+    let packing = packed.packing.as_ref().unwrap();
+    let values = Gpt::init(&CpuBackend, &cfg, 4)
+        .unwrap()
+        .param_values(&CpuBackend)
+        .unwrap();
+    let mut model = Gpt::from_values(be, &cfg, values.clone()).unwrap();
+    let (base_loss, base_grads) = loss_and_grads(be, &mut model, (&ui, &ut), None, 8);
+    let p = (packed.inputs.as_slice(), packed.targets.as_slice());
+    let (loss, grads) = loss_and_grads(be, &mut model, p, Some(packing), 4);
+    let cpu = CpuBackend::new();
+    let mut reference = Gpt::from_values(&cpu, &cfg, values).unwrap();
+    let (ref_loss, ref_grads) = loss_and_grads(&cpu, &mut reference, p, Some(packing), 4);
+
+    let e_loss = ((loss - base_loss) / base_loss).abs();
+    let e_grad = rel_err(&grads, &base_grads);
+    let e_ref_loss = ((loss - ref_loss) / ref_loss).abs();
+    let e_ref_grad = rel_err(&grads, &ref_grads);
+    println!(
+        "packed vs unpacked: loss {e_loss:.1e}, grads {e_grad:.1e}; packed vs CPU: loss \
+         {e_ref_loss:.1e}, grads {e_ref_grad:.1e}"
+    );
+    assert!(
+        e_loss <= PACKED_LOSS_TOL,
+        "summed loss {loss} vs {base_loss}"
+    );
+    assert!(e_grad <= PACKED_GRAD_TOL, "gradients: rel diff {e_grad:e}");
+    assert!(
+        e_ref_loss <= PACKED_MODEL_TOL,
+        "loss {loss} vs CPU {ref_loss}"
+    );
+    assert!(
+        e_ref_grad <= PACKED_MODEL_TOL,
+        "gradients vs CPU: {e_ref_grad:e}"
+    );
+}
+backend_tests!(packed_model => packed_model_cpu, packed_model_cuda);
