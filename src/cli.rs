@@ -147,6 +147,10 @@ pub struct SftArgs {
     /// Run directory for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
+    /// Pack several whole examples into each row (they do not attend to each other); sets
+    /// `pack = true` in the run config.
+    #[arg(long)]
+    pub pack: bool,
     #[command(flatten)]
     pub flags: RunFlags,
 }

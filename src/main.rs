@@ -286,7 +286,8 @@ fn run_cli() -> Result<()> {
             );
         }
         Command::Sft(a) => {
-            let run = run_config(&a.flags, run::sft_run_defaults())?;
+            let mut run = run_config(&a.flags, run::sft_run_defaults())?;
+            run.pack |= a.pack;
             let (device, why) = run::resolve_device(&a.flags.device)?;
             note(&format!("device: {why}"));
             let job = SftJob {

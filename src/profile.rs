@@ -124,6 +124,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         &self,
         out: &mut Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         wte: &Self::Buf,
         wpe: &Self::Buf,
         b: usize,
@@ -132,7 +133,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     ) -> Result<()> {
         let bytes = 3.0 * (b * t * c) as f64 * self.act();
         self.timed("encoder_forward", bytes, 0.0, || {
-            self.inner.encoder_forward(out, ids, wte, wpe, b, t, c)
+            self.inner.encoder_forward(out, ids, pos, wte, wpe, b, t, c)
         })
     }
     fn encoder_backward(
@@ -141,6 +142,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dwpe: &mut Self::Buf,
         dout: &Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
@@ -150,7 +152,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let bytes =
             2.0 * n * self.act() + 2.0 * n * self.grad() + 2.0 * (t * c) as f64 * self.grad();
         self.timed("encoder_backward", bytes, 0.0, || {
-            self.inner.encoder_backward(dwte, dwpe, dout, ids, b, t, c)
+            self.inner
+                .encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c)
         })
     }
 
@@ -285,6 +288,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
         qkv: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
@@ -292,7 +296,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     ) -> Result<()> {
         let bytes = 4.0 * (b * t * c) as f64 * self.act();
         self.timed("attention_forward", bytes, attention_flops(b, t, c), || {
-            self.inner.attention_forward(out, lse, qkv, b, t, c, nh)
+            self.inner
+                .attention_forward(out, lse, qkv, starts, b, t, c, nh)
         })
     }
     fn attention_backward(
@@ -302,6 +307,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         qkv: &Self::Buf,
         out: &Self::Buf,
         lse: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
@@ -312,7 +318,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let flops = 2.5 * attention_flops(b, t, c);
         self.timed("attention_backward", bytes, flops, || {
             self.inner
-                .attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)
+                .attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
         })
     }
 

@@ -117,20 +117,24 @@ pub trait Backend: Send + Sync {
     fn ids_len(&self, ids: &Self::Ids) -> usize;
 
     // ---- encoder: token + position embedding ---------------------------------------------
-    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[t,:]`.
-    /// Shapes: out `[B*T*C]`, ids `[B*T]`, wte `[V*C]` (any V > max id), wpe `[Tmax*C]`, `T <= Tmax`.
+    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[p,:]`, where `p = t` when `pos` is `None` and
+    /// `p = pos[b,t]` otherwise (explicit positions, e.g. restarting at each example packed
+    /// into a row). Shapes: out `[B*T*C]`, ids `[B*T]`, pos `[B*T]`, wte `[V*C]` (any V > max
+    /// id), wpe `[Tmax*C]`; `T <= Tmax` without `pos`, every `pos` in `[0, Tmax)` with it
+    /// (an [`BackendError::Invalid`] otherwise).
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
         out: &mut Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         wte: &Self::Buf,
         wpe: &Self::Buf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()>;
-    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[t,:] += dout[b,t,:]`.
+    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[p,:] += dout[b,t,:]` (`p` as in the forward).
     #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
@@ -138,6 +142,7 @@ pub trait Backend: Send + Sync {
         dwpe: &mut Self::Buf,
         dout: &Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
@@ -245,21 +250,28 @@ pub trait Backend: Send + Sync {
     // ---- attention ----------------------------------------------------------------------
     /// Causal multi-head self-attention. `qkv [B*T*3C]` holds, per position, `q | k | v`
     /// (each `C` wide; head `h` owns columns `h*hs .. (h+1)*hs`, `hs = C / NH`).
-    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + causal mask) v`.
-    /// Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so backward can
-    /// recompute probabilities without storing the `T x T` matrix.
+    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + mask) v`, where query
+    /// `i` of row `b` attends keys `j` with `s <= j <= i`: `s = 0` (plain causal) when `starts`
+    /// is `None`, else `s = starts[b*T + i]`, the position within the row where the example
+    /// holding position `i` begins (examples packed into one row do not see each other).
+    /// Examples are contiguous: `starts[b*T] = 0` and each later entry repeats the previous one
+    /// or equals its own position (a new example); see [`shapes::attention_starts`]
+    /// ([`BackendError::Invalid`] otherwise). Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so
+    /// backward can recompute probabilities without storing the `T x T` matrix.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
         qkv: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()>;
-    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`.
+    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`
+    /// and the same `starts`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -268,6 +280,7 @@ pub trait Backend: Send + Sync {
         qkv: &Self::Buf,
         out: &Self::Buf,
         lse: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,

@@ -9,7 +9,7 @@ use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
     /// Accumulates parameter gradients, given that the last call was a loss pass with a
-    /// gradient scale (the logits buffer then holds dlogits).
+    /// gradient scale (the logits buffer then holds dlogits), with that pass's packing.
     pub(super) fn backward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
         let cfg = &self.cfg;
         let (n, c, nh, vp) = (b * t, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
@@ -24,6 +24,8 @@ impl<B: Backend> Gpt<B> {
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
         let s = self.scratch.as_mut().expect("allocated above");
+        let pos = self.packing.as_ref().map(|p| &p.positions);
+        let starts = self.packing.as_ref().map(|p| &p.starts);
 
         // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
         be.fill_zero(&mut s.dln)?;
@@ -121,7 +123,18 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             be.fill_zero(&mut s.dqkv)?;
-            be.attention_backward(&mut s.dqkv, &s.datty, &a.qkv, &a.atty, &a.lse, b, t, c, nh)?;
+            be.attention_backward(
+                &mut s.dqkv,
+                &s.datty,
+                &a.qkv,
+                &a.atty,
+                &a.lse,
+                starts,
+                b,
+                t,
+                c,
+                nh,
+            )?;
             be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
             be.matmul_backward(
@@ -152,7 +165,7 @@ impl<B: Backend> Gpt<B> {
 
         let ids = be.upload_ids(inputs)?;
         let (gte, gpe) = two_mut(g, lay.wte, lay.wpe);
-        be.encoder_backward(gte, gpe, &s.dresidual, &ids, b, t, c)?;
+        be.encoder_backward(gte, gpe, &s.dresidual, &ids, pos, b, t, c)?;
         Ok(())
     }
 }

@@ -1,10 +1,11 @@
 //! Launchers for causal attention: the tensor-core kernels of `kernels/attention_mma.cu` for
 //! head sizes 32 and 64 (forward saving an fp32 lse; backward: D = dout . out, then dq, then
-//! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size.
+//! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size and
+//! for rows restricted to the examples packed into them (`starts`, checked on its host copy).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds, Result};
 use crate::backend::shapes;
 
 pub(super) const KERNELS: &[&str] = &[
@@ -97,6 +98,17 @@ const MAX_HEAD_SIZE: usize = 128;
 /// `ATT_ROWS` in kernels/attention.cu: rows (one warp each) per block.
 const ROWS: usize = 8;
 
+/// A null device pointer: the kernels' `starts` argument for plain causal attention.
+const NO_STARTS: u64 = 0;
+
+/// Pushes the kernels' `starts` argument: the device copy, or a null pointer.
+fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
+    match starts {
+        Some(s) => args.arg(&s.dev),
+        None => args.arg(&NO_STARTS),
+    };
+}
+
 /// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
 fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
     if nh == 0 || c % nh != 0 {
@@ -135,6 +147,7 @@ pub(super) fn forward(
     out: &mut CudaBuf,
     lse: &mut CudaBuf,
     qkv: &CudaBuf,
+    starts: Option<&CudaIds>,
     b: usize,
     t: usize,
     c: usize,
@@ -143,13 +156,20 @@ pub(super) fn forward(
     let op = "attention_forward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
     shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+    shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
     }
     let (o, l) = (out.bf16_mut(op, "out")?, lse.f32_mut(op, "lse")?);
     let x = qkv.bf16(op, "qkv")?;
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    if let Some([name, _, _]) = mma_kernels(be.attention_kernels, c, nh) {
+    // The tensor-core kernels take `starts` too, but only their plain causal path has run on a
+    // GPU: packed rows stay on the CUDA-core kernels, which have.
+    let mma = starts
+        .is_none()
+        .then(|| mma_kernels(be.attention_kernels, c, nh))
+        .flatten();
+    if let Some([name, _, _]) = mma {
         let f = be.function(name)?;
         let no_starts = 0u64;
         // SAFETY: qkv holds B*T*3C bf16, out B*T*C bf16, lse B*NH*T fp32 (checked); C is a
@@ -173,21 +193,15 @@ pub(super) fn forward(
     }
     let name = KERNELS[0];
     let f = be.function(name)?;
-    // SAFETY: qkv holds B*T*3C bf16, out B*T*C, lse B*NH*T fp32 (checked); grid (ceil(T/8),
-    // B*NH) with 256 threads as the kernel expects; hs <= 128 fits its shared tiles.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(l)
-            .arg(x)
-            .arg(&t_)
-            .arg(&c_)
-            .arg(&nh_)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(name, e))?;
+    let mut args = be.stream.launch_builder(f);
+    args.arg(o).arg(l).arg(x);
+    push_starts(&mut args, starts);
+    args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+    // SAFETY: qkv holds B*T*3C bf16, out B*T*C, lse B*NH*T fp32, starts (when not null) B*T ints
+    // forming contiguous examples (checked); grid (ceil(T/8), B*NH) with 256 threads as the
+    // kernel expects; hs <= 128 fits its shared tiles; arguments match (bf16*, float*,
+    // const bf16*, const int*, int, int, int, float).
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
     Ok(())
 }
 
@@ -199,6 +213,7 @@ pub(super) fn backward(
     qkv: &CudaBuf,
     out: &CudaBuf,
     lse: &CudaBuf,
+    starts: Option<&CudaIds>,
     b: usize,
     t: usize,
     c: usize,
@@ -217,6 +232,7 @@ pub(super) fn backward(
         c,
         nh,
     )?;
+    shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
     }
@@ -228,7 +244,11 @@ pub(super) fn backward(
         lse.f32(op, "lse")?,
     );
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    if let Some([_, dq, dkv]) = mma_kernels(be.attention_kernels, c, nh) {
+    let mma = starts
+        .is_none()
+        .then(|| mma_kernels(be.attention_kernels, c, nh))
+        .flatten();
+    if let Some([_, dq, dkv]) = mma {
         let rows = b * nh * t;
         let rows_ = as_i32(op, "B*NH*T", rows)?;
         let mut dvec = be.alloc_f32(rows)?;
@@ -284,43 +304,25 @@ pub(super) fn backward(
 
     let name = KERNELS[1];
     let f = be.function(name)?;
-    // SAFETY: stats holds 2*B*NH*T floats, the other buffers their checked lengths; same grid
-    // as the forward.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut stats)
-            .arg(dy)
-            .arg(y)
-            .arg(x)
-            .arg(l)
-            .arg(&t_)
-            .arg(&c_)
-            .arg(&nh_)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(name, e))?;
+    let mut args = be.stream.launch_builder(f);
+    args.arg(&mut stats).arg(dy).arg(y).arg(x).arg(l);
+    push_starts(&mut args, starts);
+    args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+    // SAFETY: stats holds 2*B*NH*T floats, the other buffers their checked lengths, starts as
+    // in the forward; same grid as the forward.
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
 
     for name in [KERNELS[2], KERNELS[3]] {
         let f = be.function(name)?;
-        // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C, stats 2*B*NH*T floats; each
-        // element of dqkv is read-modified-written by exactly one lane of one of these two
-        // kernels (q part by dq, k and v parts by dkv), which run in stream order.
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(&mut *dx)
-                .arg(&stats)
-                .arg(dy)
-                .arg(x)
-                .arg(&t_)
-                .arg(&c_)
-                .arg(&nh_)
-                .arg(&scale)
-                .launch(cfg)
-        }
-        .map_err(|e| launch_error(name, e))?;
+        let mut args = be.stream.launch_builder(f);
+        args.arg(&mut *dx).arg(&stats).arg(dy).arg(x);
+        push_starts(&mut args, starts);
+        args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+        // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C, stats 2*B*NH*T floats, starts as
+        // in the forward; each element of dqkv is read-modified-written by exactly one lane of
+        // one of these two kernels (q part by dq, k and v parts by dkv), which run in stream
+        // order.
+        unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
     }
     Ok(())
 }

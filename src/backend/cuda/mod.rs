@@ -399,13 +399,14 @@ impl Backend for CudaBackend {
         &self,
         out: &mut CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         wte: &CudaBuf,
         wpe: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::forward(self, out, ids, wte, wpe, b, t, c)
+        encoder::forward(self, out, ids, pos, wte, wpe, b, t, c)
     }
 
     fn encoder_backward(
@@ -414,11 +415,12 @@ impl Backend for CudaBackend {
         dwpe: &mut CudaBuf,
         dout: &CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::backward(self, dwte, dwpe, dout, ids, b, t, c)
+        encoder::backward(self, dwte, dwpe, dout, ids, pos, b, t, c)
     }
 
     fn layernorm_forward(
@@ -526,12 +528,13 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
         qkv: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::forward(self, out, lse, qkv, b, t, c, nh)
+        attention::forward(self, out, lse, qkv, starts, b, t, c, nh)
     }
 
     fn attention_backward(
@@ -541,12 +544,13 @@ impl Backend for CudaBackend {
         qkv: &CudaBuf,
         out: &CudaBuf,
         lse: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::backward(self, dqkv, dout, qkv, out, lse, b, t, c, nh)
+        attention::backward(self, dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
     }
 
     fn cross_entropy(
