@@ -96,7 +96,7 @@ fn main() {
         "encoder_forward",
         1,
         time_ms(|| {
-            be.encoder_forward(&mut x, &ids, &wte, &wpe, B, T, C)
+            be.encoder_forward(&mut x, &ids, None, &wte, &wpe, B, T, C)
                 .unwrap()
         }),
     );
@@ -106,7 +106,7 @@ fn main() {
         "encoder_backward",
         1,
         time_ms(|| {
-            be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, B, T, C)
+            be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, None, B, T, C)
                 .unwrap()
         }),
     );

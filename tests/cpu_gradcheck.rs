@@ -98,22 +98,23 @@ fn random_ids(len: usize, below: usize, rng: &mut Rng) -> Vec<i32> {
 
 // ---- encoder -------------------------------------------------------------------------------
 
-#[test]
-fn encoder_backward_matches_finite_differences() {
-    let mut rng = Rng::new(11);
+/// Encoder backward vs finite differences and the f32 backend, with implicit or explicit positions.
+fn check_encoder(pos: Option<&Vec<i32>>, seed: u64) {
+    let mut rng = Rng::new(seed);
     let wte = randn(V * C, &mut rng);
     let wpe = randn(TMAX * C, &mut rng);
     let mut ids = random_ids(N, V, &mut rng);
     ids[3] = ids[7]; // a repeated id sums two positions
     let dout = randn(N * C, &mut rng);
+    let p = pos.map(Vec::as_slice);
     let fwd = |wte: &[f64], wpe: &[f64]| {
         let mut out = vec![0.0; N * C];
-        encoder::encoder_forward(&mut out, &ids, wte, wpe, B, T, C);
+        encoder::encoder_forward(&mut out, &ids, p, wte, wpe, B, T, C);
         dot(&out, &dout)
     };
     let mut dwte = vec![0.0; V * C];
     let mut dwpe = vec![0.0; TMAX * C];
-    encoder::encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, B, T, C);
+    encoder::encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, p, B, T, C);
     let fd_wte = fd_grad(&wte, |w| fwd(w, &wpe));
     let fd_wpe = fd_grad(&wpe, |w| fwd(&wte, w));
     assert_close("dwte", &dwte, &fd_wte, FD_TOL);
@@ -123,23 +124,71 @@ fn encoder_backward_matches_finite_differences() {
     let pre_wte = randn(V * C, &mut rng);
     let pre_wpe = randn(TMAX * C, &mut rng);
     let (mut acc_wte, mut acc_wpe) = (pre_wte.clone(), pre_wpe.clone());
-    encoder::encoder_backward(&mut acc_wte, &mut acc_wpe, &dout, &ids, B, T, C);
+    encoder::encoder_backward(&mut acc_wte, &mut acc_wpe, &dout, &ids, p, B, T, C);
     assert_accumulates("dwte", &pre_wte, &dwte, &acc_wte);
     assert_accumulates("dwpe", &pre_wpe, &dwpe, &acc_wpe);
 
     // The f32 backend.
     let be = CpuBackend;
     let mut out32 = vec![f32::NAN; N * C];
-    be.encoder_forward(&mut out32, &ids, &to32(&wte), &to32(&wpe), B, T, C)
+    be.encoder_forward(&mut out32, &ids, pos, &to32(&wte), &to32(&wpe), B, T, C)
         .unwrap();
     let mut out64 = vec![0.0; N * C];
-    encoder::encoder_forward(&mut out64, &ids, &wte, &wpe, B, T, C);
+    encoder::encoder_forward(&mut out64, &ids, p, &wte, &wpe, B, T, C);
     assert_close("encoder out (f32)", &to64(&out32), &out64, F32_TOL);
     let (mut g_wte, mut g_wpe) = (vec![0.0f32; V * C], vec![0.0f32; TMAX * C]);
-    be.encoder_backward(&mut g_wte, &mut g_wpe, &to32(&dout), &ids, B, T, C)
+    be.encoder_backward(&mut g_wte, &mut g_wpe, &to32(&dout), &ids, pos, B, T, C)
         .unwrap();
     assert_close("dwte (f32)", &to64(&g_wte), &fd_wte, F32_TOL);
     assert_close("dwpe (f32)", &to64(&g_wpe), &fd_wpe, F32_TOL);
+}
+
+#[test]
+fn encoder_backward_matches_finite_differences() {
+    check_encoder(None, 11);
+}
+
+#[test]
+fn encoder_with_explicit_positions_matches_finite_differences() {
+    // Positions restart inside a row (two packed examples) and reach past T, up to Tmax - 1.
+    let mut pos = vec![0, 1, 2, 0, 1, 3, 4, 5, 6, 0];
+    assert_eq!(pos.len(), N);
+    check_encoder(Some(&pos), 21);
+
+    // The forward reads wpe[pos], not wpe[t]: position 6 of row 1 against a direct sum.
+    let mut rng = Rng::new(22);
+    let (wte, wpe) = (
+        to32(&randn(V * C, &mut rng)),
+        to32(&randn(TMAX * C, &mut rng)),
+    );
+    let ids = random_ids(N, V, &mut rng);
+    let mut out = vec![f32::NAN; N * C];
+    CpuBackend
+        .encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, B, T, C)
+        .unwrap();
+    for i in 0..N {
+        for ch in 0..C {
+            let want = wte[ids[i] as usize * C + ch] + wpe[pos[i] as usize * C + ch];
+            assert_eq!(out[i * C + ch], want, "out[{i}, {ch}]");
+        }
+    }
+
+    // A position outside [0, Tmax) is an Invalid error naming it, for forward and backward.
+    pos[4] = TMAX as i32;
+    let r = CpuBackend.encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, B, T, C);
+    match r {
+        Err(BackendError::Invalid { msg, .. }) => {
+            assert!(msg.contains("position 7 at index 4"), "{msg}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    pos[4] = -1;
+    let (mut dwte, mut dwpe) = (vec![0.0f32; V * C], vec![0.0f32; TMAX * C]);
+    let r = CpuBackend.encoder_backward(&mut dwte, &mut dwpe, &out, &ids, Some(&pos), B, T, C);
+    assert!(matches!(r, Err(BackendError::Invalid { .. })), "{r:?}");
+    // A pos buffer of the wrong length is a Shape error.
+    let r = CpuBackend.encoder_forward(&mut out, &ids, Some(&vec![0; N - 1]), &wte, &wpe, B, T, C);
+    assert_shape_err(r, "pos");
 }
 
 // ---- layernorm -----------------------------------------------------------------------------
@@ -610,11 +659,16 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
         let ids = random_ids(n, v, &mut rng);
         let (wte, wpe) = (r(v * c, &mut rng), r(t * c, &mut rng));
         let mut x = vec![0.0; n * c];
-        be.encoder_forward(&mut x, &ids, &wte, &wpe, b, t, c)
+        be.encoder_forward(&mut x, &ids, None, &wte, &wpe, b, t, c)
             .unwrap();
         let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; t * c]);
         let dx = r(n * c, &mut rng);
-        be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, b, t, c)
+        be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, None, b, t, c)
+            .unwrap();
+        // Explicit positions (restarting every 7 tokens) sum dwpe rows by position.
+        let pos: Vec<i32> = (0..n).map(|i| (i % t % 7) as i32).collect();
+        let mut dwpe_pos = vec![0.0; t * c];
+        be.encoder_backward(&mut dwte, &mut dwpe_pos, &dx, &ids, Some(&pos), b, t, c)
             .unwrap();
         let (lw, lb) = (r(c, &mut rng), r(c, &mut rng));
         let (mut ln, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
@@ -667,6 +721,7 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
             x,
             dwte,
             dwpe,
+            dwpe_pos,
             ln,
             mean,
             rstd,
@@ -712,12 +767,30 @@ fn wrong_lengths_are_shape_errors() {
     let z = |len: usize| vec![0.1f32; len];
     let ids = vec![0i32; N];
     assert_shape_err(
-        be.encoder_forward(&mut z(N * C - 1), &ids, &z(V * C), &z(TMAX * C), B, T, C),
+        be.encoder_forward(
+            &mut z(N * C - 1),
+            &ids,
+            None,
+            &z(V * C),
+            &z(TMAX * C),
+            B,
+            T,
+            C,
+        ),
         "out",
     );
     // wpe shorter than T rows.
     assert_shape_err(
-        be.encoder_backward(&mut z(V * C), &mut z((T - 1) * C), &z(N * C), &ids, B, T, C),
+        be.encoder_backward(
+            &mut z(V * C),
+            &mut z((T - 1) * C),
+            &z(N * C),
+            &ids,
+            None,
+            B,
+            T,
+            C,
+        ),
         "dwpe",
     );
     assert_shape_err(
@@ -858,6 +931,7 @@ fn bad_ids_and_targets_are_invalid_errors_naming_the_row() {
     let r = be.encoder_forward(
         &mut vec![0.0; N * C],
         &ids,
+        None,
         &vec![0.0; V * C],
         &vec![0.0; T * C],
         B,

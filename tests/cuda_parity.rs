@@ -31,36 +31,70 @@ fn ids_for(rng: &mut Rng, n: usize, v: usize) -> Vec<i32> {
     (0..n).map(|_| rng.below(v as u64) as i32).collect()
 }
 
+/// Positions that restart at random example boundaries inside each row, each in `[0, tmax)`.
+fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize) -> Vec<i32> {
+    let mut pos = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        let mut p = 0;
+        for _ in 0..t {
+            if p == tmax || rng.below(6) == 0 {
+                p = 0;
+            }
+            pos.push(p as i32);
+            p += 1;
+        }
+    }
+    pos
+}
+
 fn encoder<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(1);
-    for (b, t, tmax, c, v) in [
-        (2, 5, 7, 12, 11),
-        (3, 33, 40, 100, 7),
-        (1, 64, 64, 257, 300),
+    for (b, t, tmax, c, v, packed) in [
+        (2, 5, 7, 12, 11, false),
+        (3, 33, 40, 100, 7, false),
+        (1, 64, 64, 257, 300, false),
+        (2, 5, 7, 12, 11, true),
+        (3, 45, 40, 100, 7, true),
+        (2, 64, 64, 257, 300, true),
     ] {
         let ids = ids_for(&mut rng, b * t, v);
+        let pos = packed.then(|| packed_positions(&mut rng, b, t, tmax));
         let (wte, wpe) = (randn(&mut rng, v * c, 1.0), randn(&mut rng, tmax * c, 1.0));
         let mut want = vec![0.0; b * t * c];
-        cpu.encoder_forward(&mut want, &ids, &wte, &wpe, b, t, c)
+        cpu.encoder_forward(&mut want, &ids, pos.as_ref(), &wte, &wpe, b, t, c)
             .unwrap();
         let mut out = up(be, &nan(b * t * c), Role::Activation);
         let (gte, gpe) = (up(be, &wte, Role::Param), up(be, &wpe, Role::Param));
         let gids = be.upload_ids(&ids).unwrap();
-        be.encoder_forward(&mut out, &gids, &gte, &gpe, b, t, c)
+        let gpos = pos.as_ref().map(|p| be.upload_ids(p).unwrap());
+        be.encoder_forward(&mut out, &gids, gpos.as_ref(), &gte, &gpe, b, t, c)
             .unwrap();
         assert_close("encoder_forward out", &down(be, &out), &want, BF16_TOL);
 
         let dout = randn(&mut rng, b * t * c, 1.0);
         let (mut dwte, mut dwpe) = (randn(&mut rng, v * c, 1.0), randn(&mut rng, tmax * c, 1.0));
         let (mut gdte, mut gdpe) = (up(be, &dwte, Role::Grad), up(be, &dwpe, Role::Grad));
-        cpu.encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, b, t, c)
+        cpu.encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, pos.as_ref(), b, t, c)
             .unwrap();
         let gdout = up(be, &dout, Role::Activation);
-        be.encoder_backward(&mut gdte, &mut gdpe, &gdout, &gids, b, t, c)
+        be.encoder_backward(&mut gdte, &mut gdpe, &gdout, &gids, gpos.as_ref(), b, t, c)
             .unwrap();
         assert_close("encoder_backward dwte", &down(be, &gdte), &dwte, F32_TOL);
         assert_close("encoder_backward dwpe", &down(be, &gdpe), &dwpe, F32_TOL);
+    }
+    // A position outside [0, Tmax) is refused before launching.
+    let (b, t, tmax, c) = (1, 4, 4, 8);
+    let (wte, wpe) = (
+        up(be, &randn(&mut rng, 3 * c, 1.0), Role::Param),
+        up(be, &randn(&mut rng, tmax * c, 1.0), Role::Param),
+    );
+    let ids = be.upload_ids(&[0, 1, 2, 0]).unwrap();
+    let pos = be.upload_ids(&[0, 1, 4, 0]).unwrap();
+    let mut out = up(be, &nan(b * t * c), Role::Activation);
+    match be.encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, b, t, c) {
+        Err(BackendError::Invalid { msg, .. }) => assert!(msg.contains("position 4"), "{msg}"),
+        other => panic!("encoder_forward with position 4 of 4: {other:?}"),
     }
 }
 backend_tests!(encoder => encoder_cpu, encoder_cuda);

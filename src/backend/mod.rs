@@ -142,20 +142,24 @@ pub trait Backend: Send + Sync {
     fn ids_len(&self, ids: &Self::Ids) -> usize;
 
     // ---- encoder: token + position embedding ---------------------------------------------
-    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[t,:]`.
-    /// Shapes: out `[B*T*C]`, ids `[B*T]`, wte `[V*C]` (any V > max id), wpe `[Tmax*C]`, `T <= Tmax`.
+    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[p,:]`, where `p = t` when `pos` is `None` and
+    /// `p = pos[b,t]` otherwise (explicit positions, e.g. restarting at each example packed
+    /// into a row). Shapes: out `[B*T*C]`, ids `[B*T]`, pos `[B*T]`, wte `[V*C]` (any V > max
+    /// id), wpe `[Tmax*C]`; `T <= Tmax` without `pos`, every `pos` in `[0, Tmax)` with it
+    /// (an [`BackendError::Invalid`] otherwise).
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
         out: &mut Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         wte: &Self::Buf,
         wpe: &Self::Buf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()>;
-    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[t,:] += dout[b,t,:]`.
+    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[p,:] += dout[b,t,:]` (`p` as in the forward).
     #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
@@ -163,6 +167,7 @@ pub trait Backend: Send + Sync {
         dwpe: &mut Self::Buf,
         dout: &Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,

@@ -152,7 +152,7 @@ impl<B: Backend> Gpt<B> {
 
         let ids = be.upload_ids(inputs)?;
         let (gte, gpe) = two_mut(g, lay.wte, lay.wpe);
-        be.encoder_backward(gte, gpe, &s.dresidual, &ids, b, t, c)?;
+        be.encoder_backward(gte, gpe, &s.dresidual, &ids, None, b, t, c)?;
         Ok(())
     }
 }

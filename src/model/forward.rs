@@ -24,7 +24,16 @@ impl<B: Backend> Gpt<B> {
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
 
-        be.encoder_forward(&mut acts.encoded, &ids, &p[lay.wte], &p[lay.wpe], b, t, c)?;
+        be.encoder_forward(
+            &mut acts.encoded,
+            &ids,
+            None,
+            &p[lay.wte],
+            &p[lay.wpe],
+            b,
+            t,
+            c,
+        )?;
         let l0 = &lay.layers[0];
         let first = &mut acts.layers[0];
         be.layernorm_forward(

@@ -379,13 +379,14 @@ impl Backend for CudaBackend {
         &self,
         out: &mut CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         wte: &CudaBuf,
         wpe: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::forward(self, out, ids, wte, wpe, b, t, c)
+        encoder::forward(self, out, ids, pos, wte, wpe, b, t, c)
     }
 
     fn encoder_backward(
@@ -394,11 +395,12 @@ impl Backend for CudaBackend {
         dwpe: &mut CudaBuf,
         dout: &CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::backward(self, dwte, dwpe, dout, ids, b, t, c)
+        encoder::backward(self, dwte, dwpe, dout, ids, pos, b, t, c)
     }
 
     fn layernorm_forward(
