@@ -5,10 +5,12 @@
 
 pub mod activations;
 mod backward;
+pub mod decode;
 pub mod forward;
 pub mod params;
 
 pub use activations::{Activations, GradScratch};
+pub use decode::KvCache;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
 
 use crate::backend::{Backend, BackendError, Role};
