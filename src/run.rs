@@ -1,8 +1,10 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
-//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`. The binary only
-//! parses flags and prints.
+//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`, `chat` in
+//! `run/chat.rs`. The binary only parses flags and prints.
 
+mod chat;
 mod sft;
+pub use chat::{chat, ChatOptions};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
