@@ -1,11 +1,18 @@
-//! `topcoat bench`: training-step throughput on random tokens, the figure docs/PERF.md records.
+//! `topcoat bench`: training-step throughput on random tokens, and generation speed with and
+//! without the KV cache; the figures docs/PERF.md records.
 //!
 //! A step is exactly what the training loop does per optimizer step without accumulation:
 //! zero the gradients, forward + backward on one micro-batch, the global gradient norm, and an
 //! AdamW update. Random tokens make it independent of any data on disk.
+//!
+//! Generation (`bench --generate`): one row, a random prompt, greedy decoding of a fixed number
+//! of new tokens (no stop token), timed end to end (prefill included) once with the KV cache
+//! ([`crate::generate::generate`]) and once rerunning the whole context per token
+//! ([`crate::generate::generate_uncached`]); tokens/s is new tokens over wall time.
 
 use crate::backend::{Backend, Role};
 use crate::config::{ModelConfig, RunConfig};
+use crate::generate::{self, SampleOptions};
 use crate::model::{Gpt, Result};
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -118,6 +125,77 @@ pub fn measure_matmul_tflops<B: Backend>(be: &B, n: usize) -> Result<f64> {
         }
     }
     Ok(2.0 * (n as f64).powi(3) / (median(&ms) / 1e3) / 1e12)
+}
+
+/// What a generation benchmark measured (wall seconds per run, after one warm-up run each).
+#[derive(Clone, Debug)]
+pub struct GenBenchResult {
+    pub cached_s: Vec<f64>,
+    pub uncached_s: Vec<f64>,
+    pub new_tokens: usize,
+    pub cached_tokens_per_s: f64,
+    pub uncached_tokens_per_s: f64,
+    /// Whether both paths produced the same greedy tokens.
+    pub same_tokens: bool,
+}
+
+/// Greedy generation of `new_tokens` after a random `prompt_len`-token prompt, with and
+/// without the KV cache, `runs` timed runs each (medians reported). `on_run(name, seconds)`
+/// sees every run, warm-ups included.
+pub fn bench_generate<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    prompt_len: usize,
+    new_tokens: usize,
+    runs: usize,
+    mut on_run: impl FnMut(&str, f64),
+) -> Result<GenBenchResult> {
+    let mut model = Gpt::init(be, cfg, 1)?;
+    let mut rng = Rng::new(11);
+    let prompt: Vec<u32> = (0..prompt_len.max(1))
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let opts = SampleOptions {
+        max_tokens: new_tokens,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 1,
+        stop: None,
+    };
+    let (mut cached_s, mut uncached_s) = (Vec::new(), Vec::new());
+    let (mut cached_tokens, mut uncached_tokens) = (Vec::new(), Vec::new());
+    for i in 0..runs.max(1) + 1 {
+        let start = Instant::now();
+        cached_tokens = generate::generate(be, &model, &prompt, &opts, |_| {})?;
+        let s = start.elapsed().as_secs_f64();
+        on_run(if i == 0 { "cached (warm-up)" } else { "cached" }, s);
+        if i > 0 {
+            cached_s.push(s);
+        }
+        let start = Instant::now();
+        uncached_tokens = generate::generate_uncached(be, &mut model, &prompt, &opts, |_| {})?;
+        let s = start.elapsed().as_secs_f64();
+        on_run(
+            if i == 0 {
+                "uncached (warm-up)"
+            } else {
+                "uncached"
+            },
+            s,
+        );
+        if i > 0 {
+            uncached_s.push(s);
+        }
+    }
+    Ok(GenBenchResult {
+        cached_tokens_per_s: new_tokens as f64 / median(&cached_s),
+        uncached_tokens_per_s: new_tokens as f64 / median(&uncached_s),
+        cached_s,
+        uncached_s,
+        new_tokens,
+        same_tokens: cached_tokens == uncached_tokens,
+    })
 }
 
 #[cfg(test)]

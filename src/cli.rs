@@ -34,8 +34,10 @@ pub enum Command {
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
     Info { path: PathBuf },
-    /// Time training steps of a preset on random tokens.
+    /// Time training steps of a preset on random tokens (--generate: generation speed).
     Bench(BenchArgs),
+    /// Chat with a checkpoint: one message per line on stdin, replies streamed to stdout.
+    Chat(ChatArgs),
 }
 
 #[derive(Args)]
@@ -67,6 +69,18 @@ pub struct BenchArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Time greedy generation with and without the KV cache instead of training steps.
+    #[arg(long)]
+    pub generate: bool,
+    /// Prompt tokens (random) for --generate.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: usize,
+    /// New tokens per run for --generate (prompt + new must fit the preset's context).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Timed runs of each path for --generate (after one warm-up run each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
 
 #[derive(Args)]
@@ -210,4 +224,37 @@ pub struct SampleArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// Checkpoint directory or run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A system message placed before the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 = no top-k filtering.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }

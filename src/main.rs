@@ -11,7 +11,7 @@ use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::profile::{OpTally, Profiled};
-use topcoat::run::{self, DeviceKind, PretrainJob, SftJob};
+use topcoat::run::{self, ChatOptions, DeviceKind, PretrainJob, SftJob};
 use topcoat::train::TrainSummary;
 
 mod cli;
@@ -88,6 +88,9 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
 fn bench(a: &BenchArgs) -> Result<()> {
     let (device, why) = run::resolve_device(&a.device)?;
     let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;
+    if a.generate {
+        return bench_generate(a, &cfg, device, &why);
+    }
     if a.seq_len > cfg.max_seq_len {
         bail!(
             "--seq-len {} exceeds the {} preset's max_seq_len {}",
@@ -193,6 +196,46 @@ fn print_profile(tally: &std::collections::BTreeMap<&'static str, OpTally>, step
         "| total (each op waited for) | | {:.2} | | | |",
         total * 1e3 / steps
     );
+}
+
+fn bench_generate(a: &BenchArgs, cfg: &ModelConfig, device: DeviceKind, why: &str) -> Result<()> {
+    if a.prompt_len == 0 || a.new_tokens == 0 || a.prompt_len + a.new_tokens > cfg.max_seq_len {
+        bail!(
+            "--prompt-len {} + --new-tokens {} must be positive and fit the {} preset's max_seq_len {}",
+            a.prompt_len,
+            a.new_tokens,
+            a.preset,
+            cfg.max_seq_len
+        );
+    }
+    println!(
+        "bench --generate: {} preset ({:.2} M parameters, vocab {}), B=1, prompt {} tokens, {} new tokens (greedy), {} threads, device {why}",
+        a.preset,
+        cfg.num_params() as f64 / 1e6,
+        cfg.vocab_size,
+        a.prompt_len,
+        a.new_tokens,
+        rayon::current_num_threads()
+    );
+    let on_run = |name: &str, s: f64| eprintln!("{name:>18}: {s:8.3} s");
+    let (p, n, runs) = (a.prompt_len, a.new_tokens, a.runs);
+    let r = match device {
+        DeviceKind::Cpu => bench::bench_generate(&CpuBackend, cfg, p, n, runs, on_run)?,
+        DeviceKind::Cuda => {
+            let be = CudaBackend::new(0)?;
+            bench::bench_generate(&be, cfg, p, n, runs, on_run)?
+        }
+    };
+    println!("| KV cache tokens/s | no cache tokens/s | speed-up | same greedy tokens |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| {:.1} | {:.1} | {:.1}x | {} |",
+        r.cached_tokens_per_s,
+        r.uncached_tokens_per_s,
+        r.cached_tokens_per_s / r.uncached_tokens_per_s,
+        if r.same_tokens { "yes" } else { "no" }
+    );
+    Ok(())
 }
 
 /// Prints what a training run did.
@@ -305,19 +348,40 @@ fn run_cli() -> Result<()> {
             if a.temperature < 0.0 {
                 bail!("--temperature must be >= 0");
             }
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
             let opts = SampleOptions {
                 max_tokens: a.max_tokens,
                 temperature: a.temperature,
                 top_k: a.top_k,
+                top_p: a.top_p,
                 seed: a.seed,
                 stop: None,
             };
             print!("{}", a.prompt);
-            run::sample(&a.checkpoint, &a.prompt, &opts, |text| {
+            run::sample(&a.checkpoint, &a.prompt, &opts, device, |text| {
                 print!("{text}");
                 let _ = std::io::stdout().flush();
             })?;
             println!();
+        }
+        Command::Chat(a) => {
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let opts = ChatOptions {
+                system: a.system.clone(),
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                max_new_tokens: a.max_new_tokens,
+                seed: a.seed,
+                device,
+                show_prompt: std::io::stdin().is_terminal(),
+            };
+            let stdin = std::io::stdin();
+            let mut input = stdin.lock();
+            let mut out = std::io::stdout();
+            run::chat(&a.checkpoint, &opts, &mut input, &mut out, &note)?;
         }
         Command::Info { path } => print!("{}", run::info(&path)?),
         Command::Bench(a) => bench(&a)?,

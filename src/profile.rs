@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{AdamWStep, Backend, Result, Role};
+use crate::backend::{AdamWStep, Backend, Result, Role, SampleParams};
 
 /// What one op family cost over the profiled steps.
 #[derive(Clone, Debug, Default)]
@@ -353,6 +353,41 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let bytes = n * (7.0 * self.grad() + self.inner.element_bytes(Role::Param) as f64);
         self.timed("adamw", bytes, 0.0, || {
             self.inner.adamw(param, grad, m, v, hp)
+        })
+    }
+    fn attention_cached_forward(
+        &self,
+        out: &mut Self::Buf,
+        qkv: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        // New q, k, v read; new k, v written into the caches; the visible cache rows read.
+        let bytes = (b * c) as f64 * (6 * tn + 2 * (past + tn)) as f64 * self.act();
+        let flops = 4.0 * (b * tn * (past + tn) * c) as f64;
+        self.timed("attention_cached_forward", bytes, flops, || {
+            self.inner
+                .attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)
+        })
+    }
+    fn sample_tokens(
+        &self,
+        logits: &Self::Buf,
+        n: usize,
+        v: usize,
+        vp: usize,
+        params: &SampleParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        let bytes = (n * vp) as f64 * self.act();
+        self.timed("sample_tokens", bytes, 0.0, || {
+            self.inner.sample_tokens(logits, n, v, vp, params, uniforms)
         })
     }
     fn global_norm(&self, bufs: &[&Self::Buf]) -> Result<f32> {

@@ -1,8 +1,10 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
-//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`. The binary only
-//! parses flags and prints.
+//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`, `chat` in
+//! `run/chat.rs`. The binary only parses flags and prints.
 
+mod chat;
 mod sft;
+pub use chat::{chat, ChatOptions};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
@@ -220,8 +222,23 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
     })
 }
 
-/// Generates a continuation of `prompt` from a checkpoint, streaming text to `on_text`.
+/// Generates a continuation of `prompt` from a checkpoint on `device` (with a KV cache),
+/// streaming text to `on_text`.
 pub fn sample(
+    ckpt: &Path,
+    prompt: &str,
+    opts: &SampleOptions,
+    device: DeviceKind,
+    on_text: impl FnMut(&str),
+) -> Result<String, TrainError> {
+    match device {
+        DeviceKind::Cpu => sample_with(&CpuBackend, ckpt, prompt, opts, on_text),
+        DeviceKind::Cuda => sample_with(&cuda::CudaBackend::new(0)?, ckpt, prompt, opts, on_text),
+    }
+}
+
+fn sample_with<B: Backend>(
+    be: &B,
     ckpt: &Path,
     prompt: &str,
     opts: &SampleOptions,
@@ -229,8 +246,7 @@ pub fn sample(
 ) -> Result<String, TrainError> {
     let dir = resolve_checkpoint(ckpt)?;
     let tokenizer = checkpoint::load_tokenizer(&dir)?;
-    let be = CpuBackend;
-    let mut model = checkpoint::load_model(&be, &dir, None)?;
+    let model = checkpoint::load_model(be, &dir, None)?;
     let mut ids = tokenizer.encode(prompt);
     if ids.is_empty() {
         ids.push(tokenizer.eot());
@@ -239,21 +255,14 @@ pub fn sample(
         stop: opts.stop.or(Some(tokenizer.eot())),
         ..opts.clone()
     };
-    let mut generated: Vec<u32> = Vec::new();
-    let mut shown = String::new();
-    generate::generate(&be, &mut model, &ids, &opts, |tok| {
-        generated.push(tok);
-        // Decode the whole continuation so multi-byte characters split across tokens print whole.
-        let text = tokenizer.decode(&generated);
-        if text.len() > shown.len()
-            && text.starts_with(shown.as_str())
-            && !text.ends_with('\u{FFFD}')
-        {
-            on_text(&text[shown.len()..]);
-            shown = text;
+    let mut stream = generate::TextStream::new(&tokenizer);
+    generate::generate(be, &model, &ids, &opts, |tok| {
+        let text = stream.push(tok);
+        if !text.is_empty() {
+            on_text(&text);
         }
     })?;
-    Ok(tokenizer.decode(&generated))
+    Ok(stream.text())
 }
 
 /// A human-readable description of a shard file, a checkpoint, or a run directory.

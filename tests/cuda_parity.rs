@@ -594,3 +594,166 @@ fn packed_model<B: Backend>(be: &B) {
     );
 }
 backend_tests!(packed_model => packed_model_cpu, packed_model_cuda);
+
+/// Cached attention (generation): new positions over a cache already holding `past` random
+/// rows, against the CPU op, and against f64 no worse than ATTN_NAIVE_FACTOR x naive bf16.
+fn attention_cached<B: Backend>(be: &B) {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(9);
+    // (B, Tn, past, Tmax, C, NH): first steps, decode steps deep into the cache, a prefill,
+    // a chunk after a prefill, hs = 128, and a GPT-2-like head layout.
+    for (b, tn, past, tmax, c, nh) in [
+        (1, 1, 0, 8, 12, 3),
+        (2, 1, 37, 64, 64, 2),
+        (2, 5, 10, 20, 128, 1),
+        (1, 70, 0, 80, 160, 2),
+        (3, 1, 255, 256, 768, 12),
+    ] {
+        let qkv = randn(&mut rng, b * tn * 3 * c, 1.0);
+        let kc0 = randn(&mut rng, b * tmax * c, 1.0);
+        let vc0 = randn(&mut rng, b * tmax * c, 1.0);
+        let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+        let mut want = vec![0.0; b * tn * c];
+        cpu.attention_cached_forward(&mut want, &qkv, &mut kc, &mut vc, b, tn, past, tmax, c, nh)
+            .unwrap();
+        let gqkv = up(be, &qkv, Role::Activation);
+        let (mut gkc, mut gvc) = (
+            up(be, &kc0, Role::Activation),
+            up(be, &vc0, Role::Activation),
+        );
+        let mut gout = up(be, &nan(b * tn * c), Role::Activation);
+        be.attention_cached_forward(
+            &mut gout, &gqkv, &mut gkc, &mut gvc, b, tn, past, tmax, c, nh,
+        )
+        .unwrap();
+        let got = down(be, &gout);
+        assert_close("attention_cached_forward out", &got, &want, BF16_TOL);
+        // The caches hold copies of bf16 values: exact.
+        assert_close(
+            "attention_cached_forward k_cache",
+            &down(be, &gkc),
+            &kc,
+            0.0,
+        );
+        assert_close(
+            "attention_cached_forward v_cache",
+            &down(be, &gvc),
+            &vc,
+            0.0,
+        );
+
+        // Against f64: lay the cache rows and the new rows out as one sequence [B, past+Tn, 3C]
+        // (q of the cached rows is random and unused), run plain attention, keep the new rows.
+        let t = past + tn;
+        let mut full = randn(&mut rng, b * t * 3 * c, 1.0);
+        for bb in 0..b {
+            for j in 0..t {
+                let dst = &mut full[(bb * t + j) * 3 * c..][..3 * c];
+                if j < past {
+                    let src = (bb * tmax + j) * c;
+                    dst[c..2 * c].copy_from_slice(&kc0[src..src + c]);
+                    dst[2 * c..].copy_from_slice(&vc0[src..src + c]);
+                } else {
+                    dst.copy_from_slice(&qkv[(bb * tn + j - past) * 3 * c..][..3 * c]);
+                }
+            }
+        }
+        let f64_full: Vec<f64> = full.iter().map(|&x| x as f64).collect();
+        let (mut o64, mut l64) = (vec![0.0f64; b * t * c], vec![0.0f64; b * nh * t]);
+        cpu_attention::attention_forward(&mut o64, &mut l64, &f64_full, b, t, c, nh);
+        let naive = naive_bf16_attention(&full, b, t, c, nh);
+        let new_rows = |x: &[f64]| -> Vec<f64> {
+            (0..b)
+                .flat_map(|bb| x[(bb * t + past) * c..(bb * t + t) * c].to_vec())
+                .collect()
+        };
+        let (o64, naive) = (new_rows(&o64), new_rows(&naive));
+        let got64: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+        let (e_got, e_naive) = (rel_err_f64(&got64, &o64), rel_err_f64(&naive, &o64));
+        println!("attention_cached vs f64: backend {e_got:.2e}, naive bf16 {e_naive:.2e}");
+        assert!(
+            e_got <= ATTN_NAIVE_FACTOR * e_naive.max(1e-7),
+            "cached attention error {e_got:e} > {ATTN_NAIVE_FACTOR} x naive bf16 {e_naive:e}"
+        );
+    }
+    // Past the cache's end: an error, not a launch.
+    let mut out = be.zeros(12, Role::Activation).unwrap();
+    let x = be.zeros(36, Role::Activation).unwrap();
+    let (mut k, mut v) = (
+        be.zeros(8 * 12, Role::Activation).unwrap(),
+        be.zeros(8 * 12, Role::Activation).unwrap(),
+    );
+    match be.attention_cached_forward(&mut out, &x, &mut k, &mut v, 1, 1, 8, 8, 12, 3) {
+        Err(BackendError::Invalid { .. }) => {}
+        other => panic!("attention_cached_forward past Tmax: {other:?}"),
+    }
+}
+backend_tests!(attention_cached => attention_cached_cpu, attention_cached_cuda);
+
+/// Sampled tokens may differ from the CPU's on at most this fraction of rows: only where a
+/// running probability sum lands within rounding of its target (fp32 on the GPU, f64 on the CPU).
+const SAMPLE_MISMATCH: f64 = 0.01;
+
+/// Token sampling against the CPU rule, given the same bf16 logits and uniforms.
+fn sample_tokens<B: Backend>(be: &B) {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(10);
+    let p = |temperature: f32, top_k: usize, top_p: f32| topcoat::backend::SampleParams {
+        temperature,
+        top_k,
+        top_p,
+    };
+    let rules = [
+        topcoat::backend::SampleParams::GREEDY,
+        p(1.0, 1, 1.0),
+        p(1.0, 0, 1.0),
+        p(0.7, 40, 1.0),
+        p(1.0, 0, 0.9),
+        p(1.3, 50, 0.8),
+        p(0.8, 3, 0.37),
+    ];
+    // (N, V, VP, tied): GPT-2's vocabulary, a small one, and coarse logits full of ties.
+    for (n, v, vp, tied) in [
+        (16, 50257, 50304, false),
+        (300, 100, 128, false),
+        (200, 300, 320, true),
+    ] {
+        let mut logits = randn(&mut rng, n * vp, 2.0);
+        for (i, x) in logits.iter_mut().enumerate() {
+            if i % vp >= v {
+                *x = 1e4; // padding: must never be drawn
+            } else if tied {
+                *x = (*x * 2.0).round() / 2.0;
+            }
+        }
+        let glogits = up(be, &logits, Role::Activation);
+        for rule in &rules {
+            let u: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
+            let want = cpu.sample_tokens(&logits, n, v, vp, rule, &u).unwrap();
+            let got = be.sample_tokens(&glogits, n, v, vp, rule, &u).unwrap();
+            assert!(
+                got.iter().all(|&t| (t as usize) < v),
+                "{rule:?}: a padded column drawn"
+            );
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            println!("sample_tokens V={v} tied={tied} {rule:?}: {differ} of {n} rows differ");
+            if rule.is_greedy() {
+                assert_eq!(got, want, "greedy must match exactly");
+            } else {
+                assert!(
+                    differ as f64 <= SAMPLE_MISMATCH * n as f64,
+                    "{rule:?}: {differ} of {n} rows differ from the CPU rule"
+                );
+            }
+        }
+    }
+    // Bad parameters are refused before a launch.
+    let x = be.zeros(2 * 8, Role::Activation).unwrap();
+    assert!(be
+        .sample_tokens(&x, 2, 6, 8, &p(1.0, 0, 0.0), &[0.1, 0.2])
+        .is_err());
+    assert!(be
+        .sample_tokens(&x, 2, 6, 8, &p(1.0, 0, 1.0), &[0.1, 1.0])
+        .is_err());
+}
+backend_tests!(sample_tokens => sample_tokens_cpu, sample_tokens_cuda);

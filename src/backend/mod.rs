@@ -69,6 +69,49 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// How [`Backend::sample_tokens`] picks a token from a row of logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    /// Divides the logits before the softmax; 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 keeps all; 1 is greedy).
+    pub top_k: usize,
+    /// Then keep the fewest most likely tokens whose probability sums to at least `top_p`
+    /// (nucleus sampling, Holtzman et al. 2019); 1 keeps all. In `(0, 1]`.
+    pub top_p: f32,
+}
+
+impl SampleParams {
+    /// Greedy decoding: always the most likely token.
+    pub const GREEDY: SampleParams = SampleParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+
+    /// Checks the ranges: temperature finite and `>= 0`, `0 < top_p <= 1`.
+    pub fn check(&self, op: &'static str) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(BackendError::Invalid {
+                op,
+                msg: format!("temperature {} must be finite and >= 0", self.temperature),
+            });
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(BackendError::Invalid {
+                op,
+                msg: format!("top_p {} must be in (0, 1]", self.top_p),
+            });
+        }
+        Ok(())
+    }
+
+    /// True when the rule reduces to the argmax (no random number is used).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+}
+
 /// The operations training needs, forward and backward.
 pub trait Backend: Send + Sync {
     /// A device buffer of real numbers.
@@ -317,6 +360,43 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Global L2 norm over all given buffers, `sqrt(sum_i sum_j g_ij^2)`, reduced in f64/fp32.
     fn global_norm(&self, bufs: &[&Self::Buf]) -> Result<f32>;
+
+    // ---- generation: cached attention and sampling -------------------------------------------
+    /// Causal attention of `Tn` new positions over a key/value cache, for generation.
+    /// `qkv [B*Tn*3C]` holds the new positions `past .. past+Tn` (layout as in
+    /// `attention_forward`); `k_cache`, `v_cache` `[B*Tmax*C]` hold the keys and values of
+    /// positions `0 .. past` of each row. The op first writes the new keys and values into rows
+    /// `past .. past+Tn` of the caches, then sets `out [B*Tn*C]` so that new position `i`
+    /// attends to cache rows `0 ..= past+i`. With `past = 0` and `Tn = T` this equals
+    /// `attention_forward`'s `out`; a decode step is `Tn = 1`. Needs `past + Tn <= Tmax`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached_forward(
+        &self,
+        out: &mut Self::Buf,
+        qkv: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()>;
+    /// Draws one token from each of `N` rows of `logits [N*VP]` (first `V` columns real) per
+    /// [`SampleParams`], using `uniforms[i]` in `[0, 1)` as row `i`'s random number, so that
+    /// backends given the same logits and uniforms draw the same tokens. The rule is spelt out
+    /// in `cpu/sample.rs`, the specification.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_tokens(
+        &self,
+        logits: &Self::Buf,
+        n: usize,
+        v: usize,
+        vp: usize,
+        params: &SampleParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>>;
 }
 
 /// Returns an error unless `found == expected`; shared by every backend's shape checks.

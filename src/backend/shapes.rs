@@ -1,7 +1,7 @@
 //! Buffer-length checks for the ops whose shapes every backend checks the same way; each
 //! backend calls these before launching, so the rules live in one place.
 
-use super::{check_len, BackendError, Result};
+use super::{check_len, BackendError, Result, SampleParams};
 
 /// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
 #[allow(clippy::too_many_arguments)]
@@ -152,6 +152,69 @@ pub fn attention_starts(
                 ),
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks for `attention_cached_forward`: heads divide `C`, `past + Tn <= Tmax`, and lengths
+/// `out [B*Tn*C]`, `qkv [B*Tn*3C]`, `k_cache`, `v_cache` `[B*Tmax*C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached_forward(
+    out: usize,
+    qkv: usize,
+    k_cache: usize,
+    v_cache: usize,
+    b: usize,
+    tn: usize,
+    past: usize,
+    tmax: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let op = "attention_cached_forward";
+    if nh == 0 || c % nh != 0 {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("C = {c} is not a multiple of NH = {nh}"),
+        });
+    }
+    if past + tn > tmax {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("past {past} + Tn {tn} new positions exceed the cache's Tmax {tmax}"),
+        });
+    }
+    check_len(op, "out", b * tn * c, out)?;
+    check_len(op, "qkv", b * tn * 3 * c, qkv)?;
+    check_len(op, "k_cache", b * tmax * c, k_cache)?;
+    check_len(op, "v_cache", b * tmax * c, v_cache)
+}
+
+/// Checks for `sample_tokens`: the parameters' ranges, `0 < V <= VP`, `logits [N*VP]`, and one
+/// uniform in `[0, 1)` per row.
+pub fn sample_tokens(
+    logits: usize,
+    n: usize,
+    v: usize,
+    vp: usize,
+    params: &SampleParams,
+    uniforms: &[f32],
+) -> Result<()> {
+    let op = "sample_tokens";
+    params.check(op)?;
+    if v == 0 || v > vp {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
+        });
+    }
+    check_len(op, "logits", n * vp, logits)?;
+    check_len(op, "uniforms", n, uniforms.len())?;
+    if let Some(i) = uniforms.iter().position(|u| !(0.0..1.0).contains(u)) {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("uniforms[{i}] = {} is outside [0, 1)", uniforms[i]),
+        });
     }
     Ok(())
 }

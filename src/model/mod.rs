@@ -5,11 +5,13 @@
 
 pub mod activations;
 mod backward;
+pub mod decode;
 pub mod forward;
 pub mod packing;
 pub mod params;
 
 pub use activations::{Activations, GradScratch};
+pub use decode::KvCache;
 pub use packing::Packing;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
 

@@ -11,15 +11,17 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode;
 pub mod encoder;
 pub mod float;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
+pub mod sample;
 
 pub use float::Float;
 
-use super::{check_len, shapes, AdamWStep, Backend, BackendError, Result, Role};
+use super::{check_len, shapes, AdamWStep, Backend, BackendError, Result, Role, SampleParams};
 
 /// The f32 CPU reference backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -464,6 +466,48 @@ impl Backend for CpuBackend {
     fn global_norm(&self, bufs: &[&Vec<f32>]) -> Result<f32> {
         let slices: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
         Ok(adamw::global_norm(&slices) as f32)
+    }
+
+    fn attention_cached_forward(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        shapes::attention_cached_forward(
+            out.len(),
+            qkv.len(),
+            k_cache.len(),
+            v_cache.len(),
+            b,
+            tn,
+            past,
+            tmax,
+            c,
+            nh,
+        )?;
+        decode::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh);
+        Ok(())
+    }
+
+    fn sample_tokens(
+        &self,
+        logits: &Vec<f32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+        params: &SampleParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
+        Ok(sample::sample_tokens(logits, n, v, vp, params, uniforms))
     }
 }
 

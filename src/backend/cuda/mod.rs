@@ -25,12 +25,14 @@
 mod adamw;
 mod attention;
 mod cross_entropy;
+mod decode;
 mod device;
 mod encoder;
 mod gelu;
 mod global_norm;
 mod layernorm;
 mod matmul;
+mod sample;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +41,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use half::bf16;
 
 use super::BackendError;
-use super::{check_len, AdamWStep, Backend, Result, Role};
+use super::{check_len, AdamWStep, Backend, Result, Role, SampleParams};
 use device::{driver_error, launch_error};
 pub use device::{kernels, probe, DeviceInfo, BUILT_WITH_NVCC};
 
@@ -171,6 +173,8 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("global_norm", global_norm::KERNELS),
     ("layernorm", layernorm::KERNELS),
     ("matmul", matmul::KERNELS),
+    ("decode", decode::KERNELS),
+    ("sample", sample::KERNELS),
 ];
 
 impl CudaBackend {
@@ -579,5 +583,33 @@ impl Backend for CudaBackend {
 
     fn global_norm(&self, bufs: &[&CudaBuf]) -> Result<f32> {
         global_norm::global_norm(self, bufs)
+    }
+
+    fn attention_cached_forward(
+        &self,
+        out: &mut CudaBuf,
+        qkv: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        decode::attention_cached_forward(self, out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)
+    }
+
+    fn sample_tokens(
+        &self,
+        logits: &CudaBuf,
+        n: usize,
+        v: usize,
+        vp: usize,
+        params: &SampleParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        sample::sample_tokens(self, logits, n, v, vp, params, uniforms)
     }
 }

@@ -1,0 +1,120 @@
+//! Launchers for `kernels/decode.cu`: the cached attention of generation (append the new keys
+//! and values to the cache, then attend over it).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{as_i32, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
+
+pub(super) const KERNELS: &[&str] = &["decode_kv_append_bf16", "decode_attention_bf16"];
+
+/// `DEC_MAX_HS` in kernels/decode.cu.
+const MAX_HEAD_SIZE: usize = 128;
+/// `DEC_WARPS` in kernels/decode.cu: warps per block.
+const WARPS: u32 = 8;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_cached_forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    qkv: &CudaBuf,
+    k_cache: &mut CudaBuf,
+    v_cache: &mut CudaBuf,
+    b: usize,
+    tn: usize,
+    past: usize,
+    tmax: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    let op = "attention_cached_forward";
+    shapes::attention_cached_forward(
+        out.len(),
+        qkv.len(),
+        k_cache.len(),
+        v_cache.len(),
+        b,
+        tn,
+        past,
+        tmax,
+        c,
+        nh,
+    )?;
+    let hs = c / nh;
+    if hs > MAX_HEAD_SIZE {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("head size {hs} is above the kernel's maximum {MAX_HEAD_SIZE}"),
+        });
+    }
+    let bh = u32::try_from(b * nh)
+        .ok()
+        .filter(|&x| x <= 65535)
+        .ok_or_else(|| BackendError::Invalid {
+            op,
+            msg: format!("B*NH = {} is above the grid's y limit 65535", b * nh),
+        })?;
+    let (b_, tn_, past_) = (
+        as_i32(op, "B", b)?,
+        as_i32(op, "Tn", tn)?,
+        as_i32(op, "past", past)?,
+    );
+    let (tmax_, c_, nh_) = (as_i32(op, "Tmax", tmax)?, as_i32(op, "C", c)?, nh as i32);
+    as_i32(op, "3C", 3 * c)?;
+    if b * tn * c == 0 {
+        return Ok(());
+    }
+    let x = qkv.bf16(op, "qkv")?;
+    let kc = k_cache.bf16_mut(op, "k_cache")?;
+    let vc = v_cache.bf16_mut(op, "v_cache")?;
+
+    let name = KERNELS[0];
+    let f = be.function(name)?;
+    // SAFETY: qkv holds B*Tn*3C bf16 and each cache B*Tmax*C with past + Tn <= Tmax (checked),
+    // so every destination row past+i < Tmax; arguments match (bf16*, bf16*, const bf16*, int
+    // x 5); the grid-stride loop stays below B*Tn*C.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(&mut *kc)
+            .arg(&mut *vc)
+            .arg(x)
+            .arg(&b_)
+            .arg(&tn_)
+            .arg(&past_)
+            .arg(&tmax_)
+            .arg(&c_)
+            .launch(grid_stride(b * tn * c, 256))
+    }
+    .map_err(|e| launch_error(name, e))?;
+
+    let o = out.bf16_mut(op, "out")?;
+    let scale = (1.0 / (hs as f64).sqrt()) as f32;
+    let cfg = LaunchConfig {
+        grid_dim: (tn as u32, bh, 1),
+        block_dim: (WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = KERNELS[1];
+    let f = be.function(name)?;
+    // SAFETY: out holds B*Tn*C bf16, qkv B*Tn*3C, the caches B*Tmax*C whose rows 0..past+Tn
+    // the append kernel above wrote or earlier steps filled (stream order); grid (Tn, B*NH)
+    // with 256 threads as the kernel expects; hs <= 128 fits its registers and shared arrays.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(o)
+            .arg(x)
+            .arg(&*kc)
+            .arg(&*vc)
+            .arg(&tn_)
+            .arg(&past_)
+            .arg(&tmax_)
+            .arg(&c_)
+            .arg(&nh_)
+            .arg(&scale)
+            .launch(cfg)
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! Generation with a key/value cache: the forward pass over new tokens only.
+//!
+//! A [`KvCache`] holds, per layer, the keys and values of every position seen so far for `B`
+//! rows (`[B*Tmax*C]` each, `Tmax = max_seq_len`), all rows at the same length. [`Gpt::extend`]
+//! runs `Tn` new tokens per row through the network at positions `len .. len+Tn` (explicit
+//! positions into the encoder), each block's attention reading the cache through
+//! [`Backend::attention_cached_forward`]; only the last new position of each row goes through
+//! the final layernorm and the tied head, into [`KvCache::logits`]. A prompt is one call with
+//! `Tn` = its length (prefill), each generated token one call with `Tn = 1` (a decode step).
+//! The arithmetic per position is that of [`Gpt::forward`], so greedy decoding with the cache
+//! picks the same tokens as rerunning the whole context (tests/generate.rs).
+//!
+//! [`KvCache::truncate`] rolls the cache back to a shorter prefix (the rows past it are
+//! overwritten by the next call), which is how a chat keeps a conversation's common prefix.
+
+use super::{Gpt, ModelError, Result};
+use crate::backend::{Backend, Role, SampleParams};
+use crate::config::ModelConfig;
+
+/// Scratch activations of one `extend` call for `N = B*Tn` rows, reused layer after layer.
+struct StepActs<B: Backend> {
+    tn: usize,
+    /// `[N*C]` residual stream entering the block, and after its attention half.
+    resid: B::Buf,
+    resid2: B::Buf,
+    /// `[N*C]` layernorm output (ln1, then ln2) and its statistics `[N]`.
+    ln: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+    qkv: B::Buf,
+    atty: B::Buf,
+    proj: B::Buf,
+    fch: B::Buf,
+    fch_gelu: B::Buf,
+}
+
+impl<B: Backend> StepActs<B> {
+    fn new(be: &B, cfg: &ModelConfig, b: usize, tn: usize) -> Result<Self> {
+        let (n, c) = (b * tn, cfg.n_embd);
+        let z = |len: usize| be.zeros(len, Role::Activation);
+        Ok(Self {
+            tn,
+            resid: z(n * c)?,
+            resid2: z(n * c)?,
+            ln: z(n * c)?,
+            mean: z(n)?,
+            rstd: z(n)?,
+            qkv: z(n * 3 * c)?,
+            atty: z(n * c)?,
+            proj: z(n * c)?,
+            fch: z(n * 4 * c)?,
+            fch_gelu: z(n * 4 * c)?,
+        })
+    }
+}
+
+/// Keys and values of every position seen so far, for `B` rows, plus the logits of the last.
+pub struct KvCache<B: Backend> {
+    cfg: ModelConfig,
+    b: usize,
+    len: usize,
+    /// Per layer, `[B*Tmax*C]`.
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    step: Option<StepActs<B>>,
+    /// `[B*C]` the last new position's residual, its final layernorm and statistics.
+    last: B::Buf,
+    lnf: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    /// `[B*VP]` logits of each row's last position.
+    logits: B::Buf,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `b` rows of a model of shape `cfg`.
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize) -> Result<Self> {
+        if b == 0 {
+            return Err(ModelError::Invalid("a KV cache needs B >= 1 rows".into()));
+        }
+        let (c, tmax) = (cfg.n_embd, cfg.max_seq_len);
+        let z = |len: usize| be.zeros(len, Role::Activation);
+        let mut k = Vec::with_capacity(cfg.n_layer);
+        let mut v = Vec::with_capacity(cfg.n_layer);
+        for _ in 0..cfg.n_layer {
+            k.push(z(b * tmax * c)?);
+            v.push(z(b * tmax * c)?);
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            b,
+            len: 0,
+            k,
+            v,
+            step: None,
+            last: z(b * c)?,
+            lnf: z(b * c)?,
+            lnf_mean: z(b)?,
+            lnf_rstd: z(b)?,
+            logits: z(b * cfg.padded_vocab_size)?,
+        })
+    }
+
+    /// Rows.
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+
+    /// Positions held per row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Most positions per row (the model's `max_seq_len`).
+    pub fn capacity(&self) -> usize {
+        self.cfg.max_seq_len
+    }
+
+    /// Keeps the first `len` positions (no-op if it holds fewer). The logits are stale until
+    /// the next [`Gpt::extend`].
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The logits `[B*VP]` of each row's last position (valid after an `extend`).
+    pub fn logits(&self) -> &B::Buf {
+        &self.logits
+    }
+
+    /// Row `row`'s logits over the real vocabulary.
+    pub fn logits_row(&self, be: &B, row: usize) -> Result<Vec<f32>> {
+        if row >= self.b {
+            return Err(ModelError::Invalid(format!(
+                "row {row} of a {}-row cache",
+                self.b
+            )));
+        }
+        let vp = self.cfg.padded_vocab_size;
+        Ok(be.download_range(&self.logits, row * vp, self.cfg.vocab_size)?)
+    }
+
+    /// One token per row from the current logits, drawn on the device.
+    pub fn sample(&self, be: &B, params: &SampleParams, uniforms: &[f32]) -> Result<Vec<u32>> {
+        if self.len == 0 {
+            return Err(ModelError::Invalid(
+                "sampling from an empty KV cache".into(),
+            ));
+        }
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
+        Ok(be.sample_tokens(&self.logits, self.b, v, vp, params, uniforms)?)
+    }
+}
+
+impl<B: Backend> Gpt<B> {
+    /// Runs `tn` new tokens per row (`ids [B*Tn]`, row-major) at positions `len .. len+Tn` of
+    /// `cache`, appending their keys and values; afterwards [`KvCache::logits`] holds the
+    /// logits of each row's last new token. Errors (leaving the cache as it was) if the ids are
+    /// outside the vocabulary or `len + Tn` exceeds `max_seq_len`.
+    pub fn extend(&self, be: &B, cache: &mut KvCache<B>, ids: &[i32], tn: usize) -> Result<()> {
+        if cache.cfg != self.cfg {
+            return Err(ModelError::Invalid(
+                "the KV cache was made for a model of another shape".into(),
+            ));
+        }
+        let b = cache.b;
+        let past = cache.len;
+        let tmax = self.cfg.max_seq_len;
+        if tn == 0 {
+            return Err(ModelError::Invalid("extend with no new tokens".into()));
+        }
+        if past + tn > tmax {
+            return Err(ModelError::Invalid(format!(
+                "{past} cached + {tn} new positions exceed the model's max_seq_len {tmax}"
+            )));
+        }
+        self.check_ids("ids", ids, b, tn, false)?;
+        if !matches!(&cache.step, Some(s) if s.tn == tn) {
+            cache.step = None;
+            cache.step = Some(StepActs::new(be, &self.cfg, b, tn)?);
+        }
+        let cfg = &self.cfg;
+        let (n, c, nh, vp) = (b * tn, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let lay = &self.layout;
+        let p = &self.params;
+        let s = cache.step.as_mut().expect("allocated above");
+
+        let gids = be.upload_ids(ids)?;
+        let pos: Vec<i32> = (0..b)
+            .flat_map(|_| (past..past + tn).map(|x| x as i32))
+            .collect();
+        let gpos = be.upload_ids(&pos)?;
+        be.encoder_forward(
+            &mut s.resid,
+            &gids,
+            Some(&gpos),
+            &p[lay.wte],
+            &p[lay.wpe],
+            b,
+            tn,
+            c,
+        )?;
+        let l0 = &lay.layers[0];
+        be.layernorm_forward(
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.resid,
+            &p[l0.ln1_w],
+            &p[l0.ln1_b],
+            n,
+            c,
+        )?;
+        let n_layer = lay.layers.len();
+        for (l, w) in lay.layers.iter().enumerate() {
+            be.matmul_forward(
+                &mut s.qkv,
+                &s.ln,
+                &p[w.qkv_w],
+                Some(&p[w.qkv_b]),
+                n,
+                c,
+                3 * c,
+            )?;
+            be.attention_cached_forward(
+                &mut s.atty,
+                &s.qkv,
+                &mut cache.k[l],
+                &mut cache.v[l],
+                b,
+                tn,
+                past,
+                tmax,
+                c,
+                nh,
+            )?;
+            be.matmul_forward(
+                &mut s.proj,
+                &s.atty,
+                &p[w.attn_proj_w],
+                Some(&p[w.attn_proj_b]),
+                n,
+                c,
+                c,
+            )?;
+            be.residual_layernorm_forward(
+                &mut s.resid2,
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.resid,
+                &s.proj,
+                &p[w.ln2_w],
+                &p[w.ln2_b],
+                n,
+                c,
+            )?;
+            be.matmul_forward(&mut s.fch, &s.ln, &p[w.fc_w], Some(&p[w.fc_b]), n, c, 4 * c)?;
+            be.gelu_forward(&mut s.fch_gelu, &s.fch, n * 4 * c)?;
+            be.matmul_forward(
+                &mut s.proj,
+                &s.fch_gelu,
+                &p[w.fc_proj_w],
+                Some(&p[w.fc_proj_b]),
+                n,
+                4 * c,
+                c,
+            )?;
+            // As in `forward`, the residual add is fused with the layernorm that follows it:
+            // the next block's ln_1, or ln_f when every position goes to the head (Tn = 1).
+            if l + 1 < n_layer {
+                let nw = &lay.layers[l + 1];
+                be.residual_layernorm_forward(
+                    &mut s.resid,
+                    &mut s.ln,
+                    &mut s.mean,
+                    &mut s.rstd,
+                    &s.resid2,
+                    &s.proj,
+                    &p[nw.ln1_w],
+                    &p[nw.ln1_b],
+                    n,
+                    c,
+                )?;
+            } else if tn == 1 {
+                be.residual_layernorm_forward(
+                    &mut s.resid,
+                    &mut cache.lnf,
+                    &mut cache.lnf_mean,
+                    &mut cache.lnf_rstd,
+                    &s.resid2,
+                    &s.proj,
+                    &p[lay.lnf_w],
+                    &p[lay.lnf_b],
+                    n,
+                    c,
+                )?;
+            } else {
+                be.residual_forward(&mut s.resid, &s.resid2, &s.proj, n * c)?;
+            }
+        }
+        // With Tn > 1 only each row's last new position goes on to the head: copy those B rows
+        // out (B*C numbers through the host, once per prompt), then ln_f.
+        if tn > 1 {
+            let mut rows = Vec::with_capacity(b * c);
+            for bb in 0..b {
+                rows.extend(be.download_range(&s.resid, (bb * tn + tn - 1) * c, c)?);
+            }
+            be.write(&mut cache.last, &rows)?;
+            be.layernorm_forward(
+                &mut cache.lnf,
+                &mut cache.lnf_mean,
+                &mut cache.lnf_rstd,
+                &cache.last,
+                &p[lay.lnf_w],
+                &p[lay.lnf_b],
+                b,
+                c,
+            )?;
+        }
+        be.matmul_forward(&mut cache.logits, &cache.lnf, &p[lay.wte], None, b, c, vp)?;
+        cache.len = past + tn;
+        Ok(())
+    }
+}
