@@ -394,7 +394,7 @@ fn attention<B: Backend>(be: &B) {
     let (t, c, nh) = (6, 8, 2);
     let qkv = up(be, &randn(&mut rng, t * 3 * c, 1.0), Role::Activation);
     let mut out = up(be, &nan(t * c), Role::Activation);
-    let mut lse = up(be, &nan(nh * t), Role::Activation);
+    let mut lse = up(be, &nan(nh * t), Role::Stat);
     let bad = be.upload_ids(&[0, 0, 2, 1, 4, 4]).unwrap();
     match be.attention_forward(&mut out, &mut lse, &qkv, Some(&bad), 1, t, c, nh) {
         Err(BackendError::Invalid { msg, .. }) => assert!(msg.contains("starts[3] = 1"), "{msg}"),
@@ -660,8 +660,8 @@ fn attention_cached<B: Backend>(be: &B) {
         }
         let f64_full: Vec<f64> = full.iter().map(|&x| x as f64).collect();
         let (mut o64, mut l64) = (vec![0.0f64; b * t * c], vec![0.0f64; b * nh * t]);
-        cpu_attention::attention_forward(&mut o64, &mut l64, &f64_full, b, t, c, nh);
-        let naive = naive_bf16_attention(&full, b, t, c, nh);
+        cpu_attention::attention_forward(&mut o64, &mut l64, &f64_full, None, b, t, c, nh);
+        let naive = naive_bf16_attention(&full, None, b, t, c, nh);
         let new_rows = |x: &[f64]| -> Vec<f64> {
             (0..b)
                 .flat_map(|bb| x[(bb * t + past) * c..(bb * t + t) * c].to_vec())

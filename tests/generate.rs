@@ -189,7 +189,7 @@ fn cached_attention_matches_plain_attention() {
         assert_eq!(chunks.iter().sum::<usize>(), t);
         let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
         let (mut want, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
-        be.attention_forward(&mut want, &mut lse, &qkv, b, t, c, nh)
+        be.attention_forward(&mut want, &mut lse, &qkv, None, b, t, c, nh)
             .unwrap();
         let mut kc = randn(&mut rng, b * tmax * c, 1.0);
         let mut vc = randn(&mut rng, b * tmax * c, 1.0);
