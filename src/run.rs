@@ -34,20 +34,25 @@ pub enum DeviceKind {
 
 /// Resolves `--device` (`auto`, `cpu`, `cuda`) and says what was chosen and why.
 ///
-/// `auto` stays on the CPU for now even when a device is present: the CUDA backend has not yet
-/// passed its parity tests on hardware, so it runs only when asked for by name.
+/// `auto` picks CUDA device 0 when this build has kernels and a driver finds a device, else the
+/// CPU; the returned text says which and why, and every command prints it.
 pub fn resolve_device(name: &str) -> Result<(DeviceKind, String), BackendError> {
     match name {
         "cpu" => Ok((DeviceKind::Cpu, "cpu (f32 reference backend)".into())),
-        "cuda" => Ok((DeviceKind::Cuda, format!("cuda: {} (experimental backend)", cuda::probe()?))),
+        "cuda" => Ok((DeviceKind::Cuda, format!("cuda: {}", cuda::probe()?))),
         "auto" => Ok(match cuda::probe() {
             Ok(info) => (
-                DeviceKind::Cpu,
-                format!("cpu (f32 reference backend; {info} found, but the CUDA backend is experimental: pass --device cuda to use it)"),
+                DeviceKind::Cuda,
+                format!("cuda: {info} (found by --device auto)"),
             ),
-            Err(e) => (DeviceKind::Cpu, format!("cpu (f32 reference backend; no CUDA: {e})")),
+            Err(e) => (
+                DeviceKind::Cpu,
+                format!("cpu (f32 reference backend; no CUDA: {e})"),
+            ),
         }),
-        other => Err(BackendError::Device(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
+        other => Err(BackendError::Device(format!(
+            "unknown device `{other}` (expected auto, cpu or cuda)"
+        ))),
     }
 }
 
