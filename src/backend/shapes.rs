@@ -1,7 +1,7 @@
 //! Buffer-length checks for the ops whose shapes every backend checks the same way; each
 //! backend calls these before launching, so the rules live in one place.
 
-use super::{check_len, Result};
+use super::{check_len, BackendError, Result};
 
 /// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
 #[allow(clippy::too_many_arguments)]
@@ -123,4 +123,36 @@ pub fn attention_backward(
     check_len(op, "qkv", b * t * 3 * c, qkv)?;
     check_len(op, "out", b * t * c, out)?;
     check_len(op, "lse", b * nh * t, lse)
+}
+
+/// Checks for `cross_entropy`: `0 < V <= VP`, `losses [N]`, `logits [N*VP]`, `targets [N]`
+/// each below `V` (negative: masked), and per-row weights `[N]` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    losses: usize,
+    logits: usize,
+    targets: &[i32],
+    weights: Option<usize>,
+    n: usize,
+    v: usize,
+    vp: usize,
+) -> Result<()> {
+    let op = "cross_entropy";
+    if v == 0 || v > vp {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
+        });
+    }
+    check_len(op, "losses", n, losses)?;
+    check_len(op, "logits", n * vp, logits)?;
+    check_len(op, "targets", n, targets.len())?;
+    weights.map_or(Ok(()), |len| check_len(op, "weights", n, len))?;
+    match targets.iter().position(|&x| x >= 0 && x as usize >= v) {
+        None => Ok(()),
+        Some(i) => Err(BackendError::Invalid {
+            op,
+            msg: format!("target {} at row {i} is not below V = {v}", targets[i]),
+        }),
+    }
 }
