@@ -6,6 +6,7 @@
 pub mod activations;
 mod backward;
 pub mod forward;
+mod logprobs;
 pub mod params;
 
 pub use activations::{Activations, GradScratch};
