@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Which micro-step to time: pretrain, sft, dpo (B/2 pairs), or all three side by side
+    /// with their tokens/s relative to pretrain.
+    #[arg(long, default_value = "pretrain")]
+    pub stage: String,
 }
 
 #[derive(Args)]

@@ -5,7 +5,7 @@ use clap::Parser;
 use std::io::{IsTerminal, Write};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
-use topcoat::bench;
+use topcoat::bench::{self, BenchStage};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
@@ -105,6 +105,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if a.no_optimizer { "forward+backward" } else { "forward+backward+AdamW" },
         rayon::current_num_threads()
     );
+    if a.stage != "pretrain" {
+        return bench_stages(a, device, &cfg);
+    }
     let on_step = |i: usize, ms: f64| {
         let tag = if i < a.warmup { " (warm-up)" } else { "" };
         eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
@@ -132,6 +135,45 @@ fn bench(a: &BenchArgs) -> Result<()> {
         "| {:.1} | {:.0} | {:.1} |",
         r.median_ms, r.tokens_per_s, r.gflops
     );
+    Ok(())
+}
+
+/// `bench --stage sft|dpo|all`: the stages' steps interleaved on one model shape.
+fn bench_stages(a: &BenchArgs, device: DeviceKind, cfg: &ModelConfig) -> Result<()> {
+    let stages: Vec<BenchStage> = match a.stage.as_str() {
+        "all" => vec![BenchStage::Pretrain, BenchStage::Sft, BenchStage::Dpo],
+        one => vec![one.parse().map_err(anyhow::Error::msg)?],
+    };
+    let on_step = |s: BenchStage, i: usize, ms: f64| {
+        let tag = if i < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("{s:?} step {:>3}: {ms:9.1} ms{tag}", i + 1);
+    };
+    let (b, t, opt) = (a.batch_size, a.seq_len, !a.no_optimizer);
+    let (w, n) = (a.warmup, a.steps);
+    let results = match device {
+        DeviceKind::Cpu => {
+            bench::bench_stages(&CpuBackend, cfg, &stages, b, t, w, n, opt, on_step)?
+        }
+        DeviceKind::Cuda => {
+            let be = CudaBackend::new(0)?;
+            bench::bench_stages(&be, cfg, &stages, b, t, w, n, opt, on_step)?
+        }
+    };
+    let base = stages
+        .iter()
+        .position(|&s| s == BenchStage::Pretrain)
+        .map(|i| results[i].tokens_per_s);
+    println!("| stage | median step ms | tokens/s | vs pretrain |");
+    println!("| --- | --- | --- | --- |");
+    for (s, r) in stages.iter().zip(&results) {
+        let ratio = base.map_or("-".to_string(), |p| format!("{:.2}", r.tokens_per_s / p));
+        println!(
+            "| {} | {:.1} | {:.0} | {ratio} |",
+            format!("{s:?}").to_lowercase(),
+            r.median_ms,
+            r.tokens_per_s
+        );
+    }
     Ok(())
 }
 
