@@ -30,6 +30,8 @@ pub enum Command {
     PrepareSft(PrepareSftArgs),
     /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
     Sft(SftArgs),
+    /// Preference-tune an SFT checkpoint with DPO (or IPO) on prepared pairs (--batch-size counts pairs).
+    Dpo(DpoArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
@@ -144,6 +146,28 @@ pub struct SftArgs {
     /// Run directory for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+#[derive(Args)]
+pub struct DpoArgs {
+    /// SFT checkpoint, or a run directory (its newest checkpoint): the policy's start and the
+    /// frozen reference.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Directory from `topcoat prepare prefs`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory for metrics.jsonl, ref_logps.bin and checkpoints.
+    #[arg(long, default_value = "runs/dpo")]
+    pub out: PathBuf,
+    /// Strength of the pull toward the reference (the KL coefficient of the implicit reward).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// sigmoid (DPO) or ipo.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
     #[command(flatten)]
     pub flags: RunFlags,
 }

@@ -9,7 +9,7 @@ use topcoat::bench::{self, BenchStage};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
-use topcoat::run::{self, DeviceKind, PretrainJob, SftJob};
+use topcoat::run::{self, DeviceKind, DpoJob, PretrainJob, SftJob};
 use topcoat::train::TrainSummary;
 
 mod cli;
@@ -281,6 +281,23 @@ fn run_cli() -> Result<()> {
                 quiet: false,
             };
             report(&run::sft(&job, &note)?);
+        }
+        Command::Dpo(a) => {
+            let run = run_config(&a.flags, run::dpo_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = DpoJob {
+                run,
+                init: a.init.clone(),
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+                beta: a.beta,
+                loss: a.loss.parse().map_err(anyhow::Error::msg)?,
+            };
+            report(&run::dpo(&job, &note)?);
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {

@@ -2,7 +2,9 @@
 //! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`. The binary only
 //! parses flags and prints.
 
+mod dpo;
 mod sft;
+pub use dpo::{dpo, dpo_run_defaults, DpoJob};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};

@@ -3,11 +3,17 @@
 //! the mean-loss backward; on a toy pair set the margin grows and the accuracy rises; stored
 //! reference log-probabilities equal those computed on the fly and are reused on --resume.
 
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 use topcoat::backend::cpu::CpuBackend;
-use topcoat::config::ModelConfig;
+use topcoat::config::{ModelConfig, RunConfig};
+use topcoat::data::{self, fill_pair_batch, PairSplit, PrefsPrepareOptions, Tokenizer};
 use topcoat::model::Gpt;
 use topcoat::rng::Rng;
+use topcoat::run::{self, DeviceKind, DpoJob, EMBEDDED_CORPUS};
+use topcoat::stages::dpo::reference::RefLogps;
 use topcoat::stages::dpo::{pair_terms, DpoLoss};
+use topcoat::train::checkpoint;
 
 const BETA: f64 = 0.1;
 
@@ -188,4 +194,221 @@ fn sequence_backward_with_uniform_coefficients_is_the_mean_loss_gradient() {
     }
     let rel = (num / den).sqrt();
     assert!(rel < 1e-5, "sequence vs mean-loss gradient: rel err {rel:e}");
+}
+
+// ---- the stage, end to end -----------------------------------------------------------------
+
+/// A tokenizer, a freshly initialised tiny model saved as the "SFT" checkpoint, and a toy pair
+/// set with one consistent preference ("Yes, <answer>." over "no") prepared for DPO.
+struct Toy {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    init: PathBuf,
+    data: PathBuf,
+}
+
+fn toy() -> Toy {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();
+    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap();
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        padded_vocab_size: 320,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        max_seq_len: 32,
+    };
+    let be = CpuBackend;
+    let model = Gpt::init(&be, &cfg, 21).unwrap();
+    let init = root.join("sft");
+    checkpoint::save(&be, &init, &model, &tok, None).unwrap();
+    let things = [
+        ("the sky", "blue"),
+        ("grass", "green"),
+        ("snow", "white"),
+        ("coal", "black"),
+        ("a lemon", "yellow"),
+        ("a tomato", "red"),
+        ("the sea", "blue"),
+        ("an orange", "orange"),
+        ("milk", "white"),
+        ("a leaf", "green"),
+    ];
+    let lines: Vec<String> = things
+        .iter()
+        .map(|(x, c)| {
+            serde_json::json!({
+                "prompt": format!("What color is {x}?"),
+                "chosen": format!("Yes, {c}."),
+                "rejected": "no",
+            })
+            .to_string()
+        })
+        .collect();
+    let src = root.join("prefs.jsonl");
+    std::fs::write(&src, lines.join("\n")).unwrap();
+    let data = root.join("prefs");
+    let opts = PrefsPrepareOptions {
+        max_len: 32,
+        val_fraction: 0.2,
+        ..PrefsPrepareOptions::new(&data)
+    };
+    let s = data::prepare_prefs(&src, &tok, &opts).unwrap();
+    assert_eq!((s.train_pairs, s.val_pairs), (8, 2));
+    tok.save(data.join("tokenizer.json")).unwrap();
+    Toy {
+        _dir: dir,
+        root,
+        init,
+        data,
+    }
+}
+
+fn job(toy: &Toy, out: &str, steps: usize, resume: bool) -> DpoJob {
+    DpoJob {
+        run: RunConfig {
+            batch_size: 4,
+            seq_len: 32,
+            max_steps: steps,
+            learning_rate: 3e-3,
+            warmup_steps: 1,
+            val_every: steps,
+            checkpoint_every: 3,
+            ..run::dpo_run_defaults()
+        },
+        init: toy.init.clone(),
+        data: toy.data.clone(),
+        out: toy.root.join(out),
+        resume,
+        device: DeviceKind::Cpu,
+        quiet: true,
+        beta: BETA,
+        loss: DpoLoss::Sigmoid,
+    }
+}
+
+fn records(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn on_a_toy_pair_set_the_margin_grows_and_the_accuracy_rises() {
+    let toy = toy();
+    let j = job(&toy, "dpo", 20, false);
+    let summary = run::dpo(&j, &|_| {}).unwrap();
+    assert_eq!(summary.final_step, 20);
+    let recs = records(&j.out);
+    let train: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
+    let val: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("val_loss").is_some()).collect();
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    // Step 1 runs on the initial policy, which is the reference: loss ln 2, no margin.
+    assert!((f(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-6, "{}", train[0]);
+    assert_eq!(f(train[0], "rewards/margins"), 0.0);
+    assert_eq!(f(train[0], "rewards/accuracies"), 0.0);
+    let last = train.last().unwrap();
+    let early: f64 = train[..3].iter().map(|r| f(r, "rewards/margins")).sum::<f64>() / 3.0;
+    let late: f64 = train[17..].iter().map(|r| f(r, "rewards/margins")).sum::<f64>() / 3.0;
+    println!(
+        "train margin {early:.3} -> {late:.3}, accuracy {} -> {}, loss {} -> {}",
+        f(train[0], "rewards/accuracies"),
+        f(last, "rewards/accuracies"),
+        f(train[0], "loss"),
+        f(last, "loss")
+    );
+    assert!(late > early + 0.5, "train margin {early} -> {late}");
+    assert!(f(last, "rewards/accuracies") >= 0.75, "{last}");
+    assert!(f(last, "loss") < 0.5 * std::f64::consts::LN_2, "{last}");
+    assert!(f(last, "logps/chosen") > f(train[0], "logps/chosen"), "{last}");
+    for k in ["rewards/chosen", "rewards/rejected", "logps/rejected"] {
+        assert!(f(last, k).is_finite(), "{k}");
+    }
+    // Validation (held-out prompts, same preference): before training ln 2, then better.
+    let (v0, v1) = (val[0], val.last().unwrap());
+    assert_eq!((f(v0, "step"), f(v1, "step")), (0.0, 20.0));
+    assert!((f(v0, "val_loss") - std::f64::consts::LN_2).abs() < 1e-6, "{v0}");
+    assert_eq!(f(v0, "val_rewards/accuracies"), 0.0);
+    println!("validation: {v0}\n  -> {v1}");
+    assert!(f(v1, "val_rewards/margins") > 0.5, "{v1}");
+    assert_eq!(f(v1, "val_rewards/accuracies"), 1.0, "{v1}");
+    assert!(f(v1, "val_loss") < f(v0, "val_loss"));
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(summary.last_checkpoint.unwrap().join("train_state.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["stage"], "dpo");
+}
+
+#[test]
+fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
+    let toy = toy();
+    let notes = RefCell::new(Vec::<String>::new());
+    let note = |m: &str| notes.borrow_mut().push(m.to_string());
+    let straight = run::dpo(&job(&toy, "straight", 6, false), &note).unwrap();
+    let stored = RefLogps::load(&toy.root.join("straight")).unwrap().unwrap();
+    assert_eq!(stored.t, 32);
+    assert_eq!((stored.train.len(), stored.val.len()), (8, 2));
+
+    // On the fly: the init checkpoint, every split's pairs in a different batch composition
+    // (reversed, in batches of 4 pairs as training runs them).
+    let be = CpuBackend;
+    let cfg = checkpoint::load_config(&toy.init).unwrap();
+    let mut model = checkpoint::load_model(&be, &toy.init, Some(&cfg)).unwrap();
+    let eot = checkpoint::load_tokenizer(&toy.init).unwrap().eot();
+    let mut worst = 0.0f64;
+    for (name, want) in [("prefs_train", &stored.train), ("prefs_val", &stored.val)] {
+        let split = PairSplit::open(&toy.data, name, cfg.vocab_size).unwrap();
+        let order: Vec<usize> = (0..split.len()).rev().collect();
+        for chunk in order.chunks(4) {
+            let batch = fill_pair_batch(&split, chunk, 4, 32, eot);
+            let lp = model
+                .sequence_logps(&be, &batch.inputs, &batch.targets, 8, 32)
+                .unwrap();
+            for (k, &p) in chunk.iter().enumerate() {
+                let got = [lp[2 * k], lp[2 * k + 1]];
+                for side in 0..2 {
+                    let (g, w) = (got[side], want[p][side]);
+                    worst = worst.max((g - w).abs() / w.abs());
+                    // f32 per-token losses summed in f64: a different batch composition may
+                    // only change the last bits of a few f32 terms.
+                    assert!(
+                        (g - w).abs() <= 1e-5 * w.abs(),
+                        "{name} pair {p} side {side}: stored {w}, on the fly {g}"
+                    );
+                }
+            }
+        }
+    }
+
+    println!("stored vs on-the-fly reference log-probabilities: worst rel diff {worst:e}");
+
+    // Resume after losing the last checkpoint: the stored values are reused, not recomputed,
+    // and the run continues exactly.
+    let crashed = toy.root.join("crashed");
+    run::dpo(&job(&toy, "crashed", 6, false), &|_| {}).unwrap();
+    std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 6)).unwrap();
+    let before = std::fs::read(crashed.join("ref_logps.bin")).unwrap();
+    notes.borrow_mut().clear();
+    let resumed = run::dpo(&job(&toy, "crashed", 6, true), &note).unwrap();
+    assert!(
+        notes.borrow().iter().any(|n| n.contains("reusing")),
+        "{:?}",
+        notes.borrow()
+    );
+    assert!(!notes.borrow().iter().any(|n| n.contains("reference pass")));
+    assert_eq!(std::fs::read(crashed.join("ref_logps.bin")).unwrap(), before);
+    assert_eq!(resumed.train_losses, straight.train_losses[3..].to_vec());
+
+    // A damaged file is refused by name on resume.
+    std::fs::write(crashed.join("ref_logps.bin"), &before[..40]).unwrap();
+    let e = run::dpo(&job(&toy, "crashed", 6, true), &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ref_logps.bin") && e.contains("header"), "{e}");
 }

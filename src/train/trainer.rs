@@ -34,6 +34,21 @@ pub trait Objective<B: Backend> {
     fn data_position(&self) -> serde_json::Value;
     /// Restores a position saved by [`Objective::data_position`].
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()>;
+    /// Extra named values for the metrics record being written: after each optimizer step
+    /// (`val == false`, over the step's micro-batches) and after each validation (`true`).
+    fn extra_metrics(&mut self, _val: bool) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+}
+
+/// Adds `extra` to the JSON object `record`.
+fn with_extra(mut record: serde_json::Value, extra: Vec<(String, f64)>) -> serde_json::Value {
+    if let Some(map) = record.as_object_mut() {
+        for (k, v) in extra {
+            map.insert(k, json!(v));
+        }
+    }
+    record
 }
 
 /// How to run the loop.
@@ -110,7 +125,8 @@ pub fn train<B: Backend>(
                     summary: &mut TrainSummary|
      -> Result<()> {
         if let Some(val) = objective.validate(be, model)? {
-            log.write(&json!({"step": step, "val_loss": val}))?;
+            let extra = objective.extra_metrics(true);
+            log.write(&with_extra(json!({"step": step, "val_loss": val}), extra))?;
             summary.val_losses.push((step, val));
             progress.note(&format!("step {step:>6} | val loss {val:.4}"));
         }
@@ -187,10 +203,11 @@ pub fn train<B: Backend>(
         run_tokens += step_tokens as u64;
         let elapsed = started.elapsed();
         let tok_s = step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
-        log.write(&json!({
+        let record = json!({
             "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": step_tokens,
             "tokens_per_s": tok_s, "elapsed_s": prior_elapsed + elapsed.as_secs_f64(),
-        }))?;
+        });
+        log.write(&with_extra(record, objective.extra_metrics(false)))?;
         summary.train_losses.push((done, loss));
         let per_step = elapsed.as_secs_f64() / (done - start_step) as f64;
         let eta = Duration::from_secs_f64(per_step * (run.max_steps - done) as f64);
