@@ -19,14 +19,15 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Tokenize text files, directories or JSONL into train/val token shards.
+    /// Tokenize text into train/val token shards; `prepare sft` for conversations.
     Prepare(PrepareArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
     /// Pretrain a GPT-2 model (no --data: the embedded corpus).
     Pretrain(PretrainArgs),
-    /// Render conversations JSONL into SFT shards with loss masks.
+    /// Old name of `prepare sft`, kept so existing scripts still run.
+    #[command(hide = true)]
     PrepareSft(PrepareSftArgs),
     /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
     Sft(SftArgs),
@@ -62,14 +63,31 @@ pub struct BenchArgs {
     pub device: String,
 }
 
+/// `prepare INPUTS... --out DIR` (text), or `prepare sft ...`. A first
+/// input literally named `sft` selects the subcommand: write `./sft` for a directory.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PrepareArgs {
+    #[command(subcommand)]
+    pub kind: Option<PrepareKind>,
+    #[command(flatten)]
+    pub text: PrepareTextArgs,
+}
+
+#[derive(Subcommand)]
+pub enum PrepareKind {
+    /// Render conversations JSONL into SFT shards with assistant-only loss masks.
+    Sft(PrepareSftArgs),
+}
+
+#[derive(Args)]
+pub struct PrepareTextArgs {
     /// Text files, directories (searched recursively) or JSONL files with a "text" field.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
     /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
     #[arg(long, default_value = "gpt2")]
     pub tokenizer: String,
@@ -134,7 +152,7 @@ pub struct SftArgs {
     /// Pretrained checkpoint, or a run directory (its newest checkpoint).
     #[arg(long)]
     pub init: PathBuf,
-    /// Directory from `topcoat prepare-sft`.
+    /// Directory from `topcoat prepare sft`.
     #[arg(long)]
     pub data: PathBuf,
     /// Run directory for metrics.jsonl and checkpoints.

@@ -1,5 +1,5 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
-//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`. The binary only
+//! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`. The binary only
 //! parses flags and prints.
 
 mod sft;

@@ -1,6 +1,6 @@
 //! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
 //! and a trainable byte-level BPE), `prepare` (text -> shards), the chat template and
-//! `prepare-sft` (conversations -> shards + loss masks).
+//! `prepare sft` (conversations -> shards + loss masks).
 
 pub mod bpe;
 pub mod chat;

@@ -1,4 +1,4 @@
-//! `prepare-sft`: conversations JSONL -> `sft_train.bin` / `sft_val.bin` token shards (the usual
+//! `prepare sft`: conversations JSONL -> `sft_train.bin` / `sft_val.bin` token shards (the usual
 //! shard format) plus a sidecar per shard, `sft_train.idx` / `sft_val.idx`, holding the example
 //! boundaries and the loss mask (format in docs/FORMATS.md); and [`SftSplit`], which reads them.
 //!
