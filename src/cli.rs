@@ -19,7 +19,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Tokenize text into train/val token shards; `prepare sft` for conversations.
+    /// Tokenize text into train/val token shards; `prepare sft` and `prepare prefs` for chat data.
     Prepare(PrepareArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
@@ -63,8 +63,8 @@ pub struct BenchArgs {
     pub device: String,
 }
 
-/// `prepare INPUTS... --out DIR` (text), or `prepare sft ...`. A first
-/// input literally named `sft` selects the subcommand: write `./sft` for a directory.
+/// `prepare INPUTS... --out DIR` (text), or `prepare sft ...` / `prepare prefs ...`. A first
+/// input literally named `sft` or `prefs` selects the subcommand: write `./sft` for a directory.
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PrepareArgs {
@@ -78,6 +78,8 @@ pub struct PrepareArgs {
 pub enum PrepareKind {
     /// Render conversations JSONL into SFT shards with assistant-only loss masks.
     Sft(PrepareSftArgs),
+    /// Render preference pairs JSONL ({"prompt", "chosen", "rejected"}) into a pair shard.
+    Prefs(PreparePrefsArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +102,24 @@ pub struct PrepareTextArgs {
     /// Most tokens per shard file.
     #[arg(long, default_value_t = 100_000_000)]
     pub shard_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct PreparePrefsArgs {
+    /// Preference JSONL: one {"prompt", "chosen", "rejected"} per line (strings or message lists).
+    pub input: PathBuf,
+    /// Output directory for prefs_train.{bin,idx}, prefs_val.{bin,idx} and tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A tokenizer.json, or the checkpoint or run directory to train from (its tokenizer).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Most tokens per sequence (prompt + response); a pair with a longer sequence is dropped.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Fraction of pairs held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
 }
 
 #[derive(Subcommand)]

@@ -7,7 +7,7 @@ use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
 use topcoat::bench;
 use topcoat::config::{ModelConfig, RunConfig};
-use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
+use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::run::{self, DeviceKind, PretrainJob, SftJob};
 use topcoat::train::TrainSummary;
@@ -104,6 +104,30 @@ fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
         s.truncated,
         a.max_len,
         s.dropped
+    );
+    Ok(())
+}
+
+fn prepare_prefs(a: &PreparePrefsArgs) -> Result<()> {
+    let opts = PrefsPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..PrefsPrepareOptions::new(&a.out)
+    };
+    let s = run::prepare_prefs(&a.input, &a.tokenizer, &opts)?;
+    println!(
+        "{}: {} pairs -> {} train pairs ({} tokens), {} val pairs ({} tokens); dropped {} with a side \
+         longer than --max-len {} (longest {} tokens), {} with identical sides",
+        a.out.display(),
+        s.pairs,
+        s.train_pairs,
+        s.train_tokens,
+        s.val_pairs,
+        s.val_tokens,
+        s.too_long,
+        a.max_len,
+        s.longest,
+        s.identical
     );
     Ok(())
 }
@@ -233,6 +257,10 @@ fn run_cli() -> Result<()> {
             ..
         })
         | Command::PrepareSft(a) => prepare_sft(&a)?,
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Prefs(a)),
+            ..
+        }) => prepare_prefs(&a)?,
         Command::Sft(a) => {
             let run = run_config(&a.flags, run::sft_run_defaults())?;
             let (device, why) = run::resolve_device(&a.flags.device)?;

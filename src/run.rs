@@ -1,8 +1,11 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
-//! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`. The binary only
+//! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`,
+//! `prepare prefs` in `run/prefs.rs`. The binary only
 //! parses flags and prints.
 
+mod prefs;
 mod sft;
+pub use prefs::prepare_prefs;
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
