@@ -7,7 +7,7 @@ use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
 use topcoat::bench::{self, BenchStage};
 use topcoat::config::{ModelConfig, RunConfig};
-use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
+use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::run::{self, DeviceKind, DpoJob, PretrainJob, SftJob};
 use topcoat::train::TrainSummary;
@@ -37,7 +37,8 @@ fn note(msg: &str) {
     eprintln!("{msg}");
 }
 
-fn prepare(a: &PrepareArgs) -> Result<()> {
+fn prepare(a: &PrepareTextArgs) -> Result<()> {
+    let out = a.out.as_ref().context("--out is required")?;
     let tok = match a.tokenizer.as_str() {
         "gpt2" => Tokenizer::gpt2(),
         "bpe" => {
@@ -54,7 +55,7 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
     let opts = PrepareOptions {
         val_fraction: a.val_fraction,
         shard_tokens: a.shard_tokens,
-        ..PrepareOptions::new(&a.out)
+        ..PrepareOptions::new(out)
     };
     let tty = std::io::stderr().is_terminal();
     let summary = data::prepare(&a.inputs, &tok, &opts, &|ev| {
@@ -68,10 +69,10 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
     if tty {
         eprintln!();
     }
-    tok.save(a.out.join("tokenizer.json"))?;
+    tok.save(out.join("tokenizer.json"))?;
     println!(
         "{}: {} train documents ({} tokens, {} files), {} val documents ({} tokens, {} files), tokenizer.json ({} ids)",
-        a.out.display(),
+        out.display(),
         summary.docs_train,
         summary.tokens_train,
         summary.train_files.len(),
@@ -79,6 +80,54 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
         summary.tokens_val,
         summary.val_files.len(),
         tok.vocab_size()
+    );
+    Ok(())
+}
+
+fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
+    let opts = SftPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..SftPrepareOptions::new(&a.out)
+    };
+    let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
+    println!(
+        "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
+         {} truncated to --max-len {}, {} dropped (no response token within it)",
+        a.out.display(),
+        s.conversations,
+        s.train_examples,
+        s.train_tokens,
+        s.train_loss_tokens,
+        s.val_examples,
+        s.val_tokens,
+        s.truncated,
+        a.max_len,
+        s.dropped
+    );
+    Ok(())
+}
+
+fn prepare_prefs(a: &PreparePrefsArgs) -> Result<()> {
+    let opts = PrefsPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..PrefsPrepareOptions::new(&a.out)
+    };
+    let s = run::prepare_prefs(&a.input, &a.tokenizer, &opts)?;
+    println!(
+        "{}: {} pairs -> {} train pairs ({} tokens), {} val pairs ({} tokens); dropped {} with a side \
+         longer than --max-len {} (longest {} tokens), {} with identical sides",
+        a.out.display(),
+        s.pairs,
+        s.train_pairs,
+        s.train_tokens,
+        s.val_pairs,
+        s.val_tokens,
+        s.too_long,
+        a.max_len,
+        s.longest,
+        s.identical
     );
     Ok(())
 }
@@ -216,7 +265,7 @@ fn run_cli() -> Result<()> {
             .context("setting --threads")?;
     }
     match cli.command {
-        Command::Prepare(a) => prepare(&a)?,
+        Command::Prepare(PrepareArgs { kind: None, text }) => prepare(&text)?,
         Command::Tokenizer(TokenizerCmd::Train {
             inputs,
             vocab_size,
@@ -245,28 +294,15 @@ fn run_cli() -> Result<()> {
             };
             report(&run::pretrain(&job, &note)?);
         }
-        Command::PrepareSft(a) => {
-            let opts = SftPrepareOptions {
-                max_len: a.max_len,
-                val_fraction: a.val_fraction,
-                ..SftPrepareOptions::new(&a.out)
-            };
-            let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
-            println!(
-                "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
-                 {} truncated to --max-len {}, {} dropped (no response token within it)",
-                a.out.display(),
-                s.conversations,
-                s.train_examples,
-                s.train_tokens,
-                s.train_loss_tokens,
-                s.val_examples,
-                s.val_tokens,
-                s.truncated,
-                a.max_len,
-                s.dropped
-            );
-        }
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Sft(a)),
+            ..
+        })
+        | Command::PrepareSft(a) => prepare_sft(&a)?,
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Prefs(a)),
+            ..
+        }) => prepare_prefs(&a)?,
         Command::Sft(a) => {
             let run = run_config(&a.flags, run::sft_run_defaults())?;
             let (device, why) = run::resolve_device(&a.flags.device)?;

@@ -9,7 +9,7 @@
 //!
 //! Data: one example per row, no packing. A row holds `T` inputs: the example's ids but its last,
 //! then `<|endoftext|>` padding; target `j` is id `j + 1` where that id's loss mask is set, else
-//! -1. Examples longer than `T + 1` tokens are cut to `T + 1` (`prepare-sft --max-len` should
+//! -1. Examples longer than `T + 1` tokens are cut to `T + 1` (`prepare sft --max-len` should
 //! make this rare; those left with no trained-on target are skipped). Examples are drawn in a
 //! permutation drawn from `(seed, epoch)` per epoch; the position `(epoch, cursor)` is saved in
 //! checkpoints. Validation: the mean masked loss over the val examples (at most `val_batches`
@@ -21,7 +21,7 @@
 //! response tokens do not weigh more; one data-parallel rank only.
 //!
 //! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft`
-//! (DIR from `topcoat prepare-sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
+//! (DIR from `topcoat prepare sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
 
 use crate::backend::Backend;
 use crate::data::{DataError, SftSplit};
