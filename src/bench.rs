@@ -16,9 +16,9 @@
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RunConfig};
 use crate::model::{Gpt, ModelError, Result};
-use crate::stages::dpo::{pair_terms, DpoLoss};
 use crate::optim::AdamW;
 use crate::rng::Rng;
+use crate::stages::dpo::{pair_terms, DpoLoss};
 use std::time::Instant;
 
 /// What a benchmark measured.

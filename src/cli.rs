@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use topcoat::stages::dpo::DpoLoss;
 
 #[derive(Parser)]
 #[command(
@@ -205,7 +206,7 @@ pub struct DpoArgs {
     pub beta: f64,
     /// sigmoid (DPO) or ipo.
     #[arg(long, default_value = "sigmoid")]
-    pub loss: String,
+    pub loss: DpoLoss,
     #[command(flatten)]
     pub flags: RunFlags,
 }

@@ -331,7 +331,7 @@ fn run_cli() -> Result<()> {
                 device,
                 quiet: false,
                 beta: a.beta,
-                loss: a.loss.parse().map_err(anyhow::Error::msg)?,
+                loss: a.loss,
             };
             report(&run::dpo(&job, &note)?);
         }

@@ -136,7 +136,11 @@ fn at_the_reference_the_loss_is_ln2_and_the_gradient_matches_finite_differences(
                 .map(|g| g.iter().map(|_| rng.normal() as f64).collect())
                 .collect();
             let n = d.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
-            dirs.push(d.iter().map(|v| v.iter().map(|x| x / n).collect()).collect());
+            dirs.push(
+                d.iter()
+                    .map(|v| v.iter().map(|x| x / n).collect())
+                    .collect(),
+            );
         }
         for (k, dir) in dirs.iter().enumerate() {
             let analytic: f64 = grads
@@ -149,15 +153,25 @@ fn at_the_reference_the_loss_is_ln2_and_the_gradient_matches_finite_differences(
                 let moved: Vec<Vec<f32>> = base
                     .iter()
                     .zip(dir)
-                    .map(|(p, u)| p.iter().zip(u).map(|(&x, &d)| (x as f64 + h * d) as f32).collect())
+                    .map(|(p, u)| {
+                        p.iter()
+                            .zip(u)
+                            .map(|(&x, &d)| (x as f64 + h * d) as f32)
+                            .collect()
+                    })
                     .collect();
                 dpo_batch(loss, &logps_of(moved), &reference).0
             };
             let (h, h2) = (FD_STEP, 2.0 * FD_STEP);
             let fd = (8.0 * (loss_at(h) - loss_at(-h)) - (loss_at(h2) - loss_at(-h2))) / (12.0 * h);
             let err = (fd - analytic).abs() / analytic.abs().max(1e-3 * gnorm);
-            println!("{loss:?} direction {k}: analytic {analytic:.6e}, fd {fd:.6e}, rel err {err:.1e}");
-            assert!(err <= FD_TOL, "{loss:?} direction {k}: analytic {analytic} vs fd {fd}");
+            println!(
+                "{loss:?} direction {k}: analytic {analytic:.6e}, fd {fd:.6e}, rel err {err:.1e}"
+            );
+            assert!(
+                err <= FD_TOL,
+                "{loss:?} direction {k}: analytic {analytic} vs fd {fd}"
+            );
         }
     }
 }
@@ -186,14 +200,21 @@ fn sequence_backward_with_uniform_coefficients_is_the_mean_loss_gradient() {
         .unwrap();
     let got = model.grad_values(&be).unwrap();
     let mean = -logps.iter().sum::<f64>() / tokens as f64;
-    assert!((mean - loss.mean as f64).abs() < 1e-6, "{mean} vs {}", loss.mean);
+    assert!(
+        (mean - loss.mean as f64).abs() < 1e-6,
+        "{mean} vs {}",
+        loss.mean
+    );
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
         num += (*a as f64 - *b as f64).powi(2);
         den += (*b as f64).powi(2);
     }
     let rel = (num / den).sqrt();
-    assert!(rel < 1e-5, "sequence vs mean-loss gradient: rel err {rel:e}");
+    assert!(
+        rel < 1e-5,
+        "sequence vs mean-loss gradient: rel err {rel:e}"
+    );
 }
 
 // ---- the stage, end to end -----------------------------------------------------------------
@@ -305,15 +326,31 @@ fn on_a_toy_pair_set_the_margin_grows_and_the_accuracy_rises() {
     assert_eq!(summary.final_step, 20);
     let recs = records(&j.out);
     let train: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
-    let val: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("val_loss").is_some()).collect();
-    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    let val: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r.get("val_loss").is_some())
+        .collect();
+    let f =
+        |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
     // Step 1 runs on the initial policy, which is the reference: loss ln 2, no margin.
-    assert!((f(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-6, "{}", train[0]);
+    assert!(
+        (f(train[0], "loss") - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        train[0]
+    );
     assert_eq!(f(train[0], "rewards/margins"), 0.0);
     assert_eq!(f(train[0], "rewards/accuracies"), 0.0);
     let last = train.last().unwrap();
-    let early: f64 = train[..3].iter().map(|r| f(r, "rewards/margins")).sum::<f64>() / 3.0;
-    let late: f64 = train[17..].iter().map(|r| f(r, "rewards/margins")).sum::<f64>() / 3.0;
+    let early: f64 = train[..3]
+        .iter()
+        .map(|r| f(r, "rewards/margins"))
+        .sum::<f64>()
+        / 3.0;
+    let late: f64 = train[17..]
+        .iter()
+        .map(|r| f(r, "rewards/margins"))
+        .sum::<f64>()
+        / 3.0;
     println!(
         "train margin {early:.3} -> {late:.3}, accuracy {} -> {}, loss {} -> {}",
         f(train[0], "rewards/accuracies"),
@@ -324,14 +361,20 @@ fn on_a_toy_pair_set_the_margin_grows_and_the_accuracy_rises() {
     assert!(late > early + 0.5, "train margin {early} -> {late}");
     assert!(f(last, "rewards/accuracies") >= 0.75, "{last}");
     assert!(f(last, "loss") < 0.5 * std::f64::consts::LN_2, "{last}");
-    assert!(f(last, "logps/chosen") > f(train[0], "logps/chosen"), "{last}");
+    assert!(
+        f(last, "logps/chosen") > f(train[0], "logps/chosen"),
+        "{last}"
+    );
     for k in ["rewards/chosen", "rewards/rejected", "logps/rejected"] {
         assert!(f(last, k).is_finite(), "{k}");
     }
     // Validation (held-out prompts, same preference): before training ln 2, then better.
     let (v0, v1) = (val[0], val.last().unwrap());
     assert_eq!((f(v0, "step"), f(v1, "step")), (0.0, 20.0));
-    assert!((f(v0, "val_loss") - std::f64::consts::LN_2).abs() < 1e-6, "{v0}");
+    assert!(
+        (f(v0, "val_loss") - std::f64::consts::LN_2).abs() < 1e-6,
+        "{v0}"
+    );
     assert_eq!(f(v0, "val_rewards/accuracies"), 0.0);
     println!("validation: {v0}\n  -> {v1}");
     assert!(f(v1, "val_rewards/margins") > 0.5, "{v1}");
@@ -402,7 +445,10 @@ fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
         notes.borrow()
     );
     assert!(!notes.borrow().iter().any(|n| n.contains("reference pass")));
-    assert_eq!(std::fs::read(crashed.join("ref_logps.bin")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(crashed.join("ref_logps.bin")).unwrap(),
+        before
+    );
     assert_eq!(resumed.train_losses, straight.train_losses[3..].to_vec());
 
     // A damaged file is refused by name on resume.

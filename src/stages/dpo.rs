@@ -60,7 +60,9 @@ impl std::str::FromStr for DpoLoss {
         match s {
             "sigmoid" => Ok(Self::Sigmoid),
             "ipo" => Ok(Self::Ipo),
-            other => Err(format!("unknown DPO loss `{other}` (expected sigmoid or ipo)")),
+            other => Err(format!(
+                "unknown DPO loss `{other}` (expected sigmoid or ipo)"
+            )),
         }
     }
 }
@@ -317,10 +319,13 @@ impl Dpo {
     }
 
     fn reference(&self) -> Result<&RefLogps> {
-        self.reference.as_ref().ok_or_else(|| TrainError::Checkpoint {
-            path: PathBuf::from(reference::REF_FILE),
-            msg: "DPO needs the reference log-probabilities before training (reference_pass)".into(),
-        })
+        self.reference
+            .as_ref()
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: PathBuf::from(reference::REF_FILE),
+                msg: "DPO needs the reference log-probabilities before training (reference_pass)"
+                    .into(),
+            })
     }
 
     /// The next micro-batch's pair indices, advancing the position.
@@ -392,7 +397,16 @@ impl<B: Backend> Objective<B> for Dpo {
         let scale = loss_scale as f64 / p as f64;
         let mut stats = DpoStats::default();
         model.sequence_logps_step(be, &batch.inputs, &batch.targets, 2 * p, t, |logps| {
-            batch_terms(loss, beta, logps, &picked, reference, 2 * p, scale, &mut stats)
+            batch_terms(
+                loss,
+                beta,
+                logps,
+                &picked,
+                reference,
+                2 * p,
+                scale,
+                &mut stats,
+            )
         })?;
         self.train_stats.merge(&stats);
         Ok(Loss {
@@ -414,7 +428,16 @@ impl<B: Backend> Objective<B> for Dpo {
         for chunk in fitting[..n].chunks(p) {
             let batch = fill_pair_batch(val, chunk, p, t, self.pad);
             let logps = model.sequence_logps(be, &batch.inputs, &batch.targets, 2 * p, t)?;
-            batch_terms(self.loss, self.beta, &logps, chunk, reference, 2 * p, 0.0, &mut stats);
+            batch_terms(
+                self.loss,
+                self.beta,
+                &logps,
+                chunk,
+                reference,
+                2 * p,
+                0.0,
+                &mut stats,
+            );
         }
         self.val_stats = stats;
         Ok((stats.pairs > 0).then(|| stats.mean_loss() as f32))
@@ -479,6 +502,9 @@ mod tests {
         let at_target = pair_terms(DpoLoss::Ipo, 0.25, 1.0, -1.0, 0.0, 0.0);
         assert_eq!((at_target.loss, at_target.d_chosen), (0.0, 0.0));
         assert_eq!("ipo".parse::<DpoLoss>(), Ok(DpoLoss::Ipo));
-        assert!("hinge".parse::<DpoLoss>().unwrap_err().contains("sigmoid or ipo"));
+        assert!("hinge"
+            .parse::<DpoLoss>()
+            .unwrap_err()
+            .contains("sigmoid or ipo"));
     }
 }

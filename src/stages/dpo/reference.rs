@@ -137,7 +137,10 @@ impl RefLogps {
         if bytes.len() < REF_HEADER {
             return Err(bad(
                 &path,
-                format!("{} bytes, shorter than the {REF_HEADER}-byte header", bytes.len()),
+                format!(
+                    "{} bytes, shorter than the {REF_HEADER}-byte header",
+                    bytes.len()
+                ),
             ));
         }
         let i32_at = |o: usize| i32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
@@ -182,7 +185,13 @@ impl RefLogps {
     }
 
     /// Why these values cannot serve a run over `train`/`val` at `t`, or `None` when they can.
-    pub fn mismatch(&self, t: usize, fingerprint: u64, n_train: usize, n_val: usize) -> Option<String> {
+    pub fn mismatch(
+        &self,
+        t: usize,
+        fingerprint: u64,
+        n_train: usize,
+        n_val: usize,
+    ) -> Option<String> {
         if self.t != t {
             return Some(format!("computed at T = {}, the run uses T = {t}", self.t));
         }
