@@ -39,7 +39,7 @@ use crate::backend::Backend;
 use crate::data::{fill_pair_batch, DataError, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
-use crate::train::{Objective, Result, TrainError};
+use crate::train::{Extras, Objective, Result, TrainError};
 use reference::{PairLogps, RefLogps};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -198,6 +198,8 @@ pub struct Dpo {
     train_stats: DpoStats,
     /// What the last validation saw.
     val_stats: DpoStats,
+    /// The last validation's stats until the loop takes them as metrics.
+    val_pending: Option<DpoStats>,
 }
 
 impl Dpo {
@@ -255,6 +257,7 @@ impl Dpo {
             order_epoch: None,
             train_stats: DpoStats::default(),
             val_stats: DpoStats::default(),
+            val_pending: None,
         })
     }
 
@@ -440,6 +443,7 @@ impl<B: Backend> Objective<B> for Dpo {
             );
         }
         self.val_stats = stats;
+        self.val_pending = Some(stats);
         Ok((stats.pairs > 0).then(|| stats.mean_loss() as f32))
     }
 
@@ -465,12 +469,18 @@ impl<B: Backend> Objective<B> for Dpo {
         Ok(())
     }
 
-    fn extra_metrics(&mut self, val: bool) -> Vec<(String, f64)> {
-        if val {
-            self.val_stats.metrics("val_")
-        } else {
-            self.take_train_stats().metrics("")
+    /// After a step: the means over its micro-batches; after a validation: over the val pairs
+    /// (the loop adds the `val_` prefix).
+    fn take_metrics(&mut self) -> Extras {
+        let stats = match self.val_pending.take() {
+            Some(val) => val,
+            None => self.take_train_stats(),
+        };
+        let mut extras = Extras::default();
+        for (name, value) in stats.metrics("") {
+            extras.push(name, value as f32);
         }
+        extras
     }
 }
 
