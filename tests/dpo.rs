@@ -1,7 +1,8 @@
 //! DPO: with the policy equal to the reference the loss is ln 2 and the gradient matches central
 //! differences of the loss (sigmoid and IPO); the sequence log-probability backward agrees with
 //! the mean-loss backward; on a toy pair set the margin grows and the accuracy rises; stored
-//! reference log-probabilities equal those computed on the fly and are reused on --resume.
+//! reference log-probabilities equal those computed on the fly and are reused on --resume; the
+//! command names a bad --loss or --beta.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -457,4 +458,40 @@ fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("ref_logps.bin") && e.contains("header"), "{e}");
+}
+
+#[test]
+fn the_command_refuses_a_bad_loss_and_a_bad_beta_by_name() {
+    let toy = toy();
+    let dpo = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_topcoat"))
+            .args([
+                "dpo",
+                "--device",
+                "cpu",
+                "--max-steps",
+                "1",
+                "--seq-len",
+                "32",
+            ])
+            .arg("--init")
+            .arg(&toy.init)
+            .arg("--data")
+            .arg(&toy.data)
+            .arg("--out")
+            .arg(toy.root.join("cli"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = dpo(&["--loss", "hinge"]);
+    assert!(
+        e.contains("--loss") && e.contains("expected sigmoid or ipo"),
+        "{e}"
+    );
+    let e = dpo(&["--beta", "0"]);
+    assert!(e.contains("--beta must be a positive number, got 0"), "{e}");
+    assert!(!toy.root.join("cli").join("ref_logps.bin").exists());
 }
