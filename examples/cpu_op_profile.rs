@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use topcoat::backend::cpu::CpuBackend;
-use topcoat::backend::{AdamWStep, Backend};
+use topcoat::backend::{AdamWStep, Backend, LossGrad};
 use topcoat::rng::Rng;
 
 const REPS: usize = 7;
@@ -245,7 +245,7 @@ fn main() {
     let targets: Vec<i32> = (0..N).map(|_| rng.below(V as u64) as i32).collect();
     let (ms, cpu) = time_ms(|| {
         logits.copy_from_slice(&logits0);
-        let dloss = Some(1.0 / N as f32);
+        let dloss = LossGrad::Uniform(1.0 / N as f32);
         be.cross_entropy(&mut losses, &mut logits, &targets, N, V, VP, dloss)
             .unwrap()
     });

@@ -1,17 +1,24 @@
 // cross_entropy.cu: fused softmax + cross-entropy over a padded vocabulary, with the logits
-// gradient written in place.
+// gradient written in place, scaled uniformly or per row.
 //
 // Twin of Backend::cross_entropy and src/backend/cpu/cross_entropy.rs. One block per row:
-// max, sum of exp, loss, and (when has_grad) dlogits = dloss * (softmax - onehot) over [0, V)
-// and 0 over [V, VP), all in one kernel, fp32 math on bf16 logits. A masked row (target < 0)
-// gets loss 0 and, with a gradient, an all-zero row.
+// an online max and sum of exp, the loss, and (when has_grad) dlogits = w * (softmax - onehot)
+// over [0, V) and 0 over [V, VP), all in one kernel, fp32 math on bf16 logits. The row weight
+// is w = scale * row_weights[row] when row_weights is not null (DPO's per-sequence
+// coefficients), else w = scale. A masked row (target < 0) gets loss 0 and, with a gradient,
+// an all-zero row. The loss is stored as bf16 (`_bf16`) or fp32 (`_bf16_f32loss`: logits
+// bf16, losses fp32, for callers that sum per-row losses, e.g. sequence log-probabilities).
 //
-// Napkin math (memory bound; ~5 FLOPs per logit): one read of the row for an online max and
-// sum of exp (running max m and sum s per thread, merged across the block), a second read and
-// one write for the gradient. GPT-2 small N*VP = 65536*50304 = 3.3G logits, 6.6 GB in bf16:
-// ~20 GB moved (less where the second read hits L2), ~5 ms at 4 TB/s. Rows whose length is a
-// multiple of 8 (every padded vocabulary) move 16 bytes per access.
+// Napkin math (memory bound; ~5 FLOPs per logit): one read of the row for the online max and
+// sum (running max m and sum s per thread, merged across the block), a second read and one
+// write for the gradient; the row weight and the loss are 4-8 B per row. GPT-2 small N*VP =
+// 65536*50304 = 3.3G logits, 6.6 GB in bf16: ~20 GB moved (less where the second read hits
+// L2), ~5 ms at 4 TB/s. Rows whose length is a multiple of 8 (every padded vocabulary) move 16
+// bytes per access.
 #include "common.cuh"
+
+__device__ __forceinline__ void store_loss(__nv_bfloat16* p, float x) { *p = f32_to_bf16(x); }
+__device__ __forceinline__ void store_loss(float* p, float x) { *p = x; }
 
 // Folds x into a running (max, sum of exp(. - max)).
 __device__ __forceinline__ void online_add(float& m, float& s, float x) {
@@ -23,10 +30,12 @@ __device__ __forceinline__ void online_add(float& m, float& s, float x) {
     }
 }
 
-extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict__ losses,
-                                                      __nv_bfloat16* __restrict__ logits,
-                                                      const int* __restrict__ targets, int v,
-                                                      int vp, int has_grad, float dloss) {
+template <typename LossT>
+__device__ __forceinline__ void cross_entropy_row(LossT* __restrict__ losses,
+                                                  __nv_bfloat16* __restrict__ logits,
+                                                  const int* __restrict__ targets,
+                                                  const float* __restrict__ row_weights, int v,
+                                                  int vp, int has_grad, float scale) {
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     const int target = targets[row];
@@ -34,7 +43,7 @@ extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict_
     // 16-byte accesses when every row starts 16-byte aligned (VP a multiple of 8).
     const bool wide = vp % 8 == 0;
     if (target < 0) {
-        if (threadIdx.x == 0) losses[row] = f32_to_bf16(0.0f);
+        if (threadIdx.x == 0) store_loss(losses + row, 0.0f);
         if (has_grad) {
             for (int j = threadIdx.x; j < vp; j += blockDim.x) x[j] = f32_to_bf16(0.0f);
         }
@@ -59,8 +68,9 @@ extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict_
     // A thread that saw nothing has s = 0, and exp of a finite difference is finite: no NaN.
     const float sum = block_reduce_sum(s * __expf(m - row_max), scratch);
     const float lse = row_max + logf(sum);
-    if (threadIdx.x == 0) losses[row] = f32_to_bf16(lse - x_target);
+    if (threadIdx.x == 0) store_loss(losses + row, lse - x_target);
     if (!has_grad) return;
+    const float w = row_weights != nullptr ? scale * row_weights[row] : scale;
     if (wide) {
         for (int j0 = threadIdx.x * 8; j0 < vp; j0 += blockDim.x * 8) {
             uint4 raw = *reinterpret_cast<const uint4*>(x + j0);
@@ -69,7 +79,7 @@ extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict_
             for (int k = 0; k < 8; k++) {
                 const int j = j0 + k;
                 float g = 0.0f;
-                if (j < v) g = dloss * (__expf(bf16_to_f32(e[k]) - lse) - (j == target ? 1.0f : 0.0f));
+                if (j < v) g = w * (__expf(bf16_to_f32(e[k]) - lse) - (j == target ? 1.0f : 0.0f));
                 e[k] = f32_to_bf16(g);
             }
             *reinterpret_cast<uint4*>(x + j0) = raw;
@@ -77,8 +87,25 @@ extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict_
     } else {
         for (int j = threadIdx.x; j < vp; j += blockDim.x) {
             float g = 0.0f;
-            if (j < v) g = dloss * (__expf(bf16_to_f32(x[j]) - lse) - (j == target ? 1.0f : 0.0f));
+            if (j < v) g = w * (__expf(bf16_to_f32(x[j]) - lse) - (j == target ? 1.0f : 0.0f));
             x[j] = f32_to_bf16(g);
         }
     }
+}
+
+extern "C" __global__ void cross_entropy_forward_bf16(__nv_bfloat16* __restrict__ losses,
+                                                      __nv_bfloat16* __restrict__ logits,
+                                                      const int* __restrict__ targets,
+                                                      const float* __restrict__ row_weights,
+                                                      int v, int vp, int has_grad, float scale) {
+    cross_entropy_row(losses, logits, targets, row_weights, v, vp, has_grad, scale);
+}
+
+extern "C" __global__ void cross_entropy_forward_bf16_f32loss(float* __restrict__ losses,
+                                                              __nv_bfloat16* __restrict__ logits,
+                                                              const int* __restrict__ targets,
+                                                              const float* __restrict__ row_weights,
+                                                              int v, int vp, int has_grad,
+                                                              float scale) {
+    cross_entropy_row(losses, logits, targets, row_weights, v, vp, has_grad, scale);
 }

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use topcoat::stages::dpo::DpoLoss;
 
 #[derive(Parser)]
 #[command(
@@ -19,17 +20,20 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Tokenize text files, directories or JSONL into train/val token shards.
+    /// Tokenize text into train/val token shards; `prepare sft` and `prepare prefs` for chat data.
     Prepare(PrepareArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
     /// Pretrain a GPT-2 model (no --data: the embedded corpus).
     Pretrain(PretrainArgs),
-    /// Render conversations JSONL into SFT shards with loss masks.
+    /// Old name of `prepare sft`, kept so existing scripts still run.
+    #[command(hide = true)]
     PrepareSft(PrepareSftArgs),
     /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
     Sft(SftArgs),
+    /// Preference-tune an SFT checkpoint with DPO (or IPO) on prepared pairs (--batch-size counts pairs).
+    Dpo(DpoArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
@@ -81,16 +85,39 @@ pub struct BenchArgs {
     /// Timed runs of each path for --generate (after one warm-up run each).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Which micro-step to time: pretrain, sft, dpo (B/2 pairs), or all three side by side
+    /// with their tokens/s relative to pretrain.
+    #[arg(long, default_value = "pretrain")]
+    pub stage: String,
+}
+
+/// `prepare INPUTS... --out DIR` (text), or `prepare sft ...` / `prepare prefs ...`. A first
+/// input literally named `sft` or `prefs` selects the subcommand: write `./sft` for a directory.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct PrepareArgs {
+    #[command(subcommand)]
+    pub kind: Option<PrepareKind>,
+    #[command(flatten)]
+    pub text: PrepareTextArgs,
+}
+
+#[derive(Subcommand)]
+pub enum PrepareKind {
+    /// Render conversations JSONL into SFT shards with assistant-only loss masks.
+    Sft(PrepareSftArgs),
+    /// Render preference pairs JSONL ({"prompt", "chosen", "rejected"}) into a pair shard.
+    Prefs(PreparePrefsArgs),
 }
 
 #[derive(Args)]
-pub struct PrepareArgs {
+pub struct PrepareTextArgs {
     /// Text files, directories (searched recursively) or JSONL files with a "text" field.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
     /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
     #[arg(long, default_value = "gpt2")]
     pub tokenizer: String,
@@ -103,6 +130,24 @@ pub struct PrepareArgs {
     /// Most tokens per shard file.
     #[arg(long, default_value_t = 100_000_000)]
     pub shard_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct PreparePrefsArgs {
+    /// Preference JSONL: one {"prompt", "chosen", "rejected"} per line (strings or message lists).
+    pub input: PathBuf,
+    /// Output directory for prefs_train.{bin,idx}, prefs_val.{bin,idx} and tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A tokenizer.json, or the checkpoint or run directory to train from (its tokenizer).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Most tokens per sequence (prompt + response); a pair with a longer sequence is dropped.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Fraction of pairs held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
 }
 
 #[derive(Subcommand)]
@@ -155,7 +200,7 @@ pub struct SftArgs {
     /// Pretrained checkpoint, or a run directory (its newest checkpoint).
     #[arg(long)]
     pub init: PathBuf,
-    /// Directory from `topcoat prepare-sft`.
+    /// Directory from `topcoat prepare sft`.
     #[arg(long)]
     pub data: PathBuf,
     /// Run directory for metrics.jsonl and checkpoints.
@@ -165,6 +210,28 @@ pub struct SftArgs {
     /// `pack = true` in the run config.
     #[arg(long)]
     pub pack: bool,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+#[derive(Args)]
+pub struct DpoArgs {
+    /// SFT checkpoint, or a run directory (its newest checkpoint): the policy's start and the
+    /// frozen reference.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Directory from `topcoat prepare prefs`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory for metrics.jsonl, ref_logps.bin and checkpoints.
+    #[arg(long, default_value = "runs/dpo")]
+    pub out: PathBuf,
+    /// Strength of the pull toward the reference (the KL coefficient of the implicit reward).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// sigmoid (DPO) or ipo.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: DpoLoss,
     #[command(flatten)]
     pub flags: RunFlags,
 }

@@ -6,12 +6,12 @@ use std::io::{IsTerminal, Write};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
 use topcoat::backend::{Backend, Role};
-use topcoat::bench;
+use topcoat::bench::{self, BenchStage};
 use topcoat::config::{ModelConfig, RunConfig};
-use topcoat::data::{self, PrepareOptions, SftPrepareOptions, Tokenizer};
+use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::profile::{OpTally, Profiled};
-use topcoat::run::{self, ChatOptions, DeviceKind, PretrainJob, SftJob};
+use topcoat::run::{self, ChatOptions, DeviceKind, DpoJob, PretrainJob, SftJob};
 use topcoat::train::TrainSummary;
 
 mod cli;
@@ -39,7 +39,8 @@ fn note(msg: &str) {
     eprintln!("{msg}");
 }
 
-fn prepare(a: &PrepareArgs) -> Result<()> {
+fn prepare(a: &PrepareTextArgs) -> Result<()> {
+    let out = a.out.as_ref().context("--out is required")?;
     let tok = match a.tokenizer.as_str() {
         "gpt2" => Tokenizer::gpt2(),
         "bpe" => {
@@ -56,7 +57,7 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
     let opts = PrepareOptions {
         val_fraction: a.val_fraction,
         shard_tokens: a.shard_tokens,
-        ..PrepareOptions::new(&a.out)
+        ..PrepareOptions::new(out)
     };
     let tty = std::io::stderr().is_terminal();
     let summary = data::prepare(&a.inputs, &tok, &opts, &|ev| {
@@ -70,10 +71,10 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
     if tty {
         eprintln!();
     }
-    tok.save(a.out.join("tokenizer.json"))?;
+    tok.save(out.join("tokenizer.json"))?;
     println!(
         "{}: {} train documents ({} tokens, {} files), {} val documents ({} tokens, {} files), tokenizer.json ({} ids)",
-        a.out.display(),
+        out.display(),
         summary.docs_train,
         summary.tokens_train,
         summary.train_files.len(),
@@ -81,6 +82,54 @@ fn prepare(a: &PrepareArgs) -> Result<()> {
         summary.tokens_val,
         summary.val_files.len(),
         tok.vocab_size()
+    );
+    Ok(())
+}
+
+fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
+    let opts = SftPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..SftPrepareOptions::new(&a.out)
+    };
+    let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
+    println!(
+        "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
+         {} truncated to --max-len {}, {} dropped (no response token within it)",
+        a.out.display(),
+        s.conversations,
+        s.train_examples,
+        s.train_tokens,
+        s.train_loss_tokens,
+        s.val_examples,
+        s.val_tokens,
+        s.truncated,
+        a.max_len,
+        s.dropped
+    );
+    Ok(())
+}
+
+fn prepare_prefs(a: &PreparePrefsArgs) -> Result<()> {
+    let opts = PrefsPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..PrefsPrepareOptions::new(&a.out)
+    };
+    let s = run::prepare_prefs(&a.input, &a.tokenizer, &opts)?;
+    println!(
+        "{}: {} pairs -> {} train pairs ({} tokens), {} val pairs ({} tokens); dropped {} with a side \
+         longer than --max-len {} (longest {} tokens), {} with identical sides",
+        a.out.display(),
+        s.pairs,
+        s.train_pairs,
+        s.train_tokens,
+        s.val_pairs,
+        s.val_tokens,
+        s.too_long,
+        a.max_len,
+        s.longest,
+        s.identical
     );
     Ok(())
 }
@@ -110,6 +159,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if a.no_optimizer { "forward+backward" } else { "forward+backward+AdamW" },
         rayon::current_num_threads()
     );
+    if a.stage != "pretrain" {
+        return bench_stages(a, device, &cfg);
+    }
     let on_step = |i: usize, ms: f64| {
         let tag = if i < a.warmup { " (warm-up)" } else { "" };
         eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
@@ -238,6 +290,45 @@ fn bench_generate(a: &BenchArgs, cfg: &ModelConfig, device: DeviceKind, why: &st
     Ok(())
 }
 
+/// `bench --stage sft|dpo|all`: the stages' steps interleaved on one model shape.
+fn bench_stages(a: &BenchArgs, device: DeviceKind, cfg: &ModelConfig) -> Result<()> {
+    let stages: Vec<BenchStage> = match a.stage.as_str() {
+        "all" => vec![BenchStage::Pretrain, BenchStage::Sft, BenchStage::Dpo],
+        one => vec![one.parse().map_err(anyhow::Error::msg)?],
+    };
+    let on_step = |s: BenchStage, i: usize, ms: f64| {
+        let tag = if i < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("{s:?} step {:>3}: {ms:9.1} ms{tag}", i + 1);
+    };
+    let (b, t, opt) = (a.batch_size, a.seq_len, !a.no_optimizer);
+    let (w, n) = (a.warmup, a.steps);
+    let results = match device {
+        DeviceKind::Cpu => {
+            bench::bench_stages(&CpuBackend, cfg, &stages, b, t, w, n, opt, on_step)?
+        }
+        DeviceKind::Cuda => {
+            let be = CudaBackend::new(0)?;
+            bench::bench_stages(&be, cfg, &stages, b, t, w, n, opt, on_step)?
+        }
+    };
+    let base = stages
+        .iter()
+        .position(|&s| s == BenchStage::Pretrain)
+        .map(|i| results[i].tokens_per_s);
+    println!("| stage | median step ms | tokens/s | vs pretrain |");
+    println!("| --- | --- | --- | --- |");
+    for (s, r) in stages.iter().zip(&results) {
+        let ratio = base.map_or("-".to_string(), |p| format!("{:.2}", r.tokens_per_s / p));
+        println!(
+            "| {} | {:.1} | {:.0} | {ratio} |",
+            format!("{s:?}").to_lowercase(),
+            r.median_ms,
+            r.tokens_per_s
+        );
+    }
+    Ok(())
+}
+
 /// Prints what a training run did.
 fn report(s: &TrainSummary) {
     let first = s.val_losses.first().map(|v| v.1);
@@ -277,7 +368,7 @@ fn run_cli() -> Result<()> {
             .context("setting --threads")?;
     }
     match cli.command {
-        Command::Prepare(a) => prepare(&a)?,
+        Command::Prepare(PrepareArgs { kind: None, text }) => prepare(&text)?,
         Command::Tokenizer(TokenizerCmd::Train {
             inputs,
             vocab_size,
@@ -306,28 +397,15 @@ fn run_cli() -> Result<()> {
             };
             report(&run::pretrain(&job, &note)?);
         }
-        Command::PrepareSft(a) => {
-            let opts = SftPrepareOptions {
-                max_len: a.max_len,
-                val_fraction: a.val_fraction,
-                ..SftPrepareOptions::new(&a.out)
-            };
-            let s = run::prepare_sft(&a.input, &a.tokenizer, &opts)?;
-            println!(
-                "{}: {} conversations -> {} train examples ({} tokens, {} trained on), {} val examples ({} tokens); \
-                 {} truncated to --max-len {}, {} dropped (no response token within it)",
-                a.out.display(),
-                s.conversations,
-                s.train_examples,
-                s.train_tokens,
-                s.train_loss_tokens,
-                s.val_examples,
-                s.val_tokens,
-                s.truncated,
-                a.max_len,
-                s.dropped
-            );
-        }
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Sft(a)),
+            ..
+        })
+        | Command::PrepareSft(a) => prepare_sft(&a)?,
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Prefs(a)),
+            ..
+        }) => prepare_prefs(&a)?,
         Command::Sft(a) => {
             let mut run = run_config(&a.flags, run::sft_run_defaults())?;
             run.pack |= a.pack;
@@ -343,6 +421,23 @@ fn run_cli() -> Result<()> {
                 quiet: false,
             };
             report(&run::sft(&job, &note)?);
+        }
+        Command::Dpo(a) => {
+            let run = run_config(&a.flags, run::dpo_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = DpoJob {
+                run,
+                init: a.init.clone(),
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+                beta: a.beta,
+                loss: a.loss,
+            };
+            report(&run::dpo(&job, &note)?);
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {

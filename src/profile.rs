@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{AdamWStep, Backend, Result, Role, SampleParams};
+use crate::backend::{AdamWStep, Backend, LossGrad, Result, Role, SampleParams};
 
 /// What one op family cost over the profiled steps.
 #[derive(Clone, Debug, Default)]
@@ -330,13 +330,13 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         n: usize,
         v: usize,
         vp: usize,
-        dloss: Option<f32>,
+        grad: LossGrad<'_, Self::Buf>,
     ) -> Result<()> {
-        let passes = if dloss.is_some() { 2.0 } else { 1.0 };
+        let passes = if grad.is_none() { 1.0 } else { 2.0 };
         let bytes = passes * (n * vp) as f64 * self.act();
         self.timed("cross_entropy", bytes, 0.0, || {
             self.inner
-                .cross_entropy(losses, logits, targets, n, v, vp, dloss)
+                .cross_entropy(losses, logits, targets, n, v, vp, grad)
         })
     }
 

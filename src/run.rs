@@ -1,10 +1,15 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
-//! `pretrain`, `sample` and `info`; `prepare-sft` and `sft` in `run/sft.rs`, `chat` in
-//! `run/chat.rs`. The binary only parses flags and prints.
+//! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`, `prepare prefs`
+//! in `run/prefs.rs`, `dpo` in `run/dpo.rs`, `chat` in `run/chat.rs`. The binary only parses
+//! flags and prints.
 
 mod chat;
+mod dpo;
+mod prefs;
 mod sft;
 pub use chat::{chat, ChatOptions};
+pub use dpo::{dpo, dpo_run_defaults, DpoJob};
+pub use prefs::prepare_prefs;
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};

@@ -156,3 +156,37 @@ fn bad_input_is_a_clear_error() {
     ]);
     assert!(t.contains("unknown preset `huge`"), "{t}");
 }
+
+#[test]
+fn prepare_sft_subcommand_and_its_old_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
+    ok(&[
+        "prepare",
+        &p("docs"),
+        "--out",
+        &p("data"),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "280",
+    ]);
+    let chat = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A cat."}]}"#;
+    std::fs::write(tmp.path().join("chats.jsonl"), format!("{chat}\n{chat}\n")).unwrap();
+    for (cmd, out) in [
+        (vec!["prepare", "sft"], "sft_new"),
+        (vec!["prepare-sft"], "sft_old"),
+    ] {
+        let mut args = cmd.clone();
+        let (input, dest, tok) = (p("chats.jsonl"), p(out), p("data"));
+        args.extend([input.as_str(), "--out", &dest, "--tokenizer", &tok]);
+        let text = ok(&args);
+        assert!(text.contains("2 conversations"), "{cmd:?}: {text}");
+        assert!(Path::new(&p(&format!("{out}/sft_train.idx"))).is_file());
+    }
+    let t = fails(&["prepare", &p("docs")]);
+    assert!(t.contains("--out"), "{t}");
+}

@@ -7,7 +7,7 @@
 
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cpu::{adamw, attention, cross_entropy, encoder, gelu, layernorm, matmul};
-use topcoat::backend::{AdamWStep, Backend, BackendError};
+use topcoat::backend::{AdamWStep, Backend, BackendError, LossGrad};
 use topcoat::rng::Rng;
 
 /// f64 analytic gradient vs f64 central differences: `||a - fd|| / ||fd||`.
@@ -643,7 +643,7 @@ fn cross_entropy_matches_naive_and_finite_differences() {
 
     let mut losses = vec![f64::NAN; N];
     let mut work = logits.clone();
-    cross_entropy::cross_entropy(&mut losses, &mut work, &targets, N, V, VP, None);
+    cross_entropy::cross_entropy(&mut losses, &mut work, &targets, N, V, VP, None, None);
     assert_eq!(work, logits, "logits must be left alone without dloss");
     let naive: Vec<f64> = (0..N)
         .map(|i| {
@@ -660,13 +660,22 @@ fn cross_entropy_matches_naive_and_finite_differences() {
     let loss_of = |l: &[f64]| {
         let mut losses = vec![0.0; N];
         let mut l = l.to_vec();
-        cross_entropy::cross_entropy(&mut losses, &mut l, &targets, N, V, VP, None);
+        cross_entropy::cross_entropy(&mut losses, &mut l, &targets, N, V, VP, None, None);
         s * losses.iter().sum::<f64>()
     };
     let fd = fd_grad(&logits, loss_of);
     let mut dlogits = logits.clone();
     let mut losses2 = vec![0.0; N];
-    cross_entropy::cross_entropy(&mut losses2, &mut dlogits, &targets, N, V, VP, Some(s));
+    cross_entropy::cross_entropy(
+        &mut losses2,
+        &mut dlogits,
+        &targets,
+        N,
+        V,
+        VP,
+        Some(s),
+        None,
+    );
     assert_eq!(losses2, losses, "losses must not depend on dloss");
     assert_close("dlogits", &dlogits, &fd, FD_TOL);
     for i in 0..N {
@@ -683,10 +692,92 @@ fn cross_entropy_matches_naive_and_finite_differences() {
 
     let be = CpuBackend;
     let (mut l32, mut g32) = (vec![f32::NAN; N], to32(&logits));
-    be.cross_entropy(&mut l32, &mut g32, &targets, N, V, VP, Some(s as f32))
-        .unwrap();
+    be.cross_entropy(
+        &mut l32,
+        &mut g32,
+        &targets,
+        N,
+        V,
+        VP,
+        LossGrad::Uniform(s as f32),
+    )
+    .unwrap();
     assert_close("cross-entropy losses (f32)", &to64(&l32), &naive, F32_TOL);
     assert_close("dlogits (f32)", &to64(&g32), &fd, F32_TOL);
+}
+
+/// Per-row weights: the gradient is that of `sum_i w_i * loss_i` (weights of both signs, one
+/// zero), the losses do not depend on them, and the f32 backend agrees; a weights buffer of the
+/// wrong length is a Shape error naming it.
+#[test]
+fn cross_entropy_per_row_weights_match_finite_differences() {
+    let mut rng = Rng::new(29);
+    let logits = randn(N * VP, &mut rng);
+    let mut targets = random_ids(N, V, &mut rng);
+    targets[3] = -1;
+    let mut weights = randn(N, &mut rng);
+    weights[6] = 0.0;
+    let loss_of = |l: &[f64]| {
+        let mut losses = vec![0.0; N];
+        let mut l = l.to_vec();
+        cross_entropy::cross_entropy(&mut losses, &mut l, &targets, N, V, VP, None, None);
+        dot(&losses, &weights)
+    };
+    let fd = fd_grad(&logits, loss_of);
+    let (mut losses, mut plain) = (vec![0.0; N], vec![0.0; N]);
+    let mut work = logits.clone();
+    cross_entropy::cross_entropy(&mut plain, &mut work, &targets, N, V, VP, None, None);
+    let mut dlogits = logits.clone();
+    let s = 0.75;
+    cross_entropy::cross_entropy(
+        &mut losses,
+        &mut dlogits,
+        &targets,
+        N,
+        V,
+        VP,
+        Some(s),
+        Some(&weights),
+    );
+    assert_eq!(losses, plain, "losses must not depend on the weights");
+    let want: Vec<f64> = fd.iter().map(|g| s * g).collect();
+    assert_close("dlogits (per-row weights)", &dlogits, &want, FD_TOL);
+    assert!(dlogits[6 * VP..7 * VP].iter().all(|&g| g == 0.0));
+    assert!(dlogits[3 * VP..4 * VP].iter().all(|&g| g == 0.0));
+
+    let be = CpuBackend;
+    let (mut l32, mut g32) = (vec![f32::NAN; N], to32(&logits));
+    let w32 = to32(&weights);
+    be.cross_entropy(
+        &mut l32,
+        &mut g32,
+        &targets,
+        N,
+        V,
+        VP,
+        LossGrad::PerRow(&w32),
+    )
+    .unwrap();
+    assert_close("dlogits per-row (f32)", &to64(&g32), &fd, F32_TOL);
+    assert_close("losses per-row (f32)", &to64(&l32), &plain, F32_TOL);
+
+    let before = to32(&logits);
+    let mut g32 = before.clone();
+    match be.cross_entropy(
+        &mut l32,
+        &mut g32,
+        &targets,
+        N,
+        V,
+        VP,
+        LossGrad::PerRow(&w32[1..].to_vec()),
+    ) {
+        Err(BackendError::Shape {
+            what: "weights", ..
+        }) => {}
+        other => panic!("expected a Shape error naming `weights`, got {other:?}"),
+    }
+    assert_eq!(g32, before, "nothing is written on error");
 }
 
 // ---- optimizer -----------------------------------------------------------------------------
@@ -830,7 +921,7 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
             n,
             oc - 3,
             oc,
-            Some(0.01),
+            LossGrad::Uniform(0.01),
         )
         .unwrap();
         let norm = be.global_norm(&[&dmw, &dqkv, &dwte]).unwrap();
@@ -1003,11 +1094,27 @@ fn wrong_lengths_are_shape_errors() {
         "lse",
     );
     assert_shape_err(
-        be.cross_entropy(&mut z(N), &mut z(N * V), &vec![0; N], N, V, VP, None),
+        be.cross_entropy(
+            &mut z(N),
+            &mut z(N * V),
+            &vec![0; N],
+            N,
+            V,
+            VP,
+            LossGrad::None,
+        ),
         "logits",
     );
     assert_shape_err(
-        be.cross_entropy(&mut z(N), &mut z(N * VP), &vec![0; N - 1], N, V, VP, None),
+        be.cross_entropy(
+            &mut z(N),
+            &mut z(N * VP),
+            &vec![0; N - 1],
+            N,
+            V,
+            VP,
+            LossGrad::None,
+        ),
         "targets",
     );
     let hp = AdamWStep {
@@ -1044,7 +1151,7 @@ fn bad_ids_and_targets_are_invalid_errors_naming_the_row() {
         N,
         V,
         VP,
-        Some(1.0),
+        LossGrad::Uniform(1.0),
     ) {
         Err(BackendError::Invalid { msg, .. }) => {
             assert!(

@@ -9,13 +9,16 @@ mod common;
 
 use common::{assert_close, bf16_round, down, randn, rel_err, rel_err_f64};
 use topcoat::backend::cpu::{attention as cpu_attention, CpuBackend};
-use topcoat::backend::{AdamWStep, Backend, BackendError, Role};
+use topcoat::backend::{AdamWStep, Backend, BackendError, LossGrad, Role};
 use topcoat::rng::Rng;
 
 /// bf16 storage: `||gpu - ref|| / ||ref||` for ops with short reductions.
 const BF16_TOL: f64 = 1e-2;
 /// fp32 buffers (gradients accumulated into random fp32 values, optimizer state).
 const F32_TOL: f64 = 1e-3;
+/// Cross-entropy losses stored in fp32 from bf16 logits: the logits are bf16-exact inputs, so
+/// only the fp32 exp/log-sum error remains (far below bf16 rounding of the loss, 2^-9).
+const CE_F32_LOSS_TOL: f64 = 1e-4;
 /// Attention may be at most this many times as far from f64 as a naive bf16 implementation.
 const ATTN_NAIVE_FACTOR: f64 = 2.0;
 
@@ -403,33 +406,59 @@ fn attention<B: Backend>(be: &B) {
 }
 backend_tests!(attention => attention_cpu, attention_cuda);
 
+/// How a cross-entropy parity case asks for its gradient.
+#[derive(Clone, Copy)]
+enum CeGrad {
+    None,
+    Uniform(f32),
+    /// Random per-row weights of both signs (DPO's sequence coefficients).
+    PerRow,
+}
+
 fn cross_entropy<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(6);
-    for (n, v, vp, dloss) in [
-        (4, 11, 16, Some(0.25)),
-        (33, 1000, 1024, None),
-        (7, 5000, 5003, Some(1.0)),
+    for (n, v, vp, grad, loss_role) in [
+        (4, 11, 16, CeGrad::Uniform(0.25), Role::Activation),
+        (33, 1000, 1024, CeGrad::None, Role::Activation),
+        (7, 5000, 5003, CeGrad::Uniform(1.0), Role::Activation),
+        (9, 300, 320, CeGrad::PerRow, Role::State),
+        (40, 4100, 4160, CeGrad::PerRow, Role::Activation),
+        (5, 777, 832, CeGrad::Uniform(0.5), Role::State),
         // The GPT-2 vocabulary padded to 64: 16-byte accesses with a ragged real part.
-        (9, 50257, 50304, Some(0.5)),
+        (9, 50257, 50304, CeGrad::Uniform(0.5), Role::State),
+        (6, 50257, 50304, CeGrad::PerRow, Role::Activation),
     ] {
         let logits = randn(&mut rng, n * vp, 2.0);
         let mut targets = ids_for(&mut rng, n, v);
         targets[n / 2] = -1; // a masked row
+        let weights = randn(&mut rng, n, 1.0);
         let mut want = logits.clone();
         let mut losses = vec![0.0; n];
-        cpu.cross_entropy(&mut losses, &mut want, &targets, n, v, vp, dloss)
+        let gweights = up(be, &weights, Role::State);
+        let (cpu_grad, be_grad) = match grad {
+            CeGrad::None => (LossGrad::None, LossGrad::None),
+            CeGrad::Uniform(s) => (LossGrad::Uniform(s), LossGrad::Uniform(s)),
+            CeGrad::PerRow => (LossGrad::PerRow(&weights), LossGrad::PerRow(&gweights)),
+        };
+        cpu.cross_entropy(&mut losses, &mut want, &targets, n, v, vp, cpu_grad)
             .unwrap();
         let mut glogits = up(be, &logits, Role::Activation);
-        let mut glosses = up(be, &nan(n), Role::Activation);
+        let mut glosses = up(be, &nan(n), loss_role);
         let gt = be.upload_ids(&targets).unwrap();
-        be.cross_entropy(&mut glosses, &mut glogits, &gt, n, v, vp, dloss)
+        be.cross_entropy(&mut glosses, &mut glogits, &gt, n, v, vp, be_grad)
             .unwrap();
+        // fp32 losses keep the fp32 math's precision; bf16 losses are rounded once.
+        let loss_tol = if loss_role == Role::State {
+            CE_F32_LOSS_TOL
+        } else {
+            BF16_TOL
+        };
         assert_close(
             "cross_entropy losses",
             &down(be, &glosses),
             &losses,
-            BF16_TOL,
+            loss_tol,
         );
         assert_close(
             "cross_entropy dlogits",

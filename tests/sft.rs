@@ -1,4 +1,4 @@
-//! SFT: the assistant-only loss mask reaches the gradient, `prepare-sft` reports bad input by
+//! SFT: the assistant-only loss mask reaches the gradient, `prepare sft` reports bad input by
 //! file and line and counts what it cuts, and a short SFT run from a tiny pretrained checkpoint
 //! lowers the training loss.
 

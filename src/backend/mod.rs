@@ -112,6 +112,48 @@ impl SampleParams {
     }
 }
 
+/// Which gradient [`Backend::cross_entropy`] writes over the logits, as the weights `w_i` of
+/// `sum_i w_i * losses[i]`.
+pub enum LossGrad<'a, Buf> {
+    /// Forward only: the logits are left untouched.
+    None,
+    /// The same weight for every row (`1 / tokens` gives the mean loss's gradient).
+    Uniform(f32),
+    /// A weight per row, from a buffer of `N` values (CUDA: an fp32 `Grad` or `State` buffer).
+    /// Stages whose objective is not a plain mean of token losses (DPO's per-sequence
+    /// coefficients) use this.
+    PerRow(&'a Buf),
+}
+
+impl<Buf> LossGrad<'_, Buf> {
+    /// The uniform scale of an optional gradient: `Some(s)` -> `Uniform(s)`, `None` -> `None`.
+    pub fn uniform(scale: Option<f32>) -> Self {
+        scale.map_or(Self::None, Self::Uniform)
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
+}
+
+impl<Buf> Clone for LossGrad<'_, Buf> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Buf> Copy for LossGrad<'_, Buf> {}
+
+impl<Buf> std::fmt::Debug for LossGrad<'_, Buf> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "None"),
+            Self::Uniform(s) => write!(f, "Uniform({s})"),
+            Self::PerRow(_) => write!(f, "PerRow(..)"),
+        }
+    }
+}
+
 /// The operations training needs, forward and backward.
 pub trait Backend: Send + Sync {
     /// A device buffer of real numbers.
@@ -333,9 +375,12 @@ pub trait Backend: Send + Sync {
     // ---- fused softmax + cross-entropy ------------------------------------------------------
     /// For each of `N` rows of `logits [N*VP]` (only the first `V` columns are real; the padded
     /// tail is ignored): `losses[i] = logsumexp(logits[i,:V]) - logits[i, targets[i]]`, or 0 where
-    /// `targets[i] < 0` (masked). When `dloss` is `Some(s)`, the logits buffer is overwritten in
-    /// place by its gradient `s * (softmax - onehot)` (0 in padded columns and masked rows), which
-    /// saves a second `N x VP` buffer. Targets must be `< V`.
+    /// `targets[i] < 0` (masked). Unless `grad` is [`LossGrad::None`], the logits buffer is
+    /// overwritten in place by the gradient `w_i * (softmax - onehot)` of `sum_i w_i losses[i]`
+    /// (0 in padded columns and masked rows), which saves a second `N x VP` buffer; `w_i` is one
+    /// scale for every row ([`LossGrad::Uniform`]) or row `i` of a weights buffer `[N]`
+    /// ([`LossGrad::PerRow`]). Targets must be `< V`. `losses` may be an fp32 buffer (CUDA:
+    /// `Role::State`) where the per-row losses are summed afterwards and bf16 would round them.
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
         &self,
@@ -345,7 +390,7 @@ pub trait Backend: Send + Sync {
         n: usize,
         v: usize,
         vp: usize,
-        dloss: Option<f32>,
+        grad: LossGrad<'_, Self::Buf>,
     ) -> Result<()>;
 
     // ---- optimizer ------------------------------------------------------------------------

@@ -218,3 +218,35 @@ pub fn sample_tokens(
     }
     Ok(())
 }
+
+/// Checks for `cross_entropy`: `0 < V <= VP`, `losses [N]`, `logits [N*VP]`, `targets [N]`
+/// each below `V` (negative: masked), and per-row weights `[N]` when given.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    losses: usize,
+    logits: usize,
+    targets: &[i32],
+    weights: Option<usize>,
+    n: usize,
+    v: usize,
+    vp: usize,
+) -> Result<()> {
+    let op = "cross_entropy";
+    if v == 0 || v > vp {
+        return Err(BackendError::Invalid {
+            op,
+            msg: format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
+        });
+    }
+    check_len(op, "losses", n, losses)?;
+    check_len(op, "logits", n * vp, logits)?;
+    check_len(op, "targets", n, targets.len())?;
+    weights.map_or(Ok(()), |len| check_len(op, "weights", n, len))?;
+    match targets.iter().position(|&x| x >= 0 && x as usize >= v) {
+        None => Ok(()),
+        Some(i) => Err(BackendError::Invalid {
+            op,
+            msg: format!("target {} at row {i} is not below V = {v}", targets[i]),
+        }),
+    }
+}

@@ -112,36 +112,44 @@ pub fn parse_line(path: &Path, line: usize, text: &str) -> Result<Vec<Message>> 
         serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let list = v
         .get("messages")
-        .ok_or_else(|| err("missing field \"messages\" (expected {\"messages\": [...]})".into()))?
-        .as_array()
-        .ok_or_else(|| err("field \"messages\" is not a list".into()))?;
-    let mut messages = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let field = |name: &str| -> Result<&str> {
-            m.get(name)
-                .ok_or_else(|| err(format!("message {i}: missing field \"{name}\"")))?
-                .as_str()
-                .ok_or_else(|| err(format!("message {i}: field \"{name}\" is not a string")))
-        };
-        let role_name = field("role")?;
-        let role = Role::parse(role_name).ok_or_else(|| {
-            err(format!(
-                "message {i}: unknown role \"{role_name}\" (expected system, user or assistant)"
-            ))
-        })?;
-        let content = field("content")?;
-        if role == Role::System && i != 0 {
-            return Err(err(format!(
-                "message {i}: a system message may only come first"
-            )));
-        }
-        if role == Role::Assistant && content.trim().is_empty() {
-            return Err(err(format!("message {i}: empty assistant content")));
-        }
-        messages.push(Message::new(role, content));
+        .ok_or_else(|| err("missing field \"messages\" (expected {\"messages\": [...]})".into()))?;
+    let messages = parse_messages(list).map_err(|e| err(format!("field \"messages\": {e}")))?;
+    if let Some(i) = messages.iter().skip(1).position(|m| m.role == Role::System) {
+        return Err(err(format!(
+            "message {}: a system message may only come first",
+            i + 1
+        )));
     }
     if !messages.iter().any(|m| m.role == Role::Assistant) {
         return Err(err("no assistant message: nothing to train on".into()));
+    }
+    Ok(messages)
+}
+
+/// Parses a JSON list of `{"role", "content"}` messages, checking each one: string `role` and
+/// `content`, a known role, non-empty assistant content. The error text names the message by
+/// its 0-based index; where a system message may stand is the caller's rule.
+pub fn parse_messages(list: &serde_json::Value) -> std::result::Result<Vec<Message>, String> {
+    let list = list.as_array().ok_or("not a list of messages")?;
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let field = |name: &str| -> std::result::Result<&str, String> {
+            m.get(name)
+                .ok_or_else(|| format!("message {i}: missing field \"{name}\""))?
+                .as_str()
+                .ok_or_else(|| format!("message {i}: field \"{name}\" is not a string"))
+        };
+        let role_name = field("role")?;
+        let role = Role::parse(role_name).ok_or_else(|| {
+            format!(
+                "message {i}: unknown role \"{role_name}\" (expected system, user or assistant)"
+            )
+        })?;
+        let content = field("content")?;
+        if role == Role::Assistant && content.trim().is_empty() {
+            return Err(format!("message {i}: empty assistant content"));
+        }
+        messages.push(Message::new(role, content));
     }
     Ok(messages)
 }

@@ -1,11 +1,14 @@
 //! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
 //! and a trainable byte-level BPE), `prepare` (text -> shards), the chat template and
-//! `prepare-sft` (conversations -> shards + loss masks).
+//! `prepare sft` (conversations -> shards + loss masks), `prepare prefs` (preference pairs ->
+//! a pair shard) and the pair batches that feed the preference stages.
 
 pub mod bpe;
 pub mod chat;
 pub mod error;
 pub mod loader;
+pub mod pairs;
+pub mod prefs;
 pub mod prepare;
 pub mod pretok;
 pub mod sft;
@@ -15,6 +18,8 @@ pub mod tokenizer;
 pub use bpe::Bpe;
 pub use error::DataError;
 pub use loader::{Batch, Loader, LoaderPosition};
+pub use pairs::{fill_pair_batch, PairBatch, PairLoader, PairPosition, PairSplit, SeqRef};
+pub use prefs::{prepare_prefs, PrefsPrepareOptions, PrefsPrepareSummary};
 pub use prepare::{prepare, PrepareOptions, PrepareSummary, ProgressEvent};
 pub use sft::{prepare_sft, SftPrepareOptions, SftPrepareSummary, SftSplit};
 pub use shard::{write_shard, Shard, ShardWriter, MAGIC_U16, MAGIC_U32};

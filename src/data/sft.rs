@@ -1,4 +1,4 @@
-//! `prepare-sft`: conversations JSONL -> `sft_train.bin` / `sft_val.bin` token shards (the usual
+//! `prepare sft`: conversations JSONL -> `sft_train.bin` / `sft_val.bin` token shards (the usual
 //! shard format) plus a sidecar per shard, `sft_train.idx` / `sft_val.idx`, holding the example
 //! boundaries and the loss mask (format in docs/FORMATS.md); and [`SftSplit`], which reads them.
 //!
@@ -106,18 +106,7 @@ pub fn prepare_sft(
             opts.max_len
         )));
     }
-    let n = examples.len();
-    let mut n_val = (n as f64 * opts.val_fraction).round() as usize;
-    if opts.val_fraction > 0.0 && n >= 2 {
-        n_val = n_val.max(1);
-    }
-    n_val = n_val.min(n - 1);
-    let mut order: Vec<usize> = (0..n).collect();
-    Rng::new(opts.seed).shuffle(&mut order);
-    let mut is_val = vec![false; n];
-    for &i in &order[..n_val] {
-        is_val[i] = true;
-    }
+    let is_val = pick_val(examples.len(), opts.val_fraction, opts.seed);
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for (r, v) in examples.into_iter().zip(is_val) {
         if v { &mut val } else { &mut train }.push(r);
@@ -159,16 +148,37 @@ fn write_split(dir: &Path, name: &str, examples: &[Rendered], vocab: usize) -> R
             .iter()
             .flat_map(|r| r.loss_mask.iter().map(|&m| m as u8)),
     );
-    let path = dir.join(format!("{name}.idx"));
-    let tmp = temp_sibling(&path);
+    write_atomic(&dir.join(format!("{name}.idx")), &bytes)?;
+    Ok(ids.len())
+}
+
+/// Which of `n` items go to validation: a seeded shuffle picks `round(n * val_fraction)` of them
+/// (at least one when the fraction is positive and `n >= 2`, never all).
+pub(crate) fn pick_val(n: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
+    let mut n_val = (n as f64 * val_fraction).round() as usize;
+    if val_fraction > 0.0 && n >= 2 {
+        n_val = n_val.max(1);
+    }
+    n_val = n_val.min(n.saturating_sub(1));
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed).shuffle(&mut order);
+    let mut is_val = vec![false; n];
+    for &i in &order[..n_val] {
+        is_val[i] = true;
+    }
+    is_val
+}
+
+/// Writes `bytes` to a temp file next to `path`, syncs it and renames it into place.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_sibling(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()
     };
     write().map_err(|e| DataError::io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, "rename", e))?;
-    Ok(ids.len())
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, "rename", e))
 }
 
 /// The examples of one prepared split, in memory.

@@ -42,7 +42,8 @@ pub struct Activations<B: Backend> {
     pub lnf_rstd: B::Buf,
     /// `[N*VP]` logits; after a training forward, overwritten by their gradient.
     pub logits: B::Buf,
-    /// `[N]` per-position loss (0 where the target is masked).
+    /// `[N]` per-position loss (0 where the target is masked); fp32 on every backend (`State`),
+    /// since stages sum it (sequence log-probabilities) and bf16 would round each term.
     pub losses: B::Buf,
 }
 
@@ -90,7 +91,7 @@ impl<B: Backend> Activations<B> {
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
             logits: z(n * cfg.padded_vocab_size)?,
-            losses: z(n)?,
+            losses: be.zeros(n, Role::State)?,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use super::packing::PackedIds;
 use super::{Gpt, ModelError, Packing, Result};
-use crate::backend::Backend;
+use crate::backend::{Backend, LossGrad};
 
 /// A batch's loss: the mean over its unmasked targets, and what went into it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -253,7 +253,7 @@ impl<B: Backend> Gpt<B> {
             b * t,
             v,
             vp,
-            dloss,
+            LossGrad::uniform(dloss),
         )?;
         let sum: f64 = be.download(&acts.losses)?.iter().map(|&x| x as f64).sum();
         let mean = if tokens > 0 {

@@ -7,6 +7,7 @@ pub mod activations;
 mod backward;
 pub mod decode;
 pub mod forward;
+mod logprobs;
 pub mod packing;
 pub mod params;
 

@@ -1,4 +1,4 @@
-//! `prepare-sft` and `sft` as library calls: tokenizer resolution, the tokenizer agreement check
+//! `prepare sft` and `sft` as library calls: tokenizer resolution, the tokenizer agreement check
 //! between a pretrained checkpoint and SFT data, and the SFT run on the shared loop.
 
 use super::{data_tokenizer, resolve_checkpoint, train_on_device, DeviceKind, ModelInit};
@@ -33,7 +33,7 @@ pub fn load_tokenizer_arg(path: &Path) -> Result<Tokenizer, TrainError> {
     checkpoint::load_tokenizer(&dir)
 }
 
-/// `topcoat prepare-sft`: renders `input` into `out` and copies the tokenizer there.
+/// `topcoat prepare sft`: renders `input` into `out` and copies the tokenizer there.
 pub fn prepare_sft(
     input: &Path,
     tokenizer: &Path,
@@ -50,7 +50,7 @@ pub struct SftJob {
     pub run: RunConfig,
     /// Pretrained checkpoint, or a run directory (its newest checkpoint).
     pub init: PathBuf,
-    /// Directory from `prepare-sft`.
+    /// Directory from `prepare sft`.
     pub data: PathBuf,
     pub out: PathBuf,
     pub resume: bool,
@@ -68,7 +68,7 @@ fn check_tokenizers(
     if model.vocab_size() != data.vocab_size() || model.kind() != data.kind() {
         return Err(DataError::InvalidArgument(format!(
             "tokenizer mismatch: checkpoint {} has a {:?} tokenizer with {} ids but data {} was \
-             prepared with a {:?} tokenizer with {} ids; re-run prepare-sft with --tokenizer {}",
+             prepared with a {:?} tokenizer with {} ids; re-run `prepare sft` with --tokenizer {}",
             ckpt.display(),
             model.kind(),
             model.vocab_size(),

@@ -9,7 +9,7 @@
 //!
 //! Data: an example of `n` tokens takes `n - 1` input slots: its ids but its last; the target of
 //! slot `j` is id `j + 1` where that id's loss mask is set, else -1. Examples longer than `T + 1`
-//! tokens are cut to `T + 1` (`prepare-sft --max-len` should make this rare; those left with no
+//! tokens are cut to `T + 1` (`prepare sft --max-len` should make this rare; those left with no
 //! trained-on target are skipped). By default each row holds one example followed by
 //! `<|endoftext|>` padding (target -1). With `pack = true` (run config) or `--pack`, whole
 //! examples are laid end to end greedily: the next example goes into the current row if its
@@ -28,7 +28,7 @@
 //! of examples; one data-parallel rank only.
 //!
 //! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft [--pack]`
-//! (DIR from `topcoat prepare-sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
+//! (DIR from `topcoat prepare sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
 
 use crate::backend::Backend;
 use crate::data::{DataError, SftSplit};

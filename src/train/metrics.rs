@@ -1,4 +1,5 @@
-//! Metrics as JSON lines (`metrics.jsonl` in the run directory) and the live progress line.
+//! Metrics as JSON lines (`metrics.jsonl` in the run directory) and the live progress line, and
+//! [`Extras`]: the named values a stage reports beside its loss (accuracy, margin, ...).
 
 use super::{io_err, Result};
 use serde_json::Value;
@@ -53,6 +54,43 @@ impl MetricsLog {
     pub fn write(&mut self, record: &Value) -> Result<()> {
         writeln!(self.file, "{record}").map_err(io_err(&self.path))?;
         self.file.flush().map_err(io_err(&self.path))
+    }
+}
+
+/// Named values a stage reports beside its loss, in the stage's order (e.g. `accuracy`,
+/// `margin`). The loop writes them into the step or validation record (validation names get a
+/// `val_` prefix) and onto the progress line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Extras(pub Vec<(String, f32)>);
+
+impl Extras {
+    pub fn push(&mut self, name: impl Into<String>, value: f32) {
+        self.0.push((name.into(), value));
+    }
+
+    pub fn get(&self, name: &str) -> Option<f32> {
+        self.0.iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds every value to the JSON object `record` as `prefix + name`.
+    pub fn add_to(&self, record: &mut Value, prefix: &str) {
+        if let Value::Object(map) = record {
+            for (name, v) in &self.0 {
+                map.insert(format!("{prefix}{name}"), Value::from(*v));
+            }
+        }
+    }
+
+    /// ` | name value` for each value, for the progress line.
+    pub fn progress_text(&self, prefix: &str) -> String {
+        self.0
+            .iter()
+            .map(|(name, v)| format!(" | {prefix}{name} {v:.4}"))
+            .collect()
     }
 }
 
@@ -135,6 +173,20 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn extras_join_the_record_and_the_progress_line() {
+        let mut x = Extras::default();
+        x.push("accuracy", 0.75);
+        x.push("margin", -0.5);
+        let mut record = serde_json::json!({"step": 3});
+        x.add_to(&mut record, "val_");
+        assert_eq!(record["val_accuracy"], 0.75);
+        assert_eq!(record["val_margin"], -0.5);
+        assert_eq!(record["step"], 3);
+        assert_eq!(x.get("margin"), Some(-0.5));
+        assert_eq!(x.progress_text(""), " | accuracy 0.7500 | margin -0.5000");
     }
 
     #[test]

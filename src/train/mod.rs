@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod metrics;
 mod trainer;
 
+pub use metrics::Extras;
 pub use trainer::{train, Objective, TrainOptions, TrainSummary};
 
 use crate::backend::BackendError;

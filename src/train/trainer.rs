@@ -3,7 +3,7 @@
 //! only an [`Objective`]: its loss and its data.
 
 use super::checkpoint::{self, TrainState};
-use super::metrics::{fmt_duration, MetricsLog, Progress};
+use super::metrics::{fmt_duration, Extras, MetricsLog, Progress};
 use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
 use crate::config::RunConfig;
@@ -34,6 +34,11 @@ pub trait Objective<B: Backend> {
     fn data_position(&self) -> serde_json::Value;
     /// Restores a position saved by [`Objective::data_position`].
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()>;
+    /// Named values (beside the loss) of the work since the last call: the loop calls it after
+    /// each step's micro-batches and after each validation, and logs what it returns.
+    fn take_metrics(&mut self) -> Extras {
+        Extras::default()
+    }
 }
 
 /// How to run the loop.
@@ -110,9 +115,15 @@ pub fn train<B: Backend>(
                     summary: &mut TrainSummary|
      -> Result<()> {
         if let Some(val) = objective.validate(be, model)? {
-            log.write(&json!({"step": step, "val_loss": val}))?;
+            let extras = objective.take_metrics();
+            let mut record = json!({"step": step, "val_loss": val});
+            extras.add_to(&mut record, "val_");
+            log.write(&record)?;
             summary.val_losses.push((step, val));
-            progress.note(&format!("step {step:>6} | val loss {val:.4}"));
+            progress.note(&format!(
+                "step {step:>6} | val loss {val:.4}{}",
+                extras.progress_text("val ")
+            ));
         }
         Ok(())
     };
@@ -161,6 +172,7 @@ pub fn train<B: Backend>(
             step_tokens += loss.tokens;
         }
         let loss = (loss_sum / accum as f64) as f32;
+        let extras = objective.take_metrics();
         let norm = model.grad_norm(be)?;
         if !loss.is_finite() || !norm.is_finite() {
             return Err(TrainError::Diverged {
@@ -187,10 +199,12 @@ pub fn train<B: Backend>(
         run_tokens += step_tokens as u64;
         let elapsed = started.elapsed();
         let tok_s = step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
-        log.write(&json!({
+        let mut record = json!({
             "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": step_tokens,
             "tokens_per_s": tok_s, "elapsed_s": prior_elapsed + elapsed.as_secs_f64(),
-        }))?;
+        });
+        extras.add_to(&mut record, "");
+        log.write(&record)?;
         summary.train_losses.push((done, loss));
         let per_step = elapsed.as_secs_f64() / (done - start_step) as f64;
         let eta = Duration::from_secs_f64(per_step * (run.max_steps - done) as f64);
@@ -198,9 +212,10 @@ pub fn train<B: Backend>(
             done,
             run.max_steps,
             &format!(
-                "{} step {done:>6}/{} | loss {loss:.4} | lr {lr:.2e} | norm {norm:.3} | {:.0} tok/s | ETA {}",
+                "{} step {done:>6}/{} | loss {loss:.4}{} | lr {lr:.2e} | norm {norm:.3} | {:.0} tok/s | ETA {}",
                 objective.name(),
                 run.max_steps,
+                extras.progress_text(""),
                 tok_s,
                 fmt_duration(eta)
             ),

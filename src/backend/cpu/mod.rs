@@ -21,7 +21,9 @@ pub mod sample;
 
 pub use float::Float;
 
-use super::{check_len, shapes, AdamWStep, Backend, BackendError, Result, Role, SampleParams};
+use super::{
+    check_len, shapes, AdamWStep, Backend, BackendError, LossGrad, Result, Role, SampleParams,
+};
 
 /// The f32 CPU reference backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -422,25 +424,27 @@ impl Backend for CpuBackend {
         n: usize,
         v: usize,
         vp: usize,
-        dloss: Option<f32>,
+        grad: LossGrad<'_, Vec<f32>>,
     ) -> Result<()> {
-        let op = "cross_entropy";
-        if v == 0 || v > vp {
-            return Err(invalid(
-                op,
-                format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
-            ));
-        }
-        check_len(op, "losses", n, losses.len())?;
-        check_len(op, "logits", n * vp, logits.len())?;
-        check_len(op, "targets", n, targets.len())?;
-        if let Some(i) = targets.iter().position(|&x| x >= 0 && x as usize >= v) {
-            return Err(invalid(
-                op,
-                format!("target {} at row {i} is not below V = {v}", targets[i]),
-            ));
-        }
-        cross_entropy::cross_entropy(losses, logits, targets, n, v, vp, dloss);
+        let weights = match grad {
+            LossGrad::PerRow(w) => Some(w.as_slice()),
+            _ => None,
+        };
+        shapes::cross_entropy(
+            losses.len(),
+            logits.len(),
+            targets,
+            weights.map(<[f32]>::len),
+            n,
+            v,
+            vp,
+        )?;
+        let dloss = match grad {
+            LossGrad::None => None,
+            LossGrad::Uniform(s) => Some(s),
+            LossGrad::PerRow(_) => Some(1.0),
+        };
+        cross_entropy::cross_entropy(losses, logits, targets, n, v, vp, dloss, weights);
         Ok(())
     }
 

@@ -41,7 +41,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use half::bf16;
 
 use super::BackendError;
-use super::{check_len, AdamWStep, Backend, Result, Role, SampleParams};
+use super::{check_len, AdamWStep, Backend, LossGrad, Result, Role, SampleParams};
 use device::{driver_error, launch_error};
 pub use device::{kernels, probe, DeviceInfo, BUILT_WITH_NVCC};
 
@@ -565,9 +565,9 @@ impl Backend for CudaBackend {
         n: usize,
         v: usize,
         vp: usize,
-        dloss: Option<f32>,
+        grad: LossGrad<'_, CudaBuf>,
     ) -> Result<()> {
-        cross_entropy::forward(self, losses, logits, targets, n, v, vp, dloss)
+        cross_entropy::forward(self, losses, logits, targets, n, v, vp, grad)
     }
 
     fn adamw(

@@ -1,0 +1,312 @@
+//! Preference pairs on disk, read back ([`PairSplit`], the files `prepare prefs` writes, format
+//! in docs/FORMATS.md), and batches of pairs for training ([`PairLoader`], [`fill_pair_batch`]).
+//!
+//! Batch layout: a batch of capacity `P` pairs has `2P` rows of `T` tokens; row `2i` is the
+//! chosen side of pair `i`, row `2i + 1` the rejected side. A row holds the sequence's ids then
+//! `pad`; its targets are `ids[j + 1]` where the response mask of `j + 1` is set, else -1 (what a
+//! log-probability over the response needs). Rows past the batch's real pairs are all padding.
+//! Fit rule: a pair is used only when both sequences fit in `T` tokens (the last token, where a
+//! reward is read, must be an input); the others are skipped and counted. Training draws pairs in
+//! a permutation drawn from `(seed, epoch)` per epoch; the position `(epoch, cursor)` is saved in
+//! checkpoints.
+
+use std::path::Path;
+
+use super::error::{DataError, Result};
+use super::prefs::{PAIR_IDX_HEADER, PAIR_IDX_MAGIC, PAIR_IDX_VERSION};
+use super::shard::Shard;
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One side of a stored pair.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqRef<'a> {
+    pub ids: &'a [u32],
+    pub response_start: usize,
+    pub mask: &'a [bool],
+}
+
+/// The pairs of one prepared split, in memory.
+#[derive(Clone, Debug)]
+pub struct PairSplit {
+    tokens: Vec<u32>,
+    mask: Vec<bool>,
+    /// Sequence `s` is `tokens[offsets[s]..offsets[s + 1]]`; pair `i` is sequences `2i`, `2i + 1`.
+    offsets: Vec<usize>,
+    starts: Vec<usize>,
+}
+
+impl PairSplit {
+    /// Reads `{dir}/{name}.bin` and `{dir}/{name}.idx` (name: `prefs_train` or `prefs_val`),
+    /// checking that they agree and that every id is below `vocab_size`.
+    pub fn open(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
+        let shard = Shard::open(dir.join(format!("{name}.bin")))?;
+        shard.validate_vocab(vocab_size)?;
+        let path = dir.join(format!("{name}.idx"));
+        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, "read", e))?;
+        let bad = |msg: String| DataError::InvalidArgument(format!("{}: {msg}", path.display()));
+        if bytes.len() < PAIR_IDX_HEADER {
+            return Err(bad(format!(
+                "{} bytes, shorter than the {PAIR_IDX_HEADER}-byte header",
+                bytes.len()
+            )));
+        }
+        let i32_at = |o: usize| i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        if i32_at(0) != PAIR_IDX_MAGIC || i32_at(4) != PAIR_IDX_VERSION {
+            return Err(bad(format!(
+                "magic {} version {}, expected magic {PAIR_IDX_MAGIC} version {PAIR_IDX_VERSION} \
+                 (a preference-pair sidecar from `topcoat prepare prefs`)",
+                i32_at(0),
+                i32_at(4)
+            )));
+        }
+        let (p, len) = (u64_at(8) as usize, u64_at(16) as usize);
+        if len != shard.len() {
+            return Err(bad(format!(
+                "counts {len} tokens but its shard holds {}",
+                shard.len()
+            )));
+        }
+        let seqs = 2 * p;
+        let want = PAIR_IDX_HEADER + 8 * (seqs + 1) + 8 * seqs + len;
+        if p == 0 || bytes.len() != want {
+            return Err(bad(format!(
+                "{} bytes for {p} pairs and {len} tokens, expected {want} (and at least one pair)",
+                bytes.len()
+            )));
+        }
+        let offsets: Vec<usize> = (0..=seqs)
+            .map(|i| u64_at(PAIR_IDX_HEADER + 8 * i) as usize)
+            .collect();
+        if offsets[0] != 0 || offsets[seqs] != len || offsets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad(
+                "sequence offsets are not increasing from 0 to the token count".into(),
+            ));
+        }
+        let starts_at = PAIR_IDX_HEADER + 8 * (seqs + 1);
+        let starts: Vec<usize> = (0..seqs)
+            .map(|i| u64_at(starts_at + 8 * i) as usize)
+            .collect();
+        if let Some(s) = (0..seqs).find(|&s| starts[s] >= offsets[s + 1] - offsets[s]) {
+            return Err(bad(format!(
+                "sequence {s}: response start {} is not inside its {} tokens",
+                starts[s],
+                offsets[s + 1] - offsets[s]
+            )));
+        }
+        let mask = bytes[starts_at + 8 * seqs..]
+            .iter()
+            .map(|&b| b != 0)
+            .collect();
+        Ok(Self {
+            tokens: shard.to_vec(),
+            mask,
+            offsets,
+            starts,
+        })
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.starts.len() / 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn seq(&self, s: usize) -> SeqRef<'_> {
+        let (a, b) = (self.offsets[s], self.offsets[s + 1]);
+        SeqRef {
+            ids: &self.tokens[a..b],
+            response_start: self.starts[s],
+            mask: &self.mask[a..b],
+        }
+    }
+
+    pub fn chosen(&self, i: usize) -> SeqRef<'_> {
+        self.seq(2 * i)
+    }
+
+    pub fn rejected(&self, i: usize) -> SeqRef<'_> {
+        self.seq(2 * i + 1)
+    }
+
+    /// Whether both sides of pair `i` fit in `t` tokens.
+    pub fn fits(&self, i: usize, t: usize) -> bool {
+        self.chosen(i).ids.len() <= t && self.rejected(i).ids.len() <= t
+    }
+}
+
+/// A batch of pairs (layout in the module header).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairBatch {
+    /// Capacity in pairs: the batch has `2 * capacity` rows.
+    pub capacity: usize,
+    /// Real pairs (`<= capacity`); the rows of the others are padding.
+    pub pairs: usize,
+    pub t: usize,
+    /// `[2 * capacity * t]` input ids.
+    pub inputs: Vec<i32>,
+    /// `[2 * capacity * t]` targets: the next id over the response's assistant tokens, else -1.
+    pub targets: Vec<i32>,
+    /// Per row: the position of its last token (0 for a padding row).
+    pub last: Vec<usize>,
+    /// Per row: where its response starts (0 for a padding row).
+    pub response_start: Vec<usize>,
+    /// Per row: real (non-padding) tokens.
+    pub lens: Vec<usize>,
+}
+
+impl PairBatch {
+    pub fn rows(&self) -> usize {
+        2 * self.capacity
+    }
+
+    /// Real tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.lens.iter().sum()
+    }
+}
+
+/// Builds a batch of capacity `capacity` from `pairs` (indices into `split`, at most
+/// `capacity`, each fitting in `t` tokens).
+pub fn fill_pair_batch(
+    split: &PairSplit,
+    pairs: &[usize],
+    capacity: usize,
+    t: usize,
+    pad: u32,
+) -> PairBatch {
+    assert!(pairs.len() <= capacity, "more pairs than the batch holds");
+    let rows = 2 * capacity;
+    let mut b = PairBatch {
+        capacity,
+        pairs: pairs.len(),
+        t,
+        inputs: vec![pad as i32; rows * t],
+        targets: vec![-1; rows * t],
+        last: vec![0; rows],
+        response_start: vec![0; rows],
+        lens: vec![0; rows],
+    };
+    for (i, &p) in pairs.iter().enumerate() {
+        for (r, s) in [(2 * i, split.chosen(p)), (2 * i + 1, split.rejected(p))] {
+            let n = s.ids.len();
+            assert!(n <= t, "pair {p}: {n} tokens do not fit in T = {t}");
+            let (inp, tgt) = (
+                &mut b.inputs[r * t..(r + 1) * t],
+                &mut b.targets[r * t..(r + 1) * t],
+            );
+            for j in 0..n {
+                inp[j] = s.ids[j] as i32;
+                if j + 1 < n && s.mask[j + 1] {
+                    tgt[j] = s.ids[j + 1] as i32;
+                }
+            }
+            b.last[r] = n - 1;
+            b.response_start[r] = s.response_start;
+            b.lens[r] = n;
+        }
+    }
+    b
+}
+
+/// Where the pair stream stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairPosition {
+    pub epoch: u64,
+    /// Index into the epoch's permutation of the next pair.
+    pub cursor: usize,
+}
+
+/// Draws training batches of pairs in a seeded per-epoch order, resumably.
+pub struct PairLoader {
+    split: PairSplit,
+    /// Pairs whose sides both fit in `t` tokens.
+    usable: Vec<usize>,
+    capacity: usize,
+    t: usize,
+    pad: u32,
+    seed: u64,
+    pos: PairPosition,
+    order: Vec<usize>,
+    order_epoch: Option<u64>,
+    /// Pairs skipped because a side is longer than `t` tokens.
+    pub too_long: usize,
+}
+
+impl PairLoader {
+    /// A loader over `split` yielding batches of `capacity` pairs of `t`-token rows.
+    pub fn new(split: PairSplit, capacity: usize, t: usize, pad: u32, seed: u64) -> Result<Self> {
+        if capacity == 0 || t < 2 {
+            return Err(DataError::InvalidArgument(format!(
+                "a pair batch needs at least one pair and T >= 2 (got {capacity} pairs, T = {t})"
+            )));
+        }
+        let usable: Vec<usize> = (0..split.len()).filter(|&i| split.fits(i, t)).collect();
+        if usable.is_empty() {
+            return Err(DataError::InvalidArgument(format!(
+                "none of the {} pairs fits in T = {t} tokens per side",
+                split.len()
+            )));
+        }
+        Ok(Self {
+            too_long: split.len() - usable.len(),
+            split,
+            usable,
+            capacity,
+            t,
+            pad,
+            seed,
+            pos: PairPosition::default(),
+            order: Vec::new(),
+            order_epoch: None,
+        })
+    }
+
+    /// Pairs that are drawn (both sides fit in `T` tokens).
+    pub fn num_pairs(&self) -> usize {
+        self.usable.len()
+    }
+
+    pub fn position(&self) -> PairPosition {
+        self.pos
+    }
+
+    /// Restores a position; refuses one past the usable pairs (the data changed).
+    pub fn set_position(&mut self, pos: PairPosition) -> Result<()> {
+        if pos.cursor >= self.usable.len() {
+            return Err(DataError::InvalidArgument(format!(
+                "pair position {} is past the {} usable pairs: was the data re-prepared?",
+                pos.cursor,
+                self.usable.len()
+            )));
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
+    /// The next full batch, advancing the position (an epoch boundary may fall inside it).
+    pub fn next_batch(&mut self) -> PairBatch {
+        let mut picked = Vec::with_capacity(self.capacity);
+        for _ in 0..self.capacity {
+            if self.order_epoch != Some(self.pos.epoch) {
+                self.order = self.usable.clone();
+                Rng::new(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .shuffle(&mut self.order);
+                self.order_epoch = Some(self.pos.epoch);
+            }
+            picked.push(self.order[self.pos.cursor]);
+            self.pos.cursor += 1;
+            if self.pos.cursor == self.order.len() {
+                self.pos = PairPosition {
+                    epoch: self.pos.epoch + 1,
+                    cursor: 0,
+                };
+            }
+        }
+        fill_pair_batch(&self.split, &picked, self.capacity, self.t, self.pad)
+    }
+}

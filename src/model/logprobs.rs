@@ -1,0 +1,112 @@
+//! Sequence log-probabilities: the sum of `log p(target)` over each row's unmasked targets, and
+//! the backward from one coefficient per row, for objectives over whole sequences (DPO).
+//!
+//! `logp_r = -sum_j losses[r*T + j]` over the row's unmasked positions (the per-position
+//! cross-entropy of the fused op, summed in f64). The gradient of `sum_r c_r * logp_r` reaches
+//! the logits as per-row weights `-c_r` on every position of row `r` (`LossGrad::PerRow`), then
+//! runs the ordinary backward. The coefficients usually depend on the log-probabilities of the
+//! same forward (DPO's sigmoid), so [`Gpt::sequence_logps_step`] asks for them in between: one
+//! forward, the loss op twice (once to read the log-probabilities with the logits kept, once to
+//! write the weighted gradient over them), one backward.
+
+use super::{Gpt, ModelError, Result};
+use crate::backend::{Backend, LossGrad, Role};
+
+impl<B: Backend> Gpt<B> {
+    /// Forward pass on `inputs [B*T]` and the log-probability of each row's unmasked `targets`
+    /// (`-1` masks a position): `B` values, 0 for a row with no unmasked target. The logits are
+    /// left in place; no gradient is computed.
+    pub fn sequence_logps(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<Vec<f64>> {
+        self.check_ids("targets", targets, b, t, true)?;
+        self.forward(be, inputs, b, t)?;
+        let tgt = be.upload_ids(targets)?;
+        self.sequence_loss_op(be, &tgt, b, t, LossGrad::None)?;
+        self.row_logps(be, t)
+    }
+
+    /// Forward, then `coefficients(&logps)` -> one `c_r` per row, then backward:
+    /// **accumulates** the gradient of `sum_r c_r * logp_r` into the parameter gradients (fold
+    /// any loss scale into the coefficients). Returns the rows' log-probabilities, as
+    /// [`Gpt::sequence_logps`] would.
+    pub fn sequence_logps_step(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        coefficients: impl FnOnce(&[f64]) -> Vec<f32>,
+    ) -> Result<Vec<f64>> {
+        let logps = self.sequence_logps(be, inputs, targets, b, t)?;
+        let coef = coefficients(&logps);
+        if coef.len() != b {
+            return Err(ModelError::Invalid(format!(
+                "{} sequence coefficients for B = {b} rows",
+                coef.len()
+            )));
+        }
+        if let Some(r) = coef.iter().position(|c| !c.is_finite()) {
+            return Err(ModelError::Invalid(format!(
+                "sequence coefficient of row {r} is {}",
+                coef[r]
+            )));
+        }
+        // d logp_r / d loss_{r,j} = -1 for every unmasked position j of row r.
+        let weights: Vec<f32> = coef
+            .iter()
+            .flat_map(|&c| std::iter::repeat_n(-c, t))
+            .collect();
+        let weights = be.upload(&weights, Role::State)?;
+        let tgt = be.upload_ids(targets)?;
+        self.sequence_loss_op(be, &tgt, b, t, LossGrad::PerRow(&weights))?;
+        if targets.iter().any(|&x| x >= 0) && coef.iter().any(|&c| c != 0.0) {
+            self.backward(be, inputs, b, t)?;
+        }
+        Ok(logps)
+    }
+
+    fn sequence_loss_op(
+        &mut self,
+        be: &B,
+        targets: &B::Ids,
+        b: usize,
+        t: usize,
+        grad: LossGrad<'_, B::Buf>,
+    ) -> Result<()> {
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
+        let acts = self
+            .acts
+            .as_mut()
+            .ok_or_else(|| ModelError::Invalid("no activations".into()))?;
+        be.cross_entropy(
+            &mut acts.losses,
+            &mut acts.logits,
+            targets,
+            b * t,
+            v,
+            vp,
+            grad,
+        )?;
+        Ok(())
+    }
+
+    /// `-sum` of each `t`-long row of the last per-position losses, in f64 (masked ones are 0).
+    fn row_logps(&self, be: &B, t: usize) -> Result<Vec<f64>> {
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
+        let losses = be.download(&acts.losses)?;
+        Ok(losses
+            .chunks(t)
+            .map(|row| -row.iter().map(|&x| x as f64).sum::<f64>())
+            .collect())
+    }
+}
