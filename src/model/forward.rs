@@ -15,11 +15,30 @@ pub struct Loss {
 impl<B: Backend> Gpt<B> {
     /// Runs the network on `inputs [B*T]` up to the logits (readable with [`Gpt::logits_at`]).
     pub fn forward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
+        self.forward_hidden(be, inputs, b, t)?;
+        let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
+        let acts = self.acts.as_mut().expect("allocated by forward_hidden");
+        // Tied head: logits = lnf @ wte^T over all padded rows.
+        be.matmul_forward(
+            &mut acts.logits,
+            &acts.lnf,
+            &self.params[self.layout.wte],
+            None,
+            n,
+            c,
+            vp,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the network on `inputs [B*T]` up to the final hidden state, the output of `ln_f`
+    /// (readable with [`Gpt::hidden_at`]); the logits are not computed.
+    pub fn forward_hidden(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
         self.check_ids("inputs", inputs, b, t, false)?;
         self.ensure_acts(be, b, t)?;
         let ids = be.upload_ids(inputs)?;
         let cfg = &self.cfg;
-        let (n, c, nh, vp) = (b * t, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let lay = &self.layout;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
@@ -132,8 +151,6 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
         }
-        // Tied head: logits = lnf @ wte^T over all padded rows.
-        be.matmul_forward(&mut acts.logits, &acts.lnf, &p[lay.wte], None, n, c, vp)?;
         Ok(())
     }
 
