@@ -1,4 +1,5 @@
 //! Training stages: each holds only its loss and data wiring; the loop lives in `train`.
 
 pub mod pretrain;
+pub mod reward;
 pub mod sft;
