@@ -96,7 +96,7 @@ fn main() {
         "encoder_forward",
         1,
         time_ms(|| {
-            be.encoder_forward(&mut x, &ids, &wte, &wpe, B, T, C)
+            be.encoder_forward(&mut x, &ids, None, &wte, &wpe, B, T, C)
                 .unwrap()
         }),
     );
@@ -106,7 +106,7 @@ fn main() {
         "encoder_backward",
         1,
         time_ms(|| {
-            be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, B, T, C)
+            be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, None, B, T, C)
                 .unwrap()
         }),
     );
@@ -188,7 +188,7 @@ fn main() {
         "attention_forward",
         L,
         time_ms(|| {
-            be.attention_forward(&mut att, &mut lse, &qkv, B, T, C, NH)
+            be.attention_forward(&mut att, &mut lse, &qkv, None, B, T, C, NH)
                 .unwrap()
         }),
     );
@@ -197,7 +197,7 @@ fn main() {
         "attention_backward",
         L,
         time_ms(|| {
-            be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, B, T, C, NH)
+            be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, None, B, T, C, NH)
                 .unwrap()
         }),
     );

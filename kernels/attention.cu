@@ -1,9 +1,15 @@
 // attention.cu: causal multi-head self-attention, forward and backward, flash-attention style.
 //
 // Twin of Backend::attention_forward / attention_backward and src/backend/cpu/attention.rs.
+// The CUDA-core fallback for head sizes the tensor-core kernels (attention_mma.cu) don't take.
 // Layout: qkv [B, T, 3C] bf16 (q | k | v per position, head h owns columns h*hs .. (h+1)*hs),
-// out [B, T, C] bf16, lse [B, NH, T] bf16 (the Backend hands out activations as bf16).
+// out [B, T, C] bf16, lse [B, NH, T] fp32.
 // Head size hs = C / NH, at most ATT_MAX_HS = 128. Arithmetic and accumulation in fp32.
+// Packed rows: with starts [B, T] (non-null; examples are contiguous segments, so starts is
+// non-decreasing along a row, checked by the launcher) query i attends keys starts[i] <= j <= i;
+// with starts == nullptr, keys 0 <= j <= i. Key (query) tiles that are masked for a whole block
+// are not loaded, tiles masked for one warp are skipped by it: a row of short examples costs
+// about sum(len^2)/2 instead of T^2/2 score evaluations.
 //
 // Forward: one warp per query row, ATT_ROWS = 8 rows per block; the block walks key tiles of
 // ATT_TILE = 32 keys staged in shared memory (fp32). Per tile each lane scores one key, the
@@ -12,9 +18,8 @@
 // shuffles. The T x T matrix never leaves registers.
 //
 // Backward (three kernels, no float atomics, deterministic):
-//   prep: per query row, D_i = dout_i . out_i and an fp32 lse. The saved lse is bf16 (up to
-//         ~0.016 absolute error at lse ~ 7, i.e. a 1.6% error in every P); prep re-sums
-//         exp(s_ij - lse_bf16) over the row and corrects it: lse = lse_bf16 + log(sum).
+//   prep: per query row, D_i = dout_i . out_i, and the lse refined by one re-summation
+//         lse += log(sum_j exp(s_ij - lse)) (a no-op up to rounding for the forward's own lse).
 //   dq:   per query row, over key tiles: P = exp(s - lse), dP = dout_i . v_j,
 //         dS = P (dP - D_i), dq_i += scale * sum_j dS_ij k_j.
 //   dkv:  per key row, over query tiles: dv_j += sum_i P_ij dout_i, dk_j += scale * sum_i dS_ij q_i.
@@ -55,6 +60,11 @@ __device__ __forceinline__ void load_tile_c(float* dst, int ld, const __nv_bfloa
     }
 }
 
+// The first key query i of row bb attends: starts[bb, i], or 0 without starts.
+__device__ __forceinline__ int key_start(const int* starts, int bb, int i, int t) {
+    return starts ? starts[(size_t)bb * t + i] : 0;
+}
+
 __device__ __forceinline__ float dot_hs(const float* a, const float* b, int hs) {
     float s = 0.0f;
     for (int d = 0; d < hs; d++) s += a[d] * b[d];
@@ -63,9 +73,9 @@ __device__ __forceinline__ float dot_hs(const float* a, const float* b, int hs) 
 
 // Grid (ceil(T / ATT_ROWS), B * NH), block ATT_ROWS * 32 threads.
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
-    attention_forward_bf16(__nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ lse,
-                           const __nv_bfloat16* __restrict__ qkv, int t, int c, int nh,
-                           float scale) {
+    attention_forward_bf16(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                           const __nv_bfloat16* __restrict__ qkv,
+                           const int* __restrict__ starts, int t, int c, int nh, float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float k_s[ATT_TILE][ATT_MAX_HS + 1];
     __shared__ float v_s[ATT_TILE][ATT_MAX_HS];
@@ -83,15 +93,17 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     float o[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) o[r] = 0.0f;
+    const int first = active ? key_start(starts, bb, i, t) : 0;
     const int last_row = min(t - 1, row0 + ATT_ROWS - 1);
-    for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
+    const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
+    for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();  // previous tile consumed (and q_s written, on the first pass)
         load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
         load_tile(&v_s[0][0], ATT_MAX_HS, qkv, 2, bb, h, j0, t, c, hs);
         __syncthreads();
-        if (!active || j0 > i) continue;
+        if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
-        const bool valid = j <= i;
+        const bool valid = j >= first && j <= i;
         const float s = valid ? dot_hs(q_s[warp], k_s[lane], hs) * scale : -INFINITY;
         const float m_new = fmaxf(m, warp_reduce_max(s));
         const float p = valid ? expf(s - m_new) : 0.0f;
@@ -116,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         const int d = lane + r * WARP_SIZE;
         if (d < hs) out[((size_t)bb * t + i) * c + h * hs + d] = f32_to_bf16(o[r] * inv_l);
     }
-    if (lane == 0) lse[(size_t)bh * t + i] = f32_to_bf16(m + logf(l));
+    if (lane == 0) lse[(size_t)bh * t + i] = m + logf(l);
 }
 
 // Backward prep: stats[(bh*T + i)*2 + 0] = exact fp32 lse, [.. + 1] = D_i = dout_i . out_i.
@@ -125,7 +137,8 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_prep_bf16(float* __restrict__ stats, const __nv_bfloat16* __restrict__ dout,
                                  const __nv_bfloat16* __restrict__ out,
                                  const __nv_bfloat16* __restrict__ qkv,
-                                 const __nv_bfloat16* __restrict__ lse, int t, int c, int nh,
+                                 const float* __restrict__ lse,
+                                 const int* __restrict__ starts, int t, int c, int nh,
                                  float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float k_s[ATT_TILE][ATT_MAX_HS + 1];
@@ -145,16 +158,18 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         }
     }
     dsum = warp_reduce_sum(dsum);
-    const float lse0 = active ? bf16_to_f32(lse[(size_t)bh * t + i]) : 0.0f;
+    const float lse0 = active ? lse[(size_t)bh * t + i] : 0.0f;
     float psum = 0.0f;
+    const int first = active ? key_start(starts, bb, i, t) : 0;
     const int last_row = min(t - 1, row0 + ATT_ROWS - 1);
-    for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
+    const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
+    for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();
         load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
         __syncthreads();
-        if (!active || j0 > i) continue;
+        if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
-        if (j <= i) psum += expf(dot_hs(q_s[warp], k_s[lane], hs) * scale - lse0);
+        if (j >= first && j <= i) psum += expf(dot_hs(q_s[warp], k_s[lane], hs) * scale - lse0);
     }
     psum = warp_reduce_sum(psum);
     if (active && lane == 0) {
@@ -167,7 +182,8 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_dq_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restrict__ stats,
                                const __nv_bfloat16* __restrict__ dout,
-                               const __nv_bfloat16* __restrict__ qkv, int t, int c, int nh,
+                               const __nv_bfloat16* __restrict__ qkv,
+                               const int* __restrict__ starts, int t, int c, int nh,
                                float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float do_s[ATT_ROWS][ATT_MAX_HS];
@@ -189,16 +205,18 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     float dq[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) dq[r] = 0.0f;
+    const int first = active ? key_start(starts, bb, i, t) : 0;
     const int last_row = min(t - 1, row0 + ATT_ROWS - 1);
-    for (int j0 = 0; j0 <= last_row; j0 += ATT_TILE) {
+    const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
+    for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();
         load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
         load_tile(&v_s[0][0], ATT_MAX_HS + 1, qkv, 2, bb, h, j0, t, c, hs);
         __syncthreads();
-        if (!active || j0 > i) continue;
+        if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
         float ds = 0.0f;
-        if (j <= i) {
+        if (j >= first && j <= i) {
             const float p = expf(dot_hs(q_s[warp], k_s[lane], hs) * scale - row_lse);
             const float dp = dot_hs(do_s[warp], v_s[lane], hs);
             ds = p * (dp - row_d) * scale;
@@ -223,11 +241,13 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     }
 }
 
-// Backward dk, dv: one warp per key row j, query tiles (i >= j) in shared memory.
+// Backward dk, dv: one warp per key row j, query tiles (i >= j) in shared memory. With starts,
+// the walk stops at the first tile whose first query starts after the block's last key.
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_dkv_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restrict__ stats,
                                 const __nv_bfloat16* __restrict__ dout,
-                                const __nv_bfloat16* __restrict__ qkv, int t, int c, int nh,
+                                const __nv_bfloat16* __restrict__ qkv,
+                                const int* __restrict__ starts, int t, int c, int nh,
                                 float scale) {
     __shared__ float k_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float v_s[ATT_ROWS][ATT_MAX_HS];
@@ -249,7 +269,9 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     float dk[ATT_DPL], dv[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) dk[r] = dv[r] = 0.0f;
-    for (int i0 = (row0 / ATT_TILE) * ATT_TILE; i0 < t; i0 += ATT_TILE) {
+    const int last_key = min(t - 1, row0 + ATT_ROWS - 1);
+    for (int i0 = (row0 / ATT_TILE) * ATT_TILE;
+         i0 < t && key_start(starts, bb, i0, t) <= last_key; i0 += ATT_TILE) {
         __syncthreads();
         load_tile(&q_t[0][0], ATT_MAX_HS + 1, qkv, 0, bb, h, i0, t, c, hs);
         load_tile_c(&do_t[0][0], ATT_MAX_HS + 1, dout, bb, h, i0, t, c, hs);
@@ -259,10 +281,10 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
             d_t[threadIdx.x] = i < t ? stats[((size_t)bh * t + i) * 2 + 1] : 0.0f;
         }
         __syncthreads();
-        if (!active || i0 + ATT_TILE <= j) continue;
+        if (!active || i0 + ATT_TILE <= j || key_start(starts, bb, i0, t) > j) continue;
         const int i = i0 + lane;
         float p = 0.0f, ds = 0.0f;
-        if (i < t && i >= j) {
+        if (i < t && i >= j && key_start(starts, bb, i, t) <= j) {
             p = expf(dot_hs(q_t[lane], k_s[warp], hs) * scale - lse_t[lane]);
             const float dp = dot_hs(do_t[lane], v_s[warp], hs);
             ds = p * (dp - d_t[lane]) * scale;

@@ -10,7 +10,10 @@
 //            touched dwte rows and dwpe (8 B each); ~10 B per element -> ~0.17 ms.
 // Determinism: no float atomics. dwte is summed per distinct token by one block that walks that
 // token's positions in increasing order (the bucket lists are built on the host); dwpe is summed
-// per (t, c) over the batch in order.
+// per (t, c) over the batch in order, or, with explicit positions, by the same bucket kernel as
+// dwte with buckets keyed by position.
+// Explicit positions (packed rows): the forward reads one more int per row of C elements;
+// the backward's bucket walk costs what the dwte walk costs.
 #include "common.cuh"
 
 // out[p, c] = wte[ids[p], c] + wpe[p % T, c], grid-stride over N*C elements.
@@ -30,8 +33,28 @@ extern "C" __global__ void encoder_forward_bf16(__nv_bfloat16* __restrict__ out,
     }
 }
 
+// out[p, c] = wte[ids[p], c] + wpe[pos[p], c]: explicit positions, each in [0, Tmax)
+// (checked on the host).
+extern "C" __global__ void encoder_forward_pos_bf16(__nv_bfloat16* __restrict__ out,
+                                                    const int* __restrict__ ids,
+                                                    const int* __restrict__ pos,
+                                                    const __nv_bfloat16* __restrict__ wte,
+                                                    const __nv_bfloat16* __restrict__ wpe,
+                                                    int n, int c) {
+    const size_t total = (size_t)n * c;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int p = (int)(i / c);
+        const int ch = (int)(i % c);
+        const float x = bf16_to_f32(wte[(size_t)ids[p] * c + ch]) +
+                        bf16_to_f32(wpe[(size_t)pos[p] * c + ch]);
+        out[i] = f32_to_bf16(x);
+    }
+}
+
 // One block per distinct token: bucket k owns token bucket_token[k] and the positions
 // order[bucket_start[k] .. bucket_start[k+1]] (ascending). Threads stride over channels.
+// With explicit positions the launcher also runs it on dwpe, buckets keyed by position.
 extern "C" __global__ void encoder_backward_wte_f32(float* __restrict__ dwte,
                                                     const __nv_bfloat16* __restrict__ dout,
                                                     const int* __restrict__ order,

@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
 # The one GPU check (run on the GPU machine from the repository root, with dist/ from
-# scripts/gpu_dist.sh): every CUDA parity test, a short pretraining run on the GPU whose
-# validation loss must fall, a reward-model run from it whose validation accuracy must reach 1,
-# and `topcoat bench` beside scripts/bench_torch.py (torch.compile)
-# on gpt2-124m at B=64, T=1024. Logs go to $OUT (or ./gpu_check_logs); a short table is printed last.
+# scripts/gpu_dist.sh): every CUDA parity test, the whole-model CUDA-vs-CPU training test, a
+# short pretraining run on the GPU whose validation loss must fall, a reward-model run from
+# it whose validation accuracy must reach 1, the per-kernel benchmark,
+# and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024.
+# Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
+#   GPU_CHECK_SKIP_TORCH=1 skips the PyTorch baseline (for a quick correctness-only pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${OUT:-gpu_check_logs}
 mkdir -p "$logs"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$logs/gpu.txt"
+export RUST_BACKTRACE=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$logs/gpu.txt"
+ldconfig -p | grep -E "libcublasLt|libcuda\.so" | head -n 4
 
-parity="FAILED"
-if timeout 120 dist/cuda_parity --test-threads=1 >"$logs/parity.log" 2>&1; then parity="passed"; fi
+# status NAME: "passed" or "FAILED (exit N)" from the exit code of the last command.
+status() { if [ "$1" -eq 0 ]; then echo "passed"; else echo "FAILED (exit $1)"; fi; }
+t0=$SECONDS
+
+timeout 100 dist/cuda_parity --test-threads=1 --nocapture >"$logs/parity.log" 2>&1
+parity=$(status $?)
 parity_counts=$(grep -E "^test result" "$logs/parity.log" | tail -n 1)
+timeout 60 dist/cuda_training --nocapture >"$logs/training.log" 2>&1
+training=$(status $?)
+# The other attention kernels (TOPCOAT_ATTENTION, src/backend/cuda/attention.rs) pass too.
+for kind in mma-lds cuda-cores; do
+  TOPCOAT_ATTENTION=$kind timeout 60 dist/cuda_parity --test-threads=1 --nocapture attention \
+    >"$logs/parity_$kind.log" 2>&1
+  eval "parity_${kind//-/_}=\$(status \$?)"
+done
+echo "== parity + training tests ($((SECONDS - t0)) s): $parity / $training"
+# What failed, briefly: the failing tests' names and their panic lines.
+grep -hE "^test .*FAILED|panicked at|rel err .*>|skipped" "$logs"/parity*.log "$logs/training.log" | head -n 40
+grep -hE "^step" "$logs/training.log" | head -n 10
 
 run=$(mktemp -d)
-timeout 120 dist/topcoat pretrain --device cuda --out "$run" --max-steps 60 --val-every 30 \
+timeout 60 dist/topcoat pretrain --device cuda --out "$run" --max-steps 60 --val-every 30 \
   >"$logs/pretrain.log" 2>&1
+pretrain=$(status $?)
 val=$(grep -Eo "validation loss [0-9.]+ -> [0-9.]+" "$logs/pretrain.log" || echo "no result")
+tail -n 4 "$logs/pretrain.log"
+timeout 20 dist/topcoat sample --checkpoint "$run" --prompt "A cat is" \
+  --max-tokens 24 >"$logs/sample.log" 2>&1
+sample=$(status $?)
+tail -n 3 "$logs/sample.log"
+echo "== pretrain + sample ($((SECONDS - t0)) s)"
 
 # Reward model from that checkpoint on a toy preference set (the chosen reply is always the
 # kind one): validation accuracy must reach 1.
@@ -32,20 +59,46 @@ with open(sys.argv[1], "w") as f:
                             "rejected": f"No. {t} is boring."}) + "\n")
 PY
 dist/topcoat prepare prefs "$run/prefs.jsonl" --out "$run/prefs" --tokenizer "$run" >"$logs/reward.log" 2>&1
-timeout 120 dist/topcoat reward --device cuda --init "$run" --data "$run/prefs" --out "$run/rm" \
+timeout 60 dist/topcoat reward --device cuda --init "$run" --data "$run/prefs" --out "$run/rm" \
   --max-steps 40 --batch-size 16 --seq-len 64 --lr 1e-3 --val-every 20 >>"$logs/reward.log" 2>&1
+reward=$(status $?)
 rm_acc=$(grep -Eo "val accuracy [0-9.]+" "$logs/reward.log" | sed -n '1p;$p' | paste -sd' ' || true)
 
-timeout 150 dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
+echo "== reward ($((SECONDS - t0)) s): $reward, $rm_acc"
+
+if dist/topcoat bench --help | grep -q -- "--kernels"; then
+  timeout 60 dist/topcoat bench --device cuda --kernels --preset gpt2-124m --vocab-size 50257 \
+    --batch-size 64 --seq-len 1024 --steps 2 --warmup 1 >"$logs/bench_kernels.log" 2>&1
+  cat "$logs/bench_kernels.log" | tail -n 20
+fi
+
+timeout 100 dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
   --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 >"$logs/bench_topcoat.log" 2>&1
-timeout 200 python3 dist/bench_torch.py --preset gpt2-124m --batch-size 64 --seq-len 1024 \
-  --steps 30 >"$logs/bench_torch.log" 2>&1
+bench=$(status $?)
+tail -n 6 "$logs/bench_topcoat.log"
+TOPCOAT_ATTENTION=mma-lds timeout 100 dist/topcoat bench --device cuda --preset gpt2-124m \
+  --vocab-size 50257 --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 \
+  --peak-tflops "$(grep -Eo "measured peak: [0-9.]+" "$logs/bench_topcoat.log" | grep -Eo "[0-9.]+$" || echo 0)" \
+  >"$logs/bench_topcoat_lds.log" 2>&1
+echo "== topcoat bench ($((SECONDS - t0)) s)"
+torch_line="skipped"
+if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then
+  PYTHONUNBUFFERED=1 timeout 150 python3 dist/bench_torch.py --preset gpt2-124m --batch-size 64 \
+    --seq-len 1024 --steps 20 >"$logs/bench_torch.log" 2>&1
+  torch_line="$(tail -n 1 "$logs/bench_torch.log") ($(status $?))"
+  tail -n 6 "$logs/bench_torch.log"
+fi
+echo "== done ($((SECONDS - t0)) s)"
 
 echo
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| CUDA parity tests | $parity ($parity_counts) |"
-echo "| pretrain tiny on cuda, 60 steps | $val |"
-echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | ${rm_acc:-no result} |"
-echo "| topcoat bench gpt2-124m B=64 T=1024 | $(tail -n 1 "$logs/bench_topcoat.log") |"
-echo "| PyTorch torch.compile, same config | $(tail -n 1 "$logs/bench_torch.log") |"
+echo "| CUDA attention parity, mma-lds / cuda-cores kernels | $parity_mma_lds / $parity_cuda_cores |"
+echo "| CUDA vs CPU, 10 training steps | $training |"
+echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
+echo "| sample (cpu) from the cuda checkpoint | $sample |"
+echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm_acc:-no result} |"
+echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
+echo "| same, attention mma-lds kernels | $(tail -n 1 "$logs/bench_topcoat_lds.log") |"
+echo "| PyTorch torch.compile, same config | $torch_line |"

@@ -12,15 +12,16 @@ cargo build --release
 rm -rf dist && mkdir -p dist
 # The device machine takes at most 64 MiB: carry only what gpu_check.sh runs, stripped.
 strip -o dist/topcoat target/release/topcoat
-cargo test --release --test cuda_parity --no-run --message-format=json 2>/dev/null |
+cargo test --release --test cuda_parity --test cuda_training --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_parity":
-        shutil.copy(m["executable"], "dist/cuda_parity")
+    name = m.get("target", {}).get("name")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and name in ("cuda_parity", "cuda_training"):
+        shutil.copy(m["executable"], "dist/" + name)
 '
-strip dist/cuda_parity
+strip dist/cuda_parity dist/cuda_training
 cp scripts/bench_torch.py dist/
 du -sh dist
 ls -l dist

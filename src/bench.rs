@@ -4,7 +4,7 @@
 //! zero the gradients, forward + backward on one micro-batch, the global gradient norm, and an
 //! AdamW update. Random tokens make it independent of any data on disk.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Role};
 use crate::config::{ModelConfig, RunConfig};
 use crate::model::{Gpt, Result};
 use crate::optim::AdamW;
@@ -21,6 +21,8 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     /// Achieved model FLOP rate, `flops_per_token * tokens/s` (6N + 12 L C T per token).
     pub gflops: f64,
+    /// Most device memory in use after any step (None where the backend cannot tell).
+    pub peak_memory_bytes: Option<usize>,
 }
 
 /// Median of a non-empty slice.
@@ -57,6 +59,7 @@ pub fn bench_train<B: Backend>(
     let run = RunConfig::default();
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
+    let mut peak_memory_bytes = be.memory_in_use();
     for i in 0..warmup + steps.max(1) {
         let tokens: Vec<i32> = (0..b * (t + 1))
             .map(|_| rng.below(cfg.vocab_size as u64) as i32)
@@ -74,7 +77,10 @@ pub fn bench_train<B: Backend>(
             let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
             opt.update(be, &mut model, &run, 1e-4, scale)?;
         }
+        // Ops may still be queued on the device: a step ends when they have finished.
+        be.synchronize()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
+        peak_memory_bytes = peak_memory_bytes.max(be.memory_in_use());
         on_step(i, ms);
         if i >= warmup {
             step_ms.push(ms);
@@ -89,7 +95,29 @@ pub fn bench_train<B: Backend>(
         median_ms,
         tokens_per_step,
         tokens_per_s,
+        peak_memory_bytes,
     })
+}
+
+/// The backend's dense matrix-product rate in TFLOP/s, the MFU denominator when none is given:
+/// the median of 10 timed `[n, n] x [n, n]` products on random inputs, after 2 warm-ups.
+pub fn measure_matmul_tflops<B: Backend>(be: &B, n: usize) -> Result<f64> {
+    let mut rng = Rng::new(3);
+    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+    let inp = be.upload(&random(n * n), Role::Activation)?;
+    let weight = be.upload(&random(n * n), Role::Param)?;
+    let mut out = be.zeros(n * n, Role::Activation)?;
+    let mut ms = Vec::new();
+    for i in 0..12 {
+        be.synchronize()?;
+        let start = Instant::now();
+        be.matmul_forward(&mut out, &inp, &weight, None, n, n, n)?;
+        be.synchronize()?;
+        if i >= 2 {
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(2.0 * (n as f64).powi(3) / (median(&ms) / 1e3) / 1e12)
 }
 
 #[cfg(test)]

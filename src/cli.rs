@@ -62,6 +62,13 @@ pub struct BenchArgs {
     /// Time forward + backward only (no gradient norm, no AdamW).
     #[arg(long)]
     pub no_optimizer: bool,
+    /// Per-kernel mode: run the steps through a profiler that waits for every op and print
+    /// each kernel family's time, share of the step, and achieved GB/s or TFLOP/s.
+    #[arg(long)]
+    pub kernels: bool,
+    /// Peak dense TFLOP/s for MFU; 0 measures it with the backend's own matmul.
+    #[arg(long, default_value_t = 0.0)]
+    pub peak_tflops: f64,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -182,6 +189,10 @@ pub struct SftArgs {
     /// Run directory for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
+    /// Pack several whole examples into each row (they do not attend to each other); sets
+    /// `pack = true` in the run config.
+    #[arg(long)]
+    pub pack: bool,
     #[command(flatten)]
     pub flags: RunFlags,
 }

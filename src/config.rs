@@ -146,6 +146,8 @@ pub struct RunConfig {
     /// Data-parallel rank and world size (each rank reads its own windows).
     pub rank: usize,
     pub world_size: usize,
+    /// SFT only: pack several whole examples into each row, kept apart (`stages::sft`).
+    pub pack: bool,
 }
 
 impl Default for RunConfig {
@@ -170,6 +172,7 @@ impl Default for RunConfig {
             seed: 1337,
             rank: 0,
             world_size: 1,
+            pack: false,
         }
     }
 }

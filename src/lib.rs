@@ -8,6 +8,7 @@ pub mod data; // token shards, the window loader, tokenizers, `prepare`
 pub mod generate; // sampling from a model (temperature, top-k)
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend
 pub mod optim; // AdamW parameter groups and the learning-rate schedule
+pub mod profile; // a Backend wrapper that times every op (`bench --kernels`)
 pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
 pub mod run; // what each CLI command does (device choice, embedded data, pretrain, sft, sample, info)
 pub mod stages; // pretrain, sft (and later reward, dpo, rl): loss and data wiring only

@@ -5,10 +5,12 @@ use clap::Parser;
 use std::io::{IsTerminal, Write};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::cuda::CudaBackend;
+use topcoat::backend::{Backend, Role};
 use topcoat::bench;
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
+use topcoat::profile::{OpTally, Profiled};
 use topcoat::run::{self, DeviceKind, PretrainJob, RewardJob, SftJob};
 use topcoat::train::TrainSummary;
 
@@ -158,30 +160,88 @@ fn bench(a: &BenchArgs) -> Result<()> {
         let tag = if i < a.warmup { " (warm-up)" } else { "" };
         eprintln!("step {:>3}: {ms:9.1} ms{tag}", i + 1);
     };
+    match device {
+        DeviceKind::Cpu => bench_on(&CpuBackend, &cfg, a, on_step),
+        DeviceKind::Cuda => bench_on(&CudaBackend::new(0)?, &cfg, a, on_step),
+    }
+}
+
+/// `bench` on one backend: the step benchmark, or with `--kernels` the per-op profile.
+fn bench_on<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    a: &BenchArgs,
+    on_step: impl FnMut(usize, f64),
+) -> Result<()> {
     let (b, t, optimizer) = (a.batch_size, a.seq_len, !a.no_optimizer);
-    let r = match device {
-        DeviceKind::Cpu => bench::bench_train(
-            &CpuBackend,
-            &cfg,
-            b,
-            t,
-            a.warmup,
-            a.steps,
-            optimizer,
-            on_step,
-        )?,
-        DeviceKind::Cuda => {
-            let be = CudaBackend::new(0)?;
-            bench::bench_train(&be, &cfg, b, t, a.warmup, a.steps, optimizer, on_step)?
-        }
+    if a.kernels {
+        let profiled = Profiled::new(be);
+        // The warm-up steps load kernels and pick matmul algorithms: keep them out.
+        bench::bench_train(&profiled, cfg, b, t, a.warmup, 0, optimizer, |_, _| {})?;
+        profiled.reset();
+        let r = bench::bench_train(&profiled, cfg, b, t, 0, a.steps, optimizer, on_step)?;
+        print_profile(&profiled.tally(), r.step_ms.len());
+        return Ok(());
+    }
+    let r = bench::bench_train(be, cfg, b, t, a.warmup, a.steps, optimizer, on_step)?;
+    let peak = if a.peak_tflops > 0.0 {
+        a.peak_tflops
+    } else {
+        // Large enough to fill an H100; a CPU gets a size it finishes in about a second.
+        let n = if be.element_bytes(Role::Activation) == 2 {
+            8192
+        } else {
+            1024
+        };
+        let tflops = bench::measure_matmul_tflops(be, n)?;
+        println!("measured peak: {tflops:.1} TFLOP/s ({n}x{n}x{n} matmul on this backend)");
+        tflops
     };
-    println!("| median step ms | tokens/s | model GFLOP/s |");
-    println!("| --- | --- | --- |");
+    let memory = r
+        .peak_memory_bytes
+        .map(|m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "n/a".into());
+    println!("| median step ms | tokens/s | model TFLOP/s | MFU | peak memory |");
+    println!("| --- | --- | --- | --- | --- |");
     println!(
-        "| {:.1} | {:.0} | {:.1} |",
-        r.median_ms, r.tokens_per_s, r.gflops
+        "| {:.1} | {:.0} | {:.1} | {:.1}% | {memory} |",
+        r.median_ms,
+        r.tokens_per_s,
+        r.gflops / 1e3,
+        100.0 * r.gflops / 1e3 / peak
     );
     Ok(())
+}
+
+/// The per-op table of `bench --kernels`: time per step, share, and achieved rates.
+fn print_profile(tally: &std::collections::BTreeMap<&'static str, OpTally>, steps: usize) {
+    let steps = steps.max(1) as f64;
+    let total: f64 = tally.values().map(|x| x.seconds).sum();
+    let mut rows: Vec<_> = tally.iter().collect();
+    rows.sort_by(|x, y| y.1.seconds.total_cmp(&x.1.seconds));
+    println!("| op | calls/step | ms/step | share | GB/s | TFLOP/s |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, x) in rows {
+        let rate = |v: f64, unit: f64| {
+            if v > 0.0 {
+                format!("{:.2}", v / x.seconds / unit)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.1}% | {} | {} |",
+            x.calls as f64 / steps,
+            x.seconds * 1e3 / steps,
+            100.0 * x.seconds / total,
+            rate(x.bytes, 1e9),
+            rate(x.flops, 1e12)
+        );
+    }
+    println!(
+        "| total (each op waited for) | | {:.2} | | | |",
+        total * 1e3 / steps
+    );
 }
 
 /// Prints what a training run did.
@@ -262,7 +322,8 @@ fn run_cli() -> Result<()> {
             ..
         }) => prepare_prefs(&a)?,
         Command::Sft(a) => {
-            let run = run_config(&a.flags, run::sft_run_defaults())?;
+            let mut run = run_config(&a.flags, run::sft_run_defaults())?;
+            run.pack |= a.pack;
             let (device, why) = run::resolve_device(&a.flags.device)?;
             note(&format!("device: {why}"));
             let job = SftJob {

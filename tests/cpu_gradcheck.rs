@@ -98,22 +98,23 @@ fn random_ids(len: usize, below: usize, rng: &mut Rng) -> Vec<i32> {
 
 // ---- encoder -------------------------------------------------------------------------------
 
-#[test]
-fn encoder_backward_matches_finite_differences() {
-    let mut rng = Rng::new(11);
+/// Encoder backward vs finite differences and the f32 backend, with implicit or explicit positions.
+fn check_encoder(pos: Option<&Vec<i32>>, seed: u64) {
+    let mut rng = Rng::new(seed);
     let wte = randn(V * C, &mut rng);
     let wpe = randn(TMAX * C, &mut rng);
     let mut ids = random_ids(N, V, &mut rng);
     ids[3] = ids[7]; // a repeated id sums two positions
     let dout = randn(N * C, &mut rng);
+    let p = pos.map(Vec::as_slice);
     let fwd = |wte: &[f64], wpe: &[f64]| {
         let mut out = vec![0.0; N * C];
-        encoder::encoder_forward(&mut out, &ids, wte, wpe, B, T, C);
+        encoder::encoder_forward(&mut out, &ids, p, wte, wpe, B, T, C);
         dot(&out, &dout)
     };
     let mut dwte = vec![0.0; V * C];
     let mut dwpe = vec![0.0; TMAX * C];
-    encoder::encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, B, T, C);
+    encoder::encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, p, B, T, C);
     let fd_wte = fd_grad(&wte, |w| fwd(w, &wpe));
     let fd_wpe = fd_grad(&wpe, |w| fwd(&wte, w));
     assert_close("dwte", &dwte, &fd_wte, FD_TOL);
@@ -123,23 +124,71 @@ fn encoder_backward_matches_finite_differences() {
     let pre_wte = randn(V * C, &mut rng);
     let pre_wpe = randn(TMAX * C, &mut rng);
     let (mut acc_wte, mut acc_wpe) = (pre_wte.clone(), pre_wpe.clone());
-    encoder::encoder_backward(&mut acc_wte, &mut acc_wpe, &dout, &ids, B, T, C);
+    encoder::encoder_backward(&mut acc_wte, &mut acc_wpe, &dout, &ids, p, B, T, C);
     assert_accumulates("dwte", &pre_wte, &dwte, &acc_wte);
     assert_accumulates("dwpe", &pre_wpe, &dwpe, &acc_wpe);
 
     // The f32 backend.
     let be = CpuBackend;
     let mut out32 = vec![f32::NAN; N * C];
-    be.encoder_forward(&mut out32, &ids, &to32(&wte), &to32(&wpe), B, T, C)
+    be.encoder_forward(&mut out32, &ids, pos, &to32(&wte), &to32(&wpe), B, T, C)
         .unwrap();
     let mut out64 = vec![0.0; N * C];
-    encoder::encoder_forward(&mut out64, &ids, &wte, &wpe, B, T, C);
+    encoder::encoder_forward(&mut out64, &ids, p, &wte, &wpe, B, T, C);
     assert_close("encoder out (f32)", &to64(&out32), &out64, F32_TOL);
     let (mut g_wte, mut g_wpe) = (vec![0.0f32; V * C], vec![0.0f32; TMAX * C]);
-    be.encoder_backward(&mut g_wte, &mut g_wpe, &to32(&dout), &ids, B, T, C)
+    be.encoder_backward(&mut g_wte, &mut g_wpe, &to32(&dout), &ids, pos, B, T, C)
         .unwrap();
     assert_close("dwte (f32)", &to64(&g_wte), &fd_wte, F32_TOL);
     assert_close("dwpe (f32)", &to64(&g_wpe), &fd_wpe, F32_TOL);
+}
+
+#[test]
+fn encoder_backward_matches_finite_differences() {
+    check_encoder(None, 11);
+}
+
+#[test]
+fn encoder_with_explicit_positions_matches_finite_differences() {
+    // Positions restart inside a row (two packed examples) and reach past T, up to Tmax - 1.
+    let mut pos = vec![0, 1, 2, 0, 1, 3, 4, 5, 6, 0];
+    assert_eq!(pos.len(), N);
+    check_encoder(Some(&pos), 21);
+
+    // The forward reads wpe[pos], not wpe[t]: position 6 of row 1 against a direct sum.
+    let mut rng = Rng::new(22);
+    let (wte, wpe) = (
+        to32(&randn(V * C, &mut rng)),
+        to32(&randn(TMAX * C, &mut rng)),
+    );
+    let ids = random_ids(N, V, &mut rng);
+    let mut out = vec![f32::NAN; N * C];
+    CpuBackend
+        .encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, B, T, C)
+        .unwrap();
+    for i in 0..N {
+        for ch in 0..C {
+            let want = wte[ids[i] as usize * C + ch] + wpe[pos[i] as usize * C + ch];
+            assert_eq!(out[i * C + ch], want, "out[{i}, {ch}]");
+        }
+    }
+
+    // A position outside [0, Tmax) is an Invalid error naming it, for forward and backward.
+    pos[4] = TMAX as i32;
+    let r = CpuBackend.encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, B, T, C);
+    match r {
+        Err(BackendError::Invalid { msg, .. }) => {
+            assert!(msg.contains("position 7 at index 4"), "{msg}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    pos[4] = -1;
+    let (mut dwte, mut dwpe) = (vec![0.0f32; V * C], vec![0.0f32; TMAX * C]);
+    let r = CpuBackend.encoder_backward(&mut dwte, &mut dwpe, &out, &ids, Some(&pos), B, T, C);
+    assert!(matches!(r, Err(BackendError::Invalid { .. })), "{r:?}");
+    // A pos buffer of the wrong length is a Shape error.
+    let r = CpuBackend.encoder_forward(&mut out, &ids, Some(&vec![0; N - 1]), &wte, &wpe, B, T, C);
+    assert_shape_err(r, "pos");
 }
 
 // ---- layernorm -----------------------------------------------------------------------------
@@ -425,31 +474,32 @@ fn attention_forward_matches_naive_softmax() {
     let qkv = randn(N * 3 * C, &mut rng);
     let (want_out, want_lse) = naive_attention(&qkv);
     let (mut out, mut lse) = (vec![0.0; N * C], vec![0.0; B * NH * T]);
-    attention::attention_forward(&mut out, &mut lse, &qkv, B, T, C, NH);
+    attention::attention_forward(&mut out, &mut lse, &qkv, None, B, T, C, NH);
     assert_close("attention out (f64)", &out, &want_out, 1e-12);
     assert_close("attention lse (f64)", &lse, &want_lse, 1e-12);
 
     let be = CpuBackend;
     let (mut o32, mut l32) = (vec![f32::NAN; N * C], vec![f32::NAN; B * NH * T]);
-    be.attention_forward(&mut o32, &mut l32, &to32(&qkv), B, T, C, NH)
+    be.attention_forward(&mut o32, &mut l32, &to32(&qkv), None, B, T, C, NH)
         .unwrap();
     assert_close("attention out (f32)", &to64(&o32), &want_out, F32_TOL);
     assert_close("attention lse (f32)", &to64(&l32), &want_lse, F32_TOL);
 }
 
-#[test]
-fn attention_backward_matches_finite_differences() {
-    let mut rng = Rng::new(16);
+/// Attention backward vs finite differences and the f32 backend, plain causal or packed.
+fn check_attention(starts: Option<&Vec<i32>>, seed: u64) {
+    let mut rng = Rng::new(seed);
     let qkv = randn(N * 3 * C, &mut rng);
     let dout = randn(N * C, &mut rng);
+    let st = starts.map(Vec::as_slice);
     let fwd = |qkv: &[f64]| {
         let (mut out, mut lse) = (vec![0.0; N * C], vec![0.0; B * NH * T]);
-        attention::attention_forward(&mut out, &mut lse, qkv, B, T, C, NH);
+        attention::attention_forward(&mut out, &mut lse, qkv, st, B, T, C, NH);
         (out, lse)
     };
     let (out, lse) = fwd(&qkv);
     let mut dqkv = vec![0.0; N * 3 * C];
-    attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, B, T, C, NH);
+    attention::attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, st, B, T, C, NH);
     let fd = fd_grad(&qkv, |x| dot(&fwd(x).0, &dout));
     assert_close("attention dqkv", &dqkv, &fd, FD_TOL);
     // dq, dk and dv each checked on their own as well.
@@ -464,18 +514,115 @@ fn attention_backward_matches_finite_differences() {
 
     let pre = randn(N * 3 * C, &mut rng);
     let mut acc = pre.clone();
-    attention::attention_backward(&mut acc, &dout, &qkv, &out, &lse, B, T, C, NH);
+    attention::attention_backward(&mut acc, &dout, &qkv, &out, &lse, st, B, T, C, NH);
     assert_accumulates("attention dqkv", &pre, &dqkv, &acc);
 
     let be = CpuBackend;
     let qkv32 = to32(&qkv);
     let (mut o32, mut l32) = (vec![f32::NAN; N * C], vec![f32::NAN; B * NH * T]);
-    be.attention_forward(&mut o32, &mut l32, &qkv32, B, T, C, NH)
+    be.attention_forward(&mut o32, &mut l32, &qkv32, starts, B, T, C, NH)
         .unwrap();
     let mut g32 = vec![0.0f32; N * 3 * C];
-    be.attention_backward(&mut g32, &to32(&dout), &qkv32, &o32, &l32, B, T, C, NH)
-        .unwrap();
+    be.attention_backward(
+        &mut g32,
+        &to32(&dout),
+        &qkv32,
+        &o32,
+        &l32,
+        starts,
+        B,
+        T,
+        C,
+        NH,
+    )
+    .unwrap();
     assert_close("attention dqkv (f32)", &to64(&g32), &fd, F32_TOL);
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    check_attention(None, 16);
+}
+
+/// Row 0 packs examples [0, 2) and [2, 5); row 1 packs [0, 1), [1, 3), [3, 4) and [4, 5).
+const PACKED_STARTS: [i32; N] = [0, 0, 2, 2, 2, 0, 1, 1, 3, 4];
+
+#[test]
+fn packed_attention_matches_finite_differences() {
+    check_attention(Some(&PACKED_STARTS.to_vec()), 17);
+}
+
+#[test]
+fn packed_attention_equals_each_example_run_alone() {
+    let mut rng = Rng::new(18);
+    let qkv = to32(&randn(N * 3 * C, &mut rng));
+    let starts = PACKED_STARTS.to_vec();
+    let be = CpuBackend;
+    let (mut out, mut lse) = (vec![f32::NAN; N * C], vec![f32::NAN; B * NH * T]);
+    be.attention_forward(&mut out, &mut lse, &qkv, Some(&starts), B, T, C, NH)
+        .unwrap();
+    // Every example, cut out of its row and run as a batch of one with plain causal attention.
+    let segments = [
+        (0, 0, 2),
+        (0, 2, 5),
+        (1, 0, 1),
+        (1, 1, 3),
+        (1, 3, 4),
+        (1, 4, 5),
+    ];
+    for (bb, s0, s1) in segments {
+        let len = s1 - s0;
+        let rows = (bb * T + s0)..(bb * T + s1);
+        let sub = qkv[rows.start * 3 * C..rows.end * 3 * C].to_vec();
+        let (mut o, mut l) = (vec![f32::NAN; len * C], vec![f32::NAN; NH * len]);
+        be.attention_forward(&mut o, &mut l, &sub, None, 1, len, C, NH)
+            .unwrap();
+        let got = &out[rows.start * C..rows.end * C];
+        let diff = got
+            .iter()
+            .zip(&o)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff <= 1e-6,
+            "example {bb}:[{s0}, {s1}): out differs by {diff}"
+        );
+        for h in 0..NH {
+            for i in 0..len {
+                let (a, b) = (lse[(bb * NH + h) * T + s0 + i], l[h * len + i]);
+                assert!(
+                    (a - b).abs() <= 1e-5,
+                    "lse of example {bb}:[{s0}, {s1}) row {i}"
+                );
+            }
+        }
+    }
+
+    // Starts that do not cut the row into contiguous examples are Invalid errors naming the entry.
+    for (k, bad) in [(0, 1), (3, 1), (4, -1), (6, 2), (9, 2)] {
+        let mut st = starts.clone();
+        st[k] = bad;
+        match be.attention_forward(&mut out, &mut lse, &qkv, Some(&st), B, T, C, NH) {
+            Err(BackendError::Invalid { msg, .. }) => {
+                assert!(msg.contains(&format!("starts[{k}] = {bad}")), "{msg}")
+            }
+            other => panic!("starts[{k}] = {bad}: expected Invalid, got {other:?}"),
+        }
+    }
+    let mut dqkv = vec![0.0f32; N * 3 * C];
+    let r = be.attention_backward(
+        &mut dqkv,
+        &out,
+        &qkv,
+        &out,
+        &lse,
+        Some(&vec![0; N + 1]),
+        B,
+        T,
+        C,
+        NH,
+    );
+    assert_shape_err(r, "starts");
 }
 
 // ---- cross-entropy -------------------------------------------------------------------------
@@ -610,11 +757,16 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
         let ids = random_ids(n, v, &mut rng);
         let (wte, wpe) = (r(v * c, &mut rng), r(t * c, &mut rng));
         let mut x = vec![0.0; n * c];
-        be.encoder_forward(&mut x, &ids, &wte, &wpe, b, t, c)
+        be.encoder_forward(&mut x, &ids, None, &wte, &wpe, b, t, c)
             .unwrap();
         let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; t * c]);
         let dx = r(n * c, &mut rng);
-        be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, b, t, c)
+        be.encoder_backward(&mut dwte, &mut dwpe, &dx, &ids, None, b, t, c)
+            .unwrap();
+        // Explicit positions (restarting every 7 tokens) sum dwpe rows by position.
+        let pos: Vec<i32> = (0..n).map(|i| (i % t % 7) as i32).collect();
+        let mut dwpe_pos = vec![0.0; t * c];
+        be.encoder_backward(&mut dwte, &mut dwpe_pos, &dx, &ids, Some(&pos), b, t, c)
             .unwrap();
         let (lw, lb) = (r(c, &mut rng), r(c, &mut rng));
         let (mut ln, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
@@ -630,11 +782,30 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
         be.matmul_forward(&mut qkv, &ln, &w, Some(&bias), n, c, 3 * c)
             .unwrap();
         let (mut att, mut lse) = (vec![0.0; n * c], vec![0.0; b * nh * t]);
-        be.attention_forward(&mut att, &mut lse, &qkv, b, t, c, nh)
+        be.attention_forward(&mut att, &mut lse, &qkv, None, b, t, c, nh)
             .unwrap();
         let mut dqkv = vec![0.0; n * 3 * c];
-        be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, b, t, c, nh)
+        be.attention_backward(&mut dqkv, &dx, &qkv, &att, &lse, None, b, t, c, nh)
             .unwrap();
+        // Packed rows: examples of 20 tokens.
+        let starts: Vec<i32> = (0..n).map(|i| (i % t - i % t % 20) as i32).collect();
+        let (mut att_p, mut lse_p) = (vec![0.0; n * c], vec![0.0; b * nh * t]);
+        be.attention_forward(&mut att_p, &mut lse_p, &qkv, Some(&starts), b, t, c, nh)
+            .unwrap();
+        let mut dqkv_p = vec![0.0; n * 3 * c];
+        be.attention_backward(
+            &mut dqkv_p,
+            &dx,
+            &qkv,
+            &att_p,
+            &lse_p,
+            Some(&starts),
+            b,
+            t,
+            c,
+            nh,
+        )
+        .unwrap();
         let (mut dmi, mut dmw, mut dmb) =
             (vec![0.0; n * c], vec![0.0; 3 * c * c], vec![0.0; 3 * c]);
         be.matmul_backward(
@@ -667,6 +838,7 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
             x,
             dwte,
             dwpe,
+            dwpe_pos,
             ln,
             mean,
             rstd,
@@ -677,6 +849,9 @@ fn run_all_ops(threads: usize) -> Vec<Vec<f32>> {
             att,
             lse,
             dqkv,
+            att_p,
+            lse_p,
+            dqkv_p,
             dmi,
             dmw,
             dmb,
@@ -712,12 +887,30 @@ fn wrong_lengths_are_shape_errors() {
     let z = |len: usize| vec![0.1f32; len];
     let ids = vec![0i32; N];
     assert_shape_err(
-        be.encoder_forward(&mut z(N * C - 1), &ids, &z(V * C), &z(TMAX * C), B, T, C),
+        be.encoder_forward(
+            &mut z(N * C - 1),
+            &ids,
+            None,
+            &z(V * C),
+            &z(TMAX * C),
+            B,
+            T,
+            C,
+        ),
         "out",
     );
     // wpe shorter than T rows.
     assert_shape_err(
-        be.encoder_backward(&mut z(V * C), &mut z((T - 1) * C), &z(N * C), &ids, B, T, C),
+        be.encoder_backward(
+            &mut z(V * C),
+            &mut z((T - 1) * C),
+            &z(N * C),
+            &ids,
+            None,
+            B,
+            T,
+            C,
+        ),
         "dwpe",
     );
     assert_shape_err(
@@ -782,7 +975,16 @@ fn wrong_lengths_are_shape_errors() {
         "dout",
     );
     assert_shape_err(
-        be.attention_forward(&mut z(N * C), &mut z(B * NH * T), &z(N * C), B, T, C, NH),
+        be.attention_forward(
+            &mut z(N * C),
+            &mut z(B * NH * T),
+            &z(N * C),
+            None,
+            B,
+            T,
+            C,
+            NH,
+        ),
         "qkv",
     );
     assert_shape_err(
@@ -792,6 +994,7 @@ fn wrong_lengths_are_shape_errors() {
             &z(N * 3 * C),
             &z(N * C),
             &z(B * T),
+            None,
             B,
             T,
             C,
@@ -858,6 +1061,7 @@ fn bad_ids_and_targets_are_invalid_errors_naming_the_row() {
     let r = be.encoder_forward(
         &mut vec![0.0; N * C],
         &ids,
+        None,
         &vec![0.0; V * C],
         &vec![0.0; T * C],
         B,
@@ -869,6 +1073,7 @@ fn bad_ids_and_targets_are_invalid_errors_naming_the_row() {
         &mut vec![0.0; N * C],
         &mut vec![0.0; B * 5 * T],
         &vec![0.0; N * 3 * C],
+        None,
         B,
         T,
         C,

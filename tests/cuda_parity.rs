@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, bf16_round, down, randn, rel_err_f64};
+use common::{assert_close, bf16_round, down, randn, rel_err, rel_err_f64};
 use topcoat::backend::cpu::{attention as cpu_attention, CpuBackend};
 use topcoat::backend::{AdamWStep, Backend, BackendError, Role};
 use topcoat::rng::Rng;
@@ -31,36 +31,71 @@ fn ids_for(rng: &mut Rng, n: usize, v: usize) -> Vec<i32> {
     (0..n).map(|_| rng.below(v as u64) as i32).collect()
 }
 
+/// Positions that restart at random example boundaries inside each row (a new example at each
+/// token with probability `1 / one_in`), each in `[0, tmax)`.
+fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize, one_in: u64) -> Vec<i32> {
+    let mut pos = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        let mut p = 0;
+        for _ in 0..t {
+            if p == tmax || rng.below(one_in) == 0 {
+                p = 0;
+            }
+            pos.push(p as i32);
+            p += 1;
+        }
+    }
+    pos
+}
+
 fn encoder<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(1);
-    for (b, t, tmax, c, v) in [
-        (2, 5, 7, 12, 11),
-        (3, 33, 40, 100, 7),
-        (1, 64, 64, 257, 300),
+    for (b, t, tmax, c, v, packed) in [
+        (2, 5, 7, 12, 11, false),
+        (3, 33, 40, 100, 7, false),
+        (1, 64, 64, 257, 300, false),
+        (2, 5, 7, 12, 11, true),
+        (3, 45, 40, 100, 7, true),
+        (2, 64, 64, 257, 300, true),
     ] {
         let ids = ids_for(&mut rng, b * t, v);
+        let pos = packed.then(|| packed_positions(&mut rng, b, t, tmax, 6));
         let (wte, wpe) = (randn(&mut rng, v * c, 1.0), randn(&mut rng, tmax * c, 1.0));
         let mut want = vec![0.0; b * t * c];
-        cpu.encoder_forward(&mut want, &ids, &wte, &wpe, b, t, c)
+        cpu.encoder_forward(&mut want, &ids, pos.as_ref(), &wte, &wpe, b, t, c)
             .unwrap();
         let mut out = up(be, &nan(b * t * c), Role::Activation);
         let (gte, gpe) = (up(be, &wte, Role::Param), up(be, &wpe, Role::Param));
         let gids = be.upload_ids(&ids).unwrap();
-        be.encoder_forward(&mut out, &gids, &gte, &gpe, b, t, c)
+        let gpos = pos.as_ref().map(|p| be.upload_ids(p).unwrap());
+        be.encoder_forward(&mut out, &gids, gpos.as_ref(), &gte, &gpe, b, t, c)
             .unwrap();
         assert_close("encoder_forward out", &down(be, &out), &want, BF16_TOL);
 
         let dout = randn(&mut rng, b * t * c, 1.0);
         let (mut dwte, mut dwpe) = (randn(&mut rng, v * c, 1.0), randn(&mut rng, tmax * c, 1.0));
         let (mut gdte, mut gdpe) = (up(be, &dwte, Role::Grad), up(be, &dwpe, Role::Grad));
-        cpu.encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, b, t, c)
+        cpu.encoder_backward(&mut dwte, &mut dwpe, &dout, &ids, pos.as_ref(), b, t, c)
             .unwrap();
         let gdout = up(be, &dout, Role::Activation);
-        be.encoder_backward(&mut gdte, &mut gdpe, &gdout, &gids, b, t, c)
+        be.encoder_backward(&mut gdte, &mut gdpe, &gdout, &gids, gpos.as_ref(), b, t, c)
             .unwrap();
         assert_close("encoder_backward dwte", &down(be, &gdte), &dwte, F32_TOL);
         assert_close("encoder_backward dwpe", &down(be, &gdpe), &dwpe, F32_TOL);
+    }
+    // A position outside [0, Tmax) is refused before launching.
+    let (b, t, tmax, c) = (1, 4, 4, 8);
+    let (wte, wpe) = (
+        up(be, &randn(&mut rng, 3 * c, 1.0), Role::Param),
+        up(be, &randn(&mut rng, tmax * c, 1.0), Role::Param),
+    );
+    let ids = be.upload_ids(&[0, 1, 2, 0]).unwrap();
+    let pos = be.upload_ids(&[0, 1, 4, 0]).unwrap();
+    let mut out = up(be, &nan(b * t * c), Role::Activation);
+    match be.encoder_forward(&mut out, &ids, Some(&pos), &wte, &wpe, b, t, c) {
+        Err(BackendError::Invalid { msg, .. }) => assert!(msg.contains("position 4"), "{msg}"),
+        other => panic!("encoder_forward with position 4 of 4: {other:?}"),
     }
 }
 backend_tests!(encoder => encoder_cpu, encoder_cuda);
@@ -223,7 +258,15 @@ backend_tests!(matmul => matmul_cpu, matmul_cuda);
 
 /// Naive bf16 attention forward on the host: f64 scores and softmax, probabilities rounded to
 /// bf16, the weighted sum in f64, the output rounded to bf16 (q, k, v are bf16 already).
-fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> Vec<f64> {
+/// Query `i` of row `bb` attends keys `starts[bb*t + i] ..= i` (0 ..= i without `starts`).
+fn naive_bf16_attention(
+    qkv: &[f32],
+    starts: Option<&[i32]>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Vec<f64> {
     let hs = c / nh;
     let scale = 1.0 / (hs as f64).sqrt();
     let mut out = vec![0.0f64; b * t * c];
@@ -233,7 +276,8 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
     for bb in 0..b {
         for h in 0..nh {
             for i in 0..t {
-                let s: Vec<f64> = (0..=i)
+                let first = starts.map_or(0, |s| s[bb * t + i] as usize);
+                let s: Vec<f64> = (first..=i)
                     .map(|j| {
                         (0..hs)
                             .map(|d| at(bb, i, 0, h, d) * at(bb, j, 1, h, d))
@@ -244,9 +288,9 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
                 for d in 0..hs {
-                    let o: f64 = (0..=i)
+                    let o: f64 = (first..=i)
                         .map(|j| {
-                            bf16_round(((s[j] - max).exp() / sum) as f32) as f64
+                            bf16_round(((s[j - first] - max).exp() / sum) as f32) as f64
                                 * at(bb, j, 2, h, d)
                         })
                         .sum();
@@ -261,20 +305,38 @@ fn naive_bf16_attention(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) ->
 fn attention<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(5);
-    for (b, t, c, nh) in [
-        (2, 5, 12, 3),
-        (1, 33, 64, 2),
-        (2, 70, 160, 2),
-        (1, 45, 128, 1),
+    // `one_in`: 0 for plain causal, else packed rows with a new example at each token with
+    // probability 1 / one_in (short examples, and long ones that span several key tiles).
+    for (b, t, c, nh, one_in) in [
+        (2, 5, 12, 3, 0),
+        (1, 33, 64, 2, 0),
+        (2, 70, 160, 2, 0),
+        (1, 45, 128, 1, 0),
+        // Head sizes the tensor-core kernels take (32, 64), over several 64-row tiles and a
+        // ragged last one.
+        (2, 200, 128, 2, 0),
+        (1, 130, 256, 8, 0),
+        (3, 64, 192, 3, 0),
+        (2, 5, 12, 3, 2),
+        (2, 70, 160, 2, 6),
+        (3, 101, 64, 2, 40),
+        (1, 45, 128, 1, 15),
+        (2, 200, 128, 2, 30),
     ] {
         let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
+        // A packed row's starts: position i minus its position within its example.
+        let starts: Option<Vec<i32>> = (one_in > 0).then(|| {
+            let pos = packed_positions(&mut rng, b, t, t, one_in);
+            (0..b * t).map(|k| (k % t) as i32 - pos[k]).collect()
+        });
+        let gstarts = starts.as_ref().map(|s| be.upload_ids(s).unwrap());
         let (mut out, mut lse) = (vec![0.0; b * t * c], vec![0.0; b * nh * t]);
-        cpu.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh)
+        cpu.attention_forward(&mut out, &mut lse, &qkv, starts.as_ref(), b, t, c, nh)
             .unwrap();
         let gqkv = up(be, &qkv, Role::Activation);
         let mut gout = up(be, &nan(b * t * c), Role::Activation);
-        let mut glse = up(be, &nan(b * nh * t), Role::Activation);
-        be.attention_forward(&mut gout, &mut glse, &gqkv, b, t, c, nh)
+        let mut glse = up(be, &nan(b * nh * t), Role::Stat);
+        be.attention_forward(&mut gout, &mut glse, &gqkv, gstarts.as_ref(), b, t, c, nh)
             .unwrap();
         let got = down(be, &gout);
         assert_close("attention_forward out", &got, &out, BF16_TOL);
@@ -283,8 +345,9 @@ fn attention<B: Backend>(be: &B) {
         // Against f64: at most ATTN_NAIVE_FACTOR times the error of naive bf16 attention.
         let q64: Vec<f64> = qkv.iter().map(|&x| x as f64).collect();
         let (mut o64, mut l64) = (vec![0.0f64; b * t * c], vec![0.0f64; b * nh * t]);
-        cpu_attention::attention_forward(&mut o64, &mut l64, &q64, b, t, c, nh);
-        let naive = naive_bf16_attention(&qkv, b, t, c, nh);
+        let st = starts.as_deref();
+        cpu_attention::attention_forward(&mut o64, &mut l64, &q64, st, b, t, c, nh);
+        let naive = naive_bf16_attention(&qkv, st, b, t, c, nh);
         let got64: Vec<f64> = got.iter().map(|&x| x as f64).collect();
         let (e_got, e_naive) = (rel_err_f64(&got64, &o64), rel_err_f64(&naive, &o64));
         println!("attention vs f64: backend {e_got:.2e}, naive bf16 {e_naive:.2e}");
@@ -296,17 +359,29 @@ fn attention<B: Backend>(be: &B) {
         let dout = randn(&mut rng, b * t * c, 1.0);
         let mut dqkv = randn(&mut rng, b * t * 3 * c, 1.0);
         let mut gdqkv = up(be, &dqkv, Role::Activation);
-        // Both backwards use the CPU's forward outputs rounded to bf16 (what a bf16 backend saves).
+        // Both backwards use the CPU's forward output rounded to bf16 (what a bf16 backend
+        // saves) and its fp32 lse (a Role::Stat buffer).
         let out_r: Vec<f32> = out.iter().map(|&x| bf16_round(x)).collect();
-        let lse_r: Vec<f32> = lse.iter().map(|&x| bf16_round(x)).collect();
-        cpu.attention_backward(&mut dqkv, &dout, &qkv, &out_r, &lse, b, t, c, nh)
-            .unwrap();
+        cpu.attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv,
+            &out_r,
+            &lse,
+            starts.as_ref(),
+            b,
+            t,
+            c,
+            nh,
+        )
+        .unwrap();
         let (gdout, gout_r) = (
             up(be, &dout, Role::Activation),
             up(be, &out_r, Role::Activation),
         );
-        let glse_r = up(be, &lse_r, Role::Activation);
-        be.attention_backward(&mut gdqkv, &gdout, &gqkv, &gout_r, &glse_r, b, t, c, nh)
+        let glse = up(be, &lse, Role::Stat);
+        let gst = gstarts.as_ref();
+        be.attention_backward(&mut gdqkv, &gdout, &gqkv, &gout_r, &glse, gst, b, t, c, nh)
             .unwrap();
         assert_close(
             "attention_backward dqkv",
@@ -314,6 +389,16 @@ fn attention<B: Backend>(be: &B) {
             &dqkv,
             BF16_TOL,
         );
+    }
+    // Starts that do not cut a row into contiguous examples are refused before launching.
+    let (t, c, nh) = (6, 8, 2);
+    let qkv = up(be, &randn(&mut rng, t * 3 * c, 1.0), Role::Activation);
+    let mut out = up(be, &nan(t * c), Role::Activation);
+    let mut lse = up(be, &nan(nh * t), Role::Activation);
+    let bad = be.upload_ids(&[0, 0, 2, 1, 4, 4]).unwrap();
+    match be.attention_forward(&mut out, &mut lse, &qkv, Some(&bad), 1, t, c, nh) {
+        Err(BackendError::Invalid { msg, .. }) => assert!(msg.contains("starts[3] = 1"), "{msg}"),
+        other => panic!("attention_forward with starts[3] = 1: {other:?}"),
     }
 }
 backend_tests!(attention => attention_cpu, attention_cuda);
@@ -325,6 +410,8 @@ fn cross_entropy<B: Backend>(be: &B) {
         (4, 11, 16, Some(0.25)),
         (33, 1000, 1024, None),
         (7, 5000, 5003, Some(1.0)),
+        // The GPT-2 vocabulary padded to 64: 16-byte accesses with a ragged real part.
+        (9, 50257, 50304, Some(0.5)),
     ] {
         let logits = randn(&mut rng, n * vp, 2.0);
         let mut targets = ids_for(&mut rng, n, v);
@@ -408,8 +495,8 @@ fn shape_errors<B: Backend>(be: &B) {
         Err(BackendError::Shape { what: "bias", .. }) => {}
         other => panic!("layernorm_forward with a long bias: {other:?}"),
     }
-    let mut lse = be.zeros(n, Role::Activation).unwrap();
-    match be.attention_forward(&mut out, &mut lse, &x, 1, n, c, 2) {
+    let mut lse = be.zeros(n, Role::Stat).unwrap();
+    match be.attention_forward(&mut out, &mut lse, &x, None, 1, n, c, 2) {
         Err(BackendError::Shape { .. }) => {}
         other => panic!("attention_forward with a short qkv: {other:?}"),
     }
@@ -485,3 +572,95 @@ fn reward_model<B: Backend>(be: &B) {
     );
 }
 backend_tests!(reward_model => reward_model_cpu, reward_model_cuda);
+
+/// Packed vs unpacked SFT batches on one backend: the same summed loss and gradients.
+const PACKED_LOSS_TOL: f64 = 1e-3;
+const PACKED_GRAD_TOL: f64 = 1e-2;
+/// The packed batch on this backend vs the f32 CPU reference (a whole bf16 model).
+const PACKED_MODEL_TOL: f64 = 5e-2;
+
+/// The examples of one packed batch of 4 rows of T = 40 (slots 10 + 25 + 5 fill row 0,
+/// 17 + 12 + 8 row 1, 30 row 2, a cut 50-token example row 3), as an unpacked batch of 8 rows
+/// and a packed one; random ids below `v`, random loss masks (-1 targets).
+#[allow(clippy::type_complexity)]
+fn sft_batches(rng: &mut Rng, v: usize) -> ((Vec<i32>, Vec<i32>), topcoat::stages::sft::SftBatch) {
+    use topcoat::stages::sft::{fill_row, BatchBuilder};
+    let t = 40;
+    let lens = [11, 26, 6, 18, 13, 9, 31, 50];
+    let mut unpacked = (vec![0; lens.len() * t], vec![0; lens.len() * t]);
+    let mut packed = BatchBuilder::new(4, t, 0, true);
+    for (r, &n) in lens.iter().enumerate() {
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let mut mask: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
+        mask[n - 1] = true;
+        let rows = r * t..(r + 1) * t;
+        let (i, o) = (&mut unpacked.0[rows.clone()], &mut unpacked.1[rows]);
+        fill_row(&ids, &mask, t, 0, i, o);
+        assert!(packed.push(&ids, &mask));
+    }
+    (unpacked, packed.finish())
+}
+
+/// (summed loss, every gradient concatenated) of one forward + backward.
+fn loss_and_grads<B: Backend>(
+    be: &B,
+    model: &mut topcoat::model::Gpt<B>,
+    (inputs, targets): (&[i32], &[i32]),
+    packing: Option<&topcoat::model::Packing>,
+    b: usize,
+) -> (f64, Vec<f32>) {
+    model.zero_grad(be).unwrap();
+    let loss = model
+        .forward_backward_with(be, inputs, targets, packing, b, 40, 1.0)
+        .unwrap();
+    (loss.sum, model.grad_values(be).unwrap().concat())
+}
+
+fn packed_model<B: Backend>(be: &B) {
+    use topcoat::model::Gpt;
+    let cfg = topcoat::config::ModelConfig {
+        vocab_size: 61,
+        padded_vocab_size: 64,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 64,
+        max_seq_len: 48,
+    };
+    let mut rng = Rng::new(9);
+    let ((ui, ut), packed) = sft_batches(&mut rng, cfg.vocab_size);
+    let packing = packed.packing.as_ref().unwrap();
+    let values = Gpt::init(&CpuBackend, &cfg, 4)
+        .unwrap()
+        .param_values(&CpuBackend)
+        .unwrap();
+    let mut model = Gpt::from_values(be, &cfg, values.clone()).unwrap();
+    let (base_loss, base_grads) = loss_and_grads(be, &mut model, (&ui, &ut), None, 8);
+    let p = (packed.inputs.as_slice(), packed.targets.as_slice());
+    let (loss, grads) = loss_and_grads(be, &mut model, p, Some(packing), 4);
+    let cpu = CpuBackend::new();
+    let mut reference = Gpt::from_values(&cpu, &cfg, values).unwrap();
+    let (ref_loss, ref_grads) = loss_and_grads(&cpu, &mut reference, p, Some(packing), 4);
+
+    let e_loss = ((loss - base_loss) / base_loss).abs();
+    let e_grad = rel_err(&grads, &base_grads);
+    let e_ref_loss = ((loss - ref_loss) / ref_loss).abs();
+    let e_ref_grad = rel_err(&grads, &ref_grads);
+    println!(
+        "packed vs unpacked: loss {e_loss:.1e}, grads {e_grad:.1e}; packed vs CPU: loss \
+         {e_ref_loss:.1e}, grads {e_ref_grad:.1e}"
+    );
+    assert!(
+        e_loss <= PACKED_LOSS_TOL,
+        "summed loss {loss} vs {base_loss}"
+    );
+    assert!(e_grad <= PACKED_GRAD_TOL, "gradients: rel diff {e_grad:e}");
+    assert!(
+        e_ref_loss <= PACKED_MODEL_TOL,
+        "loss {loss} vs CPU {ref_loss}"
+    );
+    assert!(
+        e_ref_grad <= PACKED_MODEL_TOL,
+        "gradients vs CPU: {e_ref_grad:e}"
+    );
+}
+backend_tests!(packed_model => packed_model_cpu, packed_model_cuda);

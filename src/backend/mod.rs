@@ -49,6 +49,9 @@ pub enum Role {
     Activation,
     /// Optimizer moments and other fp32 state.
     State,
+    /// Small per-row statistics saved by a forward for its backward where bf16 would spoil
+    /// them (attention's log-sum-exp): fp32 on every backend.
+    Stat,
 }
 
 /// Hyper-parameters of one AdamW update (Loshchilov & Hutter, decoupled weight decay).
@@ -76,6 +79,21 @@ pub trait Backend: Send + Sync {
     /// Short human-readable name ("cpu", "cuda:0 NVIDIA H100 ...").
     fn name(&self) -> String;
 
+    // ---- timing and memory accounting (benchmarks) ----------------------------------------
+    /// Waits until every op issued so far has finished (a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes of device memory in use by this process's device, where the backend can tell.
+    fn memory_in_use(&self) -> Option<usize> {
+        None
+    }
+    /// Bytes per element a buffer of this role takes (4 on the f32 CPU backend).
+    fn element_bytes(&self, role: Role) -> usize {
+        let _ = role;
+        4
+    }
+
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize, role: Role) -> Result<Self::Buf>;
@@ -99,20 +117,24 @@ pub trait Backend: Send + Sync {
     fn ids_len(&self, ids: &Self::Ids) -> usize;
 
     // ---- encoder: token + position embedding ---------------------------------------------
-    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[t,:]`.
-    /// Shapes: out `[B*T*C]`, ids `[B*T]`, wte `[V*C]` (any V > max id), wpe `[Tmax*C]`, `T <= Tmax`.
+    /// `out[b,t,:] = wte[ids[b,t],:] + wpe[p,:]`, where `p = t` when `pos` is `None` and
+    /// `p = pos[b,t]` otherwise (explicit positions, e.g. restarting at each example packed
+    /// into a row). Shapes: out `[B*T*C]`, ids `[B*T]`, pos `[B*T]`, wte `[V*C]` (any V > max
+    /// id), wpe `[Tmax*C]`; `T <= Tmax` without `pos`, every `pos` in `[0, Tmax)` with it
+    /// (an [`BackendError::Invalid`] otherwise).
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
         out: &mut Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         wte: &Self::Buf,
         wpe: &Self::Buf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()>;
-    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[t,:] += dout[b,t,:]`.
+    /// `dwte[ids[b,t],:] += dout[b,t,:]`, `dwpe[p,:] += dout[b,t,:]` (`p` as in the forward).
     #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
@@ -120,6 +142,7 @@ pub trait Backend: Send + Sync {
         dwpe: &mut Self::Buf,
         dout: &Self::Buf,
         ids: &Self::Ids,
+        pos: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
@@ -227,21 +250,28 @@ pub trait Backend: Send + Sync {
     // ---- attention ----------------------------------------------------------------------
     /// Causal multi-head self-attention. `qkv [B*T*3C]` holds, per position, `q | k | v`
     /// (each `C` wide; head `h` owns columns `h*hs .. (h+1)*hs`, `hs = C / NH`).
-    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + causal mask) v`.
-    /// Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so backward can
-    /// recompute probabilities without storing the `T x T` matrix.
+    /// `out [B*T*C]` (heads concatenated) `= softmax(q k^T / sqrt(hs) + mask) v`, where query
+    /// `i` of row `b` attends keys `j` with `s <= j <= i`: `s = 0` (plain causal) when `starts`
+    /// is `None`, else `s = starts[b*T + i]`, the position within the row where the example
+    /// holding position `i` begins (examples packed into one row do not see each other).
+    /// Examples are contiguous: `starts[b*T] = 0` and each later entry repeats the previous one
+    /// or equals its own position (a new example); see [`shapes::attention_starts`]
+    /// ([`BackendError::Invalid`] otherwise). Saves `lse [B*NH*T]`, the log-sum-exp of each scaled score row, so
+    /// backward can recompute probabilities without storing the `T x T` matrix.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
         qkv: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()>;
-    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`.
+    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`
+    /// and the same `starts`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -250,6 +280,7 @@ pub trait Backend: Send + Sync {
         qkv: &Self::Buf,
         out: &Self::Buf,
         lse: &Self::Buf,
+        starts: Option<&Self::Ids>,
         b: usize,
         t: usize,
         c: usize,

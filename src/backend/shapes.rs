@@ -1,7 +1,7 @@
 //! Buffer-length checks for the ops whose shapes every backend checks the same way; each
 //! backend calls these before launching, so the rules live in one place.
 
-use super::{check_len, Result};
+use super::{check_len, BackendError, Result};
 
 /// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
 #[allow(clippy::too_many_arguments)]
@@ -123,4 +123,35 @@ pub fn attention_backward(
     check_len(op, "qkv", b * t * 3 * c, qkv)?;
     check_len(op, "out", b * t * c, out)?;
     check_len(op, "lse", b * nh * t, lse)
+}
+
+/// The optional `starts [B*T]` of attention over packed rows: each row is cut into contiguous
+/// examples, and `starts[b*T + i]` is the position where the example holding `i` begins, so
+/// `starts[b*T] = 0` and each later entry either repeats the one before or equals its own
+/// position `i` (a new example). Anything else is [`BackendError::Invalid`] naming the entry.
+pub fn attention_starts(
+    op: &'static str,
+    starts: Option<&[i32]>,
+    b: usize,
+    t: usize,
+) -> Result<()> {
+    let Some(starts) = starts else {
+        return Ok(());
+    };
+    check_len(op, "starts", b * t, starts.len())?;
+    for (k, &s) in starts.iter().enumerate() {
+        let i = k % t;
+        let prev = if i == 0 { 0 } else { starts[k - 1] };
+        if s != prev && s as usize != i {
+            return Err(BackendError::Invalid {
+                op,
+                msg: format!(
+                    "starts[{k}] = {s} (row {}, position {i}): expected {prev} (same example) \
+                     or {i} (a new example)",
+                    k / t
+                ),
+            });
+        }
+    }
+    Ok(())
 }

@@ -69,7 +69,7 @@ impl<B: Backend> Activations<B> {
                 ln1_rstd: z(n)?,
                 qkv: z(n * 3 * c)?,
                 atty: z(n * c)?,
-                lse: z(b * cfg.n_head * t)?,
+                lse: be.zeros(b * cfg.n_head * t, Role::Stat)?,
                 attproj: z(n * c)?,
                 residual2: z(n * c)?,
                 ln2: z(n * c)?,

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
     /// Accumulates parameter gradients, given that the last call was a loss pass with a
-    /// gradient scale (the logits buffer then holds dlogits).
+    /// gradient scale (the logits buffer then holds dlogits), with that pass's packing.
     pub(super) fn backward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
         let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
         self.ensure_scratch(be, n)?;
@@ -45,7 +45,7 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Accumulates parameter gradients from ln_f down to the embeddings, given that the
-    /// scratch `dln` holds d(loss)/d(ln_f output) for the last forward pass.
+    /// scratch `dln` holds d(loss)/d(ln_f output) for the last forward pass (and its packing).
     pub(super) fn backward_trunk(
         &mut self,
         be: &B,
@@ -66,6 +66,8 @@ impl<B: Backend> Gpt<B> {
             .scratch
             .as_mut()
             .ok_or_else(|| ModelError::Invalid("backward_trunk before ensure_scratch".into()))?;
+        let pos = self.packing.as_ref().map(|p| &p.positions);
+        let starts = self.packing.as_ref().map(|p| &p.starts);
 
         let last = acts.layers.last().expect("at least one layer");
         be.fill_zero(&mut s.dresidual)?;
@@ -150,7 +152,18 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             be.fill_zero(&mut s.dqkv)?;
-            be.attention_backward(&mut s.dqkv, &s.datty, &a.qkv, &a.atty, &a.lse, b, t, c, nh)?;
+            be.attention_backward(
+                &mut s.dqkv,
+                &s.datty,
+                &a.qkv,
+                &a.atty,
+                &a.lse,
+                starts,
+                b,
+                t,
+                c,
+                nh,
+            )?;
             be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
             be.matmul_backward(
@@ -181,7 +194,7 @@ impl<B: Backend> Gpt<B> {
 
         let ids = be.upload_ids(inputs)?;
         let (gte, gpe) = two_mut(g, lay.wte, lay.wpe);
-        be.encoder_backward(gte, gpe, &s.dresidual, &ids, b, t, c)?;
+        be.encoder_backward(gte, gpe, &s.dresidual, &ids, pos, b, t, c)?;
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The forward pass and the loss.
 
-use super::{Gpt, ModelError, Result};
+use super::packing::PackedIds;
+use super::{Gpt, ModelError, Packing, Result};
 use crate::backend::Backend;
 
 /// A batch's loss: the mean over its unmasked targets, and what went into it.
@@ -15,9 +16,25 @@ pub struct Loss {
 impl<B: Backend> Gpt<B> {
     /// Runs the network on `inputs [B*T]` up to the logits (readable with [`Gpt::logits_at`]).
     pub fn forward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
-        self.forward_hidden(be, inputs, b, t)?;
+        self.forward_with(be, inputs, None, b, t)
+    }
+
+    /// [`Gpt::forward`] on rows that may pack several examples each (`packing`; `None` is one
+    /// sequence per row, at the cost of the plain forward).
+    pub fn forward_with(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        packing: Option<&Packing>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        self.forward_hidden_with(be, inputs, packing, b, t)?;
         let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
-        let acts = self.acts.as_mut().expect("allocated by forward_hidden");
+        let acts = self
+            .acts
+            .as_mut()
+            .expect("allocated by forward_hidden_with");
         // Tied head: logits = lnf @ wte^T over all padded rows.
         be.matmul_forward(
             &mut acts.logits,
@@ -34,16 +51,43 @@ impl<B: Backend> Gpt<B> {
     /// Runs the network on `inputs [B*T]` up to the final hidden state, the output of `ln_f`
     /// (readable with [`Gpt::hidden_at`]); the logits are not computed.
     pub fn forward_hidden(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
+        self.forward_hidden_with(be, inputs, None, b, t)
+    }
+
+    /// [`Gpt::forward_hidden`] on rows that may pack several examples each.
+    pub fn forward_hidden_with(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        packing: Option<&Packing>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
         self.check_ids("inputs", inputs, b, t, false)?;
+        if let Some(p) = packing {
+            p.check_shape(b, t)?;
+        }
         self.ensure_acts(be, b, t)?;
         let ids = be.upload_ids(inputs)?;
+        self.packing = packing.map(|p| PackedIds::upload(be, p)).transpose()?;
+        let pos = self.packing.as_ref().map(|p| &p.positions);
+        let starts = self.packing.as_ref().map(|p| &p.starts);
         let cfg = &self.cfg;
         let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let lay = &self.layout;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
 
-        be.encoder_forward(&mut acts.encoded, &ids, &p[lay.wte], &p[lay.wpe], b, t, c)?;
+        be.encoder_forward(
+            &mut acts.encoded,
+            &ids,
+            pos,
+            &p[lay.wte],
+            &p[lay.wpe],
+            b,
+            t,
+            c,
+        )?;
         let l0 = &lay.layers[0];
         let first = &mut acts.layers[0];
         be.layernorm_forward(
@@ -76,7 +120,7 @@ impl<B: Backend> Gpt<B> {
                 c,
                 3 * c,
             )?;
-            be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, b, t, c, nh)?;
+            be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, starts, b, t, c, nh)?;
             be.matmul_forward(
                 &mut cur.attproj,
                 &cur.atty,
@@ -164,7 +208,20 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Loss> {
-        self.loss_pass(be, inputs, targets, b, t, None)
+        self.loss_pass(be, inputs, targets, None, b, t, None)
+    }
+
+    /// [`Gpt::forward_loss`] with an optional [`Packing`] of the rows.
+    pub fn forward_loss_with(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        packing: Option<&Packing>,
+        b: usize,
+        t: usize,
+    ) -> Result<Loss> {
+        self.loss_pass(be, inputs, targets, packing, b, t, None)
     }
 
     /// Forward, loss and backward: **accumulates** `loss_scale * d(mean loss)/d(param)` into
@@ -178,24 +235,41 @@ impl<B: Backend> Gpt<B> {
         t: usize,
         loss_scale: f32,
     ) -> Result<Loss> {
-        let loss = self.loss_pass(be, inputs, targets, b, t, Some(loss_scale))?;
+        self.forward_backward_with(be, inputs, targets, None, b, t, loss_scale)
+    }
+
+    /// [`Gpt::forward_backward`] with an optional [`Packing`] of the rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_with(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        packing: Option<&Packing>,
+        b: usize,
+        t: usize,
+        loss_scale: f32,
+    ) -> Result<Loss> {
+        let loss = self.loss_pass(be, inputs, targets, packing, b, t, Some(loss_scale))?;
         if loss.tokens > 0 {
             self.backward(be, inputs, b, t)?;
         }
         Ok(loss)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn loss_pass(
         &mut self,
         be: &B,
         inputs: &[i32],
         targets: &[i32],
+        packing: Option<&Packing>,
         b: usize,
         t: usize,
         loss_scale: Option<f32>,
     ) -> Result<Loss> {
         self.check_ids("targets", targets, b, t, true)?;
-        self.forward(be, inputs, b, t)?;
+        self.forward_with(be, inputs, packing, b, t)?;
         let tokens = targets.iter().filter(|&&x| x >= 0).count();
         let dloss = loss_scale.map(|s| if tokens > 0 { s / tokens as f32 } else { 0.0 });
         let tgt = be.upload_ids(targets)?;

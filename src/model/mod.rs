@@ -8,16 +8,19 @@ pub mod activations;
 mod backward;
 pub mod forward;
 mod hidden;
+pub mod packing;
 pub mod params;
 pub mod reward;
 
 pub use activations::{Activations, GradScratch};
+pub use packing::Packing;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
 pub use reward::{RewardHead, RewardModel, RewardPass};
 
 use crate::backend::{Backend, BackendError, Role};
 use crate::config::ModelConfig;
 use crate::rng::Rng;
+use packing::PackedIds;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -39,6 +42,8 @@ pub struct Gpt<B: Backend> {
     pub grads: Vec<B::Buf>,
     acts: Option<Activations<B>>,
     scratch: Option<GradScratch<B>>,
+    /// The packing of the last forward pass, on the device (`None`: one sequence per row).
+    packing: Option<PackedIds<B>>,
 }
 
 impl<B: Backend> Gpt<B> {
@@ -83,6 +88,7 @@ impl<B: Backend> Gpt<B> {
             grads,
             acts: None,
             scratch: None,
+            packing: None,
         })
     }
 

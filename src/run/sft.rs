@@ -109,14 +109,20 @@ pub fn sft(job: &SftJob, progress: &dyn Fn(&str)) -> Result<TrainSummary, TrainE
         cfg.vocab_size,
         model_tok.eot(),
         run.val_batches,
-    )?;
+    )?
+    .with_packing(run.pack);
     progress(&format!(
-        "sft data {}: {} training examples ({} cut to T + 1 = {} tokens), {} val examples",
+        "sft data {}: {} training examples ({} cut to T + 1 = {} tokens), {} val examples, {}",
         job.data.display(),
         objective.num_examples(),
         objective.cut,
         run.seq_len + 1,
-        objective.num_val_examples()
+        objective.num_val_examples(),
+        if run.pack {
+            "packed several to a row"
+        } else {
+            "one to a row"
+        }
     ));
     let opts = TrainOptions {
         run: run.clone(),

@@ -7,25 +7,32 @@
 //! given the conversation so far; every other target is masked out (target -1: no loss, no
 //! gradient). The shared loop in `train` supplies AdamW, the schedule, clipping and checkpoints.
 //!
-//! Data: one example per row, no packing. A row holds `T` inputs: the example's ids but its last,
-//! then `<|endoftext|>` padding; target `j` is id `j + 1` where that id's loss mask is set, else
-//! -1. Examples longer than `T + 1` tokens are cut to `T + 1` (`prepare sft --max-len` should
-//! make this rare; those left with no trained-on target are skipped). Examples are drawn in a
-//! permutation drawn from `(seed, epoch)` per epoch; the position `(epoch, cursor)` is saved in
-//! checkpoints. Validation: the mean masked loss over the val examples (at most `val_batches`
-//! batches), in file order.
+//! Data: an example of `n` tokens takes `n - 1` input slots: its ids but its last; the target of
+//! slot `j` is id `j + 1` where that id's loss mask is set, else -1. Examples longer than `T + 1`
+//! tokens are cut to `T + 1` (`prepare sft --max-len` should make this rare; those left with no
+//! trained-on target are skipped). By default each row holds one example followed by
+//! `<|endoftext|>` padding (target -1). With `pack = true` (run config) or `--pack`, whole
+//! examples are laid end to end greedily: the next example goes into the current row if its
+//! slots fit, else it starts the next row (an example is never split across rows; only the
+//! tail of a row is padding). Packed examples do not see each other: positions restart at each
+//! example and attention stays inside it (`model::Packing`), so each example's loss and
+//! gradient are what they would be alone in a row, and a batch carries several times fewer
+//! padding tokens when examples are much shorter than `T`. Examples are drawn in a permutation
+//! drawn from `(seed, epoch)` per epoch (packing continues across an epoch boundary); the
+//! position `(epoch, cursor)` is saved in checkpoints. Validation: the mean masked loss over the
+//! first `val_batches * B` val examples in file order (packed into fewer batches with `pack`:
+//! the same examples, so the same loss up to rounding).
 //!
-//! Departures: no packing (packing several conversations in one row without letting them attend
-//! to each other needs a per-document attention mask, which the Backend does not have yet); a
-//! micro-batch's loss is the mean over its own trained-on tokens, so micro-batches with more
-//! response tokens do not weigh more; one data-parallel rank only.
+//! Departures: a micro-batch's loss is the mean over its own trained-on tokens, so micro-batches
+//! with more response tokens do not weigh more; with packing a micro-batch holds a varying number
+//! of examples; one data-parallel rank only.
 //!
-//! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft`
+//! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft [--pack]`
 //! (DIR from `topcoat prepare sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
 
 use crate::backend::Backend;
 use crate::data::{DataError, SftSplit};
-use crate::model::{forward::Loss, Gpt};
+use crate::model::{forward::Loss, Gpt, Packing};
 use crate::rng::Rng;
 use crate::train::{Objective, Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -50,6 +57,8 @@ pub struct Sft {
     pad: u32,
     seed: u64,
     val_batches: usize,
+    /// Pack several whole examples per row.
+    pack: bool,
     pos: SftPosition,
     order: Vec<usize>,
     order_epoch: Option<u64>,
@@ -70,16 +79,120 @@ pub fn fill_row(
 ) -> bool {
     inputs.fill(pad as i32);
     targets.fill(-1);
-    let n = (ids.len().min(t + 1)).saturating_sub(1);
+    fill_example(ids, mask, t, inputs, targets)
+}
+
+/// Input slots an example of `len` tokens takes in a row of `t`: its ids but the last, cut to `t`.
+pub fn example_slots(len: usize, t: usize) -> usize {
+    len.min(t + 1).saturating_sub(1)
+}
+
+/// Writes an example cut to `t + 1` tokens into the first [`example_slots`] entries of
+/// `inputs`/`targets` (as [`fill_row`], without touching the rest). Returns whether any target
+/// is unmasked.
+pub fn fill_example(
+    ids: &[u32],
+    mask: &[bool],
+    t: usize,
+    inputs: &mut [i32],
+    targets: &mut [i32],
+) -> bool {
     let mut any = false;
-    for j in 0..n {
+    for j in 0..example_slots(ids.len(), t) {
         inputs[j] = ids[j] as i32;
+        targets[j] = -1;
         if mask[j + 1] {
             targets[j] = ids[j + 1] as i32;
             any = true;
         }
     }
     any
+}
+
+/// One micro-batch as the model takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SftBatch {
+    /// `[B*T]` input ids and targets (-1: no loss).
+    pub inputs: Vec<i32>,
+    pub targets: Vec<i32>,
+    /// How the examples sit in the rows when packed; `None`: one example per row.
+    pub packing: Option<Packing>,
+}
+
+/// Lays examples into the `b` rows of one batch: one per row, or packed greedily.
+pub struct BatchBuilder {
+    b: usize,
+    t: usize,
+    pack: bool,
+    inputs: Vec<i32>,
+    targets: Vec<i32>,
+    /// Slots of the examples placed in each row.
+    lengths: Vec<Vec<usize>>,
+    /// The row being filled and the slots used in it.
+    row: usize,
+    used: usize,
+}
+
+impl BatchBuilder {
+    /// An empty batch: every input `pad`, every target -1.
+    pub fn new(b: usize, t: usize, pad: u32, pack: bool) -> Self {
+        Self {
+            b,
+            t,
+            pack,
+            inputs: vec![pad as i32; b * t],
+            targets: vec![-1; b * t],
+            lengths: vec![Vec::new(); b],
+            row: 0,
+            used: 0,
+        }
+    }
+
+    /// Places a whole example (cut to `T + 1` tokens) in the current row, or at the start of the
+    /// next one when it does not fit (always, without packing). Returns false, placing nothing,
+    /// when the batch has no room left for it.
+    pub fn push(&mut self, ids: &[u32], mask: &[bool]) -> bool {
+        let slots = example_slots(ids.len(), self.t);
+        let Some(placed) = self.lengths.get(self.row) else {
+            return false; // no rows at all
+        };
+        if !placed.is_empty() && (!self.pack || self.used + slots > self.t) {
+            if self.row + 1 == self.b {
+                return false;
+            }
+            self.row += 1;
+            self.used = 0;
+        }
+        let at = self.row * self.t + self.used;
+        let end = at + slots;
+        fill_example(
+            ids,
+            mask,
+            self.t,
+            &mut self.inputs[at..end],
+            &mut self.targets[at..end],
+        );
+        self.lengths[self.row].push(slots);
+        self.used += slots;
+        true
+    }
+
+    /// Whether no example has been placed.
+    pub fn is_empty(&self) -> bool {
+        self.lengths[0].is_empty()
+    }
+
+    /// The batch, with its packing when packed.
+    pub fn finish(self) -> SftBatch {
+        let packing = self.pack.then(|| {
+            Packing::from_lengths(&self.lengths, self.t).expect("rows are filled to at most T")
+        });
+        SftBatch {
+            inputs: self.inputs,
+            targets: self.targets,
+            packing,
+        }
+    }
 }
 
 impl Sft {
@@ -125,11 +238,18 @@ impl Sft {
             pad,
             seed,
             val_batches,
+            pack: false,
             pos: SftPosition::default(),
             order: Vec::new(),
             order_epoch: None,
             cut,
         })
+    }
+
+    /// Packs several whole examples into each row (see the module header).
+    pub fn with_packing(mut self, pack: bool) -> Self {
+        self.pack = pack;
+        self
     }
 
     /// Training examples that are drawn (those with a trained-on target within `T + 1` tokens).
@@ -141,11 +261,10 @@ impl Sft {
         self.val.as_ref().map_or(0, SftSplit::len)
     }
 
-    /// The next micro-batch's `(inputs, targets)`, advancing the position.
-    pub fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>) {
-        let (b, t) = (self.b, self.t);
-        let (mut inputs, mut targets) = (vec![0; b * t], vec![0; b * t]);
-        for r in 0..b {
+    /// The next micro-batch, advancing the position past the examples it holds.
+    pub fn next_batch(&mut self) -> SftBatch {
+        let mut batch = BatchBuilder::new(self.b, self.t, self.pad, self.pack);
+        loop {
             if self.order_epoch != Some(self.pos.epoch) {
                 self.order = self.usable.clone();
                 Rng::new(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
@@ -153,15 +272,9 @@ impl Sft {
                 self.order_epoch = Some(self.pos.epoch);
             }
             let (ids, mask) = self.train.example(self.order[self.pos.cursor]);
-            let rows = r * t..(r + 1) * t;
-            fill_row(
-                ids,
-                mask,
-                t,
-                self.pad,
-                &mut inputs[rows.clone()],
-                &mut targets[rows],
-            );
+            if !batch.push(ids, mask) {
+                break;
+            }
             self.pos.cursor += 1;
             if self.pos.cursor == self.order.len() {
                 self.pos = SftPosition {
@@ -170,7 +283,7 @@ impl Sft {
                 };
             }
         }
-        (inputs, targets)
+        batch.finish()
     }
 }
 
@@ -186,8 +299,16 @@ impl<B: Backend> Objective<B> for Sft {
         _rng: &mut Rng,
         loss_scale: f32,
     ) -> Result<Loss> {
-        let (inputs, targets) = self.next_batch();
-        Ok(model.forward_backward(be, &inputs, &targets, self.b, self.t, loss_scale)?)
+        let batch = self.next_batch();
+        Ok(model.forward_backward_with(
+            be,
+            &batch.inputs,
+            &batch.targets,
+            batch.packing.as_ref(),
+            self.b,
+            self.t,
+            loss_scale,
+        )?)
     }
 
     fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
@@ -197,25 +318,30 @@ impl<B: Backend> Objective<B> for Sft {
         let (b, t) = (self.b, self.t);
         let n = val.len().min(self.val_batches.max(1) * b);
         let (mut sum, mut tokens) = (0.0f64, 0usize);
-        for start in (0..n).step_by(b) {
-            let (mut inputs, mut targets) = (vec![0; b * t], vec![0; b * t]);
-            for r in 0..b {
-                let rows = r * t..(r + 1) * t;
-                let (inp, tgt) = (&mut inputs[rows.clone()], &mut targets[rows]);
-                if start + r < n {
-                    let (ids, mask) = val.example(start + r);
-                    fill_row(ids, mask, t, self.pad, inp, tgt);
-                } else {
-                    inp.fill(self.pad as i32);
-                    tgt.fill(-1);
-                }
+        let mut eval = |batch: BatchBuilder| -> Result<()> {
+            let batch = batch.finish();
+            if batch.targets.iter().all(|&x| x < 0) {
+                return Ok(());
             }
-            if targets.iter().all(|&x| x < 0) {
-                continue;
-            }
-            let loss = model.forward_loss(be, &inputs, &targets, b, t)?;
+            let p = batch.packing.as_ref();
+            let loss = model.forward_loss_with(be, &batch.inputs, &batch.targets, p, b, t)?;
             sum += loss.sum;
             tokens += loss.tokens;
+            Ok(())
+        };
+        let mut batch = BatchBuilder::new(b, t, self.pad, self.pack);
+        for i in 0..n {
+            let (ids, mask) = val.example(i);
+            if !batch.push(ids, mask) {
+                eval(std::mem::replace(
+                    &mut batch,
+                    BatchBuilder::new(b, t, self.pad, self.pack),
+                ))?;
+                assert!(batch.push(ids, mask), "an empty batch takes any example");
+            }
+        }
+        if !batch.is_empty() {
+            eval(batch)?;
         }
         Ok((tokens > 0).then(|| (sum / tokens as f64) as f32))
     }

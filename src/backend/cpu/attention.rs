@@ -2,14 +2,18 @@
 //! saves only the log-sum-exp of each score row, the backward recomputes the probabilities
 //! from `q`, `k` and that log-sum-exp; the `T x T` matrix is never kept between the two.
 //!
+//! Optionally restricted to examples packed into a row: with `starts [B, T]`, query `i` of row
+//! `b` attends keys `j` with `starts[b, i] <= j <= i` (`starts[b, i]` is where the example
+//! holding position `i` begins); without it, keys `0 <= j <= i` (plain causal).
+//!
 //! Layout: `qkv [B, T, 3C]` holds `q | k | v` per position, head `h` owning columns
 //! `h*hs .. (h+1)*hs` of each; `out [B, T, C]` heads concatenated; `lse [B, NH, T]`.
 //! Each `(b, h)` pair is independent and runs as one rayon task. Within it the products are
 //! GEMMs on the calling thread (`q k^T`, `P v`, and in backward `P^T dout`, `dout v^T`,
 //! `dS k`, `dS^T q`), read straight out of `qkv` through strided views; the softmax and its
 //! gradient are plain row loops over a local `T x T` buffer. The products skip the blocks of
-//! [`BLOCK`] x [`BLOCK`] that lie wholly above the diagonal (all masked); inside the diagonal
-//! blocks the masked entries of `P` and `dS` are zero. Results are computed into local buffers
+//! [`BLOCK`] x [`BLOCK`] that lie wholly above the diagonal or wholly before every start of
+//! their rows (all masked); inside the other blocks the masked entries of `P` and `dS` are zero. Results are computed into local buffers
 //! and then copied (forward) or added (backward) into place, so the result does not depend on
 //! the thread count.
 //!
@@ -74,62 +78,109 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
-/// `s [T, T] (row stride T) = q k^T * scale` on the blocks at or below the diagonal: row
-/// block `[r0, r1)` needs columns `[0, r1)` only. Entries right of `r1` are left as they are.
+/// Which keys each query of one row sees: `[start(i), i]`.
+#[derive(Clone, Copy)]
+struct Mask<'a> {
+    /// `starts[i]` for the row's `T` positions, or `None` for plain causal (start 0).
+    starts: Option<&'a [i32]>,
+}
+
+impl Mask<'_> {
+    /// First key query `i` attends.
+    fn start(&self, i: usize) -> usize {
+        self.starts.map_or(0, |s| s[i] as usize)
+    }
+
+    /// First key any query in `[r0, r1)` attends.
+    fn lo(&self, r0: usize, r1: usize) -> usize {
+        self.starts.map_or(0, |s| {
+            s[r0..r1].iter().map(|&x| x as usize).min().unwrap_or(r0)
+        })
+    }
+
+    /// One past the last query (of `0..t`, at or after `c0`) that attends a key in `[c0, c1)`.
+    fn hi(&self, c0: usize, c1: usize, t: usize) -> usize {
+        match self.starts {
+            None => t,
+            Some(s) => (c0..t)
+                .rev()
+                .find(|&i| (s[i] as usize) < c1)
+                .map_or(c0, |i| i + 1),
+        }
+    }
+}
+
+/// `s [T, T] (row stride T) = q k^T * scale` on the blocks that hold unmasked entries: row
+/// block `[r0, r1)` needs columns `[lo, r1)` only. Other entries are left as they are.
+#[allow(clippy::too_many_arguments)]
 fn causal_scores<F: Float>(
     s: &mut [F],
     q: View<'_, F>,
     kt: View<'_, F>,
+    mask: Mask<'_>,
     t: usize,
     hs: usize,
     scale: F,
 ) {
     for (r0, r1) in blocks(t) {
+        let lo = mask.lo(r0, r1);
         gemm_scaled(
             r1 - r0,
-            r1,
+            r1 - lo,
             hs,
-            &mut s[r0 * t..],
+            &mut s[r0 * t + lo..],
             t,
             false,
             q.at(r0, 0),
-            kt,
+            kt.at(0, lo),
             scale,
             Threads::Serial,
         );
     }
 }
 
-/// `dst [T, hs] = a [T, T] x [T, hs] * scale` for a lower-triangular `a` (zero above the
-/// diagonal, row stride T): row block `[r0, r1)` sums over `[0, r1)` only.
-fn causal_times<F: Float>(dst: &mut [F], a: &[F], x: View<'_, F>, t: usize, hs: usize, scale: F) {
+/// `dst [T, hs] = a [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
+/// (row stride T): row block `[r0, r1)` sums over `[lo, r1)` only.
+#[allow(clippy::too_many_arguments)]
+fn causal_times<F: Float>(
+    dst: &mut [F],
+    a: &[F],
+    x: View<'_, F>,
+    mask: Mask<'_>,
+    t: usize,
+    hs: usize,
+    scale: F,
+) {
     let a = View {
         data: a,
         rs: t,
         cs: 1,
     };
     for (r0, r1) in blocks(t) {
+        let lo = mask.lo(r0, r1);
         gemm_scaled(
             r1 - r0,
             hs,
-            r1,
+            r1 - lo,
             &mut dst[r0 * hs..],
             hs,
             false,
-            a.at(r0, 0),
-            x,
+            a.at(r0, lo),
+            x.at(lo, 0),
             scale,
             Threads::Serial,
         );
     }
 }
 
-/// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for a lower-triangular `a` (row stride T):
-/// output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, T)` only.
+/// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
+/// (row stride T): output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, hi)` only.
+#[allow(clippy::too_many_arguments)]
 fn causal_transposed_times<F: Float>(
     dst: &mut [F],
     a: &[F],
     x: View<'_, F>,
+    mask: Mask<'_>,
     t: usize,
     hs: usize,
     scale: F,
@@ -140,10 +191,11 @@ fn causal_transposed_times<F: Float>(
         cs: t,
     };
     for (c0, c1) in blocks(t) {
+        let hi = mask.hi(c0, c1, t);
         gemm_scaled(
             c1 - c0,
             hs,
-            t - c0,
+            hi - c0,
             &mut dst[c0 * hs..],
             hs,
             false,
@@ -155,13 +207,16 @@ fn causal_transposed_times<F: Float>(
     }
 }
 
-/// Forward: `out = softmax(q k^T / sqrt(hs) + causal mask) v`; `lse[b,h,t]` is the
-/// log-sum-exp of the scaled scores of row `t` (over `j <= t`).
+/// Forward: `out = softmax(q k^T / sqrt(hs) + mask) v`; `lse[b,h,t]` is the log-sum-exp of the
+/// scaled scores of row `t` over its keys (`starts[b,t] <= j <= t`, or `j <= t` without
+/// `starts`). `starts`, when given, holds `B*T` values with `starts[b,t] <= t`
+/// (the backend checks the stricter contiguous-examples rule of `shapes::attention_starts`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Float>(
     out: &mut [F],
     lse: &mut [F],
     qkv: &[F],
+    starts: Option<&[i32]>,
     b: usize,
     t: usize,
     c: usize,
@@ -173,14 +228,19 @@ pub fn attention_forward<F: Float>(
     let per_head: Vec<(Vec<F>, Vec<F>)> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
-            let head = Head::new(qkv, bh / nh, bh % nh, t, c, hs);
-            // p [T, T]: scaled scores s = q k^T / sqrt(hs), then, row by row, the causal
-            // softmax P_ij = exp(s_ij - lse_i) for j <= i and 0 above the diagonal.
+            let bb = bh / nh;
+            let head = Head::new(qkv, bb, bh % nh, t, c, hs);
+            let mask = Mask {
+                starts: starts.map(|s| &s[bb * t..][..t]),
+            };
+            // p [T, T]: scaled scores s = q k^T / sqrt(hs), then, row by row, the masked
+            // softmax P_ij = exp(s_ij - lse_i) for start(i) <= j <= i and 0 elsewhere.
             let mut p = vec![F::zero(); t * t];
-            causal_scores(&mut p, head.q, head.kt, t, hs, scale);
+            causal_scores(&mut p, head.q, head.kt, mask, t, hs, scale);
             let mut l = vec![F::zero(); t];
             for (i, row) in p.chunks_mut(t).enumerate() {
-                let (live, masked) = row.split_at_mut(i + 1);
+                let (before, rest) = row.split_at_mut(mask.start(i));
+                let (live, after) = rest.split_at_mut(i + 1 - before.len());
                 let max = live.iter().fold(F::neg_infinity(), |m, &s| m.max(s));
                 let mut sum = 0.0f64;
                 for s in live.iter_mut() {
@@ -191,12 +251,13 @@ pub fn attention_forward<F: Float>(
                 for s in live.iter_mut() {
                     *s *= inv_sum;
                 }
-                masked.fill(F::zero());
+                before.fill(F::zero());
+                after.fill(F::zero());
                 l[i] = F::of(max.as_f64() + sum.ln());
             }
             // o [T, hs] = P v.
             let mut o = vec![F::zero(); t * hs];
-            causal_times(&mut o, &p, head.v, t, hs, F::one());
+            causal_times(&mut o, &p, head.v, mask, t, hs, F::one());
             (o, l)
         })
         .collect();
@@ -218,9 +279,9 @@ pub fn attention_forward<F: Float>(
 }
 
 /// Backward: accumulates `dq, dk, dv` into `dqkv`. With `P_ij = exp(s_ij - lse_i)` recomputed
-/// from `s_ij = q_i . k_j / sqrt(hs)` (0 for `j > i`) and `D_i = sum_j dP_ij P_ij =
+/// from `s_ij = q_i . k_j / sqrt(hs)` (0 where masked) and `D_i = sum_j dP_ij P_ij =
 /// dout_i . out_i`: `dv = P^T dout`, `dP = dout v^T`, `dS_ij = P_ij (dP_ij - D_i)`,
-/// `dq = dS k / sqrt(hs)`, `dk = dS^T q / sqrt(hs)`.
+/// `dq = dS k / sqrt(hs)`, `dk = dS^T q / sqrt(hs)`. `starts` as in the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Float>(
     dqkv: &mut [F],
@@ -228,6 +289,7 @@ pub fn attention_backward<F: Float>(
     qkv: &[F],
     out: &[F],
     lse: &[F],
+    starts: Option<&[i32]>,
     b: usize,
     t: usize,
     c: usize,
@@ -242,6 +304,9 @@ pub fn attention_backward<F: Float>(
         .map(|bh| {
             let (bb, h) = (bh / nh, bh % nh);
             let head = Head::new(qkv, bb, h, t, c, hs);
+            let mask = Mask {
+                starts: starts.map(|s| &s[bb * t..][..t]),
+            };
             let dy = View {
                 data: &dout[bb * t * c + h * hs..],
                 rs: c,
@@ -250,33 +315,37 @@ pub fn attention_backward<F: Float>(
             let y = |i: usize| &out[(bb * t + i) * c + h * hs..][..hs];
             // p [T, T]: P recomputed from the scores and the saved log-sum-exp.
             let mut p = vec![F::zero(); t * t];
-            causal_scores(&mut p, head.q, head.kt, t, hs, scale);
+            causal_scores(&mut p, head.q, head.kt, mask, t, hs, scale);
             for (i, row) in p.chunks_mut(t).enumerate() {
                 let row_lse = lse[bh * t + i];
-                let (live, masked) = row.split_at_mut(i + 1);
+                let (before, rest) = row.split_at_mut(mask.start(i));
+                let (live, after) = rest.split_at_mut(i + 1 - before.len());
                 for s in live.iter_mut() {
                     *s = (*s - row_lse).exp();
                 }
-                masked.fill(F::zero());
+                before.fill(F::zero());
+                after.fill(F::zero());
             }
             // ds [T, T]: dP = dout v^T, then dS_ij = P_ij (dP_ij - D_i) in place.
             let mut ds = vec![F::zero(); t * t];
-            causal_scores(&mut ds, dy, head.vt, t, hs, F::one());
+            causal_scores(&mut ds, dy, head.vt, mask, t, hs, F::one());
             for (i, (ds_row, p_row)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                 let d_i = dot(&dout[(bb * t + i) * c + h * hs..][..hs], y(i));
-                let (live, masked) = ds_row.split_at_mut(i + 1);
-                for (d, &pij) in live.iter_mut().zip(p_row) {
+                let (before, rest) = ds_row.split_at_mut(mask.start(i));
+                let (live, after) = rest.split_at_mut(i + 1 - before.len());
+                for (d, &pij) in live.iter_mut().zip(&p_row[mask.start(i)..]) {
                     *d = pij * (*d - d_i);
                 }
-                masked.fill(F::zero());
+                before.fill(F::zero());
+                after.fill(F::zero());
             }
             let mut g = vec![F::zero(); 3 * t * hs];
             let (dq, rest) = g.split_at_mut(t * hs);
             let (dk, dv) = rest.split_at_mut(t * hs);
             // dv = P^T dout, dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs).
-            causal_transposed_times(dv, &p, dy, t, hs, F::one());
-            causal_times(dq, &ds, head.k, t, hs, scale);
-            causal_transposed_times(dk, &ds, head.q, t, hs, scale);
+            causal_transposed_times(dv, &p, dy, mask, t, hs, F::one());
+            causal_times(dq, &ds, head.k, mask, t, hs, scale);
+            causal_transposed_times(dk, &ds, head.q, mask, t, hs, scale);
             g
         })
         .collect();
@@ -299,108 +368,5 @@ pub fn attention_backward<F: Float>(
 }
 
 #[cfg(test)]
-mod tests {
-    //! The block-causal products against plain loops over every `(i, j)`, in f64, at a `T`
-    //! spanning several blocks with a short last one (the integration tests use a short `T`).
-
-    use super::*;
-
-    const B: usize = 2;
-    const T: usize = 2 * BLOCK + 13;
-    const C: usize = 12;
-    const NH: usize = 3;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
-
-    /// Row-by-row reference: (out, lse, dqkv) from the formulas in the doc comments.
-    fn naive(qkv: &[f64], dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let hs = C / NH;
-        let scale = 1.0 / (hs as f64).sqrt();
-        let at =
-            |bb: usize, i: usize, part: usize, h: usize| (bb * T + i) * 3 * C + part * C + h * hs;
-        let (mut out, mut lse, mut dqkv) = (
-            vec![0.0; B * T * C],
-            vec![0.0; B * NH * T],
-            vec![0.0; B * T * 3 * C],
-        );
-        for bb in 0..B {
-            for h in 0..NH {
-                let s = |i: usize, j: usize| {
-                    (0..hs)
-                        .map(|d| qkv[at(bb, i, 0, h) + d] * qkv[at(bb, j, 1, h) + d])
-                        .sum::<f64>()
-                        * scale
-                };
-                let mut p = vec![vec![0.0; T]; T];
-                for i in 0..T {
-                    let max = (0..=i).map(|j| s(i, j)).fold(f64::NEG_INFINITY, f64::max);
-                    let l = max + (0..=i).map(|j| (s(i, j) - max).exp()).sum::<f64>().ln();
-                    lse[(bb * NH + h) * T + i] = l;
-                    for j in 0..=i {
-                        p[i][j] = (s(i, j) - l).exp();
-                        for d in 0..hs {
-                            out[(bb * T + i) * C + h * hs + d] +=
-                                p[i][j] * qkv[at(bb, j, 2, h) + d];
-                        }
-                    }
-                }
-                for i in 0..T {
-                    let dy = |d: usize| dout[(bb * T + i) * C + h * hs + d];
-                    let d_i: f64 = (0..hs)
-                        .map(|d| dy(d) * out[(bb * T + i) * C + h * hs + d])
-                        .sum();
-                    for j in 0..=i {
-                        let dp: f64 = (0..hs).map(|d| dy(d) * qkv[at(bb, j, 2, h) + d]).sum();
-                        let ds = p[i][j] * (dp - d_i) * scale;
-                        for d in 0..hs {
-                            dqkv[at(bb, j, 2, h) + d] += p[i][j] * dy(d);
-                            dqkv[at(bb, i, 0, h) + d] += ds * qkv[at(bb, j, 1, h) + d];
-                            dqkv[at(bb, j, 1, h) + d] += ds * qkv[at(bb, i, 0, h) + d];
-                        }
-                    }
-                }
-            }
-        }
-        (out, lse, dqkv)
-    }
-
-    fn assert_close(what: &str, got: &[f64], want: &[f64]) {
-        let err = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f64>()
-            .sqrt();
-        let norm = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-        assert!(
-            err <= 1e-12 * norm,
-            "{what}: relative error {:.3e}",
-            err / norm
-        );
-    }
-
-    #[test]
-    fn block_causal_attention_matches_row_loops_across_blocks() {
-        let qkv = values(B * T * 3 * C, 1);
-        let dout = values(B * T * C, 2);
-        let (want_out, want_lse, want_dqkv) = naive(&qkv, &dout);
-        let (mut out, mut lse) = (vec![f64::NAN; B * T * C], vec![f64::NAN; B * NH * T]);
-        attention_forward(&mut out, &mut lse, &qkv, B, T, C, NH);
-        assert_close("out", &out, &want_out);
-        assert_close("lse", &lse, &want_lse);
-        let mut dqkv = vec![0.0; B * T * 3 * C];
-        attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, B, T, C, NH);
-        assert_close("dqkv", &dqkv, &want_dqkv);
-    }
-}
+#[path = "attention_tests.rs"]
+mod tests;

@@ -65,6 +65,7 @@ fn check_encoder(
     names: [&'static str; 3],
     out: usize,
     ids: &[i32],
+    pos: Option<&[i32]>,
     wte: usize,
     wpe: usize,
     b: usize,
@@ -75,15 +76,36 @@ fn check_encoder(
     check_len(op, "ids", b * t, ids.len())?;
     let vocab = table_rows(op, names[1], wte, c)?;
     let tmax = table_rows(op, names[2], wpe, c)?;
-    if t > tmax {
-        return Err(BackendError::Shape {
-            op,
-            what: names[2],
-            expected: t * c,
-            found: wpe,
-        });
+    match pos {
+        None if t > tmax => {
+            return Err(BackendError::Shape {
+                op,
+                what: names[2],
+                expected: t * c,
+                found: wpe,
+            })
+        }
+        None => {}
+        Some(pos) => {
+            check_len(op, "pos", b * t, pos.len())?;
+            check_positions(op, pos, tmax)?;
+        }
     }
     check_ids(op, ids, vocab)
+}
+
+/// Every explicit position must index a row of the `tmax`-row position table.
+fn check_positions(op: &'static str, pos: &[i32], tmax: usize) -> Result<()> {
+    match pos.iter().position(|&p| p < 0 || p as usize >= tmax) {
+        None => Ok(()),
+        Some(i) => Err(invalid(
+            op,
+            format!(
+                "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
+                pos[i]
+            ),
+        )),
+    }
 }
 
 impl Backend for CpuBackend {
@@ -142,6 +164,7 @@ impl Backend for CpuBackend {
         &self,
         out: &mut Vec<f32>,
         ids: &Vec<i32>,
+        pos: Option<&Vec<i32>>,
         wte: &Vec<f32>,
         wpe: &Vec<f32>,
         b: usize,
@@ -154,13 +177,14 @@ impl Backend for CpuBackend {
             names,
             out.len(),
             ids,
+            pos.map(Vec::as_slice),
             wte.len(),
             wpe.len(),
             b,
             t,
             c,
         )?;
-        encoder::encoder_forward(out, ids, wte, wpe, b, t, c);
+        encoder::encoder_forward(out, ids, pos.map(Vec::as_slice), wte, wpe, b, t, c);
         Ok(())
     }
 
@@ -170,14 +194,27 @@ impl Backend for CpuBackend {
         dwpe: &mut Vec<f32>,
         dout: &Vec<f32>,
         ids: &Vec<i32>,
+        pos: Option<&Vec<i32>>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
         let op = "encoder_backward";
         let names = ["dout", "dwte", "dwpe"];
-        check_encoder(op, names, dout.len(), ids, dwte.len(), dwpe.len(), b, t, c)?;
-        encoder::encoder_backward(dwte, dwpe, dout, ids, b, t, c);
+        let pos = pos.map(Vec::as_slice);
+        check_encoder(
+            op,
+            names,
+            dout.len(),
+            ids,
+            pos,
+            dwte.len(),
+            dwpe.len(),
+            b,
+            t,
+            c,
+        )?;
+        encoder::encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c);
         Ok(())
     }
 
@@ -328,6 +365,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
         qkv: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
         b: usize,
         t: usize,
         c: usize,
@@ -336,7 +374,9 @@ impl Backend for CpuBackend {
         let op = "attention_forward";
         check_heads(op, c, nh)?;
         shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
-        attention::attention_forward(out, lse, qkv, b, t, c, nh);
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_forward(out, lse, qkv, starts, b, t, c, nh);
         Ok(())
     }
 
@@ -347,6 +387,7 @@ impl Backend for CpuBackend {
         qkv: &Vec<f32>,
         out: &Vec<f32>,
         lse: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
         b: usize,
         t: usize,
         c: usize,
@@ -365,7 +406,9 @@ impl Backend for CpuBackend {
             c,
             nh,
         )?;
-        attention::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh);
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh);
         Ok(())
     }
 

@@ -1,9 +1,11 @@
-//! Launchers for `kernels/attention.cu`: causal attention forward (saves lse) and the
-//! three-kernel deterministic backward (prep: fp32 lse and D; dq; dk and dv).
+//! Launchers for causal attention: the tensor-core kernels of `kernels/attention_mma.cu` for
+//! head sizes 32 and 64 (forward saving an fp32 lse; backward: D = dout . out, then dq, then
+//! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size and
+//! for rows restricted to the examples packed into them (`starts`, checked on its host copy).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds, Result};
 use crate::backend::shapes;
 
 pub(super) const KERNELS: &[&str] = &[
@@ -13,10 +15,99 @@ pub(super) const KERNELS: &[&str] = &[
     "attention_backward_dkv_bf16",
 ];
 
+/// The tensor-core kernels: forward, dq, dkv for head size 32, the same for 64, the same two
+/// again in the `_lds` build (plain shared loads instead of ldmatrix), then D = dout . out.
+pub(super) const MMA_KERNELS: &[&str] = &[
+    "attention_forward_mma32_bf16",
+    "attention_backward_dq_mma32_bf16",
+    "attention_backward_dkv_mma32_bf16",
+    "attention_forward_mma64_bf16",
+    "attention_backward_dq_mma64_bf16",
+    "attention_backward_dkv_mma64_bf16",
+    "attention_forward_mma32_lds_bf16",
+    "attention_backward_dq_mma32_lds_bf16",
+    "attention_backward_dkv_mma32_lds_bf16",
+    "attention_forward_mma64_lds_bf16",
+    "attention_backward_dq_mma64_lds_bf16",
+    "attention_backward_dkv_mma64_lds_bf16",
+    "attention_backward_dot_bf16",
+];
+const DOT_KERNEL: &str = "attention_backward_dot_bf16";
+/// `MMA_ROWS` (= `MMA_TILE`) and `MMA_THREADS` in kernels/attention_mma.cu.
+const MMA_ROWS: usize = 64;
+const MMA_THREADS: u32 = 128;
+
+/// Which attention kernels run (`TOPCOAT_ATTENTION`, read once when the backend opens):
+/// `mma` (default) the tensor cores with ldmatrix fragment loads, `mma-lds` the same with plain
+/// shared loads, `cuda-cores` the fallback kernels for every head size. Benchmarks and parity
+/// tests run each; users never need to set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AttentionKernels {
+    Mma,
+    MmaLds,
+    CudaCores,
+}
+
+impl AttentionKernels {
+    pub(super) fn from_env() -> Result<Self> {
+        match std::env::var("TOPCOAT_ATTENTION").as_deref() {
+            Err(_) | Ok("") | Ok("mma") => Ok(Self::Mma),
+            Ok("mma-lds") => Ok(Self::MmaLds),
+            Ok("cuda-cores") => Ok(Self::CudaCores),
+            Ok(other) => Err(BackendError::Device(format!(
+                "TOPCOAT_ATTENTION={other}: expected mma, mma-lds or cuda-cores"
+            ))),
+        }
+    }
+}
+
+/// The tensor-core kernels `[forward, dq, dkv]` for this shape, if they take it: head size 32
+/// or 64, and C a multiple of 8 so every row starts 16-byte aligned.
+fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<[&'static str; 3]> {
+    let hs = c / nh;
+    let by_size = match hs {
+        32 => 0,
+        64 => 3,
+        _ => return None,
+    };
+    let first = match which {
+        AttentionKernels::Mma => by_size,
+        AttentionKernels::MmaLds => 6 + by_size,
+        AttentionKernels::CudaCores => return None,
+    };
+    (c % 8 == 0).then(|| {
+        [
+            MMA_KERNELS[first],
+            MMA_KERNELS[first + 1],
+            MMA_KERNELS[first + 2],
+        ]
+    })
+}
+
+/// Grid of the tensor-core kernels: one block of 128 threads per 64 rows, per (batch, head).
+fn mma_config(cfg: &LaunchConfig, t: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (t.div_ceil(MMA_ROWS) as u32, cfg.grid_dim.1, 1),
+        block_dim: (MMA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `ATT_MAX_HS` in kernels/attention.cu.
 const MAX_HEAD_SIZE: usize = 128;
 /// `ATT_ROWS` in kernels/attention.cu: rows (one warp each) per block.
 const ROWS: usize = 8;
+
+/// A null device pointer: the kernels' `starts` argument for plain causal attention.
+const NO_STARTS: u64 = 0;
+
+/// Pushes the kernels' `starts` argument: the device copy, or a null pointer.
+fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
+    match starts {
+        Some(s) => args.arg(&s.dev),
+        None => args.arg(&NO_STARTS),
+    };
+}
 
 /// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
 fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
@@ -56,6 +147,7 @@ pub(super) fn forward(
     out: &mut CudaBuf,
     lse: &mut CudaBuf,
     qkv: &CudaBuf,
+    starts: Option<&CudaIds>,
     b: usize,
     t: usize,
     c: usize,
@@ -64,29 +156,52 @@ pub(super) fn forward(
     let op = "attention_forward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
     shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+    shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
     }
-    let (o, l) = (out.bf16_mut(op, "out")?, lse.bf16_mut(op, "lse")?);
+    let (o, l) = (out.bf16_mut(op, "out")?, lse.f32_mut(op, "lse")?);
     let x = qkv.bf16(op, "qkv")?;
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
+    // The tensor-core kernels take `starts` too, but only their plain causal path has run on a
+    // GPU: packed rows stay on the CUDA-core kernels, which have.
+    let mma = starts
+        .is_none()
+        .then(|| mma_kernels(be.attention_kernels, c, nh))
+        .flatten();
+    if let Some([name, _, _]) = mma {
+        let f = be.function(name)?;
+        let no_starts = 0u64;
+        // SAFETY: qkv holds B*T*3C bf16, out B*T*C bf16, lse B*NH*T fp32 (checked); C is a
+        // multiple of 8 and hs is the kernel's, so its 16-byte row loads stay aligned and in
+        // bounds; a null `starts` means plain causal. Grid (ceil(T/64), B*NH), 128 threads.
+        unsafe {
+            be.stream
+                .launch_builder(f)
+                .arg(o)
+                .arg(l)
+                .arg(x)
+                .arg(&no_starts)
+                .arg(&t_)
+                .arg(&c_)
+                .arg(&nh_)
+                .arg(&scale)
+                .launch(mma_config(&cfg, t))
+        }
+        .map_err(|e| launch_error(name, e))?;
+        return Ok(());
+    }
     let name = KERNELS[0];
     let f = be.function(name)?;
-    // SAFETY: qkv holds B*T*3C bf16, out B*T*C, lse B*NH*T (checked); grid (ceil(T/8), B*NH)
-    // with 256 threads as the kernel expects; hs <= 128 fits its shared tiles.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(l)
-            .arg(x)
-            .arg(&t_)
-            .arg(&c_)
-            .arg(&nh_)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(name, e))?;
+    let mut args = be.stream.launch_builder(f);
+    args.arg(o).arg(l).arg(x);
+    push_starts(&mut args, starts);
+    args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+    // SAFETY: qkv holds B*T*3C bf16, out B*T*C, lse B*NH*T fp32, starts (when not null) B*T ints
+    // forming contiguous examples (checked); grid (ceil(T/8), B*NH) with 256 threads as the
+    // kernel expects; hs <= 128 fits its shared tiles; arguments match (bf16*, float*,
+    // const bf16*, const int*, int, int, int, float).
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
     Ok(())
 }
 
@@ -98,6 +213,7 @@ pub(super) fn backward(
     qkv: &CudaBuf,
     out: &CudaBuf,
     lse: &CudaBuf,
+    starts: Option<&CudaIds>,
     b: usize,
     t: usize,
     c: usize,
@@ -116,6 +232,7 @@ pub(super) fn backward(
         c,
         nh,
     )?;
+    shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
     }
@@ -124,50 +241,88 @@ pub(super) fn backward(
         dout.bf16(op, "dout")?,
         qkv.bf16(op, "qkv")?,
         out.bf16(op, "out")?,
-        lse.bf16(op, "lse")?,
+        lse.f32(op, "lse")?,
     );
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
+    let mma = starts
+        .is_none()
+        .then(|| mma_kernels(be.attention_kernels, c, nh))
+        .flatten();
+    if let Some([_, dq, dkv]) = mma {
+        let rows = b * nh * t;
+        let rows_ = as_i32(op, "B*NH*T", rows)?;
+        let mut dvec = be.alloc_f32(rows)?;
+        let name = DOT_KERNEL;
+        let f = be.function(name)?;
+        let dot_cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: dvec holds B*NH*T floats, dout and out B*T*C bf16 (checked); one warp per
+        // (row, head), 8 per block; warps past the last row exit.
+        unsafe {
+            be.stream
+                .launch_builder(f)
+                .arg(&mut dvec)
+                .arg(dy)
+                .arg(y)
+                .arg(&rows_)
+                .arg(&t_)
+                .arg(&c_)
+                .arg(&nh_)
+                .launch(dot_cfg)
+        }
+        .map_err(|e| launch_error(name, e))?;
+        let no_starts = 0u64;
+        for name in [dq, dkv] {
+            let f = be.function(name)?;
+            // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C bf16, lse and dvec B*NH*T
+            // fp32 (checked); alignment as in the forward. The dq kernel writes only the q
+            // columns of dqkv and the dkv kernel only the k and v columns, each element by
+            // one thread; the two run in stream order.
+            unsafe {
+                be.stream
+                    .launch_builder(f)
+                    .arg(&mut *dx)
+                    .arg(l)
+                    .arg(&dvec)
+                    .arg(dy)
+                    .arg(x)
+                    .arg(&no_starts)
+                    .arg(&t_)
+                    .arg(&c_)
+                    .arg(&nh_)
+                    .arg(&scale)
+                    .launch(mma_config(&cfg, t))
+            }
+            .map_err(|e| launch_error(name, e))?;
+        }
+        return Ok(());
+    }
     let mut stats = be.alloc_f32(2 * b * nh * t)?;
 
     let name = KERNELS[1];
     let f = be.function(name)?;
-    // SAFETY: stats holds 2*B*NH*T floats, the other buffers their checked lengths; same grid
-    // as the forward.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut stats)
-            .arg(dy)
-            .arg(y)
-            .arg(x)
-            .arg(l)
-            .arg(&t_)
-            .arg(&c_)
-            .arg(&nh_)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(name, e))?;
+    let mut args = be.stream.launch_builder(f);
+    args.arg(&mut stats).arg(dy).arg(y).arg(x).arg(l);
+    push_starts(&mut args, starts);
+    args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+    // SAFETY: stats holds 2*B*NH*T floats, the other buffers their checked lengths, starts as
+    // in the forward; same grid as the forward.
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
 
     for name in [KERNELS[2], KERNELS[3]] {
         let f = be.function(name)?;
-        // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C, stats 2*B*NH*T floats; each
-        // element of dqkv is read-modified-written by exactly one lane of one of these two
-        // kernels (q part by dq, k and v parts by dkv), which run in stream order.
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(&mut *dx)
-                .arg(&stats)
-                .arg(dy)
-                .arg(x)
-                .arg(&t_)
-                .arg(&c_)
-                .arg(&nh_)
-                .arg(&scale)
-                .launch(cfg)
-        }
-        .map_err(|e| launch_error(name, e))?;
+        let mut args = be.stream.launch_builder(f);
+        args.arg(&mut *dx).arg(&stats).arg(dy).arg(x);
+        push_starts(&mut args, starts);
+        args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+        // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C, stats 2*B*NH*T floats, starts as
+        // in the forward; each element of dqkv is read-modified-written by exactly one lane of
+        // one of these two kernels (q part by dq, k and v parts by dkv), which run in stream
+        // order.
+        unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Launchers for `kernels/encoder.cu`: token + position embedding, forward and backward.
+//! Launchers for `kernels/encoder.cu`: token + position embedding, forward and backward,
+//! with implicit (`t`) or explicit (`pos[b,t]`) positions.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -11,21 +12,24 @@ pub(super) const KERNELS: &[&str] = &[
     "encoder_forward_bf16",
     "encoder_backward_wte_f32",
     "encoder_backward_wpe_f32",
+    "encoder_forward_pos_bf16",
 ];
 
-/// Checks the shapes shared by forward and backward; returns the vocabulary size.
+/// Checks the shapes shared by forward and backward; returns the vocabulary size and the
+/// number of rows of the position table.
 #[allow(clippy::too_many_arguments)]
 fn check(
     op: &'static str,
     names: [&'static str; 3],
     act: usize,
     ids: &CudaIds,
+    pos: Option<&CudaIds>,
     wte: usize,
     wpe: usize,
     b: usize,
     t: usize,
     c: usize,
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     if c == 0 {
         return Err(BackendError::Invalid {
             op,
@@ -36,13 +40,29 @@ fn check(
     check_len(op, "ids", b * t, ids.host.len())?;
     check_len(op, names[1], wte - wte % c, wte)?;
     check_len(op, names[2], wpe - wpe % c, wpe)?;
-    if t > wpe / c {
-        return Err(BackendError::Shape {
-            op,
-            what: names[2],
-            expected: t * c,
-            found: wpe,
-        });
+    let tmax = wpe / c;
+    match pos {
+        None if t > tmax => {
+            return Err(BackendError::Shape {
+                op,
+                what: names[2],
+                expected: t * c,
+                found: wpe,
+            })
+        }
+        None => {}
+        Some(pos) => {
+            check_len(op, "pos", b * t, pos.host.len())?;
+            if let Some(i) = pos.host.iter().position(|&p| p < 0 || p as usize >= tmax) {
+                return Err(BackendError::Invalid {
+                    op,
+                    msg: format!(
+                        "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
+                        pos.host[i]
+                    ),
+                });
+            }
+        }
     }
     let vocab = wte / c;
     if let Some(i) = ids
@@ -60,7 +80,7 @@ fn check(
     }
     as_i32(op, "B*T", b * t)?;
     as_i32(op, "C", c)?;
-    Ok(vocab)
+    Ok((vocab, tmax))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -68,6 +88,7 @@ pub(super) fn forward(
     be: &CudaBackend,
     out: &mut CudaBuf,
     ids: &CudaIds,
+    pos: Option<&CudaIds>,
     wte: &CudaBuf,
     wpe: &CudaBuf,
     b: usize,
@@ -80,6 +101,7 @@ pub(super) fn forward(
         ["out", "wte", "wpe"],
         out.len(),
         ids,
+        pos,
         wte.len(),
         wpe.len(),
         b,
@@ -92,6 +114,28 @@ pub(super) fn forward(
     let o = out.bf16_mut(op, "out")?;
     let (te, pe) = (wte.bf16(op, "wte")?, wpe.bf16(op, "wpe")?);
     let (n, t_, c_) = ((b * t) as i32, t as i32, c as i32);
+    let cfg = grid_stride(b * t * c, 256);
+    if let Some(pos) = pos {
+        let name = KERNELS[3];
+        let f = be.function(name)?;
+        // SAFETY: out holds N*C bf16, ids N ints each in [0, V) and pos N ints each in
+        // [0, Tmax) (checked on the host copies), wte V*C and wpe Tmax*C bf16; arguments match
+        // (bf16*, const int*, const int*, bf16*, bf16*, int, int).
+        unsafe {
+            be.stream
+                .launch_builder(f)
+                .arg(o)
+                .arg(&ids.dev)
+                .arg(&pos.dev)
+                .arg(te)
+                .arg(pe)
+                .arg(&n)
+                .arg(&c_)
+                .launch(cfg)
+        }
+        .map_err(|e| launch_error(name, e))?;
+        return Ok(());
+    }
     let name = KERNELS[0];
     let f = be.function(name)?;
     // SAFETY: out holds N*C bf16, ids N ints each in [0, V) (checked on the host copy), wte V*C
@@ -106,13 +150,14 @@ pub(super) fn forward(
             .arg(&n)
             .arg(&t_)
             .arg(&c_)
-            .launch(grid_stride(b * t * c, 256))
+            .launch(cfg)
     }
     .map_err(|e| launch_error(name, e))?;
     Ok(())
 }
 
-/// Positions grouped by token id, ascending within each group: (order, bucket starts, tokens).
+/// Positions grouped by key (token id, or explicit position), ascending within each group:
+/// (order, bucket starts, keys).
 fn buckets(ids: &[i32], vocab: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     let mut count = vec![0usize; vocab];
     for &id in ids {
@@ -138,6 +183,49 @@ fn buckets(ids: &[i32], vocab: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     (order, start, tokens)
 }
 
+/// Runs `encoder_backward_wte_f32` on `table` (`rows * C` fp32): `table[keys[i],:] +=
+/// dout[i,:]`, one block per distinct key walking its positions in increasing order.
+#[allow(clippy::too_many_arguments)]
+fn scatter_rows(
+    be: &CudaBackend,
+    op: &'static str,
+    what: &'static str,
+    table: &mut CudaBuf,
+    dout: &CudaBuf,
+    keys: &[i32],
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let dy = dout.bf16(op, "dout")?;
+    let (order, start, tokens) = buckets(keys, rows);
+    let (order, start_d, tokens_d) = (be.htod(&order)?, be.htod(&start)?, be.htod(&tokens)?);
+    let c_ = c as i32;
+    let dst = table.f32_mut(op, what)?;
+    let name = KERNELS[1];
+    let f = be.function(name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.len() as u32, 1, 1),
+        block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: one block per bucket; bucket k's positions order[start[k]..start[k+1]] index
+    // rows of dout (N*C bf16) and its key a row of the table (rows*C fp32), all built on the
+    // host from checked ids or positions; arguments match (float*, bf16*, int*, int*, int*, int).
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(dst)
+            .arg(dy)
+            .arg(&order)
+            .arg(&start_d)
+            .arg(&tokens_d)
+            .arg(&c_)
+            .launch(cfg)
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     be: &CudaBackend,
@@ -145,16 +233,18 @@ pub(super) fn backward(
     dwpe: &mut CudaBuf,
     dout: &CudaBuf,
     ids: &CudaIds,
+    pos: Option<&CudaIds>,
     b: usize,
     t: usize,
     c: usize,
 ) -> Result<()> {
     let op = "encoder_backward";
-    let vocab = check(
+    let (vocab, tmax) = check(
         op,
         ["dout", "dwte", "dwpe"],
         dout.len(),
         ids,
+        pos,
         dwte.len(),
         dwpe.len(),
         b,
@@ -164,37 +254,13 @@ pub(super) fn backward(
     if b * t == 0 {
         return Ok(());
     }
-    let dy = dout.bf16(op, "dout")?;
-    let (order, start, tokens) = buckets(&ids.host, vocab);
-    let (order, start_d, tokens_d) = (be.htod(&order)?, be.htod(&start)?, be.htod(&tokens)?);
-    let c_ = c as i32;
-    {
-        let dte = dwte.f32_mut(op, "dwte")?;
-        let name = KERNELS[1];
-        let f = be.function(name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (tokens.len() as u32, 1, 1),
-            block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one block per bucket; bucket k's positions order[start[k]..start[k+1]] index
-        // rows of dout (N*C bf16) and its token a row of dwte (V*C fp32), all built on the host
-        // from checked ids; arguments match (float*, bf16*, int*, int*, int*, int).
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(dte)
-                .arg(dy)
-                .arg(&order)
-                .arg(&start_d)
-                .arg(&tokens_d)
-                .arg(&c_)
-                .launch(cfg)
-        }
-        .map_err(|e| launch_error(name, e))?;
+    scatter_rows(be, op, "dwte", dwte, dout, &ids.host, vocab, c)?;
+    if let Some(pos) = pos {
+        return scatter_rows(be, op, "dwpe", dwpe, dout, &pos.host, tmax, c);
     }
+    let dy = dout.bf16(op, "dout")?;
     let dpe = dwpe.f32_mut(op, "dwpe")?;
-    let (b_, t_) = (b as i32, t as i32);
+    let (b_, t_, c_) = (b as i32, t as i32, c as i32);
     let name = KERNELS[2];
     let f = be.function(name)?;
     // SAFETY: dwpe holds at least T*C floats and dout B*T*C bf16 (checked); the kernel covers

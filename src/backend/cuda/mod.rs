@@ -15,11 +15,12 @@
 //! - `Param`: a bf16 working copy (what kernels and matmuls read) plus an fp32 master copy
 //!   (what AdamW updates; it rewrites the bf16 copy from it).
 //! - `Activation`: bf16, and so are the activation gradients and the small per-row statistics
-//!   the trait hands out as activations (layernorm mean/rstd, attention lse, losses); the
-//!   backward kernels recompute what bf16 would spoil (layernorm stats, an fp32 lse).
+//!   the model allocates as activations (layernorm mean/rstd, losses); the layernorm backward
+//!   recomputes its statistics in fp32 rather than trust the bf16 ones.
 //! - `Grad`: fp32. Backward ops accumulate into parameter gradients over layers and
 //!   micro-batches; fp32 keeps small contributions from vanishing, and AdamW reads it directly.
 //! - `State`: fp32 (AdamW moments).
+//! - `Stat`: fp32 (attention's saved log-sum-exp, which bf16 would spoil).
 
 mod adamw;
 mod attention;
@@ -156,12 +157,14 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
     blas: matmul::Blas,
+    attention_kernels: attention::AttentionKernels,
 }
 
 /// Every kernel this backend launches, by family: all must be present in the embedded fatbins.
 const FUNCTIONS: &[(&str, &[&str])] = &[
     ("adamw", adamw::KERNELS),
     ("attention", attention::KERNELS),
+    ("attention_mma", attention::MMA_KERNELS),
     ("cross_entropy", cross_entropy::KERNELS),
     ("encoder", encoder::KERNELS),
     ("gelu", gelu::KERNELS),
@@ -222,6 +225,7 @@ impl CudaBackend {
             stream,
             functions,
             blas,
+            attention_kernels: attention::AttentionKernels::from_env()?,
         })
     }
 
@@ -233,13 +237,6 @@ impl CudaBackend {
     /// The device [`probe`] found.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
-    }
-
-    /// Waits for every queued op.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error("synchronizing the stream", e))
     }
 
     fn function(&self, name: &'static str) -> Result<&CudaFunction> {
@@ -276,7 +273,34 @@ impl Backend for CudaBackend {
     type Ids = CudaIds;
 
     fn name(&self) -> String {
-        format!("cuda:{} {}", self.ordinal, self.info)
+        let attention = match self.attention_kernels {
+            attention::AttentionKernels::Mma => "",
+            attention::AttentionKernels::MmaLds => ", attention mma-lds",
+            attention::AttentionKernels::CudaCores => ", attention cuda-cores",
+        };
+        format!("cuda:{} {}{attention}", self.ordinal, self.info)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronizing the stream", e))
+    }
+
+    /// Device-wide: total minus free memory (this process's buffers, cuBLASLt's workspace
+    /// and the context itself), the figure `nvidia-smi` shows for the process.
+    fn memory_in_use(&self) -> Option<usize> {
+        self.ctx
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| total - free)
+    }
+
+    fn element_bytes(&self, role: Role) -> usize {
+        match role {
+            Role::Param | Role::Activation => 2,
+            Role::Grad | Role::State | Role::Stat => 4,
+        }
     }
 
     fn zeros(&self, len: usize, role: Role) -> Result<CudaBuf> {
@@ -286,7 +310,7 @@ impl Backend for CudaBackend {
                 master: self.alloc_f32(len)?,
             },
             Role::Activation => Mem::Bf16(self.alloc_bf16(len)?),
-            Role::Grad | Role::State => Mem::F32(self.alloc_f32(len)?),
+            Role::Grad | Role::State | Role::Stat => Mem::F32(self.alloc_f32(len)?),
         };
         Ok(CudaBuf { role, mem })
     }
@@ -298,7 +322,7 @@ impl Backend for CudaBackend {
                 master: self.htod(host)?,
             },
             Role::Activation => Mem::Bf16(self.htod(&to_bf16(host))?),
-            Role::Grad | Role::State => Mem::F32(self.htod(host)?),
+            Role::Grad | Role::State | Role::Stat => Mem::F32(self.htod(host)?),
         };
         Ok(CudaBuf { role, mem })
     }
@@ -375,13 +399,14 @@ impl Backend for CudaBackend {
         &self,
         out: &mut CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         wte: &CudaBuf,
         wpe: &CudaBuf,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::forward(self, out, ids, wte, wpe, b, t, c)
+        encoder::forward(self, out, ids, pos, wte, wpe, b, t, c)
     }
 
     fn encoder_backward(
@@ -390,11 +415,12 @@ impl Backend for CudaBackend {
         dwpe: &mut CudaBuf,
         dout: &CudaBuf,
         ids: &CudaIds,
+        pos: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
-        encoder::backward(self, dwte, dwpe, dout, ids, b, t, c)
+        encoder::backward(self, dwte, dwpe, dout, ids, pos, b, t, c)
     }
 
     fn layernorm_forward(
@@ -502,12 +528,13 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
         qkv: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::forward(self, out, lse, qkv, b, t, c, nh)
+        attention::forward(self, out, lse, qkv, starts, b, t, c, nh)
     }
 
     fn attention_backward(
@@ -517,12 +544,13 @@ impl Backend for CudaBackend {
         qkv: &CudaBuf,
         out: &CudaBuf,
         lse: &CudaBuf,
+        starts: Option<&CudaIds>,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::backward(self, dqkv, dout, qkv, out, lse, b, t, c, nh)
+        attention::backward(self, dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
     }
 
     fn cross_entropy(
