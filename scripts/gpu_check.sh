@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check (run on the GPU machine from the repository root, with dist/ from
 # scripts/gpu_dist.sh): every CUDA parity test, the whole-model CUDA-vs-CPU training test, a
-# short pretraining run on the GPU whose validation loss must fall, the per-kernel benchmark,
+# short pretraining run on the GPU whose validation loss must fall, a reward-model run from
+# it whose validation accuracy must reach 1, the per-kernel benchmark,
 # and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024.
 # Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
 #   GPU_CHECK_SKIP_TORCH=1 skips the PyTorch baseline (for a quick correctness-only pass).
@@ -45,6 +46,26 @@ sample=$(status $?)
 tail -n 3 "$logs/sample.log"
 echo "== pretrain + sample ($((SECONDS - t0)) s)"
 
+# Reward model from that checkpoint on a toy preference set (the chosen reply is always the
+# kind one): validation accuracy must reach 1.
+python3 - "$run/prefs.jsonl" <<'PY'
+import json, sys
+topics = ["cats", "dogs", "the sea", "rain", "bread", "music", "trees", "the moon"]
+with open(sys.argv[1], "w") as f:
+    for i in range(160):
+        t = topics[i % len(topics)]
+        f.write(json.dumps({"prompt": f"Tell me about {t}. ({i})",
+                            "chosen": f"Of course! A kind, clear answer about {t}. Thanks for asking.",
+                            "rejected": f"No. {t} is boring."}) + "\n")
+PY
+dist/topcoat prepare prefs "$run/prefs.jsonl" --out "$run/prefs" --tokenizer "$run" >"$logs/reward.log" 2>&1
+timeout 60 dist/topcoat reward --device cuda --init "$run" --data "$run/prefs" --out "$run/rm" \
+  --max-steps 40 --batch-size 16 --seq-len 64 --lr 1e-3 --val-every 20 >>"$logs/reward.log" 2>&1
+reward=$(status $?)
+rm_acc=$(grep -Eo "val accuracy [0-9.]+" "$logs/reward.log" | sed -n '1p;$p' | paste -sd' ' || true)
+
+echo "== reward ($((SECONDS - t0)) s): $reward, $rm_acc"
+
 if dist/topcoat bench --help | grep -q -- "--kernels"; then
   timeout 60 dist/topcoat bench --device cuda --kernels --preset gpt2-124m --vocab-size 50257 \
     --batch-size 64 --seq-len 1024 --steps 2 --warmup 1 >"$logs/bench_kernels.log" 2>&1
@@ -77,6 +98,7 @@ echo "| CUDA attention parity, mma-lds / cuda-cores kernels | $parity_mma_lds / 
 echo "| CUDA vs CPU, 10 training steps | $training |"
 echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
 echo "| sample (cpu) from the cuda checkpoint | $sample |"
+echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm_acc:-no result} |"
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, attention mma-lds kernels | $(tail -n 1 "$logs/bench_topcoat_lds.log") |"
 echo "| PyTorch torch.compile, same config | $torch_line |"

@@ -32,6 +32,10 @@ pub enum Command {
     PrepareSft(PrepareSftArgs),
     /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
     Sft(SftArgs),
+    /// Train a reward model (the SFT checkpoint plus a scalar head) on prepared preference pairs.
+    ///
+    /// `--batch-size` counts rows, two per pair (chosen and rejected), so it must be even.
+    Reward(RewardArgs),
     /// Preference-tune an SFT checkpoint with DPO (or IPO) on prepared pairs (--batch-size counts pairs).
     Dpo(DpoArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
@@ -232,6 +236,21 @@ pub struct DpoArgs {
     /// sigmoid (DPO) or ipo.
     #[arg(long, default_value = "sigmoid")]
     pub loss: DpoLoss,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+#[derive(Args)]
+pub struct RewardArgs {
+    /// SFT checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Directory from `topcoat prepare prefs`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/reward")]
+    pub out: PathBuf,
     #[command(flatten)]
     pub flags: RunFlags,
 }

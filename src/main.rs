@@ -11,7 +11,7 @@ use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::profile::{OpTally, Profiled};
-use topcoat::run::{self, ChatOptions, DeviceKind, DpoJob, PretrainJob, SftJob};
+use topcoat::run::{self, ChatOptions, DeviceKind, DpoJob, PretrainJob, RewardJob, SftJob};
 use topcoat::train::TrainSummary;
 
 mod cli;
@@ -421,6 +421,21 @@ fn run_cli() -> Result<()> {
                 quiet: false,
             };
             report(&run::sft(&job, &note)?);
+        }
+        Command::Reward(a) => {
+            let run = run_config(&a.flags, run::reward_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = RewardJob {
+                run,
+                init: a.init.clone(),
+                data: a.data.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+            };
+            report(&run::reward(&job, &note)?);
         }
         Command::Dpo(a) => {
             let run = run_config(&a.flags, run::dpo_run_defaults())?;

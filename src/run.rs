@@ -1,15 +1,17 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
 //! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`, `prepare prefs`
-//! in `run/prefs.rs`, `dpo` in `run/dpo.rs`, `chat` in `run/chat.rs`. The binary only parses
-//! flags and prints.
+//! in `run/prefs.rs`, `reward` in `run/reward.rs`, `dpo` in `run/dpo.rs`, `chat` in
+//! `run/chat.rs`. The binary only parses flags and prints.
 
 mod chat;
 mod dpo;
 mod prefs;
+mod reward;
 mod sft;
 pub use chat::{chat, ChatOptions};
 pub use dpo::{dpo, dpo_run_defaults, DpoJob};
 pub use prefs::prepare_prefs;
+pub use reward::{reward, reward_run_defaults, RewardJob};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
@@ -162,6 +164,9 @@ pub(crate) enum ModelInit<'a> {
     Fresh(&'a ModelConfig),
     /// The weights of this checkpoint.
     Checkpoint(&'a Path),
+    /// The weights of this checkpoint plus a reward head (a new one drawn from the run's seed
+    /// unless the checkpoint has one).
+    CheckpointWithRewardHead(&'a Path),
 }
 
 /// Builds the model on `device` and runs the shared training loop with `objective`.
@@ -206,6 +211,16 @@ fn train_with<B: Backend, O: Objective<B>>(
             checkpoint::load_model(be, dir, None)?,
             dir.display().to_string(),
         ),
+        ModelInit::CheckpointWithRewardHead(dir) => {
+            let mut model = checkpoint::load_model(be, dir, None)?;
+            let head = if model.reward_head().is_some() {
+                "its reward head"
+            } else {
+                model.init_reward_head(be, opts.run.seed ^ 0x4EAD)?;
+                "a new reward head"
+            };
+            (model, format!("{} with {head}", dir.display()))
+        }
     };
     let cfg = &model.cfg;
     progress(&format!(

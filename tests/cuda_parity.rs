@@ -532,6 +532,76 @@ fn shape_errors<B: Backend>(be: &B) {
 }
 backend_tests!(shape_errors => shape_errors_cpu, shape_errors_cuda);
 
+/// The reward model end to end (forward through every layer, the host-side head, the
+/// Bradley-Terry loss, backward from the hidden state): per gradient tensor, and over all of
+/// them at once. Looser than one op's tolerance: bf16 rounding compounds over the layers.
+const MODEL_TENSOR_TOL: f64 = 5e-2;
+const MODEL_TOL: f64 = 2e-2;
+
+fn reward_model<B: Backend>(be: &B) {
+    use topcoat::config::ModelConfig;
+    use topcoat::model::Gpt;
+    use topcoat::stages::reward::bradley_terry;
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(9);
+    let cfg = ModelConfig {
+        vocab_size: 100,
+        padded_vocab_size: 128,
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 64,
+        max_seq_len: 40,
+    };
+    let (pairs, t) = (3, 37);
+    let values: Vec<Vec<f32>> = Gpt::init(&cpu, &cfg, 10)
+        .unwrap()
+        .param_values(&cpu)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.into_iter().map(bf16_round).collect())
+        .collect();
+    let head = randn(&mut rng, cfg.n_embd, 1.0 / (cfg.n_embd as f32).sqrt());
+    let ids = ids_for(&mut rng, 2 * pairs * t, cfg.vocab_size);
+    let last: Vec<usize> = (0..2 * pairs)
+        .map(|_| t / 2 + rng.below((t - t / 2) as u64) as usize)
+        .collect();
+    #[allow(clippy::too_many_arguments)]
+    fn run<B: Backend>(
+        be: &B,
+        cfg: &ModelConfig,
+        values: &[Vec<f32>],
+        head: &[f32],
+        ids: &[i32],
+        last: &[usize],
+        pairs: usize,
+        t: usize,
+    ) -> (Vec<f32>, f32, Vec<Vec<f32>>, Vec<String>) {
+        let mut m = Gpt::from_values(be, cfg, values.to_vec()).unwrap();
+        m.add_reward_head(be, head, 0.25).unwrap();
+        m.zero_grad(be).unwrap();
+        let pass = m.reward_forward(be, ids, 2 * pairs, t, last).unwrap();
+        let bt = bradley_terry(&pass.rewards, pairs, 1.0);
+        m.reward_backward(be, ids, &pass, &bt.drewards).unwrap();
+        let names = m.layout.specs.iter().map(|s| s.name.clone()).collect();
+        (pass.rewards, bt.mean, m.grad_values(be).unwrap(), names)
+    }
+    let want = run(&cpu, &cfg, &values, &head, &ids, &last, pairs, t);
+    let got = run(be, &cfg, &values, &head, &ids, &last, pairs, t);
+    assert_close("reward rewards", &got.0, &want.0, MODEL_TOL);
+    assert_close("reward loss", &[got.1], &[want.1], MODEL_TOL);
+    for ((g, w), name) in got.2.iter().zip(&want.2).zip(&want.3) {
+        assert_close(&format!("reward grad {name}"), g, w, MODEL_TENSOR_TOL);
+    }
+    let flat = |x: &[Vec<f32>]| x.concat();
+    assert_close(
+        "reward grads (all)",
+        &flat(&got.2),
+        &flat(&want.2),
+        MODEL_TOL,
+    );
+}
+backend_tests!(reward_model => reward_model_cpu, reward_model_cuda);
+
 /// Packed vs unpacked SFT batches on one backend: the same summed loss and gradients.
 const PACKED_LOSS_TOL: f64 = 1e-3;
 const PACKED_GRAD_TOL: f64 = 1e-2;

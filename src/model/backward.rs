@@ -1,4 +1,5 @@
-//! The backward pass: from the logits gradient left by the loss down to the embeddings.
+//! The backward pass: from the logits gradient left by the loss (the LM head, [`Gpt::backward`])
+//! or from a gradient on the final hidden state ([`Gpt::backward_trunk`]) down to the embeddings.
 //!
 //! Every backend backward op accumulates into its outputs, so each scratch buffer is zeroed
 //! right before the op that fills it, while the residual-stream gradient keeps accumulating
@@ -11,11 +12,49 @@ impl<B: Backend> Gpt<B> {
     /// Accumulates parameter gradients, given that the last call was a loss pass with a
     /// gradient scale (the logits buffer then holds dlogits), with that pass's packing.
     pub(super) fn backward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
-        let cfg = &self.cfg;
-        let (n, c, nh, vp) = (b * t, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
+        self.ensure_scratch(be, n)?;
+        let lay = &self.layout;
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
+        let s = self.scratch.as_mut().expect("allocated above");
+        // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
+        be.fill_zero(&mut s.dln)?;
+        be.matmul_backward(
+            &mut s.dln,
+            &mut self.grads[lay.wte],
+            None,
+            &acts.logits,
+            &acts.lnf,
+            &self.params[lay.wte],
+            n,
+            c,
+            vp,
+        )?;
+        self.backward_trunk(be, inputs, b, t)
+    }
+
+    /// Allocates the gradient scratch for `n` positions on first use.
+    pub(super) fn ensure_scratch(&mut self, be: &B, n: usize) -> Result<()> {
         if self.scratch.is_none() {
-            self.scratch = Some(GradScratch::new(be, cfg, n)?);
+            self.scratch = Some(GradScratch::new(be, &self.cfg, n)?);
         }
+        Ok(())
+    }
+
+    /// Accumulates parameter gradients from ln_f down to the embeddings, given that the
+    /// scratch `dln` holds d(loss)/d(ln_f output) for the last forward pass (and its packing).
+    pub(super) fn backward_trunk(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let lay = &self.layout;
         let p = &self.params;
         let g = &mut self.grads;
@@ -23,23 +62,13 @@ impl<B: Backend> Gpt<B> {
             .acts
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
-        let s = self.scratch.as_mut().expect("allocated above");
+        let s = self
+            .scratch
+            .as_mut()
+            .ok_or_else(|| ModelError::Invalid("backward_trunk before ensure_scratch".into()))?;
         let pos = self.packing.as_ref().map(|p| &p.positions);
         let starts = self.packing.as_ref().map(|p| &p.starts);
 
-        // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
-        be.fill_zero(&mut s.dln)?;
-        be.matmul_backward(
-            &mut s.dln,
-            &mut g[lay.wte],
-            None,
-            &acts.logits,
-            &acts.lnf,
-            &p[lay.wte],
-            n,
-            c,
-            vp,
-        )?;
         let last = acts.layers.last().expect("at least one layer");
         be.fill_zero(&mut s.dresidual)?;
         let (gw, gb) = two_mut(g, lay.lnf_w, lay.lnf_b);

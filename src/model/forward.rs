@@ -29,6 +29,40 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<()> {
+        self.forward_hidden_with(be, inputs, packing, b, t)?;
+        let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
+        let acts = self
+            .acts
+            .as_mut()
+            .expect("allocated by forward_hidden_with");
+        // Tied head: logits = lnf @ wte^T over all padded rows.
+        be.matmul_forward(
+            &mut acts.logits,
+            &acts.lnf,
+            &self.params[self.layout.wte],
+            None,
+            n,
+            c,
+            vp,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the network on `inputs [B*T]` up to the final hidden state, the output of `ln_f`
+    /// (readable with [`Gpt::hidden_at`]); the logits are not computed.
+    pub fn forward_hidden(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
+        self.forward_hidden_with(be, inputs, None, b, t)
+    }
+
+    /// [`Gpt::forward_hidden`] on rows that may pack several examples each.
+    pub fn forward_hidden_with(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        packing: Option<&Packing>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
         self.check_ids("inputs", inputs, b, t, false)?;
         if let Some(p) = packing {
             p.check_shape(b, t)?;
@@ -39,7 +73,7 @@ impl<B: Backend> Gpt<B> {
         let pos = self.packing.as_ref().map(|p| &p.positions);
         let starts = self.packing.as_ref().map(|p| &p.starts);
         let cfg = &self.cfg;
-        let (n, c, nh, vp) = (b * t, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
+        let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let lay = &self.layout;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
@@ -161,8 +195,6 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
         }
-        // Tied head: logits = lnf @ wte^T over all padded rows.
-        be.matmul_forward(&mut acts.logits, &acts.lnf, &p[lay.wte], None, n, c, vp)?;
         Ok(())
     }
 

@@ -2,19 +2,23 @@
 //!
 //! Learned positions, pre-LN blocks, a GELU (tanh) MLP, tied input/output embeddings, and a
 //! vocabulary padded to a multiple of 64 whose padded logits never take part in the loss.
+//! Optionally a reward head (reward.rs) on the final hidden state (hidden.rs).
 
 pub mod activations;
 mod backward;
 pub mod decode;
 pub mod forward;
+mod hidden;
 mod logprobs;
 pub mod packing;
 pub mod params;
+pub mod reward;
 
 pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
 pub use packing::Packing;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
+pub use reward::{RewardHead, RewardModel, RewardPass};
 
 use crate::backend::{Backend, BackendError, Role};
 use crate::config::ModelConfig;

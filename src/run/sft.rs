@@ -58,17 +58,19 @@ pub struct SftJob {
     pub quiet: bool,
 }
 
-/// Refuses SFT data tokenized with a different tokenizer than the model was trained with.
-fn check_tokenizers(
+/// Refuses data tokenized with a different tokenizer than the model was trained with;
+/// `prepare` names the command that made the data (`prepare sft`, `prepare prefs`).
+pub(super) fn check_tokenizers(
     ckpt: &Path,
     model: &Tokenizer,
     data_dir: &Path,
     data: &Tokenizer,
+    prepare: &str,
 ) -> Result<(), DataError> {
     if model.vocab_size() != data.vocab_size() || model.kind() != data.kind() {
         return Err(DataError::InvalidArgument(format!(
             "tokenizer mismatch: checkpoint {} has a {:?} tokenizer with {} ids but data {} was \
-             prepared with a {:?} tokenizer with {} ids; re-run `prepare sft` with --tokenizer {}",
+             prepared with a {:?} tokenizer with {} ids; re-run `topcoat {prepare}` with --tokenizer {}",
             ckpt.display(),
             model.kind(),
             model.vocab_size(),
@@ -86,7 +88,7 @@ pub fn sft(job: &SftJob, progress: &dyn Fn(&str)) -> Result<TrainSummary, TrainE
     let ckpt = resolve_checkpoint(&job.init)?;
     let model_tok = checkpoint::load_tokenizer(&ckpt)?;
     let data_tok = data_tokenizer(&job.data)?;
-    check_tokenizers(&ckpt, &model_tok, &job.data, &data_tok)?;
+    check_tokenizers(&ckpt, &model_tok, &job.data, &data_tok, "prepare sft")?;
     let cfg = checkpoint::load_config(&ckpt)?;
     let run = &job.run;
     if run.seq_len > cfg.max_seq_len {

@@ -5,13 +5,14 @@
 //! `optimizer.safetensors` (AdamW moments `m.<name>`, `v.<name>`) and `train_state.json`
 //! ([`TrainState`]: step, RNG, data position, run config). The directory is assembled under a
 //! temporary name and renamed into place, so a crash leaves either the old set or the new
-//! one, never a half-written checkpoint.
+//! one, never a half-written checkpoint. A model with a reward head saves and loads it like any
+//! other parameter (`reward_head.weight`, `reward_head.bias`).
 
 use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RunConfig};
 use crate::data::Tokenizer;
-use crate::model::{Gpt, ParamLayout};
+use crate::model::{reward, Gpt, ParamLayout, ParamSpec};
 use crate::optim::AdamW;
 use crate::rng::Rng;
 use safetensors::tensor::{Dtype, TensorView};
@@ -236,8 +237,16 @@ fn read_tensors(path: &Path, layout: &ParamLayout, prefix: &str) -> Result<Vec<V
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ckpt_err(path, format!("invalid safetensors: {e}")))?;
-    layout
-        .specs
+    tensors_of(path, &st, &layout.specs, prefix)
+}
+
+fn tensors_of(
+    path: &Path,
+    st: &SafeTensors,
+    specs: &[ParamSpec],
+    prefix: &str,
+) -> Result<Vec<Vec<f32>>> {
+    specs
         .iter()
         .map(|spec| {
             let name = format!("{prefix}{}", spec.name);
@@ -269,8 +278,18 @@ pub fn load_model<B: Backend>(be: &B, dir: &Path, wanted: Option<&ModelConfig>) 
     if let Some(w) = wanted {
         check_config(dir, &cfg, w)?;
     }
-    let values = read_tensors(&dir.join("model.safetensors"), &ParamLayout::new(&cfg), "")?;
-    Ok(Gpt::from_values(be, &cfg, values)?)
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ckpt_err(&path, format!("invalid safetensors: {e}")))?;
+    let values = tensors_of(&path, &st, &ParamLayout::new(&cfg).specs, "")?;
+    let mut model = Gpt::from_values(be, &cfg, values)?;
+    // A reward checkpoint also holds the reward head.
+    if st.tensor(reward::HEAD_WEIGHT).is_ok() {
+        let head = tensors_of(&path, &st, &reward::head_specs(cfg.n_embd), "")?;
+        model.add_reward_head(be, &head[0], head[1][0])?;
+    }
+    Ok(model)
 }
 
 /// Restores the optimizer moments and the training state of a training checkpoint.
