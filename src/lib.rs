@@ -5,6 +5,7 @@ pub mod backend; // the Backend trait, the CPU reference and the CUDA backend
 pub mod bench; // `topcoat bench`: training-step throughput on random tokens
 pub mod config; // model presets and run configs (TOML + flag overrides)
 pub mod data; // token shards, the window loader, tokenizers, `prepare`
+pub mod eval; // `eval` scoring: answer normalisation and matching, the prompts file, pair accuracy
 pub mod generate; // generation with a KV cache: sampling (temperature, top-k, top-p), sessions
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend
 pub mod optim; // AdamW parameter groups and the learning-rate schedule

@@ -329,6 +329,59 @@ fn bench_stages(a: &BenchArgs, device: DeviceKind, cfg: &ModelConfig) -> Result<
     Ok(())
 }
 
+/// `eval loss|pairs|generate`: runs the mode and prints its table.
+fn eval(cmd: &EvalCmd) -> Result<()> {
+    let table = match cmd {
+        EvalCmd::Loss(a) => {
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let job = run::EvalLossJob {
+                checkpoint: a.checkpoint.clone(),
+                data: a.data.clone(),
+                split: a.split.clone(),
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                max_batches: a.max_batches,
+                device,
+            };
+            run::eval_loss(&job, &note)?.table()
+        }
+        EvalCmd::Pairs(a) => {
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let job = run::EvalPairsJob {
+                checkpoint: a.checkpoint.clone(),
+                reference: a.reference.clone(),
+                beta: a.beta,
+                data: a.data.clone(),
+                split: a.split.clone(),
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                device,
+            };
+            run::eval_pairs(&job, &note)?.table()
+        }
+        EvalCmd::Generate(a) => {
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let job = run::EvalGenerateJob {
+                checkpoint: a.checkpoint.clone(),
+                prompts: a.prompts.clone(),
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+                out: a.out.clone(),
+                device,
+            };
+            run::eval_generate(&job, &note)?.table()
+        }
+    };
+    print!("{table}");
+    Ok(())
+}
+
 /// Prints what a training run did.
 fn report(s: &TrainSummary) {
     let first = s.val_losses.first().map(|v| v.1);
@@ -493,6 +546,7 @@ fn run_cli() -> Result<()> {
             let mut out = std::io::stdout();
             run::chat(&a.checkpoint, &opts, &mut input, &mut out, &note)?;
         }
+        Command::Eval(cmd) => eval(&cmd)?,
         Command::Info { path } => print!("{}", run::info(&path)?),
         Command::Bench(a) => bench(&a)?,
     }

@@ -1,15 +1,20 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
 //! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`, `prepare prefs`
 //! in `run/prefs.rs`, `reward` in `run/reward.rs`, `dpo` in `run/dpo.rs`, `chat` in
-//! `run/chat.rs`. The binary only parses flags and prints.
+//! `run/chat.rs`, `eval` in `run/eval.rs`. The binary only parses flags and prints.
 
 mod chat;
 mod dpo;
+mod eval;
 mod prefs;
 mod reward;
 mod sft;
 pub use chat::{chat, ChatOptions};
 pub use dpo::{dpo, dpo_run_defaults, DpoJob};
+pub use eval::{
+    eval_generate, eval_loss, eval_pairs, EvalGenerateJob, EvalLossJob, EvalPairsJob, GenExample,
+    GenReport, LossReport, PairReport,
+};
 pub use prefs::prepare_prefs;
 pub use reward::{reward, reward_run_defaults, RewardJob};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
