@@ -313,8 +313,7 @@ fn a_trained_reward_model_scores_every_held_out_pair() {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r.get("val_loss").is_some())
-        .next_back()
+        .rfind(|r| r.get("val_loss").is_some())
         .unwrap();
 
     let r = run::eval_pairs(&pairs_job(&out, None, &data), &|_| {}).unwrap();
