@@ -194,7 +194,7 @@ where
     }
 }
 
-fn train_with<B: Backend, O: Objective<B>>(
+pub(crate) fn train_with<B: Backend, O: Objective<B>>(
     be: &B,
     init: ModelInit,
     objective: &mut O,
