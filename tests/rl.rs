@@ -1,14 +1,17 @@
 //! RL stage: on a toy reward ("say token X") the mean reward rises over the steps while the KL
 //! to the reference stays under a stated bound, and a larger KL coefficient keeps the policy
-//! closer to the reference; the per-token log-probability backward matches finite differences.
+//! closer to the reference; the command runs end to end with checkpoints and a reward model
+//! (the first rollout's KL is exactly 0), and a bad prompts line is named.
 
+use std::path::Path;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
 use topcoat::model::Gpt;
 use topcoat::rng::Rng;
+use topcoat::run::{self, DeviceKind, RlJob, EMBEDDED_CORPUS};
 use topcoat::stages::rl::{FnScorer, Rl, RlConfig};
-use topcoat::train::{self, TrainOptions};
+use topcoat::train::{self, checkpoint, TrainOptions};
 
 const VOCAB: usize = 32;
 const T: usize = 12;
@@ -123,7 +126,10 @@ fn toy_reward_rises_under_a_kl_bound_and_a_larger_kl_coefficient_stays_closer() 
         "KL {worst:.3} over the bound {KL_BOUND} ({leashed:?})"
     );
     let kl_leashed = mean(leashed[leashed.len() - 4..].iter().map(|r| r.1));
-    assert!(kl_leashed > 0.0, "KL {kl_leashed:.3}: the policy did not move");
+    assert!(
+        kl_leashed > 0.0,
+        "KL {kl_leashed:.3}: the policy did not move"
+    );
 
     let loose = toy_run(KL_LOOSE);
     let kl_loose = mean(loose[loose.len() - 4..].iter().map(|r| r.1));
@@ -131,4 +137,102 @@ fn toy_reward_rises_under_a_kl_bound_and_a_larger_kl_coefficient_stays_closer() 
         kl_leashed < 0.5 * kl_loose,
         "final KL with coefficient {KL_LEASHED}: {kl_leashed:.3}, with {KL_LOOSE}: {kl_loose:.3}"
     );
+}
+
+fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();
+    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap();
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        padded_vocab_size: 320,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        max_seq_len: 32,
+    };
+    let be = CpuBackend;
+    let mut model = Gpt::init(&be, &cfg, 21).unwrap();
+    let init = root.join("sft");
+    checkpoint::save(&be, &init, &model, &tok, None).unwrap();
+    model.init_reward_head(&be, 22).unwrap();
+    let reward = root.join("reward");
+    checkpoint::save(&be, &reward, &model, &tok, None).unwrap();
+    let prompts = root.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What color is the sky?\"}\n\n{\"prompt\": \"Name a fruit.\"}\n",
+    )
+    .unwrap();
+    let job = RlJob {
+        run: RunConfig {
+            batch_size: 2,
+            seq_len: 32,
+            max_steps: 3,
+            learning_rate: 1e-3,
+            warmup_steps: 0,
+            val_every: 0,
+            checkpoint_every: 0,
+            ..run::rl_run_defaults()
+        },
+        init: init.clone(),
+        reward: reward.clone(),
+        prompts: prompts.clone(),
+        out: root.join("rl"),
+        resume: false,
+        device: DeviceKind::Cpu,
+        quiet: true,
+        k: 3,
+        kl_coef: 0.05,
+        clip: 0.2,
+        max_new: 6,
+        epochs: 1,
+    };
+    let summary = run::rl(&job, &|_| {}).unwrap();
+    assert_eq!(summary.final_step, 3);
+    assert!(summary
+        .last_checkpoint
+        .unwrap()
+        .join("model.safetensors")
+        .exists());
+    let recs = records(&job.out);
+    let steps: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 3);
+    for r in &steps {
+        for key in ["reward", "kl", "entropy", "response_len", "clip_frac"] {
+            assert!(r[key].as_f64().unwrap().is_finite(), "{key} in {r}");
+        }
+        let len = r["response_len"].as_f64().unwrap();
+        assert!(len > 0.0 && len <= 6.0, "response_len {len}");
+        assert!(r["entropy"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // Before the first update the policy is the reference: the KL is exactly zero.
+    assert_eq!(steps[0]["kl"].as_f64().unwrap(), 0.0);
+    // One epoch per rollout: the ratio is 1, nothing is clipped.
+    assert_eq!(steps[0]["clip_frac"].as_f64().unwrap(), 0.0);
+
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n",
+    )
+    .unwrap();
+    let err = run::rl(&job, &|_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("prompts.jsonl:2") && err.contains("prompt"),
+        "{err}"
+    );
+    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n").unwrap();
+    let bad_k = RlJob { k: 1, ..job };
+    let err = run::rl(&bad_k, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("--k"), "{err}");
 }

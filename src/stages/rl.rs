@@ -217,7 +217,13 @@ impl<B: Backend> Rl<B> {
     }
 
     /// `k` completions of `prompt` from `model`, sampled with a `k`-row KV cache.
-    fn sample(&self, be: &B, model: &Gpt<B>, prompt: &[u32], rng: &mut Rng) -> Result<Vec<Vec<u32>>> {
+    fn sample(
+        &self,
+        be: &B,
+        model: &Gpt<B>,
+        prompt: &[u32],
+        rng: &mut Rng,
+    ) -> Result<Vec<Vec<u32>>> {
         let k = self.cfg.k;
         let params = SampleParams {
             temperature: 1.0,
@@ -225,7 +231,9 @@ impl<B: Backend> Rl<B> {
             top_p: 1.0,
         };
         let mut cache = KvCache::new(be, &model.cfg, k)?;
-        let ids: Vec<i32> = (0..k).flat_map(|_| prompt.iter().map(|&x| x as i32)).collect();
+        let ids: Vec<i32> = (0..k)
+            .flat_map(|_| prompt.iter().map(|&x| x as i32))
+            .collect();
         model.extend(be, &mut cache, &ids, prompt.len())?;
         let mut out = vec![Vec::new(); k];
         let mut done = vec![false; k];

@@ -17,7 +17,10 @@ pub fn shaped_rewards(rewards: &[f32], kls: &[f64], kl_coef: f64) -> Vec<f64> {
 /// `A_i = s_i - mean_{j != i} s_j`. Needs `k >= 2`.
 pub fn loo_advantages(shaped: &[f64]) -> Vec<f64> {
     let k = shaped.len();
-    assert!(k >= 2, "leave-one-out needs at least two completions per prompt");
+    assert!(
+        k >= 2,
+        "leave-one-out needs at least two completions per prompt"
+    );
     let total: f64 = shaped.iter().sum();
     shaped
         .iter()
