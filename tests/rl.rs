@@ -236,3 +236,81 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
     let err = run::rl(&bad_k, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("--k"), "{err}");
 }
+
+/// Per-token gradient vs central differences of the f32 objective (directional derivative).
+const FD_TOL: f64 = 2e-3;
+const FD_H: f32 = 5e-2;
+/// Per-token log-probabilities summed per row vs the sequence log-probabilities.
+const SUM_TOL: f64 = 1e-5;
+
+#[test]
+fn per_token_backward_matches_finite_differences_and_rows_sum_to_sequence_logps() {
+    let be = CpuBackend;
+    let cfg = tiny_cfg();
+    let (b, t) = (3, T);
+    let mut rng = Rng::new(17);
+    let inputs: Vec<i32> = (0..b * t).map(|_| rng.below(VOCAB as u64) as i32).collect();
+    let targets: Vec<i32> = (0..b * t)
+        .map(|i| {
+            if i % t < 4 {
+                -1
+            } else {
+                rng.below(VOCAB as u64) as i32
+            }
+        })
+        .collect();
+    let coef: Vec<f32> = (0..b * t).map(|_| rng.normal()).collect();
+    let objective = |model: &mut Gpt<CpuBackend>| -> f64 {
+        let lp = model.token_logps(&be, &inputs, &targets, b, t).unwrap();
+        lp.iter()
+            .zip(&coef)
+            .map(|(&l, &c)| l as f64 * c as f64)
+            .sum()
+    };
+
+    let mut model = Gpt::init(&be, &cfg, 8).unwrap();
+    model.zero_grad(&be).unwrap();
+    let lp = model
+        .token_logps_step(&be, &inputs, &targets, b, t, |_| coef.clone())
+        .unwrap();
+    let seq = model.sequence_logps(&be, &inputs, &targets, b, t).unwrap();
+    for (r, s) in seq.iter().enumerate() {
+        let sum: f64 = lp[r * t..(r + 1) * t].iter().map(|&x| x as f64).sum();
+        assert!(
+            (sum - s).abs() <= SUM_TOL * s.abs().max(1.0),
+            "row {r}: {sum} vs {s}"
+        );
+    }
+    for (i, (&l, &tg)) in lp.iter().zip(&targets).enumerate() {
+        assert!(tg >= 0 || l == 0.0, "masked position {i} has log-prob {l}");
+    }
+
+    let grads = model.grad_values(&be).unwrap();
+    let values = model.param_values(&be).unwrap();
+    // Two tensors: the token embedding (first) and one in the middle of the list.
+    for idx in [0, values.len() / 2] {
+        // A unit direction, so the step FD_H is small for the whole tensor.
+        let raw: Vec<f32> = (0..values[idx].len()).map(|_| rng.normal()).collect();
+        let norm = raw.iter().map(|&x| x * x).sum::<f32>().sqrt();
+        let dir: Vec<f32> = raw.iter().map(|&x| x / norm).collect();
+        let analytic: f64 = grads[idx]
+            .iter()
+            .zip(&dir)
+            .map(|(&g, &d)| g as f64 * d as f64)
+            .sum();
+        let at = |sign: f32| {
+            let mut v = values.clone();
+            v[idx]
+                .iter_mut()
+                .zip(&dir)
+                .for_each(|(x, &d)| *x += sign * FD_H * d);
+            objective(&mut Gpt::from_values(&be, &cfg, v).unwrap())
+        };
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * FD_H as f64);
+        let rel = (analytic - fd).abs() / fd.abs().max(1e-12);
+        assert!(
+            rel < FD_TOL,
+            "tensor {idx}: analytic {analytic}, finite differences {fd}"
+        );
+    }
+}
