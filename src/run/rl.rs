@@ -106,6 +106,15 @@ pub fn rl(job: &RlJob, progress: &dyn Fn(&str)) -> Result<TrainSummary> {
         ))
         .into());
     }
+    let reward_max = checkpoint::load_config(&reward)?.max_seq_len;
+    if run.seq_len > reward_max {
+        return Err(ConfigError::Invalid(format!(
+            "seq_len {} exceeds the reward checkpoint {}'s max_seq_len {reward_max}",
+            run.seq_len,
+            reward.display()
+        ))
+        .into());
+    }
     if run.world_size != 1 {
         return Err(ConfigError::Invalid("rl runs on one rank only (world_size 1)".into()).into());
     }
@@ -159,7 +168,8 @@ fn rl_on<B: Backend + 'static>(
     progress: &dyn Fn(&str),
 ) -> Result<TrainSummary> {
     let reference = checkpoint::load_model(be, ckpt, None)?;
-    let reward_model = RewardModel::new(checkpoint::load_model(be, reward, None)?)?;
+    let reward_model = RewardModel::new(checkpoint::load_model(be, reward, None)?)
+        .map_err(|e| ConfigError::Invalid(format!("--reward {}: {e}", reward.display())))?;
     let scorer = ModelScorer {
         model: reward_model,
         pad: tok.eot(),
