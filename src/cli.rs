@@ -38,6 +38,9 @@ pub enum Command {
     Reward(RewardArgs),
     /// Preference-tune an SFT checkpoint with DPO (or IPO) on prepared pairs (--batch-size counts pairs).
     Dpo(DpoArgs),
+    /// On-policy RL against a reward model with a KL leash (RLOO advantages, clipped ratio;
+    /// --batch-size counts prompts, each sampled --k times).
+    Rl(RlArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
     /// Describe a token shard, a checkpoint or a run directory.
@@ -239,6 +242,40 @@ pub struct DpoArgs {
     /// sigmoid (DPO) or ipo.
     #[arg(long, default_value = "sigmoid")]
     pub loss: DpoLoss,
+    #[command(flatten)]
+    pub flags: RunFlags,
+}
+
+#[derive(Args)]
+pub struct RlArgs {
+    /// SFT checkpoint, or a run directory (its newest checkpoint): the policy's start and the
+    /// frozen reference.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Reward checkpoint, or a run directory (from `topcoat reward`).
+    #[arg(long)]
+    pub reward: PathBuf,
+    /// JSON Lines of prompts, one `{"prompt": "text"}` per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Run directory for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/rl")]
+    pub out: PathBuf,
+    /// Completions sampled per prompt (>= 2: the leave-one-out baseline).
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// Weight of the KL penalty to the reference in the shaped reward.
+    #[arg(long, default_value_t = 0.05)]
+    pub kl_coef: f64,
+    /// Policy-ratio clip range (ratio kept in [1 - clip, 1 + clip]).
+    #[arg(long, default_value_t = 0.2)]
+    pub clip: f64,
+    /// Most new tokens per completion.
+    #[arg(long, default_value_t = 32)]
+    pub max_new: usize,
+    /// Optimizer steps each rollout serves (1: plain RLOO, the clip never acts).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
     #[command(flatten)]
     pub flags: RunFlags,
 }

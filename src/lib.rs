@@ -12,5 +12,5 @@ pub mod optim; // AdamW parameter groups and the learning-rate schedule
 pub mod profile; // a Backend wrapper that times every op (`bench --kernels`)
 pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
 pub mod run; // what each CLI command does (device choice, embedded data, pretrain, sft, dpo, sample, info)
-pub mod stages; // pretrain, sft, dpo (and later reward, rl): loss and data wiring only
+pub mod stages; // pretrain, sft, reward, dpo, rl: loss and data wiring only
 pub mod train; // the shared step loop, checkpoints, metrics

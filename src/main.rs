@@ -11,7 +11,7 @@ use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions, Tokenizer};
 use topcoat::generate::SampleOptions;
 use topcoat::profile::{OpTally, Profiled};
-use topcoat::run::{self, ChatOptions, DeviceKind, DpoJob, PretrainJob, RewardJob, SftJob};
+use topcoat::run::{self, ChatOptions, DeviceKind, DpoJob, PretrainJob, RewardJob, RlJob, SftJob};
 use topcoat::train::TrainSummary;
 
 mod cli;
@@ -506,6 +506,27 @@ fn run_cli() -> Result<()> {
                 loss: a.loss,
             };
             report(&run::dpo(&job, &note)?);
+        }
+        Command::Rl(a) => {
+            let run = run_config(&a.flags, run::rl_run_defaults())?;
+            let (device, why) = run::resolve_device(&a.flags.device)?;
+            note(&format!("device: {why}"));
+            let job = RlJob {
+                run,
+                init: a.init.clone(),
+                reward: a.reward.clone(),
+                prompts: a.prompts.clone(),
+                out: a.out.clone(),
+                resume: a.flags.resume,
+                device,
+                quiet: false,
+                k: a.k,
+                kl_coef: a.kl_coef,
+                clip: a.clip,
+                max_new: a.max_new,
+                epochs: a.epochs,
+            };
+            report(&run::rl(&job, &note)?);
         }
         Command::Sample(a) => {
             if a.temperature < 0.0 {

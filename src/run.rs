@@ -1,13 +1,14 @@
 //! What the CLI commands do, as library calls: device choice, the embedded default corpus,
 //! `pretrain`, `sample` and `info`; `prepare sft` and `sft` in `run/sft.rs`, `prepare prefs`
-//! in `run/prefs.rs`, `reward` in `run/reward.rs`, `dpo` in `run/dpo.rs`, `chat` in
-//! `run/chat.rs`, `eval` in `run/eval.rs`. The binary only parses flags and prints.
+//! in `run/prefs.rs`, `reward` in `run/reward.rs`, `dpo` in `run/dpo.rs`, `rl` in `run/rl.rs`,
+//! `chat` in `run/chat.rs`, `eval` in `run/eval.rs`. The binary only parses flags and prints.
 
 mod chat;
 mod dpo;
 mod eval;
 mod prefs;
 mod reward;
+mod rl;
 mod sft;
 pub use chat::{chat, ChatOptions};
 pub use dpo::{dpo, dpo_run_defaults, DpoJob};
@@ -17,6 +18,7 @@ pub use eval::{
 };
 pub use prefs::prepare_prefs;
 pub use reward::{reward, reward_run_defaults, RewardJob};
+pub use rl::{read_prompts, rl, rl_run_defaults, RlJob};
 pub use sft::{load_tokenizer_arg, prepare_sft, sft, sft_run_defaults, SftJob};
 
 use crate::backend::{cpu::CpuBackend, cuda, Backend, BackendError};
@@ -199,7 +201,7 @@ where
     }
 }
 
-fn train_with<B: Backend, O: Objective<B>>(
+pub(crate) fn train_with<B: Backend, O: Objective<B>>(
     be: &B,
     init: ModelInit,
     objective: &mut O,

@@ -8,6 +8,10 @@
 //! same forward (DPO's sigmoid), so [`Gpt::sequence_logps_step`] asks for them in between: one
 //! forward, the loss op twice (once to read the log-probabilities with the logits kept, once to
 //! write the weighted gradient over them), one backward.
+//!
+//! [`Gpt::token_logps`] and [`Gpt::token_logps_step`] are the same per position: one
+//! log-probability and one coefficient per (row, position), for objectives with per-token
+//! weights (the RL stage's clipped policy ratio).
 
 use super::{Gpt, ModelError, Result};
 use crate::backend::{Backend, LossGrad, Role};
@@ -63,6 +67,64 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .flat_map(|&c| std::iter::repeat_n(-c, t))
             .collect();
+        let weights = be.upload(&weights, Role::State)?;
+        let tgt = be.upload_ids(targets)?;
+        self.sequence_loss_op(be, &tgt, b, t, LossGrad::PerRow(&weights))?;
+        if targets.iter().any(|&x| x >= 0) && coef.iter().any(|&c| c != 0.0) {
+            self.backward(be, inputs, b, t)?;
+        }
+        Ok(logps)
+    }
+
+    /// Forward pass and the log-probability of every target: `[B*T]`, 0 where masked. The
+    /// logits are left in place; no gradient is computed.
+    pub fn token_logps(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        self.check_ids("targets", targets, b, t, true)?;
+        self.forward(be, inputs, b, t)?;
+        let tgt = be.upload_ids(targets)?;
+        self.sequence_loss_op(be, &tgt, b, t, LossGrad::None)?;
+        Ok(self.position_losses(be)?.iter().map(|&x| -x).collect())
+    }
+
+    /// Forward, then `coefficients(&logps)` -> one `c` per position (`[B*T]`), then backward:
+    /// **accumulates** the gradient of `sum c * logp` over the unmasked positions (fold any loss
+    /// scale into the coefficients). Returns the per-position log-probabilities, as
+    /// [`Gpt::token_logps`] would.
+    pub fn token_logps_step(
+        &mut self,
+        be: &B,
+        inputs: &[i32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+        coefficients: impl FnOnce(&[f32]) -> Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let logps = self.token_logps(be, inputs, targets, b, t)?;
+        let coef = coefficients(&logps);
+        if coef.len() != b * t {
+            return Err(ModelError::Invalid(format!(
+                "{} token coefficients for B*T = {} positions",
+                coef.len(),
+                b * t
+            )));
+        }
+        if let Some(i) = coef.iter().position(|c| !c.is_finite()) {
+            return Err(ModelError::Invalid(format!(
+                "token coefficient of row {}, position {} is {}",
+                i / t,
+                i % t,
+                coef[i]
+            )));
+        }
+        // d logp / d loss = -1 at every unmasked position.
+        let weights: Vec<f32> = coef.iter().map(|&c| -c).collect();
         let weights = be.upload(&weights, Role::State)?;
         let tgt = be.upload_ids(targets)?;
         self.sequence_loss_op(be, &tgt, b, t, LossGrad::PerRow(&weights))?;

@@ -3,4 +3,5 @@
 pub mod dpo;
 pub mod pretrain;
 pub mod reward;
+pub mod rl;
 pub mod sft;
