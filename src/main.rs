@@ -31,6 +31,15 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// The run config of a training command (TOML, then flags, over `defaults`) and its device,
+/// printing which device was chosen and why.
+fn training_setup(flags: &RunFlags, defaults: RunConfig) -> Result<(RunConfig, run::DeviceKind)> {
+    let run = run_config(flags, defaults)?;
+    let (device, why) = run::resolve_device(&flags.device)?;
+    note(&format!("device: {why}"));
+    Ok((run, device))
+}
+
 fn note(msg: &str) {
     eprintln!("{msg}");
 }
@@ -238,9 +247,7 @@ fn run_cli() -> Result<()> {
             );
         }
         Command::Pretrain(a) => {
-            let run = run_config(&a.flags, RunConfig::default())?;
-            let (device, why) = run::resolve_device(&a.flags.device)?;
-            note(&format!("device: {why}"));
+            let (run, device) = training_setup(&a.flags, RunConfig::default())?;
             let job = PretrainJob {
                 run,
                 data: a.data.clone(),
@@ -261,10 +268,8 @@ fn run_cli() -> Result<()> {
             ..
         }) => prepare_prefs(&a)?,
         Command::Sft(a) => {
-            let mut run = run_config(&a.flags, run::sft_run_defaults())?;
+            let (mut run, device) = training_setup(&a.flags, run::sft_run_defaults())?;
             run.pack |= a.pack;
-            let (device, why) = run::resolve_device(&a.flags.device)?;
-            note(&format!("device: {why}"));
             let job = SftJob {
                 run,
                 init: a.init.clone(),
@@ -277,9 +282,7 @@ fn run_cli() -> Result<()> {
             report(&run::sft(&job, &note)?);
         }
         Command::Reward(a) => {
-            let run = run_config(&a.flags, run::reward_run_defaults())?;
-            let (device, why) = run::resolve_device(&a.flags.device)?;
-            note(&format!("device: {why}"));
+            let (run, device) = training_setup(&a.flags, run::reward_run_defaults())?;
             let job = RewardJob {
                 run,
                 init: a.init.clone(),
@@ -292,9 +295,7 @@ fn run_cli() -> Result<()> {
             report(&run::reward(&job, &note)?);
         }
         Command::Dpo(a) => {
-            let run = run_config(&a.flags, run::dpo_run_defaults())?;
-            let (device, why) = run::resolve_device(&a.flags.device)?;
-            note(&format!("device: {why}"));
+            let (run, device) = training_setup(&a.flags, run::dpo_run_defaults())?;
             let job = DpoJob {
                 run,
                 init: a.init.clone(),
@@ -309,9 +310,7 @@ fn run_cli() -> Result<()> {
             report(&run::dpo(&job, &note)?);
         }
         Command::Rl(a) => {
-            let run = run_config(&a.flags, run::rl_run_defaults())?;
-            let (device, why) = run::resolve_device(&a.flags.device)?;
-            note(&format!("device: {why}"));
+            let (run, device) = training_setup(&a.flags, run::rl_run_defaults())?;
             let job = RlJob {
                 run,
                 init: a.init.clone(),
