@@ -24,6 +24,7 @@
 
 mod adamw;
 mod attention;
+mod buffer;
 mod cross_entropy;
 mod decode;
 mod device;
@@ -42,6 +43,8 @@ use half::bf16;
 
 use super::BackendError;
 use super::{check_len, AdamWStep, Backend, LossGrad, Result, Role, SampleParams};
+use buffer::Mem;
+pub use buffer::{CudaBuf, CudaIds};
 use device::{driver_error, launch_error};
 pub use device::{kernels, probe, DeviceInfo, BUILT_WITH_NVCC};
 
@@ -62,93 +65,6 @@ fn as_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
         op,
         msg: format!("{what} = {x} does not fit in a 32-bit int"),
     })
-}
-
-enum Mem {
-    Bf16(CudaSlice<bf16>),
-    F32(CudaSlice<f32>),
-    Param {
-        work: CudaSlice<bf16>,
-        master: CudaSlice<f32>,
-    },
-}
-
-/// A device buffer; its precision follows its [`Role`] (see the module header).
-pub struct CudaBuf {
-    role: Role,
-    mem: Mem,
-}
-
-impl CudaBuf {
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
-    pub fn len(&self) -> usize {
-        match &self.mem {
-            Mem::Bf16(x) => x.len(),
-            Mem::F32(x) => x.len(),
-            Mem::Param { master, .. } => master.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn dtype_error(&self, op: &'static str, what: &str, want: &str) -> BackendError {
-        BackendError::Invalid {
-            op,
-            msg: format!(
-                "buffer `{what}` is a {:?} buffer, this op needs {want} on the CUDA backend",
-                self.role
-            ),
-        }
-    }
-
-    /// The bf16 data kernels read: an activation, or a parameter's working copy.
-    fn bf16(&self, op: &'static str, what: &str) -> Result<&CudaSlice<bf16>> {
-        match &self.mem {
-            Mem::Bf16(x) => Ok(x),
-            Mem::Param { work, .. } => Ok(work),
-            Mem::F32(_) => Err(self.dtype_error(op, what, "a bf16 (Activation or Param) buffer")),
-        }
-    }
-
-    /// bf16 data a kernel may write: activations only (a parameter changes through AdamW).
-    fn bf16_mut(&mut self, op: &'static str, what: &str) -> Result<&mut CudaSlice<bf16>> {
-        if !matches!(self.mem, Mem::Bf16(_)) {
-            return Err(self.dtype_error(op, what, "a writable bf16 (Activation) buffer"));
-        }
-        match &mut self.mem {
-            Mem::Bf16(x) => Ok(x),
-            _ => unreachable!(),
-        }
-    }
-
-    fn f32(&self, op: &'static str, what: &str) -> Result<&CudaSlice<f32>> {
-        match &self.mem {
-            Mem::F32(x) => Ok(x),
-            _ => Err(self.dtype_error(op, what, "an fp32 (Grad or State) buffer")),
-        }
-    }
-
-    fn f32_mut(&mut self, op: &'static str, what: &str) -> Result<&mut CudaSlice<f32>> {
-        if !matches!(self.mem, Mem::F32(_)) {
-            return Err(self.dtype_error(op, what, "an fp32 (Grad or State) buffer"));
-        }
-        match &mut self.mem {
-            Mem::F32(x) => Ok(x),
-            _ => unreachable!(),
-        }
-    }
-}
-
-/// Token ids on the device, plus the host copy they were uploaded from (the launchers check
-/// id ranges and build the encoder's backward buckets from it without a download).
-pub struct CudaIds {
-    dev: CudaSlice<i32>,
-    host: Vec<i32>,
 }
 
 /// The CUDA backend on one device.
