@@ -40,27 +40,8 @@ pub(super) fn backward(
     dout: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    let op = "gelu_backward";
-    check_len(op, "dinp", n, dinp.len())?;
-    check_len(op, "inp", n, inp.len())?;
-    check_len(op, "dout", n, dout.len())?;
-    let dx = dinp.bf16_mut(op, "dinp")?;
-    let (x, dy) = (inp.bf16(op, "inp")?, dout.bf16(op, "dout")?);
-    let name = KERNELS[1];
-    let f = be.function(name)?;
-    // SAFETY: all three buffers hold `n` bf16 elements (checked above); arguments match
-    // (bf16*, const bf16*, const bf16*, size_t).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(dx)
-            .arg(x)
-            .arg(dy)
-            .arg(&n)
-            .launch(grid_stride(n, BLOCK))
-    }
-    .map_err(|e| launch_error(name, e))?;
-    Ok(())
+    let names = ["dinp", "inp", "dout"];
+    two_inputs(be, "gelu_backward", KERNELS[1], names, dinp, inp, dout, n)
 }
 
 pub(super) fn residual_forward(
@@ -70,16 +51,31 @@ pub(super) fn residual_forward(
     b: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    let op = "residual_forward";
-    check_len(op, "out", n, out.len())?;
-    check_len(op, "a", n, a.len())?;
-    check_len(op, "b", n, b.len())?;
-    let o = out.bf16_mut(op, "out")?;
-    let (x, y) = (a.bf16(op, "a")?, b.bf16(op, "b")?);
-    let name = KERNELS[2];
+    let names = ["out", "a", "b"];
+    two_inputs(be, "residual_forward", KERNELS[2], names, out, a, b, n)
+}
+
+/// Launches an elementwise kernel `(bf16* out, const bf16* x, const bf16* y, size_t n)` over
+/// `n` bf16 elements, after checking each buffer (named by `names`) holds exactly `n`.
+#[allow(clippy::too_many_arguments)]
+fn two_inputs(
+    be: &CudaBackend,
+    op: &'static str,
+    name: &'static str,
+    names: [&'static str; 3],
+    out: &mut CudaBuf,
+    x: &CudaBuf,
+    y: &CudaBuf,
+    n: usize,
+) -> Result<()> {
+    check_len(op, names[0], n, out.len())?;
+    check_len(op, names[1], n, x.len())?;
+    check_len(op, names[2], n, y.len())?;
+    let o = out.bf16_mut(op, names[0])?;
+    let (x, y) = (x.bf16(op, names[1])?, y.bf16(op, names[2])?);
     let f = be.function(name)?;
     // SAFETY: all three buffers hold `n` bf16 elements (checked above); arguments match
-    // (bf16*, const bf16*, const bf16*, size_t).
+    // (bf16*, const bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
     unsafe {
         be.stream
             .launch_builder(f)
