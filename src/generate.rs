@@ -1,5 +1,6 @@
 //! Sampling text from a model: temperature, top-k, top-p, a seed, and a stop token, with a
-//! key/value cache ([`generate`], [`Session`]) or without one ([`generate_uncached`]).
+//! key/value cache ([`generate`], [`Session`], many prompts at once: [`generate_many`]) or
+//! without one ([`generate_uncached`]).
 //!
 //! The cached path prefills the prompt once, then runs one position per new token
 //! ([`Gpt::extend`]) and draws it on the device ([`crate::backend::Backend::sample_tokens`]).
@@ -228,6 +229,73 @@ pub fn generate_uncached<B: Backend>(
         }
         context.push(tok as i32);
         start = window_start(start, context.len(), tmax);
+    }
+    Ok(out)
+}
+
+/// Continues every prompt by up to `max_new` tokens (no window sliding: each prompt plus
+/// `max_new` must fit in `max_seq_len`). A row stops at the first token in `stops`, which is
+/// kept as the row's last token. Prompts of equal length are decoded together in one KV cache
+/// of up to `rows` rows, in the order of the sorted lengths; every step draws one uniform per
+/// row from `rng`, so a seed and the same inputs give the same outputs. Returns one
+/// continuation per prompt, in the prompts' order.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_many<B: Backend>(
+    be: &B,
+    model: &Gpt<B>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stops: &[u32],
+    params: &SampleParams,
+    rng: &mut Rng,
+    rows: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let tmax = model.cfg.max_seq_len;
+    if let Some(i) = prompts
+        .iter()
+        .position(|p| p.is_empty() || p.len() + max_new > tmax)
+    {
+        return Err(ModelError::Invalid(format!(
+            "prompt {i} has {} tokens: with {max_new} new tokens it must fit in the context of {tmax}",
+            prompts[i].len()
+        )));
+    }
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| (prompts[i].len(), i));
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let len = prompts[order[start]].len();
+        let end = (start..order.len())
+            .take(rows.max(1))
+            .take_while(|&j| prompts[order[j]].len() == len)
+            .last()
+            .map_or(start + 1, |j| j + 1);
+        let group = &order[start..end];
+        let b = group.len();
+        let mut cache = KvCache::new(be, &model.cfg, b)?;
+        let ids: Vec<i32> = group
+            .iter()
+            .flat_map(|&i| prompts[i].iter().map(|&x| x as i32))
+            .collect();
+        model.extend(be, &mut cache, &ids, len)?;
+        let mut done = vec![false; b];
+        for step in 0..max_new {
+            let u: Vec<f32> = (0..b).map(|_| rng.next_f32()).collect();
+            let toks = cache.sample(be, params, &u)?;
+            for ((&i, d), &tok) in group.iter().zip(done.iter_mut()).zip(&toks) {
+                if !*d {
+                    out[i].push(tok);
+                    *d = stops.contains(&tok);
+                }
+            }
+            if step + 1 == max_new || done.iter().all(|&d| d) {
+                break;
+            }
+            let next: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
+            model.extend(be, &mut cache, &next, 1)?;
+        }
+        start = end;
     }
     Ok(out)
 }

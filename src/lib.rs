@@ -4,8 +4,8 @@
 pub mod backend; // the Backend trait, the CPU reference and the CUDA backend
 pub mod bench; // `topcoat bench`: training-step throughput on random tokens
 pub mod config; // model presets and run configs (TOML + flag overrides)
-pub mod demo; // `topcoat demo`: the three rounds on the embedded demo data, the report card
 pub mod data; // token shards, the window loader, tokenizers, `prepare`
+pub mod demo; // `topcoat demo`: the three rounds on the embedded demo data, the report card
 pub mod eval; // `eval` scoring: answer normalisation and matching, the prompts file, pair accuracy
 pub mod generate; // generation with a KV cache: sampling (temperature, top-k, top-p), sessions
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend

@@ -12,7 +12,9 @@ use topcoat::backend::{Backend, BackendError, SampleParams};
 use topcoat::config::{pad_vocab, ModelConfig};
 use topcoat::data::chat::{render_prompt, Message, Role};
 use topcoat::data::Tokenizer;
-use topcoat::generate::{generate, generate_uncached, SampleOptions, Session, TextStream};
+use topcoat::generate::{
+    generate, generate_many, generate_uncached, SampleOptions, Session, TextStream,
+};
 use topcoat::model::{Gpt, Init, ParamLayout};
 use topcoat::rng::Rng;
 use topcoat::train::checkpoint;
@@ -175,6 +177,60 @@ fn generation_stops_at_the_stop_token() {
 
 /// Feeds a random `qkv [B, T, 3C]` to the cached op in chunks (prefill, then single steps and
 /// another chunk) and compares every output row and the filled cache with one plain call.
+/// Batched greedy decoding (prompts of mixed lengths, several sharing a cache) gives every
+/// prompt the tokens that decoding it alone gives, and stops each row at its own stop token.
+#[test]
+fn batched_generation_matches_one_prompt_at_a_time() {
+    let be = CpuBackend;
+    let cfg = tiny_cfg(61, 32);
+    let model = random_model(&be, &cfg, 31);
+    let mut rng = Rng::new(32);
+    let prompts: Vec<Vec<u32>> = [3, 5, 3, 4, 5, 3, 1]
+        .iter()
+        .map(|&n| random_prompt(&mut rng, n, cfg.vocab_size))
+        .collect();
+    let max_new = 12;
+    let greedy = params(0.0, 0, 1.0);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let opts = SampleOptions {
+                max_tokens: max_new,
+                temperature: 0.0,
+                ..SampleOptions::default()
+            };
+            generate(&be, &model, p, &opts, |_| {}).unwrap()
+        })
+        .collect();
+    // A stop token that some rows produce early and others never do.
+    let stop = alone[0][4];
+    let want: Vec<Vec<u32>> = alone
+        .iter()
+        .map(|toks| match toks.iter().position(|&t| t == stop) {
+            Some(i) => toks[..=i].to_vec(),
+            None => toks.clone(),
+        })
+        .collect();
+    for rows in [1, 2, 64] {
+        let got = generate_many(
+            &be,
+            &model,
+            &prompts,
+            max_new,
+            &[stop],
+            &greedy,
+            &mut rng,
+            rows,
+        )
+        .unwrap();
+        assert_eq!(got, want, "rows per cache {rows}");
+    }
+    assert!(want.iter().any(|w| w.len() < max_new) && want.iter().any(|w| w.len() == max_new));
+    let long = vec![random_prompt(&mut rng, 25, cfg.vocab_size)];
+    let err = generate_many(&be, &model, &long, 8, &[], &greedy, &mut rng, 4).unwrap_err();
+    assert!(err.to_string().contains("must fit"), "{err}");
+}
+
 #[test]
 fn cached_attention_matches_plain_attention() {
     let be = CpuBackend::new();
