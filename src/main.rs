@@ -325,6 +325,7 @@ fn run_cli() -> Result<()> {
                 clip: a.clip,
                 max_new: a.max_new,
                 epochs: a.epochs,
+                keep_checkpoints: 3,
             };
             report(&run::rl(&job, &note)?);
         }

@@ -197,6 +197,7 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
         clip: 0.2,
         max_new: 6,
         epochs: 1,
+        keep_checkpoints: 3,
     };
     let summary = run::rl(&job, &|_| {}).unwrap();
     assert_eq!(summary.final_step, 3);

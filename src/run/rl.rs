@@ -49,6 +49,8 @@ pub struct RlJob {
     pub clip: f64,
     pub max_new: usize,
     pub epochs: usize,
+    /// Keep only the newest this many checkpoints (0 keeps all).
+    pub keep_checkpoints: usize,
 }
 
 /// Reads a prompts file (see the module header) into token ids.
@@ -194,7 +196,7 @@ fn rl_on<B: Backend + 'static>(
         run: job.run.clone(),
         out_dir: job.out.clone(),
         resume: job.resume,
-        keep_checkpoints: 3,
+        keep_checkpoints: job.keep_checkpoints,
         quiet: job.quiet,
     };
     train_with(
