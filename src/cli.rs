@@ -52,6 +52,27 @@ pub enum Command {
     /// Evaluate a checkpoint: validation loss, preference-pair accuracy, or scored generation.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// All three rounds on the embedded demo data (pretrain, SFT, reward model, DPO, RL),
+    /// measured, ending with a report card.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The demo run directory; a stopped demo started again on it continues where it stopped.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// A demo data directory from scripts/make_demo_data.py (default: the embedded small set).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A reduced run (a few minutes on a CPU): fewer steps and questions.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(Args)]

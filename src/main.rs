@@ -371,6 +371,24 @@ fn run_cli() -> Result<()> {
         Command::Eval(cmd) => eval(&cmd)?,
         Command::Info { path } => print!("{}", run::info(&path)?),
         Command::Bench(a) => bench_command::bench(&a)?,
+        Command::Demo(a) => {
+            let (device, why) = run::resolve_device(&a.device)?;
+            note(&format!("device: {why}"));
+            let job = topcoat::demo::DemoJob {
+                out: a.out.clone(),
+                data: a.data.clone(),
+                device,
+                device_name: why,
+                quick: a.quick,
+                seed: a.seed,
+            };
+            let card = topcoat::demo::demo(&job, &note)?;
+            println!(
+                "demo finished in {:.0} s; report card: {}",
+                card.wall_s,
+                a.out.join(topcoat::demo::card::CARD_FILE).display()
+            );
+        }
     }
     Ok(())
 }
