@@ -2,3 +2,4 @@
 
 pub mod card;
 pub use card::ReportCard;
+pub mod table; // the card as Markdown tables (rounds, stage timings, samples)
