@@ -52,6 +52,8 @@ pub enum Command {
     /// Evaluate a checkpoint: validation loss, preference-pair accuracy, or scored generation.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// Render a demo run directory as one self-contained HTML page (card, samples, plots).
+    Report(ReportArgs),
 }
 
 #[derive(Args)]
@@ -478,4 +480,13 @@ pub struct EvalGenerateArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Demo run directory (holds report_card.json and each stage's metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// Where to write the page (default: RUN_DIR/report.html).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }

@@ -370,6 +370,17 @@ fn run_cli() -> Result<()> {
         Command::Eval(cmd) => eval(&cmd)?,
         Command::Info { path } => print!("{}", run::info(&path)?),
         Command::Bench(a) => bench_command::bench(&a)?,
+        Command::Report(a) => report_command(&a)?,
     }
+    Ok(())
+}
+
+fn report_command(a: &ReportArgs) -> Result<()> {
+    let out = (a.out.clone()).unwrap_or_else(|| a.run_dir.join(topcoat::report::REPORT_FILE));
+    let s = topcoat::report::write_report(&a.run_dir, &out)?;
+    for n in &s.notes {
+        note(&format!("note: {n}"));
+    }
+    println!("{}: {} plots, {} bytes", s.path.display(), s.plots, s.bytes);
     Ok(())
 }
