@@ -55,6 +55,8 @@ pub enum Command {
     /// All three rounds on the embedded demo data (pretrain, SFT, reward model, DPO, RL),
     /// measured, ending with a report card.
     Demo(DemoArgs),
+    /// Render a demo run directory as one self-contained HTML page (card, samples, plots).
+    Report(ReportArgs),
 }
 
 #[derive(Args)]
@@ -499,4 +501,13 @@ pub struct EvalGenerateArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Demo run directory (holds report_card.json and each stage's metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// Where to write the page (default: RUN_DIR/report.html).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }

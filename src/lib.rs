@@ -11,6 +11,7 @@ pub mod generate; // generation with a KV cache: sampling (temperature, top-k, t
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend
 pub mod optim; // AdamW parameter groups and the learning-rate schedule
 pub mod profile; // a Backend wrapper that times every op (`bench --kernels`)
+pub mod report; // `topcoat report`: a demo run as one self-contained HTML file (tables, inline SVG plots)
 pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
 pub mod run; // what each CLI command does (device choice, embedded data, pretrain, sft, dpo, sample, info)
 pub mod stages; // pretrain, sft, reward, dpo, rl: loss and data wiring only

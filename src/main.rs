@@ -383,12 +383,25 @@ fn run_cli() -> Result<()> {
                 seed: a.seed,
             };
             let card = topcoat::demo::demo(&job, &note)?;
+            println!("{}\n{}", card.table(), card.samples_table());
             println!(
-                "demo finished in {:.0} s; report card: {}",
+                "demo finished in {:.0} s; report card: {}; report: {}",
                 card.wall_s,
-                a.out.join(topcoat::demo::card::CARD_FILE).display()
+                a.out.join(topcoat::demo::card::CARD_FILE).display(),
+                a.out.join(topcoat::report::REPORT_FILE).display()
             );
         }
+        Command::Report(a) => report_command(&a)?,
     }
+    Ok(())
+}
+
+fn report_command(a: &ReportArgs) -> Result<()> {
+    let out = (a.out.clone()).unwrap_or_else(|| a.run_dir.join(topcoat::report::REPORT_FILE));
+    let s = topcoat::report::write_report(&a.run_dir, &out)?;
+    for n in &s.notes {
+        note(&format!("note: {n}"));
+    }
+    println!("{}: {} plots, {} bytes", s.path.display(), s.plots, s.bytes);
     Ok(())
 }

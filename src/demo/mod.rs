@@ -3,7 +3,8 @@
 //! One command runs pretrain -> SFT -> reward model -> DPO -> RL on the data set of
 //! `data/demo/` (WordNet definitions and FAQ pages, `data.rs`), at sizes picked for the device
 //! (`plan.rs`), measures each round's model as it finishes (`rounds.rs`, `measure.rs`) and ends
-//! with the report card (`card.rs`), written to `RUN/report_card.json`. Layout of `RUN`:
+//! with the report card (`card.rs`), written to `RUN/report_card.json`, and its HTML page
+//! (`crate::report`, `RUN/report.html`). Layout of `RUN`:
 //! `data/` (the source files and the prepared shards), `base/`, `sft/`, `reward/`, `dpo/`,
 //! `rl/` (each a run directory with `metrics.jsonl` and checkpoints).
 //!
@@ -16,6 +17,7 @@ mod data;
 mod measure;
 mod plan;
 mod rounds;
+pub mod table; // the card as Markdown tables (rounds, stage timings, samples)
 
 pub use card::ReportCard;
 pub use data::{read_questions, FILES};
@@ -24,8 +26,11 @@ pub use plan::{plan, DemoPlan};
 
 use crate::backend::{cpu::CpuBackend, cuda::CudaBackend, Backend};
 use crate::config::RunConfig;
-use crate::data::{self as dataset, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions};
+use crate::data::{
+    self as dataset, DataError, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions,
+};
 use crate::model::RewardModel;
+use crate::report::{write_report, ReportError, REPORT_FILE};
 use crate::run::{self, DeviceKind, DpoJob, PretrainJob, RewardJob, RlJob, SftJob};
 use crate::stages::dpo::DpoLoss;
 use crate::train::{checkpoint, io_err, TrainError};
@@ -51,12 +56,32 @@ pub struct DemoJob {
     pub seed: u64,
 }
 
-/// Runs the demo and returns its card (also written to `out/report_card.json`).
-pub fn demo(job: &DemoJob, progress: &dyn Fn(&str)) -> Result<ReportCard> {
-    match job.device {
+/// Why a demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+}
+
+/// Runs the demo and returns its card (also written to `out/report_card.json`, and rendered
+/// to `out/report.html`).
+pub fn demo(job: &DemoJob, progress: &dyn Fn(&str)) -> std::result::Result<ReportCard, DemoError> {
+    let card = match job.device {
         DeviceKind::Cpu => demo_on(&CpuBackend, job, progress),
-        DeviceKind::Cuda => demo_on(&CudaBackend::new(0)?, job, progress),
-    }
+        DeviceKind::Cuda => CudaBackend::new(0)
+            .map_err(TrainError::from)
+            .and_then(|be| demo_on(&be, job, progress)),
+    }?;
+    let page = job.out.join(REPORT_FILE);
+    let summary = write_report(&job.out, &page)?;
+    progress(&format!(
+        "wrote {} ({} plots)",
+        summary.path.display(),
+        summary.plots
+    ));
+    Ok(card)
 }
 
 /// Trains one stage unless its final checkpoint exists (resuming from an earlier one), then
@@ -132,10 +157,11 @@ fn val_loss_span(dir: &Path) -> Result<(f64, f64)> {
         .collect();
     match (vals.first(), vals.last()) {
         (Some(&a), Some(&b)) => Ok((a, b)),
-        _ => Err(TrainError::Checkpoint {
-            path,
-            msg: "no validation record".into(),
-        }),
+        _ => Err(DataError::InvalidArgument(format!(
+            "{}: no validation record (`val_every` must be positive)",
+            path.display()
+        ))
+        .into()),
     }
 }
 
