@@ -42,7 +42,7 @@ SIZES = {
     # train/heldout/control: lemma counts; eval_train: train lemmas also asked in eval_questions;
     # rl: train lemmas in rl_prompts; trim_perlfaq: shorten perlfaq answers (code-heavy bulk);
     # tagged_only: lemmas must occur in WordNet's sense-tagged counts (cntlist.rev).
-    "small": {"train": 1300, "heldout": 200, "control": 200, "eval_train": 100, "rl": 300,
+    "small": {"train": 400, "heldout": 150, "control": 150, "eval_train": 100, "rl": 200,
               "trim_perlfaq": True, "tagged_only": True},
     "medium": {"train": 5000, "heldout": 1000, "control": 1000, "eval_train": 500, "rl": 2000,
                "trim_perlfaq": False, "tagged_only": True},
@@ -52,7 +52,7 @@ SIZES = {
 MAX_DEFINITION = 90   # characters: short glosses, so a tiny model can reproduce an answer
 MAX_FAQ_QUESTION = 80  # characters: FAQ questions used as rejected replies
 PERLFAQ_MAX_CODE_LINES = 6
-PERLFAQ_MAX_CHARS = 1200
+PERLFAQ_MAX_CHARS = 400
 LIST_HEADERS = ["Frequently asked word questions", "Questions readers ask about words",
                 "Word questions from the mailbag", "Vocabulary questions",
                 "More questions about words", "What people ask about English words"]
@@ -439,9 +439,10 @@ def readme(args, cfg, versions, splits, stats, files, out):
     size_flag = "" if args.size == "small" else f" --size {args.size} --out DIR"
     sizes_text = f"{cfg['train']:,} train lemmas give {text_bytes / 1e6:.2f} MB of corpus text.\n"
     if args.size == "small":
-        sizes_text += ("That is about 300k tokens with the demo's 4,096-token BPE (measured with\n"
-                       "`topcoat prepare data/demo/corpus.jsonl --tokenizer bpe`), so a ~1.5M-token\n"
-                       "pretraining run sees every document about five times.\n")
+        sizes_text += ("That is about 140k tokens with the demo's 4,096-token BPE (`topcoat demo` prints\n"
+                       "the count it prepared), so the CPU demo's 1.8M-token pretraining (900 steps of\n"
+                       "2,048 tokens) sees every document about 14 times. Few lemmas, many passes: a\n"
+                       "1.35M-parameter model only starts to store definitions after many exposures.\n")
     sizes_text += (f"{cfg['heldout']:,} heldout and {cfg['control']:,} control lemmas give accuracy "
                    f"estimates with a\nstandard error of at most "
                    f"{50 / min(cfg['heldout'], cfg['control']) ** 0.5:.1f} points each.")
