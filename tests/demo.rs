@@ -73,9 +73,11 @@ fn quick_demo_runs_every_round_and_shows_each_direction() {
         let rounds: Vec<&str> = s.replies.iter().map(|(r, _)| r.as_str()).collect();
         assert_eq!(rounds, ["base", "sft", "dpo", "rl"]);
     }
+    // The file holds exactly the card returned, and the page was rendered from it.
     let text = std::fs::read_to_string(job.out.join("report_card.json")).unwrap();
-    let on_disk: ReportCard = serde_json::from_str(&text).unwrap();
-    assert_eq!(on_disk, card);
+    assert_eq!(text, serde_json::to_string_pretty(&card).unwrap());
+    let page = std::fs::read_to_string(job.out.join("report.html")).unwrap();
+    assert!(page.contains("id=\"plot-rl-kl\""));
 
     // Started again, the demo reuses every stage and measures the same numbers.
     let again = demo(&job, &|_| {}).unwrap();

@@ -263,14 +263,10 @@ fn corpus_holds_every_heldout_word_and_no_control_word() {
 #[test]
 fn readme_table_matches_the_files() {
     let readme = read("README.md");
-    for name in [
-        "corpus.jsonl",
-        "sft.jsonl",
-        "prefs.jsonl",
-        "eval_questions.jsonl",
-        "eval_prefs.jsonl",
-        "rl_prompts.jsonl",
-    ] {
+    for name in topcoat::demo::FILES
+        .iter()
+        .filter(|f| f.ends_with(".jsonl"))
+    {
         let row = readme
             .lines()
             .find(|l| l.starts_with(&format!("| `{name}` |")))

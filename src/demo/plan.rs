@@ -35,7 +35,7 @@ pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
     let preset = if gpu { "small" } else { "tiny" };
     // Optimizer steps per stage: [pretrain, sft, reward, dpo, rl].
     let steps: [usize; 5] = match (gpu, quick) {
-        (false, false) => [600, 150, 80, 80, 60],
+        (false, false) => [900, 150, 80, 80, 60],
         (false, true) => [120, 60, 30, 40, 12],
         (true, false) => [3000, 600, 300, 300, 200],
         (true, true) => [400, 100, 50, 50, 20],
