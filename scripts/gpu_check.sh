@@ -2,7 +2,8 @@
 # The one GPU check (run on the GPU machine from the repository root, with dist/ from
 # scripts/gpu_dist.sh): every CUDA parity test, the whole-model CUDA-vs-CPU training test, a
 # short pretraining run on the GPU whose validation loss must fall, a reward-model run from
-# it whose validation accuracy must reach 1, the per-kernel benchmark,
+# it whose validation accuracy must reach 1, the reduced demo (`topcoat demo --quick`), the
+# per-kernel benchmark,
 # and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024.
 # Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
 #   GPU_CHECK_SKIP_TORCH=1 skips the PyTorch baseline (for a quick correctness-only pass).
@@ -66,6 +67,13 @@ rm_acc=$(grep -Eo "val accuracy [0-9.]+" "$logs/reward.log" | sed -n '1p;$p' | p
 
 echo "== reward ($((SECONDS - t0)) s): $reward, $rm_acc"
 
+# The reduced demo on the GPU (all five stages, the `small` preset); its card and page are kept.
+timeout 150 dist/topcoat demo --quick --device cuda --out "$run/demo" >"$logs/demo.log" 2>&1
+demo=$(status $?)
+cp "$run/demo/report_card.json" "$run/demo/report.html" "$logs/" 2>/dev/null
+grep -E "^\| (base|sft|reward model|dpo|rl) \|" "$logs/demo.log"
+echo "== demo --quick ($((SECONDS - t0)) s): $demo"
+
 if dist/topcoat bench --help | grep -q -- "--kernels"; then
   timeout 60 dist/topcoat bench --device cuda --kernels --preset gpt2-124m --vocab-size 50257 \
     --batch-size 64 --seq-len 1024 --steps 2 --warmup 1 >"$logs/bench_kernels.log" 2>&1
@@ -99,6 +107,7 @@ echo "| CUDA vs CPU, 10 training steps | $training |"
 echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
 echo "| sample (cpu) from the cuda checkpoint | $sample |"
 echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm_acc:-no result} |"
+echo "| topcoat demo --quick on cuda | $demo: $(grep -Eo "demo finished in [0-9]+ s" "$logs/demo.log" || echo "no result") |"
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, attention mma-lds kernels | $(tail -n 1 "$logs/bench_topcoat_lds.log") |"
 echo "| PyTorch torch.compile, same config | $torch_line |"
