@@ -22,8 +22,8 @@ difficulty; the only difference is whether the lemma's own documents are in the 
 Each lemma contributes ONE sense (its most frequent), so "What does 'X' mean?" has one answer.
 
 Files (JSONL, one object per line, UTF-8): corpus.jsonl, sft.jsonl, prefs.jsonl,
-eval_questions.jsonl, eval_prefs.jsonl, rl_prompts.jsonl; plus splits.json, README.md and
-LICENSES.md. The formats are in docs/FORMATS.md ("Demo data").
+eval_questions.jsonl, eval_prefs.jsonl, eval_probe.jsonl, rl_prompts.jsonl; plus splits.json,
+README.md and LICENSES.md. The formats are in docs/FORMATS.md ("Demo data").
 """
 
 import argparse
@@ -357,6 +357,17 @@ def build(root, cfg, seed):
         eval_kinds[used] = eval_kinds.get(used, 0) + 1
     random.Random(seed + 3).shuffle(eval_prefs)
 
+    # knowledge probe: for every heldout and control lemma, its gloss against a co-hyponym's
+    # (hard pairs only), so that which one a model prefers says whether it knows the lemma
+    eval_probe = []
+    for group, lemmas in (("heldout", heldout), ("control", control)):
+        for lemma in lemmas:
+            avoid = (control_set | set(heldout)) - {lemma}
+            pair, _ = make_pair(lex, seed, lemma, "hard", train, faq_questions, avoid)
+            pair["group"] = group
+            eval_probe.append(pair)
+    random.Random(seed + 4).shuffle(eval_probe)
+
     rl = [{"prompt": question(l)}
           for l in sorted(train, key=lambda l: rank(seed, f"rl:{l}"))[:cfg["rl"]]]
 
@@ -368,7 +379,7 @@ def build(root, cfg, seed):
                  1 for e in sft if e["messages"][0]["content"].startswith("Use "))}
     files = {"corpus.jsonl": corpus, "sft.jsonl": sft, "prefs.jsonl": prefs,
              "eval_questions.jsonl": eval_questions, "eval_prefs.jsonl": eval_prefs,
-             "rl_prompts.jsonl": rl}
+             "eval_probe.jsonl": eval_probe, "rl_prompts.jsonl": rl}
     return files, splits, stats
 
 
@@ -411,8 +422,8 @@ def licenses(root, versions):
     new_head = ("# Licences of the demo data sources\n\n"
                 "Every file in data/demo is derived from three Debian packages. The glosses, examples,\n"
                 "synonyms and hypernyms in `corpus.jsonl` (`wordnet:` documents), `sft.jsonl`,\n"
-                "`prefs.jsonl`, `eval_questions.jsonl`, `eval_prefs.jsonl` and `rl_prompts.jsonl`\n"
-                "come from WordNet 3.0; the FAQ documents and some rejected replies (FAQ questions)\n"
+                "`prefs.jsonl`, `eval_questions.jsonl`, `eval_prefs.jsonl`, `eval_probe.jsonl` and\n"
+                "`rl_prompts.jsonl` come from WordNet 3.0; the FAQ documents and some rejected replies (FAQ questions)\n"
                 "from perl-doc and debian-faq. perlfaq answers are shortened in the small size (code\n"
                 "blocks cut to their first lines). Package versions are those\n"
                 "`scripts/make_demo_data.py` unpacked (`dpkg-deb -f`).\n")
@@ -453,7 +464,7 @@ def readme(args, cfg, versions, splits, stats, files, out):
 
 Data for `topcoat demo`: pretrain on `corpus.jsonl`, instruction-tune on `sft.jsonl`, train a
 reward model and DPO on `prefs.jsonl`, run RL on `rl_prompts.jsonl`, then measure on
-`eval_questions.jsonl` and `eval_prefs.jsonl`. Everything is derived from WordNet 3.0, the
+`eval_questions.jsonl`, `eval_prefs.jsonl` and `eval_probe.jsonl`. Everything is derived from WordNet 3.0, the
 perlfaq and the Debian FAQ by `scripts/make_demo_data.py` (licences and package versions in
 [LICENSES.md](LICENSES.md)); formats in docs/FORMATS.md, "Demo data".
 
@@ -525,6 +536,10 @@ FAQs), which is why train is a reference, not a comparison group.
 - `eval_prefs.jsonl`: pairs as in prefs.jsonl plus `"group": "heldout"`, one per heldout lemma
   (rejected sides name no control or other heldout lemma).
   Counts: {ekinds}.
+- `eval_probe.jsonl`: the knowledge probe, pairs as in prefs.jsonl plus `"group"`: for every
+  heldout and every control lemma, its gloss sentence (chosen) against a co-hyponym's (rejected,
+  `hard`; rejected sides name no control or other heldout lemma). A model that prefers the right
+  gloss of heldout lemmas more often than of control lemmas knows what pretraining told it.
 - `rl_prompts.jsonl` `{{"prompt"}}`: {cfg['rl']} train lemmas' questions.
 - `splits.json` `{{"seed", "train", "heldout", "control"}}`: sorted lemma lists.
 

@@ -63,6 +63,10 @@ fn quick_demo_runs_every_round_and_shows_each_direction() {
     for g in ["train", "heldout", "control"] {
         assert!(card.sft.replies.groups[g].n > 0, "no {g} questions");
     }
+    for probe in [&card.base.knowledge_probe, &card.sft.knowledge_probe] {
+        let groups: Vec<&str> = probe.keys().map(String::as_str).collect();
+        assert_eq!(groups, ["control", "heldout"]);
+    }
     // The trajectory starts at the SFT model itself (KL exactly 0) and has one point per kept
     // RL checkpoint.
     assert_eq!(card.rl_trajectory[0].step, 0);

@@ -120,7 +120,7 @@ fn every_file_parses_with_its_reader() {
     let dir = demo_dir();
     let convs = read_conversations(&dir.join("sft.jsonl")).expect("sft.jsonl");
     assert_eq!(convs.len(), jsonl("sft.jsonl").len());
-    for name in ["prefs.jsonl", "eval_prefs.jsonl"] {
+    for name in ["prefs.jsonl", "eval_prefs.jsonl", "eval_probe.jsonl"] {
         let pairs = read_preferences(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(pairs.len(), jsonl(name).len());
     }
@@ -163,6 +163,34 @@ fn tuning_data_uses_train_lemmas_and_eval_data_matches_the_splits() {
         );
         assert_eq!(field("eval_prefs.jsonl", line, &v, "group"), "heldout");
     }
+    // The knowledge probe: one hard pair for every heldout and every control lemma.
+    let mut probed = BTreeSet::new();
+    for (line, v) in jsonl("eval_probe.jsonl") {
+        let lemma = field("eval_probe.jsonl", line, &v, "lemma");
+        let want = if s.heldout.contains(lemma) {
+            "heldout"
+        } else if s.control.contains(lemma) {
+            "control"
+        } else {
+            panic!("eval_probe.jsonl:{line}: {lemma:?} is neither heldout nor control")
+        };
+        assert_eq!(
+            field("eval_probe.jsonl", line, &v, "group"),
+            want,
+            "line {line}"
+        );
+        assert_eq!(
+            field("eval_probe.jsonl", line, &v, "kind"),
+            "hard",
+            "line {line}"
+        );
+        assert!(probed.insert(lemma.to_string()), "{lemma:?} probed twice");
+    }
+    let all: BTreeSet<String> = s.heldout.union(&s.control).cloned().collect();
+    assert_eq!(
+        probed, all,
+        "eval_probe.jsonl must probe every heldout and control lemma"
+    );
     let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (line, v) in jsonl("eval_questions.jsonl") {
         let lemma = field("eval_questions.jsonl", line, &v, "lemma");

@@ -93,6 +93,12 @@ fn card(rng: &mut Rng) -> ReportCard {
                 .collect(),
         })
         .collect();
+    let probe = |rng: &mut Rng| {
+        ["heldout", "control"]
+            .iter()
+            .map(|g| (g.to_string(), frac(rng)))
+            .collect()
+    };
     ReportCard {
         version: 1,
         device: "cpu (no CUDA device)".into(),
@@ -104,10 +110,12 @@ fn card(rng: &mut Rng) -> ReportCard {
             val_loss_start: 8.0 + rng.next_f64(),
             val_loss: 3.0 + rng.next_f64(),
             replies: replies(rng),
+            knowledge_probe: probe(rng),
         },
         sft: SftRound {
             replies: replies(rng),
             heldout_pref_accuracy: frac(rng),
+            knowledge_probe: probe(rng),
         },
         reward: RewardRound {
             heldout_pair_accuracy: frac(rng),

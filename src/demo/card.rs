@@ -77,6 +77,9 @@ pub struct BaseRound {
     pub val_loss_start: f64,
     pub val_loss: f64,
     pub replies: Replies,
+    /// The knowledge probe (see [`SftRound::knowledge_probe`]).
+    #[serde(default)]
+    pub knowledge_probe: BTreeMap<String, f64>,
 }
 
 /// Round two: the instruction-tuned model, asked through the chat template.
@@ -86,6 +89,11 @@ pub struct SftRound {
     /// Fraction of held-out preference pairs where the model gives the chosen reply the higher
     /// log-probability (the baseline DPO and RL are compared against).
     pub heldout_pref_accuracy: f64,
+    /// By lemma group (`heldout`, `control`): the fraction of probe pairs (a lemma's gloss
+    /// against a co-hyponym's) where the model gives the right gloss the higher log-probability.
+    /// Held-out above control means the model kept what pretraining said about those lemmas.
+    #[serde(default)]
+    pub knowledge_probe: BTreeMap<String, f64>,
 }
 
 /// The reward model.

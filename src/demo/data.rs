@@ -19,23 +19,25 @@ use std::path::{Path, PathBuf};
 pub const VAL_EVERY: usize = 10;
 
 /// The files of a demo data set, in `data/demo/`.
-pub const FILES: [&str; 7] = [
+pub const FILES: [&str; 8] = [
     "corpus.jsonl",
     "sft.jsonl",
     "prefs.jsonl",
     "eval_questions.jsonl",
     "eval_prefs.jsonl",
+    "eval_probe.jsonl",
     "rl_prompts.jsonl",
     "splits.json",
 ];
 
 /// The committed data set, in [`FILES`] order.
-const EMBEDDED: [&[u8]; 7] = [
+const EMBEDDED: [&[u8]; 8] = [
     include_bytes!("../../data/demo/corpus.jsonl"),
     include_bytes!("../../data/demo/sft.jsonl"),
     include_bytes!("../../data/demo/prefs.jsonl"),
     include_bytes!("../../data/demo/eval_questions.jsonl"),
     include_bytes!("../../data/demo/eval_prefs.jsonl"),
+    include_bytes!("../../data/demo/eval_probe.jsonl"),
     include_bytes!("../../data/demo/rl_prompts.jsonl"),
     include_bytes!("../../data/demo/splits.json"),
 ];
@@ -139,11 +141,12 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>, DataError> {
     Ok(out)
 }
 
-/// The `kind` of every pair of a preference file (`hard`, `question`, `random`), in file order.
-pub fn read_pair_kinds(path: &Path) -> Result<Vec<String>, DataError> {
+/// One string field of every pair of a preference file, in file order: `kind` (`hard`,
+/// `question`, `random`) or `group` (`heldout`, `control`).
+pub fn read_pair_field(path: &Path, key: &str) -> Result<Vec<String>, DataError> {
     jsonl_lines(path)?
         .into_iter()
-        .map(|(line, v)| string_field(path, line, &v, "kind"))
+        .map(|(line, v)| string_field(path, line, &v, key))
         .collect()
 }
 

@@ -274,17 +274,26 @@ fn demo_on<B: Backend>(be: &B, job: &DemoJob, progress: &dyn Fn(&str)) -> Result
         },
     )?);
     let (val_start, val_end) = val_loss_span(&dir("base"))?;
-    let base_asked = eval.ask(be, &load(be, &dir("base"))?, Style::Plain)?;
+    let mut base_model = load(be, &dir("base"))?;
+    let base_asked = eval.ask(be, &base_model, Style::Plain)?;
     card.base = BaseRound {
         val_loss_start: val_start,
         val_loss: val_end,
         replies: eval.replies(&base_asked),
+        knowledge_probe: eval.knowledge_probe(be, &mut base_model)?,
+    };
+    drop(base_model);
+    let probe = |p: &std::collections::BTreeMap<String, f64>, g: &str| {
+        pct(p.get(g).copied().unwrap_or(0.0))
     };
     progress(&format!(
         "base: val loss {val_start:.3} -> {val_end:.3}; asked `What does 'X' mean?`, it goes on \
-         with a question {} of the time, answers {}",
+         with a question {} of the time, answers {}; knows the right gloss of held-out lemmas {}, \
+         of control lemmas {}",
         pct(card.base.replies.question_rate),
-        pct(card.base.replies.answer_rate)
+        pct(card.base.replies.answer_rate),
+        probe(&card.base.knowledge_probe, "heldout"),
+        probe(&card.base.knowledge_probe, "control")
     ));
 
     // Round two: instruction tuning.
@@ -319,14 +328,18 @@ fn demo_on<B: Backend>(be: &B, job: &DemoJob, progress: &dyn Fn(&str)) -> Result
     card.sft = SftRound {
         replies: eval.replies(&sft_asked),
         heldout_pref_accuracy: eval.heldout_pref_accuracy(be, &mut sft_model)?,
+        knowledge_probe: eval.knowledge_probe(be, &mut sft_model)?,
     };
     let f1 = |r: &card::Replies, g: &str| r.groups.get(g).map_or(0.0, |s| s.f1);
     progress(&format!(
-        "sft: answers {} of questions; token F1 train {:.3}, held-out {:.3}, control {:.3}",
+        "sft: answers {} of questions; token F1 train {:.3}, held-out {:.3}, control {:.3}; \
+         knows the right gloss of held-out lemmas {}, of control lemmas {}",
         pct(card.sft.replies.answer_rate),
         f1(&card.sft.replies, "train"),
         f1(&card.sft.replies, "heldout"),
-        f1(&card.sft.replies, "control")
+        f1(&card.sft.replies, "control"),
+        probe(&card.sft.knowledge_probe, "heldout"),
+        probe(&card.sft.knowledge_probe, "control")
     ));
 
     // Round three: reward model, DPO, RL.

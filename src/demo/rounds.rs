@@ -3,7 +3,7 @@
 //! KL estimate) use a fixed seed, so a finished run measures the same numbers again.
 
 use super::card::{PolicyRound, Replies, RewardRound, RlPoint};
-use super::data::{read_pair_kinds, read_questions, Sources};
+use super::data::{read_pair_field, read_questions, Sources};
 use super::measure::{
     ask, masked_logps, preference_accuracy, reward_scores, sampled_kl, score_replies, scored_reply,
     stops, token_f1, Asked, Question, Style, BATCH_ROWS,
@@ -40,6 +40,9 @@ pub struct Evaluation {
     pub heldout_pairs: Vec<RenderedPair>,
     pub heldout_kinds: Vec<String>,
     pub train_pairs: Vec<RenderedPair>,
+    /// Knowledge-probe pairs and the lemma group of each.
+    pub probe_pairs: Vec<RenderedPair>,
+    pub probe_groups: Vec<String>,
     reply_tokens: usize,
     trajectory_questions: usize,
     seed: u64,
@@ -72,7 +75,13 @@ impl Evaluation {
             .iter()
             .map(|p| render_pair(&tok, p))
             .collect();
-        let heldout_kinds = read_pair_kinds(&pairs_path)?;
+        let heldout_kinds = read_pair_field(&pairs_path, "kind")?;
+        let probe_path = src.file("eval_probe.jsonl");
+        let probe_pairs = read_preferences(&probe_path)?
+            .iter()
+            .map(|p| render_pair(&tok, p))
+            .collect();
+        let probe_groups = read_pair_field(&probe_path, "group")?;
         let train_pairs = read_preferences(&src.file("prefs.jsonl"))?
             .iter()
             .take(heldout_pairs.len())
@@ -85,6 +94,8 @@ impl Evaluation {
             heldout_pairs,
             heldout_kinds,
             train_pairs,
+            probe_pairs,
+            probe_groups,
             reply_tokens: plan.reply_tokens,
             trajectory_questions: plan.trajectory_questions,
             seed: plan.pretrain.seed,
@@ -155,6 +166,24 @@ impl Evaluation {
             model,
             &self.heldout_pairs,
         )?))
+    }
+
+    /// The knowledge probe: by lemma group, the fraction of probe pairs where `model` gives the
+    /// right gloss the higher log-probability.
+    pub fn knowledge_probe<B: Backend>(
+        &self,
+        be: &B,
+        model: &mut Gpt<B>,
+    ) -> Result<BTreeMap<String, f64>> {
+        let logps = self.pair_logps(be, model, &self.probe_pairs)?;
+        let mut by_group: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for (lp, group) in logps.into_iter().zip(&self.probe_groups) {
+            by_group.entry(group.clone()).or_default().push(lp);
+        }
+        Ok(by_group
+            .into_iter()
+            .map(|(g, pairs)| (g, preference_accuracy(&pairs)))
+            .collect())
     }
 
     fn pair_rewards<B: Backend>(

@@ -4,6 +4,7 @@
 //! grids as HTML.
 
 use super::card::{PolicyRound, Replies, ReportCard};
+use std::collections::BTreeMap;
 
 /// Lemma groups of the answer scores, in column order.
 pub const GROUPS: [&str; 3] = ["train", "heldout", "control"];
@@ -104,6 +105,16 @@ fn reply_cells(r: &Replies) -> [String; 4] {
     ]
 }
 
+/// The knowledge probe as a note: how often the right gloss beats a co-hyponym's.
+fn probe_note(probe: &BTreeMap<String, f64>) -> String {
+    let get = |g: &str| probe.get(g).map_or(NOT_MEASURED.to_string(), |&x| pct(x));
+    format!(
+        "right gloss preferred: held-out {}, control {}",
+        get("heldout"),
+        get("control")
+    )
+}
+
 fn policy_row(name: &str, p: &PolicyRound) -> Vec<String> {
     let [q, a, exact, f1] = reply_cells(&p.replies);
     vec![
@@ -147,7 +158,10 @@ impl ReportCard {
                 num(self.base.val_loss, 3)
             );
             let tokens = num(self.base.replies.mean_tokens, 1);
-            let note = "plain question, no chat template".to_string();
+            let note = format!(
+                "plain question, no chat template; {}",
+                probe_note(&self.base.knowledge_probe)
+            );
             vec![
                 "base".into(),
                 loss,
@@ -166,7 +180,7 @@ impl ReportCard {
             let [q, a, exact, f1] = reply_cells(&self.sft.replies);
             let tokens = num(self.sft.replies.mean_tokens, 1);
             let pref = pct(self.sft.heldout_pref_accuracy);
-            let note = "chat template".to_string();
+            let note = format!("chat template; {}", probe_note(&self.sft.knowledge_probe));
             vec![
                 "sft".into(),
                 dash(),
