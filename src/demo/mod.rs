@@ -30,7 +30,7 @@ use crate::data::{
     self as dataset, DataError, PrefsPrepareOptions, PrepareOptions, SftPrepareOptions,
 };
 use crate::model::RewardModel;
-use crate::report::{write_report, ReportError, REPORT_FILE};
+use crate::report::{write_report, Metrics, ReportError, METRICS_FILE, REPORT_FILE};
 use crate::run::{self, DeviceKind, DpoJob, PretrainJob, RewardJob, RlJob, SftJob};
 use crate::stages::dpo::DpoLoss;
 use crate::train::{checkpoint, io_err, TrainError};
@@ -119,28 +119,25 @@ fn stage(
     stage_timing(name, dir)
 }
 
+/// A stage's `metrics.jsonl` (the report's reader; a bad line is an error naming it).
+fn stage_metrics(dir: &Path) -> Result<Metrics> {
+    Metrics::read(&dir.join(METRICS_FILE))
+        .map_err(|e| DataError::InvalidArgument(e.to_string()).into())
+}
+
 /// Steps, wall time and throughput of a finished stage, from its `metrics.jsonl`.
 fn stage_timing(name: &str, dir: &Path) -> Result<StageRun> {
-    let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let (mut steps, mut wall, mut tokens) = (0usize, 0.0f64, 0.0f64);
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let (Some(step), Some(el)) = (v["step"].as_u64(), v["elapsed_s"].as_f64()) {
-            steps = step as usize;
-            wall = el;
-            tokens += v["tokens"].as_f64().unwrap_or(0.0);
-        }
-    }
+    let m = stage_metrics(dir)?;
+    let elapsed = m.series("elapsed_s");
+    let (steps, wall) = elapsed.last().copied().unwrap_or((0.0, 0.0));
+    let tokens: f64 = m.series("tokens").iter().map(|&(_, t)| t).sum();
     Ok(StageRun {
         name: name.into(),
         dir: dir
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        steps,
+        steps: steps as usize,
         wall_s: wall,
         tokens_per_s: if wall > 0.0 { tokens / wall } else { 0.0 },
     })
@@ -148,18 +145,12 @@ fn stage_timing(name: &str, dir: &Path) -> Result<StageRun> {
 
 /// The first and last validation loss of a run's `metrics.jsonl`.
 fn val_loss_span(dir: &Path) -> Result<(f64, f64)> {
-    let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let vals: Vec<f64> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["val_loss"].as_f64())
-        .collect();
+    let vals = stage_metrics(dir)?.series("val_loss");
     match (vals.first(), vals.last()) {
-        (Some(&a), Some(&b)) => Ok((a, b)),
+        (Some(&(_, a)), Some(&(_, b))) => Ok((a, b)),
         _ => Err(DataError::InvalidArgument(format!(
             "{}: no validation record (`val_every` must be positive)",
-            path.display()
+            dir.join(METRICS_FILE).display()
         ))
         .into()),
     }
@@ -192,9 +183,10 @@ fn prepare_pretrain(
     let tr = dataset::prepare(&[&train_in], &tok, &no_val(dir), &|_| {})?;
     let val_dir = split.join("val");
     let va = dataset::prepare(&[&val_in], &tok, &no_val(&val_dir), &|_| {})?;
-    for (i, f) in va.train_files.iter().enumerate() {
+    // `train_files` are full paths: the val input was prepared as a train split of its own.
+    for (i, from) in va.train_files.iter().enumerate() {
         let to = dir.join(format!("val_{i:06}.bin"));
-        std::fs::rename(val_dir.join(f), &to).map_err(io_err(&to))?;
+        std::fs::rename(from, &to).map_err(io_err(from))?;
     }
     tok.save(dir.join("tokenizer.json"))?;
     progress(&format!(

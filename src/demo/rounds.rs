@@ -108,12 +108,23 @@ impl Evaluation {
 
     /// Greedy replies to every question.
     pub fn ask<B: Backend>(&self, be: &B, model: &Gpt<B>, style: Style) -> Result<Asked> {
+        self.ask_these(be, model, &self.prompts(), style)
+    }
+
+    /// Greedy replies to `prompts`.
+    fn ask_these<B: Backend>(
+        &self,
+        be: &B,
+        model: &Gpt<B>,
+        prompts: &[&str],
+        style: Style,
+    ) -> Result<Asked> {
         let mut rng = Rng::new(self.seed);
         Ok(ask(
             be,
             model,
             &self.tok,
-            &self.prompts(),
+            prompts,
             style,
             self.reply_tokens,
             &GREEDY,
@@ -310,17 +321,7 @@ impl Evaluation {
             .iter()
             .map(|&i| self.questions[i].prompt.as_str())
             .collect();
-        let mut rng = Rng::new(self.seed);
-        let sub = ask(
-            be,
-            policy,
-            &self.tok,
-            &prompts,
-            Style::Chat,
-            self.reply_tokens,
-            &GREEDY,
-            &mut rng,
-        )?;
+        let sub = self.ask_these(be, policy, &prompts, Style::Chat)?;
         let all: Vec<usize> = (0..which.len()).collect();
         let rewards = self.heldout_rewards(be, rm, &sub, &all)?;
         let n = which.len().max(1) as f64;
