@@ -21,8 +21,8 @@
 //   prep: per query row, D_i = dout_i . out_i, and the lse refined by one re-summation
 //         lse += log(sum_j exp(s_ij - lse)) (a no-op up to rounding for the forward's own lse).
 //   dq:   per query row, over key tiles: P = exp(s - lse), dP = dout_i . v_j,
-//         dS = P (dP - D_i), dq_i += scale * sum_j dS_ij k_j.
-//   dkv:  per key row, over query tiles: dv_j += sum_i P_ij dout_i, dk_j += scale * sum_i dS_ij q_i.
+//         dS = P (dP - D_i), dq_i = scale * sum_j dS_ij k_j.
+//   dkv:  per key row, over query tiles: dv_j = sum_i P_ij dout_i, dk_j = scale * sum_i dS_ij q_i.
 //
 // Napkin math (GPT-2 small: B=64, NH=12, T=1024, hs=64): forward FLOPs ~ 4 * B*NH*T^2/2 * hs
 // = 103 GFLOP (causal half); backward recomputes the scores twice (prep, dq, dkv: 3x QK^T) plus
@@ -178,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     }
 }
 
-// Backward dq: one warp per query row, key tiles in shared memory. dqkv's q part += dq.
+// Backward dq: one warp per query row, key tiles in shared memory. Writes dqkv's q part.
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_dq_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restrict__ stats,
                                const __nv_bfloat16* __restrict__ dout,
@@ -236,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         const int d = lane + r * WARP_SIZE;
         if (d < hs) {
             const size_t idx = ((size_t)bb * t + i) * 3 * c + h * hs + d;
-            dqkv[idx] = f32_to_bf16(bf16_to_f32(dqkv[idx]) + dq[r]);
+            dqkv[idx] = f32_to_bf16(dq[r]);
         }
     }
 }
@@ -308,8 +308,8 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
         const int d = lane + r * WARP_SIZE;
         if (d < hs) {
             const size_t base = ((size_t)bb * t + j) * 3 * c + h * hs + d;
-            dqkv[base + c] = f32_to_bf16(bf16_to_f32(dqkv[base + c]) + dk[r]);
-            dqkv[base + 2 * c] = f32_to_bf16(bf16_to_f32(dqkv[base + 2 * c]) + dv[r]);
+            dqkv[base + c] = f32_to_bf16(dk[r]);
+            dqkv[base + 2 * c] = f32_to_bf16(dv[r]);
         }
     }
 }

@@ -240,7 +240,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dout: &Self::Buf,
         n: usize,
     ) -> Result<()> {
-        let bytes = 4.0 * n as f64 * self.act();
+        let bytes = 3.0 * n as f64 * self.act();
         self.timed("gelu_backward", bytes, 0.0, || {
             self.inner.gelu_backward(dinp, inp, dout, n)
         })
@@ -275,11 +275,50 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         oc: usize,
     ) -> Result<()> {
         let bytes =
-            (n * oc + 3 * n * c + oc * c) as f64 * self.act() + 2.0 * (oc * c) as f64 * self.grad();
+            (n * oc + 2 * n * c + oc * c) as f64 * self.act() + 2.0 * (oc * c) as f64 * self.grad();
         let flops = 4.0 * (n * c * oc) as f64;
         self.timed("matmul_backward", bytes, flops, || {
             self.inner
                 .matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc)
+        })
+    }
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let bytes = (n * c + oc * c + 2 * n * oc) as f64 * self.act();
+        let flops = 2.0 * (n * c * oc) as f64;
+        self.timed("matmul_gelu_forward", bytes, flops, || {
+            self.inner
+                .matmul_gelu_forward(out, pre, inp, weight, bias, n, c, oc)
+        })
+    }
+    fn matmul_gelu_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        pre: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let bytes =
+            (n * oc + 3 * n * c + oc * c) as f64 * self.act() + 2.0 * (oc * c) as f64 * self.grad();
+        let flops = 4.0 * (n * c * oc) as f64;
+        self.timed("matmul_gelu_backward", bytes, flops, || {
+            self.inner
+                .matmul_gelu_backward(dinp, dweight, dbias, dout, inp, weight, pre, n, c, oc)
         })
     }
 

@@ -1,6 +1,7 @@
 //! CPU reference backend: every backward against central finite differences in f64, forward
 //! sanity against naive computations, AdamW and global norm against hand computations,
-//! accumulate semantics, thread-count determinism, and shape errors.
+//! accumulate (parameter gradients, the residual stream) and overwrite (other activation
+//! gradients) semantics, thread-count determinism, and shape errors.
 //!
 //! The kernel families are generic over the float type: finite differences run the f64
 //! instantiation; the f32 `CpuBackend` is then checked against the same f64 references.
@@ -90,6 +91,13 @@ fn assert_accumulates(what: &str, prefill: &[f64], fresh: &[f64], accumulated: &
         e <= ACC_TOL,
         "{what}: does not accumulate (rel err {e:.3e})"
     );
+}
+
+/// An activation gradient computed into a buffer pre-filled with random values must equal the
+/// one computed into zeros (the op overwrites it).
+fn assert_overwrites(what: &str, fresh: &[f64], from_prefilled: &[f64]) {
+    let e = rel_err(from_prefilled, fresh);
+    assert!(e <= ACC_TOL, "{what}: does not overwrite (rel err {e:.3e})");
 }
 
 fn random_ids(len: usize, below: usize, rng: &mut Rng) -> Vec<i32> {
@@ -341,7 +349,7 @@ fn matmul_backward_matches_finite_differences() {
         C,
         OC,
     );
-    assert_accumulates("matmul dinp", &p_inp, &dinp, &a_inp);
+    assert_overwrites("matmul dinp", &dinp, &a_inp);
     assert_accumulates("matmul dweight", &p_w, &dw, &a_w);
     assert_accumulates("matmul dbias", &p_b, &db, &a_b);
 
@@ -414,10 +422,9 @@ fn gelu_backward_matches_finite_differences() {
     gelu::gelu_backward(&mut dinp, &inp, &dout, n);
     let fd = fd_grad(&inp, |x| dot(&fwd(x), &dout));
     assert_close("gelu dinp", &dinp, &fd, FD_TOL);
-    let pre = randn(n, &mut rng);
-    let mut acc = pre.clone();
-    gelu::gelu_backward(&mut acc, &inp, &dout, n);
-    assert_accumulates("gelu dinp", &pre, &dinp, &acc);
+    let mut overwritten = randn(n, &mut rng);
+    gelu::gelu_backward(&mut overwritten, &inp, &dout, n);
+    assert_overwrites("gelu dinp", &dinp, &overwritten);
 
     let be = CpuBackend;
     let mut o32 = vec![f32::NAN; n];
@@ -427,6 +434,97 @@ fn gelu_backward_matches_finite_differences() {
     be.gelu_backward(&mut g32, &to32(&inp), &to32(&dout), n)
         .unwrap();
     assert_close("gelu dinp (f32)", &to64(&g32), &fd, F32_TOL);
+}
+
+/// The MLP's fused pair: `matmul_gelu_forward` equals the matmul then the GELU, and
+/// `matmul_gelu_backward` is the gradient of `gelu(pre) @ W^T + b` (finite differences in
+/// f64): `dpre` overwritten, `dweight` and `dbias` accumulated.
+#[test]
+fn matmul_gelu_matches_finite_differences() {
+    let mut rng = Rng::new(21);
+    let pre: Vec<f64> = randn(N * C, &mut rng).iter().map(|x| 2.0 * x).collect();
+    let weight = randn(OC * C, &mut rng);
+    let bias = randn(OC, &mut rng);
+    let dout = randn(N * OC, &mut rng);
+    let gelu_of = |x: &[f64]| {
+        let mut out = vec![0.0; N * C];
+        gelu::gelu_forward(&mut out, x, N * C);
+        out
+    };
+    let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+        let mut out = vec![0.0; N * OC];
+        matmul::matmul_forward(&mut out, &gelu_of(x), w, Some(b), N, C, OC);
+        dot(&out, &dout)
+    };
+    let fd_pre = fd_grad(&pre, |x| loss(x, &weight, &bias));
+    let fd_w = fd_grad(&weight, |w| loss(&pre, w, &bias));
+    let fd_b = fd_grad(&bias, |b| loss(&pre, &weight, b));
+
+    let be = CpuBackend;
+    let (pre32, w32) = (to32(&pre), to32(&weight));
+    // Forward: the pair's two outputs against the two ops run apart.
+    let (mut out, mut kept) = (vec![f32::NAN; N * C], vec![f32::NAN; N * C]);
+    let eye: Vec<f32> = (0..C * C).map(|k| f32::from(k / C == k % C)).collect();
+    be.matmul_gelu_forward(&mut out, &mut kept, &pre32, &eye, None, N, C, C)
+        .unwrap();
+    assert_close("matmul_gelu pre", &to64(&kept), &pre, F32_TOL);
+    assert_close("matmul_gelu out", &to64(&out), &gelu_of(&pre), F32_TOL);
+
+    let inp32 = to32(&gelu_of(&pre));
+    let mut dpre = randn(N * C, &mut rng)
+        .iter()
+        .map(|&x| x as f32)
+        .collect::<Vec<_>>();
+    let (p_w, p_b) = (randn(OC * C, &mut rng), randn(OC, &mut rng));
+    let (mut gw, mut gb) = (to32(&p_w), to32(&p_b));
+    be.matmul_gelu_backward(
+        &mut dpre,
+        &mut gw,
+        Some(&mut gb),
+        &to32(&dout),
+        &inp32,
+        &w32,
+        &pre32,
+        N,
+        C,
+        OC,
+    )
+    .unwrap();
+    assert_close("matmul_gelu dpre", &to64(&dpre), &fd_pre, F32_TOL);
+    let sub = |a: &[f32], p: &[f64]| -> Vec<f64> {
+        a.iter().zip(p).map(|(&a, p)| a as f64 - p).collect()
+    };
+    assert_close(
+        "matmul_gelu dweight (accumulated)",
+        &sub(&gw, &p_w),
+        &fd_w,
+        F32_TOL,
+    );
+    assert_close(
+        "matmul_gelu dbias (accumulated)",
+        &sub(&gb, &p_b),
+        &fd_b,
+        F32_TOL,
+    );
+    // A wrong `pre` length is refused.
+    let short = vec![0.0f32; N * C - 1];
+    match be.matmul_gelu_backward(
+        &mut dpre,
+        &mut gw,
+        None,
+        &to32(&dout),
+        &inp32,
+        &w32,
+        &short,
+        N,
+        C,
+        OC,
+    ) {
+        Err(BackendError::Shape { op, what, .. }) => {
+            assert_eq!((op, what), ("matmul_gelu_backward", "pre"))
+        }
+        other => panic!("short pre: {other:?}"),
+    }
 }
 
 #[test]
@@ -512,10 +610,9 @@ fn check_attention(starts: Option<&Vec<i32>>, seed: u64) {
         assert_close(name, &pick(&dqkv), &pick(&fd), FD_TOL);
     }
 
-    let pre = randn(N * 3 * C, &mut rng);
-    let mut acc = pre.clone();
-    attention::attention_backward(&mut acc, &dout, &qkv, &out, &lse, st, B, T, C, NH);
-    assert_accumulates("attention dqkv", &pre, &dqkv, &acc);
+    let mut overwritten = randn(N * 3 * C, &mut rng);
+    attention::attention_backward(&mut overwritten, &dout, &qkv, &out, &lse, st, B, T, C, NH);
+    assert_overwrites("attention dqkv", &dqkv, &overwritten);
 
     let be = CpuBackend;
     let qkv32 = to32(&qkv);

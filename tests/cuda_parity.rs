@@ -1,8 +1,8 @@
 //! Every Backend op on the backend under test against the f32 CPU reference, forward and
 //! backward, on fresh random inputs at several shapes (including sizes that are not multiples
 //! of any block or tile size). Forward outputs are poisoned with NaN first, gradient outputs
-//! pre-filled with random values (backward ops accumulate), so untouched or overwritten
-//! elements show. On the CPU backend these compare the backend with itself (they still run
+//! pre-filled with random values (parameter gradients and layernorm's `dinp` accumulate, other
+//! activation gradients are overwritten), so untouched or wrongly kept elements show. On the CPU backend these compare the backend with itself (they still run
 //! every op); on CUDA they are the parity tests of DESIGN.md convention 3.
 
 mod common;
@@ -258,6 +258,120 @@ fn matmul<B: Backend>(be: &B) {
     }
 }
 backend_tests!(matmul => matmul_cpu, matmul_cuda);
+
+/// The MLP's fused matmul + GELU pair. Widths that are multiples of 8 take cuBLASLt's GELU
+/// epilogues on CUDA, the others the unfused path (`TOPCOAT_GELU_EPILOGUE=off`: all unfused).
+fn matmul_gelu<B: Backend>(be: &B) {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(14);
+    // (N, C, OC, bias): forward fused when OC % 8 == 0, backward when C % 8 == 0.
+    for (n, c, oc, with_bias) in [
+        (5, 12, 7, true),
+        (37, 64, 96, false),
+        (130, 96, 256, true),
+        (33, 40, 20, true),
+        (70, 20, 48, true),
+    ] {
+        let inp = randn(&mut rng, n * c, 1.0);
+        let w = randn(&mut rng, oc * c, 0.3);
+        let bias = randn(&mut rng, oc, 0.5);
+        let (mut want, mut want_pre) = (vec![0.0; n * oc], vec![0.0; n * oc]);
+        let b = with_bias.then_some(&bias);
+        cpu.matmul_gelu_forward(&mut want, &mut want_pre, &inp, &w, b, n, c, oc)
+            .unwrap();
+        let (ginp, gw) = (up(be, &inp, Role::Activation), up(be, &w, Role::Param));
+        let gbias = up(be, &bias, Role::Param);
+        let mut out = up(be, &nan(n * oc), Role::Activation);
+        let mut pre = up(be, &nan(n * oc), Role::Activation);
+        let gb = with_bias.then_some(&gbias);
+        be.matmul_gelu_forward(&mut out, &mut pre, &ginp, &gw, gb, n, c, oc)
+            .unwrap();
+        assert_close(
+            "matmul_gelu_forward pre",
+            &down(be, &pre),
+            &want_pre,
+            BF16_TOL,
+        );
+        assert_close("matmul_gelu_forward out", &down(be, &out), &want, BF16_TOL);
+
+        // Backward of `gelu(x) @ W^T + b` for a fresh x: the matmul's input is gelu(x) [N*C].
+        // gelu(x) is rounded to bf16 (what the backend stores), so both sides multiply the
+        // same numbers and the fp32 weight gradients compare at F32_TOL.
+        let x = randn(&mut rng, n * c, 1.5);
+        let mut gelu_x = vec![0.0; n * c];
+        cpu.gelu_forward(&mut gelu_x, &x, n * c).unwrap();
+        let gelu_x: Vec<f32> = gelu_x.into_iter().map(bf16_round).collect();
+        let dout = randn(&mut rng, n * oc, 1.0);
+        let mut dx = randn(&mut rng, n * c, 1.0);
+        let (mut dw, mut db) = (randn(&mut rng, oc * c, 1.0), randn(&mut rng, oc, 1.0));
+        let mut gdx = up(be, &dx, Role::Activation);
+        let (mut gdw, mut gdb) = (up(be, &dw, Role::Grad), up(be, &db, Role::Grad));
+        cpu.matmul_gelu_backward(
+            &mut dx,
+            &mut dw,
+            with_bias.then_some(&mut db),
+            &dout,
+            &gelu_x,
+            &w,
+            &x,
+            n,
+            c,
+            oc,
+        )
+        .unwrap();
+        let (gdout, ggelu_x) = (
+            up(be, &dout, Role::Activation),
+            up(be, &gelu_x, Role::Activation),
+        );
+        let gx = up(be, &x, Role::Activation);
+        be.matmul_gelu_backward(
+            &mut gdx,
+            &mut gdw,
+            with_bias.then_some(&mut gdb),
+            &gdout,
+            &ggelu_x,
+            &gw,
+            &gx,
+            n,
+            c,
+            oc,
+        )
+        .unwrap();
+        assert_close("matmul_gelu_backward dinp", &down(be, &gdx), &dx, BF16_TOL);
+        assert_close(
+            "matmul_gelu_backward dweight",
+            &down(be, &gdw),
+            &dw,
+            F32_TOL,
+        );
+        assert_close("matmul_gelu_backward dbias", &down(be, &gdb), &db, F32_TOL);
+    }
+}
+backend_tests!(matmul_gelu => matmul_gelu_cpu, matmul_gelu_cuda);
+
+/// `fill_zero` on every buffer kind, at lengths that leave a ragged tail of bytes.
+fn fill_zero<B: Backend>(be: &B) {
+    let mut rng = Rng::new(15);
+    for len in [1, 7, 8, 33, 1000, 100_003] {
+        for role in [
+            Role::Activation,
+            Role::Grad,
+            Role::State,
+            Role::Param,
+            Role::Stat,
+        ] {
+            let mut buf = up(be, &randn(&mut rng, len, 1.0), role);
+            be.fill_zero(&mut buf).unwrap();
+            let got = down(be, &buf);
+            assert!(
+                got.len() == len && got.iter().all(|&x| x == 0.0),
+                "fill_zero {role:?} len {len}: {} nonzero",
+                got.iter().filter(|&&x| x != 0.0).count()
+            );
+        }
+    }
+}
+backend_tests!(fill_zero => fill_zero_cpu, fill_zero_cuda);
 
 /// Naive bf16 attention forward on the host: f64 scores and softmax, probabilities rounded to
 /// bf16, the weighted sum in f64, the output rounded to bf16 (q, k, v are bf16 already).

@@ -7,9 +7,12 @@
 //! Conventions shared by every op:
 //! - Tensors are dense, row-major, and described by the shape arguments of the op. `N` is the
 //!   number of token positions (`B * T`), `C` the model width, `OC` an output width.
-//! - **Forward ops overwrite their outputs. Backward ops accumulate (`+=`) into every gradient
-//!   they produce**, both parameter and activation gradients, so gradient accumulation over
-//!   micro-batches and residual branches needs no extra adds; the caller zeroes once.
+//! - **Forward ops overwrite their outputs. Backward ops accumulate (`+=`) into parameter
+//!   gradients** (so accumulation over micro-batches needs no extra adds; the caller zeroes
+//!   once per optimizer step) **and overwrite the gradient of their input activation**
+//!   (`dinp`, `dqkv`), so no activation-gradient buffer needs zeroing first. The one exception
+//!   is `layernorm_backward`, whose `dinp` is the residual stream's gradient: it accumulates,
+//!   summing the two branches of every block.
 //! - Every op checks its buffer lengths against its shape arguments and returns
 //!   [`BackendError::Shape`] instead of reading out of bounds.
 
@@ -294,7 +297,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// GELU, tanh approximation: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, `n` elements.
     fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf, n: usize) -> Result<()>;
-    /// `dinp += gelu'(inp) * dout`.
+    /// `dinp = gelu'(inp) * dout` (overwrites).
     fn gelu_backward(
         &self,
         dinp: &mut Self::Buf,
@@ -317,7 +320,8 @@ pub trait Backend: Send + Sync {
         c: usize,
         oc: usize,
     ) -> Result<()>;
-    /// Accumulates `dinp += dout @ weight`, `dweight += dout^T @ inp`, `dbias += sum_rows(dout)`.
+    /// `dinp = dout @ weight` (overwrites); accumulates `dweight += dout^T @ inp`,
+    /// `dbias += sum_rows(dout)`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
@@ -327,6 +331,42 @@ pub trait Backend: Send + Sync {
         dout: &Self::Buf,
         inp: &Self::Buf,
         weight: &Self::Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+
+    /// The MLP's first matmul with its GELU: `pre [N*OC] = inp @ weight^T + bias`, then
+    /// `out [N*OC] = gelu(pre)`; both are kept (`pre` for the backward). A backend may fuse the
+    /// two (CUDA: a cuBLASLt GELU epilogue); the default runs them one after the other.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        self.matmul_forward(pre, inp, weight, bias, n, c, oc)?;
+        self.gelu_forward(out, pre, n * oc)
+    }
+    /// `matmul_backward` of a matmul whose input was `gelu(pre)`, carried on through the GELU:
+    /// `dinp [N*C] = gelu'(pre) * (dout @ weight)` (overwrites; `pre [N*C]`), accumulating
+    /// `dweight += dout^T @ inp` and `dbias += sum_rows(dout)` as `matmul_backward` does.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        pre: &Self::Buf,
         n: usize,
         c: usize,
         oc: usize,
@@ -355,8 +395,8 @@ pub trait Backend: Send + Sync {
         c: usize,
         nh: usize,
     ) -> Result<()>;
-    /// Accumulates `dqkv [B*T*3C]` from `dout [B*T*C]`, given the forward's `qkv`, `out`, `lse`
-    /// and the same `starts`.
+    /// Writes `dqkv [B*T*3C]` (overwrites) from `dout [B*T*C]`, given the forward's `qkv`,
+    /// `out`, `lse` and the same `starts`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

@@ -80,6 +80,41 @@ pub fn matmul_backward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_backward";
+    matmul_backward_for(op, dinp, dweight, dbias, dout, inp, weight, n, c, oc)
+}
+
+/// Lengths for `matmul_gelu_backward`: those of `matmul_backward` plus `pre [N*C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gelu_backward(
+    dinp: usize,
+    dweight: usize,
+    dbias: Option<usize>,
+    dout: usize,
+    inp: usize,
+    weight: usize,
+    pre: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_gelu_backward";
+    matmul_backward_for(op, dinp, dweight, dbias, dout, inp, weight, n, c, oc)?;
+    check_len(op, "pre", n * c, pre)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_backward_for(
+    op: &'static str,
+    dinp: usize,
+    dweight: usize,
+    dbias: Option<usize>,
+    dout: usize,
+    inp: usize,
+    weight: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
     check_len(op, "dinp", n * c, dinp)?;
     check_len(op, "dweight", oc * c, dweight)?;
     dbias.map_or(Ok(()), |len| check_len(op, "dbias", oc, len))?;

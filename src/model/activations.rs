@@ -54,8 +54,9 @@ pub struct GradScratch<B: Backend> {
     pub dln: B::Buf,
     pub datty: B::Buf,
     pub dqkv: B::Buf,
+    /// `[N*4C]` gradient on the GELU's input (`matmul_gelu_backward` goes straight there
+    /// from the fc_proj output gradient).
     pub dfch: B::Buf,
-    pub dfch_gelu: B::Buf,
 }
 
 impl<B: Backend> Activations<B> {
@@ -106,7 +107,6 @@ impl<B: Backend> GradScratch<B> {
             datty: z(n * c)?,
             dqkv: z(n * 3 * c)?,
             dfch: z(n * 4 * c)?,
-            dfch_gelu: z(n * 4 * c)?,
         })
     }
 }

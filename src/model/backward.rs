@@ -1,9 +1,10 @@
 //! The backward pass: from the logits gradient left by the loss (the LM head, [`Gpt::backward`])
 //! or from a gradient on the final hidden state ([`Gpt::backward_trunk`]) down to the embeddings.
 //!
-//! Every backend backward op accumulates into its outputs, so each scratch buffer is zeroed
-//! right before the op that fills it, while the residual-stream gradient keeps accumulating
-//! across the two branches of every block.
+//! Backend backward ops overwrite the activation gradients they produce (no scratch buffer
+//! needs zeroing) and accumulate into parameter gradients; layernorm's backward accumulates
+//! into the residual-stream gradient `dresidual`, summing the two branches of every block, so
+//! that buffer alone is zeroed, once per pass.
 
 use super::{Gpt, GradScratch, ModelError, Result};
 use crate::backend::Backend;
@@ -21,7 +22,6 @@ impl<B: Backend> Gpt<B> {
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
         let s = self.scratch.as_mut().expect("allocated above");
         // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
-        be.fill_zero(&mut s.dln)?;
         be.matmul_backward(
             &mut s.dln,
             &mut self.grads[lay.wte],
@@ -94,23 +94,21 @@ impl<B: Backend> Gpt<B> {
                 &acts.layers[l - 1].residual3
             };
 
-            // MLP branch: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))).
-            be.fill_zero(&mut s.dfch_gelu)?;
+            // MLP branch: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))); the
+            // fc_proj backward carries its input gradient on through the GELU to dfch.
             let (gw, gb) = two_mut(g, w.fc_proj_w, w.fc_proj_b);
-            be.matmul_backward(
-                &mut s.dfch_gelu,
+            be.matmul_gelu_backward(
+                &mut s.dfch,
                 gw,
                 Some(gb),
                 &s.dresidual,
                 &a.fch_gelu,
                 &p[w.fc_proj_w],
+                &a.fch,
                 n,
                 4 * c,
                 c,
             )?;
-            be.fill_zero(&mut s.dfch)?;
-            be.gelu_backward(&mut s.dfch, &a.fch, &s.dfch_gelu, n * 4 * c)?;
-            be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.fc_w, w.fc_b);
             be.matmul_backward(
                 &mut s.dln,
@@ -138,7 +136,6 @@ impl<B: Backend> Gpt<B> {
             )?;
 
             // Attention branch: residual2 = resid_in + attn_proj(attention(qkv(ln1(resid_in)))).
-            be.fill_zero(&mut s.datty)?;
             let (gw, gb) = two_mut(g, w.attn_proj_w, w.attn_proj_b);
             be.matmul_backward(
                 &mut s.datty,
@@ -151,7 +148,6 @@ impl<B: Backend> Gpt<B> {
                 c,
                 c,
             )?;
-            be.fill_zero(&mut s.dqkv)?;
             be.attention_backward(
                 &mut s.dqkv,
                 &s.datty,
@@ -164,7 +160,6 @@ impl<B: Backend> Gpt<B> {
                 c,
                 nh,
             )?;
-            be.fill_zero(&mut s.dln)?;
             let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
             be.matmul_backward(
                 &mut s.dln,

@@ -258,8 +258,8 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             )?;
-            be.matmul_forward(&mut s.fch, &s.ln, &p[w.fc_w], Some(&p[w.fc_b]), n, c, 4 * c)?;
-            be.gelu_forward(&mut s.fch_gelu, &s.fch, n * 4 * c)?;
+            let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
+            be.matmul_gelu_forward(&mut s.fch_gelu, &mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
             be.matmul_forward(
                 &mut s.proj,
                 &s.fch_gelu,

@@ -142,7 +142,8 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             )?;
-            be.matmul_forward(
+            be.matmul_gelu_forward(
+                &mut cur.fch_gelu,
                 &mut cur.fch,
                 &cur.ln2,
                 &p[w.fc_w],
@@ -151,7 +152,6 @@ impl<B: Backend> Gpt<B> {
                 c,
                 4 * c,
             )?;
-            be.gelu_forward(&mut cur.fch_gelu, &cur.fch, n * 4 * c)?;
             be.matmul_forward(
                 &mut cur.fcproj,
                 &cur.fch_gelu,

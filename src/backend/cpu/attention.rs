@@ -278,9 +278,9 @@ pub fn attention_forward<F: Float>(
         });
 }
 
-/// Backward: accumulates `dq, dk, dv` into `dqkv`. With `P_ij = exp(s_ij - lse_i)` recomputed
-/// from `s_ij = q_i . k_j / sqrt(hs)` (0 where masked) and `D_i = sum_j dP_ij P_ij =
-/// dout_i . out_i`: `dv = P^T dout`, `dP = dout v^T`, `dS_ij = P_ij (dP_ij - D_i)`,
+/// Backward: writes `dq, dk, dv` into `dqkv` (overwrites). With `P_ij = exp(s_ij - lse_i)`
+/// recomputed from `s_ij = q_i . k_j / sqrt(hs)` (0 where masked) and `D_i = sum_j dP_ij P_ij
+/// = dout_i . out_i`: `dv = P^T dout`, `dP = dout v^T`, `dS_ij = P_ij (dP_ij - D_i)`,
 /// `dq = dS k / sqrt(hs)`, `dk = dS^T q / sqrt(hs)`. `starts` as in the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Float>(
@@ -358,9 +358,7 @@ pub fn attention_backward<F: Float>(
                 for (part, src) in g.chunks(t * hs).enumerate() {
                     for i in 0..t {
                         let dst = &mut dqkv_b[i * c3 + part * c + h * hs..][..hs];
-                        for (d, &s) in dst.iter_mut().zip(&src[i * hs..][..hs]) {
-                            *d += s;
-                        }
+                        dst.copy_from_slice(&src[i * hs..][..hs]);
                     }
                 }
             }

@@ -31,21 +31,31 @@ pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F], n: usize) {
         });
 }
 
-/// `dinp += gelu'(x) * dout`, with
-/// `gelu'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)`.
-pub fn gelu_backward<F: Float>(dinp: &mut [F], inp: &[F], dout: &[F], n: usize) {
+/// `gelu'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)`,
+/// with `u = sqrt(2/pi) (x + 0.044715 x^3)`.
+#[inline]
+fn gelu_grad<F: Float>(x: F) -> F {
     let (s, k, half, three) = (F::of(GELU_SCALE), F::of(GELU_CUBIC), F::of(0.5), F::of(3.0));
+    let u = s * (x + k * x * x * x);
+    let th = tanh(u);
+    let sech2 = F::one() - th * th;
+    half * (F::one() + th) + half * x * sech2 * s * (F::one() + three * k * x * x)
+}
+
+/// `dinp = gelu'(inp) * dout` (overwrites).
+pub fn gelu_backward<F: Float>(dinp: &mut [F], inp: &[F], dout: &[F], n: usize) {
     dinp[..n]
         .par_iter_mut()
         .zip(inp[..n].par_iter().zip(dout[..n].par_iter()))
-        .for_each(|(dx, (&x, &dy))| {
-            let u = s * (x + k * x * x * x);
-            let th = tanh(u);
-            let sech2 = F::one() - th * th;
-            let local =
-                half * (F::one() + th) + half * x * sech2 * s * (F::one() + three * k * x * x);
-            *dx += local * dy;
-        });
+        .for_each(|(dx, (&x, &dy))| *dx = gelu_grad(x) * dy);
+}
+
+/// `grad *= gelu'(pre)` in place: carries a gradient on `gelu(pre)` back to `pre`.
+pub fn gelu_backward_in_place<F: Float>(grad: &mut [F], pre: &[F], n: usize) {
+    grad[..n]
+        .par_iter_mut()
+        .zip(pre[..n].par_iter())
+        .for_each(|(g, &x)| *g = gelu_grad(x) * *g);
 }
 
 /// `out = a + b` over `n` elements.

@@ -168,7 +168,8 @@ pub fn matmul_forward<F: Float>(
     gemm(n, oc, c, &mut out[..n * oc], bias.is_some(), inp, wt);
 }
 
-/// Accumulates `dinp += dout @ weight`, `dweight += dout^T @ inp`, `dbias += sum_rows(dout)`.
+/// `dinp = dout @ weight` (overwrites); accumulates `dweight += dout^T @ inp`,
+/// `dbias += sum_rows(dout)`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<F: Float>(
     dinp: &mut [F],
@@ -191,7 +192,7 @@ pub fn matmul_backward<F: Float>(
         rs: c,
         cs: 1,
     };
-    gemm(n, c, oc, &mut dinp[..n * c], true, dout_v, w);
+    gemm(n, c, oc, &mut dinp[..n * c], false, dout_v, w);
     // dout^T (OC x N): element (o, i) = dout[i * OC + o].
     let dout_t = View {
         data: &dout[..n * oc],

@@ -364,6 +364,37 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn matmul_gelu_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        pre: &Vec<f32>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        shapes::matmul_gelu_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.as_ref().map(|x| x.len()),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            pre.len(),
+            n,
+            c,
+            oc,
+        )?;
+        let dbias = dbias.map(|b| b.as_mut_slice());
+        matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
+        gelu::gelu_backward_in_place(dinp, pre, n * c);
+        Ok(())
+    }
+
     fn attention_forward(
         &self,
         out: &mut Vec<f32>,

@@ -1,7 +1,8 @@
-//! Launchers for causal attention: the tensor-core kernels of `kernels/attention_mma.cu` for
-//! head sizes 32 and 64 (forward saving an fp32 lse; backward: D = dout . out, then dq, then
-//! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size and
-//! for rows restricted to the examples packed into them (`starts`, checked on its host copy).
+//! Launchers for causal attention: the tensor-core kernels for head sizes 32 and 64 (forward
+//! saving an fp32 lse; backward: D = dout . out, then dq, then dk and dv), double-buffered
+//! (`kernels/attention_pipe.cu`, the default) or not (`kernels/attention_mma.cu`), and the
+//! CUDA-core kernels of `kernels/attention.cu` for any other head size. All of them take rows
+//! holding several packed examples (`starts`, checked on its host copy).
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -15,8 +16,9 @@ pub(super) const KERNELS: &[&str] = &[
     "attention_backward_dkv_bf16",
 ];
 
-/// The tensor-core kernels: forward, dq, dkv for head size 32, the same for 64, the same two
-/// again in the `_lds` build (plain shared loads instead of ldmatrix), then D = dout . out.
+/// The unpipelined tensor-core kernels: forward, dq, dkv for head size 32, the same for 64, the
+/// same two again in the `_lds` build (plain shared loads instead of ldmatrix), then D = dout
+/// . out (which the pipelined kernels use too).
 pub(super) const MMA_KERNELS: &[&str] = &[
     "attention_forward_mma32_bf16",
     "attention_backward_dq_mma32_bf16",
@@ -33,17 +35,45 @@ pub(super) const MMA_KERNELS: &[&str] = &[
     "attention_backward_dot_bf16",
 ];
 const DOT_KERNEL: &str = "attention_backward_dot_bf16";
-/// `MMA_ROWS` (= `MMA_TILE`) and `MMA_THREADS` in kernels/attention_mma.cu.
+
+/// The double-buffered tensor-core kernels (`kernels/attention_pipe.cu`): forward, dq, dkv for
+/// head size 32, then the same for 64.
+pub(super) const PIPE_KERNELS: &[&str] = &[
+    "attention_forward_pipe32_bf16",
+    "attention_backward_dq_pipe32_bf16",
+    "attention_backward_dkv_pipe32_bf16",
+    "attention_forward_pipe64_bf16",
+    "attention_backward_dq_pipe64_bf16",
+    "attention_backward_dkv_pipe64_bf16",
+];
+
+/// Dynamic shared memory of the pipelined dq and dkv kernels: `6 * PIPE_TILE(HS)` bf16.
+const fn pipe_smem_bytes(hs: usize) -> usize {
+    6 * MMA_ROWS * (hs + 8) * 2
+}
+
+/// The kernels that need more than 48 KB of shared memory, with their dynamic size: the
+/// backend opts each in once when it opens.
+pub(super) const DYNAMIC_SMEM: &[(&str, usize)] = &[
+    (PIPE_KERNELS[1], pipe_smem_bytes(32)),
+    (PIPE_KERNELS[2], pipe_smem_bytes(32)),
+    (PIPE_KERNELS[4], pipe_smem_bytes(64)),
+    (PIPE_KERNELS[5], pipe_smem_bytes(64)),
+];
+
+/// `MMA_ROWS` (= `MMA_TILE`) and `MMA_THREADS` in kernels/attention_mma.cuh.
 const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
 
 /// Which attention kernels run (`TOPCOAT_ATTENTION`, read once when the backend opens):
-/// `mma` (default) the tensor cores with ldmatrix fragment loads, `mma-lds` the same with plain
-/// shared loads, `cuda-cores` the fallback kernels for every head size. Benchmarks and parity
-/// tests run each; users never need to set it.
+/// `mma` (default) the double-buffered tensor-core kernels, `mma-sync` the tensor-core kernels
+/// that load each tile between two barriers, `mma-lds` those with plain shared loads instead of
+/// ldmatrix, `cuda-cores` the fallback kernels for every head size. Benchmarks and parity tests
+/// run each; users never need to set it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum AttentionKernels {
     Mma,
+    MmaSync,
     MmaLds,
     CudaCores,
 }
@@ -52,44 +82,70 @@ impl AttentionKernels {
     pub(super) fn from_env() -> Result<Self> {
         match std::env::var("TOPCOAT_ATTENTION").as_deref() {
             Err(_) | Ok("") | Ok("mma") => Ok(Self::Mma),
+            Ok("mma-sync") => Ok(Self::MmaSync),
             Ok("mma-lds") => Ok(Self::MmaLds),
             Ok("cuda-cores") => Ok(Self::CudaCores),
             Ok(other) => Err(BackendError::Device(format!(
-                "TOPCOAT_ATTENTION={other}: expected mma, mma-lds or cuda-cores"
+                "TOPCOAT_ATTENTION={other}: expected mma, mma-sync, mma-lds or cuda-cores"
             ))),
+        }
+    }
+
+    /// How `Backend::name` mentions a non-default choice.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Mma => "",
+            Self::MmaSync => ", attention mma-sync",
+            Self::MmaLds => ", attention mma-lds",
+            Self::CudaCores => ", attention cuda-cores",
         }
     }
 }
 
-/// The tensor-core kernels `[forward, dq, dkv]` for this shape, if they take it: head size 32
-/// or 64, and C a multiple of 8 so every row starts 16-byte aligned.
-fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<[&'static str; 3]> {
+/// The tensor-core kernels for one shape and their launch shapes.
+struct Mma {
+    forward: &'static str,
+    dq: &'static str,
+    dkv: &'static str,
+    /// Dynamic shared memory of the dq and dkv kernels.
+    backward_smem: u32,
+}
+
+/// The tensor-core kernels for this shape, if they take it: head size 32 or 64, and C a
+/// multiple of 8 so every row starts 16-byte aligned.
+fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<Mma> {
     let hs = c / nh;
     let by_size = match hs {
         32 => 0,
         64 => 3,
         _ => return None,
     };
-    let first = match which {
-        AttentionKernels::Mma => by_size,
-        AttentionKernels::MmaLds => 6 + by_size,
-        AttentionKernels::CudaCores => return None,
+    if c % 8 != 0 {
+        return None;
+    }
+    let from = |list: &[&'static str], first: usize| Mma {
+        forward: list[first],
+        dq: list[first + 1],
+        dkv: list[first + 2],
+        backward_smem: 0,
     };
-    (c % 8 == 0).then(|| {
-        [
-            MMA_KERNELS[first],
-            MMA_KERNELS[first + 1],
-            MMA_KERNELS[first + 2],
-        ]
+    Some(match which {
+        AttentionKernels::Mma => Mma {
+            backward_smem: pipe_smem_bytes(hs) as u32,
+            ..from(PIPE_KERNELS, by_size)
+        },
+        AttentionKernels::MmaSync => from(MMA_KERNELS, by_size),
+        AttentionKernels::MmaLds => from(MMA_KERNELS, 6 + by_size),
+        AttentionKernels::CudaCores => return None,
     })
 }
 
 /// Grid of the tensor-core kernels: one block of 128 threads per 64 rows, per (batch, head).
-fn mma_config(cfg: &LaunchConfig, t: usize) -> LaunchConfig {
+fn mma_config(cfg: &LaunchConfig, t: usize, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (t.div_ceil(MMA_ROWS) as u32, cfg.grid_dim.1, 1),
         block_dim: (MMA_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes,
     }
 }
 
@@ -163,32 +219,18 @@ pub(super) fn forward(
     let (o, l) = (out.bf16_mut(op, "out")?, lse.f32_mut(op, "lse")?);
     let x = qkv.bf16(op, "qkv")?;
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    // The tensor-core kernels take `starts` too, but only their plain causal path has run on a
-    // GPU: packed rows stay on the CUDA-core kernels, which have.
-    let mma = starts
-        .is_none()
-        .then(|| mma_kernels(be.attention_kernels, c, nh))
-        .flatten();
-    if let Some([name, _, _]) = mma {
+    if let Some(mma) = mma_kernels(be.attention_kernels, c, nh) {
+        let name = mma.forward;
         let f = be.function(name)?;
-        let no_starts = 0u64;
-        // SAFETY: qkv holds B*T*3C bf16, out B*T*C bf16, lse B*NH*T fp32 (checked); C is a
-        // multiple of 8 and hs is the kernel's, so its 16-byte row loads stay aligned and in
-        // bounds; a null `starts` means plain causal. Grid (ceil(T/64), B*NH), 128 threads.
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(o)
-                .arg(l)
-                .arg(x)
-                .arg(&no_starts)
-                .arg(&t_)
-                .arg(&c_)
-                .arg(&nh_)
-                .arg(&scale)
-                .launch(mma_config(&cfg, t))
-        }
-        .map_err(|e| launch_error(name, e))?;
+        let mut args = be.stream.launch_builder(f);
+        args.arg(o).arg(l).arg(x);
+        push_starts(&mut args, starts);
+        args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
+        // SAFETY: qkv holds B*T*3C bf16, out B*T*C bf16, lse B*NH*T fp32, starts (when not
+        // null) B*T ints forming contiguous examples (checked); C is a multiple of 8 and hs is
+        // the kernel's, so its 16-byte row loads stay aligned and in bounds. Grid
+        // (ceil(T/64), B*NH), 128 threads, static shared memory only.
+        unsafe { args.launch(mma_config(&cfg, t, 0)) }.map_err(|e| launch_error(name, e))?;
         return Ok(());
     }
     let name = KERNELS[0];
@@ -244,11 +286,7 @@ pub(super) fn backward(
         lse.f32(op, "lse")?,
     );
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    let mma = starts
-        .is_none()
-        .then(|| mma_kernels(be.attention_kernels, c, nh))
-        .flatten();
-    if let Some([_, dq, dkv]) = mma {
+    if let Some(mma) = mma_kernels(be.attention_kernels, c, nh) {
         let rows = b * nh * t;
         let rows_ = as_i32(op, "B*NH*T", rows)?;
         let mut dvec = be.alloc_f32(rows)?;
@@ -274,29 +312,19 @@ pub(super) fn backward(
                 .launch(dot_cfg)
         }
         .map_err(|e| launch_error(name, e))?;
-        let no_starts = 0u64;
-        for name in [dq, dkv] {
+        for name in [mma.dq, mma.dkv] {
             let f = be.function(name)?;
+            let mut args = be.stream.launch_builder(f);
+            args.arg(&mut *dx).arg(l).arg(&dvec).arg(dy).arg(x);
+            push_starts(&mut args, starts);
+            args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
             // SAFETY: dqkv and qkv hold B*T*3C bf16, dout B*T*C bf16, lse and dvec B*NH*T
-            // fp32 (checked); alignment as in the forward. The dq kernel writes only the q
-            // columns of dqkv and the dkv kernel only the k and v columns, each element by
-            // one thread; the two run in stream order.
-            unsafe {
-                be.stream
-                    .launch_builder(f)
-                    .arg(&mut *dx)
-                    .arg(l)
-                    .arg(&dvec)
-                    .arg(dy)
-                    .arg(x)
-                    .arg(&no_starts)
-                    .arg(&t_)
-                    .arg(&c_)
-                    .arg(&nh_)
-                    .arg(&scale)
-                    .launch(mma_config(&cfg, t))
-            }
-            .map_err(|e| launch_error(name, e))?;
+            // fp32, starts as in the forward (checked); alignment as in the forward; dynamic
+            // shared memory as the kernel expects (opted in when the backend opened). The dq
+            // kernel writes only the q columns of dqkv and the dkv kernel only the k and v
+            // columns, each element by one thread; the two run in stream order.
+            let cfg = mma_config(&cfg, t, mma.backward_smem);
+            unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
         }
         return Ok(());
     }

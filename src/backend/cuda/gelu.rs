@@ -1,4 +1,5 @@
-//! Launchers for `kernels/gelu.cu`: GELU forward/backward and the residual add (bf16).
+//! Launchers for `kernels/gelu.cu`: GELU forward/backward (and in place, for
+//! `matmul_gelu.rs`'s fallback) and the residual add (bf16).
 
 use cudarc::driver::PushKernelArg;
 
@@ -8,6 +9,7 @@ pub(super) const KERNELS: &[&str] = &[
     "gelu_forward_bf16",
     "gelu_backward_bf16",
     "gelu_residual_forward_bf16",
+    "gelu_backward_in_place_bf16",
 ];
 
 const BLOCK: u32 = 256;
@@ -42,6 +44,33 @@ pub(super) fn backward(
 ) -> Result<()> {
     let names = ["dinp", "inp", "dout"];
     two_inputs(be, "gelu_backward", KERNELS[1], names, dinp, inp, dout, n)
+}
+
+/// `grad *= gelu'(pre)` over `n` bf16 elements, in place.
+pub(super) fn backward_in_place(
+    be: &CudaBackend,
+    grad: &mut CudaBuf,
+    pre: &CudaBuf,
+    n: usize,
+) -> Result<()> {
+    let op = "matmul_gelu_backward";
+    check_len(op, "dinp", n, grad.len())?;
+    check_len(op, "pre", n, pre.len())?;
+    let (g, x) = (grad.bf16_mut(op, "dinp")?, pre.bf16(op, "pre")?);
+    let name = KERNELS[3];
+    let f = be.function(name)?;
+    // SAFETY: `grad` and `pre` hold `n` bf16 elements (checked above); arguments match
+    // (bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(g)
+            .arg(x)
+            .arg(&n)
+            .launch(grid_stride(n, BLOCK))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
 }
 
 pub(super) fn residual_forward(

@@ -6,12 +6,15 @@
 //! - forward  `out[N,OC] = inp[N,C] W[OC,C]^T + bias`:  `out^T (OC x N) = op(W) inp^T`, where the
 //!   W buffer reads as `C x OC` (transa = T) and inp as `C x N` (transb = N); m = OC, n = N,
 //!   k = C; the BIAS epilogue adds `bias[m]` down each column, i.e. per output feature.
-//! - dinp     `dinp[N,C] += dout[N,OC] W[OC,C]`: `dinp^T (C x N) = W^T dout^T`, the W buffer
-//!   reads as `C x OC` (N), dout as `OC x N` (N); m = C, n = N, k = OC; beta = 1.
+//! - dinp     `dinp[N,C] = dout[N,OC] W[OC,C]`: `dinp^T (C x N) = W^T dout^T`, the W buffer
+//!   reads as `C x OC` (N), dout as `OC x N` (N); m = C, n = N, k = OC; beta = 0 (an
+//!   activation gradient is overwritten, so it needs no zeroing first).
 //! - dweight  `dW[OC,C] += dout^T inp`: `dW^T (C x OC) = inp^T dout`, inp reads as `C x N` (N),
 //!   dout as `OC x N` (transb = T); m = C, n = OC, k = N; D fp32, beta = 1.
 //!
-//! A and B are bf16, compute and scale fp32. The heuristic's algorithm is cached per shape.
+//! A and B are bf16, compute and scale fp32. The heuristic's algorithm is cached per shape and
+//! epilogue. The GELU epilogues (GELU_AUX(_BIAS) forward, DGELU backward) serve
+//! `matmul_gelu.rs`; their auxiliary matrix, the GELU input, has D's shape and layout.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -22,7 +25,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{as_i32, driver_error, launch_error, BackendError, CudaBackend, CudaBuf, Result};
-use crate::backend::shapes;
+use crate::backend::{shapes, Backend};
 
 pub(super) const KERNELS: &[&str] = &[
     "matmul_bias_backward_partial_bf16",
@@ -53,15 +56,30 @@ struct Gemm {
     ldb: i64,
     ldc: i64,
     out_f32: bool,
-    bias: bool,
+    epilogue: Epilogue,
     accumulate: bool,
+}
+
+/// What cuBLASLt does to the product before storing D.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Epilogue {
+    None,
+    /// `+ bias[m]` down each column.
+    Bias,
+    /// `aux = product (+ bias)`, `D = gelu(aux)`.
+    GeluAux {
+        bias: bool,
+    },
+    /// `D = gelu'(aux) * product`.
+    DGelu,
 }
 
 /// A cuBLASLt handle, its workspace, and the algorithm chosen for each GEMM shape.
 pub(super) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: Mutex<HashMap<Gemm, sys::cublasLtMatmulAlgo_t>>,
+    /// `None`: the heuristic found no algorithm (an epilogue this shape cannot take).
+    algos: Mutex<HashMap<Gemm, Option<sys::cublasLtMatmulAlgo_t>>>,
     stream: Arc<CudaStream>,
 }
 
@@ -115,12 +133,38 @@ impl Blas {
         })
     }
 
-    /// `D = alpha op(A) op(B) + beta D (+ bias)`, with D also used as C.
+    /// `D = alpha op(A) op(B) + beta D`, with D also used as C, then `g.epilogue`.
     ///
     /// # Safety
-    /// `a`, `b`, `d` (and `bias`) must be device pointers to buffers at least as large as the
-    /// layouts `g` describes, of the types `g` implies, alive until the stream reaches this GEMM.
+    /// See [`Blas::try_gemm`].
     unsafe fn gemm(&self, g: Gemm, a: u64, b: u64, d: u64, bias: Option<u64>) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        if unsafe { self.try_gemm(g, a, b, d, bias, None) }? {
+            Ok(())
+        } else {
+            Err(BackendError::Device(format!(
+                "cuBLASLt found no algorithm for {g:?}"
+            )))
+        }
+    }
+
+    /// As [`Blas::gemm`], with the epilogue's auxiliary matrix `aux` (the GELU input, D's
+    /// shape, leading dimension `g.ldc`); `Ok(false)`, launching nothing, where cuBLASLt has
+    /// no algorithm for this shape and epilogue, so the caller can fall back.
+    ///
+    /// # Safety
+    /// `a`, `b`, `d` (and `bias`, `aux`) must be device pointers to buffers at least as large
+    /// as the layouts `g` describes, of the types `g` implies (bias and aux: D's type), alive
+    /// until the stream reaches this GEMM.
+    unsafe fn try_gemm(
+        &self,
+        g: Gemm,
+        a: u64,
+        b: u64,
+        d: u64,
+        bias: Option<u64>,
+        aux: Option<u64>,
+    ) -> Result<bool> {
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let out_type = if g.out_f32 {
             sys::cudaDataType_t::CUDA_R_32F
@@ -151,22 +195,56 @@ impl Blas {
         use sys::cublasLtMatmulDescAttributes_t as A;
         set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
         set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
-        if let Some(bias) = bias {
-            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        use sys::cublasLtEpilogue_t as E;
+        let epilogue = match g.epilogue {
+            Epilogue::None => E::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::GeluAux { bias: true } => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            Epilogue::GeluAux { bias: false } => E::CUBLASLT_EPILOGUE_GELU_AUX,
+            Epilogue::DGelu => E::CUBLASLT_EPILOGUE_DGELU,
+        };
+        let wants_bias = matches!(
+            g.epilogue,
+            Epilogue::Bias | Epilogue::GeluAux { bias: true }
+        );
+        let wants_aux = matches!(g.epilogue, Epilogue::GeluAux { .. } | Epilogue::DGelu);
+        if wants_bias != bias.is_some() || wants_aux != aux.is_some() {
+            return Err(BackendError::Invalid {
+                op: "cuBLASLt matmul",
+                msg: format!("epilogue {:?} with bias {bias:?}, aux {aux:?}", g.epilogue),
+            });
+        }
+        if epilogue != E::CUBLASLT_EPILOGUE_DEFAULT {
             set(
                 A::CUBLASLT_MATMUL_DESC_EPILOGUE,
                 &epilogue as *const _ as _,
                 std::mem::size_of::<sys::cublasLtEpilogue_t>(),
             )?;
+        }
+        if let Some(bias) = bias {
             set(
                 A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &bias as *const u64 as _,
                 8,
             )?;
         }
+        if let Some(aux) = aux {
+            set(
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                &aux as *const u64 as _,
+                8,
+            )?;
+            let aux_ld = g.ldc;
+            set(
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                &aux_ld as *const i64 as _,
+                8,
+            )?;
+        }
         let cached = self.algos.lock().unwrap().get(&g).copied();
         let algo = match cached {
-            Some(algo) => algo,
+            Some(Some(algo)) => algo,
+            Some(None) => return Ok(false),
             None => {
                 let pref = Pref(lt::create_matmul_pref().map_err(err("preference"))?);
                 let size = WORKSPACE_BYTES;
@@ -177,7 +255,7 @@ impl Blas {
                     std::mem::size_of::<usize>(),
                 )
                 .map_err(err("workspace preference"))?;
-                let h = lt::get_matmul_algo_heuristic(
+                let found = lt::get_matmul_algo_heuristic(
                     self.handle,
                     desc.0,
                     a_l.0,
@@ -185,10 +263,20 @@ impl Blas {
                     d_l.0,
                     d_l.0,
                     pref.0,
-                )
-                .map_err(err("algorithm heuristic"))?;
-                self.algos.lock().unwrap().insert(g, h.algo);
-                h.algo
+                );
+                let algo = match found {
+                    Ok(h) => Some(h.algo),
+                    // An epilogue this shape cannot take: the caller falls back.
+                    Err(_) if matches!(g.epilogue, Epilogue::GeluAux { .. } | Epilogue::DGelu) => {
+                        None
+                    }
+                    Err(e) => return Err(blas_error("algorithm heuristic", e)),
+                };
+                self.algos.lock().unwrap().insert(g, algo);
+                match algo {
+                    Some(algo) => algo,
+                    None => return Ok(false),
+                }
             }
         };
         let alpha = 1.0f32;
@@ -212,7 +300,8 @@ impl Blas {
             WORKSPACE_BYTES,
             self.stream.cu_stream() as _,
         )
-        .map_err(err("matmul"))
+        .map_err(err("matmul"))?;
+        Ok(true)
     }
 }
 
@@ -237,8 +326,28 @@ pub(super) fn forward(
         c,
         oc,
     )?;
+    forward_with(be, op, out, None, inp, weight, bias, n, c, oc).map(|_| ())
+}
+
+/// `out = inp @ weight^T (+ bias)` (lengths checked by the caller), or with `pre` (out's
+/// shape) through the GELU_AUX(_BIAS) epilogue: `pre` = that product, `out = gelu(pre)`.
+/// `Ok(false)` where cuBLASLt has no algorithm for the GELU epilogue (nothing launched);
+/// always `Ok(true)` without `pre`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_with(
+    be: &CudaBackend,
+    op: &'static str,
+    out: &mut CudaBuf,
+    pre: Option<&mut CudaBuf>,
+    inp: &CudaBuf,
+    weight: &CudaBuf,
+    bias: Option<&CudaBuf>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<bool> {
     if n * oc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     if c == 0 {
         // An empty sum: out is the bias (or zero); not worth a cuBLASLt special case.
@@ -254,6 +363,15 @@ pub(super) fn forward(
         Some(bias) => Some(bias.bf16(op, "bias")?.device_ptr(s)),
         None => None,
     };
+    let epilogue = match (pre.is_some(), bias.is_some()) {
+        (true, bias) => Epilogue::GeluAux { bias },
+        (false, true) => Epilogue::Bias,
+        (false, false) => Epilogue::None,
+    };
+    let aux_guard = match pre {
+        Some(pre) => Some(pre.bf16_mut(op, "pre")?.device_ptr_mut(s)),
+        None => None,
+    };
     let (y, _gy) = out.bf16_mut(op, "out")?.device_ptr_mut(s);
     let g = Gemm {
         transa: true,
@@ -265,16 +383,15 @@ pub(super) fn forward(
         ldb: c as i64,
         ldc: oc as i64,
         out_f32: false,
-        bias: bias.is_some(),
+        epilogue,
         accumulate: false,
     };
-    // SAFETY: weight holds OC*C bf16 (C x OC, ld C), inp N*C (C x N, ld C), out N*OC
-    // (OC x N, ld OC), bias OC bf16 (the epilogue's default type is D's), all checked above;
-    // the guards keep them alive and ordered on the stream.
-    unsafe {
-        be.blas
-            .gemm(g, w, x, y, bias_guard.as_ref().map(|(p, _)| *p))
-    }
+    let bias = bias_guard.as_ref().map(|(p, _)| *p);
+    let aux = aux_guard.as_ref().map(|(p, _)| *p);
+    // SAFETY: weight holds OC*C bf16 (C x OC, ld C), inp N*C (C x N, ld C), out and pre N*OC
+    // (OC x N, ld OC), bias OC bf16 (the epilogue's default type is D's), all checked by the
+    // caller; the guards keep them alive and ordered on the stream.
+    unsafe { be.blas.try_gemm(g, w, x, y, bias, aux) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -302,6 +419,78 @@ pub(super) fn backward(
         c,
         oc,
     )?;
+    input_grad(be, op, dinp, dout, weight, None, n, c, oc)?;
+    weight_grads(be, op, dweight, dbias, dout, inp, n, c, oc)
+}
+
+/// `dinp = dout @ weight` (lengths checked by the caller), or with `pre` (D's shape) through
+/// the DGELU epilogue, `dinp = gelu'(pre) * (dout @ weight)`. `Ok(false)` where cuBLASLt has
+/// no DGELU algorithm for the shape (nothing launched); always `Ok(true)` without `pre`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn input_grad(
+    be: &CudaBackend,
+    op: &'static str,
+    dinp: &mut CudaBuf,
+    dout: &CudaBuf,
+    weight: &CudaBuf,
+    pre: Option<&CudaBuf>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<bool> {
+    if n == 0 || c == 0 {
+        return Ok(true);
+    }
+    if oc == 0 {
+        // An empty sum: dinp = 0 (and gelu'(pre) * 0 = 0).
+        be.fill_zero(dinp)?;
+        return Ok(true);
+    }
+    let s = &be.stream;
+    let (dy, _gdy) = dout.bf16(op, "dout")?.device_ptr(s);
+    let (w, _gw) = weight.bf16(op, "weight")?.device_ptr(s);
+    let aux_guard = match pre {
+        Some(pre) => Some(pre.bf16(op, "pre")?.device_ptr(s)),
+        None => None,
+    };
+    let (dx, _gdx) = dinp.bf16_mut(op, "dinp")?.device_ptr_mut(s);
+    let g = Gemm {
+        transa: false,
+        transb: false,
+        m: c as u64,
+        n: n as u64,
+        k: oc as u64,
+        lda: c as i64,
+        ldb: oc as i64,
+        ldc: c as i64,
+        out_f32: false,
+        epilogue: if pre.is_some() {
+            Epilogue::DGelu
+        } else {
+            Epilogue::None
+        },
+        accumulate: false,
+    };
+    let aux = aux_guard.as_ref().map(|(p, _)| *p);
+    // SAFETY: weight OC*C bf16 (C x OC, ld C), dout N*OC (OC x N, ld OC), dinp and pre N*C
+    // bf16 (C x N, ld C), checked by the caller; the guards keep them alive and ordered.
+    unsafe { be.blas.try_gemm(g, w, dy, dx, None, aux) }
+}
+
+/// Accumulates `dweight += dout^T @ inp` and `dbias += sum_rows(dout)` (lengths checked by the
+/// caller).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn weight_grads(
+    be: &CudaBackend,
+    op: &'static str,
+    dweight: &mut CudaBuf,
+    dbias: Option<&mut CudaBuf>,
+    dout: &CudaBuf,
+    inp: &CudaBuf,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
     let (n_, oc_) = (as_i32(op, "N", n)?, as_i32(op, "OC", oc)?);
     if n == 0 || oc == 0 || c == 0 {
         return Ok(());
@@ -310,24 +499,6 @@ pub(super) fn backward(
     {
         let (dy, _gdy) = dout.bf16(op, "dout")?.device_ptr(s);
         let (x, _gx) = inp.bf16(op, "inp")?.device_ptr(s);
-        let (w, _gw) = weight.bf16(op, "weight")?.device_ptr(s);
-        let (dx, _gdx) = dinp.bf16_mut(op, "dinp")?.device_ptr_mut(s);
-        let g = Gemm {
-            transa: false,
-            transb: false,
-            m: c as u64,
-            n: n as u64,
-            k: oc as u64,
-            lda: c as i64,
-            ldb: oc as i64,
-            ldc: c as i64,
-            out_f32: false,
-            bias: false,
-            accumulate: true,
-        };
-        // SAFETY: weight OC*C bf16 (C x OC, ld C), dout N*OC (OC x N, ld OC), dinp N*C
-        // (C x N, ld C), checked above.
-        unsafe { be.blas.gemm(g, w, dy, dx, None) }?;
         let (dw, _gdw) = dweight.f32_mut(op, "dweight")?.device_ptr_mut(s);
         let g = Gemm {
             transa: false,
@@ -339,11 +510,11 @@ pub(super) fn backward(
             ldb: oc as i64,
             ldc: c as i64,
             out_f32: true,
-            bias: false,
+            epilogue: Epilogue::None,
             accumulate: true,
         };
         // SAFETY: inp N*C bf16 (C x N, ld C), dout N*OC read as OC x N (ld OC) and transposed,
-        // dweight OC*C fp32 (C x OC, ld C), checked above.
+        // dweight OC*C fp32 (C x OC, ld C), checked by the caller.
         unsafe { be.blas.gemm(g, x, dy, dw, None) }?;
     }
     let Some(dbias) = dbias else {

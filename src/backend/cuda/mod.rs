@@ -29,10 +29,12 @@ mod cross_entropy;
 mod decode;
 mod device;
 mod encoder;
+mod fill;
 mod gelu;
 mod global_norm;
 mod layernorm;
 mod matmul;
+mod matmul_gelu;
 mod sample;
 
 use std::collections::HashMap;
@@ -76,6 +78,8 @@ pub struct CudaBackend {
     functions: HashMap<&'static str, CudaFunction>,
     blas: matmul::Blas,
     attention_kernels: attention::AttentionKernels,
+    /// cuBLASLt's GELU epilogues for `matmul_gelu_*` (`TOPCOAT_GELU_EPILOGUE`, matmul_gelu.rs).
+    gelu_epilogue: bool,
 }
 
 /// Every kernel this backend launches, by family: all must be present in the embedded fatbins.
@@ -83,8 +87,10 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("adamw", adamw::KERNELS),
     ("attention", attention::KERNELS),
     ("attention_mma", attention::MMA_KERNELS),
+    ("attention_pipe", attention::PIPE_KERNELS),
     ("cross_entropy", cross_entropy::KERNELS),
     ("encoder", encoder::KERNELS),
+    ("fill", fill::KERNELS),
     ("gelu", gelu::KERNELS),
     ("global_norm", global_norm::KERNELS),
     ("layernorm", layernorm::KERNELS),
@@ -137,6 +143,16 @@ impl CudaBackend {
                 functions.insert(name, f);
             }
         }
+        for &(name, bytes) in attention::DYNAMIC_SMEM {
+            let f = functions
+                .get(name)
+                .ok_or_else(|| BackendError::Device(format!("kernel {name} was not loaded")))?;
+            use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+            let attr = Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, bytes as i32).map_err(|e| {
+                driver_error(&format!("allowing {name} {bytes} B of shared memory"), e)
+            })?;
+        }
         let blas = matmul::Blas::new(stream.clone())?;
         Ok(Self {
             info,
@@ -146,6 +162,7 @@ impl CudaBackend {
             functions,
             blas,
             attention_kernels: attention::AttentionKernels::from_env()?,
+            gelu_epilogue: matmul_gelu::epilogue_from_env()?,
         })
     }
 
@@ -193,12 +210,13 @@ impl Backend for CudaBackend {
     type Ids = CudaIds;
 
     fn name(&self) -> String {
-        let attention = match self.attention_kernels {
-            attention::AttentionKernels::Mma => "",
-            attention::AttentionKernels::MmaLds => ", attention mma-lds",
-            attention::AttentionKernels::CudaCores => ", attention cuda-cores",
+        let attention = self.attention_kernels.label();
+        let gelu = if self.gelu_epilogue {
+            ""
+        } else {
+            ", GELU epilogue off"
         };
-        format!("cuda:{} {}{attention}", self.ordinal, self.info)
+        format!("cuda:{} {}{attention}{gelu}", self.ordinal, self.info)
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -293,13 +311,12 @@ impl Backend for CudaBackend {
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
-        let set = |e| driver_error("zeroing device memory", e);
         match &mut buf.mem {
-            Mem::Bf16(x) => self.stream.memset_zeros(x).map_err(set),
-            Mem::F32(x) => self.stream.memset_zeros(x).map_err(set),
+            Mem::Bf16(x) => fill::zero(self, x),
+            Mem::F32(x) => fill::zero(self, x),
             Mem::Param { work, master } => {
-                self.stream.memset_zeros(work).map_err(set)?;
-                self.stream.memset_zeros(master).map_err(set)
+                fill::zero(self, work)?;
+                fill::zero(self, master)
             }
         }
     }
@@ -441,6 +458,36 @@ impl Backend for CudaBackend {
         oc: usize,
     ) -> Result<()> {
         matmul::backward(self, dinp, dweight, dbias, dout, inp, weight, n, c, oc)
+    }
+
+    fn matmul_gelu_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        matmul_gelu::forward(self, out, pre, inp, weight, bias, n, c, oc)
+    }
+
+    fn matmul_gelu_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        pre: &CudaBuf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        matmul_gelu::backward(self, dinp, dweight, dbias, dout, inp, weight, pre, n, c, oc)
     }
 
     fn attention_forward(

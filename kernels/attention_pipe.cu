@@ -1,0 +1,272 @@
+// attention_pipe.cu: the default tensor-core attention kernels. They are attention_mma.cu's
+// (same grid, same arguments, and the same arithmetic in the same order: the per-tile steps
+// are shared through attention_mma.cuh) with the inner tiles double-buffered: while the warps
+// compute on one tile, cp.async copies the next one into the other half of shared memory, so
+// each tile's global-memory latency hides behind the previous tile's products instead of
+// stalling the block between two __syncthreads.
+//
+// Shared memory: 2 stages x 2 tiles x 64 x (HS + 8) bf16 = 36 KB at HS = 64, plus the block's
+// own tiles: Q for the forward (46 KB, static), Q and dout for dq, K and V for dkv (55 KB,
+// dynamic: the launcher opts these kernels in above 48 KB). Holding dq's and dkv's own tiles in
+// registers as mma A fragments instead fits static shared memory but needs 174 and 247
+// registers: two blocks per SM where dq then runs three. Measured on an H200 (docs/PERF.md):
+// gpt2-124m attention backward 28.4 ms with the register variant, 27.6 ms with this one.
+// ldmatrix fragment loads only.
+//
+// Selected by default (TOPCOAT_ATTENTION=mma; `mma-sync` runs attention_mma.cu's kernels).
+#include "attention_mma.cuh"
+
+// One K/V (forward, dq) or Q/dO (dkv) stage: two 64-row tiles.
+#define PIPE_TILE(HS) (MMA_TILE * ((HS) + 8))
+
+// ---- forward ----------------------------------------------------------------------------------
+template <int HS>
+__device__ __forceinline__ void forward_pipe(__nv_bfloat16* __restrict__ out,
+                                             float* __restrict__ lse,
+                                             const __nv_bfloat16* __restrict__ qkv,
+                                             const int* __restrict__ starts, int t, int c, int nh,
+                                             float scale) {
+    constexpr int TILE = PIPE_TILE(HS);
+    __shared__ __align__(16) __nv_bfloat16 q_s[TILE];
+    __shared__ __align__(16) __nv_bfloat16 k_s[2 * TILE];
+    __shared__ __align__(16) __nv_bfloat16 v_s[2 * TILE];
+    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // the longest rows start first
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane >> 2, tq = lane & 3;
+    const int r = warp * 16 + g;
+    const size_t c3 = 3 * (size_t)c;
+    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
+    const int i_a = q0 + r, i_b = q0 + r + 8;
+    const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
+    const int start_a = row_starts ? row_starts[min(i_a, t - 1)] : 0;
+    const int start_b = row_starts ? row_starts[min(i_b, t - 1)] : 0;
+    const int first_key = row_starts ? row_starts[q0] : 0;
+    const int last_key = min(q0 + MMA_ROWS, t) - 1;
+    const int j_first = (first_key / MMA_TILE) * MMA_TILE;
+    const float sl2 = scale * LOG2E;
+
+    // Q and the first K/V tile in flight, as one group.
+    load_tile_async<HS>(q_s, base, c3, q0, t);
+    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    cp_async_commit();
+
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    float o[HS / 8][4];
+    zero_acc(o);
+    int stage = 0;
+    for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
+        if (j0 + MMA_TILE <= last_key) {
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+        }
+        cp_async_commit();   // possibly empty: keeps "all but the newest group" = this stage
+        cp_async_wait<1>();
+        __syncthreads();
+        float s[MMA_TILE / 8][4];
+        scores<HS, true>(s, q_s, k_s + stage * TILE, warp * 16, lane);
+        softmax_tile<HS>(s, o, m_a, m_b, l_a, l_b, j0, i_a, i_b, start_a, start_b, sl2, tq);
+        times_tile<HS, true>(o, s, v_s + stage * TILE, lane);
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    forward_store<HS>(out, lse, o, m_a, m_b, l_a, l_b, ((size_t)bb * t + i_a) * c + h * HS,
+                      (size_t)bh * t + i_a, i_a, t, c, tq);
+}
+
+// ---- backward, dq: one block per 64 query rows, over the key tiles they see --------------------
+// Shared memory (dynamic, from the entry point): q_s, do_s one tile each, k_s, v_s two stages.
+template <int HS>
+__device__ __forceinline__ void backward_dq_pipe(__nv_bfloat16* __restrict__ dqkv,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ dvec,
+                                                 const __nv_bfloat16* __restrict__ dout,
+                                                 const __nv_bfloat16* __restrict__ qkv,
+                                                 const int* __restrict__ starts, int t, int c,
+                                                 int nh, float scale, __nv_bfloat16* q_s,
+                                                 __nv_bfloat16* do_s, __nv_bfloat16* k_s,
+                                                 __nv_bfloat16* v_s) {
+    constexpr int TILE = PIPE_TILE(HS);
+    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane >> 2, tq = lane & 3;
+    const int r = warp * 16 + g;
+    const size_t c3 = 3 * (size_t)c;
+    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
+    const int i_a = q0 + r, i_b = q0 + r + 8;
+    const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
+    const int start_a = row_starts ? row_starts[min(i_a, t - 1)] : 0;
+    const int start_b = row_starts ? row_starts[min(i_b, t - 1)] : 0;
+    const int first_key = row_starts ? row_starts[q0] : 0;
+    const int last_key = min(q0 + MMA_ROWS, t) - 1;
+    const int j_first = (first_key / MMA_TILE) * MMA_TILE;
+    const float sl2 = scale * LOG2E;
+    // Rows past T get lse = +inf, so their P is 0 and they add nothing.
+    const float lse_a = i_a < t ? lse[(size_t)bh * t + i_a] * LOG2E : INFINITY;
+    const float lse_b = i_b < t ? lse[(size_t)bh * t + i_b] * LOG2E : INFINITY;
+    const float d_a = i_a < t ? dvec[(size_t)bh * t + i_a] : 0.0f;
+    const float d_b = i_b < t ? dvec[(size_t)bh * t + i_b] : 0.0f;
+
+    // Q, dout and the first K/V tile in flight, as one group.
+    load_tile_async<HS>(q_s, base, c3, q0, t);
+    load_tile_async<HS>(do_s, dout + (size_t)bb * t * c + h * HS, c, q0, t);
+    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    cp_async_commit();
+
+    float dq[HS / 8][4];
+    zero_acc(dq);
+    int stage = 0;
+    for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
+        if (j0 + MMA_TILE <= last_key) {
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const __nv_bfloat16* ks = k_s + stage * TILE;
+        float p[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
+        scores<HS, true>(p, q_s, ks, warp * 16, lane);
+        scores<HS, true>(dp, do_s, v_s + stage * TILE, warp * 16, lane);
+        dq_tile_ds(p, dp, j0, i_a, i_b, start_a, start_b, sl2, lse_a, lse_b, d_a, d_b, tq);
+        times_tile<HS, true>(dq, p, ks, lane);
+        __syncthreads();
+    }
+    if (i_a < t) store_row<HS>(dqkv + ((size_t)bb * t + i_a) * c3 + h * HS, dq, 0, scale, tq);
+    if (i_b < t) store_row<HS>(dqkv + ((size_t)bb * t + i_b) * c3 + h * HS, dq, 1, scale, tq);
+}
+
+// ---- backward, dk and dv: one block per 64 key rows, over the query tiles that see them --------
+// Shared memory (dynamic, from the entry point): k_s, v_s one tile each, q_s, do_s two stages;
+// the per-query statistics of both stages are static.
+template <int HS>
+__device__ __forceinline__ void backward_dkv_pipe(__nv_bfloat16* __restrict__ dqkv,
+                                                  const float* __restrict__ lse,
+                                                  const float* __restrict__ dvec,
+                                                  const __nv_bfloat16* __restrict__ dout,
+                                                  const __nv_bfloat16* __restrict__ qkv,
+                                                  const int* __restrict__ starts, int t, int c,
+                                                  int nh, float scale, __nv_bfloat16* k_s,
+                                                  __nv_bfloat16* v_s, __nv_bfloat16* q_s,
+                                                  __nv_bfloat16* do_s) {
+    constexpr int TILE = PIPE_TILE(HS);
+    __shared__ float lse_s[2][MMA_TILE], d_s[2][MMA_TILE];
+    __shared__ int start_s[2][MMA_TILE];
+    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const int k0 = blockIdx.x * MMA_ROWS;  // the first key tiles see the most queries
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane >> 2, tq = lane & 3;
+    const int r = warp * 16 + g;
+    const size_t c3 = 3 * (size_t)c;
+    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
+    const __nv_bfloat16* dout_base = dout + (size_t)bb * t * c + h * HS;
+    const int j_a = k0 + r, j_b = k0 + r + 8;
+    const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
+    const int last_key = min(k0 + MMA_ROWS, t) - 1;
+    const float sl2 = scale * LOG2E;
+    // Query x of the tile at i0, for thread x < 64: its lse (base 2, +inf past T), D, start.
+    auto row_stats = [&](int i0, float& l, float& d, int& st) {
+        const int i = i0 + (int)threadIdx.x;
+        l = i < t ? lse[(size_t)bh * t + i] * LOG2E : INFINITY;
+        d = i < t ? dvec[(size_t)bh * t + i] : 0.0f;
+        st = (row_starts && i < t) ? row_starts[i] : 0;
+    };
+
+    // K, V and the first query tile in flight, as one group.
+    load_tile_async<HS>(k_s, base + c, c3, k0, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, k0, t);
+    // The first query tile (i0 = k0) always sees these keys: query k0 sees key k0.
+    load_tile_async<HS>(q_s, base, c3, k0, t);
+    load_tile_async<HS>(do_s, dout_base, c, k0, t);
+    cp_async_commit();
+    if (threadIdx.x < MMA_TILE) {
+        row_stats(k0, lse_s[0][threadIdx.x], d_s[0][threadIdx.x], start_s[0][threadIdx.x]);
+    }
+
+    float dk[HS / 8][4], dv[HS / 8][4];
+    zero_acc(dk);
+    zero_acc(dv);
+    int stage = 0;
+    for (int i0 = k0; i0 < t; i0 += MMA_TILE, stage ^= 1) {
+        // Starts never decrease along a row: once a tile's first query starts past these keys,
+        // no later query sees them either.
+        const int next = i0 + MMA_TILE;
+        const bool more = next < t && !(row_starts && row_starts[next] > last_key);
+        float next_lse = 0.0f, next_d = 0.0f;
+        int next_start = 0;
+        if (more) {
+            load_tile_async<HS>(q_s + (stage ^ 1) * TILE, base, c3, next, t);
+            load_tile_async<HS>(do_s + (stage ^ 1) * TILE, dout_base, c, next, t);
+            // Plain loads: they land while this tile is computed, stored below.
+            if (threadIdx.x < MMA_TILE) row_stats(next, next_lse, next_d, next_start);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const __nv_bfloat16* qs = q_s + stage * TILE;
+        const __nv_bfloat16* dos = do_s + stage * TILE;
+        float p[MMA_TILE / 8][4];
+        scores<HS, true>(p, k_s, qs, warp * 16, lane);  // S^T: rows keys, columns queries
+        dkv_tile_p(p, i0, j_a, j_b, lse_s[stage], start_s[stage], sl2, tq);
+        times_tile<HS, true>(dv, p, dos, lane);
+        // dP^T only now, so its registers are not live during the dv product.
+        float dp[MMA_TILE / 8][4];
+        scores<HS, true>(dp, v_s, dos, warp * 16, lane);
+        dkv_tile_ds(p, dp, d_s[stage], tq);
+        times_tile<HS, true>(dk, p, qs, lane);
+        if (more && threadIdx.x < MMA_TILE) {
+            lse_s[stage ^ 1][threadIdx.x] = next_lse;
+            d_s[stage ^ 1][threadIdx.x] = next_d;
+            start_s[stage ^ 1][threadIdx.x] = next_start;
+        }
+        __syncthreads();
+        if (!more) break;
+    }
+    if (j_a < t) {
+        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_a) * c3 + h * HS;
+        store_row<HS>(row + c, dk, 0, scale, tq);
+        store_row<HS>(row + 2 * c, dv, 0, 1.0f, tq);
+    }
+    if (j_b < t) {
+        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_b) * c3 + h * HS;
+        store_row<HS>(row + c, dk, 1, scale, tq);
+        store_row<HS>(row + 2 * c, dv, 1, 1.0f, tq);
+    }
+}
+
+// ---- entry points, per head size (signatures as attention_mma.cu's) ---------------------------
+// dq and dkv take 6 * PIPE_TILE(HS) bf16 of dynamic shared memory (55 KB at HS = 64).
+extern __shared__ __align__(16) unsigned char pipe_smem[];
+
+#define ATTENTION_PIPE_KERNELS(HS)                                                               \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
+        attention_forward_pipe##HS##_bf16(__nv_bfloat16* out, float* lse,                       \
+                                          const __nv_bfloat16* qkv, const int* starts, int t,    \
+                                          int c, int nh, float scale) {                          \
+        forward_pipe<HS>(out, lse, qkv, starts, t, c, nh, scale);                                \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
+        attention_backward_dq_pipe##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,             \
+                                              const float* dvec, const __nv_bfloat16* dout,      \
+                                              const __nv_bfloat16* qkv, const int* starts,       \
+                                              int t, int c, int nh, float scale) {               \
+        constexpr int TILE = PIPE_TILE(HS);                                                      \
+        __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(pipe_smem);                        \
+        backward_dq_pipe<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, q_s,           \
+                             q_s + TILE, q_s + 2 * TILE, q_s + 4 * TILE);                        \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
+        attention_backward_dkv_pipe##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,            \
+                                               const float* dvec, const __nv_bfloat16* dout,     \
+                                               const __nv_bfloat16* qkv, const int* starts,      \
+                                               int t, int c, int nh, float scale) {              \
+        constexpr int TILE = PIPE_TILE(HS);                                                      \
+        __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(pipe_smem);                        \
+        backward_dkv_pipe<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, k_s,          \
+                              k_s + TILE, k_s + 2 * TILE, k_s + 4 * TILE);                       \
+    }
+
+ATTENTION_PIPE_KERNELS(32)
+ATTENTION_PIPE_KERNELS(64)

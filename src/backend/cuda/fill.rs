@@ -1,0 +1,45 @@
+//! Launcher for `kernels/fill.cu`: `fill_zero` as a store kernel (why not the driver's memset:
+//! see the kernel's header).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+
+use super::{driver_error, grid_stride, launch_error, CudaBackend, Result};
+
+pub(super) const KERNELS: &[&str] = &["fill_zero_u8"];
+
+const BLOCK: u32 = 256;
+
+/// Sets every element of `x` to zero bits.
+pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
+    be: &CudaBackend,
+    x: &mut CudaSlice<T>,
+) -> Result<()> {
+    let bytes = x.len() * std::mem::size_of::<T>();
+    if bytes == 0 {
+        return Ok(());
+    }
+    let aligned = {
+        let (ptr, _guard) = x.device_ptr(&be.stream);
+        ptr % 16 == 0
+    };
+    if !aligned {
+        // Never the case for whole allocations (256-byte aligned); kept correct regardless.
+        return be
+            .stream
+            .memset_zeros(x)
+            .map_err(|e| driver_error("zeroing device memory", e));
+    }
+    let name = KERNELS[0];
+    let f = be.function(name)?;
+    // SAFETY: the kernel writes bytes [0, bytes) of `x`'s allocation only, which `x` owns;
+    // the pointer is 16-byte aligned (checked above) as its 16-byte stores need.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(x)
+            .arg(&bytes)
+            .launch(grid_stride(bytes.div_ceil(16), BLOCK))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}

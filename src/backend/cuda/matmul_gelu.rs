@@ -1,0 +1,102 @@
+//! The MLP's GELU fused into its matmuls (`Backend::matmul_gelu_forward` / `_backward`):
+//! cuBLASLt's GELU_AUX(_BIAS) epilogue writes both the GELU input (`pre`, the aux matrix) and
+//! its output in the fc matmul, and the DGELU epilogue multiplies the fc_proj input gradient
+//! by `gelu'(pre)` as it is stored. That saves the separate GELU passes over the `N x 4C`
+//! activations (two reads and a write forward, three backward).
+//!
+//! The epilogues need the aux leading dimension (the output width) to be a multiple of 8;
+//! other shapes, a cuBLASLt without an algorithm for the epilogue, or
+//! `TOPCOAT_GELU_EPILOGUE=off` take the unfused path (matmul, then the kernels of
+//! `kernels/gelu.cu`), which computes the same thing.
+
+use super::matmul;
+use super::{check_len, gelu, BackendError, CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
+
+/// Whether the GELU epilogues are used (`TOPCOAT_GELU_EPILOGUE`, read once when the backend
+/// opens: `on`, the default, or `off`). Benchmarks and parity tests run both.
+pub(super) fn epilogue_from_env() -> Result<bool> {
+    match std::env::var("TOPCOAT_GELU_EPILOGUE").as_deref() {
+        Err(_) | Ok("") | Ok("on") => Ok(true),
+        Ok("off") => Ok(false),
+        Ok(other) => Err(BackendError::Device(format!(
+            "TOPCOAT_GELU_EPILOGUE={other}: expected on or off"
+        ))),
+    }
+}
+
+/// cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
+fn epilogue_fits(be: &CudaBackend, width: usize) -> bool {
+    be.gelu_epilogue && width % 8 == 0
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    pre: &mut CudaBuf,
+    inp: &CudaBuf,
+    weight: &CudaBuf,
+    bias: Option<&CudaBuf>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_gelu_forward";
+    check_len(op, "out", n * oc, out.len())?;
+    shapes::matmul_forward(
+        pre.len(),
+        inp.len(),
+        weight.len(),
+        bias.map(|x| x.len()),
+        n,
+        c,
+        oc,
+    )?;
+    if n * oc > 0
+        && c > 0
+        && epilogue_fits(be, oc)
+        && matmul::forward_with(be, op, out, Some(pre), inp, weight, bias, n, c, oc)?
+    {
+        return Ok(());
+    }
+    matmul::forward(be, pre, inp, weight, bias, n, c, oc)?;
+    gelu::forward(be, out, pre, n * oc)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    be: &CudaBackend,
+    dinp: &mut CudaBuf,
+    dweight: &mut CudaBuf,
+    dbias: Option<&mut CudaBuf>,
+    dout: &CudaBuf,
+    inp: &CudaBuf,
+    weight: &CudaBuf,
+    pre: &CudaBuf,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_gelu_backward";
+    shapes::matmul_gelu_backward(
+        dinp.len(),
+        dweight.len(),
+        dbias.as_ref().map(|x| x.len()),
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        pre.len(),
+        n,
+        c,
+        oc,
+    )?;
+    let fused = epilogue_fits(be, c)
+        && oc > 0
+        && matmul::input_grad(be, op, dinp, dout, weight, Some(pre), n, c, oc)?;
+    if !fused {
+        matmul::input_grad(be, op, dinp, dout, weight, None, n, c, oc)?;
+        gelu::backward_in_place(be, dinp, pre, n * c)?;
+    }
+    matmul::weight_grads(be, op, dweight, dbias, dout, inp, n, c, oc)
+}
