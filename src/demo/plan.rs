@@ -33,11 +33,14 @@ pub struct DemoPlan {
 pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
     let gpu = device == DeviceKind::Cuda;
     let preset = if gpu { "small" } else { "tiny" };
-    // Optimizer steps per stage: [pretrain, sft, reward, dpo, rl].
+    // Optimizer steps per stage: [pretrain, sft, reward, dpo, rl]. On a GPU, pretraining
+    // stops at 400 steps (6.6M tokens, ~57 passes over the embedded corpus's 116K training
+    // tokens; measured on an H200: validation loss 9.09 -> 6.42). 3,000 steps memorised the
+    // corpus: 6.68 at step 500, back up to 9.16 at the end.
     let steps: [usize; 5] = match (gpu, quick) {
         (false, false) => [900, 150, 80, 80, 60],
         (false, true) => [120, 60, 30, 40, 12],
-        (true, false) => [3000, 600, 300, 300, 200],
+        (true, false) => [400, 600, 300, 300, 200],
         (true, true) => [400, 100, 50, 50, 20],
     };
     let base = |mut r: RunConfig, steps: usize| {
