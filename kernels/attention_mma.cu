@@ -10,8 +10,8 @@
 //
 // Scheme (FlashAttention-2, Dao 2023): a block of 4 warps owns 64 rows; each warp owns 16 and
 // holds them as mma.sync m16n8k16 fragments (bf16 operands, fp32 accumulators). Tiles of 64
-// keys (or queries) are staged in shared memory, rows padded by 8 elements so the fragment
-// loads hit 32 distinct banks. Scores live in registers; softmax runs online in base 2.
+// keys (or queries) are staged in shared memory, rows padded by 8 elements so the ldmatrix
+// fragment loads hit 32 distinct banks. Scores live in registers; softmax runs online in base 2.
 //   forward: S = Q K^T, running max and sum, O += P V; saves lse.
 //   backward: prep D_i = dout_i . out_i; dq kernel (one block per query tile, loops over key
 //   tiles): S, P = exp(S - lse), dP = dout V^T, dS = P (dP - D), dq = scale dS K;
@@ -19,53 +19,77 @@
 //   dP^T = V dout^T, dS^T, dk = scale dS^T Q. No float atomics: every output element is
 //   written by one thread, so results are deterministic.
 //
-// Napkin math (gpt2-124m: B=64, NH=12, T=1024, HS=64): forward 2 products x 2*B*NH*T^2*HS / 2
-// (causal) = 103 GFLOP; backward recomputes S twice and does 5 more products: ~360 GFLOP.
-// At ~500 TFLOP/s for mma.sync that is ~0.2 ms forward, ~0.7 ms backward; bytes are small
-// (qkv 302 MB read, out 101 MB written), so the floor is the tensor cores and the
+// Pipelining: the inner tiles are double-buffered. While the warps compute on one tile,
+// cp.async copies the next one into the other half of shared memory, so each tile's
+// global-memory latency hides behind the previous tile's products. Shared memory: 2 stages x 2
+// tiles x 64 x (HS + 8) bf16 = 36 KB at HS = 64, plus the block's own tiles: Q for the forward
+// (46 KB, static), Q and dout for dq, K and V for dkv (55 KB, dynamic: the launcher opts these
+// kernels in above 48 KB). Measured on an H200 against the same kernels loading each tile
+// between two barriers (docs/PERF.md): gpt2-124m attention forward 8.3 -> 7.5 ms, backward
+// 31.0 -> 27.9 ms per step. Holding dq's and dkv's own tiles in registers instead would fit
+// static shared memory but take 174 and 247 registers (two blocks per SM where dq now runs
+// three): backward 28.4 ms.
+//
+// Napkin math (gpt2-124m: B=64, NH=12, T=1024, HS=64), per layer: forward 2 products x
+// 2*B*NH*T^2*HS / 2 (causal) = 103 GFLOP; backward recomputes S twice and does 5 more products:
+// ~360 GFLOP. At ~500 TFLOP/s for mma.sync that is ~0.2 ms forward, ~0.7 ms backward; bytes are
+// small (qkv 302 MB read, out 101 MB written), so the floor is the tensor cores and the
 // shared-memory fragment loads, not DRAM.
 #include "attention_mma.cuh"
 
-// ---- forward --------------------------------------------------------------------------------
-// Grid (ceil(T/64), B*NH), 128 threads.
-template <int HS, bool LDSM>
+// Elements of one 64-row shared tile, rows padded by 8 (a stage holds two: K and V, or Q and dout).
+#define SMEM_TILE(HS) (MMA_TILE * ((HS) + 8))
+
+// ---- forward ----------------------------------------------------------------------------------
+template <int HS>
 __device__ __forceinline__ void forward_mma(__nv_bfloat16* __restrict__ out,
-                                            float* __restrict__ lse,
-                                            const __nv_bfloat16* __restrict__ qkv,
-                                            const int* __restrict__ starts, int t, int c, int nh,
-                                            float scale) {
-    constexpr int LD = HS + 8;
-    __shared__ __align__(16) __nv_bfloat16 q_s[MMA_ROWS * LD];
-    __shared__ __align__(16) __nv_bfloat16 k_s[MMA_TILE * LD];
-    __shared__ __align__(16) __nv_bfloat16 v_s[MMA_TILE * LD];
+                                             float* __restrict__ lse,
+                                             const __nv_bfloat16* __restrict__ qkv,
+                                             const int* __restrict__ starts, int t, int c, int nh,
+                                             float scale) {
+    constexpr int TILE = SMEM_TILE(HS);
+    __shared__ __align__(16) __nv_bfloat16 q_s[TILE];
+    __shared__ __align__(16) __nv_bfloat16 k_s[2 * TILE];
+    __shared__ __align__(16) __nv_bfloat16 v_s[2 * TILE];
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;  // the longest rows start first
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane >> 2, tq = lane & 3;
-    const int r = warp * 16 + g;  // this thread's tile rows: r and r + 8
+    const int r = warp * 16 + g;
     const size_t c3 = 3 * (size_t)c;
     const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
     const int i_a = q0 + r, i_b = q0 + r + 8;
     const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
     const int start_a = row_starts ? row_starts[min(i_a, t - 1)] : 0;
     const int start_b = row_starts ? row_starts[min(i_b, t - 1)] : 0;
-    const int first_key = row_starts ? row_starts[q0] : 0;  // nondecreasing: the tile's least
+    const int first_key = row_starts ? row_starts[q0] : 0;
     const int last_key = min(q0 + MMA_ROWS, t) - 1;
+    const int j_first = (first_key / MMA_TILE) * MMA_TILE;
     const float sl2 = scale * LOG2E;
 
-    load_tile<HS>(q_s, base, c3, q0, t);
+    // Q and the first K/V tile in flight, as one group.
+    load_tile_async<HS>(q_s, base, c3, q0, t);
+    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    cp_async_commit();
+
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     float o[HS / 8][4];
     zero_acc(o);
-    for (int j0 = (first_key / MMA_TILE) * MMA_TILE; j0 <= last_key; j0 += MMA_TILE) {
-        __syncthreads();  // the previous tile is consumed
-        load_tile<HS>(k_s, base + c, c3, j0, t);
-        load_tile<HS>(v_s, base + 2 * c, c3, j0, t);
+    int stage = 0;
+    for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
+        if (j0 + MMA_TILE <= last_key) {
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+        }
+        cp_async_commit();   // possibly empty: keeps "all but the newest group" = this stage
+        cp_async_wait<1>();
         __syncthreads();
         float s[MMA_TILE / 8][4];
-        scores<HS, LDSM>(s, q_s, k_s, warp * 16, lane);
+        scores<HS>(s, q_s, k_s + stage * TILE, warp * 16, lane);
         softmax_tile<HS>(s, o, m_a, m_b, l_a, l_b, j0, i_a, i_b, start_a, start_b, sl2, tq);
-        times_tile<HS, LDSM>(o, s, v_s, lane);
+        times_tile<HS>(o, s, v_s + stage * TILE, lane);
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
     forward_store<HS>(out, lse, o, m_a, m_b, l_a, l_b, ((size_t)bb * t + i_a) * c + h * HS,
                       (size_t)bh * t + i_a, i_a, t, c, tq);
@@ -92,19 +116,18 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---- backward, dq: one block per 64 query rows, over the key tiles they see --------------------
-template <int HS, bool LDSM>
+// Shared memory (dynamic, from the entry point): q_s, do_s one tile each, k_s, v_s two stages.
+template <int HS>
 __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv,
-                                                const float* __restrict__ lse,
-                                                const float* __restrict__ dvec,
-                                                const __nv_bfloat16* __restrict__ dout,
-                                                const __nv_bfloat16* __restrict__ qkv,
-                                                const int* __restrict__ starts, int t, int c,
-                                                int nh, float scale) {
-    constexpr int LD = HS + 8;
-    __shared__ __align__(16) __nv_bfloat16 q_s[MMA_ROWS * LD];
-    __shared__ __align__(16) __nv_bfloat16 do_s[MMA_ROWS * LD];
-    __shared__ __align__(16) __nv_bfloat16 k_s[MMA_TILE * LD];
-    __shared__ __align__(16) __nv_bfloat16 v_s[MMA_TILE * LD];
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ dvec,
+                                                 const __nv_bfloat16* __restrict__ dout,
+                                                 const __nv_bfloat16* __restrict__ qkv,
+                                                 const int* __restrict__ starts, int t, int c,
+                                                 int nh, float scale, __nv_bfloat16* q_s,
+                                                 __nv_bfloat16* do_s, __nv_bfloat16* k_s,
+                                                 __nv_bfloat16* v_s) {
+    constexpr int TILE = SMEM_TILE(HS);
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
@@ -118,6 +141,7 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
     const int start_b = row_starts ? row_starts[min(i_b, t - 1)] : 0;
     const int first_key = row_starts ? row_starts[q0] : 0;
     const int last_key = min(q0 + MMA_ROWS, t) - 1;
+    const int j_first = (first_key / MMA_TILE) * MMA_TILE;
     const float sl2 = scale * LOG2E;
     // Rows past T get lse = +inf, so their P is 0 and they add nothing.
     const float lse_a = i_a < t ? lse[(size_t)bh * t + i_a] * LOG2E : INFINITY;
@@ -125,41 +149,52 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
     const float d_a = i_a < t ? dvec[(size_t)bh * t + i_a] : 0.0f;
     const float d_b = i_b < t ? dvec[(size_t)bh * t + i_b] : 0.0f;
 
-    load_tile<HS>(q_s, base, c3, q0, t);
-    load_tile<HS>(do_s, dout + (size_t)bb * t * c + h * HS, c, q0, t);
+    // Q, dout and the first K/V tile in flight, as one group.
+    load_tile_async<HS>(q_s, base, c3, q0, t);
+    load_tile_async<HS>(do_s, dout + (size_t)bb * t * c + h * HS, c, q0, t);
+    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    cp_async_commit();
+
     float dq[HS / 8][4];
     zero_acc(dq);
-    for (int j0 = (first_key / MMA_TILE) * MMA_TILE; j0 <= last_key; j0 += MMA_TILE) {
+    int stage = 0;
+    for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
+        if (j0 + MMA_TILE <= last_key) {
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_tile<HS>(k_s, base + c, c3, j0, t);
-        load_tile<HS>(v_s, base + 2 * c, c3, j0, t);
-        __syncthreads();
+        const __nv_bfloat16* ks = k_s + stage * TILE;
         float p[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
-        scores<HS, LDSM>(p, q_s, k_s, warp * 16, lane);
-        scores<HS, LDSM>(dp, do_s, v_s, warp * 16, lane);
+        scores<HS>(p, q_s, ks, warp * 16, lane);
+        scores<HS>(dp, do_s, v_s + stage * TILE, warp * 16, lane);
         dq_tile_ds(p, dp, j0, i_a, i_b, start_a, start_b, sl2, lse_a, lse_b, d_a, d_b, tq);
-        times_tile<HS, LDSM>(dq, p, k_s, lane);
+        times_tile<HS>(dq, p, ks, lane);
+        __syncthreads();
     }
     if (i_a < t) store_row<HS>(dqkv + ((size_t)bb * t + i_a) * c3 + h * HS, dq, 0, scale, tq);
     if (i_b < t) store_row<HS>(dqkv + ((size_t)bb * t + i_b) * c3 + h * HS, dq, 1, scale, tq);
 }
 
 // ---- backward, dk and dv: one block per 64 key rows, over the query tiles that see them --------
-template <int HS, bool LDSM>
+// Shared memory (dynamic, from the entry point): k_s, v_s one tile each, q_s, do_s two stages;
+// the per-query statistics of both stages are static.
+template <int HS>
 __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqkv,
-                                                 const float* __restrict__ lse,
-                                                 const float* __restrict__ dvec,
-                                                 const __nv_bfloat16* __restrict__ dout,
-                                                 const __nv_bfloat16* __restrict__ qkv,
-                                                 const int* __restrict__ starts, int t, int c,
-                                                 int nh, float scale) {
-    constexpr int LD = HS + 8;
-    __shared__ __align__(16) __nv_bfloat16 k_s[MMA_ROWS * LD];
-    __shared__ __align__(16) __nv_bfloat16 v_s[MMA_ROWS * LD];
-    __shared__ __align__(16) __nv_bfloat16 q_s[MMA_TILE * LD];
-    __shared__ __align__(16) __nv_bfloat16 do_s[MMA_TILE * LD];
-    __shared__ float lse_s[MMA_TILE], d_s[MMA_TILE];
-    __shared__ int start_s[MMA_TILE];
+                                                  const float* __restrict__ lse,
+                                                  const float* __restrict__ dvec,
+                                                  const __nv_bfloat16* __restrict__ dout,
+                                                  const __nv_bfloat16* __restrict__ qkv,
+                                                  const int* __restrict__ starts, int t, int c,
+                                                  int nh, float scale, __nv_bfloat16* k_s,
+                                                  __nv_bfloat16* v_s, __nv_bfloat16* q_s,
+                                                  __nv_bfloat16* do_s) {
+    constexpr int TILE = SMEM_TILE(HS);
+    __shared__ float lse_s[2][MMA_TILE], d_s[2][MMA_TILE];
+    __shared__ int start_s[2][MMA_TILE];
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     const int k0 = blockIdx.x * MMA_ROWS;  // the first key tiles see the most queries
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
@@ -172,35 +207,63 @@ __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqk
     const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
     const int last_key = min(k0 + MMA_ROWS, t) - 1;
     const float sl2 = scale * LOG2E;
+    // Query x of the tile at i0, for thread x < 64: its lse (base 2, +inf past T), D, start.
+    auto row_stats = [&](int i0, float& l, float& d, int& st) {
+        const int i = i0 + (int)threadIdx.x;
+        l = i < t ? lse[(size_t)bh * t + i] * LOG2E : INFINITY;
+        d = i < t ? dvec[(size_t)bh * t + i] : 0.0f;
+        st = (row_starts && i < t) ? row_starts[i] : 0;
+    };
 
-    load_tile<HS>(k_s, base + c, c3, k0, t);
-    load_tile<HS>(v_s, base + 2 * c, c3, k0, t);
+    // K, V and the first query tile in flight, as one group.
+    load_tile_async<HS>(k_s, base + c, c3, k0, t);
+    load_tile_async<HS>(v_s, base + 2 * c, c3, k0, t);
+    // The first query tile (i0 = k0) always sees these keys: query k0 sees key k0.
+    load_tile_async<HS>(q_s, base, c3, k0, t);
+    load_tile_async<HS>(do_s, dout_base, c, k0, t);
+    cp_async_commit();
+    if (threadIdx.x < MMA_TILE) {
+        row_stats(k0, lse_s[0][threadIdx.x], d_s[0][threadIdx.x], start_s[0][threadIdx.x]);
+    }
+
     float dk[HS / 8][4], dv[HS / 8][4];
     zero_acc(dk);
     zero_acc(dv);
-    for (int i0 = (k0 / MMA_TILE) * MMA_TILE; i0 < t; i0 += MMA_TILE) {
+    int stage = 0;
+    for (int i0 = k0; i0 < t; i0 += MMA_TILE, stage ^= 1) {
         // Starts never decrease along a row: once a tile's first query starts past these keys,
         // no later query sees them either.
-        if (row_starts && row_starts[i0] > last_key) break;
-        __syncthreads();
-        load_tile<HS>(q_s, base, c3, i0, t);
-        load_tile<HS>(do_s, dout_base, c, i0, t);
-        for (int x = threadIdx.x; x < MMA_TILE; x += MMA_THREADS) {
-            const int i = i0 + x;
-            lse_s[x] = i < t ? lse[(size_t)bh * t + i] * LOG2E : INFINITY;
-            d_s[x] = i < t ? dvec[(size_t)bh * t + i] : 0.0f;
-            start_s[x] = (row_starts && i < t) ? row_starts[i] : 0;
+        const int next = i0 + MMA_TILE;
+        const bool more = next < t && !(row_starts && row_starts[next] > last_key);
+        float next_lse = 0.0f, next_d = 0.0f;
+        int next_start = 0;
+        if (more) {
+            load_tile_async<HS>(q_s + (stage ^ 1) * TILE, base, c3, next, t);
+            load_tile_async<HS>(do_s + (stage ^ 1) * TILE, dout_base, c, next, t);
+            // Plain loads: they land while this tile is computed, stored below.
+            if (threadIdx.x < MMA_TILE) row_stats(next, next_lse, next_d, next_start);
         }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
+        const __nv_bfloat16* qs = q_s + stage * TILE;
+        const __nv_bfloat16* dos = do_s + stage * TILE;
         float p[MMA_TILE / 8][4];
-        scores<HS, LDSM>(p, k_s, q_s, warp * 16, lane);  // S^T: rows keys, columns queries
-        dkv_tile_p(p, i0, j_a, j_b, lse_s, start_s, sl2, tq);
-        times_tile<HS, LDSM>(dv, p, do_s, lane);
+        scores<HS>(p, k_s, qs, warp * 16, lane);  // S^T: rows keys, columns queries
+        dkv_tile_p(p, i0, j_a, j_b, lse_s[stage], start_s[stage], sl2, tq);
+        times_tile<HS>(dv, p, dos, lane);
         // dP^T only now, so its registers are not live during the dv product.
         float dp[MMA_TILE / 8][4];
-        scores<HS, LDSM>(dp, v_s, do_s, warp * 16, lane);
-        dkv_tile_ds(p, dp, d_s, tq);
-        times_tile<HS, LDSM>(dk, p, q_s, lane);
+        scores<HS>(dp, v_s, dos, warp * 16, lane);
+        dkv_tile_ds(p, dp, d_s[stage], tq);
+        times_tile<HS>(dk, p, qs, lane);
+        if (more && threadIdx.x < MMA_TILE) {
+            lse_s[stage ^ 1][threadIdx.x] = next_lse;
+            d_s[stage ^ 1][threadIdx.x] = next_d;
+            start_s[stage ^ 1][threadIdx.x] = next_start;
+        }
+        __syncthreads();
+        if (!more) break;
     }
     if (j_a < t) {
         __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_a) * c3 + h * HS;
@@ -214,30 +277,37 @@ __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqk
     }
 }
 
-// ---- entry points, per head size; `_lds` variants use plain shared loads, not ldmatrix -------
-#define ATTENTION_MMA_KERNELS(HS, LDSM, SUFFIX)                                                  \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
-        attention_forward_mma##HS##SUFFIX(__nv_bfloat16* out, float* lse,                       \
-                                          const __nv_bfloat16* qkv, const int* starts, int t,    \
-                                          int c, int nh, float scale) {                          \
-        forward_mma<HS, LDSM>(out, lse, qkv, starts, t, c, nh, scale);                           \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
-        attention_backward_dq_mma##HS##SUFFIX(__nv_bfloat16* dqkv, const float* lse,             \
-                                              const float* dvec, const __nv_bfloat16* dout,      \
-                                              const __nv_bfloat16* qkv, const int* starts,       \
-                                              int t, int c, int nh, float scale) {               \
-        backward_dq_mma<HS, LDSM>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale);          \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                    \
-        attention_backward_dkv_mma##HS##SUFFIX(__nv_bfloat16* dqkv, const float* lse,            \
-                                               const float* dvec, const __nv_bfloat16* dout,     \
-                                               const __nv_bfloat16* qkv, const int* starts,      \
-                                               int t, int c, int nh, float scale) {              \
-        backward_dkv_mma<HS, LDSM>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale);         \
+// ---- entry points, per head size ------------------------------------------------------------
+// dq and dkv take 6 * SMEM_TILE(HS) bf16 of dynamic shared memory (55 KB at HS = 64).
+extern __shared__ __align__(16) unsigned char mma_smem[];
+
+#define ATTENTION_MMA_KERNELS(HS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
+        attention_forward_mma##HS##_bf16(__nv_bfloat16* out, float* lse,                           \
+                                          const __nv_bfloat16* qkv, const int* starts, int t,      \
+                                          int c, int nh, float scale) {                            \
+        forward_mma<HS>(out, lse, qkv, starts, t, c, nh, scale);                                   \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
+        attention_backward_dq_mma##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,                \
+                                              const float* dvec, const __nv_bfloat16* dout,        \
+                                              const __nv_bfloat16* qkv, const int* starts,         \
+                                              int t, int c, int nh, float scale) {                 \
+        constexpr int TILE = SMEM_TILE(HS);                                                        \
+        __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(mma_smem);                           \
+        backward_dq_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, q_s,              \
+                             q_s + TILE, q_s + 2 * TILE, q_s + 4 * TILE);                          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
+        attention_backward_dkv_mma##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,               \
+                                               const float* dvec, const __nv_bfloat16* dout,       \
+                                               const __nv_bfloat16* qkv, const int* starts,        \
+                                               int t, int c, int nh, float scale) {                \
+        constexpr int TILE = SMEM_TILE(HS);                                                        \
+        __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(mma_smem);                           \
+        backward_dkv_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, k_s,             \
+                              k_s + TILE, k_s + 2 * TILE, k_s + 4 * TILE);                         \
     }
 
-ATTENTION_MMA_KERNELS(32, true, _bf16)
-ATTENTION_MMA_KERNELS(64, true, _bf16)
-ATTENTION_MMA_KERNELS(32, false, _lds_bf16)
-ATTENTION_MMA_KERNELS(64, false, _lds_bf16)
+ATTENTION_MMA_KERNELS(32)
+ATTENTION_MMA_KERNELS(64)

@@ -1,7 +1,7 @@
-// attention_mma.cuh: the tensor-core building blocks shared by kernels/attention_mma.cu and
-// kernels/attention_pipe.cu: mma.sync m16n8k16 on bf16 fragments, ldmatrix and plain shared
-// fragment loads, 64-row tile copies (plain and cp.async), the S = A B^T and acc += P V tile
-// products, quad reductions and row stores. Layout and scheme: see attention_mma.cu's header.
+// attention_mma.cuh: the tensor-core building blocks of kernels/attention_mma.cu: mma.sync
+// m16n8k16 on bf16 fragments loaded by ldmatrix, 64-row tile copies by cp.async, the
+// S = A B^T and acc += P V tile products, quad reductions, row stores, and the per-tile steps
+// of the forward, dq and dkv kernels. Layout and scheme: see attention_mma.cu's header.
 #pragma once
 
 #include <stdint.h>
@@ -30,18 +30,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Two adjacent bf16 of a row (4-byte aligned).
-__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// The same column of two consecutive rows, `ld` apart: a B fragment read down a row-major tile.
-__device__ __forceinline__ uint32_t ld_col_pair(const __nv_bfloat16* p, int ld) {
-    const uint32_t lo = *reinterpret_cast<const uint16_t*>(p);
-    const uint32_t hi = *reinterpret_cast<const uint16_t*>(p + ld);
-    return lo | (hi << 16);
-}
-
 // Four 8x8 bf16 matrices from shared memory in one instruction: lanes 8m .. 8m+7 give the row
 // addresses (16 bytes each) of matrix m; lane l receives in x[m] row l/4, columns 2(l%4) and
 // 2(l%4)+1 of matrix m, or with `.trans` column l/4, rows 2(l%4) and 2(l%4)+1.
@@ -62,20 +50,10 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&x)[4], const __nv_bfloa
 }
 
 // The A fragment of tile rows rb .. rb+15 and columns k0 .. k0+15 of a row-major tile (ld
-// elements per row). LDSM: one ldmatrix (matrices: rows rb.., rb+8.. x columns k0.., k0+8..);
-// otherwise four 4-byte loads (g = lane/4, tq = lane%4).
-template <bool LDSM>
+// elements per row), by one ldmatrix (matrices: rows rb.., rb+8.. x columns k0.., k0+8..).
 __device__ __forceinline__ void ld_a_frag(uint32_t (&a)[4], const __nv_bfloat16* tile, int ld,
                                           int rb, int k0, int lane) {
-    if (LDSM) {
-        ldsm_x4(a, tile + (rb + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
-    } else {
-        const int r = rb + (lane >> 2), tq = lane & 3;
-        a[0] = ld_pair(tile + r * ld + k0 + 2 * tq);
-        a[1] = ld_pair(tile + (r + 8) * ld + k0 + 2 * tq);
-        a[2] = ld_pair(tile + r * ld + k0 + 8 + 2 * tq);
-        a[3] = ld_pair(tile + (r + 8) * ld + k0 + 8 + 2 * tq);
-    }
+    ldsm_x4(a, tile + (rb + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
 }
 
 // Accumulator tiles s[2kk], s[2kk+1] (16 rows x 16 columns) as the A fragment of the next product.
@@ -85,22 +63,6 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&s)[MMA_
     a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
     a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
-
-// Copies rows row0 .. row0+63 of an [T, stride] bf16 tensor (HS columns from `src`) into a
-// shared tile with HS+8 elements per row; rows at or past T become zero. 16-byte accesses.
-template <int HS>
-__device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* src,
-                                          size_t stride, int row0, int t) {
-    constexpr int CHUNKS = HS / 8;
-    for (int idx = threadIdx.x; idx < MMA_TILE * CHUNKS; idx += MMA_THREADS) {
-        const int r = idx / CHUNKS, ch = idx % CHUNKS;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < t) {
-            v = *reinterpret_cast<const uint4*>(src + (size_t)(row0 + r) * stride + ch * 8);
-        }
-        *reinterpret_cast<uint4*>(tile + r * (HS + 8) + ch * 8) = v;
-    }
 }
 
 // ---- cp.async: global -> shared copies that proceed while the warps compute ------------------
@@ -123,7 +85,9 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// `load_tile` through cp.async (the caller commits and waits): rows at or past T become zero.
+// Copies rows row0 .. row0+63 of an [T, stride] bf16 tensor (HS columns from `src`) into a
+// shared tile with HS+8 elements per row, through cp.async (the caller commits and waits);
+// rows at or past T become zero.
 template <int HS>
 __device__ __forceinline__ void load_tile_async(__nv_bfloat16* tile, const __nv_bfloat16* src,
                                                 size_t stride, int row0, int t) {
@@ -165,57 +129,38 @@ __device__ __forceinline__ void zero_acc(float (&s)[N][4]) {
 
 // S = A B^T for a warp's 16 rows (tile rows rb ..) against 64 tile rows: A from `a_tile`, B
 // from `b_tile` (row-major [64][HS]: each row is one column of B^T, so B[k][n] = b_tile[n][k]).
-template <int HS, bool LDSM>
+template <int HS>
 __device__ __forceinline__ void scores(float (&s)[MMA_TILE / 8][4], const __nv_bfloat16* a_tile,
                                        const __nv_bfloat16* b_tile, int rb, int lane) {
-    constexpr int LD = HS + 8;
-    const int g = lane >> 2, tq = lane & 3;
     zero_acc(s);
 #pragma unroll
     for (int k0 = 0; k0 < HS; k0 += 16) {
         uint32_t a[4];
-        ld_a_frag<LDSM>(a, a_tile, LD, rb, k0, lane);
-        if (LDSM) {
-            mma_bt_ldsm<HS>(s, a, b_tile, k0, lane);
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < MMA_TILE / 8; nt++) {
-                const __nv_bfloat16* row = b_tile + (nt * 8 + g) * LD + k0 + 2 * tq;
-                mma_bf16(s[nt], a, ld_pair(row), ld_pair(row + 8));
-            }
-        }
+        ld_a_frag(a, a_tile, HS + 8, rb, k0, lane);
+        mma_bt_ldsm<HS>(s, a, b_tile, k0, lane);
     }
 }
 
 // acc += P V for a warp: P the warp's 16 x 64 accumulator tiles, V row-major [64][HS] in shared
 // (B[k][n] = v_tile[k][n], read down the columns).
-template <int HS, bool LDSM>
+template <int HS>
 __device__ __forceinline__ void times_tile(float (&acc)[HS / 8][4],
                                            const float (&p)[MMA_TILE / 8][4],
                                            const __nv_bfloat16* v_tile, int lane) {
     constexpr int LD = HS + 8;
-    const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < MMA_TILE / 16; kk++) {
         uint32_t a[4];
         acc_to_a(a, p, kk);
 #pragma unroll
         for (int dn = 0; dn < HS / 8; dn += 2) {
-            if (LDSM) {
-                // Transposed matrices: rows kk*16.. and kk*16+8.. x columns dn*8.. and dn*8+8..:
-                // b0, b1 of n-tile dn, then b0, b1 of n-tile dn+1.
-                uint32_t b[4];
-                ldsm_x4_trans(b, v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                     dn * 8 + (lane >> 4) * 8);
-                mma_bf16(acc[dn], a, b[0], b[1]);
-                mma_bf16(acc[dn + 1], a, b[2], b[3]);
-            } else {
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const __nv_bfloat16* col = v_tile + (kk * 16 + 2 * tq) * LD + (dn + u) * 8 + g;
-                    mma_bf16(acc[dn + u], a, ld_col_pair(col, LD), ld_col_pair(col + 8 * LD, LD));
-                }
-            }
+            // Transposed matrices: rows kk*16.. and kk*16+8.. x columns dn*8.. and dn*8+8..:
+            // b0, b1 of n-tile dn, then b0, b1 of n-tile dn+1.
+            uint32_t b[4];
+            ldsm_x4_trans(b, v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                 dn * 8 + (lane >> 4) * 8);
+            mma_bf16(acc[dn], a, b[0], b[1]);
+            mma_bf16(acc[dn + 1], a, b[2], b[3]);
         }
     }
 }
@@ -242,7 +187,7 @@ __device__ __forceinline__ void store_row(__nv_bfloat16* dst, const float (&acc)
     }
 }
 
-// ---- per-tile steps shared by the plain (attention_mma.cu) and pipelined kernels -----------------
+// ---- per-tile steps of the forward, dq and dkv kernels -------------------------------------------
 // Forward: masks the warp's score tile `s` (keys j0 .., rows i_a and i_b = i_a + 8, which see
 // keys start_* ..= i_*), folds it into the running max `m_*` and sum `l_*` (base 2), rescales
 // the output accumulator `o`, and leaves `s` = exp2(s - m): the P tile of `o += P V`.

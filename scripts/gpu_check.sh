@@ -25,12 +25,10 @@ parity=$(status $?)
 parity_counts=$(grep -E "^test result" "$logs/parity.log" | tail -n 1)
 timeout 60 dist/cuda_training --nocapture >"$logs/training.log" 2>&1
 training=$(status $?)
-# The other attention kernels (TOPCOAT_ATTENTION, src/backend/cuda/attention.rs) pass too.
-for kind in mma-sync mma-lds cuda-cores; do
-  TOPCOAT_ATTENTION=$kind timeout 60 dist/cuda_parity --test-threads=1 --nocapture attention \
-    >"$logs/parity_$kind.log" 2>&1
-  eval "parity_${kind//-/_}=\$(status \$?)"
-done
+# The CUDA-core attention kernels (TOPCOAT_ATTENTION, src/backend/cuda/attention.rs) pass too.
+TOPCOAT_ATTENTION=cuda-cores timeout 60 dist/cuda_parity --test-threads=1 --nocapture attention \
+  >"$logs/parity_cuda_cores.log" 2>&1
+parity_cuda_cores=$(status $?)
 # And the unfused matmul + GELU path (TOPCOAT_GELU_EPILOGUE, src/backend/cuda/matmul_gelu.rs).
 TOPCOAT_GELU_EPILOGUE=off timeout 60 dist/cuda_parity --test-threads=1 --nocapture matmul_gelu \
   >"$logs/parity_gelu_off.log" 2>&1
@@ -79,15 +77,13 @@ cp "$run/demo/report_card.json" "$run/demo/report.html" "$logs/" 2>/dev/null
 grep -E "^\| (base|sft|reward model|dpo|rl) \|" "$logs/demo.log"
 echo "== demo --quick ($((SECONDS - t0)) s): $demo"
 
-# Per-op times: the default build, then each alternative the A/B rows below compare.
+# Per-op times: the default build, then the alternative the A/B row below compares.
 kernels() {
   timeout 60 env "$@" dist/topcoat bench --device cuda --kernels --preset gpt2-124m \
     --vocab-size 50257 --batch-size 64 --seq-len 1024 --steps 2 --warmup 1
 }
 kernels TOPCOAT_ATTENTION=mma >"$logs/bench_kernels.log" 2>&1
 tail -n 20 "$logs/bench_kernels.log"
-kernels TOPCOAT_ATTENTION=mma-sync >"$logs/bench_kernels_mma_sync.log" 2>&1
-grep -E "^\| (attention|total)" "$logs/bench_kernels_mma_sync.log" | sed "s/^/mma-sync: /"
 kernels TOPCOAT_GELU_EPILOGUE=off >"$logs/bench_kernels_gelu_off.log" 2>&1
 grep -E "^\| (matmul_gelu|total)" "$logs/bench_kernels_gelu_off.log" | sed 's/^/GELU epilogue off: /'
 
@@ -95,14 +91,13 @@ timeout 100 dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 502
   --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 >"$logs/bench_topcoat.log" 2>&1
 bench=$(status $?)
 tail -n 6 "$logs/bench_topcoat.log"
-# The same with one alternative each (A/B in one call), against the peak measured above.
+# The same with the GELU epilogues off (A/B in one call), against the peak measured above.
 peak=$(grep -Eo "measured peak: [0-9.]+" "$logs/bench_topcoat.log" | grep -Eo "[0-9.]+$" || echo 0)
 bench_with() {
   timeout 100 env "$@" dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
     --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 --peak-tflops "$peak"
 }
 bench_with TOPCOAT_GELU_EPILOGUE=off >"$logs/bench_topcoat_gelu_off.log" 2>&1
-bench_with TOPCOAT_ATTENTION=mma-sync >"$logs/bench_topcoat_mma_sync.log" 2>&1
 echo "== topcoat bench ($((SECONDS - t0)) s)"
 torch_line="skipped"
 if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then
@@ -117,7 +112,7 @@ echo
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| CUDA parity tests | $parity ($parity_counts) |"
-echo "| CUDA attention parity, mma-sync / mma-lds / cuda-cores kernels | $parity_mma_sync / $parity_mma_lds / $parity_cuda_cores |"
+echo "| CUDA attention parity, cuda-cores kernels | $parity_cuda_cores |"
 echo "| CUDA matmul+GELU parity, epilogue off | $parity_gelu_off |"
 echo "| CUDA vs CPU, 10 training steps | $training |"
 echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
@@ -126,7 +121,6 @@ echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm
 echo "| topcoat demo --quick on cuda | $demo: $(grep -Eo "demo finished in [0-9]+ s" "$logs/demo.log" || echo "no result") |"
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, GELU epilogue off | $(tail -n 1 "$logs/bench_topcoat_gelu_off.log") |"
-echo "| same, attention mma-sync (tiles not double-buffered) | $(tail -n 1 "$logs/bench_topcoat_mma_sync.log") |"
 echo "| PyTorch torch.compile, same config | $torch_line |"
 # GPU_CHECK_FULL_DEMO=1: also the whole demo at its GPU sizes (not part of the 5-minute check).
 if [ -n "${GPU_CHECK_FULL_DEMO:-}" ]; then

@@ -1,8 +1,7 @@
-//! Launchers for causal attention: the tensor-core kernels for head sizes 32 and 64 (forward
-//! saving an fp32 lse; backward: D = dout . out, then dq, then dk and dv), double-buffered
-//! (`kernels/attention_pipe.cu`, the default) or not (`kernels/attention_mma.cu`), and the
-//! CUDA-core kernels of `kernels/attention.cu` for any other head size. All of them take rows
-//! holding several packed examples (`starts`, checked on its host copy).
+//! Launchers for causal attention: the tensor-core kernels of `kernels/attention_mma.cu` for
+//! head sizes 32 and 64 (forward saving an fp32 lse; backward: D = dout . out, then dq, then
+//! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size.
+//! Both take rows holding several packed examples (`starts`, checked on its host copy).
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -16,9 +15,8 @@ pub(super) const KERNELS: &[&str] = &[
     "attention_backward_dkv_bf16",
 ];
 
-/// The unpipelined tensor-core kernels: forward, dq, dkv for head size 32, the same for 64, the
-/// same two again in the `_lds` build (plain shared loads instead of ldmatrix), then D = dout
-/// . out (which the pipelined kernels use too).
+/// The tensor-core kernels (`kernels/attention_mma.cu`): forward, dq, dkv for head size 32,
+/// then the same for 64; then D = dout . out.
 pub(super) const MMA_KERNELS: &[&str] = &[
     "attention_forward_mma32_bf16",
     "attention_backward_dq_mma32_bf16",
@@ -26,39 +24,22 @@ pub(super) const MMA_KERNELS: &[&str] = &[
     "attention_forward_mma64_bf16",
     "attention_backward_dq_mma64_bf16",
     "attention_backward_dkv_mma64_bf16",
-    "attention_forward_mma32_lds_bf16",
-    "attention_backward_dq_mma32_lds_bf16",
-    "attention_backward_dkv_mma32_lds_bf16",
-    "attention_forward_mma64_lds_bf16",
-    "attention_backward_dq_mma64_lds_bf16",
-    "attention_backward_dkv_mma64_lds_bf16",
     "attention_backward_dot_bf16",
 ];
 const DOT_KERNEL: &str = "attention_backward_dot_bf16";
 
-/// The double-buffered tensor-core kernels (`kernels/attention_pipe.cu`): forward, dq, dkv for
-/// head size 32, then the same for 64.
-pub(super) const PIPE_KERNELS: &[&str] = &[
-    "attention_forward_pipe32_bf16",
-    "attention_backward_dq_pipe32_bf16",
-    "attention_backward_dkv_pipe32_bf16",
-    "attention_forward_pipe64_bf16",
-    "attention_backward_dq_pipe64_bf16",
-    "attention_backward_dkv_pipe64_bf16",
-];
-
-/// Dynamic shared memory of the pipelined dq and dkv kernels: `6 * PIPE_TILE(HS)` bf16.
-const fn pipe_smem_bytes(hs: usize) -> usize {
+/// Dynamic shared memory of the dq and dkv kernels: `6 * SMEM_TILE(HS)` bf16.
+const fn backward_smem_bytes(hs: usize) -> usize {
     6 * MMA_ROWS * (hs + 8) * 2
 }
 
 /// The kernels that need more than 48 KB of shared memory, with their dynamic size: the
 /// backend opts each in once when it opens.
 pub(super) const DYNAMIC_SMEM: &[(&str, usize)] = &[
-    (PIPE_KERNELS[1], pipe_smem_bytes(32)),
-    (PIPE_KERNELS[2], pipe_smem_bytes(32)),
-    (PIPE_KERNELS[4], pipe_smem_bytes(64)),
-    (PIPE_KERNELS[5], pipe_smem_bytes(64)),
+    (MMA_KERNELS[1], backward_smem_bytes(32)),
+    (MMA_KERNELS[2], backward_smem_bytes(32)),
+    (MMA_KERNELS[4], backward_smem_bytes(64)),
+    (MMA_KERNELS[5], backward_smem_bytes(64)),
 ];
 
 /// `MMA_ROWS` (= `MMA_TILE`) and `MMA_THREADS` in kernels/attention_mma.cuh.
@@ -66,15 +47,11 @@ const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
 
 /// Which attention kernels run (`TOPCOAT_ATTENTION`, read once when the backend opens):
-/// `mma` (default) the double-buffered tensor-core kernels, `mma-sync` the tensor-core kernels
-/// that load each tile between two barriers, `mma-lds` those with plain shared loads instead of
-/// ldmatrix, `cuda-cores` the fallback kernels for every head size. Benchmarks and parity tests
-/// run each; users never need to set it.
+/// `mma` (default) the tensor-core kernels where the head size allows, `cuda-cores` the
+/// fallback kernels everywhere. Benchmarks and parity tests run both; users never need to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum AttentionKernels {
     Mma,
-    MmaSync,
-    MmaLds,
     CudaCores,
 }
 
@@ -82,11 +59,9 @@ impl AttentionKernels {
     pub(super) fn from_env() -> Result<Self> {
         match std::env::var("TOPCOAT_ATTENTION").as_deref() {
             Err(_) | Ok("") | Ok("mma") => Ok(Self::Mma),
-            Ok("mma-sync") => Ok(Self::MmaSync),
-            Ok("mma-lds") => Ok(Self::MmaLds),
             Ok("cuda-cores") => Ok(Self::CudaCores),
             Ok(other) => Err(BackendError::Device(format!(
-                "TOPCOAT_ATTENTION={other}: expected mma, mma-sync, mma-lds or cuda-cores"
+                "TOPCOAT_ATTENTION={other}: expected mma or cuda-cores"
             ))),
         }
     }
@@ -95,14 +70,12 @@ impl AttentionKernels {
     pub(super) fn label(self) -> &'static str {
         match self {
             Self::Mma => "",
-            Self::MmaSync => ", attention mma-sync",
-            Self::MmaLds => ", attention mma-lds",
             Self::CudaCores => ", attention cuda-cores",
         }
     }
 }
 
-/// The tensor-core kernels for one shape and their launch shapes.
+/// The tensor-core kernels for one shape.
 struct Mma {
     forward: &'static str,
     dq: &'static str,
@@ -115,28 +88,16 @@ struct Mma {
 /// multiple of 8 so every row starts 16-byte aligned.
 fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<Mma> {
     let hs = c / nh;
-    let by_size = match hs {
+    let first = match hs {
         32 => 0,
         64 => 3,
         _ => return None,
     };
-    if c % 8 != 0 {
-        return None;
-    }
-    let from = |list: &[&'static str], first: usize| Mma {
-        forward: list[first],
-        dq: list[first + 1],
-        dkv: list[first + 2],
-        backward_smem: 0,
-    };
-    Some(match which {
-        AttentionKernels::Mma => Mma {
-            backward_smem: pipe_smem_bytes(hs) as u32,
-            ..from(PIPE_KERNELS, by_size)
-        },
-        AttentionKernels::MmaSync => from(MMA_KERNELS, by_size),
-        AttentionKernels::MmaLds => from(MMA_KERNELS, 6 + by_size),
-        AttentionKernels::CudaCores => return None,
+    (which == AttentionKernels::Mma && c % 8 == 0).then(|| Mma {
+        forward: MMA_KERNELS[first],
+        dq: MMA_KERNELS[first + 1],
+        dkv: MMA_KERNELS[first + 2],
+        backward_smem: backward_smem_bytes(hs) as u32,
     })
 }
 

@@ -87,7 +87,6 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("adamw", adamw::KERNELS),
     ("attention", attention::KERNELS),
     ("attention_mma", attention::MMA_KERNELS),
-    ("attention_pipe", attention::PIPE_KERNELS),
     ("cross_entropy", cross_entropy::KERNELS),
     ("encoder", encoder::KERNELS),
     ("fill", fill::KERNELS),
