@@ -643,6 +643,17 @@ fn shape_errors<B: Backend>(be: &B) {
         Err(BackendError::Shape { .. }) => {}
         other => panic!("attention_forward with a short qkv: {other:?}"),
     }
+    // The fused MLP pair: a short `pre` on either side.
+    let wm = be.zeros(c * c, Role::Param).unwrap();
+    match be.matmul_gelu_forward(&mut out, &mut short, &x, &wm, None, n, c, c) {
+        Err(BackendError::Shape { what: "pre", .. }) => {}
+        other => panic!("matmul_gelu_forward with a short pre: {other:?}"),
+    }
+    let mut dw = be.zeros(c * c, Role::Grad).unwrap();
+    match be.matmul_gelu_backward(&mut out, &mut dw, None, &x, &x, &wm, &short, n, c, c) {
+        Err(BackendError::Shape { what: "pre", .. }) => {}
+        other => panic!("matmul_gelu_backward with a short pre: {other:?}"),
+    }
 }
 backend_tests!(shape_errors => shape_errors_cpu, shape_errors_cuda);
 

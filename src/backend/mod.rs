@@ -351,6 +351,9 @@ pub trait Backend: Send + Sync {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        let op = "matmul_gelu_forward";
+        check_len(op, "out", n * oc, self.len(out))?;
+        check_len(op, "pre", n * oc, self.len(pre))?;
         self.matmul_forward(pre, inp, weight, bias, n, c, oc)?;
         self.gelu_forward(out, pre, n * oc)
     }

@@ -15,24 +15,7 @@ pub(super) const KERNELS: &[&str] = &[
 const BLOCK: u32 = 256;
 
 pub(super) fn forward(be: &CudaBackend, out: &mut CudaBuf, inp: &CudaBuf, n: usize) -> Result<()> {
-    let op = "gelu_forward";
-    check_len(op, "out", n, out.len())?;
-    check_len(op, "inp", n, inp.len())?;
-    let (o, x) = (out.bf16_mut(op, "out")?, inp.bf16(op, "inp")?);
-    let name = KERNELS[0];
-    let f = be.function(name)?;
-    // SAFETY: `out` and `inp` hold `n` bf16 elements (checked above); the kernel touches
-    // indices below `n` only and its argument list matches (bf16*, const bf16*, size_t).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(x)
-            .arg(&n)
-            .launch(grid_stride(n, BLOCK))
-    }
-    .map_err(|e| launch_error(name, e))?;
-    Ok(())
+    one_input(be, "gelu_forward", KERNELS[0], ["out", "inp"], out, inp, n)
 }
 
 pub(super) fn backward(
@@ -53,24 +36,8 @@ pub(super) fn backward_in_place(
     pre: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    let op = "matmul_gelu_backward";
-    check_len(op, "dinp", n, grad.len())?;
-    check_len(op, "pre", n, pre.len())?;
-    let (g, x) = (grad.bf16_mut(op, "dinp")?, pre.bf16(op, "pre")?);
-    let name = KERNELS[3];
-    let f = be.function(name)?;
-    // SAFETY: `grad` and `pre` hold `n` bf16 elements (checked above); arguments match
-    // (bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(g)
-            .arg(x)
-            .arg(&n)
-            .launch(grid_stride(n, BLOCK))
-    }
-    .map_err(|e| launch_error(name, e))?;
-    Ok(())
+    let names = ["dinp", "pre"];
+    one_input(be, "matmul_gelu_backward", KERNELS[3], names, grad, pre, n)
 }
 
 pub(super) fn residual_forward(
@@ -111,6 +78,35 @@ fn two_inputs(
             .arg(o)
             .arg(x)
             .arg(y)
+            .arg(&n)
+            .launch(grid_stride(n, BLOCK))
+    }
+    .map_err(|e| launch_error(name, e))?;
+    Ok(())
+}
+
+/// Launches an elementwise kernel `(bf16* out, const bf16* x, size_t n)` over `n` bf16
+/// elements, after checking both buffers (named by `names`) hold exactly `n`.
+fn one_input(
+    be: &CudaBackend,
+    op: &'static str,
+    name: &'static str,
+    names: [&'static str; 2],
+    out: &mut CudaBuf,
+    x: &CudaBuf,
+    n: usize,
+) -> Result<()> {
+    check_len(op, names[0], n, out.len())?;
+    check_len(op, names[1], n, x.len())?;
+    let (o, x) = (out.bf16_mut(op, names[0])?, x.bf16(op, names[1])?);
+    let f = be.function(name)?;
+    // SAFETY: both buffers hold `n` bf16 elements (checked above); arguments match
+    // (bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(o)
+            .arg(x)
             .arg(&n)
             .launch(grid_stride(n, BLOCK))
     }

@@ -44,6 +44,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "matmul_gelu_forward";
     check_len(op, "out", n * oc, out.len())?;
+    check_len(op, "pre", n * oc, pre.len())?;
     shapes::matmul_forward(
         pre.len(),
         inp.len(),

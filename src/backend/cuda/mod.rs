@@ -24,6 +24,7 @@
 
 mod adamw;
 mod attention;
+mod blas;
 mod buffer;
 mod cross_entropy;
 mod decode;
@@ -76,7 +77,7 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
-    blas: matmul::Blas,
+    blas: blas::Blas,
     attention_kernels: attention::AttentionKernels,
     /// cuBLASLt's GELU epilogues for `matmul_gelu_*` (`TOPCOAT_GELU_EPILOGUE`, matmul_gelu.rs).
     gelu_epilogue: bool,
@@ -152,7 +153,7 @@ impl CudaBackend {
                 driver_error(&format!("allowing {name} {bytes} B of shared memory"), e)
             })?;
         }
-        let blas = matmul::Blas::new(stream.clone())?;
+        let blas = blas::Blas::new(stream.clone())?;
         Ok(Self {
             info,
             ordinal,
