@@ -153,6 +153,11 @@ impl Blas {
         bias: Option<u64>,
         aux: Option<u64>,
     ) -> Result<bool> {
+        // Looked up first: an epilogue known to have no algorithm here costs no descriptors.
+        let cached = self.algos.lock().unwrap().get(&g).copied();
+        if matches!(cached, Some(None)) {
+            return Ok(false);
+        }
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let out_type = if g.out_f32 {
             sys::cudaDataType_t::CUDA_R_32F
@@ -229,10 +234,9 @@ impl Blas {
                 8,
             )?;
         }
-        let cached = self.algos.lock().unwrap().get(&g).copied();
         let algo = match cached {
             Some(Some(algo)) => algo,
-            Some(None) => return Ok(false),
+            Some(None) => unreachable!("returned above"),
             None => {
                 let pref = Pref(lt::create_matmul_pref().map_err(err("preference"))?);
                 let size = WORKSPACE_BYTES;

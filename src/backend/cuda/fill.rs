@@ -1,7 +1,7 @@
 //! Launcher for `kernels/fill.cu`: `fill_zero` as a store kernel (why not the driver's memset:
 //! see the kernel's header).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
 use super::{driver_error, grid_stride, launch_error, CudaBackend, Result};
 
@@ -18,12 +18,10 @@ pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
     if bytes == 0 {
         return Ok(());
     }
-    let aligned = {
-        let (ptr, _guard) = x.device_ptr(&be.stream);
-        ptr % 16 == 0
-    };
-    if !aligned {
+    let (ptr, guard) = x.device_ptr_mut(&be.stream);
+    if ptr % 16 != 0 {
         // Never the case for whole allocations (256-byte aligned); kept correct regardless.
+        drop(guard);
         return be
             .stream
             .memset_zeros(x)
@@ -31,15 +29,17 @@ pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
     }
     let name = KERNELS[0];
     let f = be.function(name)?;
-    // SAFETY: the kernel writes bytes [0, bytes) of `x`'s allocation only, which `x` owns;
-    // the pointer is 16-byte aligned (checked above) as its 16-byte stores need.
+    // SAFETY: the kernel writes bytes [0, bytes) of `x`'s allocation only, which `x` owns
+    // (`guard` orders the write on the stream); the pointer is 16-byte aligned (checked
+    // above) as its 16-byte stores need.
     unsafe {
         be.stream
             .launch_builder(f)
-            .arg(x)
+            .arg(&ptr)
             .arg(&bytes)
             .launch(grid_stride(bytes.div_ceil(16), BLOCK))
     }
     .map_err(|e| launch_error(name, e))?;
+    drop(guard);
     Ok(())
 }
