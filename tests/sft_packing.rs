@@ -2,7 +2,7 @@
 //! batch of the same examples give the same summed loss and the same gradients; a token of one
 //! packed example does not reach another's losses; the `sft` stage packs whole examples
 //! greedily in draw order and its validation loss does not depend on packing. (The CUDA twin
-//! of the first test is `packed_model_*` in tests/cuda_parity.rs.)
+//! of the first test is `packed_model_*` in tests/cuda_parity/model.rs.)
 
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::config::ModelConfig;
