@@ -89,7 +89,7 @@ fn prepare_pretrain_sample_info() {
         &p("run"),
         "--prompt",
         "A cat",
-        "--max-tokens",
+        "--max-new-tokens",
         "8",
         "--temperature",
         "0",
@@ -106,7 +106,20 @@ fn prepare_pretrain_sample_info() {
         "--temperature",
         "0",
     ]);
-    assert_eq!(out, again, "greedy sampling is deterministic");
+    assert_eq!(
+        out, again,
+        "greedy sampling is deterministic (and --max-tokens still means --max-new-tokens)"
+    );
+    let t = fails(&[
+        "sample",
+        "--checkpoint",
+        &p("run"),
+        "--top-p",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(t.contains("--top-p") && t.contains("(0, 1]"), "{t}");
 
     let out = ok(&["info", &p("run")]);
     assert!(
@@ -155,6 +168,52 @@ fn bad_input_is_a_clear_error() {
         "cpu",
     ]);
     assert!(t.contains("unknown preset `huge`"), "{t}");
+    let t = fails(&["pretrain", "--device", "tpu", "--out", &p("run")]);
+    assert!(
+        t.contains("--device") && t.contains("unknown device `tpu`"),
+        "{t}"
+    );
+    let t = fails(&["bench", "--device", "cpu", "--attention", "fast"]);
+    assert!(t.contains("--attention") && t.contains("cuda-cores"), "{t}");
+}
+
+#[test]
+fn pretrain_refuses_more_than_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
+    ok(&[
+        "prepare",
+        &p("docs"),
+        "--out",
+        &p("data"),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "280",
+    ]);
+    std::fs::write(tmp.path().join("run.toml"), "world_size = 2\nrank = 1\n").unwrap();
+    let t = fails(&[
+        "pretrain",
+        "--config",
+        &p("run.toml"),
+        "--data",
+        &p("data"),
+        "--out",
+        &p("run"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        t.contains("world_size = 2") && t.contains("one process"),
+        "{t}"
+    );
+    assert!(
+        !tmp.path().join("run").join("metrics.jsonl").exists(),
+        "nothing is trained"
+    );
 }
 
 #[test]
@@ -189,4 +248,30 @@ fn prepare_sft_subcommand_and_its_old_name() {
     }
     let t = fails(&["prepare", &p("docs")]);
     assert!(t.contains("--out"), "{t}");
+
+    // `--tokenizer` takes the same values as `prepare`'s: gpt2 too; `bpe` only trains on text.
+    let (input, dest) = (p("chats.jsonl"), p("sft_gpt2"));
+    let text = ok(&[
+        "prepare",
+        "sft",
+        &input,
+        "--out",
+        &dest,
+        "--tokenizer",
+        "gpt2",
+    ]);
+    assert!(text.contains("2 conversations"), "{text}");
+    let t = fails(&[
+        "prepare",
+        "prefs",
+        &input,
+        "--out",
+        &dest,
+        "--tokenizer",
+        "bpe",
+    ]);
+    assert!(
+        t.contains("--tokenizer") && t.contains("prepare prefs"),
+        "{t}"
+    );
 }

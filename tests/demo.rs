@@ -2,8 +2,9 @@
 //! embedded data, the report card is written, and the directions the three rounds must show
 //! hold. A second call on the same directory reuses every stage and measures the same card.
 
-use topcoat::demo::{demo, DemoJob, ReportCard};
-use topcoat::run::DeviceKind;
+use topcoat::commands::demo::{demo, DemoJob};
+use topcoat::commands::report::card::ReportCard;
+use topcoat::runtime::Runtime;
 
 /// Pretraining must take at least this much (nats per token) off the validation loss of the
 /// untrained model (8.3 for a 4,096-token vocabulary).
@@ -49,12 +50,10 @@ fn quick_demo_runs_every_round_and_shows_each_direction() {
     let job = DemoJob {
         out: "demo".into(),
         data: None,
-        device: DeviceKind::Cpu,
-        device_name: "cpu".into(),
         quick: true,
         seed: 1337,
     };
-    let card = demo(&job, &|_| {}).unwrap();
+    let card = demo(&Runtime::cpu(), &job, &|_| {}).unwrap();
     check_directions(&card);
 
     let names: Vec<&str> = card.stages.iter().map(|s| s.name.as_str()).collect();
@@ -87,7 +86,7 @@ fn quick_demo_runs_every_round_and_shows_each_direction() {
     assert!(page.contains("id=\"plot-rl-kl\""));
 
     // Started again, the demo reuses every stage and measures the same numbers.
-    let again = demo(&job, &|_| {}).unwrap();
+    let again = demo(&Runtime::cpu(), &job, &|_| {}).unwrap();
     assert_eq!(again.base, card.base);
     assert_eq!(again.sft, card.sft);
     assert_eq!(again.dpo, card.dpo);

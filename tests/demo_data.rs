@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use topcoat::data::chat::read_conversations;
 use topcoat::data::prefs::read_preferences;
-use topcoat::eval::read_prompts;
+use topcoat::scoring::read_prompts;
 
 fn demo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo")
@@ -291,7 +291,7 @@ fn corpus_holds_every_heldout_word_and_no_control_word() {
 #[test]
 fn readme_table_matches_the_files() {
     let readme = read("README.md");
-    for name in topcoat::demo::FILES
+    for name in topcoat::commands::demo::FILES
         .iter()
         .filter(|f| f.ends_with(".jsonl"))
     {

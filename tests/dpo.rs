@@ -7,11 +7,14 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::commands::dpo::{DpoJob, DpoStage};
+use topcoat::commands::prepare::EMBEDDED_CORPUS;
+use topcoat::commands::stage::{Stage, TrainJob};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{self, fill_pair_batch, PairSplit, PrefsPrepareOptions, Tokenizer};
 use topcoat::model::Gpt;
 use topcoat::rng::Rng;
-use topcoat::run::{self, DeviceKind, DpoJob, EMBEDDED_CORPUS};
+use topcoat::runtime::Runtime;
 use topcoat::stages::dpo::reference::RefLogps;
 use topcoat::stages::dpo::{pair_terms, DpoLoss};
 use topcoat::train::checkpoint;
@@ -289,6 +292,12 @@ fn toy() -> Toy {
 }
 
 fn job(toy: &Toy, out: &str, steps: usize, resume: bool) -> DpoJob {
+    let stage = DpoStage {
+        init: toy.init.clone(),
+        data: toy.data.clone(),
+        beta: BETA,
+        loss: DpoLoss::Sigmoid,
+    };
     DpoJob {
         run: RunConfig {
             batch_size: 4,
@@ -298,17 +307,19 @@ fn job(toy: &Toy, out: &str, steps: usize, resume: bool) -> DpoJob {
             warmup_steps: 1,
             val_every: steps,
             checkpoint_every: 3,
-            ..run::dpo_run_defaults()
+            ..DpoStage::defaults()
         },
-        init: toy.init.clone(),
-        data: toy.data.clone(),
-        out: toy.root.join(out),
         resume,
-        device: DeviceKind::Cpu,
         quiet: true,
-        beta: BETA,
-        loss: DpoLoss::Sigmoid,
+        ..TrainJob::new(stage, toy.root.join(out))
     }
+}
+
+fn dpo(
+    job: &DpoJob,
+    progress: &dyn Fn(&str),
+) -> Result<topcoat::train::TrainSummary, topcoat::commands::CommandError> {
+    topcoat::commands::stage::train(&Runtime::cpu(), job, progress)
 }
 
 fn records(run_dir: &Path) -> Vec<serde_json::Value> {
@@ -323,7 +334,7 @@ fn records(run_dir: &Path) -> Vec<serde_json::Value> {
 fn on_a_toy_pair_set_the_margin_grows_and_the_accuracy_rises() {
     let toy = toy();
     let j = job(&toy, "dpo", 20, false);
-    let summary = run::dpo(&j, &|_| {}).unwrap();
+    let summary = dpo(&j, &|_| {}).unwrap();
     assert_eq!(summary.final_step, 20);
     let recs = records(&j.out);
     let train: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
@@ -394,7 +405,7 @@ fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
     let toy = toy();
     let notes = RefCell::new(Vec::<String>::new());
     let note = |m: &str| notes.borrow_mut().push(m.to_string());
-    let straight = run::dpo(&job(&toy, "straight", 6, false), &note).unwrap();
+    let straight = dpo(&job(&toy, "straight", 6, false), &note).unwrap();
     let stored = RefLogps::load(&toy.root.join("straight")).unwrap().unwrap();
     assert_eq!(stored.t, 32);
     assert_eq!((stored.train.len(), stored.val.len()), (8, 2));
@@ -435,11 +446,11 @@ fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
     // Resume after losing the last checkpoint: the stored values are reused, not recomputed,
     // and the run continues exactly.
     let crashed = toy.root.join("crashed");
-    run::dpo(&job(&toy, "crashed", 6, false), &|_| {}).unwrap();
+    dpo(&job(&toy, "crashed", 6, false), &|_| {}).unwrap();
     std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 6)).unwrap();
     let before = std::fs::read(crashed.join("ref_logps.bin")).unwrap();
     notes.borrow_mut().clear();
-    let resumed = run::dpo(&job(&toy, "crashed", 6, true), &note).unwrap();
+    let resumed = dpo(&job(&toy, "crashed", 6, true), &note).unwrap();
     assert!(
         notes.borrow().iter().any(|n| n.contains("reusing")),
         "{:?}",
@@ -454,7 +465,7 @@ fn stored_reference_logps_equal_on_the_fly_ones_and_are_reused_on_resume() {
 
     // A damaged file is refused by name on resume.
     std::fs::write(crashed.join("ref_logps.bin"), &before[..40]).unwrap();
-    let e = run::dpo(&job(&toy, "crashed", 6, true), &|_| {})
+    let e = dpo(&job(&toy, "crashed", 6, true), &|_| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("ref_logps.bin") && e.contains("header"), "{e}");

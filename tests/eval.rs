@@ -8,13 +8,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::commands::eval::{
+    eval_generate, eval_loss, eval_pairs, EvalGenerateJob, EvalLossJob, EvalPairsJob,
+};
+use topcoat::commands::inputs::TokenizerArg;
+use topcoat::commands::prepare::{prepare_prefs, EMBEDDED_CORPUS};
+use topcoat::commands::reward::{RewardJob, RewardStage};
+use topcoat::commands::stage::{self, Stage, TrainJob};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::chat::{render_prompt, Message, Role};
 use topcoat::data::{self, fill_pair_batch, PairSplit, PrefsPrepareOptions, Tokenizer};
-use topcoat::eval::{exact_match, normalize, normalized_match, read_prompts};
 use topcoat::generate::{self, SampleOptions};
 use topcoat::model::Gpt;
-use topcoat::run::{self, DeviceKind, EvalGenerateJob, EvalLossJob, EvalPairsJob, RewardJob};
+use topcoat::runtime::Runtime;
+use topcoat::scoring::{exact_match, normalize, normalized_match, read_prompts};
 use topcoat::stages::pretrain::Pretrain;
 use topcoat::train::{self, checkpoint, TrainOptions};
 
@@ -38,7 +45,7 @@ fn tiny_cfg(vocab: usize, t: usize) -> ModelConfig {
 
 /// The first `bytes` of the embedded corpus, cut at a line end (whole JSONL documents).
 fn corpus_head(bytes: usize) -> String {
-    let text = String::from_utf8_lossy(run::EMBEDDED_CORPUS);
+    let text = String::from_utf8_lossy(EMBEDDED_CORPUS);
     let mut out = String::new();
     for line in text.lines() {
         if out.len() > bytes {
@@ -203,9 +210,8 @@ fn eval_loss_equals_the_trainers_validation_loss() {
         batch_size: b,
         seq_len: Some(t),
         max_batches: None,
-        device: DeviceKind::Cpu,
     };
-    let r = run::eval_loss(&job, &|_| {}).unwrap();
+    let r = eval_loss(&Runtime::cpu(), &job, &|_| {}).unwrap();
     println!("{}trainer: {trainer_val}", r.table());
     assert!(r.batches > 1, "a vacuous pass: {} batch", r.batches);
     assert_eq!(r.tokens, r.batches * b * t);
@@ -215,7 +221,8 @@ fn eval_loss_equals_the_trainers_validation_loss() {
     assert!((summary.val_losses[0].1 - r.loss).abs() > 1e-4);
 
     // One batch of the train split is another number; a missing split names the directory.
-    let one = run::eval_loss(
+    let one = eval_loss(
+        &Runtime::cpu(),
         &EvalLossJob {
             split: "train".into(),
             max_batches: Some(1),
@@ -225,7 +232,8 @@ fn eval_loss_equals_the_trainers_validation_loss() {
     )
     .unwrap();
     assert_eq!((one.batches, one.tokens), (1, b * t));
-    let e = run::eval_loss(
+    let e = eval_loss(
+        &Runtime::cpu(),
         &EvalLossJob {
             split: "test".into(),
             ..job.clone()
@@ -268,7 +276,7 @@ fn toy_prefs(dir: &Path, pairs: usize) -> (PathBuf, PathBuf) {
         val_fraction: 0.25,
         ..PrefsPrepareOptions::new(&data)
     };
-    run::prepare_prefs(&src, &sft, &opts).unwrap();
+    prepare_prefs(&src, &TokenizerArg::Path(sft.clone()), &opts).unwrap();
     (sft, data)
 }
 
@@ -281,7 +289,6 @@ fn pairs_job(ckpt: &Path, reference: Option<&Path>, data: &Path) -> EvalPairsJob
         split: "val".into(),
         batch_size: 4,
         seq_len: None,
-        device: DeviceKind::Cpu,
     }
 }
 
@@ -299,16 +306,18 @@ fn a_trained_reward_model_scores_every_held_out_pair() {
             learning_rate: 1e-3,
             val_every: 30,
             checkpoint_every: 0,
-            ..run::reward_run_defaults()
+            ..RewardStage::defaults()
         },
-        init: sft.clone(),
-        data: data.clone(),
-        out: out.clone(),
-        resume: false,
-        device: DeviceKind::Cpu,
         quiet: true,
+        ..TrainJob::new(
+            RewardStage {
+                init: sft.clone(),
+                data: data.clone(),
+            },
+            out.clone(),
+        )
     };
-    run::reward(&job, &|_| {}).unwrap();
+    stage::train(&Runtime::cpu(), &job, &|_| {}).unwrap();
     let last: serde_json::Value = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -316,7 +325,7 @@ fn a_trained_reward_model_scores_every_held_out_pair() {
         .rfind(|r| r.get("val_loss").is_some())
         .unwrap();
 
-    let r = run::eval_pairs(&pairs_job(&out, None, &data), &|_| {}).unwrap();
+    let r = eval_pairs(&Runtime::cpu(), &pairs_job(&out, None, &data), &|_| {}).unwrap();
     print!("{}", r.table());
     let n_val = PairSplit::open(&data, "prefs_val", 300).unwrap().len();
     assert_eq!((r.mode, r.tally.pairs, r.skipped), ("reward", n_val, 0));
@@ -347,7 +356,7 @@ fn a_trained_reward_model_scores_every_held_out_pair() {
     );
 
     // A plain LM is not a reward model: say how to score a DPO policy instead.
-    let e = run::eval_pairs(&pairs_job(&sft, None, &data), &|_| {})
+    let e = eval_pairs(&Runtime::cpu(), &pairs_job(&sft, None, &data), &|_| {})
         .unwrap_err()
         .to_string();
     assert!(
@@ -360,7 +369,12 @@ fn a_trained_reward_model_scores_every_held_out_pair() {
 fn dpo_implicit_rewards_tie_at_the_reference_and_match_pairwise_logps() {
     let dir = tempfile::tempdir().unwrap();
     let (sft, data) = toy_prefs(dir.path(), 16);
-    let r = run::eval_pairs(&pairs_job(&sft, Some(&sft), &data), &|_| {}).unwrap();
+    let r = eval_pairs(
+        &Runtime::cpu(),
+        &pairs_job(&sft, Some(&sft), &data),
+        &|_| {},
+    )
+    .unwrap();
     print!("{}", r.table());
     assert_eq!(r.mode, "dpo");
     assert!(r.tally.pairs > 0);
@@ -381,7 +395,8 @@ fn dpo_implicit_rewards_tie_at_the_reference_and_match_pairwise_logps() {
     checkpoint::save(&be, &pdir, &policy, &tok, None).unwrap();
     let mut reference = checkpoint::load_model(&be, &sft, None).unwrap();
     let beta = 0.5;
-    let r = run::eval_pairs(
+    let r = eval_pairs(
+        &Runtime::cpu(),
         &EvalPairsJob {
             beta,
             ..pairs_job(&pdir, Some(&sft), &data)
@@ -410,7 +425,8 @@ fn dpo_implicit_rewards_tie_at_the_reference_and_match_pairwise_logps() {
     assert!((r.tally.margin() - margin).abs() <= REWARD_TOL * margin.abs().max(1.0));
     assert_eq!(r.tally.correct, correct);
 
-    let e = run::eval_pairs(
+    let e = eval_pairs(
+        &Runtime::cpu(),
         &EvalPairsJob {
             beta: 0.0,
             ..pairs_job(&pdir, Some(&sft), &data)
@@ -500,9 +516,8 @@ fn generate_replies_are_greedy_chat_replies_scored_exact_and_normalised() {
         top_p: 1.0,
         seed: 42,
         out: Some(out.clone()),
-        device: DeviceKind::Cpu,
     };
-    let r = run::eval_generate(&job, &|_| {}).unwrap();
+    let r = eval_generate(&Runtime::cpu(), &job, &|_| {}).unwrap();
     print!("{}", r.table());
     let got: Vec<&str> = r.examples.iter().map(|e| e.output.as_str()).collect();
     assert_eq!(got, replies.iter().map(String::as_str).collect::<Vec<_>>());

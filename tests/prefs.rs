@@ -4,13 +4,13 @@
 
 use std::path::Path;
 use std::process::Command;
+use topcoat::commands::prepare::EMBEDDED_CORPUS;
 use topcoat::data::chat::{render, Message, Role};
 use topcoat::data::prefs::{parse_pref_line, render_pair};
 use topcoat::data::{
     fill_pair_batch, prepare_prefs, DataError, PairLoader, PairSplit, PrefsPrepareOptions,
     Tokenizer,
 };
-use topcoat::run::EMBEDDED_CORPUS;
 
 fn small_tokenizer() -> Tokenizer {
     let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();

@@ -7,12 +7,12 @@ use roxmltree::{Document, Node, ParsingOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use topcoat::demo::card::{
+use topcoat::commands::report::card::{
     AnswerScore, BaseRound, PolicyRound, Replies, ReportCard, RewardRound, RlPoint, Sample,
     SftRound, StageRun, CARD_FILE,
 };
-use topcoat::report::svg::{self, Scale};
-use topcoat::report::{render_report, write_report, ReportError};
+use topcoat::commands::report::svg::{self, Scale};
+use topcoat::commands::report::{render_report, write_report, ReportError};
 use topcoat::rng::Rng;
 
 /// `(stage name, directory)` of the five demo stages.

@@ -2,8 +2,11 @@
 //! produces the same losses and the same final weights as one that never stopped.
 
 use std::path::Path;
+use topcoat::commands::prepare::EMBEDDED_CORPUS;
+use topcoat::commands::pretrain::{PretrainJob, PretrainStage};
+use topcoat::commands::stage::{self, TrainJob};
 use topcoat::data::{self, PrepareOptions, Tokenizer};
-use topcoat::run::{self, DeviceKind, PretrainJob, EMBEDDED_CORPUS};
+use topcoat::runtime::Runtime;
 use topcoat::train::checkpoint;
 
 fn small_data(dir: &Path) {
@@ -36,14 +39,22 @@ fn job(dir: &Path, out: &str, resume: bool) -> PretrainJob {
         val_batches: 2,
         ..Default::default()
     };
-    PretrainJob {
+    let stage = PretrainStage {
+        data: dir.join("data"),
+    };
+    TrainJob {
         run,
-        data: Some(dir.join("data")),
-        out: dir.join(out),
         resume,
-        device: DeviceKind::Cpu,
         quiet: true,
+        ..TrainJob::new(stage, dir.join(out))
     }
+}
+
+fn pretrain(
+    job: &PretrainJob,
+    progress: &dyn Fn(&str),
+) -> Result<topcoat::train::TrainSummary, topcoat::commands::CommandError> {
+    stage::train(&Runtime::cpu(), job, progress)
 }
 
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
@@ -61,14 +72,14 @@ fn resumed_run_matches_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     small_data(tmp.path());
 
-    let straight = run::pretrain(&job(tmp.path(), "straight", false), &|_| {}).unwrap();
+    let straight = pretrain(&job(tmp.path(), "straight", false), &|_| {}).unwrap();
     assert_eq!(straight.final_step, 8);
 
     // The same run, crashed somewhere after step 4: only the step-4 checkpoint survived.
-    run::pretrain(&job(tmp.path(), "crashed", false), &|_| {}).unwrap();
+    pretrain(&job(tmp.path(), "crashed", false), &|_| {}).unwrap();
     let crashed = tmp.path().join("crashed");
     std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 8)).unwrap();
-    let resumed = run::pretrain(&job(tmp.path(), "crashed", true), &|_| {}).unwrap();
+    let resumed = pretrain(&job(tmp.path(), "crashed", true), &|_| {}).unwrap();
     assert_eq!(
         resumed.train_losses.first().map(|x| x.0),
         Some(5),
@@ -94,12 +105,12 @@ fn resuming_with_a_different_model_is_refused() {
     small_data(tmp.path());
     let mut j = job(tmp.path(), "run", false);
     j.run.max_steps = 4;
-    run::pretrain(&j, &|_| {}).unwrap();
+    pretrain(&j, &|_| {}).unwrap();
     let before = std::fs::read(checkpoint::dir_for(&j.out, 4).join("model.safetensors")).unwrap();
 
     let mut other = job(tmp.path(), "run", true);
     other.run.preset = "small".into();
-    let err = run::pretrain(&other, &|_| {}).unwrap_err().to_string();
+    let err = pretrain(&other, &|_| {}).unwrap_err().to_string();
     assert!(
         err.contains("config.json") && err.contains("n_layer is 4 in the checkpoint but 6"),
         "{err}"

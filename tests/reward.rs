@@ -6,12 +6,16 @@
 use std::path::{Path, PathBuf};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::Backend;
+use topcoat::commands::inputs::TokenizerArg;
+use topcoat::commands::prepare::{prepare_prefs, EMBEDDED_CORPUS};
+use topcoat::commands::reward::{RewardJob, RewardStage};
+use topcoat::commands::stage::{Stage, TrainJob};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{PairSplit, PrefsPrepareOptions, Tokenizer};
 use topcoat::model::reward::{HEAD_BIAS, HEAD_WEIGHT};
 use topcoat::model::{Gpt, RewardModel};
 use topcoat::rng::Rng;
-use topcoat::run::{self, DeviceKind, RewardJob, EMBEDDED_CORPUS};
+use topcoat::runtime::Runtime;
 use topcoat::stages::reward::bradley_terry;
 use topcoat::train::checkpoint;
 
@@ -272,21 +276,28 @@ fn toy_setup(dir: &Path, pairs: usize) -> (PathBuf, PathBuf) {
         val_fraction: 0.25,
         ..PrefsPrepareOptions::new(&data)
     };
-    let s = run::prepare_prefs(&src, &sft, &opts).unwrap();
+    let s = prepare_prefs(&src, &TokenizerArg::Path(sft.clone()), &opts).unwrap();
     assert_eq!((s.too_long, s.identical), (0, 0));
     (sft, data)
 }
 
 fn job(sft: &Path, data: &Path, out: PathBuf, run: RunConfig) -> RewardJob {
-    RewardJob {
-        run,
+    let stage = RewardStage {
         init: sft.to_path_buf(),
         data: data.to_path_buf(),
-        out,
-        resume: false,
-        device: DeviceKind::Cpu,
+    };
+    RewardJob {
+        run,
         quiet: true,
+        ..TrainJob::new(stage, out)
     }
+}
+
+fn reward(
+    job: &RewardJob,
+    progress: &dyn Fn(&str),
+) -> Result<topcoat::train::TrainSummary, topcoat::commands::CommandError> {
+    topcoat::commands::stage::train(&Runtime::cpu(), job, progress)
 }
 
 fn records(run: &Path) -> Vec<serde_json::Value> {
@@ -310,9 +321,9 @@ fn separable_pairs_reach_full_accuracy() {
         learning_rate: 1e-3,
         val_every: 10,
         checkpoint_every: 0,
-        ..run::reward_run_defaults()
+        ..RewardStage::defaults()
     };
-    let summary = run::reward(&job(&sft, &data, out.clone(), run_cfg), &|_| {}).unwrap();
+    let summary = reward(&job(&sft, &data, out.clone(), run_cfg), &|_| {}).unwrap();
     let recs = records(&out);
     let vals: Vec<&serde_json::Value> = recs
         .iter()
@@ -368,7 +379,7 @@ fn separable_pairs_reach_full_accuracy() {
             .unwrap();
         assert!(s[0] > s[1], "val pair {i}: {s:?}");
     }
-    let info = run::info(&out).unwrap();
+    let info = topcoat::commands::info::info(&out).unwrap();
     assert!(info.contains("stage reward"), "{info}");
     // A model without a head is not a reward model.
     let plain = checkpoint::load_model(&be, &sft, None).unwrap();
@@ -386,17 +397,17 @@ fn resumed_reward_run_matches_an_uninterrupted_one() {
         warmup_steps: 1,
         val_every: 3,
         checkpoint_every: 3,
-        ..run::reward_run_defaults()
+        ..RewardStage::defaults()
     };
     let make = |name: &str, resume: bool| RewardJob {
         resume,
         ..job(&sft, &data, dir.path().join(name), run_cfg.clone())
     };
-    let straight = run::reward(&make("straight", false), &|_| {}).unwrap();
-    run::reward(&make("crashed", false), &|_| {}).unwrap();
+    let straight = reward(&make("straight", false), &|_| {}).unwrap();
+    reward(&make("crashed", false), &|_| {}).unwrap();
     let crashed = dir.path().join("crashed");
     std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 6)).unwrap();
-    let resumed = run::reward(&make("crashed", true), &|_| {}).unwrap();
+    let resumed = reward(&make("crashed", true), &|_| {}).unwrap();
     assert_eq!(resumed.train_losses, straight.train_losses[3..].to_vec());
     let weights =
         |run: &Path| std::fs::read(checkpoint::dir_for(run, 6).join("model.safetensors")).unwrap();
@@ -422,10 +433,10 @@ fn bad_setups_are_clear_errors() {
         batch_size: 4,
         seq_len: 64,
         max_steps: 1,
-        ..run::reward_run_defaults()
+        ..RewardStage::defaults()
     };
     let err = |run: RunConfig, data: &Path| {
-        run::reward(&job(&sft, data, dir.path().join("x"), run), &|_| {})
+        reward(&job(&sft, data, dir.path().join("x"), run), &|_| {})
             .unwrap_err()
             .to_string()
     };

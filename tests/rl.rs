@@ -5,11 +5,14 @@
 
 use std::path::Path;
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::commands::prepare::EMBEDDED_CORPUS;
+use topcoat::commands::rl::{RlJob, RlStage};
+use topcoat::commands::stage::{train, Stage, TrainJob};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
 use topcoat::model::Gpt;
 use topcoat::rng::Rng;
-use topcoat::run::{self, DeviceKind, RlJob, EMBEDDED_CORPUS};
+use topcoat::runtime::Runtime;
 use topcoat::stages::rl::{FnScorer, Rl, RlConfig};
 use topcoat::train::{self, checkpoint, TrainOptions};
 
@@ -174,6 +177,12 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
         "{\"prompt\": \"What color is the sky?\"}\n\n{\"prompt\": \"Name a fruit.\"}\n",
     )
     .unwrap();
+    let stage = RlStage {
+        k: 3,
+        max_new_tokens: 6,
+        epochs: 1,
+        ..RlStage::new(init.clone(), reward.clone(), prompts.clone())
+    };
     let job = RlJob {
         run: RunConfig {
             batch_size: 2,
@@ -183,23 +192,13 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
             warmup_steps: 0,
             val_every: 0,
             checkpoint_every: 0,
-            ..run::rl_run_defaults()
+            ..RlStage::defaults()
         },
-        init: init.clone(),
-        reward: reward.clone(),
-        prompts: prompts.clone(),
-        out: root.join("rl"),
-        resume: false,
-        device: DeviceKind::Cpu,
         quiet: true,
-        k: 3,
-        kl_coef: 0.05,
-        clip: 0.2,
-        max_new: 6,
-        epochs: 1,
-        keep_checkpoints: 3,
+        ..TrainJob::new(stage, root.join("rl"))
     };
-    let summary = run::rl(&job, &|_| {}).unwrap();
+    let cpu = Runtime::cpu();
+    let summary = train(&cpu, &job, &|_| {}).unwrap();
     assert_eq!(summary.final_step, 3);
     assert!(summary
         .last_checkpoint
@@ -227,14 +226,17 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
         "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n",
     )
     .unwrap();
-    let err = run::rl(&job, &|_| {}).unwrap_err().to_string();
+    let err = train(&cpu, &job, &|_| {}).unwrap_err().to_string();
     assert!(
         err.contains("prompts.jsonl:2") && err.contains("prompt"),
         "{err}"
     );
     std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n").unwrap();
-    let bad_k = RlJob { k: 1, ..job };
-    let err = run::rl(&bad_k, &|_| {}).unwrap_err().to_string();
+    let bad_k = RlJob {
+        stage: RlStage { k: 1, ..job.stage },
+        ..job
+    };
+    let err = train(&cpu, &bad_k, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("--k"), "{err}");
 }
 

@@ -4,11 +4,16 @@
 
 use std::path::Path;
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::commands::inputs::TokenizerArg;
+use topcoat::commands::prepare::{prepare_sft, EMBEDDED_CORPUS};
+use topcoat::commands::pretrain::PretrainStage;
+use topcoat::commands::sft::{SftJob, SftStage};
+use topcoat::commands::stage::{train, Stage, TrainJob};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::chat::{render, Message, Role};
 use topcoat::data::{self, PrepareOptions, SftPrepareOptions, SftSplit, Tokenizer};
 use topcoat::model::Gpt;
-use topcoat::run::{self, DeviceKind, PretrainJob, SftJob, EMBEDDED_CORPUS};
+use topcoat::runtime::Runtime;
 use topcoat::stages::sft::fill_row;
 use topcoat::train::checkpoint;
 
@@ -178,7 +183,10 @@ fn pretrain_tiny(dir: &Path) -> std::path::PathBuf {
     )
     .unwrap();
     tok.save(dir.join("data/tokenizer.json")).unwrap();
-    let job = PretrainJob {
+    let stage = PretrainStage {
+        data: dir.join("data"),
+    };
+    let job = TrainJob {
         run: RunConfig {
             batch_size: 4,
             seq_len: 32,
@@ -187,13 +195,10 @@ fn pretrain_tiny(dir: &Path) -> std::path::PathBuf {
             val_every: 0,
             ..Default::default()
         },
-        data: Some(dir.join("data")),
-        out: dir.join("pre"),
-        resume: false,
-        device: DeviceKind::Cpu,
         quiet: true,
+        ..TrainJob::new(stage, dir.join("pre"))
     };
-    run::pretrain(&job, &|_| {}).unwrap();
+    train(&Runtime::cpu(), &job, &|_| {}).unwrap();
     dir.join("pre")
 }
 
@@ -218,8 +223,12 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
         val_fraction: 0.2,
         ..SftPrepareOptions::new(&sft_data)
     };
-    let s = run::prepare_sft(&src, &pre, &opts).unwrap();
+    let s = prepare_sft(&src, &TokenizerArg::Path(pre.clone()), &opts).unwrap();
     assert_eq!(s.train_examples + s.val_examples, 6);
+    let stage = SftStage {
+        init: pre.clone(),
+        data: sft_data.clone(),
+    };
     let job = SftJob {
         run: RunConfig {
             batch_size: 4,
@@ -228,16 +237,12 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
             warmup_steps: 2,
             val_every: 0,
             checkpoint_every: 0,
-            ..run::sft_run_defaults()
+            ..SftStage::defaults()
         },
-        init: pre.clone(),
-        data: sft_data.clone(),
-        out: dir.path().join("sft"),
-        resume: false,
-        device: DeviceKind::Cpu,
         quiet: true,
+        ..TrainJob::new(stage, dir.path().join("sft"))
     };
-    let summary = run::sft(&job, &|_| {}).unwrap();
+    let summary = train(&Runtime::cpu(), &job, &|_| {}).unwrap();
     let first = summary.train_losses[0].1;
     let last = summary.train_losses.last().unwrap().1;
     assert!(
@@ -258,16 +263,20 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
         .save(other.join("tokenizer.json"))
         .unwrap();
     let mismatched = dir.path().join("mismatched");
-    run::prepare_sft(
+    prepare_sft(
         &src,
-        &other.join("tokenizer.json"),
+        &TokenizerArg::Path(other.join("tokenizer.json")),
         &SftPrepareOptions::new(&mismatched),
     )
     .unwrap();
-    let e = run::sft(
+    let e = train(
+        &Runtime::cpu(),
         &SftJob {
-            data: mismatched,
             out: dir.path().join("sft2"),
+            stage: SftStage {
+                init: pre.clone(),
+                data: mismatched,
+            },
             ..job
         },
         &|_| {},
@@ -288,7 +297,8 @@ fn resumed_sft_run_matches_an_uninterrupted_one() {
     let src = dir.path().join("chats.jsonl");
     std::fs::write(&src, lines.join("\n")).unwrap();
     let data_dir = dir.path().join("sft_data");
-    run::prepare_sft(&src, &pre, &SftPrepareOptions::new(&data_dir)).unwrap();
+    let tokenizer = TokenizerArg::Path(pre.clone());
+    prepare_sft(&src, &tokenizer, &SftPrepareOptions::new(&data_dir)).unwrap();
     let job = |out: &str, resume: bool| SftJob {
         run: RunConfig {
             batch_size: 4, // 6 training examples: batches straddle epochs
@@ -297,20 +307,23 @@ fn resumed_sft_run_matches_an_uninterrupted_one() {
             warmup_steps: 1,
             val_every: 3,
             checkpoint_every: 3,
-            ..run::sft_run_defaults()
+            ..SftStage::defaults()
         },
-        init: pre.clone(),
-        data: data_dir.clone(),
-        out: dir.path().join(out),
         resume,
-        device: DeviceKind::Cpu,
         quiet: true,
+        ..TrainJob::new(
+            SftStage {
+                init: pre.clone(),
+                data: data_dir.clone(),
+            },
+            dir.path().join(out),
+        )
     };
-    let straight = run::sft(&job("straight", false), &|_| {}).unwrap();
-    run::sft(&job("crashed", false), &|_| {}).unwrap();
+    let straight = train(&Runtime::cpu(), &job("straight", false), &|_| {}).unwrap();
+    train(&Runtime::cpu(), &job("crashed", false), &|_| {}).unwrap();
     let crashed = dir.path().join("crashed");
     std::fs::remove_dir_all(checkpoint::dir_for(&crashed, 6)).unwrap();
-    let resumed = run::sft(&job("crashed", true), &|_| {}).unwrap();
+    let resumed = train(&Runtime::cpu(), &job("crashed", true), &|_| {}).unwrap();
     assert_eq!(resumed.train_losses, straight.train_losses[3..].to_vec());
     let weights =
         |run: &Path| std::fs::read(checkpoint::dir_for(run, 6).join("model.safetensors")).unwrap();

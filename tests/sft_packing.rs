@@ -5,11 +5,12 @@
 //! of the first test is `packed_model_*` in tests/cuda_parity/model.rs.)
 
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::commands::inputs::TokenizerArg;
+use topcoat::commands::prepare::{prepare_sft, EMBEDDED_CORPUS};
 use topcoat::config::ModelConfig;
 use topcoat::data::{SftPrepareOptions, Tokenizer};
 use topcoat::model::{Gpt, Packing};
 use topcoat::rng::Rng;
-use topcoat::run::{self, EMBEDDED_CORPUS};
 use topcoat::stages::sft::{fill_row, BatchBuilder, Sft};
 use topcoat::train::Objective;
 
@@ -214,7 +215,7 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
         val_fraction: 0.3,
         ..SftPrepareOptions::new(&data)
     };
-    run::prepare_sft(&src, &tok_path, &opts).unwrap();
+    prepare_sft(&src, &TokenizerArg::Path(tok_path.clone()), &opts).unwrap();
     let (b, t, pad) = (3, 96, tok.eot());
     let open = |pack| {
         Sft::open(&data, b, t, 5, tok.vocab_size(), pad, 2)

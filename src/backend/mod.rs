@@ -18,6 +18,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod profile; // a Backend wrapper that times every op (`bench --kernels`)
 pub mod shapes;
 
 use thiserror::Error;

@@ -576,3 +576,49 @@ impl Backend for CudaBackend {
         sample::sample_tokens(self, logits, n, v, vp, params, uniforms)
     }
 }
+
+/// The kernel choices a runtime opens the backend with (bench's A/B switches). Not yet wired
+/// to the kernels: `with_options` opens with the defaults, which the environment variables
+/// still override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub attention: AttentionChoice,
+    pub gelu_epilogue: bool,
+}
+
+/// Which attention kernels run: tensor-core (`mma`) or CUDA-core (`cuda-cores`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionChoice {
+    #[default]
+    Mma,
+    CudaCores,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            attention: AttentionChoice::Mma,
+            gelu_epilogue: true,
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mma" => Ok(Self::Mma),
+            "cuda-cores" => Ok(Self::CudaCores),
+            other => Err(format!(
+                "unknown attention kernels `{other}` (expected mma or cuda-cores)"
+            )),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` with the kernel choices of `opts`.
+    pub fn with_options(ordinal: usize, _opts: CudaOptions) -> Result<Self> {
+        Self::new(ordinal)
+    }
+}

@@ -305,8 +305,8 @@ impl ReportCard {
 
 #[cfg(test)]
 mod tests {
+    use super::super::card::{AnswerScore, Sample};
     use super::*;
-    use crate::demo::card::{AnswerScore, Sample};
 
     #[test]
     fn markdown_escapes_pipes_and_flattens_lines() {

@@ -1,8 +1,20 @@
-//! The command-line flags of `topcoat` (clap derive): one struct per subcommand.
+//! The command-line flags of `topcoat` (clap derive): one struct per subcommand, and the
+//! groups several share (the device, the training flags). One spelling per flag across
+//! commands; older spellings stay as hidden aliases so existing scripts still run.
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use topcoat::commands::inputs::TokenizerArg;
+use topcoat::runtime::DeviceRequest;
 use topcoat::stages::dpo::DpoLoss;
+
+/// `--device`, shared by every command that computes.
+#[derive(Args, Clone, Copy)]
+pub struct DeviceArgs {
+    /// auto (a CUDA device when one is usable, else the CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceRequest,
+}
 
 #[derive(Parser)]
 #[command(
@@ -72,9 +84,8 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -103,9 +114,8 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s for MFU; 0 measures it with the backend's own matmul.
     #[arg(long, default_value_t = 0.0)]
     pub peak_tflops: f64,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Time greedy generation with and without the KV cache instead of training steps.
     #[arg(long)]
     pub generate: bool,
@@ -122,6 +132,13 @@ pub struct BenchArgs {
     /// with their tokens/s relative to pretrain.
     #[arg(long, default_value = "pretrain")]
     pub stage: String,
+    /// CUDA attention kernels (an A/B switch): mma (tensor cores) or cuda-cores.
+    #[arg(long, default_value = "mma")]
+    pub attention: String,
+    /// cuBLASLt's GELU epilogues in the MLP matmuls (an A/B switch): on or off (the matmul,
+    /// then separate GELU kernels).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub gelu_epilogue: String,
 }
 
 /// `prepare INPUTS... --out DIR` (text), or `prepare sft ...` / `prepare prefs ...`. A first
@@ -151,9 +168,10 @@ pub struct PrepareTextArgs {
     /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
-    /// `gpt2`, `bpe` (train a byte-level BPE on the inputs), or a tokenizer.json path.
+    /// gpt2, bpe (train a byte-level BPE on the inputs), a tokenizer.json, or a checkpoint,
+    /// run or prepared data directory (its tokenizer).
     #[arg(long, default_value = "gpt2")]
-    pub tokenizer: String,
+    pub tokenizer: TokenizerArg,
     /// Vocabulary size when training a BPE.
     #[arg(long, default_value_t = 4096)]
     pub vocab_size: usize,
@@ -172,9 +190,10 @@ pub struct PreparePrefsArgs {
     /// Output directory for prefs_train.{bin,idx}, prefs_val.{bin,idx} and tokenizer.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// A tokenizer.json, or the checkpoint or run directory to train from (its tokenizer).
+    /// The tokenizer of the model to train: gpt2, a tokenizer.json, or a checkpoint, run or
+    /// prepared data directory (its tokenizer).
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: TokenizerArg,
     /// Most tokens per sequence (prompt + response); a pair with a longer sequence is dropped.
     #[arg(long, default_value_t = 256)]
     pub max_len: usize,
@@ -186,16 +205,19 @@ pub struct PreparePrefsArgs {
 #[derive(Subcommand)]
 pub enum TokenizerCmd {
     /// Train a byte-level BPE tokenizer.
-    Train {
-        /// Text files, directories or JSONL files.
-        #[arg(required = true)]
-        inputs: Vec<PathBuf>,
-        #[arg(long)]
-        vocab_size: usize,
-        /// Where to write tokenizer.json.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args)]
+pub struct TokenizerTrainArgs {
+    /// Text files, directories or JSONL files.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[arg(long)]
+    pub vocab_size: usize,
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]
@@ -217,9 +239,10 @@ pub struct PrepareSftArgs {
     /// Output directory for sft_train.{bin,idx}, sft_val.{bin,idx} and tokenizer.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// A tokenizer.json, or the checkpoint or run directory to fine-tune (its tokenizer).
+    /// The tokenizer of the model to fine-tune: gpt2, a tokenizer.json, or a checkpoint, run
+    /// or prepared data directory (its tokenizer).
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: TokenizerArg,
     /// Most tokens per example; longer ones are cut (or dropped if no response token fits).
     #[arg(long, default_value_t = 256)]
     pub max_len: usize,
@@ -294,8 +317,8 @@ pub struct RlArgs {
     #[arg(long, default_value_t = 0.2)]
     pub clip: f64,
     /// Most new tokens per completion.
-    #[arg(long, default_value_t = 32)]
-    pub max_new: usize,
+    #[arg(long, default_value_t = 32, alias = "max-new")]
+    pub max_new_tokens: usize,
     /// Optimizer steps each rollout serves (1: plain RLOO, the clip never acts).
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
@@ -327,9 +350,8 @@ pub struct RunFlags {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[arg(long)]
     pub preset: Option<String>,
     #[arg(long)]
@@ -363,8 +385,9 @@ pub struct SampleArgs {
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "")]
     pub prompt: String,
-    #[arg(long, default_value_t = 200)]
-    pub max_tokens: usize,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 200, alias = "max-tokens")]
+    pub max_new_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f32,
@@ -376,9 +399,8 @@ pub struct SampleArgs {
     /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -403,9 +425,8 @@ pub struct ChatArgs {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Subcommand)]
@@ -440,9 +461,8 @@ pub struct EvalLossArgs {
     /// At most this many batches (default: one full pass over the split).
     #[arg(long)]
     pub max_batches: Option<usize>,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -468,9 +488,8 @@ pub struct EvalPairsArgs {
     /// Tokens per row (default: the checkpoint's max_seq_len); longer pairs are skipped.
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -498,9 +517,8 @@ pub struct EvalGenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Args)]

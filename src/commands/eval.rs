@@ -18,34 +18,36 @@
 //! sampled with a KV cache (greedy by default) until `<|end|>` or end-of-text (not part of the
 //! reply) or `max_new_tokens`.
 
-use super::sft::check_tokenizers;
-use super::{data_tokenizer, resolve_checkpoint, DeviceKind};
-use crate::backend::{cpu::CpuBackend, cuda, Backend, SampleParams};
+use super::inputs::{check_sampling, check_tokenizers, data_tokenizer, resolve_checkpoint};
+use super::CommandError;
+use crate::backend::{Backend, SampleParams};
 use crate::data::chat::render_prompt;
 use crate::data::{fill_pair_batch, DataError, Loader, PairSplit, Tokenizer};
-use crate::eval::{exact_match, normalized_match, read_prompts, PairTally};
 use crate::generate::{prompt_start, Session};
 use crate::model::{Gpt, ModelError};
 use crate::rng::Rng;
+use crate::runtime::Runtime;
+use crate::scoring::{exact_match, normalized_match, read_prompts, PairTally};
 use crate::stages::pretrain::split_files;
 use crate::train::{checkpoint, io_err, TrainError};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-type Result<T> = std::result::Result<T, TrainError>;
+type Result<T> = std::result::Result<T, CommandError>;
 
-fn invalid(msg: String) -> TrainError {
-    TrainError::Model(ModelError::Invalid(msg))
+fn invalid(msg: String) -> CommandError {
+    TrainError::Model(ModelError::Invalid(msg)).into()
 }
 
 /// `T` for a run: the flag, else the model's context; refuses one past the context.
 fn seq_len(flag: Option<usize>, cfg_max: usize) -> Result<usize> {
     let t = flag.unwrap_or(cfg_max);
     if t == 0 || t > cfg_max {
-        return Err(invalid(format!(
-            "--seq-len {t}: must be in 1..={cfg_max} (the checkpoint's max_seq_len)"
-        )));
+        return Err(CommandError::arg(
+            "--seq-len",
+            format!("{t}: must be in 1..={cfg_max} (the checkpoint's max_seq_len)"),
+        ));
     }
     Ok(t)
 }
@@ -64,7 +66,6 @@ pub struct EvalLossJob {
     pub seq_len: Option<usize>,
     /// At most this many batches; `None`: one full pass.
     pub max_batches: Option<usize>,
-    pub device: DeviceKind,
 }
 
 /// What `eval loss` measured.
@@ -95,18 +96,11 @@ impl LossReport {
 }
 
 /// Mean token loss of a checkpoint over one split of a prepared data directory.
-pub fn eval_loss(job: &EvalLossJob, note: &dyn Fn(&str)) -> Result<LossReport> {
-    match job.device {
-        DeviceKind::Cpu => eval_loss_with(&CpuBackend, job, note),
-        DeviceKind::Cuda => eval_loss_with(&cuda::CudaBackend::new(0)?, job, note),
-    }
+pub fn eval_loss(rt: &Runtime, job: &EvalLossJob, note: &dyn Fn(&str)) -> Result<LossReport> {
+    crate::on_backend!(rt, be => eval_loss_on(be, job, note))
 }
 
-fn eval_loss_with<B: Backend>(
-    be: &B,
-    job: &EvalLossJob,
-    note: &dyn Fn(&str),
-) -> Result<LossReport> {
+fn eval_loss_on<B: Backend>(be: &B, job: &EvalLossJob, note: &dyn Fn(&str)) -> Result<LossReport> {
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
     check_tokenizers(
@@ -165,7 +159,6 @@ pub struct EvalPairsJob {
     pub batch_size: usize,
     /// `T`; `None`: the checkpoint's max_seq_len.
     pub seq_len: Option<usize>,
-    pub device: DeviceKind,
 }
 
 /// What `eval pairs` measured.
@@ -200,11 +193,8 @@ impl PairReport {
 }
 
 /// Reward-model or DPO implicit-reward accuracy on the pairs of one split.
-pub fn eval_pairs(job: &EvalPairsJob, note: &dyn Fn(&str)) -> Result<PairReport> {
-    match job.device {
-        DeviceKind::Cpu => eval_pairs_with(&CpuBackend, job, note),
-        DeviceKind::Cuda => eval_pairs_with(&cuda::CudaBackend::new(0)?, job, note),
-    }
+pub fn eval_pairs(rt: &Runtime, job: &EvalPairsJob, note: &dyn Fn(&str)) -> Result<PairReport> {
+    crate::on_backend!(rt, be => eval_pairs_on(be, job, note))
 }
 
 /// Loads a checkpoint after checking its tokenizer against the data's.
@@ -221,23 +211,23 @@ fn load_checked<B: Backend>(
     Ok((ckpt, tok, model))
 }
 
-fn eval_pairs_with<B: Backend>(
+fn eval_pairs_on<B: Backend>(
     be: &B,
     job: &EvalPairsJob,
     note: &dyn Fn(&str),
 ) -> Result<PairReport> {
     if job.batch_size == 0 {
-        return Err(invalid("--batch-size must be at least 1 pair".into()));
+        return Err(CommandError::arg("--batch-size", "must be at least 1 pair"));
     }
     let data_tok = data_tokenizer(&job.data)?;
     let (ckpt, tok, mut model) = load_checked(be, &job.checkpoint, &job.data, &data_tok)?;
     let mut reference = match &job.reference {
         Some(r) => {
             if !(job.beta > 0.0 && job.beta.is_finite()) {
-                return Err(invalid(format!(
-                    "--beta must be a positive number, got {}",
-                    job.beta
-                )));
+                return Err(CommandError::arg(
+                    "--beta",
+                    format!("{}: must be a positive number", job.beta),
+                ));
             }
             let (rdir, _, rmodel) = load_checked(be, r, &job.data, &data_tok)?;
             if rmodel.cfg != model.cfg {
@@ -262,7 +252,10 @@ fn eval_pairs_with<B: Backend>(
     };
     let t = seq_len(job.seq_len, model.cfg.max_seq_len)?;
     if t < 2 {
-        return Err(invalid("--seq-len must be at least 2 for pairs".into()));
+        return Err(CommandError::arg(
+            "--seq-len",
+            "must be at least 2 for pairs",
+        ));
     }
     let name = format!("prefs_{}", job.split);
     if !job.data.join(format!("{name}.bin")).exists() {
@@ -336,7 +329,6 @@ pub struct EvalGenerateJob {
     pub seed: u64,
     /// Where to write one JSON result per prompt.
     pub out: Option<PathBuf>,
-    pub device: DeviceKind,
 }
 
 /// One scored prompt.
@@ -392,14 +384,16 @@ impl GenReport {
 }
 
 /// Generates a reply to every prompt of the file and scores it against the reference.
-pub fn eval_generate(job: &EvalGenerateJob, note: &dyn Fn(&str)) -> Result<GenReport> {
-    match job.device {
-        DeviceKind::Cpu => eval_generate_with(&CpuBackend, job, note),
-        DeviceKind::Cuda => eval_generate_with(&cuda::CudaBackend::new(0)?, job, note),
-    }
+pub fn eval_generate(
+    rt: &Runtime,
+    job: &EvalGenerateJob,
+    note: &dyn Fn(&str),
+) -> Result<GenReport> {
+    check_sampling(job.temperature, job.top_p, job.max_new_tokens)?;
+    crate::on_backend!(rt, be => eval_generate_on(be, job, note))
 }
 
-fn eval_generate_with<B: Backend>(
+fn eval_generate_on<B: Backend>(
     be: &B,
     job: &EvalGenerateJob,
     note: &dyn Fn(&str),
@@ -409,12 +403,6 @@ fn eval_generate_with<B: Backend>(
         top_k: job.top_k,
         top_p: job.top_p,
     };
-    params
-        .check("eval generate")
-        .map_err(|e| invalid(e.to_string()))?;
-    if job.max_new_tokens == 0 {
-        return Err(invalid("--max-new-tokens must be at least 1".into()));
-    }
     let prompts = read_prompts(&job.prompts)?;
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;

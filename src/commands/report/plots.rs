@@ -2,9 +2,9 @@
 //! metrics (reward accuracy, DPO margins and accuracies, RL reward and KL per step), and
 //! `plot-rl-kl`, proxy reward and gold scores of the RL checkpoints against KL to the SFT model.
 
+use super::card::RlPoint;
 use super::svg::{Plot, Series};
 use super::Metrics;
-use crate::demo::card::RlPoint;
 
 /// Extra plots per stage: `(stage, id suffix, title, y axis, metric keys)`. Each key is drawn
 /// per step, and its `val_`-prefixed twin per validation when the file has it.

@@ -4,11 +4,13 @@
 //! resources). The page is well-formed XML too. A stage whose `metrics.jsonl` is missing gets a
 //! note in place of its plots; the rest of the report is still written.
 
+pub mod card; // the report card's schema (report_card.json), which the demo fills
 pub mod html;
 pub mod plots;
 pub mod svg;
+pub mod table; // the card as Markdown tables (rounds, stage timings, samples)
 
-use crate::demo::card::{ReportCard, CARD_FILE};
+use card::{ReportCard, CARD_FILE};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -163,7 +165,7 @@ fn render(run_dir: &Path) -> Result<Rendered> {
         html::escape(&card.device),
         html::escape(&card.preset),
         html::escape(&card.data),
-        html::escape(&crate::demo::table::duration(card.wall_s)),
+        html::escape(&table::duration(card.wall_s)),
         html::escape(&run_dir.display().to_string()),
     );
     body.push_str("<h2>Report card</h2>\n");

@@ -32,14 +32,14 @@ pub const FILES: [&str; 8] = [
 
 /// The committed data set, in [`FILES`] order.
 const EMBEDDED: [&[u8]; 8] = [
-    include_bytes!("../../data/demo/corpus.jsonl"),
-    include_bytes!("../../data/demo/sft.jsonl"),
-    include_bytes!("../../data/demo/prefs.jsonl"),
-    include_bytes!("../../data/demo/eval_questions.jsonl"),
-    include_bytes!("../../data/demo/eval_prefs.jsonl"),
-    include_bytes!("../../data/demo/eval_probe.jsonl"),
-    include_bytes!("../../data/demo/rl_prompts.jsonl"),
-    include_bytes!("../../data/demo/splits.json"),
+    include_bytes!("../../../data/demo/corpus.jsonl"),
+    include_bytes!("../../../data/demo/sft.jsonl"),
+    include_bytes!("../../../data/demo/prefs.jsonl"),
+    include_bytes!("../../../data/demo/eval_questions.jsonl"),
+    include_bytes!("../../../data/demo/eval_prefs.jsonl"),
+    include_bytes!("../../../data/demo/eval_probe.jsonl"),
+    include_bytes!("../../../data/demo/rl_prompts.jsonl"),
+    include_bytes!("../../../data/demo/splits.json"),
 ];
 
 /// Where the demo's source files are: `dir/NAME` for each of [`FILES`].

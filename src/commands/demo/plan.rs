@@ -2,9 +2,13 @@
 //! step counts that finish the whole pipeline in under 15 minutes on two cores; on a GPU the
 //! `small` model and longer runs; `--quick` a reduced run of a few minutes (the test suite's).
 
+use crate::commands::dpo::DpoStage;
+use crate::commands::reward::RewardStage;
+use crate::commands::rl::RlStage;
+use crate::commands::sft::SftStage;
+use crate::commands::stage::Stage;
 use crate::config::RunConfig;
-use crate::run::DeviceKind;
-use crate::run::{dpo_run_defaults, reward_run_defaults, rl_run_defaults, sft_run_defaults};
+use crate::runtime::DeviceKind;
 
 /// The sizes of one demo run.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +70,7 @@ pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
         pack: true,
         val_every: steps[1] / 3,
         checkpoint_every: steps[1],
-        ..base(sft_run_defaults(), steps[1])
+        ..base(SftStage::defaults(), steps[1])
     };
     let reward = RunConfig {
         batch_size: if gpu { 64 } else { 16 },
@@ -74,7 +78,7 @@ pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
         learning_rate: 1e-4,
         val_every: steps[2] / 2,
         checkpoint_every: steps[2],
-        ..base(reward_run_defaults(), steps[2])
+        ..base(RewardStage::defaults(), steps[2])
     };
     let dpo = RunConfig {
         batch_size: if gpu { 32 } else { 8 },
@@ -82,7 +86,7 @@ pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
         learning_rate: 1e-4,
         val_every: steps[3] / 2,
         checkpoint_every: steps[3],
-        ..base(dpo_run_defaults(), steps[3])
+        ..base(DpoStage::defaults(), steps[3])
     };
     let rl = RunConfig {
         batch_size: if gpu { 16 } else { 4 },
@@ -90,7 +94,7 @@ pub fn plan(device: DeviceKind, quick: bool, seed: u64) -> DemoPlan {
         learning_rate: 3e-5,
         // Every checkpoint is kept and becomes one point of the RL trajectory.
         checkpoint_every: (steps[4] / 6).max(1),
-        ..base(rl_run_defaults(), steps[4])
+        ..base(RlStage::defaults(), steps[4])
     };
     DemoPlan {
         vocab_size: if gpu { 8192 } else { 4096 },

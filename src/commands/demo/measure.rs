@@ -9,14 +9,14 @@
 //! question followed by a line break and its reply is the first non-empty line it writes; the
 //! tuned models are asked through the chat template and reply until `<|end|>`.
 
-use super::card::{AnswerScore, Replies};
 use crate::backend::{Backend, SampleParams};
+use crate::commands::report::card::{AnswerScore, Replies};
 use crate::data::chat::{render_prompt, Message, Role};
 use crate::data::Tokenizer;
-use crate::eval::{normalize, normalized_match};
 use crate::generate::generate_many;
 use crate::model::{Gpt, ModelError, RewardModel};
 use crate::rng::Rng;
+use crate::scoring::{normalize, normalized_match};
 use std::collections::BTreeMap;
 
 type Result<T> = std::result::Result<T, ModelError>;

@@ -2,7 +2,6 @@
 //! pairs loaded once, then one call per round. Every reply is greedy; sampled replies (for the
 //! KL estimate) use a fixed seed, so a finished run measures the same numbers again.
 
-use super::card::{PolicyRound, Replies, RewardRound, RlPoint};
 use super::data::{read_pair_field, read_questions, Sources};
 use super::measure::{
     ask, masked_logps, preference_accuracy, reward_scores, sampled_kl, score_replies, scored_reply,
@@ -10,12 +9,13 @@ use super::measure::{
 };
 use super::plan::DemoPlan;
 use crate::backend::{Backend, SampleParams};
+use crate::commands::inputs::resolve_checkpoint;
+use crate::commands::report::card::{PolicyRound, Replies, RewardRound, RlPoint};
 use crate::data::prefs::{read_preferences, render_pair, RenderedPair};
 use crate::data::Tokenizer;
-use crate::eval::normalized_match;
 use crate::model::{Gpt, RewardModel};
 use crate::rng::Rng;
-use crate::run::resolve_checkpoint;
+use crate::scoring::normalized_match;
 use crate::train::{checkpoint, TrainError};
 use std::collections::BTreeMap;
 use std::path::Path;

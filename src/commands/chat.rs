@@ -14,12 +14,15 @@ use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::path::Path;
 
-use super::{resolve_checkpoint, DeviceKind};
-use crate::backend::{cpu::CpuBackend, cuda, Backend, SampleParams};
+use super::inputs::{check_sampling, resolve_checkpoint};
+use super::CommandError;
+use crate::backend::{Backend, SampleParams};
 use crate::data::chat::{render, render_prompt, Message, Role};
+use crate::data::Tokenizer;
 use crate::generate::{Session, TextStream};
 use crate::model::ModelError;
 use crate::rng::Rng;
+use crate::runtime::Runtime;
 use crate::train::{checkpoint, io_err, TrainError};
 
 /// How `chat` samples and what it starts with.
@@ -33,70 +36,58 @@ pub struct ChatOptions {
     /// Most tokens per reply.
     pub max_new_tokens: usize,
     pub seed: u64,
-    pub device: DeviceKind,
     /// Write `> ` before reading each message (for a terminal).
     pub show_prompt: bool,
 }
 
-/// Runs a chat reading messages from `input` and writing replies (one line each, streamed) to
-/// `out`; `note` gets status lines. Returns the number of replies.
+/// Runs a chat on the runtime's backend, reading messages from `input` and writing replies
+/// (one line each, streamed) to `out`; `note` gets status lines. Returns the number of replies.
 pub fn chat(
+    rt: &Runtime,
     ckpt: &Path,
     opts: &ChatOptions,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
     note: &dyn Fn(&str),
-) -> Result<usize, TrainError> {
-    match opts.device {
-        DeviceKind::Cpu => chat_with(&CpuBackend, ckpt, opts, input, out, note),
-        DeviceKind::Cuda => chat_with(&cuda::CudaBackend::new(0)?, ckpt, opts, input, out, note),
-    }
+) -> Result<usize, CommandError> {
+    check_sampling(opts.temperature, opts.top_p, opts.max_new_tokens)?;
+    crate::on_backend!(rt, be => chat_on(be, ckpt, opts, input, out, note))
 }
 
-fn invalid(msg: String) -> TrainError {
-    TrainError::Model(ModelError::Invalid(msg))
+fn invalid(msg: String) -> CommandError {
+    TrainError::Model(ModelError::Invalid(msg)).into()
 }
 
-fn chat_with<B: Backend>(
+fn chat_on<B: Backend>(
     be: &B,
     ckpt: &Path,
     opts: &ChatOptions,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
     note: &dyn Fn(&str),
-) -> Result<usize, TrainError> {
-    let params = SampleParams {
-        temperature: opts.temperature,
-        top_k: opts.top_k,
-        top_p: opts.top_p,
-    };
-    params.check("chat").map_err(|e| invalid(e.to_string()))?;
-    if opts.max_new_tokens == 0 {
-        return Err(invalid("max_new_tokens must be at least 1".into()));
-    }
+) -> Result<usize, CommandError> {
     let dir = resolve_checkpoint(ckpt)?;
     let tok = checkpoint::load_tokenizer(&dir)?;
     let model = checkpoint::load_model(be, &dir, None)?;
-    let special = |name: &str| {
-        tok.special(name).ok_or_else(|| {
-            invalid(format!(
-                "{}: the tokenizer has no {name} token",
-                dir.display()
-            ))
-        })
-    };
-    let end = special("<|end|>")?;
-    let eot = tok.eot();
+    let end = tok.special("<|end|>").ok_or_else(|| {
+        invalid(format!(
+            "{}: the tokenizer has no <|end|> token",
+            dir.display()
+        ))
+    })?;
     let cap = model.cfg.max_seq_len;
     let system: Vec<u32> = match &opts.system {
         Some(s) => render(&tok, &[Message::new(Role::System, s.as_str())]).ids,
         None => Vec::new(),
     };
     if system.len() + 2 >= cap {
-        return Err(invalid(format!(
-            "the system message is {} tokens: no room left in the model's context of {cap}",
-            system.len()
-        )));
+        return Err(CommandError::arg(
+            "--system",
+            format!(
+                "the system message is {} tokens: no room left in the model's context of {cap}",
+                system.len()
+            ),
+        ));
     }
     note(&format!(
         "chat: {} ({} layers, d={}, context {cap} tokens) on {}; one message per line, end of input quits",
@@ -105,10 +96,21 @@ fn chat_with<B: Backend>(
         model.cfg.n_embd,
         be.name()
     ));
-
-    let mut session = Session::new(be, &model)?;
-    let mut rng = Rng::new(opts.seed);
-    let mut turns: VecDeque<Vec<u32>> = VecDeque::new();
+    let mut chat = Conversation {
+        session: Session::new(be, &model)?,
+        rng: Rng::new(opts.seed),
+        params: SampleParams {
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            top_p: opts.top_p,
+        },
+        tok: &tok,
+        end,
+        cap,
+        max_new_tokens: opts.max_new_tokens,
+        system,
+        turns: VecDeque::new(),
+    };
     let stdout_err = || io_err("<stdout>");
     let mut replies = 0;
     let mut n = 0;
@@ -126,21 +128,56 @@ fn chat_with<B: Backend>(
         if text.trim().is_empty() {
             continue;
         }
-        let user = render_prompt(&tok, &[Message::new(Role::User, text)]);
-        if system.len() + user.len() >= cap {
+        if chat.turn(n, text, out, note)? {
+            replies += 1;
+        }
+    }
+    Ok(replies)
+}
+
+/// A conversation in progress: the model's session, the turns it holds, how it samples.
+struct Conversation<'a, B: Backend> {
+    session: Session<'a, B>,
+    rng: Rng,
+    params: SampleParams,
+    tok: &'a Tokenizer,
+    /// `<|end|>`, which closes a reply.
+    end: u32,
+    /// The model's context.
+    cap: usize,
+    max_new_tokens: usize,
+    /// The rendered system message (empty without one).
+    system: Vec<u32>,
+    /// Each earlier turn: the user message and the reply, closed by `<|end|>`.
+    turns: VecDeque<Vec<u32>>,
+}
+
+impl<B: Backend> Conversation<'_, B> {
+    /// Answers the message of input line `n`, streaming the reply to `out`; false when the
+    /// message was skipped (too long for the context).
+    fn turn(
+        &mut self,
+        n: usize,
+        text: &str,
+        out: &mut dyn Write,
+        note: &dyn Fn(&str),
+    ) -> Result<bool, CommandError> {
+        let cap = self.cap;
+        let user = render_prompt(self.tok, &[Message::new(Role::User, text)]);
+        if self.system.len() + user.len() >= cap {
             note(&format!(
                 "message on line {n} skipped: it is {} tokens, and with the system message it \
                  does not fit the model's context of {cap} tokens",
                 user.len()
             ));
-            continue;
+            return Ok(false);
         }
         let held = |turns: &VecDeque<Vec<u32>>| turns.iter().map(Vec::len).sum::<usize>();
         let mut dropped = 0;
-        while !turns.is_empty()
-            && system.len() + held(&turns) + user.len() + opts.max_new_tokens > cap
+        while !self.turns.is_empty()
+            && self.system.len() + held(&self.turns) + user.len() + self.max_new_tokens > cap
         {
-            turns.pop_front();
+            self.turns.pop_front();
             dropped += 1;
         }
         if dropped > 0 {
@@ -148,18 +185,33 @@ fn chat_with<B: Backend>(
                 "dropped the {dropped} oldest turn(s) to fit the context of {cap} tokens"
             ));
         }
-        let mut context = system.clone();
-        for t in &turns {
+        let mut context = self.system.clone();
+        for t in &self.turns {
             context.extend_from_slice(t);
         }
         context.extend_from_slice(&user);
-        session.set_context(&context)?;
+        self.session.set_context(&context)?;
+        let reply = self.stream_reply(out, note)?;
+        let mut turn = user;
+        turn.extend_from_slice(&reply);
+        turn.push(self.end);
+        self.turns.push_back(turn);
+        Ok(true)
+    }
 
+    /// Samples a reply after the context set, writing its text to `out` as it is decoded.
+    fn stream_reply(
+        &mut self,
+        out: &mut dyn Write,
+        note: &dyn Fn(&str),
+    ) -> Result<Vec<u32>, CommandError> {
+        let stdout_err = || io_err("<stdout>");
+        let eot = self.tok.eot();
         let mut reply: Vec<u32> = Vec::new();
-        let mut stream = TextStream::new(&tok);
+        let mut stream = TextStream::new(self.tok);
         loop {
-            let t = session.sample(&params, &mut rng)?;
-            if t == end || t == eot {
+            let t = self.session.sample(&self.params, &mut self.rng)?;
+            if t == self.end || t == eot {
                 break;
             }
             reply.push(t);
@@ -168,22 +220,17 @@ fn chat_with<B: Backend>(
                 out.write_all(piece.as_bytes()).map_err(stdout_err())?;
                 out.flush().map_err(stdout_err())?;
             }
-            if reply.len() >= opts.max_new_tokens {
+            if reply.len() >= self.max_new_tokens {
                 break;
             }
-            if session.context().len() >= cap {
+            if self.session.context().len() >= self.cap {
                 note("the reply filled the model's context");
                 break;
             }
-            session.push(t)?;
+            self.session.push(t)?;
         }
         writeln!(out).map_err(stdout_err())?;
         out.flush().map_err(stdout_err())?;
-        let mut turn = user;
-        turn.extend_from_slice(&reply);
-        turn.push(end);
-        turns.push_back(turn);
-        replies += 1;
+        Ok(reply)
     }
-    Ok(replies)
 }

@@ -2,7 +2,7 @@
 //! inline style sheet. Everything written here is well-formed XML as well as HTML (void
 //! elements self-closed, only the five XML entities), so a strict XML parser can check a report.
 
-use crate::demo::table::Grid;
+use super::table::Grid;
 
 /// `text` safe inside an element or a quoted attribute: `& < > " '` become entities, and
 /// characters XML 1.0 forbids (C0 controls other than tab, newline and carriage return) become

@@ -1,0 +1,316 @@
+//! One function per command: flags into a library job, the runtime opened once for the
+//! commands that compute, the result printed. The list of commands is [`run`]'s match.
+
+use super::args::*;
+use super::print::{self, note, PrepareProgress};
+use anyhow::{Context, Result};
+use std::io::{IsTerminal, Write};
+use topcoat::commands::chat::ChatOptions;
+use topcoat::commands::demo::DemoJob;
+use topcoat::commands::dpo::DpoStage;
+use topcoat::commands::eval::{EvalGenerateJob, EvalLossJob, EvalPairsJob};
+use topcoat::commands::prepare::{self, PrepareTextJob};
+use topcoat::commands::pretrain::{embedded_data, PretrainStage};
+use topcoat::commands::report::card::CARD_FILE;
+use topcoat::commands::report::REPORT_FILE;
+use topcoat::commands::reward::RewardStage;
+use topcoat::commands::rl::RlStage;
+use topcoat::commands::sft::SftStage;
+use topcoat::commands::stage::{self, Stage, TrainJob};
+use topcoat::commands::{self, CommandError};
+use topcoat::config::{ModelConfig, RunConfig};
+use topcoat::data::{PrefsPrepareOptions, SftPrepareOptions};
+use topcoat::generate::SampleOptions;
+use topcoat::runtime::{Runtime, RuntimeOptions};
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting --threads")?;
+    }
+    match cli.command {
+        Command::Prepare(PrepareArgs { kind: None, text }) => prepare_text(&text),
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Sft(a)),
+            ..
+        })
+        | Command::PrepareSft(a) => prepare_sft(&a),
+        Command::Prepare(PrepareArgs {
+            kind: Some(PrepareKind::Prefs(a)),
+            ..
+        }) => prepare_prefs(&a),
+        Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(&a),
+        Command::Pretrain(a) => pretrain(&a),
+        Command::Sft(a) => train(&a.flags, a.out, |run| {
+            run.pack |= a.pack;
+            Ok(SftStage {
+                init: a.init,
+                data: a.data,
+            })
+        }),
+        Command::Reward(a) => train(&a.flags, a.out, |_| {
+            Ok(RewardStage {
+                init: a.init,
+                data: a.data,
+            })
+        }),
+        Command::Dpo(a) => train(&a.flags, a.out, |_| {
+            Ok(DpoStage {
+                init: a.init,
+                data: a.data,
+                beta: a.beta,
+                loss: a.loss,
+            })
+        }),
+        Command::Rl(a) => train(&a.flags, a.out, |_| {
+            Ok(RlStage {
+                init: a.init,
+                reward: a.reward,
+                prompts: a.prompts,
+                k: a.k,
+                kl_coef: a.kl_coef,
+                clip: a.clip,
+                max_new_tokens: a.max_new_tokens,
+                epochs: a.epochs,
+            })
+        }),
+        Command::Sample(a) => sample(&a),
+        Command::Chat(a) => chat(&a),
+        Command::Eval(cmd) => eval(&cmd),
+        Command::Info { path } => {
+            print!("{}", commands::info::info(&path)?);
+            Ok(())
+        }
+        Command::Bench(a) => super::bench::bench(&a),
+        Command::Demo(a) => demo(&a),
+        Command::Report(a) => report(&a),
+    }
+}
+
+/// Opens the runtime for `--device` and says what it chose and why.
+fn open_runtime(opts: RuntimeOptions) -> Result<Runtime> {
+    let rt = Runtime::open(&opts)?;
+    note(&format!("device: {}", rt.description()));
+    Ok(rt)
+}
+
+fn device(d: DeviceArgs) -> RuntimeOptions {
+    RuntimeOptions {
+        device: d.device,
+        ..RuntimeOptions::default()
+    }
+}
+
+fn prepare_text(a: &PrepareTextArgs) -> Result<()> {
+    let out = a.out.clone().context("--out is required")?;
+    let job = PrepareTextJob {
+        inputs: a.inputs.clone(),
+        out,
+        tokenizer: a.tokenizer.clone(),
+        vocab_size: a.vocab_size,
+        val_fraction: a.val_fraction,
+        shard_tokens: a.shard_tokens,
+    };
+    let shown = PrepareProgress::new();
+    let (summary, tok) = prepare::prepare_text(&job, &note, &|ev| shown.event(&ev))?;
+    shown.finish();
+    print::prepared_text(&job.out, &summary, tok.vocab_size());
+    Ok(())
+}
+
+fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
+    let opts = SftPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..SftPrepareOptions::new(&a.out)
+    };
+    let s = prepare::prepare_sft(&a.input, &a.tokenizer, &opts)?;
+    print::prepared_sft(&a.out, &s, a.max_len);
+    Ok(())
+}
+
+fn prepare_prefs(a: &PreparePrefsArgs) -> Result<()> {
+    let opts = PrefsPrepareOptions {
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        ..PrefsPrepareOptions::new(&a.out)
+    };
+    let s = prepare::prepare_prefs(&a.input, &a.tokenizer, &opts)?;
+    print::prepared_prefs(&a.out, &s, a.max_len);
+    Ok(())
+}
+
+fn tokenizer_train(a: &TokenizerTrainArgs) -> Result<()> {
+    let tok = prepare::train_tokenizer(&a.inputs, a.vocab_size, &|_| {})?;
+    tok.save(&a.out)?;
+    println!(
+        "{}: byte-level BPE with {} ids",
+        a.out.display(),
+        tok.vocab_size()
+    );
+    Ok(())
+}
+
+/// The run config: the stage's defaults, then the TOML file, then the flags.
+fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => RunConfig::from_toml_file(p)?,
+        None => defaults,
+    };
+    macro_rules! set {
+        ($($field:ident <- $flag:expr),* $(,)?) => { $(if let Some(v) = $flag.clone() { cfg.$field = v; })* };
+    }
+    set!(preset <- a.preset, max_steps <- a.max_steps, batch_size <- a.batch_size, seq_len <- a.seq_len,
+         total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
+         weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
+         checkpoint_every <- a.checkpoint_every, seed <- a.seed);
+    cfg.grad_accum_steps()?;
+    Ok(cfg)
+}
+
+/// A training command: the run config over the stage's defaults, the runtime, the stage's own
+/// part (which may adjust the run config, or fail before any time is spent), the stage
+/// runner, the summary.
+fn train<S: Stage>(
+    flags: &RunFlags,
+    out: std::path::PathBuf,
+    stage: impl FnOnce(&mut RunConfig) -> Result<S>,
+) -> Result<()> {
+    let mut run = run_config(flags, S::defaults())?;
+    let rt = open_runtime(device(flags.device))?;
+    let stage = stage(&mut run)?;
+    let job = TrainJob {
+        run,
+        resume: flags.resume,
+        ..TrainJob::new(stage, out)
+    };
+    print::train_summary(&stage::train(&rt, &job, &note)?);
+    Ok(())
+}
+
+fn pretrain(a: &PretrainArgs) -> Result<()> {
+    train(&a.flags, a.out.clone(), |run| {
+        // Refuse an unknown preset before spending time on data.
+        ModelConfig::preset(&run.preset, 64)?;
+        // Without --data: the embedded corpus, prepared under the run directory on first use.
+        let data = match &a.data {
+            Some(d) => d.clone(),
+            None => embedded_data(&a.out, &note)?,
+        };
+        Ok(PretrainStage { data })
+    })
+}
+
+fn sample(a: &SampleArgs) -> Result<()> {
+    let opts = SampleOptions {
+        max_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: None,
+    };
+    let rt = open_runtime(device(a.device))?;
+    print!("{}", a.prompt);
+    commands::sample::sample(&rt, &a.checkpoint, &a.prompt, &opts, |text| {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    Ok(())
+}
+
+fn chat(a: &ChatArgs) -> Result<()> {
+    let opts = ChatOptions {
+        system: a.system.clone(),
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+        show_prompt: std::io::stdin().is_terminal(),
+    };
+    let rt = open_runtime(device(a.device))?;
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::stdout();
+    commands::chat::chat(&rt, &a.checkpoint, &opts, &mut input, &mut out, &note)?;
+    Ok(())
+}
+
+/// `eval loss|pairs|generate`: runs the mode and prints its table.
+fn eval(cmd: &EvalCmd) -> Result<()> {
+    use commands::eval;
+    let table = match cmd {
+        EvalCmd::Loss(a) => {
+            let job = EvalLossJob {
+                checkpoint: a.checkpoint.clone(),
+                data: a.data.clone(),
+                split: a.split.clone(),
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                max_batches: a.max_batches,
+            };
+            eval::eval_loss(&open_runtime(device(a.device))?, &job, &note)?.table()
+        }
+        EvalCmd::Pairs(a) => {
+            let job = EvalPairsJob {
+                checkpoint: a.checkpoint.clone(),
+                reference: a.reference.clone(),
+                beta: a.beta,
+                data: a.data.clone(),
+                split: a.split.clone(),
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+            };
+            eval::eval_pairs(&open_runtime(device(a.device))?, &job, &note)?.table()
+        }
+        EvalCmd::Generate(a) => {
+            let job = EvalGenerateJob {
+                checkpoint: a.checkpoint.clone(),
+                prompts: a.prompts.clone(),
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+                out: a.out.clone(),
+            };
+            eval::eval_generate(&open_runtime(device(a.device))?, &job, &note)?.table()
+        }
+    };
+    print!("{table}");
+    Ok(())
+}
+
+fn demo(a: &DemoArgs) -> Result<()> {
+    let rt = open_runtime(device(a.device))?;
+    let job = DemoJob {
+        out: a.out.clone(),
+        data: a.data.clone(),
+        quick: a.quick,
+        seed: a.seed,
+    };
+    let card = commands::demo::demo(&rt, &job, &note)?;
+    println!("{}\n{}", card.table(), card.samples_table());
+    println!(
+        "demo finished in {:.0} s; report card: {}; report: {}",
+        card.wall_s,
+        a.out.join(CARD_FILE).display(),
+        a.out.join(REPORT_FILE).display()
+    );
+    Ok(())
+}
+
+fn report(a: &ReportArgs) -> Result<()> {
+    let out = (a.out.clone()).unwrap_or_else(|| a.run_dir.join(REPORT_FILE));
+    let s = commands::report::write_report(&a.run_dir, &out).map_err(CommandError::from)?;
+    for n in &s.notes {
+        note(&format!("note: {n}"));
+    }
+    println!("{}: {} plots, {} bytes", s.path.display(), s.plots, s.bytes);
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! `dpo` as a library call: preference tuning of an SFT checkpoint on `prepare prefs` pairs
+//! (`stages/dpo.rs`), on the shared stage runner. Before training, the reference pass: the
+//! `--init` checkpoint loaded as the frozen reference, the log-probabilities of every train and
+//! val pair computed and stored in the run directory (`ref_logps.bin`), the reference dropped;
+//! a resumed run reuses the stored ones when they match the data.
+
+use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::stages::dpo::reference::RefLogps;
+use crate::stages::dpo::{Dpo, DpoLoss};
+use crate::train::checkpoint;
+use std::path::{Path, PathBuf};
+
+/// What DPO adds to the shared set-up.
+pub struct DpoStage {
+    /// The SFT checkpoint (or a run directory: its newest checkpoint): the policy's start and
+    /// the frozen reference.
+    pub init: PathBuf,
+    /// Directory from `prepare prefs`.
+    pub data: PathBuf,
+    /// Strength of the pull toward the reference.
+    pub beta: f64,
+    pub loss: DpoLoss,
+}
+
+/// A DPO run (`run.batch_size` counts pairs per micro-batch).
+pub type DpoJob = TrainJob<DpoStage>;
+
+impl Stage for DpoStage {
+    const NAME: &'static str = "dpo";
+    type Objective<B: Backend + 'static> = Dpo;
+
+    /// A low peak rate (the policy should stay near the reference), few steps, 4 pairs (8
+    /// rows) per micro-batch.
+    fn defaults() -> RunConfig {
+        RunConfig {
+            batch_size: 4,
+            learning_rate: 1e-4,
+            max_steps: 100,
+            warmup_steps: 5,
+            weight_decay: 0.0,
+            val_every: 25,
+            checkpoint_every: 50,
+            ..RunConfig::default()
+        }
+    }
+
+    fn init(&self) -> Init<'_> {
+        Init::Checkpoint(&self.init)
+    }
+
+    fn data(&self) -> Option<(&Path, &'static str)> {
+        Some((&self.data, "prepare prefs"))
+    }
+
+    fn open<B: Backend + 'static>(
+        &self,
+        be: &B,
+        ctx: &StageContext,
+        progress: &dyn Fn(&str),
+    ) -> Result<Dpo> {
+        let run = ctx.run;
+        let mut objective = Dpo::open(
+            &self.data,
+            run.batch_size,
+            run.seq_len,
+            run.seed,
+            ctx.model.vocab_size,
+            ctx.tokenizer.eot(),
+            run.val_batches,
+            self.loss,
+            self.beta,
+        )?;
+        progress(&format!(
+            "dpo data {}: {} training pairs ({} skipped: a side longer than T = {}), {} val \
+             pairs; {:?} loss, beta {}",
+            self.data.display(),
+            objective.num_pairs(),
+            objective.too_long(),
+            run.seq_len,
+            objective.num_val_pairs(),
+            self.loss,
+            self.beta
+        ));
+        let reference = reference_logps(be, ctx, &objective, progress)?;
+        objective.set_reference(reference)?;
+        Ok(objective)
+    }
+}
+
+/// The stored reference log-probabilities when resuming and they match the data, else a fresh
+/// reference pass (stored before training starts).
+fn reference_logps<B: Backend>(
+    be: &B,
+    ctx: &StageContext,
+    objective: &Dpo,
+    progress: &dyn Fn(&str),
+) -> Result<RefLogps> {
+    let path = RefLogps::path(ctx.out);
+    if ctx.resume {
+        if let Some(stored) = RefLogps::load(ctx.out)? {
+            let n_val = objective.num_val_pairs();
+            let n_train = objective.num_pairs() + objective.too_long();
+            match stored.mismatch(ctx.run.seq_len, objective.fingerprint(), n_train, n_val) {
+                None => {
+                    progress(&format!(
+                        "reference log-probabilities: reusing {}",
+                        path.display()
+                    ));
+                    return Ok(stored);
+                }
+                Some(why) => progress(&format!(
+                    "reference log-probabilities in {} do not match ({why}): recomputing",
+                    path.display()
+                )),
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let ckpt = ctx.starting_checkpoint()?;
+    // The reference lives only for this pass: its memory is free again before the policy loads.
+    let r = {
+        let mut reference = checkpoint::load_model(be, ckpt, None)?;
+        objective.reference_pass(be, &mut reference)?
+    };
+    r.save(ctx.out)?;
+    progress(&format!(
+        "reference pass: {} train and {} val pairs with {} in {:.1} s -> {}",
+        r.train.iter().filter(|p| !p[0].is_nan()).count(),
+        r.val.iter().filter(|p| !p[0].is_nan()).count(),
+        ckpt.display(),
+        started.elapsed().as_secs_f64(),
+        path.display()
+    ));
+    Ok(r)
+}

@@ -1,0 +1,66 @@
+//! `info` as a library call: a human-readable description of a token shard, a checkpoint, or a
+//! run directory (its newest checkpoint).
+
+use super::inputs::resolve_checkpoint;
+use crate::data::Shard;
+use crate::train::{checkpoint, io_err, TrainError};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// A human-readable description of a shard file, a checkpoint, or a run directory.
+pub fn info(path: &Path) -> Result<String, TrainError> {
+    let mut s = String::new();
+    if path.is_file() {
+        let shard = Shard::open(path)?;
+        let n = shard.len();
+        let head: Vec<u32> = (0..n.min(16)).map(|i| shard.get(i)).collect();
+        let max = (0..n).map(|i| shard.get(i)).max().unwrap_or(0);
+        let _ = writeln!(s, "token shard {}", path.display());
+        let _ = writeln!(s, "  tokens: {n} ({}-bit ids)", shard.width() * 8);
+        let _ = writeln!(s, "  largest id: {max}");
+        let _ = writeln!(s, "  first ids: {head:?}");
+        return Ok(s);
+    }
+    let dir = resolve_checkpoint(path)?;
+    let cfg = checkpoint::load_config(&dir)?;
+    let _ = writeln!(s, "checkpoint {}", dir.display());
+    let _ = writeln!(
+        s,
+        "  model: {} layers, {} heads, d={}, max_seq_len {}",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_seq_len
+    );
+    let _ = writeln!(
+        s,
+        "  vocab: {} (padded {})",
+        cfg.vocab_size, cfg.padded_vocab_size
+    );
+    let _ = writeln!(
+        s,
+        "  parameters: {} ({:.2} M)",
+        cfg.num_params(),
+        cfg.num_params() as f64 / 1e6
+    );
+    if let Ok(tok) = checkpoint::load_tokenizer(&dir) {
+        let _ = writeln!(
+            s,
+            "  tokenizer: {:?}, {} ids, eot {}",
+            tok.kind(),
+            tok.vocab_size(),
+            tok.eot()
+        );
+    }
+    let state = dir.join("train_state.json");
+    if state.exists() {
+        let text = std::fs::read_to_string(&state).map_err(io_err(&state))?;
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  training state: stage {}, step {}, {} tokens seen, {:.0} s",
+            v["stage"].as_str().unwrap_or("?"),
+            v["step"],
+            v["tokens_seen"],
+            v["elapsed_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(s)
+}

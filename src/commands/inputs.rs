@@ -1,0 +1,153 @@
+//! What a user names on the command line, resolved: a checkpoint or a run directory (its newest
+//! checkpoint), a prepared data directory's tokenizer, a `--tokenizer` argument (the same
+//! values for every command that takes one), and the check that a model and its data share a
+//! tokenizer.
+
+use super::CommandError;
+use crate::data::{DataError, Tokenizer};
+use crate::train::{checkpoint, TrainError};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A checkpoint directory, or a run directory (its newest checkpoint).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join("config.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    checkpoint::latest(path)?.ok_or_else(|| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: "neither a checkpoint (no config.json) nor a run directory with ckpt_* checkpoints"
+            .into(),
+    })
+}
+
+/// The tokenizer a prepared data directory was made with (its `tokenizer.json`).
+pub fn data_tokenizer(dir: &Path) -> Result<Tokenizer, DataError> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(DataError::InvalidArgument(format!(
+            "{}: no tokenizer.json; prepare the directory with `topcoat prepare` first",
+            dir.display()
+        )));
+    }
+    Tokenizer::load(path)
+}
+
+/// `--tokenizer`: `gpt2` (GPT-2's BPE), `bpe` (train a byte-level BPE on the inputs: only
+/// `prepare` of raw text can), or a path: a `tokenizer.json`, or a checkpoint, run or prepared
+/// data directory (its tokenizer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenizerArg {
+    Gpt2,
+    TrainBpe,
+    Path(PathBuf),
+}
+
+impl FromStr for TokenizerArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "gpt2" => Self::Gpt2,
+            "bpe" => Self::TrainBpe,
+            path => Self::Path(path.into()),
+        })
+    }
+}
+
+impl std::fmt::Display for TokenizerArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gpt2 => f.write_str("gpt2"),
+            Self::TrainBpe => f.write_str("bpe"),
+            Self::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl TokenizerArg {
+    /// The tokenizer named, for a command that cannot train one (`bpe` is refused, naming
+    /// `command`).
+    pub fn load(&self, command: &str) -> Result<Tokenizer, CommandError> {
+        match self {
+            Self::Gpt2 => Ok(Tokenizer::gpt2()),
+            Self::TrainBpe => Err(CommandError::Argument {
+                arg: "--tokenizer",
+                msg: format!(
+                    "`bpe` trains a new tokenizer on raw text, which only `topcoat prepare` \
+                     does; `{command}` needs the tokenizer of the model it is for: gpt2, a \
+                     tokenizer.json, or a checkpoint, run or prepared data directory"
+                ),
+            }),
+            Self::Path(path) => Ok(load_tokenizer_at(path)?),
+        }
+    }
+}
+
+/// A `tokenizer.json`, or the tokenizer of a prepared data directory, a checkpoint or a run
+/// directory.
+fn load_tokenizer_at(path: &Path) -> Result<Tokenizer, TrainError> {
+    if path.is_file() {
+        return Ok(Tokenizer::load(path)?);
+    }
+    if path.join("tokenizer.json").is_file() {
+        return Ok(Tokenizer::load(path.join("tokenizer.json"))?);
+    }
+    let dir = resolve_checkpoint(path)?;
+    checkpoint::load_tokenizer(&dir)
+}
+
+/// Refuses data tokenized with a different tokenizer than the model was trained with;
+/// `prepared_by` names the command that made the data (`prepare sft`, `prepare prefs`).
+pub fn check_tokenizers(
+    ckpt: &Path,
+    model: &Tokenizer,
+    data_dir: &Path,
+    data: &Tokenizer,
+    prepared_by: &str,
+) -> Result<(), DataError> {
+    if same_tokenizer(model, data) {
+        return Ok(());
+    }
+    Err(DataError::InvalidArgument(format!(
+        "tokenizer mismatch: checkpoint {} has a {:?} tokenizer with {} ids but data {} was \
+         prepared with a {:?} tokenizer with {} ids; re-run `topcoat {prepared_by}` with \
+         --tokenizer {}",
+        ckpt.display(),
+        model.kind(),
+        model.vocab_size(),
+        data_dir.display(),
+        data.kind(),
+        data.vocab_size(),
+        ckpt.display()
+    )))
+}
+
+/// Whether two tokenizers agree (by kind and size).
+pub fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
+    a.vocab_size() == b.vocab_size() && a.kind() == b.kind()
+}
+
+/// Checks the sampling flags of a generating command: `--temperature` finite and `>= 0`,
+/// `--top-p` in `(0, 1]`, `--max-new-tokens` at least 1.
+pub fn check_sampling(
+    temperature: f32,
+    top_p: f32,
+    max_new_tokens: usize,
+) -> Result<(), CommandError> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(CommandError::arg(
+            "--temperature",
+            format!("{temperature}: must be finite and >= 0 (0 is greedy)"),
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(CommandError::arg(
+            "--top-p",
+            format!("{top_p}: must be in (0, 1] (1 keeps every token)"),
+        ));
+    }
+    if max_new_tokens == 0 {
+        return Err(CommandError::arg("--max-new-tokens", "must be at least 1"));
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! `sft` as a library call: instruction tuning of a pretrained checkpoint on `prepare sft`
+//! data, loss on the assistant's tokens only (`stages/sft.rs`), on the shared stage runner.
+
+use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::stages::sft::Sft;
+use std::path::{Path, PathBuf};
+
+/// What SFT adds to the shared set-up.
+pub struct SftStage {
+    /// Pretrained checkpoint, or a run directory (its newest checkpoint).
+    pub init: PathBuf,
+    /// Directory from `prepare sft`.
+    pub data: PathBuf,
+}
+
+/// An SFT run (`run.pack` lays several examples in each row).
+pub type SftJob = TrainJob<SftStage>;
+
+impl Stage for SftStage {
+    const NAME: &'static str = "sft";
+    type Objective<B: Backend + 'static> = Sft;
+
+    /// A lower peak rate than pretraining, fewer steps.
+    fn defaults() -> RunConfig {
+        RunConfig {
+            learning_rate: 1e-3,
+            max_steps: 100,
+            warmup_steps: 5,
+            val_every: 25,
+            checkpoint_every: 50,
+            ..RunConfig::default()
+        }
+    }
+
+    fn init(&self) -> Init<'_> {
+        Init::Checkpoint(&self.init)
+    }
+
+    fn data(&self) -> Option<(&Path, &'static str)> {
+        Some((&self.data, "prepare sft"))
+    }
+
+    fn open<B: Backend + 'static>(
+        &self,
+        _be: &B,
+        ctx: &StageContext,
+        progress: &dyn Fn(&str),
+    ) -> Result<Sft> {
+        let run = ctx.run;
+        let objective = Sft::open(
+            &self.data,
+            run.batch_size,
+            run.seq_len,
+            run.seed,
+            ctx.model.vocab_size,
+            ctx.tokenizer.eot(),
+            run.val_batches,
+        )?
+        .with_packing(run.pack);
+        progress(&format!(
+            "sft data {}: {} training examples ({} cut to T + 1 = {} tokens), {} val examples, {}",
+            self.data.display(),
+            objective.num_examples(),
+            objective.cut,
+            run.seq_len + 1,
+            objective.num_val_examples(),
+            if run.pack {
+                "packed several to a row"
+            } else {
+                "one to a row"
+            }
+        ));
+        Ok(objective)
+    }
+}

@@ -1,0 +1,248 @@
+//! The stage runner: the set-up every training command shares, written once.
+//!
+//! A training command (`pretrain`, `sft`, `reward`, `dpo`, `rl`) is a [`TrainJob`]: the run
+//! config, the run directory and what is the stage's own (a [`Stage`]: its starting weights,
+//! its data, its objective). [`run_stage`] does the rest in one order for every stage:
+//! 1. refuse a run config for more than one rank (until data parallelism exists);
+//! 2. resolve the starting checkpoint (a checkpoint, or a run directory's newest) and load its
+//!    tokenizer and model config, or, for a fresh model, the data's tokenizer and the preset;
+//! 3. refuse data prepared with a different tokenizer, naming the command that prepares it;
+//! 4. refuse a `seq_len` past the model's context;
+//! 5. open the stage's objective on the backend ([`Stage::open`]);
+//! 6. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
+//!    loop (`train::train`).
+//!
+//! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
+//! arguments, and one line where the binary lists the commands.
+
+use super::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
+use super::CommandError;
+use crate::backend::Backend;
+use crate::config::{ConfigError, ModelConfig, RunConfig};
+use crate::data::Tokenizer;
+use crate::model::Gpt;
+use crate::runtime::Runtime;
+use crate::train::{self, checkpoint, Objective, TrainOptions, TrainSummary};
+use std::path::{Path, PathBuf};
+
+pub type Result<T> = std::result::Result<T, CommandError>;
+
+/// Where a stage's starting weights come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Init<'a> {
+    /// GPT-2 initialisation of the run config's preset, drawn from the run's seed; the
+    /// tokenizer is the data directory's.
+    Fresh { data: &'a Path },
+    /// The weights and tokenizer of this checkpoint (or run directory: its newest checkpoint).
+    Checkpoint(&'a Path),
+    /// As `Checkpoint`, plus a scalar reward head: the checkpoint's own, or a new one drawn
+    /// from the run's seed.
+    CheckpointWithRewardHead(&'a Path),
+}
+
+/// What the runner resolved before the stage opens its objective.
+pub struct StageContext<'a> {
+    pub run: &'a RunConfig,
+    /// The run directory.
+    pub out: &'a Path,
+    pub resume: bool,
+    /// The starting checkpoint, resolved (`None` for a fresh model).
+    pub checkpoint: Option<PathBuf>,
+    /// The model's shape (the checkpoint's, or the preset's for the tokenizer's vocabulary).
+    pub model: ModelConfig,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+}
+
+impl StageContext<'_> {
+    /// The resolved starting checkpoint of a stage that starts from one (`--init`).
+    pub fn starting_checkpoint(&self) -> Result<&Path> {
+        self.checkpoint.as_deref().ok_or_else(|| {
+            ConfigError::Invalid("this stage starts from a checkpoint, and none was given".into())
+                .into()
+        })
+    }
+}
+
+/// What one training stage adds to the shared set-up.
+pub trait Stage {
+    /// The stage's name: its log lines and its checkpoints' `train_state.stage`.
+    const NAME: &'static str;
+
+    /// The stage's objective on backend `B`.
+    type Objective<B: Backend + 'static>: Objective<B>;
+
+    /// The run config this stage starts from (a TOML file and the flags override it).
+    fn defaults() -> RunConfig;
+
+    /// Where the starting weights come from.
+    fn init(&self) -> Init<'_>;
+
+    /// The prepared data this stage reads and the command that prepares it (`prepare sft`),
+    /// checked against the model's tokenizer; `None` when it reads none that way.
+    fn data(&self) -> Option<(&Path, &'static str)>;
+
+    /// Opens the objective (its data, and any models it holds on `be`), printing what it found.
+    fn open<B: Backend + 'static>(
+        &self,
+        be: &B,
+        ctx: &StageContext,
+        progress: &dyn Fn(&str),
+    ) -> Result<Self::Objective<B>>;
+}
+
+/// A training command: the shared run settings and the stage's own.
+pub struct TrainJob<S> {
+    pub run: RunConfig,
+    /// The run directory: metrics.jsonl and checkpoints.
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `out`.
+    pub resume: bool,
+    /// Keep only the newest this many checkpoints (0 keeps all).
+    pub keep_checkpoints: usize,
+    /// No progress lines from the loop (tests).
+    pub quiet: bool,
+    pub stage: S,
+}
+
+impl<S: Stage> TrainJob<S> {
+    /// A job with the stage's defaults, keeping the newest 3 checkpoints, with progress output.
+    pub fn new(stage: S, out: impl Into<PathBuf>) -> Self {
+        Self {
+            run: S::defaults(),
+            out: out.into(),
+            resume: false,
+            keep_checkpoints: 3,
+            quiet: false,
+            stage,
+        }
+    }
+}
+
+/// Runs `job` on the runtime's backend; returns the summary (checkpoints in `job.out`).
+pub fn train<S: Stage>(
+    rt: &Runtime,
+    job: &TrainJob<S>,
+    progress: &dyn Fn(&str),
+) -> Result<TrainSummary> {
+    crate::on_backend!(rt, be => run_stage(be, job, progress))
+}
+
+/// Runs `job` on `be`: the shared set-up of the module header, then the loop.
+pub fn run_stage<S: Stage, B: Backend + 'static>(
+    be: &B,
+    job: &TrainJob<S>,
+    progress: &dyn Fn(&str),
+) -> Result<TrainSummary> {
+    let run = &job.run;
+    Runtime::check_world_size(run.world_size, run.rank)
+        .map_err(|msg| ConfigError::Invalid(format!("{}: {msg}", S::NAME)))?;
+    let ctx = resolve(job)?;
+    if let Some((data, prepared_by)) = job.stage.data() {
+        if let Some(ckpt) = &ctx.checkpoint {
+            check_tokenizers(
+                ckpt,
+                &ctx.tokenizer,
+                data,
+                &data_tokenizer(data)?,
+                prepared_by,
+            )?;
+        }
+    }
+    if run.seq_len > ctx.model.max_seq_len {
+        return Err(ConfigError::Invalid(format!(
+            "seq_len {} exceeds the model's context (max_seq_len {}) of {}",
+            run.seq_len,
+            ctx.model.max_seq_len,
+            ctx.checkpoint.as_ref().map_or_else(
+                || format!("the {} preset", run.preset),
+                |c| c.display().to_string()
+            )
+        ))
+        .into());
+    }
+    let mut objective = job.stage.open(be, &ctx, progress)?;
+    let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
+    let opts = TrainOptions {
+        run: run.clone(),
+        out_dir: job.out.clone(),
+        resume: job.resume,
+        keep_checkpoints: job.keep_checkpoints,
+        quiet: job.quiet,
+    };
+    Ok(train::train(
+        be,
+        &mut model,
+        &mut objective,
+        &ctx.tokenizer,
+        &opts,
+    )?)
+}
+
+/// Step 2 of the module header: the checkpoint, tokenizer and model shape.
+fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
+    let ctx = |checkpoint, model, tokenizer| StageContext {
+        run: &job.run,
+        out: &job.out,
+        resume: job.resume,
+        checkpoint,
+        model,
+        tokenizer,
+    };
+    Ok(match job.stage.init() {
+        Init::Fresh { data } => {
+            // Refuse an unknown preset before reading the data.
+            ModelConfig::preset(&job.run.preset, 64)?;
+            let tokenizer = data_tokenizer(data)?;
+            let model = ModelConfig::preset(&job.run.preset, tokenizer.vocab_size())?;
+            ctx(None, model, tokenizer)
+        }
+        Init::Checkpoint(path) | Init::CheckpointWithRewardHead(path) => {
+            let ckpt = resolve_checkpoint(path)?;
+            let tokenizer = checkpoint::load_tokenizer(&ckpt)?;
+            let model = checkpoint::load_config(&ckpt)?;
+            ctx(Some(ckpt), model, tokenizer)
+        }
+    })
+}
+
+/// Step 6 of the module header: the model the loop trains, described in one progress line.
+fn build_model<B: Backend>(
+    be: &B,
+    ctx: &StageContext,
+    init: Init,
+    run: &RunConfig,
+    progress: &dyn Fn(&str),
+) -> Result<Gpt<B>> {
+    let (model, source) = match (init, &ctx.checkpoint) {
+        (Init::Fresh { .. }, _) | (_, None) => (
+            Gpt::init(be, &ctx.model, run.seed)?,
+            format!("{} preset", run.preset),
+        ),
+        (Init::Checkpoint(_), Some(dir)) => (
+            checkpoint::load_model(be, dir, None)?,
+            dir.display().to_string(),
+        ),
+        (Init::CheckpointWithRewardHead(_), Some(dir)) => {
+            let mut model = checkpoint::load_model(be, dir, None)?;
+            let head = if model.reward_head().is_some() {
+                "its reward head"
+            } else {
+                model.init_reward_head(be, run.seed ^ 0x4EAD)?;
+                "a new reward head"
+            };
+            (model, format!("{} with {head}", dir.display()))
+        }
+    };
+    let cfg = &model.cfg;
+    progress(&format!(
+        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
+        cfg.num_params() as f64 / 1e6,
+        cfg.vocab_size,
+        cfg.padded_vocab_size,
+        cfg.n_layer,
+        cfg.n_embd,
+        be.name()
+    ));
+    Ok(model)
+}
