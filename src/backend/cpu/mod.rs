@@ -17,6 +17,7 @@ pub mod float;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
+pub mod residual;
 pub mod sample;
 
 pub use float::Float;
@@ -287,7 +288,7 @@ impl Backend for CpuBackend {
         check_len(op, "out", n, out.len())?;
         check_len(op, "a", n, a.len())?;
         check_len(op, "b", n, b.len())?;
-        gelu::residual_forward(out, a, b, n);
+        residual::residual_forward(out, a, b, n);
         Ok(())
     }
 

@@ -2,12 +2,11 @@
 
 use cudarc::driver::PushKernelArg;
 
+use super::kernels::adamw::ADAMW_UPDATE_BF16;
 use super::{
     check_len, grid_stride, launch_error, AdamWStep, BackendError, CudaBackend, CudaBuf, Mem,
     Result,
 };
-
-pub(super) const KERNELS: &[&str] = &["adamw_update_bf16"];
 
 pub(super) fn update(
     be: &CudaBackend,
@@ -37,8 +36,8 @@ pub(super) fn update(
     let step = hp.step.min(i32::MAX as u64) as i32;
     let b1c = 1.0 - hp.beta1.powi(step);
     let b2c = 1.0 - hp.beta2.powi(step);
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = ADAMW_UPDATE_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: master, work, grad, m and v all hold `n` elements of the kernel's types
     // (fp32, bf16, fp32, fp32, fp32; checked above); the scalar list matches the signature.
     unsafe {
@@ -60,6 +59,6 @@ pub(super) fn update(
             .arg(&hp.grad_scale)
             .launch(grid_stride(n, 256))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

@@ -3,17 +3,14 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::kernels::encoder::{
+    ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_FORWARD_BF16,
+    ENCODER_FORWARD_POS_BF16,
+};
 use super::{
     as_i32, check_len, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds,
     Result,
 };
-
-pub(super) const KERNELS: &[&str] = &[
-    "encoder_forward_bf16",
-    "encoder_backward_wte_f32",
-    "encoder_backward_wpe_f32",
-    "encoder_forward_pos_bf16",
-];
 
 /// Checks the shapes shared by forward and backward; returns the vocabulary size and the
 /// number of rows of the position table.
@@ -116,8 +113,8 @@ pub(super) fn forward(
     let (n, t_, c_) = ((b * t) as i32, t as i32, c as i32);
     let cfg = grid_stride(b * t * c, 256);
     if let Some(pos) = pos {
-        let name = KERNELS[3];
-        let f = be.function(name)?;
+        let kernel = ENCODER_FORWARD_POS_BF16;
+        let f = be.function(kernel)?;
         // SAFETY: out holds N*C bf16, ids N ints each in [0, V) and pos N ints each in
         // [0, Tmax) (checked on the host copies), wte V*C and wpe Tmax*C bf16; arguments match
         // (bf16*, const int*, const int*, bf16*, bf16*, int, int).
@@ -133,11 +130,11 @@ pub(super) fn forward(
                 .arg(&c_)
                 .launch(cfg)
         }
-        .map_err(|e| launch_error(name, e))?;
+        .map_err(|e| launch_error(kernel, e))?;
         return Ok(());
     }
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = ENCODER_FORWARD_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: out holds N*C bf16, ids N ints each in [0, V) (checked on the host copy), wte V*C
     // and wpe at least T*C bf16; arguments match (bf16*, const int*, bf16*, bf16*, int, int, int).
     unsafe {
@@ -152,7 +149,7 @@ pub(super) fn forward(
             .arg(&c_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -201,8 +198,8 @@ fn scatter_rows(
     let (order, start_d, tokens_d) = (be.htod(&order)?, be.htod(&start)?, be.htod(&tokens)?);
     let c_ = c as i32;
     let dst = table.f32_mut(op, what)?;
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    let kernel = ENCODER_BACKWARD_WTE_F32;
+    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (tokens.len() as u32, 1, 1),
         block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
@@ -222,7 +219,7 @@ fn scatter_rows(
             .arg(&c_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -261,8 +258,8 @@ pub(super) fn backward(
     let dy = dout.bf16(op, "dout")?;
     let dpe = dwpe.f32_mut(op, "dwpe")?;
     let (b_, t_, c_) = (b as i32, t as i32, c as i32);
-    let name = KERNELS[2];
-    let f = be.function(name)?;
+    let kernel = ENCODER_BACKWARD_WPE_F32;
+    let f = be.function(kernel)?;
     // SAFETY: dwpe holds at least T*C floats and dout B*T*C bf16 (checked); the kernel covers
     // the first T*C elements of dwpe; arguments match (float*, bf16*, int, int, int).
     unsafe {
@@ -275,6 +272,6 @@ pub(super) fn backward(
             .arg(&c_)
             .launch(grid_stride(t * c, 256))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

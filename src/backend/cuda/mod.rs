@@ -2,12 +2,15 @@
 //! device and the embedded kernels lives in `device.rs`).
 //!
 //! `build.rs` compiles every `kernels/<family>.cu` into a fatbin (sm_90 SASS + compute_90 PTX)
-//! and embeds it; [`kernels`] lists them. A build without nvcc embeds none and is CPU-only.
+//! and embeds it; [`kernels`] names every module and kernel function (a launcher names its
+//! kernel, e.g. `kernels::layernorm::LAYERNORM_FORWARD_BF16`). A build without nvcc has the
+//! same names, no fatbins, and is CPU-only.
 //! The CUDA driver is opened at run time (cudarc `dynamic-loading`), so [`probe`] turns a
 //! missing driver, a missing GPU or a CPU-only build into a [`BackendError::Device`], never a panic.
 //!
-//! [`CudaBackend`] owns one context, one stream, every kernel function (loaded once from the
-//! fatbins) and a cuBLASLt handle. Each op's launcher lives in the file named after its kernel
+//! [`CudaBackend`] owns one context, one stream, every kernel function (all loaded, and so
+//! checked present, when it opens) and a cuBLASLt handle; [`CudaOptions`] picks its A/B
+//! alternatives. Each op's launcher lives in the file named after its kernel
 //! family (`encoder.rs` <-> `kernels/encoder.cu`, ...); this file holds the trait impl, which
 //! only forwards.
 //!
@@ -29,13 +32,17 @@ mod buffer;
 mod cross_entropy;
 mod decode;
 mod device;
+mod elementwise;
 mod encoder;
 mod fill;
 mod gelu;
 mod global_norm;
+pub mod kernels;
 mod layernorm;
 mod matmul;
 mod matmul_gelu;
+mod options;
+mod residual;
 mod sample;
 
 use std::collections::HashMap;
@@ -49,7 +56,9 @@ use super::{check_len, AdamWStep, Backend, LossGrad, Result, Role, SampleParams}
 use buffer::Mem;
 pub use buffer::{CudaBuf, CudaIds};
 use device::{driver_error, launch_error};
-pub use device::{kernels, probe, DeviceInfo, BUILT_WITH_NVCC};
+pub use device::{probe, DeviceInfo, BUILT_WITH_NVCC};
+use kernels::{Kernel, MODULES};
+pub use options::{AttentionKernels, CudaOptions, ParseOptionError};
 
 /// Grid-stride launch shape: enough blocks of `block` threads to cover `n` items, capped so
 /// the grid stays a small multiple of the SM count (the kernels loop over the rest).
@@ -76,33 +85,21 @@ pub struct CudaBackend {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Every function of every module in [`kernels::MODULES`], by kernel name.
     functions: HashMap<&'static str, CudaFunction>,
     blas: blas::Blas,
-    attention_kernels: attention::AttentionKernels,
-    /// cuBLASLt's GELU epilogues for `matmul_gelu_*` (`TOPCOAT_GELU_EPILOGUE`, matmul_gelu.rs).
-    gelu_epilogue: bool,
+    options: CudaOptions,
 }
 
-/// Every kernel this backend launches, by family: all must be present in the embedded fatbins.
-const FUNCTIONS: &[(&str, &[&str])] = &[
-    ("adamw", adamw::KERNELS),
-    ("attention", attention::KERNELS),
-    ("attention_mma", attention::MMA_KERNELS),
-    ("cross_entropy", cross_entropy::KERNELS),
-    ("encoder", encoder::KERNELS),
-    ("fill", fill::KERNELS),
-    ("gelu", gelu::KERNELS),
-    ("global_norm", global_norm::KERNELS),
-    ("layernorm", layernorm::KERNELS),
-    ("matmul", matmul::KERNELS),
-    ("decode", decode::KERNELS),
-    ("sample", sample::KERNELS),
-];
-
 impl CudaBackend {
+    /// Opens device `ordinal` with the default [`CudaOptions`].
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_options(ordinal, CudaOptions::default())
+    }
+
     /// Opens device `ordinal`, loads every embedded kernel and a cuBLASLt handle. Fails with
     /// [`BackendError::Device`] (never a panic) without a driver, a device, kernels or cuBLASLt.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self> {
         let info = probe()?;
         // SAFETY: only tries to dlopen the libcublasLt candidates and drops the handle.
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
@@ -111,46 +108,26 @@ impl CudaBackend {
                     .into(),
             ));
         }
-        std::panic::catch_unwind(|| Self::open(ordinal, info)).unwrap_or_else(|_| {
+        std::panic::catch_unwind(|| Self::open(ordinal, info, options)).unwrap_or_else(|_| {
             Err(BackendError::Device(
                 "a CUDA library is missing a function topcoat needs (older than CUDA 13?)".into(),
             ))
         })
     }
 
-    fn open(ordinal: usize, info: DeviceInfo) -> Result<Self> {
+    fn open(ordinal: usize, info: DeviceInfo, options: CudaOptions) -> Result<Self> {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| driver_error(&format!("creating a context on device {ordinal}"), e))?;
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("creating a stream", e))?;
-        let mut functions = HashMap::new();
-        for &(family, names) in FUNCTIONS {
-            let bytes = kernels()
-                .iter()
-                .find(|(f, _)| *f == family)
-                .map(|(_, b)| *b)
-                .ok_or_else(|| {
-                    BackendError::Device(format!("kernels/{family}.cu is not in this build"))
-                })?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
-                .map_err(|e| driver_error(&format!("loading kernels/{family}.cu"), e))?;
-            for &name in names {
-                let f = module
-                    .load_function(name)
-                    .map_err(|e| driver_error(&format!("finding {name} in {family}.cu"), e))?;
-                functions.insert(name, f);
-            }
-        }
-        for &(name, bytes) in attention::DYNAMIC_SMEM {
-            let f = functions
-                .get(name)
-                .ok_or_else(|| BackendError::Device(format!("kernel {name} was not loaded")))?;
+        let functions = load_functions(&ctx)?;
+        for &(kernel, bytes) in attention::DYNAMIC_SMEM {
+            let f = lookup(&functions, kernel)?;
             use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
             let attr = Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             f.set_attribute(attr, bytes as i32).map_err(|e| {
-                driver_error(&format!("allowing {name} {bytes} B of shared memory"), e)
+                driver_error(&format!("allowing {kernel} {bytes} B of shared memory"), e)
             })?;
         }
         let blas = blas::Blas::new(stream.clone())?;
@@ -161,9 +138,13 @@ impl CudaBackend {
             stream,
             functions,
             blas,
-            attention_kernels: attention::AttentionKernels::from_env()?,
-            gelu_epilogue: matmul_gelu::epilogue_from_env()?,
+            options,
         })
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &CudaOptions {
+        &self.options
     }
 
     /// The context, for callers that need raw driver calls.
@@ -176,10 +157,8 @@ impl CudaBackend {
         &self.info
     }
 
-    fn function(&self, name: &'static str) -> Result<&CudaFunction> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| BackendError::Device(format!("kernel {name} was not loaded")))
+    fn function(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        lookup(&self.functions, kernel)
     }
 
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
@@ -201,6 +180,39 @@ impl CudaBackend {
     }
 }
 
+/// Loads every module of [`MODULES`] and every function in it: a fatbin missing from this
+/// build or a function missing from its fatbin is an error here, not at the first launch.
+fn load_functions(ctx: &Arc<CudaContext>) -> Result<HashMap<&'static str, CudaFunction>> {
+    let mut functions = HashMap::new();
+    for m in MODULES {
+        let family = m.family;
+        if m.fatbin.is_empty() {
+            return Err(BackendError::Device(format!(
+                "kernels/{family}.cu is not in this build"
+            )));
+        }
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(m.fatbin.to_vec()))
+            .map_err(|e| driver_error(&format!("loading kernels/{family}.cu"), e))?;
+        for k in m.kernels {
+            let f = module
+                .load_function(k.name)
+                .map_err(|e| driver_error(&format!("finding {k} in {family}.cu"), e))?;
+            functions.insert(k.name, f);
+        }
+    }
+    Ok(functions)
+}
+
+fn lookup<'a>(
+    functions: &'a HashMap<&'static str, CudaFunction>,
+    kernel: Kernel,
+) -> Result<&'a CudaFunction> {
+    functions
+        .get(kernel.name)
+        .ok_or_else(|| BackendError::Device(format!("kernel {kernel} was not loaded")))
+}
+
 fn to_bf16(host: &[f32]) -> Vec<bf16> {
     host.iter().map(|&x| bf16::from_f32(x)).collect()
 }
@@ -210,13 +222,8 @@ impl Backend for CudaBackend {
     type Ids = CudaIds;
 
     fn name(&self) -> String {
-        let attention = self.attention_kernels.label();
-        let gelu = if self.gelu_epilogue {
-            ""
-        } else {
-            ", GELU epilogue off"
-        };
-        format!("cuda:{} {}{attention}{gelu}", self.ordinal, self.info)
+        let label = self.options.label();
+        format!("cuda:{} {}{label}", self.ordinal, self.info)
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -405,7 +412,9 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        layernorm::residual_forward(self, residual, out, mean, rstd, a, b, weight, bias, n, c)
+        layernorm::residual_layernorm_forward(
+            self, residual, out, mean, rstd, a, b, weight, bias, n, c,
+        )
     }
 
     fn residual_forward(
@@ -415,7 +424,7 @@ impl Backend for CudaBackend {
         b: &CudaBuf,
         n: usize,
     ) -> Result<()> {
-        gelu::residual_forward(self, out, a, b, n)
+        residual::forward(self, out, a, b, n)
     }
 
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize) -> Result<()> {
