@@ -36,83 +36,6 @@ impl CpuBackend {
     }
 }
 
-fn invalid(op: &'static str, msg: String) -> BackendError {
-    BackendError::Invalid { op, msg }
-}
-
-/// Rows in a `[rows * c]` table whose row count the op does not fix (`wte`, `wpe`).
-fn table_rows(op: &'static str, what: &'static str, len: usize, c: usize) -> Result<usize> {
-    if c == 0 {
-        return Err(invalid(op, "C must be positive".into()));
-    }
-    check_len(op, what, len - len % c, len)?;
-    Ok(len / c)
-}
-
-/// Every id must index a row of a `vocab`-row table.
-fn check_ids(op: &'static str, ids: &[i32], vocab: usize) -> Result<()> {
-    match ids.iter().position(|&id| id < 0 || id as usize >= vocab) {
-        None => Ok(()),
-        Some(i) => Err(invalid(
-            op,
-            format!(
-                "token id {} at position {i} is outside [0, {vocab})",
-                ids[i]
-            ),
-        )),
-    }
-}
-
-/// Checks the encoder's shapes. `names` are the op's names for (out, wte, wpe) buffers.
-#[allow(clippy::too_many_arguments)]
-fn check_encoder(
-    op: &'static str,
-    names: [&'static str; 3],
-    out: usize,
-    ids: &[i32],
-    pos: Option<&[i32]>,
-    wte: usize,
-    wpe: usize,
-    b: usize,
-    t: usize,
-    c: usize,
-) -> Result<()> {
-    check_len(op, names[0], b * t * c, out)?;
-    check_len(op, "ids", b * t, ids.len())?;
-    let vocab = table_rows(op, names[1], wte, c)?;
-    let tmax = table_rows(op, names[2], wpe, c)?;
-    match pos {
-        None if t > tmax => {
-            return Err(BackendError::Shape {
-                op,
-                what: names[2],
-                expected: t * c,
-                found: wpe,
-            })
-        }
-        None => {}
-        Some(pos) => {
-            check_len(op, "pos", b * t, pos.len())?;
-            check_positions(op, pos, tmax)?;
-        }
-    }
-    check_ids(op, ids, vocab)
-}
-
-/// Every explicit position must index a row of the `tmax`-row position table.
-fn check_positions(op: &'static str, pos: &[i32], tmax: usize) -> Result<()> {
-    match pos.iter().position(|&p| p < 0 || p as usize >= tmax) {
-        None => Ok(()),
-        Some(i) => Err(invalid(
-            op,
-            format!(
-                "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
-                pos[i]
-            ),
-        )),
-    }
-}
-
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Ids = Vec<i32>;
@@ -176,20 +99,9 @@ impl Backend for CpuBackend {
         t: usize,
         c: usize,
     ) -> Result<()> {
-        let names = ["out", "wte", "wpe"];
-        check_encoder(
-            "encoder_forward",
-            names,
-            out.len(),
-            ids,
-            pos.map(Vec::as_slice),
-            wte.len(),
-            wpe.len(),
-            b,
-            t,
-            c,
-        )?;
-        encoder::encoder_forward(out, ids, pos.map(Vec::as_slice), wte, wpe, b, t, c);
+        let pos = pos.map(Vec::as_slice);
+        shapes::encoder_forward(out.len(), ids, pos, wte.len(), wpe.len(), b, t, c)?;
+        encoder::encoder_forward(out, ids, pos, wte, wpe, b, t, c);
         Ok(())
     }
 
@@ -204,21 +116,8 @@ impl Backend for CpuBackend {
         t: usize,
         c: usize,
     ) -> Result<()> {
-        let op = "encoder_backward";
-        let names = ["dout", "dwte", "dwpe"];
         let pos = pos.map(Vec::as_slice);
-        check_encoder(
-            op,
-            names,
-            dout.len(),
-            ids,
-            pos,
-            dwte.len(),
-            dwpe.len(),
-            b,
-            t,
-            c,
-        )?;
+        shapes::encoder_backward(dwte.len(), dwpe.len(), dout.len(), ids, pos, b, t, c)?;
         encoder::encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c);
         Ok(())
     }
@@ -277,6 +176,37 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// The residual add, then the layernorm of its result (as the trait's default does).
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        residual::residual_forward(residual, a, b, n * c);
+        layernorm::layernorm_forward(out, mean, rstd, residual, weight, bias, n, c);
+        Ok(())
+    }
+
     fn residual_forward(
         &self,
         out: &mut Vec<f32>,
@@ -284,17 +214,13 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         n: usize,
     ) -> Result<()> {
-        let op = "residual_forward";
-        check_len(op, "out", n, out.len())?;
-        check_len(op, "a", n, a.len())?;
-        check_len(op, "b", n, b.len())?;
+        shapes::residual_forward(out.len(), a.len(), b.len(), n)?;
         residual::residual_forward(out, a, b, n);
         Ok(())
     }
 
     fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
-        check_len("gelu_forward", "out", n, out.len())?;
-        check_len("gelu_forward", "inp", n, inp.len())?;
+        shapes::gelu_forward(out.len(), inp.len(), n)?;
         gelu::gelu_forward(out, inp, n);
         Ok(())
     }
@@ -306,10 +232,7 @@ impl Backend for CpuBackend {
         dout: &Vec<f32>,
         n: usize,
     ) -> Result<()> {
-        let op = "gelu_backward";
-        check_len(op, "dinp", n, dinp.len())?;
-        check_len(op, "inp", n, inp.len())?;
-        check_len(op, "dout", n, dout.len())?;
+        shapes::gelu_backward(dinp.len(), inp.len(), dout.len(), n)?;
         gelu::gelu_backward(dinp, inp, dout, n);
         Ok(())
     }
@@ -408,7 +331,6 @@ impl Backend for CpuBackend {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_forward";
-        check_heads(op, c, nh)?;
         shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
         let starts = starts.map(Vec::as_slice);
         shapes::attention_starts(op, starts, b, t)?;
@@ -430,7 +352,6 @@ impl Backend for CpuBackend {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_backward";
-        check_heads(op, c, nh)?;
         shapes::attention_backward(
             dqkv.len(),
             dout.len(),
@@ -488,13 +409,7 @@ impl Backend for CpuBackend {
         v: &mut Vec<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
-        let op = "adamw";
-        check_len(op, "grad", param.len(), grad.len())?;
-        check_len(op, "m", param.len(), m.len())?;
-        check_len(op, "v", param.len(), v.len())?;
-        if hp.step == 0 {
-            return Err(invalid(op, "step is 1-based, got 0".into()));
-        }
+        shapes::adamw(param.len(), grad.len(), m.len(), v.len(), hp)?;
         adamw::adamw(param, grad, m, v, hp);
         Ok(())
     }
@@ -545,15 +460,4 @@ impl Backend for CpuBackend {
         shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
         Ok(sample::sample_tokens(logits, n, v, vp, params, uniforms))
     }
-}
-
-/// Attention needs `NH > 0` heads that divide `C`.
-fn check_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
-    if nh == 0 || c % nh != 0 {
-        return Err(invalid(
-            op,
-            format!("C = {c} is not a multiple of NH = {nh}"),
-        ));
-    }
-    Ok(())
 }

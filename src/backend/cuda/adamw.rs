@@ -3,10 +3,8 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::adamw::ADAMW_UPDATE_BF16;
-use super::{
-    check_len, grid_stride, launch_error, AdamWStep, BackendError, CudaBackend, CudaBuf, Mem,
-    Result,
-};
+use super::{grid_stride, launch_error, AdamWStep, CudaBackend, CudaBuf, Mem, Result};
+use crate::backend::shapes;
 
 pub(super) fn update(
     be: &CudaBackend,
@@ -18,15 +16,7 @@ pub(super) fn update(
 ) -> Result<()> {
     let op = "adamw";
     let n = param.len();
-    check_len(op, "grad", n, grad.len())?;
-    check_len(op, "m", n, m.len())?;
-    check_len(op, "v", n, v.len())?;
-    if hp.step == 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: "step is 1-based, got 0".into(),
-        });
-    }
+    shapes::adamw(n, grad.len(), m.len(), v.len(), hp)?;
     let g = grad.f32(op, "grad")?;
     let m = m.f32_mut(op, "m")?;
     let v = v.f32_mut(op, "v")?;

@@ -101,12 +101,7 @@ fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
 
 /// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
 fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
-    if nh == 0 || c % nh != 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("C = {c} is not a multiple of NH = {nh}"),
-        });
-    }
+    shapes::attention_heads(op, c, nh)?;
     let hs = c / nh;
     if hs > MAX_HEAD_SIZE {
         return Err(BackendError::Invalid {

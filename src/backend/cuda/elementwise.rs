@@ -1,5 +1,6 @@
 //! Launch helpers for the grid-stride elementwise bf16 kernels (`kernels/gelu.cu`,
-//! `kernels/residual.cu`): check every buffer's length, then launch over `n` elements.
+//! `kernels/residual.cu`): each launches over `n` elements. Callers check their op's rule in
+//! `backend/shapes.rs` first; the helpers check the lengths again as the guard of their launch.
 
 use cudarc::driver::PushKernelArg;
 
@@ -21,9 +22,9 @@ pub(super) fn two_inputs(
     y: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    check_len(op, names[0], n, out.len())?;
-    check_len(op, names[1], n, x.len())?;
-    check_len(op, names[2], n, y.len())?;
+    for (what, len) in names.into_iter().zip([out.len(), x.len(), y.len()]) {
+        check_len(op, what, n, len)?;
+    }
     let o = out.bf16_mut(op, names[0])?;
     let (x, y) = (x.bf16(op, names[1])?, y.bf16(op, names[2])?);
     let f = be.function(kernel)?;
@@ -53,8 +54,9 @@ pub(super) fn one_input(
     x: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    check_len(op, names[0], n, out.len())?;
-    check_len(op, names[1], n, x.len())?;
+    for (what, len) in names.into_iter().zip([out.len(), x.len()]) {
+        check_len(op, what, n, len)?;
+    }
     let (o, x) = (out.bf16_mut(op, names[0])?, x.bf16(op, names[1])?);
     let f = be.function(kernel)?;
     // SAFETY: both buffers hold `n` bf16 elements (checked above); arguments match

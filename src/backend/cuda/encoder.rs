@@ -7,77 +7,14 @@ use super::kernels::encoder::{
     ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_FORWARD_BF16,
     ENCODER_FORWARD_POS_BF16,
 };
-use super::{
-    as_i32, check_len, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds,
-    Result,
-};
+use super::{as_i32, grid_stride, launch_error, CudaBackend, CudaBuf, CudaIds, Result};
+use crate::backend::shapes;
 
-/// Checks the shapes shared by forward and backward; returns the vocabulary size and the
-/// number of rows of the position table.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    op: &'static str,
-    names: [&'static str; 3],
-    act: usize,
-    ids: &CudaIds,
-    pos: Option<&CudaIds>,
-    wte: usize,
-    wpe: usize,
-    b: usize,
-    t: usize,
-    c: usize,
-) -> Result<(usize, usize)> {
-    if c == 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: "C must be positive".into(),
-        });
-    }
-    check_len(op, names[0], b * t * c, act)?;
-    check_len(op, "ids", b * t, ids.host.len())?;
-    check_len(op, names[1], wte - wte % c, wte)?;
-    check_len(op, names[2], wpe - wpe % c, wpe)?;
-    let tmax = wpe / c;
-    match pos {
-        None if t > tmax => {
-            return Err(BackendError::Shape {
-                op,
-                what: names[2],
-                expected: t * c,
-                found: wpe,
-            })
-        }
-        None => {}
-        Some(pos) => {
-            check_len(op, "pos", b * t, pos.host.len())?;
-            if let Some(i) = pos.host.iter().position(|&p| p < 0 || p as usize >= tmax) {
-                return Err(BackendError::Invalid {
-                    op,
-                    msg: format!(
-                        "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
-                        pos.host[i]
-                    ),
-                });
-            }
-        }
-    }
-    let vocab = wte / c;
-    if let Some(i) = ids
-        .host
-        .iter()
-        .position(|&id| id < 0 || id as usize >= vocab)
-    {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!(
-                "token id {} at position {i} is outside [0, {vocab})",
-                ids.host[i]
-            ),
-        });
-    }
+/// The 32-bit ints the kernels take.
+fn check_i32(op: &'static str, b: usize, t: usize, c: usize) -> Result<()> {
     as_i32(op, "B*T", b * t)?;
     as_i32(op, "C", c)?;
-    Ok((vocab, tmax))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -93,18 +30,18 @@ pub(super) fn forward(
     c: usize,
 ) -> Result<()> {
     let op = "encoder_forward";
-    check(
-        op,
-        ["out", "wte", "wpe"],
+    let pos_host = pos.map(|p| p.host.as_slice());
+    shapes::encoder_forward(
         out.len(),
-        ids,
-        pos,
+        &ids.host,
+        pos_host,
         wte.len(),
         wpe.len(),
         b,
         t,
         c,
     )?;
+    check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
     }
@@ -236,18 +173,11 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "encoder_backward";
-    let (vocab, tmax) = check(
-        op,
-        ["dout", "dwte", "dwpe"],
-        dout.len(),
-        ids,
-        pos,
-        dwte.len(),
-        dwpe.len(),
-        b,
-        t,
-        c,
-    )?;
+    let pos_host = pos.map(|p| p.host.as_slice());
+    let (dwte_, dwpe_) = (dwte.len(), dwpe.len());
+    let (vocab, tmax) =
+        shapes::encoder_backward(dwte_, dwpe_, dout.len(), &ids.host, pos_host, b, t, c)?;
+    check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
     }

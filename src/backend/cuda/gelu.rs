@@ -4,6 +4,7 @@
 use super::elementwise::{one_input, two_inputs};
 use super::kernels::gelu::{GELU_BACKWARD_BF16, GELU_BACKWARD_IN_PLACE_BF16, GELU_FORWARD_BF16};
 use super::{CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
 
 pub(super) fn forward(be: &CudaBackend, out: &mut CudaBuf, inp: &CudaBuf, n: usize) -> Result<()> {
     one_input(
@@ -24,6 +25,7 @@ pub(super) fn backward(
     dout: &CudaBuf,
     n: usize,
 ) -> Result<()> {
+    shapes::gelu_backward(dinp.len(), inp.len(), dout.len(), n)?;
     let names = ["dinp", "inp", "dout"];
     two_inputs(
         be,
@@ -37,7 +39,8 @@ pub(super) fn backward(
     )
 }
 
-/// `grad *= gelu'(pre)` over `n` bf16 elements, in place.
+/// `grad *= gelu'(pre)` over `n` bf16 elements, in place: `matmul_gelu_backward`'s unfused
+/// path (whose rule, `shapes::matmul_gelu_backward`, the caller checked).
 pub(super) fn backward_in_place(
     be: &CudaBackend,
     grad: &mut CudaBuf,

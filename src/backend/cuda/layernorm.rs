@@ -7,7 +7,7 @@ use super::kernels::layernorm::{
     LAYERNORM_BACKWARD_DINP_BF16, LAYERNORM_BACKWARD_PARTIAL_BF16, LAYERNORM_BACKWARD_REDUCE_F32,
     LAYERNORM_FORWARD_BF16, LAYERNORM_RESIDUAL_LAYERNORM_FORWARD_BF16,
 };
-use super::{as_i32, check_len, launch_error, CudaBackend, CudaBuf, Result};
+use super::{as_i32, launch_error, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
 
 /// Rows per block in the warp-per-row kernels (256 threads).
@@ -96,14 +96,18 @@ pub(super) fn residual_layernorm_forward(
     c: usize,
 ) -> Result<()> {
     let op = "residual_layernorm_forward";
-    check_len(op, "residual", n * c, residual.len())?;
-    check_len(op, "out", n * c, out.len())?;
-    check_len(op, "mean", n, mean.len())?;
-    check_len(op, "rstd", n, rstd.len())?;
-    check_len(op, "a", n * c, a.len())?;
-    check_len(op, "b", n * c, b.len())?;
-    check_len(op, "weight", c, weight.len())?;
-    check_len(op, "bias", c, bias.len())?;
+    shapes::residual_layernorm_forward(
+        residual.len(),
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        a.len(),
+        b.len(),
+        weight.len(),
+        bias.len(),
+        n,
+        c,
+    )?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());

@@ -10,7 +10,7 @@
 //! `kernels/gelu.cu`), which computes the same thing.
 
 use super::matmul;
-use super::{check_len, gelu, CudaBackend, CudaBuf, Result};
+use super::{gelu, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
 
 /// cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
@@ -31,9 +31,8 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_gelu_forward";
-    check_len(op, "out", n * oc, out.len())?;
-    check_len(op, "pre", n * oc, pre.len())?;
-    shapes::matmul_forward(
+    shapes::matmul_gelu_forward(
+        out.len(),
         pre.len(),
         inp.len(),
         weight.len(),

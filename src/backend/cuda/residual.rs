@@ -3,6 +3,7 @@
 use super::elementwise::two_inputs;
 use super::kernels::residual::RESIDUAL_FORWARD_BF16;
 use super::{CudaBackend, CudaBuf, Result};
+use crate::backend::shapes;
 
 pub(super) fn forward(
     be: &CudaBackend,
@@ -11,6 +12,7 @@ pub(super) fn forward(
     b: &CudaBuf,
     n: usize,
 ) -> Result<()> {
+    shapes::residual_forward(out.len(), a.len(), b.len(), n)?;
     let names = ["out", "a", "b"];
     two_inputs(
         be,
