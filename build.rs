@@ -3,11 +3,19 @@
 //! nvcc is looked up in order: `$NVCC`, `<repo>/.nvcc/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc`
 //! (made by `scripts/install_nvcc.sh`), `nvcc` on `PATH`, `/usr/local/cuda/bin/nvcc`.
 //! Each `kernels/<family>.cu` becomes `OUT_DIR/<family>.fatbin` holding sm_90 SASS plus
-//! compute_90 PTX (PTX only from nvcc 13.0: newer PTX does not JIT on driver 580). The table
-//! `OUT_DIR/kernels.rs` lists `(family, bytes)` pairs; `ptxas -v` register, shared memory and
-//! spill figures go to `OUT_DIR/ptxas_report.txt`, and any spill becomes a cargo warning.
-//! Without nvcc the build succeeds CPU-only: an empty table and a warning. A kernel that does not
-//! compile fails the build. See docs/BUILD.md.
+//! compute_90 PTX (PTX only from nvcc 13.0: newer PTX does not JIT on driver 580).
+//!
+//! `OUT_DIR/kernels.rs` (included by `src/backend/cuda/kernels.rs`) names every kernel: build.rs
+//! reads each `kernels/<family>.cu` for its `extern "C" __global__` functions (written out or
+//! made by a one-parameter macro such as `ATTENTION_MMA_KERNELS(32)`) and emits, per family, a
+//! `pub mod <family>` holding one `Kernel` constant per function (`LAYERNORM_FORWARD_BF16` for
+//! `layernorm_forward_bf16`), `KERNELS` (all of them) and `MODULE` (the family, its fatbin and
+//! its kernels), then `MODULES`, every family. With nvcc the names read are checked against the
+//! entry functions ptxas compiled. `ptxas -v` register, shared memory and spill figures go to
+//! `OUT_DIR/ptxas_report.txt`, and any spill becomes a cargo warning.
+//!
+//! Without nvcc the build succeeds CPU-only, with a warning: the same constants, every fatbin
+//! empty. A kernel that does not compile fails the build. See docs/BUILD.md.
 
 use std::env;
 use std::fmt::Write as _;
@@ -35,10 +43,12 @@ fn main() {
         }
     }
     sources.sort();
+    let families: Vec<Family> = sources.iter().map(|src| Family::read(src)).collect();
+    check_unique(&families);
 
     let Some(nvcc) = find_nvcc(&root) else {
         println!("cargo:warning=nvcc not found: building a CPU-only topcoat (set NVCC or run scripts/install_nvcc.sh)");
-        write_table(&out, &[]);
+        write_table(&out, &families, None);
         return;
     };
     println!("cargo:rerun-if-changed={}", nvcc.display());
@@ -62,12 +72,13 @@ fn main() {
     let results = results.unwrap_or_else(|err| panic!("{err}"));
 
     let mut report = format!("# ptxas -v, nvcc {version}, -gencode arch=compute_90,code={code}\n");
-    for (family, _, log) in &results {
-        ptxas_summary(family, log, &mut report);
+    for ((family, _, log), read) in results.iter().zip(&families) {
+        let compiled = ptxas_summary(family, log, &mut report);
+        check_entries(read, compiled);
     }
     fs::write(out.join("ptxas_report.txt"), report).unwrap();
-    let table: Vec<(String, PathBuf)> = results.into_iter().map(|(f, p, _)| (f, p)).collect();
-    write_table(&out, &table);
+    let fatbins: Vec<PathBuf> = results.into_iter().map(|(_, p, _)| p).collect();
+    write_table(&out, &families, Some(&fatbins));
     println!("cargo:rustc-cfg=topcoat_kernels");
 }
 
@@ -155,13 +166,16 @@ fn compile(
     Ok((family, fatbin, log))
 }
 
-/// Appends one line per kernel to `report`; warns on any spill.
-fn ptxas_summary(family: &str, log: &str, report: &mut String) {
+/// Appends one line per kernel to `report`; warns on any spill. Returns the entry functions
+/// ptxas compiled.
+fn ptxas_summary(family: &str, log: &str, report: &mut String) -> Vec<String> {
     let mut kernel = String::from("?");
+    let mut entries = Vec::new();
     for line in log.lines() {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix("ptxas info    : Compiling entry function '") {
             kernel = rest.split('\'').next().unwrap_or("?").to_string();
+            entries.push(kernel.clone());
         } else if line.contains("bytes spill stores") {
             let spills: Vec<u64> = line
                 .split(',')
@@ -178,20 +192,211 @@ fn ptxas_summary(family: &str, log: &str, report: &mut String) {
             writeln!(report, "{family} {kernel}: Used {rest}").unwrap();
         }
     }
+    entries
 }
 
-/// Writes `OUT_DIR/kernels.rs`: `KERNELS`, the (family, fatbin bytes) table.
-fn write_table(out: &Path, fatbins: &[(String, PathBuf)]) {
-    let mut rs = String::from("/// (family, fatbin) for every kernels/<family>.cu, sorted.\n");
-    rs.push_str("pub const KERNELS: &[(&str, &[u8])] = &[\n");
-    for (family, path) in fatbins {
+/// One `kernels/<family>.cu`: its name and its `extern "C" __global__` functions.
+struct Family {
+    name: String,
+    kernels: Vec<String>,
+}
+
+impl Family {
+    fn read(src: &Path) -> Family {
+        let name = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let text = fs::read_to_string(src)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
+        let kernels = entry_names(&text);
+        assert!(
+            !kernels.is_empty(),
+            "kernels/{name}.cu: no extern \"C\" __global__ function found"
+        );
+        Family { name, kernels }
+    }
+}
+
+const ENTRY: &str = "extern \"C\" __global__";
+
+/// The kernels a `.cu` source defines: each `extern "C" __global__` function written out, in
+/// source order, then each one a `#define MACRO(P)` body makes (a name pasted with `##P##`)
+/// once per top-level `MACRO(arg)` line.
+fn entry_names(text: &str) -> Vec<String> {
+    let joined = strip_comments(text).replace("\\\n", " ");
+    let mut macros: Vec<(String, String, Vec<String>)> = Vec::new();
+    let mut plain = String::new();
+    let mut made = Vec::new();
+    for line in joined.lines() {
+        let line = line.trim();
+        if let Some(def) = line.strip_prefix("#define") {
+            let def = def.trim_start();
+            let Some((head, body)) = def.split_once(')') else {
+                continue;
+            };
+            let Some((macro_name, param)) = head.split_once('(') else {
+                continue;
+            };
+            let templates = entries_in(body);
+            if !templates.is_empty() {
+                macros.push((macro_name.trim().into(), param.trim().into(), templates));
+            }
+            continue;
+        }
+        plain.push_str(line);
+        plain.push('\n');
+        for (macro_name, param, templates) in &macros {
+            let Some(arg) = line
+                .strip_prefix(macro_name.as_str())
+                .and_then(|rest| rest.trim_start().strip_prefix('('))
+                .and_then(|rest| rest.split_once(')'))
+                .map(|(arg, _)| arg.trim())
+            else {
+                continue;
+            };
+            for template in templates {
+                let pasted: String = template
+                    .split("##")
+                    .map(|piece| if piece == param { arg } else { piece })
+                    .collect();
+                made.push(pasted);
+            }
+        }
+    }
+    let mut names = entries_in(&plain);
+    names.extend(made);
+    names
+}
+
+/// The function names after each `extern "C" __global__` in `text`: the first identifier
+/// followed by `(` other than `void` and `__launch_bounds__(...)`.
+fn entries_in(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (at, _) in text.match_indices(ENTRY) {
+        let mut rest = &text[at + ENTRY.len()..];
+        loop {
+            rest = rest.trim_start();
+            let len = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == '#'))
+                .unwrap_or(rest.len());
+            let (word, after) = rest.split_at(len);
+            if word == "__launch_bounds__" {
+                let close = after.find(')').expect("__launch_bounds__ without ')'");
+                rest = &after[close + 1..];
+            } else if after.trim_start().starts_with('(') && !word.is_empty() {
+                names.push(word.to_string());
+                break;
+            } else if word.is_empty() {
+                break;
+            } else {
+                rest = after;
+            }
+        }
+    }
+    names
+}
+
+/// `text` without `//` and `/* */` comments (kernel sources hold no string literals with them).
+fn strip_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('/') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("//") {
+            rest = tail.find('\n').map_or("", |j| &tail[j..]);
+        } else if let Some(inner) = tail.strip_prefix("/*") {
+            rest = inner.find("*/").map_or("", |j| &inner[j + 2..]);
+        } else {
+            out.push('/');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Kernel names are unique across families (the backend finds a function by its name).
+fn check_unique(families: &[Family]) {
+    let mut seen = std::collections::HashMap::new();
+    for family in families {
+        for kernel in &family.kernels {
+            if let Some(other) = seen.insert(kernel.as_str(), family.name.as_str()) {
+                panic!(
+                    "kernel {kernel} is defined in kernels/{other}.cu and kernels/{}.cu",
+                    family.name
+                );
+            }
+        }
+    }
+}
+
+/// The names read from the source must be exactly the entry functions ptxas compiled.
+fn check_entries(family: &Family, mut compiled: Vec<String>) {
+    let mut read = family.kernels.clone();
+    read.sort();
+    compiled.sort();
+    assert_eq!(
+        read, compiled,
+        "kernels/{}.cu: the kernel names build.rs read (left) differ from those ptxas compiled (right)",
+        family.name
+    );
+}
+
+/// Writes `OUT_DIR/kernels.rs`: per family a module of `Kernel` constants, `KERNELS` and
+/// `MODULE` (with the fatbin from `fatbins`, or empty bytes in a CPU-only build), then
+/// `MODULES`.
+fn write_table(out: &Path, families: &[Family], fatbins: Option<&[PathBuf]>) {
+    let mut rs = String::from("// Written by build.rs from kernels/*.cu: do not edit.\n");
+    for (i, family) in families.iter().enumerate() {
+        let name = &family.name;
+        let bytes = match fatbins {
+            Some(paths) => format!("include_bytes!({:?})", paths[i].display().to_string()),
+            None => "&[]".to_string(),
+        };
+        writeln!(rs, "\n/// The kernels of `kernels/{name}.cu`.").unwrap();
         writeln!(
             rs,
-            "    ({family:?}, include_bytes!({:?})),",
-            path.display().to_string()
+            "pub mod {name} {{\n    use super::{{Kernel, Module}};\n"
         )
         .unwrap();
+        let mut consts = Vec::new();
+        for kernel in &family.kernels {
+            let konst = kernel.to_ascii_uppercase();
+            writeln!(rs, "    /// `{kernel}`.").unwrap();
+            writeln!(
+                rs,
+                "    pub const {konst}: Kernel = Kernel {{ module: {name:?}, name: {kernel:?} }};"
+            )
+            .unwrap();
+            consts.push(konst);
+        }
+        writeln!(
+            rs,
+            "\n    /// Every kernel of this family, in source order."
+        )
+        .unwrap();
+        writeln!(
+            rs,
+            "    pub const KERNELS: &[Kernel] = &[{}];",
+            consts.join(", ")
+        )
+        .unwrap();
+        writeln!(
+            rs,
+            "\n    /// This family's fatbin (empty in a build without nvcc)."
+        )
+        .unwrap();
+        writeln!(
+            rs,
+            "    pub const MODULE: Module = Module {{ family: {name:?}, fatbin: {bytes}, kernels: KERNELS }};"
+        )
+        .unwrap();
+        rs.push_str("}\n");
     }
-    rs.push_str("];\n");
+    let all: Vec<String> = families
+        .iter()
+        .map(|f| format!("{}::MODULE", f.name))
+        .collect();
+    writeln!(rs, "\n/// Every family, sorted by name.").unwrap();
+    writeln!(rs, "pub const MODULES: &[Module] = &[{}];", all.join(", ")).unwrap();
     fs::write(out.join("kernels.rs"), rs).unwrap();
 }

@@ -1,13 +1,13 @@
-// gelu.cu: GELU (tanh approximation) forward and backward, and the residual add.
+// gelu.cu: GELU (tanh approximation) forward and backward (and backward in place, for the
+// unfused matmul_gelu_backward).
 //
-// Twin of Backend::gelu_forward / gelu_backward / residual_forward and src/backend/cpu/gelu.rs.
+// Twin of Backend::gelu_forward / gelu_backward and src/backend/cpu/gelu.rs.
 // All buffers bf16, arithmetic fp32.
 //
 // Napkin math (memory bound; GELU ~20 FLOPs per element, free next to the traffic):
 //   gelu forward: read 2 B + write 2 B per element; GPT-2 small B*T*4C = 201M elements
 //                 -> 805 MB, ~0.27 ms at 3 TB/s.
 //   gelu backward: read inp 2 B + dout 2 B, write dinp 2 B = 6 B per element, ~0.4 ms.
-//   residual: read 4 B, write 2 B per element; B*T*C = 50.3M -> 302 MB, ~0.1 ms.
 #include "common.cuh"
 
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
@@ -52,13 +52,3 @@ extern "C" __global__ void gelu_backward_in_place_bf16(__nv_bfloat16* __restrict
     }
 }
 
-// out = a + b.
-extern "C" __global__ void gelu_residual_forward_bf16(__nv_bfloat16* __restrict__ out,
-                                                      const __nv_bfloat16* __restrict__ a,
-                                                      const __nv_bfloat16* __restrict__ b,
-                                                      size_t n) {
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        out[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
-    }
-}

@@ -11,7 +11,8 @@
 // Napkin math (memory bound; ~10 FLOPs per element):
 //   forward: read inp 2 B, write out 2 B per element (weight/bias stay in L1/L2);
 //            GPT-2 small N*C = 50.3M -> 201 MB, ~0.07 ms at 3 TB/s.
-//   residual forward: read a, b 4 B, write residual, out 4 B -> 8 B per element, ~0.13 ms.
+//   residual_layernorm forward: read a, b 4 B, write residual, out 4 B -> 8 B per element,
+//            ~0.13 ms.
 //   backward: dinp kernel reads inp, dout, dinp and writes dinp: 8 B per element; the
 //            dweight/dbias partial kernel reads inp and dout again (4 B) -> ~0.2 ms.
 // Determinism: dweight/dbias are summed over fixed row chunks into partials, then each channel
@@ -55,7 +56,7 @@ extern "C" __global__ void layernorm_forward_bf16(__nv_bfloat16* __restrict__ ou
 
 // residual = a + b (rounded to bf16), then out = layernorm(residual), statistics taken over the
 // rounded residual so they match a separate residual_forward + layernorm_forward exactly.
-extern "C" __global__ void layernorm_residual_forward_bf16(
+extern "C" __global__ void layernorm_residual_layernorm_forward_bf16(
     __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ out,
     __nv_bfloat16* __restrict__ mean, __nv_bfloat16* __restrict__ rstd,
     const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,

@@ -25,11 +25,12 @@ parity=$(status $?)
 parity_counts=$(grep -E "^test result" "$logs/parity.log" | tail -n 1)
 timeout 60 dist/cuda_training --nocapture >"$logs/training.log" 2>&1
 training=$(status $?)
-# The CUDA-core attention kernels (TOPCOAT_ATTENTION, src/backend/cuda/attention.rs) pass too.
+# The CUDA-core attention kernels pass too (the parity harness reads TOPCOAT_ATTENTION into
+# CudaOptions, src/backend/cuda/options.rs).
 TOPCOAT_ATTENTION=cuda-cores timeout 60 dist/cuda_parity --test-threads=1 --nocapture attention \
   >"$logs/parity_cuda_cores.log" 2>&1
 parity_cuda_cores=$(status $?)
-# And the unfused matmul + GELU path (TOPCOAT_GELU_EPILOGUE, src/backend/cuda/matmul_gelu.rs).
+# And the unfused matmul + GELU path (TOPCOAT_GELU_EPILOGUE, CudaOptions::gelu_epilogue).
 TOPCOAT_GELU_EPILOGUE=off timeout 60 dist/cuda_parity --test-threads=1 --nocapture matmul_gelu \
   >"$logs/parity_gelu_off.log" 2>&1
 parity_gelu_off=$(status $?)
@@ -77,14 +78,14 @@ cp "$run/demo/report_card.json" "$run/demo/report.html" "$logs/" 2>/dev/null
 grep -E "^\| (base|sft|reward model|dpo|rl) \|" "$logs/demo.log"
 echo "== demo --quick ($((SECONDS - t0)) s): $demo"
 
-# Per-op times: the default build, then the alternative the A/B row below compares.
+# Per-op times: the default options, then the alternative the A/B row below compares.
 kernels() {
-  timeout 60 env "$@" dist/topcoat bench --device cuda --kernels --preset gpt2-124m \
-    --vocab-size 50257 --batch-size 64 --seq-len 1024 --steps 2 --warmup 1
+  timeout 60 dist/topcoat bench --device cuda --kernels --preset gpt2-124m \
+    --vocab-size 50257 --batch-size 64 --seq-len 1024 --steps 2 --warmup 1 "$@"
 }
-kernels TOPCOAT_ATTENTION=mma >"$logs/bench_kernels.log" 2>&1
+kernels --attention mma >"$logs/bench_kernels.log" 2>&1
 tail -n 20 "$logs/bench_kernels.log"
-kernels TOPCOAT_GELU_EPILOGUE=off >"$logs/bench_kernels_gelu_off.log" 2>&1
+kernels --gelu-epilogue off >"$logs/bench_kernels_gelu_off.log" 2>&1
 grep -E "^\| (matmul_gelu|total)" "$logs/bench_kernels_gelu_off.log" | sed 's/^/GELU epilogue off: /'
 
 timeout 100 dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
@@ -94,10 +95,10 @@ tail -n 6 "$logs/bench_topcoat.log"
 # The same with the GELU epilogues off (A/B in one call), against the peak measured above.
 peak=$(grep -Eo "measured peak: [0-9.]+" "$logs/bench_topcoat.log" | grep -Eo "[0-9.]+$" || echo 0)
 bench_with() {
-  timeout 100 env "$@" dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
-    --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 --peak-tflops "$peak"
+  timeout 100 dist/topcoat bench --device cuda --preset gpt2-124m --vocab-size 50257 \
+    --batch-size 64 --seq-len 1024 --steps 10 --warmup 3 --peak-tflops "$peak" "$@"
 }
-bench_with TOPCOAT_GELU_EPILOGUE=off >"$logs/bench_topcoat_gelu_off.log" 2>&1
+bench_with --gelu-epilogue off >"$logs/bench_topcoat_gelu_off.log" 2>&1
 echo "== topcoat bench ($((SECONDS - t0)) s)"
 torch_line="skipped"
 if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then

@@ -352,9 +352,10 @@ pub trait Backend: Send + Sync {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let op = "matmul_gelu_forward";
-        check_len(op, "out", n * oc, self.len(out))?;
-        check_len(op, "pre", n * oc, self.len(pre))?;
+        let (out_len, pre_len, inp_len) = (self.len(out), self.len(pre), self.len(inp));
+        let bias_len = bias.map(|x| self.len(x));
+        let weight_len = self.len(weight);
+        shapes::matmul_gelu_forward(out_len, pre_len, inp_len, weight_len, bias_len, n, c, oc)?;
         self.matmul_forward(pre, inp, weight, bias, n, c, oc)?;
         self.gelu_forward(out, pre, n * oc)
     }

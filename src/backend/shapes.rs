@@ -1,7 +1,173 @@
-//! Buffer-length checks for the ops whose shapes every backend checks the same way; each
-//! backend calls these before launching, so the rules live in one place.
+//! The shape rule of every op: buffer lengths against the op's shape arguments, and the
+//! arguments' ranges (ids, positions, heads, steps). Each backend calls the op's rule before it
+//! computes or launches anything, so the rules live in one place; a failure names the op and
+//! the buffer or argument. Backend-specific limits (a kernel's maximum head size, 32-bit grid
+//! sizes) stay with the backend.
 
-use super::{check_len, BackendError, Result, SampleParams};
+use super::{check_len, AdamWStep, BackendError, Result, SampleParams};
+
+fn invalid(op: &'static str, msg: String) -> BackendError {
+    BackendError::Invalid { op, msg }
+}
+
+/// Lengths for `encoder_forward`: `out [B*T*C]`, `ids [B*T]` each in `[0, V)`, `wte [V*C]`,
+/// `wpe [Tmax*C]`, and `T <= Tmax` without `pos`, else `pos [B*T]` each in `[0, Tmax)`.
+/// Returns `(V, Tmax)`.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_forward(
+    out: usize,
+    ids: &[i32],
+    pos: Option<&[i32]>,
+    wte: usize,
+    wpe: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<(usize, usize)> {
+    let names = ["out", "wte", "wpe"];
+    encoder("encoder_forward", names, out, ids, pos, wte, wpe, b, t, c)
+}
+
+/// Lengths for `encoder_backward`: those of `encoder_forward`, with `dout`, `dwte`, `dwpe` in
+/// place of `out`, `wte`, `wpe`. Returns `(V, Tmax)`.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_backward(
+    dwte: usize,
+    dwpe: usize,
+    dout: usize,
+    ids: &[i32],
+    pos: Option<&[i32]>,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<(usize, usize)> {
+    let names = ["dout", "dwte", "dwpe"];
+    encoder(
+        "encoder_backward",
+        names,
+        dout,
+        ids,
+        pos,
+        dwte,
+        dwpe,
+        b,
+        t,
+        c,
+    )
+}
+
+/// The encoder's rule; `names` are the op's names for its (activation, wte, wpe) buffers.
+#[allow(clippy::too_many_arguments)]
+fn encoder(
+    op: &'static str,
+    names: [&'static str; 3],
+    act: usize,
+    ids: &[i32],
+    pos: Option<&[i32]>,
+    wte: usize,
+    wpe: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<(usize, usize)> {
+    if c == 0 {
+        return Err(invalid(op, "C must be positive".into()));
+    }
+    check_len(op, names[0], b * t * c, act)?;
+    check_len(op, "ids", b * t, ids.len())?;
+    check_len(op, names[1], wte - wte % c, wte)?;
+    check_len(op, names[2], wpe - wpe % c, wpe)?;
+    let (vocab, tmax) = (wte / c, wpe / c);
+    match pos {
+        None if t > tmax => {
+            return Err(BackendError::Shape {
+                op,
+                what: names[2],
+                expected: t * c,
+                found: wpe,
+            })
+        }
+        None => {}
+        Some(pos) => {
+            check_len(op, "pos", b * t, pos.len())?;
+            if let Some(i) = pos.iter().position(|&p| p < 0 || p as usize >= tmax) {
+                let msg = format!(
+                    "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
+                    pos[i]
+                );
+                return Err(invalid(op, msg));
+            }
+        }
+    }
+    if let Some(i) = ids.iter().position(|&id| id < 0 || id as usize >= vocab) {
+        let msg = format!(
+            "token id {} at position {i} is outside [0, {vocab})",
+            ids[i]
+        );
+        return Err(invalid(op, msg));
+    }
+    Ok((vocab, tmax))
+}
+
+/// Every named buffer of an elementwise op holds exactly `n` elements.
+fn elementwise(op: &'static str, bufs: &[(&'static str, usize)], n: usize) -> Result<()> {
+    bufs.iter()
+        .try_for_each(|&(what, len)| check_len(op, what, n, len))
+}
+
+/// Lengths for `residual_forward`: `out`, `a`, `b` `[n]`.
+pub fn residual_forward(out: usize, a: usize, b: usize, n: usize) -> Result<()> {
+    elementwise("residual_forward", &[("out", out), ("a", a), ("b", b)], n)
+}
+
+/// Lengths for `gelu_forward`: `out`, `inp` `[n]`.
+pub fn gelu_forward(out: usize, inp: usize, n: usize) -> Result<()> {
+    elementwise("gelu_forward", &[("out", out), ("inp", inp)], n)
+}
+
+/// Lengths for `gelu_backward`: `dinp`, `inp`, `dout` `[n]`.
+pub fn gelu_backward(dinp: usize, inp: usize, dout: usize, n: usize) -> Result<()> {
+    let bufs = [("dinp", dinp), ("inp", inp), ("dout", dout)];
+    elementwise("gelu_backward", &bufs, n)
+}
+
+/// Checks for `adamw`: `grad`, `m`, `v` as long as `param`, and a 1-based step.
+pub fn adamw(param: usize, grad: usize, m: usize, v: usize, hp: &AdamWStep) -> Result<()> {
+    let op = "adamw";
+    check_len(op, "grad", param, grad)?;
+    check_len(op, "m", param, m)?;
+    check_len(op, "v", param, v)?;
+    if hp.step == 0 {
+        return Err(invalid(op, "step is 1-based, got 0".into()));
+    }
+    Ok(())
+}
+
+/// Lengths for `residual_layernorm_forward`: `residual`, `out`, `a`, `b` `[N*C]`; `mean`,
+/// `rstd` `[N]`; `weight`, `bias` `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_forward(
+    residual: usize,
+    out: usize,
+    mean: usize,
+    rstd: usize,
+    a: usize,
+    b: usize,
+    weight: usize,
+    bias: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "residual_layernorm_forward";
+    check_len(op, "residual", n * c, residual)?;
+    check_len(op, "out", n * c, out)?;
+    check_len(op, "mean", n, mean)?;
+    check_len(op, "rstd", n, rstd)?;
+    check_len(op, "a", n * c, a)?;
+    check_len(op, "b", n * c, b)?;
+    check_len(op, "weight", c, weight)?;
+    check_len(op, "bias", c, bias)
+}
 
 /// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
 #[allow(clippy::too_many_arguments)]
@@ -66,6 +232,26 @@ pub fn matmul_forward(
     bias.map_or(Ok(()), |len| check_len(op, "bias", oc, len))
 }
 
+/// Lengths for `matmul_gelu_forward`: `out`, `pre` `[N*OC]`, then those of `matmul_forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gelu_forward(
+    out: usize,
+    pre: usize,
+    inp: usize,
+    weight: usize,
+    bias: Option<usize>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let op = "matmul_gelu_forward";
+    check_len(op, "out", n * oc, out)?;
+    check_len(op, "pre", n * oc, pre)?;
+    check_len(op, "inp", n * c, inp)?;
+    check_len(op, "weight", oc * c, weight)?;
+    bias.map_or(Ok(()), |len| check_len(op, "bias", oc, len))
+}
+
 /// Lengths for `matmul_backward`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
@@ -123,7 +309,18 @@ fn matmul_backward_for(
     check_len(op, "weight", oc * c, weight)
 }
 
-/// Lengths for `attention_forward`: `out [B*T*C]`, `lse [B*NH*T]`, `qkv [B*T*3C]`.
+/// Attention needs `NH > 0` heads that divide `C`.
+pub fn attention_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
+    if nh == 0 || c % nh != 0 {
+        return Err(invalid(
+            op,
+            format!("C = {c} is not a multiple of NH = {nh}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks for `attention_forward`: heads, then `out [B*T*C]`, `lse [B*NH*T]`, `qkv [B*T*3C]`.
 pub fn attention_forward(
     out: usize,
     lse: usize,
@@ -134,12 +331,13 @@ pub fn attention_forward(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_forward";
+    attention_heads(op, c, nh)?;
     check_len(op, "out", b * t * c, out)?;
     check_len(op, "lse", b * nh * t, lse)?;
     check_len(op, "qkv", b * t * 3 * c, qkv)
 }
 
-/// Lengths for `attention_backward`.
+/// Checks for `attention_backward`: heads, then the lengths.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: usize,
@@ -153,6 +351,7 @@ pub fn attention_backward(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_backward";
+    attention_heads(op, c, nh)?;
     check_len(op, "dqkv", b * t * 3 * c, dqkv)?;
     check_len(op, "dout", b * t * c, dout)?;
     check_len(op, "qkv", b * t * 3 * c, qkv)?;
@@ -207,12 +406,7 @@ pub fn attention_cached_forward(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_cached_forward";
-    if nh == 0 || c % nh != 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("C = {c} is not a multiple of NH = {nh}"),
-        });
-    }
+    attention_heads(op, c, nh)?;
     if past + tn > tmax {
         return Err(BackendError::Invalid {
             op,

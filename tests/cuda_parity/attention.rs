@@ -2,7 +2,6 @@
 //! against f64 no worse than a naive bf16 implementation.
 
 use super::*;
-use crate::backend_tests;
 
 /// Naive bf16 attention forward on the host: f64 scores and softmax, probabilities rounded to
 /// bf16, the weighted sum in f64, the output rounded to bf16 (q, k, v are bf16 already).
@@ -149,7 +148,7 @@ fn attention<B: Backend>(be: &B) {
         other => panic!("attention_forward with starts[3] = 1: {other:?}"),
     }
 }
-backend_tests!(attention => attention_cpu, attention_cuda);
+parity_tests!(attention => attention_cpu, attention_cuda);
 
 /// Cached attention (generation): new positions over a cache already holding `past` random
 /// rows, against the CPU op, and against f64 no worse than ATTN_NAIVE_FACTOR x naive bf16.
@@ -244,4 +243,4 @@ fn attention_cached<B: Backend>(be: &B) {
         other => panic!("attention_cached_forward past Tmax: {other:?}"),
     }
 }
-backend_tests!(attention_cached => attention_cached_cpu, attention_cached_cuda);
+parity_tests!(attention_cached => attention_cached_cpu, attention_cached_cuda);

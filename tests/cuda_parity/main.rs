@@ -4,12 +4,17 @@
 //! pre-filled with random values (parameter gradients and layernorm's `dinp` accumulate, other
 //! activation gradients are overwritten), so untouched or wrongly kept elements show. On the CPU backend these compare the backend with itself (they still run
 //! every op); on CUDA they are the parity tests of DESIGN.md convention 3.
+//!
+//! The CUDA backend opens with the [`CudaOptions`] that `TOPCOAT_ATTENTION` (`mma` or
+//! `cuda-cores`) and `TOPCOAT_GELU_EPILOGUE` (`on` or `off`) name, the defaults when unset, so
+//! one test binary checks every A/B alternative (scripts/gpu_check.sh).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 use common::{assert_close, bf16_round, down, randn, rel_err, rel_err_f64};
 use topcoat::backend::cpu::{attention as cpu_attention, CpuBackend};
+use topcoat::backend::cuda::{CudaBackend, CudaOptions};
 use topcoat::backend::{AdamWStep, Backend, BackendError, LossGrad, Role};
 use topcoat::rng::Rng;
 
@@ -22,6 +27,49 @@ const F32_TOL: f64 = 1e-3;
 const CE_F32_LOSS_TOL: f64 = 1e-4;
 /// Attention may be at most this many times as far from f64 as a naive bf16 implementation.
 const ATTN_NAIVE_FACTOR: f64 = 2.0;
+
+/// Writes a test body once and runs it on the CPU backend and on CUDA device 0 opened with
+/// [`cuda_options`]; the CUDA variant prints `skipped: no CUDA device (<reason>)` and passes
+/// when the backend does not open (DESIGN.md convention 4).
+macro_rules! parity_tests {
+    ($body:ident => $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&topcoat::backend::cpu::CpuBackend::new());
+        }
+
+        #[test]
+        fn $cuda() {
+            match $crate::open_cuda() {
+                Ok(be) => $body(&be),
+                Err(e) => println!("skipped: no CUDA device ({e})"),
+            }
+        }
+    };
+}
+
+/// The CUDA options the environment names (panics on a spelling it does not accept).
+fn cuda_options() -> CudaOptions {
+    let mut opts = CudaOptions::default();
+    match std::env::var("TOPCOAT_ATTENTION").as_deref() {
+        Err(_) | Ok("") => {}
+        Ok(s) => {
+            opts.attention = s
+                .parse()
+                .unwrap_or_else(|e| panic!("TOPCOAT_ATTENTION: {e}"))
+        }
+    }
+    match std::env::var("TOPCOAT_GELU_EPILOGUE").as_deref() {
+        Err(_) | Ok("") | Ok("on") => {}
+        Ok("off") => opts.gelu_epilogue = false,
+        Ok(other) => panic!("TOPCOAT_GELU_EPILOGUE={other}: expected on or off"),
+    }
+    opts
+}
+
+fn open_cuda() -> topcoat::backend::Result<CudaBackend> {
+    CudaBackend::with_options(0, cuda_options())
+}
 
 fn nan(n: usize) -> Vec<f32> {
     vec![f32::NAN; n]

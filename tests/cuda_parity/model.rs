@@ -1,7 +1,6 @@
 //! Whole-model parity: the reward model end to end, and packed against unpacked SFT batches.
 
 use super::*;
-use crate::backend_tests;
 
 /// The reward model end to end (forward through every layer, the host-side head, the
 /// Bradley-Terry loss, backward from the hidden state): per gradient tensor, and over all of
@@ -71,7 +70,7 @@ fn reward_model<B: Backend>(be: &B) {
         MODEL_TOL,
     );
 }
-backend_tests!(reward_model => reward_model_cpu, reward_model_cuda);
+parity_tests!(reward_model => reward_model_cpu, reward_model_cuda);
 
 /// Packed vs unpacked SFT batches on one backend: the same summed loss and gradients.
 const PACKED_LOSS_TOL: f64 = 1e-3;
@@ -163,4 +162,4 @@ fn packed_model<B: Backend>(be: &B) {
         "gradients vs CPU: {e_ref_grad:e}"
     );
 }
-backend_tests!(packed_model => packed_model_cpu, packed_model_cuda);
+parity_tests!(packed_model => packed_model_cpu, packed_model_cuda);

@@ -1,7 +1,6 @@
 //! Encoder, layernorm, elementwise ops, matmul, the fused matmul + GELU pair and fill_zero.
 
 use super::*;
-use crate::backend_tests;
 
 fn encoder<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
@@ -53,7 +52,7 @@ fn encoder<B: Backend>(be: &B) {
         other => panic!("encoder_forward with position 4 of 4: {other:?}"),
     }
 }
-backend_tests!(encoder => encoder_cpu, encoder_cuda);
+parity_tests!(encoder => encoder_cpu, encoder_cuda);
 
 fn layernorm<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
@@ -129,7 +128,7 @@ fn layernorm<B: Backend>(be: &B) {
         assert_close("layernorm_backward dbias", &down(be, &gdb), &db, F32_TOL);
     }
 }
-backend_tests!(layernorm => layernorm_cpu, layernorm_cuda);
+parity_tests!(layernorm => layernorm_cpu, layernorm_cuda);
 
 fn elementwise<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
@@ -155,7 +154,7 @@ fn elementwise<B: Backend>(be: &B) {
         assert_close("gelu_backward", &down(be, &gdinp), &dinp, BF16_TOL);
     }
 }
-backend_tests!(elementwise => elementwise_cpu, elementwise_cuda);
+parity_tests!(elementwise => elementwise_cpu, elementwise_cuda);
 
 fn matmul<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
@@ -209,7 +208,7 @@ fn matmul<B: Backend>(be: &B) {
         assert_close("matmul_backward dbias", &down(be, &gdb), &db, F32_TOL);
     }
 }
-backend_tests!(matmul => matmul_cpu, matmul_cuda);
+parity_tests!(matmul => matmul_cpu, matmul_cuda);
 
 /// The MLP's fused matmul + GELU pair. Widths that are multiples of 8 take cuBLASLt's GELU
 /// epilogues on CUDA, the others the unfused path (`TOPCOAT_GELU_EPILOGUE=off`: all unfused).
@@ -299,7 +298,7 @@ fn matmul_gelu<B: Backend>(be: &B) {
         assert_close("matmul_gelu_backward dbias", &down(be, &gdb), &db, F32_TOL);
     }
 }
-backend_tests!(matmul_gelu => matmul_gelu_cpu, matmul_gelu_cuda);
+parity_tests!(matmul_gelu => matmul_gelu_cpu, matmul_gelu_cuda);
 
 /// `fill_zero` on every buffer kind, at lengths that leave a ragged tail of bytes.
 fn fill_zero<B: Backend>(be: &B) {
@@ -323,4 +322,4 @@ fn fill_zero<B: Backend>(be: &B) {
         }
     }
 }
-backend_tests!(fill_zero => fill_zero_cpu, fill_zero_cuda);
+parity_tests!(fill_zero => fill_zero_cpu, fill_zero_cuda);

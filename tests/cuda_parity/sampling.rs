@@ -1,7 +1,6 @@
 //! Token sampling against the CPU rule.
 
 use super::*;
-use crate::backend_tests;
 
 /// Sampled tokens may differ from the CPU's on at most this fraction of rows: only where a
 /// running probability sum lands within rounding of its target (fp32 on the GPU, f64 on the CPU).
@@ -69,4 +68,4 @@ fn sample_tokens<B: Backend>(be: &B) {
         .sample_tokens(&x, 2, 6, 8, &p(1.0, 0, 1.0), &[0.1, 1.0])
         .is_err());
 }
-backend_tests!(sample_tokens => sample_tokens_cpu, sample_tokens_cuda);
+parity_tests!(sample_tokens => sample_tokens_cpu, sample_tokens_cuda);

@@ -1,7 +1,6 @@
 //! Cross-entropy, AdamW with the global norm, and the shape errors every launcher raises.
 
 use super::*;
-use crate::backend_tests;
 
 /// How a cross-entropy parity case asks for its gradient.
 #[derive(Clone, Copy)]
@@ -65,7 +64,7 @@ fn cross_entropy<B: Backend>(be: &B) {
         );
     }
 }
-backend_tests!(cross_entropy => cross_entropy_cpu, cross_entropy_cuda);
+parity_tests!(cross_entropy => cross_entropy_cpu, cross_entropy_cuda);
 
 fn adamw_and_norm<B: Backend>(be: &B) {
     let cpu = CpuBackend::new();
@@ -99,7 +98,7 @@ fn adamw_and_norm<B: Backend>(be: &B) {
         assert_close("global_norm", &[got], &[want], 1e-5);
     }
 }
-backend_tests!(adamw_and_norm => adamw_and_norm_cpu, adamw_and_norm_cuda);
+parity_tests!(adamw_and_norm => adamw_and_norm_cpu, adamw_and_norm_cuda);
 
 /// A wrong-length buffer is a Shape error naming the buffer, before anything is launched.
 fn shape_errors<B: Backend>(be: &B) {
@@ -138,4 +137,4 @@ fn shape_errors<B: Backend>(be: &B) {
         other => panic!("matmul_gelu_backward with a short pre: {other:?}"),
     }
 }
-backend_tests!(shape_errors => shape_errors_cpu, shape_errors_cuda);
+parity_tests!(shape_errors => shape_errors_cpu, shape_errors_cuda);

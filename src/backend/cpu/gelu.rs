@@ -1,4 +1,4 @@
-//! Elementwise ops: GELU (tanh approximation) forward and backward, and the residual add.
+//! GELU (tanh approximation) forward and backward.
 //!
 //! Napkin math: each op streams its inputs and output once, a handful of FLOPs per element;
 //! memory-bound.
@@ -56,12 +56,4 @@ pub fn gelu_backward_in_place<F: Float>(grad: &mut [F], pre: &[F], n: usize) {
         .par_iter_mut()
         .zip(pre[..n].par_iter())
         .for_each(|(g, &x)| *g = gelu_grad(x) * *g);
-}
-
-/// `out = a + b` over `n` elements.
-pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F], n: usize) {
-    out[..n]
-        .par_iter_mut()
-        .zip(a[..n].par_iter().zip(b[..n].par_iter()))
-        .for_each(|(o, (&x, &y))| *o = x + y);
 }

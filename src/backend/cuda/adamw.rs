@@ -2,12 +2,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{
-    check_len, grid_stride, launch_error, AdamWStep, BackendError, CudaBackend, CudaBuf, Mem,
-    Result,
-};
-
-pub(super) const KERNELS: &[&str] = &["adamw_update_bf16"];
+use super::kernels::adamw::ADAMW_UPDATE_BF16;
+use super::{grid_stride, launch_error, AdamWStep, CudaBackend, CudaBuf, Mem, Result};
+use crate::backend::shapes;
 
 pub(super) fn update(
     be: &CudaBackend,
@@ -19,15 +16,7 @@ pub(super) fn update(
 ) -> Result<()> {
     let op = "adamw";
     let n = param.len();
-    check_len(op, "grad", n, grad.len())?;
-    check_len(op, "m", n, m.len())?;
-    check_len(op, "v", n, v.len())?;
-    if hp.step == 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: "step is 1-based, got 0".into(),
-        });
-    }
+    shapes::adamw(n, grad.len(), m.len(), v.len(), hp)?;
     let g = grad.f32(op, "grad")?;
     let m = m.f32_mut(op, "m")?;
     let v = v.f32_mut(op, "v")?;
@@ -37,8 +26,8 @@ pub(super) fn update(
     let step = hp.step.min(i32::MAX as u64) as i32;
     let b1c = 1.0 - hp.beta1.powi(step);
     let b2c = 1.0 - hp.beta2.powi(step);
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = ADAMW_UPDATE_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: master, work, grad, m and v all hold `n` elements of the kernel's types
     // (fp32, bf16, fp32, fp32, fp32; checked above); the scalar list matches the signature.
     unsafe {
@@ -60,6 +49,6 @@ pub(super) fn update(
             .arg(&hp.grad_scale)
             .launch(grid_stride(n, 256))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

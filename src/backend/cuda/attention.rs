@@ -5,28 +5,10 @@
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
+use super::kernels::{attention as cuda_cores, attention_mma as mma, Kernel};
+use super::options::AttentionKernels;
 use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds, Result};
 use crate::backend::shapes;
-
-pub(super) const KERNELS: &[&str] = &[
-    "attention_forward_bf16",
-    "attention_backward_prep_bf16",
-    "attention_backward_dq_bf16",
-    "attention_backward_dkv_bf16",
-];
-
-/// The tensor-core kernels (`kernels/attention_mma.cu`): forward, dq, dkv for head size 32,
-/// then the same for 64; then D = dout . out.
-pub(super) const MMA_KERNELS: &[&str] = &[
-    "attention_forward_mma32_bf16",
-    "attention_backward_dq_mma32_bf16",
-    "attention_backward_dkv_mma32_bf16",
-    "attention_forward_mma64_bf16",
-    "attention_backward_dq_mma64_bf16",
-    "attention_backward_dkv_mma64_bf16",
-    "attention_backward_dot_bf16",
-];
-const DOT_KERNEL: &str = "attention_backward_dot_bf16";
 
 /// Dynamic shared memory of the dq and dkv kernels: `6 * SMEM_TILE(HS)` bf16.
 const fn backward_smem_bytes(hs: usize) -> usize {
@@ -35,51 +17,34 @@ const fn backward_smem_bytes(hs: usize) -> usize {
 
 /// The kernels that need more than 48 KB of shared memory, with their dynamic size: the
 /// backend opts each in once when it opens.
-pub(super) const DYNAMIC_SMEM: &[(&str, usize)] = &[
-    (MMA_KERNELS[1], backward_smem_bytes(32)),
-    (MMA_KERNELS[2], backward_smem_bytes(32)),
-    (MMA_KERNELS[4], backward_smem_bytes(64)),
-    (MMA_KERNELS[5], backward_smem_bytes(64)),
+pub(super) const DYNAMIC_SMEM: &[(Kernel, usize)] = &[
+    (
+        mma::ATTENTION_BACKWARD_DQ_MMA32_BF16,
+        backward_smem_bytes(32),
+    ),
+    (
+        mma::ATTENTION_BACKWARD_DKV_MMA32_BF16,
+        backward_smem_bytes(32),
+    ),
+    (
+        mma::ATTENTION_BACKWARD_DQ_MMA64_BF16,
+        backward_smem_bytes(64),
+    ),
+    (
+        mma::ATTENTION_BACKWARD_DKV_MMA64_BF16,
+        backward_smem_bytes(64),
+    ),
 ];
 
 /// `MMA_ROWS` (= `MMA_TILE`) and `MMA_THREADS` in kernels/attention_mma.cuh.
 const MMA_ROWS: usize = 64;
 const MMA_THREADS: u32 = 128;
 
-/// Which attention kernels run (`TOPCOAT_ATTENTION`, read once when the backend opens):
-/// `mma` (default) the tensor-core kernels where the head size allows, `cuda-cores` the
-/// fallback kernels everywhere. Benchmarks and parity tests run both; users never need to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum AttentionKernels {
-    Mma,
-    CudaCores,
-}
-
-impl AttentionKernels {
-    pub(super) fn from_env() -> Result<Self> {
-        match std::env::var("TOPCOAT_ATTENTION").as_deref() {
-            Err(_) | Ok("") | Ok("mma") => Ok(Self::Mma),
-            Ok("cuda-cores") => Ok(Self::CudaCores),
-            Ok(other) => Err(BackendError::Device(format!(
-                "TOPCOAT_ATTENTION={other}: expected mma or cuda-cores"
-            ))),
-        }
-    }
-
-    /// How `Backend::name` mentions a non-default choice.
-    pub(super) fn label(self) -> &'static str {
-        match self {
-            Self::Mma => "",
-            Self::CudaCores => ", attention cuda-cores",
-        }
-    }
-}
-
 /// The tensor-core kernels for one shape.
 struct Mma {
-    forward: &'static str,
-    dq: &'static str,
-    dkv: &'static str,
+    forward: Kernel,
+    dq: Kernel,
+    dkv: Kernel,
     /// Dynamic shared memory of the dq and dkv kernels.
     backward_smem: u32,
 }
@@ -88,15 +53,23 @@ struct Mma {
 /// multiple of 8 so every row starts 16-byte aligned.
 fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<Mma> {
     let hs = c / nh;
-    let first = match hs {
-        32 => 0,
-        64 => 3,
+    let (forward, dq, dkv) = match hs {
+        32 => (
+            mma::ATTENTION_FORWARD_MMA32_BF16,
+            mma::ATTENTION_BACKWARD_DQ_MMA32_BF16,
+            mma::ATTENTION_BACKWARD_DKV_MMA32_BF16,
+        ),
+        64 => (
+            mma::ATTENTION_FORWARD_MMA64_BF16,
+            mma::ATTENTION_BACKWARD_DQ_MMA64_BF16,
+            mma::ATTENTION_BACKWARD_DKV_MMA64_BF16,
+        ),
         _ => return None,
     };
     (which == AttentionKernels::Mma && c % 8 == 0).then(|| Mma {
-        forward: MMA_KERNELS[first],
-        dq: MMA_KERNELS[first + 1],
-        dkv: MMA_KERNELS[first + 2],
+        forward,
+        dq,
+        dkv,
         backward_smem: backward_smem_bytes(hs) as u32,
     })
 }
@@ -128,12 +101,7 @@ fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
 
 /// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
 fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
-    if nh == 0 || c % nh != 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("C = {c} is not a multiple of NH = {nh}"),
-        });
-    }
+    shapes::attention_heads(op, c, nh)?;
     let hs = c / nh;
     if hs > MAX_HEAD_SIZE {
         return Err(BackendError::Invalid {
@@ -180,9 +148,9 @@ pub(super) fn forward(
     let (o, l) = (out.bf16_mut(op, "out")?, lse.f32_mut(op, "lse")?);
     let x = qkv.bf16(op, "qkv")?;
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    if let Some(mma) = mma_kernels(be.attention_kernels, c, nh) {
-        let name = mma.forward;
-        let f = be.function(name)?;
+    if let Some(mma) = mma_kernels(be.options.attention, c, nh) {
+        let kernel = mma.forward;
+        let f = be.function(kernel)?;
         let mut args = be.stream.launch_builder(f);
         args.arg(o).arg(l).arg(x);
         push_starts(&mut args, starts);
@@ -191,11 +159,11 @@ pub(super) fn forward(
         // null) B*T ints forming contiguous examples (checked); C is a multiple of 8 and hs is
         // the kernel's, so its 16-byte row loads stay aligned and in bounds. Grid
         // (ceil(T/64), B*NH), 128 threads, static shared memory only.
-        unsafe { args.launch(mma_config(&cfg, t, 0)) }.map_err(|e| launch_error(name, e))?;
+        unsafe { args.launch(mma_config(&cfg, t, 0)) }.map_err(|e| launch_error(kernel, e))?;
         return Ok(());
     }
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = cuda_cores::ATTENTION_FORWARD_BF16;
+    let f = be.function(kernel)?;
     let mut args = be.stream.launch_builder(f);
     args.arg(o).arg(l).arg(x);
     push_starts(&mut args, starts);
@@ -204,7 +172,7 @@ pub(super) fn forward(
     // forming contiguous examples (checked); grid (ceil(T/8), B*NH) with 256 threads as the
     // kernel expects; hs <= 128 fits its shared tiles; arguments match (bf16*, float*,
     // const bf16*, const int*, int, int, int, float).
-    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -247,12 +215,12 @@ pub(super) fn backward(
         lse.f32(op, "lse")?,
     );
     let (t_, c_, nh_) = (t as i32, c as i32, nh as i32);
-    if let Some(mma) = mma_kernels(be.attention_kernels, c, nh) {
+    if let Some(mma) = mma_kernels(be.options.attention, c, nh) {
         let rows = b * nh * t;
         let rows_ = as_i32(op, "B*NH*T", rows)?;
         let mut dvec = be.alloc_f32(rows)?;
-        let name = DOT_KERNEL;
-        let f = be.function(name)?;
+        let kernel = mma::ATTENTION_BACKWARD_DOT_BF16;
+        let f = be.function(kernel)?;
         let dot_cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -272,9 +240,9 @@ pub(super) fn backward(
                 .arg(&nh_)
                 .launch(dot_cfg)
         }
-        .map_err(|e| launch_error(name, e))?;
-        for name in [mma.dq, mma.dkv] {
-            let f = be.function(name)?;
+        .map_err(|e| launch_error(kernel, e))?;
+        for kernel in [mma.dq, mma.dkv] {
+            let f = be.function(kernel)?;
             let mut args = be.stream.launch_builder(f);
             args.arg(&mut *dx).arg(l).arg(&dvec).arg(dy).arg(x);
             push_starts(&mut args, starts);
@@ -285,24 +253,28 @@ pub(super) fn backward(
             // kernel writes only the q columns of dqkv and the dkv kernel only the k and v
             // columns, each element by one thread; the two run in stream order.
             let cfg = mma_config(&cfg, t, mma.backward_smem);
-            unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+            unsafe { args.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
         }
         return Ok(());
     }
     let mut stats = be.alloc_f32(2 * b * nh * t)?;
 
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    let kernel = cuda_cores::ATTENTION_BACKWARD_PREP_BF16;
+    let f = be.function(kernel)?;
     let mut args = be.stream.launch_builder(f);
     args.arg(&mut stats).arg(dy).arg(y).arg(x).arg(l);
     push_starts(&mut args, starts);
     args.arg(&t_).arg(&c_).arg(&nh_).arg(&scale);
     // SAFETY: stats holds 2*B*NH*T floats, the other buffers their checked lengths, starts as
     // in the forward; same grid as the forward.
-    unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+    unsafe { args.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
 
-    for name in [KERNELS[2], KERNELS[3]] {
-        let f = be.function(name)?;
+    let dq_dkv = [
+        cuda_cores::ATTENTION_BACKWARD_DQ_BF16,
+        cuda_cores::ATTENTION_BACKWARD_DKV_BF16,
+    ];
+    for kernel in dq_dkv {
+        let f = be.function(kernel)?;
         let mut args = be.stream.launch_builder(f);
         args.arg(&mut *dx).arg(&stats).arg(dy).arg(x);
         push_starts(&mut args, starts);
@@ -311,7 +283,7 @@ pub(super) fn backward(
         // in the forward; each element of dqkv is read-modified-written by exactly one lane of
         // one of these two kernels (q part by dq, k and v parts by dkv), which run in stream
         // order.
-        unsafe { args.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+        unsafe { args.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
     }
     Ok(())
 }

@@ -4,13 +4,11 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::kernels::cross_entropy::{
+    CROSS_ENTROPY_FORWARD_BF16, CROSS_ENTROPY_FORWARD_BF16_F32LOSS,
+};
 use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds, Mem, Result};
 use crate::backend::{shapes, LossGrad};
-
-pub(super) const KERNELS: &[&str] = &[
-    "cross_entropy_forward_bf16",
-    "cross_entropy_forward_bf16_f32loss",
-];
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
@@ -57,11 +55,11 @@ pub(super) fn forward(
     };
     // Passed for `row_weights` when there are none: the kernel then uses `scale` alone.
     let null: u64 = 0;
-    let name = match losses.mem {
-        Mem::F32(_) => KERNELS[1],
-        _ => KERNELS[0],
+    let kernel = match losses.mem {
+        Mem::F32(_) => CROSS_ENTROPY_FORWARD_BF16_F32LOSS,
+        _ => CROSS_ENTROPY_FORWARD_BF16,
     };
-    let f = be.function(name)?;
+    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (n_blocks, 1, 1),
         block_dim: (512, 1, 1),
@@ -84,6 +82,6 @@ pub(super) fn forward(
     // ints each below V (checked on the host copy), row_weights N fp32 or null (then unread);
     // arguments match (loss*, bf16*, const int*, const float*, int, int, int, float); block
     // size 512 is a multiple of 32 as block_reduce_* requires.
-    unsafe { launch.launch(cfg) }.map_err(|e| launch_error(name, e))?;
+    unsafe { launch.launch(cfg) }.map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

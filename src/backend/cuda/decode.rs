@@ -3,10 +3,9 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::kernels::decode::{DECODE_ATTENTION_BF16, DECODE_KV_APPEND_BF16};
 use super::{as_i32, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
-
-pub(super) const KERNELS: &[&str] = &["decode_kv_append_bf16", "decode_attention_bf16"];
 
 /// `DEC_MAX_HS` in kernels/decode.cu.
 const MAX_HEAD_SIZE: usize = 128;
@@ -68,8 +67,8 @@ pub(super) fn attention_cached_forward(
     let kc = k_cache.bf16_mut(op, "k_cache")?;
     let vc = v_cache.bf16_mut(op, "v_cache")?;
 
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = DECODE_KV_APPEND_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: qkv holds B*Tn*3C bf16 and each cache B*Tmax*C with past + Tn <= Tmax (checked),
     // so every destination row past+i < Tmax; arguments match (bf16*, bf16*, const bf16*, int
     // x 5); the grid-stride loop stays below B*Tn*C.
@@ -86,7 +85,7 @@ pub(super) fn attention_cached_forward(
             .arg(&c_)
             .launch(grid_stride(b * tn * c, 256))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
 
     let o = out.bf16_mut(op, "out")?;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
@@ -95,8 +94,8 @@ pub(super) fn attention_cached_forward(
         block_dim: (WARPS * 32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    let kernel = DECODE_ATTENTION_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: out holds B*Tn*C bf16, qkv B*Tn*3C, the caches B*Tmax*C whose rows 0..past+Tn
     // the append kernel above wrote or earlier steps filled (stream order); grid (Tn, B*NH)
     // with 256 threads as the kernel expects; hs <= 128 fits its registers and shared arrays.
@@ -115,6 +114,6 @@ pub(super) fn attention_cached_forward(
             .arg(&scale)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

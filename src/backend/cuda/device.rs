@@ -1,22 +1,14 @@
-//! Finding the device: the embedded kernel table, [`probe`] (a missing driver, GPU or kernel
-//! build becomes a [`BackendError::Device`], never a panic) and driver-error formatting.
+//! Finding the device: [`probe`] (a missing driver, GPU or kernel build becomes a
+//! [`BackendError::Device`], never a panic) and driver-error formatting.
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::CudaContext;
 
 use super::super::{BackendError, Result};
-
-mod embedded {
-    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-}
+use super::kernels::{Kernel, MODULES};
 
 /// True when build.rs found nvcc and compiled `kernels/*.cu` into this build.
 pub const BUILT_WITH_NVCC: bool = cfg!(topcoat_kernels);
-
-/// `(family, fatbin)` for every `kernels/<family>.cu`, sorted by family; empty without nvcc.
-pub fn kernels() -> &'static [(&'static str, &'static [u8])] {
-    embedded::KERNELS
-}
 
 /// What [`probe`] found on device 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +33,7 @@ impl std::fmt::Display for DeviceInfo {
 
 /// Opens device 0 and describes it, or says why there is no usable CUDA device.
 pub fn probe() -> Result<DeviceInfo> {
-    if !BUILT_WITH_NVCC || kernels().is_empty() {
+    if !BUILT_WITH_NVCC || MODULES.iter().any(|m| m.fatbin.is_empty()) {
         return Err(BackendError::Device(
             "this topcoat was built without nvcc: no CUDA kernels; rebuild with NVCC set \
              (see docs/BUILD.md)"
@@ -83,9 +75,9 @@ pub(super) fn driver_error(what: &str, e: DriverError) -> BackendError {
     BackendError::Device(format!("{what}: {:?} (CUresult {})", e.0, e.0 as u32))
 }
 
-/// A launch failure (or any driver call) as a `BackendError::Device` naming the call and code.
-pub(super) fn launch_error(kernel: &str, e: DriverError) -> BackendError {
-    driver_error(&format!("launching {kernel}"), e)
+/// A launch failure as a `BackendError::Device` naming the kernel and the code.
+pub(super) fn launch_error(kernel: Kernel, e: DriverError) -> BackendError {
+    driver_error(&format!("launching {}", kernel.name), e)
 }
 
 #[cfg(test)]
@@ -94,9 +86,13 @@ mod tests {
 
     #[test]
     fn kernel_table_matches_build() {
-        assert_eq!(BUILT_WITH_NVCC, !kernels().is_empty());
-        for (family, bytes) in kernels() {
-            assert!(!bytes.is_empty(), "kernels/{family}.cu: empty fatbin");
+        for m in MODULES {
+            assert_eq!(
+                BUILT_WITH_NVCC,
+                !m.fatbin.is_empty(),
+                "kernels/{}.cu",
+                m.family
+            );
         }
     }
 

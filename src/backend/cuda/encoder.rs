@@ -3,84 +3,18 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{
-    as_i32, check_len, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, CudaIds,
-    Result,
+use super::kernels::encoder::{
+    ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_FORWARD_BF16,
+    ENCODER_FORWARD_POS_BF16,
 };
+use super::{as_i32, grid_stride, launch_error, CudaBackend, CudaBuf, CudaIds, Result};
+use crate::backend::shapes;
 
-pub(super) const KERNELS: &[&str] = &[
-    "encoder_forward_bf16",
-    "encoder_backward_wte_f32",
-    "encoder_backward_wpe_f32",
-    "encoder_forward_pos_bf16",
-];
-
-/// Checks the shapes shared by forward and backward; returns the vocabulary size and the
-/// number of rows of the position table.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    op: &'static str,
-    names: [&'static str; 3],
-    act: usize,
-    ids: &CudaIds,
-    pos: Option<&CudaIds>,
-    wte: usize,
-    wpe: usize,
-    b: usize,
-    t: usize,
-    c: usize,
-) -> Result<(usize, usize)> {
-    if c == 0 {
-        return Err(BackendError::Invalid {
-            op,
-            msg: "C must be positive".into(),
-        });
-    }
-    check_len(op, names[0], b * t * c, act)?;
-    check_len(op, "ids", b * t, ids.host.len())?;
-    check_len(op, names[1], wte - wte % c, wte)?;
-    check_len(op, names[2], wpe - wpe % c, wpe)?;
-    let tmax = wpe / c;
-    match pos {
-        None if t > tmax => {
-            return Err(BackendError::Shape {
-                op,
-                what: names[2],
-                expected: t * c,
-                found: wpe,
-            })
-        }
-        None => {}
-        Some(pos) => {
-            check_len(op, "pos", b * t, pos.host.len())?;
-            if let Some(i) = pos.host.iter().position(|&p| p < 0 || p as usize >= tmax) {
-                return Err(BackendError::Invalid {
-                    op,
-                    msg: format!(
-                        "position {} at index {i} is outside [0, {tmax}) (the wpe table's rows)",
-                        pos.host[i]
-                    ),
-                });
-            }
-        }
-    }
-    let vocab = wte / c;
-    if let Some(i) = ids
-        .host
-        .iter()
-        .position(|&id| id < 0 || id as usize >= vocab)
-    {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!(
-                "token id {} at position {i} is outside [0, {vocab})",
-                ids.host[i]
-            ),
-        });
-    }
+/// The 32-bit ints the kernels take.
+fn check_i32(op: &'static str, b: usize, t: usize, c: usize) -> Result<()> {
     as_i32(op, "B*T", b * t)?;
     as_i32(op, "C", c)?;
-    Ok((vocab, tmax))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -96,18 +30,18 @@ pub(super) fn forward(
     c: usize,
 ) -> Result<()> {
     let op = "encoder_forward";
-    check(
-        op,
-        ["out", "wte", "wpe"],
+    let pos_host = pos.map(|p| p.host.as_slice());
+    shapes::encoder_forward(
         out.len(),
-        ids,
-        pos,
+        &ids.host,
+        pos_host,
         wte.len(),
         wpe.len(),
         b,
         t,
         c,
     )?;
+    check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
     }
@@ -116,8 +50,8 @@ pub(super) fn forward(
     let (n, t_, c_) = ((b * t) as i32, t as i32, c as i32);
     let cfg = grid_stride(b * t * c, 256);
     if let Some(pos) = pos {
-        let name = KERNELS[3];
-        let f = be.function(name)?;
+        let kernel = ENCODER_FORWARD_POS_BF16;
+        let f = be.function(kernel)?;
         // SAFETY: out holds N*C bf16, ids N ints each in [0, V) and pos N ints each in
         // [0, Tmax) (checked on the host copies), wte V*C and wpe Tmax*C bf16; arguments match
         // (bf16*, const int*, const int*, bf16*, bf16*, int, int).
@@ -133,11 +67,11 @@ pub(super) fn forward(
                 .arg(&c_)
                 .launch(cfg)
         }
-        .map_err(|e| launch_error(name, e))?;
+        .map_err(|e| launch_error(kernel, e))?;
         return Ok(());
     }
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = ENCODER_FORWARD_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: out holds N*C bf16, ids N ints each in [0, V) (checked on the host copy), wte V*C
     // and wpe at least T*C bf16; arguments match (bf16*, const int*, bf16*, bf16*, int, int, int).
     unsafe {
@@ -152,7 +86,7 @@ pub(super) fn forward(
             .arg(&c_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -201,8 +135,8 @@ fn scatter_rows(
     let (order, start_d, tokens_d) = (be.htod(&order)?, be.htod(&start)?, be.htod(&tokens)?);
     let c_ = c as i32;
     let dst = table.f32_mut(op, what)?;
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    let kernel = ENCODER_BACKWARD_WTE_F32;
+    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (tokens.len() as u32, 1, 1),
         block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
@@ -222,7 +156,7 @@ fn scatter_rows(
             .arg(&c_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -239,18 +173,11 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "encoder_backward";
-    let (vocab, tmax) = check(
-        op,
-        ["dout", "dwte", "dwpe"],
-        dout.len(),
-        ids,
-        pos,
-        dwte.len(),
-        dwpe.len(),
-        b,
-        t,
-        c,
-    )?;
+    let pos_host = pos.map(|p| p.host.as_slice());
+    let (dwte_, dwpe_) = (dwte.len(), dwpe.len());
+    let (vocab, tmax) =
+        shapes::encoder_backward(dwte_, dwpe_, dout.len(), &ids.host, pos_host, b, t, c)?;
+    check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
     }
@@ -261,8 +188,8 @@ pub(super) fn backward(
     let dy = dout.bf16(op, "dout")?;
     let dpe = dwpe.f32_mut(op, "dwpe")?;
     let (b_, t_, c_) = (b as i32, t as i32, c as i32);
-    let name = KERNELS[2];
-    let f = be.function(name)?;
+    let kernel = ENCODER_BACKWARD_WPE_F32;
+    let f = be.function(kernel)?;
     // SAFETY: dwpe holds at least T*C floats and dout B*T*C bf16 (checked); the kernel covers
     // the first T*C elements of dwpe; arguments match (float*, bf16*, int, int, int).
     unsafe {
@@ -275,6 +202,6 @@ pub(super) fn backward(
             .arg(&c_)
             .launch(grid_stride(t * c, 256))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

@@ -3,9 +3,8 @@
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
+use super::kernels::fill::FILL_ZERO_U8;
 use super::{driver_error, grid_stride, launch_error, CudaBackend, Result};
-
-pub(super) const KERNELS: &[&str] = &["fill_zero_u8"];
 
 const BLOCK: u32 = 256;
 
@@ -27,8 +26,8 @@ pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
             .memset_zeros(x)
             .map_err(|e| driver_error("zeroing device memory", e));
     }
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = FILL_ZERO_U8;
+    let f = be.function(kernel)?;
     // SAFETY: the kernel writes bytes [0, bytes) of `x`'s allocation only, which `x` owns
     // (`guard` orders the write on the stream); the pointer is 16-byte aligned (checked
     // above) as its 16-byte stores need.
@@ -39,7 +38,7 @@ pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
             .arg(&bytes)
             .launch(grid_stride(bytes.div_ceil(16), BLOCK))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     drop(guard);
     Ok(())
 }

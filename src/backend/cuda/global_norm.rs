@@ -1,14 +1,12 @@
 //! Launchers for `kernels/global_norm.cu`: the global L2 norm, a deterministic two-pass reduction.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::kernels::{
+    global_norm::{GLOBAL_NORM_FINAL_F32, GLOBAL_NORM_PARTIAL_BF16, GLOBAL_NORM_PARTIAL_F32},
+    Kernel,
+};
 use super::{driver_error, launch_error, CudaBackend, CudaBuf, Mem, Result};
-
-pub(super) const KERNELS: &[&str] = &[
-    "global_norm_partial_f32",
-    "global_norm_partial_bf16",
-    "global_norm_final_f32",
-];
 
 /// Blocks per buffer in pass 1: a constant, so the summation order never changes.
 const BLOCKS: usize = 256;
@@ -26,40 +24,18 @@ pub(super) fn global_norm(be: &CudaBackend, bufs: &[&CudaBuf]) -> Result<f32> {
         shared_mem_bytes: 0,
     };
     for (k, buf) in bufs.iter().enumerate() {
-        let n = buf.len();
-        let mut dst = partials.slice_mut(k * BLOCKS..(k + 1) * BLOCKS);
-        let result = match &buf.mem {
+        let dst = partials.slice_mut(k * BLOCKS..(k + 1) * BLOCKS);
+        match &buf.mem {
             Mem::F32(x) | Mem::Param { master: x, .. } => {
-                let f = be.function(KERNELS[0])?;
-                // SAFETY: `dst` holds BLOCKS floats, one per block of the fixed grid; `x` holds
-                // `n` floats; arguments match (float*, const float*, size_t).
-                unsafe {
-                    be.stream
-                        .launch_builder(f)
-                        .arg(&mut dst)
-                        .arg(x)
-                        .arg(&n)
-                        .launch(cfg)
-                }
+                partial(be, GLOBAL_NORM_PARTIAL_F32, dst, x, cfg)?
             }
-            Mem::Bf16(x) => {
-                let f = be.function(KERNELS[1])?;
-                // SAFETY: as above with `x` holding `n` bf16 values.
-                unsafe {
-                    be.stream
-                        .launch_builder(f)
-                        .arg(&mut dst)
-                        .arg(x)
-                        .arg(&n)
-                        .launch(cfg)
-                }
-            }
-        };
-        result.map_err(|e| launch_error("global_norm_partial", e))?;
+            Mem::Bf16(x) => partial(be, GLOBAL_NORM_PARTIAL_BF16, dst, x, cfg)?,
+        }
     }
     let mut out = be.alloc_f32(1)?;
     let count = (BLOCKS * bufs.len()) as i32;
-    let f = be.function(KERNELS[2])?;
+    let kernel = GLOBAL_NORM_FINAL_F32;
+    let f = be.function(kernel)?;
     let single = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -75,10 +51,36 @@ pub(super) fn global_norm(be: &CudaBackend, bufs: &[&CudaBuf]) -> Result<f32> {
             .arg(&count)
             .launch(single)
     }
-    .map_err(|e| launch_error(KERNELS[2], e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     let host = be
         .stream
         .clone_dtoh(&out)
         .map_err(|e| driver_error("copying the norm from the device", e))?;
     Ok(host[0])
+}
+
+/// Pass 1 over one buffer: `kernel` (the fp32 or bf16 partial-sum kernel, matching `T`) writes
+/// one sum of squares per block of the fixed grid into `dst`.
+fn partial<T: DeviceRepr>(
+    be: &CudaBackend,
+    kernel: Kernel,
+    mut dst: CudaViewMut<'_, f32>,
+    x: &CudaSlice<T>,
+    cfg: LaunchConfig,
+) -> Result<()> {
+    let n = x.len();
+    let f = be.function(kernel)?;
+    // SAFETY: `dst` holds BLOCKS floats, one per block of the fixed grid; `x` holds `n`
+    // elements of the type `kernel` reads (float for _f32, bf16 for _bf16); arguments match
+    // (float*, const T*, size_t).
+    unsafe {
+        be.stream
+            .launch_builder(f)
+            .arg(&mut dst)
+            .arg(x)
+            .arg(&n)
+            .launch(cfg)
+    }
+    .map_err(|e| launch_error(kernel, e))?;
+    Ok(())
 }

@@ -3,16 +3,12 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{as_i32, check_len, launch_error, CudaBackend, CudaBuf, Result};
+use super::kernels::layernorm::{
+    LAYERNORM_BACKWARD_DINP_BF16, LAYERNORM_BACKWARD_PARTIAL_BF16, LAYERNORM_BACKWARD_REDUCE_F32,
+    LAYERNORM_FORWARD_BF16, LAYERNORM_RESIDUAL_LAYERNORM_FORWARD_BF16,
+};
+use super::{as_i32, launch_error, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
-
-pub(super) const KERNELS: &[&str] = &[
-    "layernorm_forward_bf16",
-    "layernorm_residual_forward_bf16",
-    "layernorm_backward_dinp_bf16",
-    "layernorm_backward_partial_bf16",
-    "layernorm_backward_reduce_f32",
-];
 
 /// Rows per block in the warp-per-row kernels (256 threads).
 const ROWS: usize = 8;
@@ -64,8 +60,8 @@ pub(super) fn forward(
         weight.bf16(op, "weight")?,
         bias.bf16(op, "bias")?,
     );
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = LAYERNORM_FORWARD_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: out/inp hold N*C bf16, mean/rstd N, weight/bias C (checked above); one warp per
     // row, rows past N exit; arguments match the kernel signature.
     unsafe {
@@ -81,12 +77,12 @@ pub(super) fn forward(
             .arg(&c_)
             .launch(rows_cfg(n))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn residual_forward(
+pub(super) fn residual_layernorm_forward(
     be: &CudaBackend,
     residual: &mut CudaBuf,
     out: &mut CudaBuf,
@@ -100,14 +96,18 @@ pub(super) fn residual_forward(
     c: usize,
 ) -> Result<()> {
     let op = "residual_layernorm_forward";
-    check_len(op, "residual", n * c, residual.len())?;
-    check_len(op, "out", n * c, out.len())?;
-    check_len(op, "mean", n, mean.len())?;
-    check_len(op, "rstd", n, rstd.len())?;
-    check_len(op, "a", n * c, a.len())?;
-    check_len(op, "b", n * c, b.len())?;
-    check_len(op, "weight", c, weight.len())?;
-    check_len(op, "bias", c, bias.len())?;
+    shapes::residual_layernorm_forward(
+        residual.len(),
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        a.len(),
+        b.len(),
+        weight.len(),
+        bias.len(),
+        n,
+        c,
+    )?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -120,8 +120,8 @@ pub(super) fn residual_forward(
     );
     let (x, y) = (a.bf16(op, "a")?, b.bf16(op, "b")?);
     let (w, bb) = (weight.bf16(op, "weight")?, bias.bf16(op, "bias")?);
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    let kernel = LAYERNORM_RESIDUAL_LAYERNORM_FORWARD_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: residual/out/a/b hold N*C bf16, mean/rstd N, weight/bias C (checked above); one
     // warp per row; arguments match the kernel signature.
     unsafe {
@@ -139,7 +139,7 @@ pub(super) fn residual_forward(
             .arg(&c_)
             .launch(rows_cfg(n))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }
 
@@ -187,8 +187,8 @@ pub(super) fn backward(
     let chunks = n.div_ceil(CHUNK_ROWS);
     let mut partials = be.alloc_f32(chunks * 2 * c)?;
 
-    let name = KERNELS[2];
-    let f = be.function(name)?;
+    let kernel = LAYERNORM_BACKWARD_DINP_BF16;
+    let f = be.function(kernel)?;
     // SAFETY: dinp/dout/inp hold N*C bf16, weight C, stats 2N floats; one warp per row.
     unsafe {
         be.stream
@@ -202,10 +202,10 @@ pub(super) fn backward(
             .arg(&c_)
             .launch(rows_cfg(n))
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
 
-    let name = KERNELS[3];
-    let f = be.function(name)?;
+    let kernel = LAYERNORM_BACKWARD_PARTIAL_BF16;
+    let f = be.function(kernel)?;
     let chunk_rows = CHUNK_ROWS as i32;
     let cfg = LaunchConfig {
         grid_dim: (c.div_ceil(32) as u32, chunks as u32, 1),
@@ -226,10 +226,10 @@ pub(super) fn backward(
             .arg(&chunk_rows)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
 
-    let name = KERNELS[4];
-    let f = be.function(name)?;
+    let kernel = LAYERNORM_BACKWARD_REDUCE_F32;
+    let f = be.function(kernel)?;
     let chunks_ = chunks as i32;
     let cfg = LaunchConfig {
         grid_dim: (c.div_ceil(256) as u32, 1, 1),
@@ -247,6 +247,6 @@ pub(super) fn backward(
             .arg(&c_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

@@ -19,13 +19,9 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::blas::{Epilogue, Gemm};
+use super::kernels::matmul::{MATMUL_BIAS_BACKWARD_PARTIAL_BF16, MATMUL_BIAS_BACKWARD_REDUCE_F32};
 use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, Result};
 use crate::backend::{shapes, Backend};
-
-pub(super) const KERNELS: &[&str] = &[
-    "matmul_bias_backward_partial_bf16",
-    "matmul_bias_backward_reduce_f32",
-];
 
 /// Rows per chunk of the bias-gradient partial sums.
 const CHUNK_ROWS: usize = 256;
@@ -248,8 +244,8 @@ pub(super) fn weight_grads(
     let dy = dout.bf16(op, "dout")?;
     let chunks = n.div_ceil(CHUNK_ROWS);
     let mut partials = be.alloc_f32(chunks * oc)?;
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = MATMUL_BIAS_BACKWARD_PARTIAL_BF16;
+    let f = be.function(kernel)?;
     let chunk_rows = CHUNK_ROWS as i32;
     let cfg = LaunchConfig {
         grid_dim: (oc.div_ceil(32) as u32, chunks as u32, 1),
@@ -268,9 +264,9 @@ pub(super) fn weight_grads(
             .arg(&chunk_rows)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
-    let name = KERNELS[1];
-    let f = be.function(name)?;
+    .map_err(|e| launch_error(kernel, e))?;
+    let kernel = MATMUL_BIAS_BACKWARD_REDUCE_F32;
+    let f = be.function(kernel)?;
     let chunks_ = chunks as i32;
     let cfg = LaunchConfig {
         grid_dim: (oc.div_ceil(256) as u32, 1, 1),
@@ -287,6 +283,6 @@ pub(super) fn weight_grads(
             .arg(&oc_)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     Ok(())
 }

@@ -6,28 +6,16 @@
 //!
 //! The epilogues need the aux leading dimension (the output width) to be a multiple of 8;
 //! other shapes, a cuBLASLt without an algorithm for the epilogue, or
-//! `TOPCOAT_GELU_EPILOGUE=off` take the unfused path (matmul, then the kernels of
+//! `CudaOptions::gelu_epilogue` off take the unfused path (matmul, then the kernels of
 //! `kernels/gelu.cu`), which computes the same thing.
 
 use super::matmul;
-use super::{check_len, gelu, BackendError, CudaBackend, CudaBuf, Result};
+use super::{gelu, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
-
-/// Whether the GELU epilogues are used (`TOPCOAT_GELU_EPILOGUE`, read once when the backend
-/// opens: `on`, the default, or `off`). Benchmarks and parity tests run both.
-pub(super) fn epilogue_from_env() -> Result<bool> {
-    match std::env::var("TOPCOAT_GELU_EPILOGUE").as_deref() {
-        Err(_) | Ok("") | Ok("on") => Ok(true),
-        Ok("off") => Ok(false),
-        Ok(other) => Err(BackendError::Device(format!(
-            "TOPCOAT_GELU_EPILOGUE={other}: expected on or off"
-        ))),
-    }
-}
 
 /// cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
 fn epilogue_fits(be: &CudaBackend, width: usize) -> bool {
-    be.gelu_epilogue && width % 8 == 0
+    be.options.gelu_epilogue && width % 8 == 0
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -43,9 +31,8 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_gelu_forward";
-    check_len(op, "out", n * oc, out.len())?;
-    check_len(op, "pre", n * oc, pre.len())?;
-    shapes::matmul_forward(
+    shapes::matmul_gelu_forward(
+        out.len(),
         pre.len(),
         inp.len(),
         weight.len(),

@@ -3,10 +3,9 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::kernels::sample::SAMPLE_TOKENS_BF16;
 use super::{as_i32, driver_error, launch_error, CudaBackend, CudaBuf, Result};
 use crate::backend::{shapes, BackendError, SampleParams};
-
-pub(super) const KERNELS: &[&str] = &["sample_tokens_bf16"];
 
 /// `SAMPLE_THREADS` in kernels/sample.cu.
 const THREADS: u32 = 1024;
@@ -42,8 +41,8 @@ pub(super) fn sample_tokens(
         .stream
         .alloc_zeros::<i32>(n)
         .map_err(|e| driver_error("allocating device memory", e))?;
-    let name = KERNELS[0];
-    let f = be.function(name)?;
+    let kernel = SAMPLE_TOKENS_BF16;
+    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (rows, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -65,7 +64,7 @@ pub(super) fn sample_tokens(
             .arg(&params.top_p)
             .launch(cfg)
     }
-    .map_err(|e| launch_error(name, e))?;
+    .map_err(|e| launch_error(kernel, e))?;
     let host = be
         .stream
         .clone_dtoh(&tokens)
@@ -78,7 +77,7 @@ pub(super) fn sample_tokens(
                 .filter(|&t| (t as usize) < v)
                 .ok_or_else(|| {
                     BackendError::Device(format!(
-                        "{name}: row {i} drew token {t}, outside [0, {v})"
+                        "{kernel}: row {i} drew token {t}, outside [0, {v})"
                     ))
                 })
         })

@@ -1,0 +1,436 @@
+//! The [`Backend`] impl of [`CpuBackend`]: each method checks its op's rule
+//! (`backend/shapes.rs`), then calls the f32 function of the kernel family file of its name.
+
+use super::{
+    adamw, attention, cross_entropy, decode, encoder, gelu, layernorm, matmul, residual, sample,
+    CpuBackend,
+};
+use crate::backend::{
+    check_len, shapes, AdamWStep, Backend, BackendError, LossGrad, Result, Role, SampleParams,
+};
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize, _role: Role) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, host: &[f32], _role: Role) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        check_len("write", "host", buf.len(), host.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download_range(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let end = offset.saturating_add(len);
+        if end > buf.len() {
+            return Err(BackendError::Shape {
+                op: "download_range",
+                what: "buf",
+                expected: end,
+                found: buf.len(),
+            });
+        }
+        Ok(buf[offset..end].to_vec())
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+
+    fn upload_ids(&self, host: &[i32]) -> Result<Vec<i32>> {
+        Ok(host.to_vec())
+    }
+
+    fn ids_len(&self, ids: &Vec<i32>) -> usize {
+        ids.len()
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &Vec<i32>,
+        pos: Option<&Vec<i32>>,
+        wte: &Vec<f32>,
+        wpe: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let pos = pos.map(Vec::as_slice);
+        shapes::encoder_forward(out.len(), ids, pos, wte.len(), wpe.len(), b, t, c)?;
+        encoder::encoder_forward(out, ids, pos, wte, wpe, b, t, c);
+        Ok(())
+    }
+
+    fn encoder_backward(
+        &self,
+        dwte: &mut Vec<f32>,
+        dwpe: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        ids: &Vec<i32>,
+        pos: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let pos = pos.map(Vec::as_slice);
+        shapes::encoder_backward(dwte.len(), dwpe.len(), dout.len(), ids, pos, b, t, c)?;
+        encoder::encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c);
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::layernorm_forward(
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        layernorm::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::layernorm_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.len(),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            mean.len(),
+            rstd.len(),
+            n,
+            c,
+        )?;
+        layernorm::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
+        Ok(())
+    }
+
+    /// The residual add, then the layernorm of its result (as the trait's default does).
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        residual::residual_forward(residual, a, b, n * c);
+        layernorm::layernorm_forward(out, mean, rstd, residual, weight, bias, n, c);
+        Ok(())
+    }
+
+    fn residual_forward(
+        &self,
+        out: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        shapes::residual_forward(out.len(), a.len(), b.len(), n)?;
+        residual::residual_forward(out, a, b, n);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
+        shapes::gelu_forward(out.len(), inp.len(), n)?;
+        gelu::gelu_forward(out, inp, n);
+        Ok(())
+    }
+
+    fn gelu_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        dout: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        shapes::gelu_backward(dinp.len(), inp.len(), dout.len(), n)?;
+        gelu::gelu_backward(dinp, inp, dout, n);
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        shapes::matmul_forward(
+            out.len(),
+            inp.len(),
+            weight.len(),
+            bias.map(|x| x.len()),
+            n,
+            c,
+            oc,
+        )?;
+        matmul::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        shapes::matmul_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.as_ref().map(|x| x.len()),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            n,
+            c,
+            oc,
+        )?;
+        let dbias = dbias.map(|b| b.as_mut_slice());
+        matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
+        Ok(())
+    }
+
+    fn matmul_gelu_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        pre: &Vec<f32>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        shapes::matmul_gelu_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.as_ref().map(|x| x.len()),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            pre.len(),
+            n,
+            c,
+            oc,
+        )?;
+        let dbias = dbias.map(|b| b.as_mut_slice());
+        matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
+        gelu::gelu_backward_in_place(dinp, pre, n * c);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_forward(out, lse, qkv, starts, b, t, c, nh);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        shapes::attention_backward(
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            out.len(),
+            lse.len(),
+            b,
+            t,
+            c,
+            nh,
+        )?;
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut Vec<f32>,
+        logits: &mut Vec<f32>,
+        targets: &Vec<i32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+        grad: LossGrad<'_, Vec<f32>>,
+    ) -> Result<()> {
+        let weights = match grad {
+            LossGrad::PerRow(w) => Some(w.as_slice()),
+            _ => None,
+        };
+        shapes::cross_entropy(
+            losses.len(),
+            logits.len(),
+            targets,
+            weights.map(<[f32]>::len),
+            n,
+            v,
+            vp,
+        )?;
+        let dloss = match grad {
+            LossGrad::None => None,
+            LossGrad::Uniform(s) => Some(s),
+            LossGrad::PerRow(_) => Some(1.0),
+        };
+        cross_entropy::cross_entropy(losses, logits, targets, n, v, vp, dloss, weights);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        shapes::adamw(param.len(), grad.len(), m.len(), v.len(), hp)?;
+        adamw::adamw(param, grad, m, v, hp);
+        Ok(())
+    }
+
+    fn global_norm(&self, bufs: &[&Vec<f32>]) -> Result<f32> {
+        let slices: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
+        Ok(adamw::global_norm(&slices) as f32)
+    }
+
+    fn attention_cached_forward(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        shapes::attention_cached_forward(
+            out.len(),
+            qkv.len(),
+            k_cache.len(),
+            v_cache.len(),
+            b,
+            tn,
+            past,
+            tmax,
+            c,
+            nh,
+        )?;
+        decode::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh);
+        Ok(())
+    }
+
+    fn sample_tokens(
+        &self,
+        logits: &Vec<f32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+        params: &SampleParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
+        Ok(sample::sample_tokens(logits, n, v, vp, params, uniforms))
+    }
+}
