@@ -288,8 +288,14 @@ impl PairLoader {
         Ok(())
     }
 
-    /// The next full batch, advancing the position (an epoch boundary may fall inside it).
-    pub fn next_batch(&mut self) -> PairBatch {
+    /// The split the pairs are drawn from.
+    pub fn split(&self) -> &PairSplit {
+        &self.split
+    }
+
+    /// The next full batch's pair indices, advancing the position (an epoch boundary may fall
+    /// inside it); each epoch's order is a permutation drawn from `(seed, epoch)`.
+    pub fn next_pairs(&mut self) -> Vec<usize> {
         let mut picked = Vec::with_capacity(self.capacity);
         for _ in 0..self.capacity {
             if self.order_epoch != Some(self.pos.epoch) {
@@ -307,6 +313,12 @@ impl PairLoader {
                 };
             }
         }
+        picked
+    }
+
+    /// The next full batch, advancing the position (see [`PairLoader::next_pairs`]).
+    pub fn next_batch(&mut self) -> PairBatch {
+        let picked = self.next_pairs();
         fill_pair_batch(&self.split, &picked, self.capacity, self.t, self.pad)
     }
 }
