@@ -10,6 +10,7 @@ pub mod loader;
 pub mod pairs;
 pub mod prefs;
 pub mod prepare;
+pub(crate) mod prepared;
 pub mod pretok;
 pub mod sft;
 pub mod shard;
