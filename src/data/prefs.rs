@@ -24,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::chat::{parse_messages, render, Message, Role};
+use super::chat::{parse_messages, read_jsonl, render, Message, Role};
 use super::error::{DataError, Result};
 use super::prepared::{
     check_options, split_train_val, write_sidecar, SidecarFormat, SidecarSeq, IDX_HEADER,
@@ -194,20 +194,7 @@ pub fn parse_pref_line(path: &Path, line: usize, text: &str) -> Result<Preferenc
 
 /// Reads every preference line of a JSONL file (blank lines skipped).
 pub fn read_preferences(path: &Path) -> Result<Vec<Preference>> {
-    let text = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
-    let mut out = Vec::new();
-    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-        if raw.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        let line = std::str::from_utf8(raw).map_err(|e| DataError::Jsonl {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
-        })?;
-        out.push(parse_pref_line(path, i + 1, line)?);
-    }
-    Ok(out)
+    read_jsonl(path, parse_pref_line)
 }
 
 fn render_side(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> PairSeq {
