@@ -1,6 +1,7 @@
 //! Sampling text from a model: temperature, top-k, top-p, a seed, and a stop token, with a
-//! key/value cache ([`generate`], [`Session`], many prompts at once: [`generate_many`]) or
-//! without one ([`generate_uncached`]).
+//! key/value cache ([`generate`], [`Session`], many prompts at once: [`generate_many`], one
+//! batch of equal-length prompts, as RL's rollouts sample: [`generate_group`]) or without one
+//! ([`generate_uncached`]).
 //!
 //! The cached path prefills the prompt once, then runs one position per new token
 //! ([`Gpt::extend`]) and draws it on the device ([`crate::backend::Backend::sample_tokens`]).
@@ -271,31 +272,63 @@ pub fn generate_many<B: Backend>(
             .take_while(|&j| prompts[order[j]].len() == len)
             .last()
             .map_or(start + 1, |j| j + 1);
-        let group = &order[start..end];
-        let b = group.len();
-        let mut cache = KvCache::new(be, &model.cfg, b)?;
-        let ids: Vec<i32> = group
+        let group: Vec<&[u32]> = order[start..end]
             .iter()
-            .flat_map(|&i| prompts[i].iter().map(|&x| x as i32))
+            .map(|&i| prompts[i].as_slice())
             .collect();
-        model.extend(be, &mut cache, &ids, len)?;
-        let mut done = vec![false; b];
-        for step in 0..max_new {
-            let u: Vec<f32> = (0..b).map(|_| rng.next_f32()).collect();
-            let toks = cache.sample(be, params, &u)?;
-            for ((&i, d), &tok) in group.iter().zip(done.iter_mut()).zip(&toks) {
-                if !*d {
-                    out[i].push(tok);
-                    *d = stops.contains(&tok);
-                }
-            }
-            if step + 1 == max_new || done.iter().all(|&d| d) {
-                break;
-            }
-            let next: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
-            model.extend(be, &mut cache, &next, 1)?;
+        let continuations = generate_group(be, model, &group, max_new, stops, params, rng)?;
+        for (&i, c) in order[start..end].iter().zip(continuations) {
+            out[i] = c;
         }
         start = end;
+    }
+    Ok(out)
+}
+
+/// Continues prompts of one length together, one row each of a single KV cache, by up to
+/// `max_new` tokens (no window sliding). A row stops at the first token in `stops`, kept as its
+/// last token. Every step draws one uniform per row from `rng`, in row order, until every row
+/// has stopped or `max_new` tokens are drawn. Returns one continuation per prompt, in order.
+pub fn generate_group<B: Backend>(
+    be: &B,
+    model: &Gpt<B>,
+    prompts: &[&[u32]],
+    max_new: usize,
+    stops: &[u32],
+    params: &SampleParams,
+    rng: &mut Rng,
+) -> Result<Vec<Vec<u32>>> {
+    let Some(len) = prompts.first().map(|p| p.len()) else {
+        return Ok(Vec::new());
+    };
+    if prompts.iter().any(|p| p.len() != len) {
+        return Err(ModelError::Invalid(
+            "a decoding group needs prompts of one length".into(),
+        ));
+    }
+    let b = prompts.len();
+    let mut cache = KvCache::new(be, &model.cfg, b)?;
+    let ids: Vec<i32> = prompts
+        .iter()
+        .flat_map(|p| p.iter().map(|&x| x as i32))
+        .collect();
+    model.extend(be, &mut cache, &ids, len)?;
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    for step in 0..max_new {
+        let u: Vec<f32> = (0..b).map(|_| rng.next_f32()).collect();
+        let toks = cache.sample(be, params, &u)?;
+        for ((o, d), &tok) in out.iter_mut().zip(done.iter_mut()).zip(&toks) {
+            if !*d {
+                o.push(tok);
+                *d = stops.contains(&tok);
+            }
+        }
+        if step + 1 == max_new || done.iter().all(|&d| d) {
+            break;
+        }
+        let next: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
+        model.extend(be, &mut cache, &next, 1)?;
     }
     Ok(out)
 }

@@ -117,44 +117,8 @@ impl Bpe {
         n_merges: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Self {
-        // 1. Unique pre-tokens with their frequencies, counted in parallel.
-        let texts: Vec<&str> = texts.collect();
-        let counts: FxMap<&str, i64> = texts
-            .par_iter()
-            .fold(FxMap::default, |mut m: FxMap<&str, i64>, t| {
-                for w in pretokenize(t) {
-                    *m.entry(w).or_insert(0) += 1;
-                }
-                m
-            })
-            .reduce(FxMap::default, |a, b| {
-                let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
-                for (k, v) in small {
-                    *big.entry(k).or_insert(0) += v;
-                }
-                big
-            });
-        let mut entries: Vec<(&str, i64)> = counts.into_iter().collect();
-        entries.sort_unstable();
-        let mut words: Vec<Vec<u32>> = entries
-            .iter()
-            .map(|(w, _)| w.bytes().map(|b| b as u32).collect())
-            .collect();
-        let freq: Vec<i64> = entries.iter().map(|&(_, c)| c).collect();
-
-        // 2. Pair counts and the index pair -> words holding it.
-        let mut pair_count: FxMap<Pair, i64> = FxMap::default();
-        let mut where_: FxMap<Pair, Vec<u32>> = FxMap::default();
-        for (wi, w) in words.iter().enumerate() {
-            for p in w.windows(2) {
-                let p = (p[0], p[1]);
-                *pair_count.entry(p).or_insert(0) += freq[wi];
-                let list = where_.entry(p).or_default();
-                if list.last() != Some(&(wi as u32)) {
-                    list.push(wi as u32);
-                }
-            }
-        }
+        let (mut words, freq) = count_pretokens(texts);
+        let (mut pair_count, mut where_) = index_pairs(&words, &freq);
         let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
             pair_count.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
 
@@ -180,17 +144,7 @@ impl Bpe {
             delta.clear();
             for wi in where_.remove(&p).unwrap_or_default() {
                 let word = &mut words[wi as usize];
-                merged.clear();
-                let mut i = 0;
-                while i < word.len() {
-                    if i + 1 < word.len() && word[i] == a && word[i + 1] == b {
-                        merged.push(new);
-                        i += 2;
-                    } else {
-                        merged.push(word[i]);
-                        i += 1;
-                    }
-                }
+                merge_pair(word, p, new, &mut merged);
                 if merged.len() == word.len() {
                     continue;
                 }
@@ -273,6 +227,69 @@ impl Bpe {
             }
         }
         out
+    }
+}
+
+/// The unique pre-tokens of `texts` as byte ids, sorted, with their frequencies (counted in
+/// parallel).
+fn count_pretokens<'a>(texts: impl Iterator<Item = &'a str>) -> (Vec<Vec<u32>>, Vec<i64>) {
+    let texts: Vec<&str> = texts.collect();
+    let counts: FxMap<&str, i64> = texts
+        .par_iter()
+        .fold(FxMap::default, |mut m: FxMap<&str, i64>, t| {
+            for w in pretokenize(t) {
+                *m.entry(w).or_insert(0) += 1;
+            }
+            m
+        })
+        .reduce(FxMap::default, |a, b| {
+            let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+            for (k, v) in small {
+                *big.entry(k).or_insert(0) += v;
+            }
+            big
+        });
+    let mut entries: Vec<(&str, i64)> = counts.into_iter().collect();
+    entries.sort_unstable();
+    let words = entries
+        .iter()
+        .map(|(w, _)| w.bytes().map(|b| b as u32).collect())
+        .collect();
+    let freq = entries.iter().map(|&(_, c)| c).collect();
+    (words, freq)
+}
+
+/// Pair counts over `words` (weighted by `freq`), and the index pair -> words holding it.
+#[allow(clippy::type_complexity)]
+fn index_pairs(words: &[Vec<u32>], freq: &[i64]) -> (FxMap<Pair, i64>, FxMap<Pair, Vec<u32>>) {
+    let mut pair_count: FxMap<Pair, i64> = FxMap::default();
+    let mut where_: FxMap<Pair, Vec<u32>> = FxMap::default();
+    for (wi, w) in words.iter().enumerate() {
+        for p in w.windows(2) {
+            let p = (p[0], p[1]);
+            *pair_count.entry(p).or_insert(0) += freq[wi];
+            let list = where_.entry(p).or_default();
+            if list.last() != Some(&(wi as u32)) {
+                list.push(wi as u32);
+            }
+        }
+    }
+    (pair_count, where_)
+}
+
+/// Writes `word` into `merged` with every occurrence of `pair` (left to right) replaced by `new`.
+fn merge_pair(word: &[u32], pair: Pair, new: u32, merged: &mut Vec<u32>) {
+    let (a, b) = pair;
+    merged.clear();
+    let mut i = 0;
+    while i < word.len() {
+        if i + 1 < word.len() && word[i] == a && word[i + 1] == b {
+            merged.push(new);
+            i += 2;
+        } else {
+            merged.push(word[i]);
+            i += 1;
+        }
     }
 }
 

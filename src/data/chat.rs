@@ -156,6 +156,15 @@ pub fn parse_messages(list: &serde_json::Value) -> std::result::Result<Vec<Messa
 
 /// Reads every conversation of a JSONL file (blank lines skipped).
 pub fn read_conversations(path: &Path) -> Result<Vec<Vec<Message>>> {
+    read_jsonl(path, parse_line)
+}
+
+/// Parses every non-blank line of the JSONL file `path` with `parse(path, 1-based line, text)`;
+/// a line that is not UTF-8 is an error naming it.
+pub(crate) fn read_jsonl<T>(
+    path: &Path,
+    mut parse: impl FnMut(&Path, usize, &str) -> Result<T>,
+) -> Result<Vec<T>> {
     let text = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
     let mut out = Vec::new();
     for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
@@ -167,7 +176,7 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Vec<Message>>> {
             line: i + 1,
             msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
         })?;
-        out.push(parse_line(path, i + 1, line)?);
+        out.push(parse(path, i + 1, line)?);
     }
     Ok(out)
 }

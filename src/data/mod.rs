@@ -1,7 +1,8 @@
 //! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
 //! and a trainable byte-level BPE), `prepare` (text -> shards), the chat template and
 //! `prepare sft` (conversations -> shards + loss masks), `prepare prefs` (preference pairs ->
-//! a pair shard) and the pair batches that feed the preference stages.
+//! a pair shard; what the two share, the `.idx` sidecar included, is `prepared.rs`) and the pair
+//! batches that feed the preference stages.
 
 pub mod bpe;
 pub mod chat;
@@ -10,6 +11,7 @@ pub mod loader;
 pub mod pairs;
 pub mod prefs;
 pub mod prepare;
+pub(crate) mod prepared;
 pub mod pretok;
 pub mod sft;
 pub mod shard;

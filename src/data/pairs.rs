@@ -13,8 +13,8 @@
 use std::path::Path;
 
 use super::error::{DataError, Result};
-use super::prefs::{PAIR_IDX_HEADER, PAIR_IDX_MAGIC, PAIR_IDX_VERSION};
-use super::shard::Shard;
+use super::prefs::PAIR_SIDECAR;
+use super::prepared::read_sidecar;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -40,69 +40,22 @@ impl PairSplit {
     /// Reads `{dir}/{name}.bin` and `{dir}/{name}.idx` (name: `prefs_train` or `prefs_val`),
     /// checking that they agree and that every id is below `vocab_size`.
     pub fn open(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
-        let shard = Shard::open(dir.join(format!("{name}.bin")))?;
-        shard.validate_vocab(vocab_size)?;
-        let path = dir.join(format!("{name}.idx"));
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, "read", e))?;
-        let bad = |msg: String| DataError::InvalidArgument(format!("{}: {msg}", path.display()));
-        if bytes.len() < PAIR_IDX_HEADER {
-            return Err(bad(format!(
-                "{} bytes, shorter than the {PAIR_IDX_HEADER}-byte header",
-                bytes.len()
-            )));
-        }
-        let i32_at = |o: usize| i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
-        if i32_at(0) != PAIR_IDX_MAGIC || i32_at(4) != PAIR_IDX_VERSION {
-            return Err(bad(format!(
-                "magic {} version {}, expected magic {PAIR_IDX_MAGIC} version {PAIR_IDX_VERSION} \
-                 (a preference-pair sidecar from `topcoat prepare prefs`)",
-                i32_at(0),
-                i32_at(4)
-            )));
-        }
-        let (p, len) = (u64_at(8) as usize, u64_at(16) as usize);
-        if len != shard.len() {
-            return Err(bad(format!(
-                "counts {len} tokens but its shard holds {}",
-                shard.len()
-            )));
-        }
-        let seqs = 2 * p;
-        let want = PAIR_IDX_HEADER + 8 * (seqs + 1) + 8 * seqs + len;
-        if p == 0 || bytes.len() != want {
-            return Err(bad(format!(
-                "{} bytes for {p} pairs and {len} tokens, expected {want} (and at least one pair)",
-                bytes.len()
-            )));
-        }
-        let offsets: Vec<usize> = (0..=seqs)
-            .map(|i| u64_at(PAIR_IDX_HEADER + 8 * i) as usize)
-            .collect();
-        if offsets[0] != 0 || offsets[seqs] != len || offsets.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(bad(
-                "sequence offsets are not increasing from 0 to the token count".into(),
-            ));
-        }
-        let starts_at = PAIR_IDX_HEADER + 8 * (seqs + 1);
-        let starts: Vec<usize> = (0..seqs)
-            .map(|i| u64_at(starts_at + 8 * i) as usize)
-            .collect();
-        if let Some(s) = (0..seqs).find(|&s| starts[s] >= offsets[s + 1] - offsets[s]) {
-            return Err(bad(format!(
-                "sequence {s}: response start {} is not inside its {} tokens",
+        let sidecar = read_sidecar(dir, name, vocab_size, &PAIR_SIDECAR)?;
+        let starts = sidecar.fields;
+        if let Some(s) =
+            (0..starts.len()).find(|&s| starts[s] >= sidecar.offsets[s + 1] - sidecar.offsets[s])
+        {
+            return Err(DataError::InvalidArgument(format!(
+                "{}: sequence {s}: response start {} is not inside its {} tokens",
+                dir.join(format!("{name}.idx")).display(),
                 starts[s],
-                offsets[s + 1] - offsets[s]
+                sidecar.offsets[s + 1] - sidecar.offsets[s]
             )));
         }
-        let mask = bytes[starts_at + 8 * seqs..]
-            .iter()
-            .map(|&b| b != 0)
-            .collect();
         Ok(Self {
-            tokens: shard.to_vec(),
-            mask,
-            offsets,
+            tokens: sidecar.tokens,
+            mask: sidecar.mask,
+            offsets: sidecar.offsets,
             starts,
         })
     }
@@ -288,8 +241,14 @@ impl PairLoader {
         Ok(())
     }
 
-    /// The next full batch, advancing the position (an epoch boundary may fall inside it).
-    pub fn next_batch(&mut self) -> PairBatch {
+    /// The split the pairs are drawn from.
+    pub fn split(&self) -> &PairSplit {
+        &self.split
+    }
+
+    /// The next full batch's pair indices, advancing the position (an epoch boundary may fall
+    /// inside it); each epoch's order is a permutation drawn from `(seed, epoch)`.
+    pub fn next_pairs(&mut self) -> Vec<usize> {
         let mut picked = Vec::with_capacity(self.capacity);
         for _ in 0..self.capacity {
             if self.order_epoch != Some(self.pos.epoch) {
@@ -307,6 +266,12 @@ impl PairLoader {
                 };
             }
         }
+        picked
+    }
+
+    /// The next full batch, advancing the position (see [`PairLoader::next_pairs`]).
+    pub fn next_batch(&mut self) -> PairBatch {
+        let picked = self.next_pairs();
         fill_pair_batch(&self.split, &picked, self.capacity, self.t, self.pad)
     }
 }

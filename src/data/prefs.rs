@@ -24,9 +24,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::chat::{parse_messages, render, Message, Role};
+use super::chat::{parse_messages, read_jsonl, render, Message, Role};
 use super::error::{DataError, Result};
-use super::sft::{pick_val, write_atomic};
+use super::prepared::{
+    check_options, split_train_val, write_sidecar, SidecarFormat, SidecarSeq, IDX_HEADER,
+};
 use super::shard::write_shard;
 use super::tokenizer::Tokenizer;
 
@@ -34,7 +36,19 @@ use super::tokenizer::Tokenizer;
 pub const PAIR_IDX_MAGIC: i32 = 20240602;
 pub const PAIR_IDX_VERSION: i32 = 1;
 /// Bytes before the offsets: magic, version, pair count (u64), token count (u64).
-pub const PAIR_IDX_HEADER: usize = 24;
+pub const PAIR_IDX_HEADER: usize = IDX_HEADER;
+
+/// The pair sidecar: two sequences per pair, each with its response start.
+pub(crate) const PAIR_SIDECAR: SidecarFormat = SidecarFormat {
+    magic: PAIR_IDX_MAGIC,
+    version: PAIR_IDX_VERSION,
+    seqs_per_item: 2,
+    fields_per_seq: 1,
+    min_items: 1,
+    items: "pairs",
+    seq: "sequence",
+    hint: " (a preference-pair sidecar from `topcoat prepare prefs`)",
+};
 
 /// One parsed preference line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,20 +194,7 @@ pub fn parse_pref_line(path: &Path, line: usize, text: &str) -> Result<Preferenc
 
 /// Reads every preference line of a JSONL file (blank lines skipped).
 pub fn read_preferences(path: &Path) -> Result<Vec<Preference>> {
-    let text = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
-    let mut out = Vec::new();
-    for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-        if raw.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        let line = std::str::from_utf8(raw).map_err(|e| DataError::Jsonl {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
-        })?;
-        out.push(parse_pref_line(path, i + 1, line)?);
-    }
-    Ok(out)
+    read_jsonl(path, parse_pref_line)
 }
 
 fn render_side(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> PairSeq {
@@ -228,18 +229,7 @@ pub fn prepare_prefs(
     tok: &Tokenizer,
     opts: &PrefsPrepareOptions,
 ) -> Result<PrefsPrepareSummary> {
-    if opts.max_len < 2 {
-        return Err(DataError::InvalidArgument(format!(
-            "max_len {} is too small: a sequence needs at least 2 tokens",
-            opts.max_len
-        )));
-    }
-    if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "val_fraction {} is not in [0, 1)",
-            opts.val_fraction
-        )));
-    }
+    check_options(opts.max_len, opts.val_fraction, "a sequence")?;
     let prefs = read_preferences(input)?;
     let mut s = PrefsPrepareSummary {
         pairs: prefs.len(),
@@ -270,11 +260,7 @@ pub fn prepare_prefs(
             s.identical
         )));
     }
-    let is_val = pick_val(kept.len(), opts.val_fraction, opts.seed);
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (r, v) in kept.into_iter().zip(is_val) {
-        if v { &mut val } else { &mut train }.push(r);
-    }
+    let (train, val) = split_train_val(kept, opts.val_fraction, opts.seed);
     std::fs::create_dir_all(&opts.out).map_err(|e| DataError::io(&opts.out, "create", e))?;
     s.train_pairs = train.len();
     s.val_pairs = val.len();
@@ -294,22 +280,18 @@ pub fn write_pairs(dir: &Path, name: &str, pairs: &[RenderedPair], vocab: usize)
         .collect();
     let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
     write_shard(dir.join(format!("{name}.bin")), &ids, vocab)?;
-    let mut bytes = Vec::with_capacity(PAIR_IDX_HEADER + 16 * seqs.len() + 8 + ids.len());
-    bytes.extend(PAIR_IDX_MAGIC.to_le_bytes());
-    bytes.extend(PAIR_IDX_VERSION.to_le_bytes());
-    bytes.extend((pairs.len() as u64).to_le_bytes());
-    bytes.extend((ids.len() as u64).to_le_bytes());
-    let mut off = 0u64;
-    bytes.extend(off.to_le_bytes());
-    for s in &seqs {
-        off += s.ids.len() as u64;
-        bytes.extend(off.to_le_bytes());
-    }
-    for s in &seqs {
-        bytes.extend((s.response_start as u64).to_le_bytes());
-    }
-    bytes.extend(seqs.iter().flat_map(|s| s.mask.iter().map(|&m| m as u8)));
-    write_atomic(&dir.join(format!("{name}.idx")), &bytes)?;
+    let starts: Vec<[u64; 1]> = seqs.iter().map(|s| [s.response_start as u64]).collect();
+    let sidecar: Vec<SidecarSeq> = seqs
+        .iter()
+        .zip(&starts)
+        .map(|(s, start)| SidecarSeq {
+            len: s.ids.len(),
+            fields: start,
+            mask: &s.mask,
+        })
+        .collect();
+    let path = dir.join(format!("{name}.idx"));
+    write_sidecar(&path, &PAIR_SIDECAR, pairs.len(), &sidecar)?;
     Ok(ids.len())
 }
 

@@ -50,6 +50,22 @@ impl PrepareOptions {
             shard_tokens: 100_000_000,
         }
     }
+
+    /// Refuses a `val_fraction` outside `[0, 1)` and empty shards.
+    fn check(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(DataError::InvalidArgument(format!(
+                "val_fraction must be in [0, 1), got {}",
+                self.val_fraction
+            )));
+        }
+        if self.shard_tokens == 0 {
+            return Err(DataError::InvalidArgument(
+                "shard_tokens must be >= 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +294,20 @@ struct SplitWriter {
 }
 
 impl SplitWriter {
+    /// A writer of `{prefix}_NNNNNN.bin` shards into `dir`.
+    fn new(prefix: &'static str, dir: &Path, vocab_size: usize, opts: &PrepareOptions) -> Self {
+        Self {
+            prefix,
+            dir: dir.to_path_buf(),
+            vocab_size,
+            shard_tokens: opts.shard_tokens as u64,
+            current: None,
+            done: Vec::new(),
+            tokens: 0,
+            docs: 0,
+        }
+    }
+
     fn write(&mut self, mut tokens: &[u32], progress: &dyn Fn(ProgressEvent)) -> Result<()> {
         while !tokens.is_empty() {
             if self.current.is_none() {
@@ -312,6 +342,73 @@ impl SplitWriter {
     }
 }
 
+/// Documents and bytes in `files`, for progress.
+fn survey(files: &[PathBuf]) -> Result<(usize, u64)> {
+    let mut docs_total = 0;
+    let mut bytes_total = 0u64;
+    for f in files {
+        docs_total += count_docs(f)?;
+        bytes_total += fs::metadata(f)
+            .map_err(|e| DataError::io(f, "stat", e))?
+            .len();
+    }
+    Ok((docs_total, bytes_total))
+}
+
+/// Whether document `i` (0-based, in reading order) of `docs_total` goes to validation: every
+/// `round(1 / val_fraction)`-th one, or the last when there are fewer documents than that.
+fn val_rule(val_fraction: f64, docs_total: usize) -> impl Fn(usize) -> bool {
+    let k = if val_fraction == 0.0 {
+        0
+    } else {
+        ((1.0 / val_fraction).round() as usize).max(1)
+    };
+    move |i: usize| {
+        k != 0 && (i % k == k - 1 || (docs_total >= 2 && docs_total < k && i == docs_total - 1))
+    }
+}
+
+/// Removes the shards of an earlier preparation from `out`, then moves the finished shards of
+/// `train` and `val` there from `staging`.
+fn install_shards(
+    out: &Path,
+    staging: &Path,
+    train: &SplitWriter,
+    val: &SplitWriter,
+) -> Result<PrepareSummary> {
+    let mut summary = PrepareSummary {
+        docs_train: train.docs,
+        docs_val: val.docs,
+        tokens_train: train.tokens,
+        tokens_val: val.tokens,
+        ..Default::default()
+    };
+    // Shards of an earlier, larger preparation would otherwise be read alongside the new ones.
+    for entry in fs::read_dir(out).map_err(|e| DataError::io(out, "list", e))? {
+        let path = entry.map_err(|e| DataError::io(out, "list", e))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stale =
+            (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
+        if stale && path.is_file() {
+            fs::remove_file(&path).map_err(|e| DataError::io(&path, "remove stale shard", e))?;
+        }
+    }
+    for (names, dst) in [
+        (&train.done, &mut summary.train_files),
+        (&val.done, &mut summary.val_files),
+    ] {
+        for name in names {
+            let to = out.join(name);
+            fs::rename(staging.join(name), &to).map_err(|e| DataError::io(&to, "rename", e))?;
+            dst.push(to);
+        }
+    }
+    Ok(summary)
+}
+
 /// Tokenizes `inputs` into train/val shards under `opts.out_dir` (see the module doc).
 pub fn prepare(
     inputs: &[impl AsRef<Path>],
@@ -319,39 +416,15 @@ pub fn prepare(
     opts: &PrepareOptions,
     progress: &dyn Fn(ProgressEvent),
 ) -> Result<PrepareSummary> {
-    if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "val_fraction must be in [0, 1), got {}",
-            opts.val_fraction
-        )));
-    }
-    if opts.shard_tokens == 0 {
-        return Err(DataError::InvalidArgument(
-            "shard_tokens must be >= 1".into(),
-        ));
-    }
+    opts.check()?;
     let files = collect_inputs(inputs)?;
-    let mut docs_total = 0;
-    let mut bytes_total = 0u64;
-    for f in &files {
-        docs_total += count_docs(f)?;
-        bytes_total += fs::metadata(f)
-            .map_err(|e| DataError::io(f, "stat", e))?
-            .len();
-    }
+    let (docs_total, bytes_total) = survey(&files)?;
     progress(ProgressEvent::Start {
         files: files.len(),
         docs: docs_total,
         bytes: bytes_total,
     });
-    let k = if opts.val_fraction == 0.0 {
-        0
-    } else {
-        ((1.0 / opts.val_fraction).round() as usize).max(1)
-    };
-    let is_val = |i: usize| {
-        k != 0 && (i % k == k - 1 || (docs_total >= 2 && docs_total < k && i == docs_total - 1))
-    };
+    let is_val = val_rule(opts.val_fraction, docs_total);
 
     let out = &opts.out_dir;
     fs::create_dir_all(out).map_err(|e| DataError::io(out, "create directory", e))?;
@@ -360,18 +433,8 @@ pub fn prepare(
     };
     fs::create_dir_all(&staging.dir)
         .map_err(|e| DataError::io(&staging.dir, "create directory", e))?;
-    let vocab_size = tokenizer.vocab_size();
     let eot = tokenizer.eot();
-    let mk = |prefix| SplitWriter {
-        prefix,
-        dir: staging.dir.clone(),
-        vocab_size,
-        shard_tokens: opts.shard_tokens as u64,
-        current: None,
-        done: Vec::new(),
-        tokens: 0,
-        docs: 0,
-    };
+    let mk = |prefix| SplitWriter::new(prefix, &staging.dir, tokenizer.vocab_size(), opts);
     let (mut train, mut val) = (mk("train"), mk("val"));
 
     let mut group: Vec<(String, u64)> = Vec::new();
@@ -421,36 +484,7 @@ pub fn prepare(
     val.close(progress)?;
 
     // Every input has been read: move the shards into place.
-    let mut summary = PrepareSummary {
-        docs_train: train.docs,
-        docs_val: val.docs,
-        tokens_train: train.tokens,
-        tokens_val: val.tokens,
-        ..Default::default()
-    };
-    // Shards of an earlier, larger preparation would otherwise be read alongside the new ones.
-    for entry in fs::read_dir(out).map_err(|e| DataError::io(out, "list", e))? {
-        let path = entry.map_err(|e| DataError::io(out, "list", e))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let stale =
-            (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
-        if stale && path.is_file() {
-            fs::remove_file(&path).map_err(|e| DataError::io(&path, "remove stale shard", e))?;
-        }
-    }
-    for (names, dst) in [
-        (&train.done, &mut summary.train_files),
-        (&val.done, &mut summary.val_files),
-    ] {
-        for name in names {
-            let to = out.join(name);
-            fs::rename(staging.dir.join(name), &to).map_err(|e| DataError::io(&to, "rename", e))?;
-            dst.push(to);
-        }
-    }
+    let summary = install_shards(out, &staging.dir, &train, &val)?;
     drop(staging);
     Ok(summary)
 }

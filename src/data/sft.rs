@@ -10,19 +10,31 @@
 //! examples for validation (at least one when the fraction is positive and there are two or more
 //! examples); both splits keep file order. Every file is written to a temp file and renamed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::chat::{read_conversations, render, Rendered};
 use super::error::{DataError, Result};
-use super::shard::{temp_sibling, write_shard, Shard};
+use super::prepared::{
+    check_options, read_sidecar, split_train_val, write_sidecar, SidecarFormat, SidecarSeq,
+};
+use super::shard::write_shard;
 use super::tokenizer::Tokenizer;
-use crate::rng::Rng;
 
 /// Sidecar magic and version (the first two little-endian i32 of a `.idx` file).
 pub const IDX_MAGIC: i32 = 20240601;
 pub const IDX_VERSION: i32 = 1;
-const IDX_HEADER: usize = 24;
+
+/// The SFT sidecar: one sequence per example, no per-sequence fields.
+const SFT_SIDECAR: SidecarFormat = SidecarFormat {
+    magic: IDX_MAGIC,
+    version: IDX_VERSION,
+    seqs_per_item: 1,
+    fields_per_seq: 0,
+    min_items: 0,
+    items: "examples",
+    seq: "example",
+    hint: "",
+};
 
 #[derive(Clone, Debug)]
 pub struct SftPrepareOptions {
@@ -65,18 +77,7 @@ pub fn prepare_sft(
     tok: &Tokenizer,
     opts: &SftPrepareOptions,
 ) -> Result<SftPrepareSummary> {
-    if opts.max_len < 2 {
-        return Err(DataError::InvalidArgument(format!(
-            "max_len {} is too small: an example needs at least 2 tokens",
-            opts.max_len
-        )));
-    }
-    if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "val_fraction {} is not in [0, 1)",
-            opts.val_fraction
-        )));
-    }
+    check_options(opts.max_len, opts.val_fraction, "an example")?;
     let convs = read_conversations(input)?;
     let mut s = SftPrepareSummary {
         conversations: convs.len(),
@@ -106,11 +107,7 @@ pub fn prepare_sft(
             opts.max_len
         )));
     }
-    let is_val = pick_val(examples.len(), opts.val_fraction, opts.seed);
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (r, v) in examples.into_iter().zip(is_val) {
-        if v { &mut val } else { &mut train }.push(r);
-    }
+    let (train, val) = split_train_val(examples, opts.val_fraction, opts.seed);
     std::fs::create_dir_all(&opts.out).map_err(|e| DataError::io(&opts.out, "create", e))?;
     s.train_examples = train.len();
     s.val_examples = val.len();
@@ -132,53 +129,17 @@ fn write_split(dir: &Path, name: &str, examples: &[Rendered], vocab: usize) -> R
         .flat_map(|r| r.ids.iter().copied())
         .collect();
     write_shard(dir.join(format!("{name}.bin")), &ids, vocab)?;
-    let mut bytes = Vec::with_capacity(IDX_HEADER + 8 * (examples.len() + 1) + ids.len());
-    bytes.extend(IDX_MAGIC.to_le_bytes());
-    bytes.extend(IDX_VERSION.to_le_bytes());
-    bytes.extend((examples.len() as u64).to_le_bytes());
-    bytes.extend((ids.len() as u64).to_le_bytes());
-    let mut off = 0u64;
-    bytes.extend(off.to_le_bytes());
-    for r in examples {
-        off += r.ids.len() as u64;
-        bytes.extend(off.to_le_bytes());
-    }
-    bytes.extend(
-        examples
-            .iter()
-            .flat_map(|r| r.loss_mask.iter().map(|&m| m as u8)),
-    );
-    write_atomic(&dir.join(format!("{name}.idx")), &bytes)?;
+    let seqs: Vec<SidecarSeq> = examples
+        .iter()
+        .map(|r| SidecarSeq {
+            len: r.ids.len(),
+            fields: &[],
+            mask: &r.loss_mask,
+        })
+        .collect();
+    let path = dir.join(format!("{name}.idx"));
+    write_sidecar(&path, &SFT_SIDECAR, examples.len(), &seqs)?;
     Ok(ids.len())
-}
-
-/// Which of `n` items go to validation: a seeded shuffle picks `round(n * val_fraction)` of them
-/// (at least one when the fraction is positive and `n >= 2`, never all).
-pub(crate) fn pick_val(n: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
-    let mut n_val = (n as f64 * val_fraction).round() as usize;
-    if val_fraction > 0.0 && n >= 2 {
-        n_val = n_val.max(1);
-    }
-    n_val = n_val.min(n.saturating_sub(1));
-    let mut order: Vec<usize> = (0..n).collect();
-    Rng::new(seed).shuffle(&mut order);
-    let mut is_val = vec![false; n];
-    for &i in &order[..n_val] {
-        is_val[i] = true;
-    }
-    is_val
-}
-
-/// Writes `bytes` to a temp file next to `path`, syncs it and renames it into place.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_sibling(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    write().map_err(|e| DataError::io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, "rename", e))
 }
 
 /// The examples of one prepared split, in memory.
@@ -194,56 +155,11 @@ impl SftSplit {
     /// Reads `{dir}/{name}.bin` and `{dir}/{name}.idx` (name: `sft_train` or `sft_val`),
     /// checking that they agree and that every id is below `vocab_size`.
     pub fn open(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
-        let shard = Shard::open(dir.join(format!("{name}.bin")))?;
-        shard.validate_vocab(vocab_size)?;
-        let path = dir.join(format!("{name}.idx"));
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, "read", e))?;
-        let bad = |msg: String| DataError::InvalidArgument(format!("{}: {msg}", path.display()));
-        if bytes.len() < IDX_HEADER {
-            return Err(bad(format!(
-                "{} bytes, shorter than the {IDX_HEADER}-byte header",
-                bytes.len()
-            )));
-        }
-        let i32_at = |o: usize| i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
-        if i32_at(0) != IDX_MAGIC || i32_at(4) != IDX_VERSION {
-            return Err(bad(format!(
-                "magic {} version {}, expected magic {IDX_MAGIC} version {IDX_VERSION}",
-                i32_at(0),
-                i32_at(4)
-            )));
-        }
-        let (n, len) = (u64_at(8) as usize, u64_at(16) as usize);
-        if len != shard.len() {
-            return Err(bad(format!(
-                "counts {len} tokens but its shard holds {}",
-                shard.len()
-            )));
-        }
-        let want = IDX_HEADER + 8 * (n + 1) + len;
-        if bytes.len() != want {
-            return Err(bad(format!(
-                "{} bytes, expected {want} for {n} examples and {len} tokens",
-                bytes.len()
-            )));
-        }
-        let offsets: Vec<usize> = (0..=n)
-            .map(|i| u64_at(IDX_HEADER + 8 * i) as usize)
-            .collect();
-        if offsets[0] != 0 || offsets[n] != len || offsets.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(bad(
-                "example offsets are not increasing from 0 to the token count".into(),
-            ));
-        }
-        let mask = bytes[IDX_HEADER + 8 * (n + 1)..]
-            .iter()
-            .map(|&b| b != 0)
-            .collect();
+        let sidecar = read_sidecar(dir, name, vocab_size, &SFT_SIDECAR)?;
         Ok(Self {
-            tokens: shard.to_vec(),
-            mask,
-            offsets,
+            tokens: sidecar.tokens,
+            mask: sidecar.mask,
+            offsets: sidecar.offsets,
         })
     }
 

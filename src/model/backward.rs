@@ -6,7 +6,8 @@
 //! into the residual-stream gradient `dresidual`, summing the two branches of every block, so
 //! that buffer alone is zeroed, once per pass.
 
-use super::{Gpt, GradScratch, ModelError, Result};
+use super::activations::LayerActs;
+use super::{Gpt, GradScratch, LayerIdx, ModelError, Result};
 use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
@@ -53,143 +54,174 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let (n, c, nh) = (b * t, cfg.n_embd, cfg.n_head);
         let lay = &self.layout;
-        let p = &self.params;
-        let g = &mut self.grads;
         let acts = self
             .acts
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
-        let s = self
+        let scratch = self
             .scratch
             .as_mut()
             .ok_or_else(|| ModelError::Invalid("backward_trunk before ensure_scratch".into()))?;
-        let pos = self.packing.as_ref().map(|p| &p.positions);
-        let starts = self.packing.as_ref().map(|p| &p.starts);
-
+        let mut pass = TrunkPass {
+            be,
+            p: &self.params,
+            g: &mut self.grads,
+            s: scratch,
+            n: b * t,
+            c: self.cfg.n_embd,
+        };
         let last = acts.layers.last().expect("at least one layer");
-        be.fill_zero(&mut s.dresidual)?;
-        let (gw, gb) = two_mut(g, lay.lnf_w, lay.lnf_b);
-        be.layernorm_backward(
-            &mut s.dresidual,
-            gw,
-            gb,
-            &s.dln,
+        pass.be.fill_zero(&mut pass.s.dresidual)?;
+        pass.layernorm(
+            lay.lnf_w,
+            lay.lnf_b,
             &last.residual3,
-            &p[lay.lnf_w],
             &acts.lnf_mean,
             &acts.lnf_rstd,
-            n,
-            c,
         )?;
-
+        let starts = self.packing.as_ref().map(|p| &p.starts);
         for l in (0..acts.layers.len()).rev() {
-            let w = &lay.layers[l];
-            let a = &acts.layers[l];
+            let (w, a) = (&lay.layers[l], &acts.layers[l]);
             let resid_in = if l == 0 {
                 &acts.encoded
             } else {
                 &acts.layers[l - 1].residual3
             };
-
-            // MLP branch: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))); the
-            // fc_proj backward carries its input gradient on through the GELU to dfch.
-            let (gw, gb) = two_mut(g, w.fc_proj_w, w.fc_proj_b);
-            be.matmul_gelu_backward(
-                &mut s.dfch,
-                gw,
-                Some(gb),
-                &s.dresidual,
-                &a.fch_gelu,
-                &p[w.fc_proj_w],
-                &a.fch,
-                n,
-                4 * c,
-                c,
-            )?;
-            let (gw, gb) = two_mut(g, w.fc_w, w.fc_b);
-            be.matmul_backward(
-                &mut s.dln,
-                gw,
-                Some(gb),
-                &s.dfch,
-                &a.ln2,
-                &p[w.fc_w],
-                n,
-                c,
-                4 * c,
-            )?;
-            let (gw, gb) = two_mut(g, w.ln2_w, w.ln2_b);
-            be.layernorm_backward(
-                &mut s.dresidual,
-                gw,
-                gb,
-                &s.dln,
-                &a.residual2,
-                &p[w.ln2_w],
-                &a.ln2_mean,
-                &a.ln2_rstd,
-                n,
-                c,
-            )?;
-
-            // Attention branch: residual2 = resid_in + attn_proj(attention(qkv(ln1(resid_in)))).
-            let (gw, gb) = two_mut(g, w.attn_proj_w, w.attn_proj_b);
-            be.matmul_backward(
-                &mut s.datty,
-                gw,
-                Some(gb),
-                &s.dresidual,
-                &a.atty,
-                &p[w.attn_proj_w],
-                n,
-                c,
-                c,
-            )?;
-            be.attention_backward(
-                &mut s.dqkv,
-                &s.datty,
-                &a.qkv,
-                &a.atty,
-                &a.lse,
-                starts,
-                b,
-                t,
-                c,
-                nh,
-            )?;
-            let (gw, gb) = two_mut(g, w.qkv_w, w.qkv_b);
-            be.matmul_backward(
-                &mut s.dln,
-                gw,
-                Some(gb),
-                &s.dqkv,
-                &a.ln1,
-                &p[w.qkv_w],
-                n,
-                c,
-                3 * c,
-            )?;
-            let (gw, gb) = two_mut(g, w.ln1_w, w.ln1_b);
-            be.layernorm_backward(
-                &mut s.dresidual,
-                gw,
-                gb,
-                &s.dln,
-                resid_in,
-                &p[w.ln1_w],
-                &a.ln1_mean,
-                &a.ln1_rstd,
-                n,
-                c,
-            )?;
+            pass.mlp(w, a)?;
+            pass.attention(w, a, starts, b, t, self.cfg.n_head)?;
+            pass.layernorm(w.ln1_w, w.ln1_b, resid_in, &a.ln1_mean, &a.ln1_rstd)?;
         }
-
         let ids = be.upload_ids(inputs)?;
-        let (gte, gpe) = two_mut(g, lay.wte, lay.wpe);
-        be.encoder_backward(gte, gpe, &s.dresidual, &ids, pos, b, t, c)?;
+        let pos = self.packing.as_ref().map(|p| &p.positions);
+        let (gte, gpe) = two_mut(pass.g, lay.wte, lay.wpe);
+        be.encoder_backward(gte, gpe, &pass.s.dresidual, &ids, pos, b, t, pass.c)?;
+        Ok(())
+    }
+}
+
+/// What the trunk's backward pass works on: the parameters, their gradients and the gradient
+/// scratch, for `n` positions of width `c`.
+struct TrunkPass<'a, B: Backend> {
+    be: &'a B,
+    p: &'a [B::Buf],
+    g: &'a mut [B::Buf],
+    s: &'a mut GradScratch<B>,
+    n: usize,
+    c: usize,
+}
+
+impl<B: Backend> TrunkPass<'_, B> {
+    /// A layernorm (weights `w_idx`, `b_idx`) whose input was `input`: from `dln` into the
+    /// residual-stream gradient, which it accumulates into.
+    fn layernorm(
+        &mut self,
+        w_idx: usize,
+        b_idx: usize,
+        input: &B::Buf,
+        mean: &B::Buf,
+        rstd: &B::Buf,
+    ) -> Result<()> {
+        let (gw, gb) = two_mut(self.g, w_idx, b_idx);
+        let s = &mut *self.s;
+        self.be.layernorm_backward(
+            &mut s.dresidual,
+            gw,
+            gb,
+            &s.dln,
+            input,
+            &self.p[w_idx],
+            mean,
+            rstd,
+            self.n,
+            self.c,
+        )?;
+        Ok(())
+    }
+
+    /// The MLP branch, residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))), down to the
+    /// residual-stream gradient; the fc_proj backward carries its input gradient on through
+    /// the GELU to dfch.
+    fn mlp(&mut self, w: &LayerIdx, a: &LayerActs<B>) -> Result<()> {
+        let (be, p, n, c) = (self.be, self.p, self.n, self.c);
+        let (gw, gb) = two_mut(self.g, w.fc_proj_w, w.fc_proj_b);
+        let s = &mut *self.s;
+        be.matmul_gelu_backward(
+            &mut s.dfch,
+            gw,
+            Some(gb),
+            &s.dresidual,
+            &a.fch_gelu,
+            &p[w.fc_proj_w],
+            &a.fch,
+            n,
+            4 * c,
+            c,
+        )?;
+        let (gw, gb) = two_mut(self.g, w.fc_w, w.fc_b);
+        be.matmul_backward(
+            &mut s.dln,
+            gw,
+            Some(gb),
+            &s.dfch,
+            &a.ln2,
+            &p[w.fc_w],
+            n,
+            c,
+            4 * c,
+        )?;
+        self.layernorm(w.ln2_w, w.ln2_b, &a.residual2, &a.ln2_mean, &a.ln2_rstd)
+    }
+
+    /// The attention branch, residual2 = resid_in + attn_proj(attention(qkv(ln1(resid_in)))),
+    /// down to `dln` (the gradient on ln1's output); `starts` is the packing's, if any.
+    fn attention(
+        &mut self,
+        w: &LayerIdx,
+        a: &LayerActs<B>,
+        starts: Option<&B::Ids>,
+        b: usize,
+        t: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let (be, p, n, c) = (self.be, self.p, self.n, self.c);
+        let (gw, gb) = two_mut(self.g, w.attn_proj_w, w.attn_proj_b);
+        let s = &mut *self.s;
+        be.matmul_backward(
+            &mut s.datty,
+            gw,
+            Some(gb),
+            &s.dresidual,
+            &a.atty,
+            &p[w.attn_proj_w],
+            n,
+            c,
+            c,
+        )?;
+        be.attention_backward(
+            &mut s.dqkv,
+            &s.datty,
+            &a.qkv,
+            &a.atty,
+            &a.lse,
+            starts,
+            b,
+            t,
+            c,
+            nh,
+        )?;
+        let (gw, gb) = two_mut(self.g, w.qkv_w, w.qkv_b);
+        be.matmul_backward(
+            &mut s.dln,
+            gw,
+            Some(gb),
+            &s.dqkv,
+            &a.ln1,
+            &p[w.qkv_w],
+            n,
+            c,
+            3 * c,
+        )?;
         Ok(())
     }
 }

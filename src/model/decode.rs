@@ -54,6 +54,29 @@ impl<B: Backend> StepActs<B> {
     }
 }
 
+/// `[B*C]` each row's last new position: its residual, its final layernorm and statistics `[B]`.
+struct LastPosition<B: Backend> {
+    resid: B::Buf,
+    lnf: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+}
+
+/// The shape of one `extend` call: `b` rows of `tn` new tokens after `past` cached ones.
+#[derive(Clone, Copy)]
+struct StepShape {
+    b: usize,
+    tn: usize,
+    past: usize,
+}
+
+impl StepShape {
+    /// Positions run (`N = B*Tn`).
+    fn n(self) -> usize {
+        self.b * self.tn
+    }
+}
+
 /// Keys and values of every position seen so far, for `B` rows, plus the logits of the last.
 pub struct KvCache<B: Backend> {
     cfg: ModelConfig,
@@ -63,11 +86,7 @@ pub struct KvCache<B: Backend> {
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
     step: Option<StepActs<B>>,
-    /// `[B*C]` the last new position's residual, its final layernorm and statistics.
-    last: B::Buf,
-    lnf: B::Buf,
-    lnf_mean: B::Buf,
-    lnf_rstd: B::Buf,
+    last: LastPosition<B>,
     /// `[B*VP]` logits of each row's last position.
     logits: B::Buf,
 }
@@ -93,10 +112,12 @@ impl<B: Backend> KvCache<B> {
             k,
             v,
             step: None,
-            last: z(b * c)?,
-            lnf: z(b * c)?,
-            lnf_mean: z(b)?,
-            lnf_rstd: z(b)?,
+            last: LastPosition {
+                resid: z(b * c)?,
+                lnf: z(b * c)?,
+                mean: z(b)?,
+                rstd: z(b)?,
+            },
             logits: z(b * cfg.padded_vocab_size)?,
         })
     }
@@ -161,14 +182,35 @@ impl<B: Backend> Gpt<B> {
     /// logits of each row's last new token. Errors (leaving the cache as it was) if the ids are
     /// outside the vocabulary or `len + Tn` exceeds `max_seq_len`.
     pub fn extend(&self, be: &B, cache: &mut KvCache<B>, ids: &[i32], tn: usize) -> Result<()> {
+        self.check_extend(cache, ids, tn)?;
+        let shape = StepShape {
+            b: cache.b,
+            tn,
+            past: cache.len,
+        };
+        if !matches!(&cache.step, Some(s) if s.tn == tn) {
+            cache.step = None;
+            cache.step = Some(StepActs::new(be, &self.cfg, shape.b, tn)?);
+        }
+        let s = cache.step.as_mut().expect("allocated above");
+        self.embed_new(be, s, ids, shape)?;
+        for l in 0..self.layout.layers.len() {
+            self.block_step(be, s, &mut cache.k[l], &mut cache.v[l], l, shape)?;
+            self.close_block(be, s, &mut cache.last, l, shape)?;
+        }
+        self.head_step(be, s, &mut cache.last, &mut cache.logits, shape)?;
+        cache.len = shape.past + tn;
+        Ok(())
+    }
+
+    /// Refuses an `extend` the cache cannot take (see [`Gpt::extend`]).
+    fn check_extend(&self, cache: &KvCache<B>, ids: &[i32], tn: usize) -> Result<()> {
         if cache.cfg != self.cfg {
             return Err(ModelError::Invalid(
                 "the KV cache was made for a model of another shape".into(),
             ));
         }
-        let b = cache.b;
-        let past = cache.len;
-        let tmax = self.cfg.max_seq_len;
+        let (past, tmax) = (cache.len, self.cfg.max_seq_len);
         if tn == 0 {
             return Err(ModelError::Invalid("extend with no new tokens".into()));
         }
@@ -177,20 +219,16 @@ impl<B: Backend> Gpt<B> {
                 "{past} cached + {tn} new positions exceed the model's max_seq_len {tmax}"
             )));
         }
-        self.check_ids("ids", ids, b, tn, false)?;
-        if !matches!(&cache.step, Some(s) if s.tn == tn) {
-            cache.step = None;
-            cache.step = Some(StepActs::new(be, &self.cfg, b, tn)?);
-        }
-        let cfg = &self.cfg;
-        let (n, c, nh, vp) = (b * tn, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size);
-        let lay = &self.layout;
-        let p = &self.params;
-        let s = cache.step.as_mut().expect("allocated above");
+        self.check_ids("ids", ids, cache.b, tn, false)
+    }
 
+    /// Token plus position embeddings of the new tokens (explicit positions `past ..`), then
+    /// the first block's ln_1.
+    fn embed_new(&self, be: &B, s: &mut StepActs<B>, ids: &[i32], sh: StepShape) -> Result<()> {
+        let (lay, p, c) = (&self.layout, &self.params, self.cfg.n_embd);
         let gids = be.upload_ids(ids)?;
-        let pos: Vec<i32> = (0..b)
-            .flat_map(|_| (past..past + tn).map(|x| x as i32))
+        let pos: Vec<i32> = (0..sh.b)
+            .flat_map(|_| (sh.past..sh.past + sh.tn).map(|x| x as i32))
             .collect();
         let gpos = be.upload_ids(&pos)?;
         be.encoder_forward(
@@ -199,8 +237,8 @@ impl<B: Backend> Gpt<B> {
             Some(&gpos),
             &p[lay.wte],
             &p[lay.wpe],
-            b,
-            tn,
+            sh.b,
+            sh.tn,
             c,
         )?;
         let l0 = &lay.layers[0];
@@ -211,118 +249,156 @@ impl<B: Backend> Gpt<B> {
             &s.resid,
             &p[l0.ln1_w],
             &p[l0.ln1_b],
+            sh.n(),
+            c,
+        )?;
+        Ok(())
+    }
+
+    /// Block `l` on the new positions up to its last residual add: attention over the cache
+    /// (appending the new keys and values to `k`, `v`), ln_2, and the MLP into `s.proj`.
+    fn block_step(
+        &self,
+        be: &B,
+        s: &mut StepActs<B>,
+        k: &mut B::Buf,
+        v: &mut B::Buf,
+        l: usize,
+        sh: StepShape,
+    ) -> Result<()> {
+        let (p, w) = (&self.params, &self.layout.layers[l]);
+        let (n, c, nh) = (sh.n(), self.cfg.n_embd, self.cfg.n_head);
+        be.matmul_forward(
+            &mut s.qkv,
+            &s.ln,
+            &p[w.qkv_w],
+            Some(&p[w.qkv_b]),
+            n,
+            c,
+            3 * c,
+        )?;
+        be.attention_cached_forward(
+            &mut s.atty,
+            &s.qkv,
+            k,
+            v,
+            sh.b,
+            sh.tn,
+            sh.past,
+            self.cfg.max_seq_len,
+            c,
+            nh,
+        )?;
+        be.matmul_forward(
+            &mut s.proj,
+            &s.atty,
+            &p[w.attn_proj_w],
+            Some(&p[w.attn_proj_b]),
+            n,
+            c,
+            c,
+        )?;
+        be.residual_layernorm_forward(
+            &mut s.resid2,
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.resid,
+            &s.proj,
+            &p[w.ln2_w],
+            &p[w.ln2_b],
             n,
             c,
         )?;
-        let n_layer = lay.layers.len();
-        for (l, w) in lay.layers.iter().enumerate() {
-            be.matmul_forward(
-                &mut s.qkv,
-                &s.ln,
-                &p[w.qkv_w],
-                Some(&p[w.qkv_b]),
-                n,
-                c,
-                3 * c,
-            )?;
-            be.attention_cached_forward(
-                &mut s.atty,
-                &s.qkv,
-                &mut cache.k[l],
-                &mut cache.v[l],
-                b,
-                tn,
-                past,
-                tmax,
-                c,
-                nh,
-            )?;
-            be.matmul_forward(
-                &mut s.proj,
-                &s.atty,
-                &p[w.attn_proj_w],
-                Some(&p[w.attn_proj_b]),
-                n,
-                c,
-                c,
-            )?;
+        let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
+        be.matmul_gelu_forward(&mut s.fch_gelu, &mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
+        be.matmul_forward(
+            &mut s.proj,
+            &s.fch_gelu,
+            &p[w.fc_proj_w],
+            Some(&p[w.fc_proj_b]),
+            n,
+            4 * c,
+            c,
+        )?;
+        Ok(())
+    }
+
+    /// Block `l`'s last residual add. As in `forward`, it is fused with the layernorm that
+    /// follows it: the next block's ln_1, or ln_f when every position goes to the head (Tn = 1).
+    fn close_block(
+        &self,
+        be: &B,
+        s: &mut StepActs<B>,
+        last: &mut LastPosition<B>,
+        l: usize,
+        sh: StepShape,
+    ) -> Result<()> {
+        let (lay, p) = (&self.layout, &self.params);
+        let (n, c) = (sh.n(), self.cfg.n_embd);
+        if let Some(nw) = lay.layers.get(l + 1) {
             be.residual_layernorm_forward(
-                &mut s.resid2,
+                &mut s.resid,
                 &mut s.ln,
                 &mut s.mean,
                 &mut s.rstd,
-                &s.resid,
+                &s.resid2,
                 &s.proj,
-                &p[w.ln2_w],
-                &p[w.ln2_b],
+                &p[nw.ln1_w],
+                &p[nw.ln1_b],
                 n,
                 c,
             )?;
-            let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
-            be.matmul_gelu_forward(&mut s.fch_gelu, &mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
-            be.matmul_forward(
-                &mut s.proj,
-                &s.fch_gelu,
-                &p[w.fc_proj_w],
-                Some(&p[w.fc_proj_b]),
+        } else if sh.tn == 1 {
+            be.residual_layernorm_forward(
+                &mut s.resid,
+                &mut last.lnf,
+                &mut last.mean,
+                &mut last.rstd,
+                &s.resid2,
+                &s.proj,
+                &p[lay.lnf_w],
+                &p[lay.lnf_b],
                 n,
-                4 * c,
                 c,
             )?;
-            // As in `forward`, the residual add is fused with the layernorm that follows it:
-            // the next block's ln_1, or ln_f when every position goes to the head (Tn = 1).
-            if l + 1 < n_layer {
-                let nw = &lay.layers[l + 1];
-                be.residual_layernorm_forward(
-                    &mut s.resid,
-                    &mut s.ln,
-                    &mut s.mean,
-                    &mut s.rstd,
-                    &s.resid2,
-                    &s.proj,
-                    &p[nw.ln1_w],
-                    &p[nw.ln1_b],
-                    n,
-                    c,
-                )?;
-            } else if tn == 1 {
-                be.residual_layernorm_forward(
-                    &mut s.resid,
-                    &mut cache.lnf,
-                    &mut cache.lnf_mean,
-                    &mut cache.lnf_rstd,
-                    &s.resid2,
-                    &s.proj,
-                    &p[lay.lnf_w],
-                    &p[lay.lnf_b],
-                    n,
-                    c,
-                )?;
-            } else {
-                be.residual_forward(&mut s.resid, &s.resid2, &s.proj, n * c)?;
-            }
+        } else {
+            be.residual_forward(&mut s.resid, &s.resid2, &s.proj, n * c)?;
         }
-        // With Tn > 1 only each row's last new position goes on to the head: copy those B rows
-        // out (B*C numbers through the host, once per prompt), then ln_f.
+        Ok(())
+    }
+
+    /// The tied head on each row's last new position. With Tn > 1 only those B rows go on:
+    /// copy them out (B*C numbers through the host, once per prompt), then ln_f.
+    fn head_step(
+        &self,
+        be: &B,
+        s: &StepActs<B>,
+        last: &mut LastPosition<B>,
+        logits: &mut B::Buf,
+        sh: StepShape,
+    ) -> Result<()> {
+        let (lay, p) = (&self.layout, &self.params);
+        let (b, tn, c) = (sh.b, sh.tn, self.cfg.n_embd);
         if tn > 1 {
             let mut rows = Vec::with_capacity(b * c);
             for bb in 0..b {
                 rows.extend(be.download_range(&s.resid, (bb * tn + tn - 1) * c, c)?);
             }
-            be.write(&mut cache.last, &rows)?;
+            be.write(&mut last.resid, &rows)?;
             be.layernorm_forward(
-                &mut cache.lnf,
-                &mut cache.lnf_mean,
-                &mut cache.lnf_rstd,
-                &cache.last,
+                &mut last.lnf,
+                &mut last.mean,
+                &mut last.rstd,
+                &last.resid,
                 &p[lay.lnf_w],
                 &p[lay.lnf_b],
                 b,
                 c,
             )?;
         }
-        be.matmul_forward(&mut cache.logits, &cache.lnf, &p[lay.wte], None, b, c, vp)?;
-        cache.len = past + tn;
+        let vp = self.cfg.padded_vocab_size;
+        be.matmul_forward(logits, &last.lnf, &p[lay.wte], None, b, c, vp)?;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
-//! The forward pass and the loss.
+//! The forward pass (embeddings, blocks, ln_f, the tied head) and the loss.
 
+use super::activations::{Activations, LayerActs};
 use super::packing::PackedIds;
-use super::{Gpt, ModelError, Packing, Result};
+use super::{Gpt, LayerIdx, ModelError, Packing, ParamLayout, Result};
 use crate::backend::{Backend, LossGrad};
 
 /// A batch's loss: the mean over its unmasked targets, and what went into it.
@@ -78,28 +79,8 @@ impl<B: Backend> Gpt<B> {
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
 
-        be.encoder_forward(
-            &mut acts.encoded,
-            &ids,
-            pos,
-            &p[lay.wte],
-            &p[lay.wpe],
-            b,
-            t,
-            c,
-        )?;
-        let l0 = &lay.layers[0];
-        let first = &mut acts.layers[0];
-        be.layernorm_forward(
-            &mut first.ln1,
-            &mut first.ln1_mean,
-            &mut first.ln1_rstd,
-            &acts.encoded,
-            &p[l0.ln1_w],
-            &p[l0.ln1_b],
-            n,
-            c,
-        )?;
+        let dims = BlockDims { b, t, c, nh };
+        embed_forward(be, p, lay, acts, &ids, pos, dims)?;
         let n_layer = acts.layers.len();
         for l in 0..n_layer {
             let w = &lay.layers[l];
@@ -110,57 +91,7 @@ impl<B: Backend> Gpt<B> {
             } else {
                 &done[l - 1].residual3
             };
-
-            be.matmul_forward(
-                &mut cur.qkv,
-                &cur.ln1,
-                &p[w.qkv_w],
-                Some(&p[w.qkv_b]),
-                n,
-                c,
-                3 * c,
-            )?;
-            be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, starts, b, t, c, nh)?;
-            be.matmul_forward(
-                &mut cur.attproj,
-                &cur.atty,
-                &p[w.attn_proj_w],
-                Some(&p[w.attn_proj_b]),
-                n,
-                c,
-                c,
-            )?;
-            be.residual_layernorm_forward(
-                &mut cur.residual2,
-                &mut cur.ln2,
-                &mut cur.ln2_mean,
-                &mut cur.ln2_rstd,
-                resid_in,
-                &cur.attproj,
-                &p[w.ln2_w],
-                &p[w.ln2_b],
-                n,
-                c,
-            )?;
-            be.matmul_gelu_forward(
-                &mut cur.fch_gelu,
-                &mut cur.fch,
-                &cur.ln2,
-                &p[w.fc_w],
-                Some(&p[w.fc_b]),
-                n,
-                c,
-                4 * c,
-            )?;
-            be.matmul_forward(
-                &mut cur.fcproj,
-                &cur.fch_gelu,
-                &p[w.fc_proj_w],
-                Some(&p[w.fc_proj_b]),
-                n,
-                4 * c,
-                c,
-            )?;
+            block_forward(be, p, w, cur, resid_in, starts, dims)?;
             // The residual add after the MLP is fused with the next layernorm: the next
             // block's ln_1, or ln_f after the last block.
             let (out, mean, rstd, lw, lb) = match later.first_mut() {
@@ -295,4 +226,117 @@ impl<B: Backend> Gpt<B> {
         };
         Ok(Loss { mean, sum, tokens })
     }
+}
+
+/// The shape a block runs at: `b` rows of `t` positions, width `c`, `nh` heads.
+#[derive(Clone, Copy)]
+struct BlockDims {
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+}
+
+/// Token plus position embeddings of `ids` (packed positions `pos`, else `0..t` per row) into
+/// `acts.encoded`, then the first block's ln_1.
+fn embed_forward<B: Backend>(
+    be: &B,
+    p: &[B::Buf],
+    lay: &ParamLayout,
+    acts: &mut Activations<B>,
+    ids: &B::Ids,
+    pos: Option<&B::Ids>,
+    dims: BlockDims,
+) -> Result<()> {
+    let BlockDims { b, t, c, .. } = dims;
+    be.encoder_forward(
+        &mut acts.encoded,
+        ids,
+        pos,
+        &p[lay.wte],
+        &p[lay.wpe],
+        b,
+        t,
+        c,
+    )?;
+    let l0 = &lay.layers[0];
+    let first = &mut acts.layers[0];
+    be.layernorm_forward(
+        &mut first.ln1,
+        &mut first.ln1_mean,
+        &mut first.ln1_rstd,
+        &acts.encoded,
+        &p[l0.ln1_w],
+        &p[l0.ln1_b],
+        b * t,
+        c,
+    )?;
+    Ok(())
+}
+
+/// Block `w` on `cur.ln1` (its ln_1 of `resid_in`) up to the MLP's output `cur.fcproj`: the
+/// attention half with its residual add fused into ln_2, then the MLP. The MLP's residual add
+/// is left to the caller, which fuses it with the layernorm that follows.
+fn block_forward<B: Backend>(
+    be: &B,
+    p: &[B::Buf],
+    w: &LayerIdx,
+    cur: &mut LayerActs<B>,
+    resid_in: &B::Buf,
+    starts: Option<&B::Ids>,
+    dims: BlockDims,
+) -> Result<()> {
+    let BlockDims { b, t, c, nh } = dims;
+    let n = b * t;
+    be.matmul_forward(
+        &mut cur.qkv,
+        &cur.ln1,
+        &p[w.qkv_w],
+        Some(&p[w.qkv_b]),
+        n,
+        c,
+        3 * c,
+    )?;
+    be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, starts, b, t, c, nh)?;
+    be.matmul_forward(
+        &mut cur.attproj,
+        &cur.atty,
+        &p[w.attn_proj_w],
+        Some(&p[w.attn_proj_b]),
+        n,
+        c,
+        c,
+    )?;
+    be.residual_layernorm_forward(
+        &mut cur.residual2,
+        &mut cur.ln2,
+        &mut cur.ln2_mean,
+        &mut cur.ln2_rstd,
+        resid_in,
+        &cur.attproj,
+        &p[w.ln2_w],
+        &p[w.ln2_b],
+        n,
+        c,
+    )?;
+    be.matmul_gelu_forward(
+        &mut cur.fch_gelu,
+        &mut cur.fch,
+        &cur.ln2,
+        &p[w.fc_w],
+        Some(&p[w.fc_b]),
+        n,
+        c,
+        4 * c,
+    )?;
+    be.matmul_forward(
+        &mut cur.fcproj,
+        &cur.fch_gelu,
+        &p[w.fc_proj_w],
+        Some(&p[w.fc_proj_b]),
+        n,
+        4 * c,
+        c,
+    )?;
+    Ok(())
 }

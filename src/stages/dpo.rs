@@ -39,7 +39,7 @@ pub mod reference;
 pub use loss::{pair_terms, DpoLoss, DpoStats, PairTerms};
 
 use crate::backend::Backend;
-use crate::data::{fill_pair_batch, DataError, PairPosition, PairSplit};
+use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError};
@@ -48,10 +48,9 @@ use std::path::{Path, PathBuf};
 
 /// DPO over a prepared preference directory, against stored reference log-probabilities.
 pub struct Dpo {
-    train: PairSplit,
+    /// The training pairs in their seeded per-epoch order (only those whose sides fit in `T`).
+    train: PairLoader,
     val: Option<PairSplit>,
-    /// Training pairs whose two sides fit in `T` tokens.
-    usable: Vec<usize>,
     reference: Option<RefLogps>,
     pub loss: DpoLoss,
     pub beta: f64,
@@ -59,11 +58,7 @@ pub struct Dpo {
     pairs: usize,
     t: usize,
     pad: u32,
-    seed: u64,
     val_batches: usize,
-    pos: PairPosition,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
     /// What the micro-steps since the last [`Dpo::take_train_stats`] saw.
     train_stats: DpoStats,
     /// What the last validation saw.
@@ -97,34 +92,24 @@ impl Dpo {
             )));
         }
         let train = PairSplit::open(dir, "prefs_train", vocab_size)?;
+        let train = PairLoader::new(train, pairs, t, pad, seed).map_err(|e| {
+            DataError::InvalidArgument(format!("{}: prefs_train: {e}", dir.display()))
+        })?;
         let val = if dir.join("prefs_val.bin").exists() {
             Some(PairSplit::open(dir, "prefs_val", vocab_size)?)
         } else {
             None
         };
-        let usable: Vec<usize> = (0..train.len()).filter(|&i| train.fits(i, t)).collect();
-        if usable.is_empty() {
-            return Err(DataError::InvalidArgument(format!(
-                "{}: none of the {} training pairs fits in T = {t} tokens per side",
-                dir.display(),
-                train.len()
-            )));
-        }
         Ok(Self {
             train,
             val,
-            usable,
             reference: None,
             loss,
             beta,
             pairs,
             t,
             pad,
-            seed,
             val_batches,
-            pos: PairPosition::default(),
-            order: Vec::new(),
-            order_epoch: None,
             train_stats: DpoStats::default(),
             val_stats: DpoStats::default(),
             val_pending: None,
@@ -133,12 +118,12 @@ impl Dpo {
 
     /// Training pairs that are drawn (both sides fit in `T` tokens).
     pub fn num_pairs(&self) -> usize {
-        self.usable.len()
+        self.train.num_pairs()
     }
 
     /// Training pairs skipped because a side is longer than `T` tokens.
     pub fn too_long(&self) -> usize {
-        self.train.len() - self.usable.len()
+        self.train.too_long
     }
 
     pub fn num_val_pairs(&self) -> usize {
@@ -147,14 +132,14 @@ impl Dpo {
 
     /// The fingerprint stored reference log-probabilities must carry to serve this data.
     pub fn fingerprint(&self) -> u64 {
-        reference::fingerprint(self.t, &[Some(&self.train), self.val.as_ref()])
+        reference::fingerprint(self.t, &[Some(self.train.split()), self.val.as_ref()])
     }
 
     /// Computes the reference log-probabilities of every train and val pair with `reference`
     /// (the model the policy starts from), in this run's batch shape.
     pub fn reference_pass<B: Backend>(&self, be: &B, reference: &mut Gpt<B>) -> Result<RefLogps> {
         let (p, t, pad) = (self.pairs, self.t, self.pad);
-        let train = reference::split_logps(be, reference, &self.train, p, t, pad)?;
+        let train = reference::split_logps(be, reference, self.train.split(), p, t, pad)?;
         let val = match &self.val {
             Some(v) => reference::split_logps(be, reference, v, p, t, pad)?,
             None => Vec::new(),
@@ -170,7 +155,7 @@ impl Dpo {
     /// Installs reference log-probabilities, refusing ones computed for other data.
     pub fn set_reference(&mut self, r: RefLogps) -> Result<()> {
         let n_val = self.num_val_pairs();
-        if let Some(why) = r.mismatch(self.t, self.fingerprint(), self.train.len(), n_val) {
+        if let Some(why) = r.mismatch(self.t, self.fingerprint(), self.train.split().len(), n_val) {
             return Err(TrainError::Checkpoint {
                 path: PathBuf::from(reference::REF_FILE),
                 msg: format!("reference log-probabilities do not match the data: {why}"),
@@ -199,28 +184,6 @@ impl Dpo {
                 msg: "DPO needs the reference log-probabilities before training (reference_pass)"
                     .into(),
             })
-    }
-
-    /// The next micro-batch's pair indices, advancing the position.
-    fn next_pairs(&mut self) -> Vec<usize> {
-        let mut picked = Vec::with_capacity(self.pairs);
-        for _ in 0..self.pairs {
-            if self.order_epoch != Some(self.pos.epoch) {
-                self.order = self.usable.clone();
-                Rng::new(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                    .shuffle(&mut self.order);
-                self.order_epoch = Some(self.pos.epoch);
-            }
-            picked.push(self.order[self.pos.cursor]);
-            self.pos.cursor += 1;
-            if self.pos.cursor == self.order.len() {
-                self.pos = PairPosition {
-                    epoch: self.pos.epoch + 1,
-                    cursor: 0,
-                };
-            }
-        }
-        picked
     }
 }
 
@@ -262,9 +225,9 @@ impl<B: Backend> Objective<B> for Dpo {
         _rng: &mut Rng,
         loss_scale: f32,
     ) -> Result<Loss> {
-        let picked = self.next_pairs();
+        let picked = self.train.next_pairs();
         let (p, t) = (self.pairs, self.t);
-        let batch = fill_pair_batch(&self.train, &picked, p, t, self.pad);
+        let batch = fill_pair_batch(self.train.split(), &picked, p, t, self.pad);
         let reference = &self.reference()?.train;
         let (loss, beta) = (self.loss, self.beta);
         let scale = loss_scale as f64 / p as f64;
@@ -318,7 +281,7 @@ impl<B: Backend> Objective<B> for Dpo {
     }
 
     fn data_position(&self) -> serde_json::Value {
-        serde_json::to_value(self.pos).expect("a position serialises")
+        serde_json::to_value(self.train.position()).expect("a position serialises")
     }
 
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()> {
@@ -328,15 +291,9 @@ impl<B: Backend> Objective<B> for Dpo {
         };
         let pos: PairPosition = serde_json::from_value(pos.clone())
             .map_err(|e| bad(format!("bad DPO data position: {e}")))?;
-        if pos.cursor >= self.usable.len() {
-            return Err(bad(format!(
-                "DPO data position {} is past the {} usable training pairs: was the data re-prepared?",
-                pos.cursor,
-                self.usable.len()
-            )));
-        }
-        self.pos = pos;
-        Ok(())
+        self.train
+            .set_position(pos)
+            .map_err(|e| bad(format!("DPO data: {e}")))
     }
 
     /// After a step: the means over its micro-batches; after a validation: over the val pairs

@@ -42,7 +42,8 @@ pub mod terms;
 
 use crate::backend::{Backend, SampleParams};
 use crate::config::ConfigError;
-use crate::model::{forward::Loss, Gpt, KvCache, RewardModel};
+use crate::generate::generate_group;
+use crate::model::{forward::Loss, Gpt, RewardModel};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError};
 use std::path::PathBuf;
@@ -216,7 +217,7 @@ impl<B: Backend> Rl<B> {
         self.skipped
     }
 
-    /// `k` completions of `prompt` from `model`, sampled with a `k`-row KV cache.
+    /// `k` completions of `prompt` from `model`, sampled together with a `k`-row KV cache.
     fn sample(
         &self,
         be: &B,
@@ -224,35 +225,23 @@ impl<B: Backend> Rl<B> {
         prompt: &[u32],
         rng: &mut Rng,
     ) -> Result<Vec<Vec<u32>>> {
-        let k = self.cfg.k;
+        // Temperature 1 with no top-k/top-p: the samples follow the policy being trained.
         let params = SampleParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
         };
-        let mut cache = KvCache::new(be, &model.cfg, k)?;
-        let ids: Vec<i32> = (0..k)
-            .flat_map(|_| prompt.iter().map(|&x| x as i32))
-            .collect();
-        model.extend(be, &mut cache, &ids, prompt.len())?;
-        let mut out = vec![Vec::new(); k];
-        let mut done = vec![false; k];
-        for step in 0..self.cfg.max_new {
-            let u: Vec<f32> = (0..k).map(|_| rng.next_f32()).collect();
-            let toks = cache.sample(be, &params, &u)?;
-            for ((o, d), &tok) in out.iter_mut().zip(done.iter_mut()).zip(&toks) {
-                if !*d {
-                    o.push(tok);
-                    *d = Some(tok) == self.cfg.stop;
-                }
-            }
-            if step + 1 == self.cfg.max_new || done.iter().all(|&d| d) {
-                break;
-            }
-            let next: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
-            model.extend(be, &mut cache, &next, 1)?;
-        }
-        Ok(out)
+        let stops: Vec<u32> = self.cfg.stop.into_iter().collect();
+        let rows = vec![prompt; self.cfg.k];
+        Ok(generate_group(
+            be,
+            model,
+            &rows,
+            self.cfg.max_new,
+            &stops,
+            &params,
+            rng,
+        )?)
     }
 
     /// Samples, scores and prepares one micro-batch, adding its statistics.

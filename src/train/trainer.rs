@@ -75,105 +75,152 @@ pub fn train<B: Backend>(
     tokenizer: &Tokenizer,
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
-    let run = &opts.run;
-    let accum = run.grad_accum_steps()?;
-    std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
-    let progress = Progress::new(opts.quiet, 10);
-
-    let mut rng = Rng::new(run.seed ^ 0x5EED);
-    let mut start_step = 0;
-    let mut tokens_seen = 0u64;
-    let mut prior_elapsed = 0.0;
-    let mut opt = AdamW::new(be, model)?;
-    if opts.resume {
-        if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
-            let resumed = checkpoint::load_model(be, &dir, Some(&model.cfg))?;
-            let (o, state) = checkpoint::load_training(be, &dir, &resumed)?;
-            *model = resumed;
-            opt = o;
-            objective.set_data_position(&state.data)?;
-            rng = state.rng;
-            start_step = state.step;
-            tokens_seen = state.tokens_seen;
-            prior_elapsed = state.elapsed_s;
-            progress.note(&format!(
-                "resuming from {} (step {start_step})",
-                dir.display()
-            ));
-        }
+    let mut run = TrainLoop::open(be, model, objective, tokenizer, opts)?;
+    if run.start_step == 0 && opts.run.val_every > 0 {
+        run.validate(0)?;
     }
-    let mut log = MetricsLog::open(&opts.out_dir, opts.resume.then_some(start_step))?;
-    let mut summary = TrainSummary {
-        final_step: start_step,
-        ..Default::default()
-    };
-
-    let validate = |model: &mut Gpt<B>,
-                    objective: &mut dyn Objective<B>,
-                    step: usize,
-                    log: &mut MetricsLog,
-                    summary: &mut TrainSummary|
-     -> Result<()> {
-        if let Some(val) = objective.validate(be, model)? {
-            let extras = objective.take_metrics();
-            let mut record = json!({"step": step, "val_loss": val});
-            extras.add_to(&mut record, "val_");
-            log.write(&record)?;
-            summary.val_losses.push((step, val));
-            progress.note(&format!(
-                "step {step:>6} | val loss {val:.4}{}",
-                extras.progress_text("val ")
-            ));
-        }
-        Ok(())
-    };
-    if start_step == 0 && run.val_every > 0 {
-        validate(model, objective, 0, &mut log, &mut summary)?;
+    // The clock starts after the step-0 validation: throughput counts training only.
+    run.started = Instant::now();
+    for step in run.start_step..opts.run.max_steps {
+        run.step(step)?;
     }
+    Ok(run.finish())
+}
 
-    let started = Instant::now();
-    let mut run_tokens = 0u64;
-    let save = |model: &Gpt<B>,
-                opt: &AdamW<B>,
-                objective: &dyn Objective<B>,
-                rng: &Rng,
-                step: usize,
-                tokens_seen: u64,
-                elapsed: f64|
-     -> Result<PathBuf> {
-        let state = TrainState {
-            step,
-            rng: rng.clone(),
-            data: objective.data_position(),
-            run: run.clone(),
-            tokens_seen,
-            elapsed_s: elapsed,
-            stage: objective.name().to_string(),
-        };
-        let dir = checkpoint::save(
+/// What one optimizer step did, for its metrics record and progress line.
+struct StepOutcome {
+    /// Mean micro-batch loss.
+    loss: f32,
+    tokens: usize,
+    extras: Extras,
+    /// Gradient norm before clipping.
+    norm: f32,
+    lr: f32,
+}
+
+/// The loop's state between steps: the model, its optimizer and generator, where the run
+/// stands, and where it reports.
+struct TrainLoop<'a, B: Backend> {
+    be: &'a B,
+    model: &'a mut Gpt<B>,
+    objective: &'a mut dyn Objective<B>,
+    tokenizer: &'a Tokenizer,
+    opts: &'a TrainOptions,
+    accum: usize,
+    opt: AdamW<B>,
+    rng: Rng,
+    progress: Progress,
+    log: MetricsLog,
+    summary: TrainSummary,
+    /// The first step this call runs (after a resumed checkpoint's).
+    start_step: usize,
+    /// Tokens trained on since step 0, resumed runs included.
+    tokens_seen: u64,
+    /// Seconds of training before this call (from a resumed checkpoint).
+    prior_elapsed: f64,
+    started: Instant,
+    /// Tokens trained on by this call.
+    run_tokens: u64,
+}
+
+impl<'a, B: Backend> TrainLoop<'a, B> {
+    /// Makes the run directory and a fresh optimizer and generator, or, resuming, restores the
+    /// newest checkpoint's model, optimizer, generator and data position.
+    fn open(
+        be: &'a B,
+        model: &'a mut Gpt<B>,
+        objective: &'a mut dyn Objective<B>,
+        tokenizer: &'a Tokenizer,
+        opts: &'a TrainOptions,
+    ) -> Result<Self> {
+        let run = &opts.run;
+        let accum = run.grad_accum_steps()?;
+        std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+        let progress = Progress::new(opts.quiet, 10);
+        let mut rng = Rng::new(run.seed ^ 0x5EED);
+        let (mut start_step, mut tokens_seen, mut prior_elapsed) = (0, 0u64, 0.0);
+        let mut opt = AdamW::new(be, model)?;
+        if opts.resume {
+            if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
+                let resumed = checkpoint::load_model(be, &dir, Some(&model.cfg))?;
+                let (o, state) = checkpoint::load_training(be, &dir, &resumed)?;
+                *model = resumed;
+                opt = o;
+                objective.set_data_position(&state.data)?;
+                rng = state.rng;
+                start_step = state.step;
+                tokens_seen = state.tokens_seen;
+                prior_elapsed = state.elapsed_s;
+                progress.note(&format!(
+                    "resuming from {} (step {start_step})",
+                    dir.display()
+                ));
+            }
+        }
+        let log = MetricsLog::open(&opts.out_dir, opts.resume.then_some(start_step))?;
+        Ok(Self {
             be,
-            &checkpoint::dir_for(&opts.out_dir, step),
             model,
+            objective,
             tokenizer,
-            Some((opt, &state)),
-        )?;
-        checkpoint::prune(&opts.out_dir, opts.keep_checkpoints)?;
-        Ok(dir)
-    };
+            opts,
+            accum,
+            opt,
+            rng,
+            progress,
+            log,
+            summary: TrainSummary {
+                final_step: start_step,
+                ..Default::default()
+            },
+            start_step,
+            tokens_seen,
+            prior_elapsed,
+            started: Instant::now(),
+            run_tokens: 0,
+        })
+    }
 
-    for step in start_step..run.max_steps {
+    /// Runs optimizer step `step` (0-based), then logs it, validates and checkpoints as due.
+    fn step(&mut self, step: usize) -> Result<()> {
         let step_start = Instant::now();
-        model.zero_grad(be)?;
+        let outcome = self.accumulate_and_update(step)?;
+        let done = step + 1;
+        self.tokens_seen += outcome.tokens as u64;
+        self.run_tokens += outcome.tokens as u64;
+        // One reading of the clock serves the record, the ETA and a checkpoint's elapsed time.
+        let elapsed = self.started.elapsed();
+        self.report_step(done, &outcome, elapsed, step_start.elapsed())?;
+        let run = &self.opts.run;
+        if run.val_every > 0 && (done % run.val_every == 0 || done == run.max_steps) {
+            self.validate(done)?;
+        }
+        if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.max_steps {
+            let dir = self.save(done, self.prior_elapsed + elapsed.as_secs_f64())?;
+            self.progress.note(&format!("saved {}", dir.display()));
+            self.summary.last_checkpoint = Some(dir);
+        }
+        self.summary.final_step = done;
+        Ok(())
+    }
+
+    /// The step's micro-batches (each adding `1 / accum` of its gradient), then the clipped
+    /// AdamW update at the scheduled learning rate; refuses a non-finite loss or norm.
+    fn accumulate_and_update(&mut self, step: usize) -> Result<StepOutcome> {
+        let (be, run, accum) = (self.be, &self.opts.run, self.accum);
+        self.model.zero_grad(be)?;
         let mut loss_sum = 0.0f64;
-        let mut step_tokens = 0usize;
+        let mut tokens = 0usize;
         for _ in 0..accum {
-            let loss = objective.micro_step(be, model, &mut rng, 1.0 / accum as f32)?;
+            let loss =
+                self.objective
+                    .micro_step(be, self.model, &mut self.rng, 1.0 / accum as f32)?;
             loss_sum += loss.mean as f64;
-            step_tokens += loss.tokens;
+            tokens += loss.tokens;
         }
         let loss = (loss_sum / accum as f64) as f32;
-        let extras = objective.take_metrics();
-        let norm = model.grad_norm(be)?;
+        let extras = self.objective.take_metrics();
+        let norm = self.model.grad_norm(be)?;
         if !loss.is_finite() || !norm.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
@@ -192,54 +239,98 @@ pub fn train<B: Backend>(
             run.max_steps,
             run.min_lr_ratio,
         );
-        opt.update(be, model, run, lr, grad_scale)?;
+        self.opt.update(be, self.model, run, lr, grad_scale)?;
+        Ok(StepOutcome {
+            loss,
+            tokens,
+            extras,
+            norm,
+            lr,
+        })
+    }
 
-        let done = step + 1;
-        tokens_seen += step_tokens as u64;
-        run_tokens += step_tokens as u64;
-        let elapsed = started.elapsed();
-        let tok_s = step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+    /// Writes step `done`'s metrics record and progress line (`elapsed`: this call's training
+    /// time so far; `took`: the step's).
+    fn report_step(
+        &mut self,
+        done: usize,
+        o: &StepOutcome,
+        elapsed: Duration,
+        took: Duration,
+    ) -> Result<()> {
+        let run = &self.opts.run;
+        let tok_s = o.tokens as f64 / took.as_secs_f64().max(1e-9);
         let mut record = json!({
-            "step": done, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": step_tokens,
-            "tokens_per_s": tok_s, "elapsed_s": prior_elapsed + elapsed.as_secs_f64(),
+            "step": done, "loss": o.loss, "lr": o.lr, "grad_norm": o.norm, "tokens": o.tokens,
+            "tokens_per_s": tok_s, "elapsed_s": self.prior_elapsed + elapsed.as_secs_f64(),
         });
-        extras.add_to(&mut record, "");
-        log.write(&record)?;
-        summary.train_losses.push((done, loss));
-        let per_step = elapsed.as_secs_f64() / (done - start_step) as f64;
+        o.extras.add_to(&mut record, "");
+        self.log.write(&record)?;
+        self.summary.train_losses.push((done, o.loss));
+        let per_step = elapsed.as_secs_f64() / (done - self.start_step) as f64;
         let eta = Duration::from_secs_f64(per_step * (run.max_steps - done) as f64);
-        progress.step(
+        self.progress.step(
             done,
             run.max_steps,
             &format!(
-                "{} step {done:>6}/{} | loss {loss:.4}{} | lr {lr:.2e} | norm {norm:.3} | {:.0} tok/s | ETA {}",
-                objective.name(),
+                "{} step {done:>6}/{} | loss {:.4}{} | lr {:.2e} | norm {:.3} | {:.0} tok/s | ETA {}",
+                self.objective.name(),
                 run.max_steps,
-                extras.progress_text(""),
+                o.loss,
+                o.extras.progress_text(""),
+                o.lr,
+                o.norm,
                 tok_s,
                 fmt_duration(eta)
             ),
         );
-
-        if run.val_every > 0 && (done % run.val_every == 0 || done == run.max_steps) {
-            validate(model, objective, done, &mut log, &mut summary)?;
-        }
-        if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.max_steps {
-            let dir = save(
-                model,
-                &opt,
-                objective,
-                &rng,
-                done,
-                tokens_seen,
-                prior_elapsed + elapsed.as_secs_f64(),
-            )?;
-            progress.note(&format!("saved {}", dir.display()));
-            summary.last_checkpoint = Some(dir);
-        }
-        summary.final_step = done;
+        Ok(())
     }
-    summary.elapsed = started.elapsed();
-    summary.tokens_per_s = run_tokens as f64 / summary.elapsed.as_secs_f64().max(1e-9);
-    Ok(summary)
+
+    /// Validates after `step` steps, when the objective has validation data, and logs it.
+    fn validate(&mut self, step: usize) -> Result<()> {
+        if let Some(val) = self.objective.validate(self.be, self.model)? {
+            let extras = self.objective.take_metrics();
+            let mut record = json!({"step": step, "val_loss": val});
+            extras.add_to(&mut record, "val_");
+            self.log.write(&record)?;
+            self.summary.val_losses.push((step, val));
+            self.progress.note(&format!(
+                "step {step:>6} | val loss {val:.4}{}",
+                extras.progress_text("val ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checkpoints the run after `step` steps (`elapsed_s` seconds of training in all) and
+    /// prunes old checkpoints; returns the directory.
+    fn save(&self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+        let opts = self.opts;
+        let state = TrainState {
+            step,
+            rng: self.rng.clone(),
+            data: self.objective.data_position(),
+            run: opts.run.clone(),
+            tokens_seen: self.tokens_seen,
+            elapsed_s,
+            stage: self.objective.name().to_string(),
+        };
+        let dir = checkpoint::save(
+            self.be,
+            &checkpoint::dir_for(&opts.out_dir, step),
+            self.model,
+            self.tokenizer,
+            Some((&self.opt, &state)),
+        )?;
+        checkpoint::prune(&opts.out_dir, opts.keep_checkpoints)?;
+        Ok(dir)
+    }
+
+    fn finish(mut self) -> TrainSummary {
+        self.summary.elapsed = self.started.elapsed();
+        self.summary.tokens_per_s =
+            self.run_tokens as f64 / self.summary.elapsed.as_secs_f64().max(1e-9);
+        self.summary
+    }
 }
