@@ -121,7 +121,7 @@ fn prepare_text(a: &PrepareTextArgs) -> Result<()> {
     Ok(())
 }
 
-fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
+fn prepare_sft(a: &PrepareChatArgs) -> Result<()> {
     let opts = SftPrepareOptions {
         max_len: a.max_len,
         val_fraction: a.val_fraction,
@@ -132,7 +132,7 @@ fn prepare_sft(a: &PrepareSftArgs) -> Result<()> {
     Ok(())
 }
 
-fn prepare_prefs(a: &PreparePrefsArgs) -> Result<()> {
+fn prepare_prefs(a: &PrepareChatArgs) -> Result<()> {
     let opts = PrefsPrepareOptions {
         max_len: a.max_len,
         val_fraction: a.val_fraction,

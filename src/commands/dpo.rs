@@ -4,7 +4,7 @@
 //! val pair computed and stored in the run directory (`ref_logps.bin`), the reference dropped;
 //! a resumed run reuses the stored ones when they match the data.
 
-use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::stages::dpo::reference::RefLogps;
@@ -36,13 +36,8 @@ impl Stage for DpoStage {
     fn defaults() -> RunConfig {
         RunConfig {
             batch_size: 4,
-            learning_rate: 1e-4,
-            max_steps: 100,
-            warmup_steps: 5,
             weight_decay: 0.0,
-            val_every: 25,
-            checkpoint_every: 50,
-            ..RunConfig::default()
+            ..tuning_defaults(1e-4)
         }
     }
 

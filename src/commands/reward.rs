@@ -1,7 +1,7 @@
 //! `reward` as a library call: the SFT checkpoint plus a scalar head, trained on `prepare
 //! prefs` pairs with the Bradley-Terry loss (`stages/reward.rs`), on the shared stage runner.
 
-use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::stages::reward::Reward;
@@ -24,14 +24,7 @@ impl Stage for RewardStage {
 
     /// A lower peak rate than SFT, one short pass.
     fn defaults() -> RunConfig {
-        RunConfig {
-            learning_rate: 3e-4,
-            max_steps: 100,
-            warmup_steps: 5,
-            val_every: 25,
-            checkpoint_every: 50,
-            ..RunConfig::default()
-        }
+        tuning_defaults(3e-4)
     }
 
     fn init(&self) -> Init<'_> {

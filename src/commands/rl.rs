@@ -7,7 +7,7 @@
 //! one user turn followed by `<|assistant|>` (data/chat.rs); completions stop at `<|end|>`.
 
 use super::inputs::{resolve_checkpoint, same_tokenizer};
-use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::{ConfigError, RunConfig};
 use crate::data::chat::{render_prompt, Message, Role};
@@ -94,13 +94,9 @@ impl Stage for RlStage {
     fn defaults() -> RunConfig {
         RunConfig {
             batch_size: 4,
-            learning_rate: 1e-5,
-            max_steps: 100,
-            warmup_steps: 5,
             weight_decay: 0.0,
             val_every: 0,
-            checkpoint_every: 50,
-            ..RunConfig::default()
+            ..tuning_defaults(1e-5)
         }
     }
 

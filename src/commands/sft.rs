@@ -1,7 +1,7 @@
 //! `sft` as a library call: instruction tuning of a pretrained checkpoint on `prepare sft`
 //! data, loss on the assistant's tokens only (`stages/sft.rs`), on the shared stage runner.
 
-use super::stage::{Init, Result, Stage, StageContext, TrainJob};
+use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::stages::sft::Sft;
@@ -24,14 +24,7 @@ impl Stage for SftStage {
 
     /// A lower peak rate than pretraining, fewer steps.
     fn defaults() -> RunConfig {
-        RunConfig {
-            learning_rate: 1e-3,
-            max_steps: 100,
-            warmup_steps: 5,
-            val_every: 25,
-            checkpoint_every: 50,
-            ..RunConfig::default()
-        }
+        tuning_defaults(1e-3)
     }
 
     fn init(&self) -> Init<'_> {

@@ -91,6 +91,19 @@ pub trait Stage {
     ) -> Result<Self::Objective<B>>;
 }
 
+/// The fine-tuning stages' starting run config (`tiny` preset): 100 steps with 5 of warm-up,
+/// validation every 25 and a checkpoint every 50, at peak rate `learning_rate`.
+pub fn tuning_defaults(learning_rate: f32) -> RunConfig {
+    RunConfig {
+        learning_rate,
+        max_steps: 100,
+        warmup_steps: 5,
+        val_every: 25,
+        checkpoint_every: 50,
+        ..RunConfig::default()
+    }
+}
+
 /// A training command: the shared run settings and the stage's own.
 pub struct TrainJob<S> {
     pub run: RunConfig,

@@ -73,27 +73,15 @@ pub fn bench_train<B: Backend>(
     } else {
         None
     };
-    let run = RunConfig::default();
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
     let mut peak_memory_bytes = be.memory_in_use();
     for i in 0..warmup + steps.max(1) {
-        let tokens: Vec<i32> = (0..b * (t + 1))
-            .map(|_| rng.below(cfg.vocab_size as u64) as i32)
-            .collect();
-        let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for row in tokens.chunks(t + 1) {
-            inputs.extend_from_slice(&row[..t]);
-            targets.extend_from_slice(&row[1..]);
-        }
+        let (inputs, targets) = random_rows(&mut rng, cfg.vocab_size, b, t);
         let start = Instant::now();
         model.zero_grad(be)?;
         model.forward_backward(be, &inputs, &targets, b, t, 1.0)?;
-        if let Some(opt) = opt.as_mut() {
-            let norm = model.grad_norm(be)?;
-            let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-            opt.update(be, &mut model, &run, 1e-4, scale)?;
-        }
+        optimizer_step(be, &mut model, opt.as_mut())?;
         // Ops may still be queued on the device: a step ends when they have finished.
         be.synchronize()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -103,17 +91,58 @@ pub fn bench_train<B: Backend>(
             step_ms.push(ms);
         }
     }
-    let median_ms = median(&step_ms);
-    let tokens_per_step = b * t;
-    let tokens_per_s = tokens_per_step as f64 / (median_ms / 1e3);
-    Ok(BenchResult {
-        gflops: cfg.flops_per_token(t) * tokens_per_s / 1e9,
-        step_ms,
-        median_ms,
-        tokens_per_step,
-        tokens_per_s,
-        peak_memory_bytes,
-    })
+    Ok(BenchResult::of_steps(cfg, b, t, step_ms, peak_memory_bytes))
+}
+
+/// `b` rows of `t + 1` random tokens, as inputs and next-token targets.
+fn random_rows(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> (Vec<i32>, Vec<i32>) {
+    let tokens: Vec<i32> = (0..b * (t + 1))
+        .map(|_| rng.below(vocab as u64) as i32)
+        .collect();
+    let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for row in tokens.chunks(t + 1) {
+        inputs.extend_from_slice(&row[..t]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    (inputs, targets)
+}
+
+/// The loop's optimizer step: the global gradient norm clipped to 1, then AdamW (none when
+/// the bench times forward + backward only).
+fn optimizer_step<B: Backend>(
+    be: &B,
+    model: &mut Gpt<B>,
+    opt: Option<&mut AdamW<B>>,
+) -> Result<()> {
+    if let Some(opt) = opt {
+        let norm = model.grad_norm(be)?;
+        let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
+        opt.update(be, model, &RunConfig::default(), 1e-4, scale)?;
+    }
+    Ok(())
+}
+
+impl BenchResult {
+    /// The figures of timed steps of `b` rows of `t` tokens.
+    fn of_steps(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        step_ms: Vec<f64>,
+        peak_memory_bytes: Option<usize>,
+    ) -> Self {
+        let median_ms = median(&step_ms);
+        let tokens_per_step = b * t;
+        let tokens_per_s = tokens_per_step as f64 / (median_ms / 1e3);
+        BenchResult {
+            gflops: cfg.flops_per_token(t) * tokens_per_s / 1e9,
+            step_ms,
+            median_ms,
+            tokens_per_step,
+            tokens_per_s,
+            peak_memory_bytes,
+        }
+    }
 }
 
 /// The backend's dense matrix-product rate in TFLOP/s, the MFU denominator when none is given:
@@ -237,9 +266,95 @@ struct StageRun<B: Backend> {
     opt: Option<AdamW<B>>,
     inputs: Vec<i32>,
     targets: Vec<i32>,
+    /// DPO: the reference's sequence log-probabilities of the batch (the fresh model's).
     reference: Vec<f64>,
     step_ms: Vec<f64>,
     peak_memory_bytes: Option<usize>,
+}
+
+impl<B: Backend> StageRun<B> {
+    /// A fresh model and its batch: `sft` and `dpo` mask the first half of each row as a prompt.
+    fn new(
+        be: &B,
+        cfg: &ModelConfig,
+        stage: BenchStage,
+        (b, t): (usize, usize),
+        rng: &mut Rng,
+        optimizer: bool,
+    ) -> Result<Self> {
+        let (inputs, mut targets) = random_rows(rng, cfg.vocab_size, b, t);
+        if stage != BenchStage::Pretrain {
+            for row in targets.chunks_mut(t) {
+                row[..t / 2].fill(-1);
+            }
+        }
+        let mut model = Gpt::init(be, cfg, 1)?;
+        let reference = if stage == BenchStage::Dpo {
+            model.sequence_logps(be, &inputs, &targets, b, t)?
+        } else {
+            Vec::new()
+        };
+        let opt = if optimizer {
+            Some(AdamW::new(be, &model)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            stage,
+            model,
+            opt,
+            inputs,
+            targets,
+            reference,
+            step_ms: Vec::new(),
+            peak_memory_bytes: None,
+        })
+    }
+
+    /// One timed step; returns its milliseconds.
+    fn step(&mut self, be: &B, (b, t): (usize, usize)) -> Result<f64> {
+        let start = Instant::now();
+        let model = &mut self.model;
+        model.zero_grad(be)?;
+        match self.stage {
+            BenchStage::Pretrain | BenchStage::Sft => {
+                model.forward_backward(be, &self.inputs, &self.targets, b, t, 1.0)?;
+            }
+            BenchStage::Dpo => {
+                let reference = &self.reference;
+                model.sequence_logps_step(be, &self.inputs, &self.targets, b, t, |lp| {
+                    dpo_coefficients(lp, reference)
+                })?;
+            }
+        }
+        optimizer_step(be, model, self.opt.as_mut())?;
+        be.synchronize()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(be.memory_in_use());
+        Ok(ms)
+    }
+}
+
+/// The sigmoid DPO loss's per-row gradient weights for rows `[chosen..., rejected...]`
+/// (beta 0.1), averaged over the pairs.
+fn dpo_coefficients(lp: &[f64], reference: &[f64]) -> Vec<f32> {
+    let rows = lp.len();
+    let pairs = rows / 2;
+    let mut coef = vec![0.0f32; rows];
+    for p in 0..pairs {
+        let (c, j) = (p, p + pairs);
+        let terms = pair_terms(
+            DpoLoss::Sigmoid,
+            0.1,
+            lp[c],
+            lp[j],
+            reference[c],
+            reference[j],
+        );
+        coef[c] = (terms.d_chosen / pairs as f64) as f32;
+        coef[j] = (terms.d_rejected / pairs as f64) as f32;
+    }
+    coef
 }
 
 /// Times `steps` training steps (after `warmup`) of each stage in `stages` on freshly
@@ -262,84 +377,14 @@ pub fn bench_stages<B: Backend>(
             "the dpo bench runs B/2 pairs: B = {b} must be even"
         )));
     }
-    let run = RunConfig::default();
     let mut rng = Rng::new(7);
     let mut runs = Vec::with_capacity(stages.len());
     for &stage in stages {
-        let tokens: Vec<i32> = (0..b * (t + 1))
-            .map(|_| rng.below(cfg.vocab_size as u64) as i32)
-            .collect();
-        let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for row in tokens.chunks(t + 1) {
-            inputs.extend_from_slice(&row[..t]);
-            targets.extend_from_slice(&row[1..]);
-        }
-        if stage != BenchStage::Pretrain {
-            for row in targets.chunks_mut(t) {
-                row[..t / 2].fill(-1);
-            }
-        }
-        let mut model = Gpt::init(be, cfg, 1)?;
-        let reference = if stage == BenchStage::Dpo {
-            model.sequence_logps(be, &inputs, &targets, b, t)?
-        } else {
-            Vec::new()
-        };
-        let opt = if optimizer {
-            Some(AdamW::new(be, &model)?)
-        } else {
-            None
-        };
-        runs.push(StageRun {
-            stage,
-            model,
-            opt,
-            inputs,
-            targets,
-            reference,
-            step_ms: Vec::with_capacity(steps),
-            peak_memory_bytes: None,
-        });
+        runs.push(StageRun::new(be, cfg, stage, (b, t), &mut rng, optimizer)?);
     }
     for i in 0..warmup + steps.max(1) {
         for r in runs.iter_mut() {
-            let start = Instant::now();
-            let model = &mut r.model;
-            model.zero_grad(be)?;
-            match r.stage {
-                BenchStage::Pretrain | BenchStage::Sft => {
-                    model.forward_backward(be, &r.inputs, &r.targets, b, t, 1.0)?;
-                }
-                BenchStage::Dpo => {
-                    let reference = &r.reference;
-                    model.sequence_logps_step(be, &r.inputs, &r.targets, b, t, |lp| {
-                        let pairs = b / 2;
-                        let mut coef = vec![0.0f32; b];
-                        for p in 0..pairs {
-                            let (c, j) = (p, p + pairs);
-                            let terms = pair_terms(
-                                DpoLoss::Sigmoid,
-                                0.1,
-                                lp[c],
-                                lp[j],
-                                reference[c],
-                                reference[j],
-                            );
-                            coef[c] = (terms.d_chosen / pairs as f64) as f32;
-                            coef[j] = (terms.d_rejected / pairs as f64) as f32;
-                        }
-                        coef
-                    })?;
-                }
-            }
-            if let Some(opt) = r.opt.as_mut() {
-                let norm = model.grad_norm(be)?;
-                let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-                opt.update(be, model, &run, 1e-4, scale)?;
-            }
-            be.synchronize()?;
-            let ms = start.elapsed().as_secs_f64() * 1e3;
-            r.peak_memory_bytes = r.peak_memory_bytes.max(be.memory_in_use());
+            let ms = r.step(be, (b, t))?;
             on_step(r.stage, i, ms);
             if i >= warmup {
                 r.step_ms.push(ms);
@@ -348,19 +393,7 @@ pub fn bench_stages<B: Backend>(
     }
     Ok(runs
         .into_iter()
-        .map(|r| {
-            let median_ms = median(&r.step_ms);
-            let tokens_per_step = b * t;
-            let tokens_per_s = tokens_per_step as f64 / (median_ms / 1e3);
-            BenchResult {
-                gflops: cfg.flops_per_token(t) * tokens_per_s / 1e9,
-                step_ms: r.step_ms,
-                median_ms,
-                tokens_per_step,
-                tokens_per_s,
-                peak_memory_bytes: r.peak_memory_bytes,
-            }
-        })
+        .map(|r| BenchResult::of_steps(cfg, b, t, r.step_ms, r.peak_memory_bytes))
         .collect())
 }
 

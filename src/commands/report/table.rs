@@ -149,76 +149,81 @@ impl ReportCard {
             "reply tokens",
             "notes",
         ];
-        let dash = || NOT_MEASURED.to_string();
-        let base = {
-            let [q, a, exact, f1] = reply_cells(&self.base.replies);
-            let loss = format!(
-                "{} -> {}",
-                num(self.base.val_loss_start, 3),
-                num(self.base.val_loss, 3)
-            );
-            let tokens = num(self.base.replies.mean_tokens, 1);
-            let note = format!(
-                "plain question, no chat template; {}",
-                probe_note(&self.base.knowledge_probe)
-            );
-            vec![
-                "base".into(),
-                loss,
-                q,
-                a,
-                exact,
-                f1,
-                dash(),
-                dash(),
-                dash(),
-                tokens,
-                note,
-            ]
-        };
-        let sft = {
-            let [q, a, exact, f1] = reply_cells(&self.sft.replies);
-            let tokens = num(self.sft.replies.mean_tokens, 1);
-            let pref = pct(self.sft.heldout_pref_accuracy);
-            let note = format!("chat template; {}", probe_note(&self.sft.knowledge_probe));
-            vec![
-                "sft".into(),
-                dash(),
-                q,
-                a,
-                exact,
-                f1,
-                pref,
-                dash(),
-                dash(),
-                tokens,
-                note,
-            ]
-        };
-        let reward = {
-            let kinds: Vec<String> = (self.reward.heldout_by_kind.iter())
-                .map(|(kind, acc)| format!("{kind} {}", pct(*acc)))
-                .collect();
-            let mut note = format!("train pairs {}", pct(self.reward.train_pair_accuracy));
-            if !kinds.is_empty() {
-                note.push_str(&format!("; held-out by kind: {}", kinds.join(", ")));
-            }
-            let mut row = vec![dash(); header.len()];
-            row[0] = "reward model".into();
-            row[6] = pct(self.reward.heldout_pair_accuracy);
-            row[10] = note;
-            row
-        };
         Grid {
             header: header.iter().map(|h| h.to_string()).collect(),
             rows: vec![
-                base,
-                sft,
-                reward,
+                self.base_row(),
+                self.sft_row(),
+                self.reward_row(header.len()),
                 policy_row("dpo", &self.dpo),
                 policy_row("rl", &self.rl),
             ],
         }
+    }
+
+    fn base_row(&self) -> Vec<String> {
+        let dash = || NOT_MEASURED.to_string();
+        let [q, a, exact, f1] = reply_cells(&self.base.replies);
+        let loss = format!(
+            "{} -> {}",
+            num(self.base.val_loss_start, 3),
+            num(self.base.val_loss, 3)
+        );
+        let tokens = num(self.base.replies.mean_tokens, 1);
+        let note = format!(
+            "plain question, no chat template; {}",
+            probe_note(&self.base.knowledge_probe)
+        );
+        vec![
+            "base".into(),
+            loss,
+            q,
+            a,
+            exact,
+            f1,
+            dash(),
+            dash(),
+            dash(),
+            tokens,
+            note,
+        ]
+    }
+
+    fn sft_row(&self) -> Vec<String> {
+        let dash = || NOT_MEASURED.to_string();
+        let [q, a, exact, f1] = reply_cells(&self.sft.replies);
+        let tokens = num(self.sft.replies.mean_tokens, 1);
+        let pref = pct(self.sft.heldout_pref_accuracy);
+        let note = format!("chat template; {}", probe_note(&self.sft.knowledge_probe));
+        vec![
+            "sft".into(),
+            dash(),
+            q,
+            a,
+            exact,
+            f1,
+            pref,
+            dash(),
+            dash(),
+            tokens,
+            note,
+        ]
+    }
+
+    /// The reward model's row: held-out pair accuracy, and by kind in the notes.
+    fn reward_row(&self, width: usize) -> Vec<String> {
+        let kinds: Vec<String> = (self.reward.heldout_by_kind.iter())
+            .map(|(kind, acc)| format!("{kind} {}", pct(*acc)))
+            .collect();
+        let mut note = format!("train pairs {}", pct(self.reward.train_pair_accuracy));
+        if !kinds.is_empty() {
+            note.push_str(&format!("; held-out by kind: {}", kinds.join(", ")));
+        }
+        let mut row = vec![NOT_MEASURED.to_string(); width];
+        row[0] = "reward model".into();
+        row[6] = pct(self.reward.heldout_pair_accuracy);
+        row[10] = note;
+        row
     }
 
     /// One row per training stage, then the whole demo's wall time.

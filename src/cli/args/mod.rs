@@ -1,0 +1,119 @@
+//! The command-line flags of `topcoat` (clap derive): the command list and the flag groups
+//! several commands share (here), then one struct per subcommand, by kind: `prepare.rs`
+//! (prepare, tokenizer), `train.rs` (pretrain, sft, reward, dpo, rl), `generate.rs` (sample,
+//! chat, eval) and `tools.rs` (bench, demo, report). One spelling per flag across commands;
+//! older spellings stay as hidden aliases so existing scripts still run.
+
+mod generate;
+mod prepare;
+mod tools;
+mod train;
+
+pub use generate::*;
+pub use prepare::*;
+pub use tools::*;
+pub use train::*;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use topcoat::runtime::DeviceRequest;
+
+/// `--device`, shared by every command that computes.
+#[derive(Args, Clone, Copy)]
+pub struct DeviceArgs {
+    /// auto (a CUDA device when one is usable, else the CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceRequest,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "topcoat",
+    version,
+    about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning"
+)]
+pub struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Tokenize text into train/val token shards; `prepare sft` and `prepare prefs` for chat data.
+    Prepare(PrepareArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Pretrain a GPT-2 model (no --data: the embedded corpus).
+    Pretrain(PretrainArgs),
+    /// Old name of `prepare sft`, kept so existing scripts still run.
+    #[command(hide = true)]
+    PrepareSft(PrepareChatArgs),
+    /// Instruction-tune a pretrained checkpoint on prepared conversations (loss on the assistant only).
+    Sft(SftArgs),
+    /// Train a reward model (the SFT checkpoint plus a scalar head) on prepared preference pairs.
+    ///
+    /// `--batch-size` counts rows, two per pair (chosen and rejected), so it must be even.
+    Reward(RewardArgs),
+    /// Preference-tune an SFT checkpoint with DPO (or IPO) on prepared pairs (--batch-size counts pairs).
+    Dpo(DpoArgs),
+    /// On-policy RL against a reward model with a KL leash (RLOO advantages, clipped ratio;
+    /// --batch-size counts prompts, each sampled --k times).
+    Rl(RlArgs),
+    /// Generate text from a checkpoint (or a run directory's newest checkpoint).
+    Sample(SampleArgs),
+    /// Describe a token shard, a checkpoint or a run directory.
+    Info { path: PathBuf },
+    /// Time training steps of a preset on random tokens (--generate: generation speed).
+    Bench(BenchArgs),
+    /// Chat with a checkpoint: one message per line on stdin, replies streamed to stdout.
+    Chat(ChatArgs),
+    /// Evaluate a checkpoint: validation loss, preference-pair accuracy, or scored generation.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// All three rounds on the embedded demo data (pretrain, SFT, reward model, DPO, RL),
+    /// measured, ending with a report card.
+    Demo(DemoArgs),
+    /// Render a demo run directory as one self-contained HTML page (card, samples, plots).
+    Report(ReportArgs),
+}
+
+/// Flags shared by the training commands.
+#[derive(Args)]
+pub struct RunFlags {
+    /// TOML run config; flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub total_batch_tokens: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    #[arg(long)]
+    pub grad_clip: Option<f32>,
+    #[arg(long)]
+    pub val_every: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}

@@ -1,0 +1,84 @@
+//! Flags of `bench`, `demo` and `report`.
+
+use super::DeviceArgs;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Vocabulary size (4096: a small BPE; 50257: GPT-2).
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Time forward + backward only (no gradient norm, no AdamW).
+    #[arg(long)]
+    pub no_optimizer: bool,
+    /// Per-kernel mode: run the steps through a profiler that waits for every op and print
+    /// each kernel family's time, share of the step, and achieved GB/s or TFLOP/s.
+    #[arg(long)]
+    pub kernels: bool,
+    /// Peak dense TFLOP/s for MFU; 0 measures it with the backend's own matmul.
+    #[arg(long, default_value_t = 0.0)]
+    pub peak_tflops: f64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Time greedy generation with and without the KV cache instead of training steps.
+    #[arg(long)]
+    pub generate: bool,
+    /// Prompt tokens (random) for --generate.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: usize,
+    /// New tokens per run for --generate (prompt + new must fit the preset's context).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Timed runs of each path for --generate (after one warm-up run each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Which micro-step to time: pretrain, sft, dpo (B/2 pairs), or all three side by side
+    /// with their tokens/s relative to pretrain.
+    #[arg(long, default_value = "pretrain")]
+    pub stage: String,
+    /// CUDA attention kernels (an A/B switch): mma (tensor cores) or cuda-cores.
+    #[arg(long, default_value = "mma")]
+    pub attention: String,
+    /// cuBLASLt's GELU epilogues in the MLP matmuls (an A/B switch): on or off (the matmul,
+    /// then separate GELU kernels).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub gelu_epilogue: String,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The demo run directory; a stopped demo started again on it continues where it stopped.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// A demo data directory from scripts/make_demo_data.py (default: the embedded small set).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A reduced run (a few minutes on a CPU): fewer steps and questions.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Demo run directory (holds report_card.json and each stage's metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// Where to write the page (default: RUN_DIR/report.html).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
