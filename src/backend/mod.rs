@@ -218,10 +218,9 @@ pub trait Backend: Send + Sync {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let (out_len, pre_len, inp_len) = (self.len(out), self.len(pre), self.len(inp));
-        let bias_len = bias.map(|x| self.len(x));
-        let weight_len = self.len(weight);
-        shapes::matmul_gelu_forward(out_len, pre_len, inp_len, weight_len, bias_len, n, c, oc)?;
+        let [o, p, i, w] = [&*out, &*pre, inp, weight].map(|x| shapes::Of(self, x));
+        let bs = bias.map(|x| shapes::Of(self, x));
+        shapes::matmul_gelu_forward(&o, &p, &i, &w, bs.as_ref(), n, c, oc)?;
         self.matmul_forward(pre, inp, weight, bias, n, c, oc)?;
         self.gelu_forward(out, pre, n * oc)
     }

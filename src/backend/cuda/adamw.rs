@@ -15,8 +15,8 @@ pub(super) fn update(
     hp: &AdamWStep,
 ) -> Result<()> {
     let op = "adamw";
+    shapes::adamw(param, grad, m, v, hp)?;
     let n = param.len();
-    shapes::adamw(n, grad.len(), m.len(), v.len(), hp)?;
     let g = grad.f32(op, "grad")?;
     let m = m.f32_mut(op, "m")?;
     let v = v.f32_mut(op, "v")?;

@@ -140,7 +140,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "attention_forward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+    shapes::attention_forward(out, lse, qkv, b, t, c, nh)?;
     shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
@@ -192,17 +192,7 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "attention_backward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    shapes::attention_backward(
-        dqkv.len(),
-        dout.len(),
-        qkv.len(),
-        out.len(),
-        lse.len(),
-        b,
-        t,
-        c,
-        nh,
-    )?;
+    shapes::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)?;
     shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());

@@ -27,18 +27,7 @@ pub(super) fn attention_cached_forward(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_cached_forward";
-    shapes::attention_cached_forward(
-        out.len(),
-        qkv.len(),
-        k_cache.len(),
-        v_cache.len(),
-        b,
-        tn,
-        past,
-        tmax,
-        c,
-        nh,
-    )?;
+    shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
     let hs = c / nh;
     if hs > MAX_HEAD_SIZE {
         return Err(BackendError::Invalid {

@@ -31,16 +31,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "encoder_forward";
     let pos_host = pos.map(|p| p.host.as_slice());
-    shapes::encoder_forward(
-        out.len(),
-        &ids.host,
-        pos_host,
-        wte.len(),
-        wpe.len(),
-        b,
-        t,
-        c,
-    )?;
+    shapes::encoder_forward(out, &ids.host, pos_host, wte, wpe, b, t, c)?;
     check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
@@ -174,9 +165,7 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "encoder_backward";
     let pos_host = pos.map(|p| p.host.as_slice());
-    let (dwte_, dwpe_) = (dwte.len(), dwpe.len());
-    let (vocab, tmax) =
-        shapes::encoder_backward(dwte_, dwpe_, dout.len(), &ids.host, pos_host, b, t, c)?;
+    let (vocab, tmax) = shapes::encoder_backward(dwte, dwpe, dout, &ids.host, pos_host, b, t, c)?;
     check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());

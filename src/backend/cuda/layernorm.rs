@@ -36,16 +36,7 @@ pub(super) fn forward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_forward";
-    shapes::layernorm_forward(
-        out.len(),
-        mean.len(),
-        rstd.len(),
-        inp.len(),
-        weight.len(),
-        bias.len(),
-        n,
-        c,
-    )?;
+    shapes::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -96,18 +87,7 @@ pub(super) fn residual_layernorm_forward(
     c: usize,
 ) -> Result<()> {
     let op = "residual_layernorm_forward";
-    shapes::residual_layernorm_forward(
-        residual.len(),
-        out.len(),
-        mean.len(),
-        rstd.len(),
-        a.len(),
-        b.len(),
-        weight.len(),
-        bias.len(),
-        n,
-        c,
-    )?;
+    shapes::residual_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -160,18 +140,7 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_backward";
-    shapes::layernorm_backward(
-        dinp.len(),
-        dweight.len(),
-        dbias.len(),
-        dout.len(),
-        inp.len(),
-        weight.len(),
-        mean.len(),
-        rstd.len(),
-        n,
-        c,
-    )?;
+    shapes::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 || c == 0 {
         return Ok(());

@@ -37,15 +37,7 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_forward";
-    shapes::matmul_forward(
-        out.len(),
-        inp.len(),
-        weight.len(),
-        bias.map(|x| x.len()),
-        n,
-        c,
-        oc,
-    )?;
+    shapes::matmul_forward(out, inp, weight, bias, n, c, oc)?;
     forward_with(be, op, out, None, inp, weight, bias, n, c, oc).map(|_| ())
 }
 
@@ -128,17 +120,7 @@ pub(super) fn backward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_backward";
-    shapes::matmul_backward(
-        dinp.len(),
-        dweight.len(),
-        dbias.as_ref().map(|x| x.len()),
-        dout.len(),
-        inp.len(),
-        weight.len(),
-        n,
-        c,
-        oc,
-    )?;
+    shapes::matmul_backward(dinp, dweight, dbias.as_deref(), dout, inp, weight, n, c, oc)?;
     input_grad(be, op, dinp, dout, weight, None, n, c, oc)?;
     weight_grads(be, op, dweight, dbias, dout, inp, n, c, oc)
 }

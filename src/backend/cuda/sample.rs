@@ -20,7 +20,7 @@ pub(super) fn sample_tokens(
     uniforms: &[f32],
 ) -> Result<Vec<u32>> {
     let op = "sample_tokens";
-    shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
+    shapes::sample_tokens(logits, n, v, vp, params, uniforms)?;
     let (v_, vp_) = (as_i32(op, "V", v)?, as_i32(op, "VP", vp)?);
     let rows = u32::try_from(n).map_err(|_| BackendError::Invalid {
         op,
