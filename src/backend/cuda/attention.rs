@@ -210,7 +210,6 @@ pub(super) fn backward(
         let rows_ = as_i32(op, "B*NH*T", rows)?;
         let mut dvec = be.alloc_f32(rows)?;
         let kernel = mma::ATTENTION_BACKWARD_DOT_BF16;
-        let f = be.function(kernel)?;
         let dot_cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -218,19 +217,7 @@ pub(super) fn backward(
         };
         // SAFETY: dvec holds B*NH*T floats, dout and out B*T*C bf16 (checked); one warp per
         // (row, head), 8 per block; warps past the last row exit.
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(&mut dvec)
-                .arg(dy)
-                .arg(y)
-                .arg(&rows_)
-                .arg(&t_)
-                .arg(&c_)
-                .arg(&nh_)
-                .launch(dot_cfg)
-        }
-        .map_err(|e| launch_error(kernel, e))?;
+        unsafe { launch!(be, kernel, dot_cfg, &mut dvec, dy, y, &rows_, &t_, &c_, &nh_) }?;
         for kernel in [mma.dq, mma.dkv] {
             let f = be.function(kernel)?;
             let mut args = be.stream.launch_builder(f);
