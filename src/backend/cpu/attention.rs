@@ -48,16 +48,8 @@ impl<'a, F> Head<'a, F> {
     fn new(qkv: &'a [F], bb: usize, h: usize, t: usize, c: usize, hs: usize) -> Self {
         let c3 = 3 * c;
         let at = |part: usize| &qkv[bb * t * c3 + part * c + h * hs..];
-        let rows = |part: usize| View {
-            data: at(part),
-            rs: c3,
-            cs: 1,
-        };
-        let cols = |part: usize| View {
-            data: at(part),
-            rs: 1,
-            cs: c3,
-        };
+        let rows = |part: usize| View::rows(at(part), c3);
+        let cols = |part: usize| View::cols(at(part), c3);
         Head {
             q: rows(0),
             k: rows(1),
@@ -141,7 +133,6 @@ fn causal_scores<F: Float>(
 
 /// `dst [T, hs] = a [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
 /// (row stride T): row block `[r0, r1)` sums over `[lo, r1)` only.
-#[allow(clippy::too_many_arguments)]
 fn causal_times<F: Float>(
     dst: &mut [F],
     a: &[F],
@@ -151,31 +142,12 @@ fn causal_times<F: Float>(
     hs: usize,
     scale: F,
 ) {
-    let a = View {
-        data: a,
-        rs: t,
-        cs: 1,
-    };
-    for (r0, r1) in blocks(t) {
-        let lo = mask.lo(r0, r1);
-        gemm_scaled(
-            r1 - r0,
-            hs,
-            r1 - lo,
-            &mut dst[r0 * hs..],
-            hs,
-            false,
-            a.at(r0, lo),
-            x.at(lo, 0),
-            scale,
-            Threads::Serial,
-        );
-    }
+    let a = View::rows(a, t);
+    banded_times(dst, a, x, t, hs, scale, |r0, r1| (mask.lo(r0, r1), r1));
 }
 
 /// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
 /// (row stride T): output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, hi)` only.
-#[allow(clippy::too_many_arguments)]
 fn causal_transposed_times<F: Float>(
     dst: &mut [F],
     a: &[F],
@@ -185,22 +157,33 @@ fn causal_transposed_times<F: Float>(
     hs: usize,
     scale: F,
 ) {
-    let at = View {
-        data: a,
-        rs: 1,
-        cs: t,
-    };
-    for (c0, c1) in blocks(t) {
-        let hi = mask.hi(c0, c1, t);
+    let at = View::cols(a, t);
+    banded_times(dst, at, x, t, hs, scale, |c0, c1| (c0, mask.hi(c0, c1, t)));
+}
+
+/// `dst [T, hs] = a [T, T] x [T, hs] * scale`, where output row block `[r0, r1)` sums only
+/// over the inner range `band(r0, r1)` (the rest of those rows of `a` is zero): the two
+/// causal products above, which differ only in `a`'s orientation and the band.
+fn banded_times<F: Float>(
+    dst: &mut [F],
+    a: View<'_, F>,
+    x: View<'_, F>,
+    t: usize,
+    hs: usize,
+    scale: F,
+    band: impl Fn(usize, usize) -> (usize, usize),
+) {
+    for (r0, r1) in blocks(t) {
+        let (k0, k1) = band(r0, r1);
         gemm_scaled(
-            c1 - c0,
+            r1 - r0,
             hs,
-            hi - c0,
-            &mut dst[c0 * hs..],
+            k1 - k0,
+            &mut dst[r0 * hs..],
             hs,
             false,
-            at.at(c0, c0),
-            x.at(c0, 0),
+            a.at(r0, k0),
+            x.at(k0, 0),
             scale,
             Threads::Serial,
         );
@@ -307,11 +290,7 @@ pub fn attention_backward<F: Float>(
             let mask = Mask {
                 starts: starts.map(|s| &s[bb * t..][..t]),
             };
-            let dy = View {
-                data: &dout[bb * t * c + h * hs..],
-                rs: c,
-                cs: 1,
-            };
+            let dy = View::rows(&dout[bb * t * c + h * hs..], c);
             let y = |i: usize| &out[(bb * t + i) * c + h * hs..][..hs];
             // p [T, T]: P recomputed from the scores and the saved log-sum-exp.
             let mut p = vec![F::zero(); t * t];
