@@ -131,50 +131,33 @@ fn causal_scores<F: Float>(
     }
 }
 
-/// `dst [T, hs] = a [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
-/// (row stride T): row block `[r0, r1)` sums over `[lo, r1)` only.
+/// `dst [T, hs] = op(a) [T, T] x [T, hs] * scale` for an `a [T, T]` (row stride T) that is
+/// zero wherever the mask is, so each output row block sums over its band only:
+/// - `op(a) = a`: row block `[r0, r1)` sums over `[lo, r1)`;
+/// - `op(a) = a^T` (`transpose`): row block `[c0, c1)` (columns of `a`) sums over rows
+///   `[c0, hi)`.
+#[allow(clippy::too_many_arguments)]
 fn causal_times<F: Float>(
     dst: &mut [F],
     a: &[F],
+    transpose: bool,
     x: View<'_, F>,
     mask: Mask<'_>,
     t: usize,
     hs: usize,
     scale: F,
 ) {
-    let a = View::rows(a, t);
-    banded_times(dst, a, x, t, hs, scale, |r0, r1| (mask.lo(r0, r1), r1));
-}
-
-/// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
-/// (row stride T): output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, hi)` only.
-fn causal_transposed_times<F: Float>(
-    dst: &mut [F],
-    a: &[F],
-    x: View<'_, F>,
-    mask: Mask<'_>,
-    t: usize,
-    hs: usize,
-    scale: F,
-) {
-    let at = View::cols(a, t);
-    banded_times(dst, at, x, t, hs, scale, |c0, c1| (c0, mask.hi(c0, c1, t)));
-}
-
-/// `dst [T, hs] = a [T, T] x [T, hs] * scale`, where output row block `[r0, r1)` sums only
-/// over the inner range `band(r0, r1)` (the rest of those rows of `a` is zero): the two
-/// causal products above, which differ only in `a`'s orientation and the band.
-fn banded_times<F: Float>(
-    dst: &mut [F],
-    a: View<'_, F>,
-    x: View<'_, F>,
-    t: usize,
-    hs: usize,
-    scale: F,
-    band: impl Fn(usize, usize) -> (usize, usize),
-) {
+    let a = if transpose {
+        View::cols(a, t)
+    } else {
+        View::rows(a, t)
+    };
     for (r0, r1) in blocks(t) {
-        let (k0, k1) = band(r0, r1);
+        let (k0, k1) = if transpose {
+            (r0, mask.hi(r0, r1, t))
+        } else {
+            (mask.lo(r0, r1), r1)
+        };
         gemm_scaled(
             r1 - r0,
             hs,
@@ -240,7 +223,7 @@ pub fn attention_forward<F: Float>(
             }
             // o [T, hs] = P v.
             let mut o = vec![F::zero(); t * hs];
-            causal_times(&mut o, &p, head.v, mask, t, hs, F::one());
+            causal_times(&mut o, &p, false, head.v, mask, t, hs, F::one());
             (o, l)
         })
         .collect();
@@ -322,9 +305,9 @@ pub fn attention_backward<F: Float>(
             let (dq, rest) = g.split_at_mut(t * hs);
             let (dk, dv) = rest.split_at_mut(t * hs);
             // dv = P^T dout, dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs).
-            causal_transposed_times(dv, &p, dy, mask, t, hs, F::one());
-            causal_times(dq, &ds, head.k, mask, t, hs, scale);
-            causal_transposed_times(dk, &ds, head.q, mask, t, hs, scale);
+            causal_times(dv, &p, true, dy, mask, t, hs, F::one());
+            causal_times(dq, &ds, false, head.k, mask, t, hs, scale);
+            causal_times(dk, &ds, true, head.q, mask, t, hs, scale);
             g
         })
         .collect();
