@@ -10,6 +10,10 @@ use super::{check_len, AdamWStep, Backend, BackendError, Result, SampleParams};
 /// A buffer as a shape rule sees it: its number of elements.
 pub trait Len {
     fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Len for [f32] {

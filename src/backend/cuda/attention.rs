@@ -99,18 +99,23 @@ fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
     };
 }
 
-/// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
-fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
-    shapes::attention_heads(op, c, nh)?;
+/// The limits every attention kernel shares (training and decoding), for `NH` heads that
+/// divide `C`: the head size at most the kernel's `max_hs`, and `B*NH` within the grid's y
+/// limit. Returns `(hs, B*NH)`.
+pub(super) fn head_limits(
+    op: &'static str,
+    b: usize,
+    c: usize,
+    nh: usize,
+    max_hs: usize,
+) -> Result<(usize, u32)> {
     let hs = c / nh;
-    if hs > MAX_HEAD_SIZE {
+    if hs > max_hs {
         return Err(BackendError::Invalid {
             op,
-            msg: format!("head size {hs} is above the kernel's maximum {MAX_HEAD_SIZE}"),
+            msg: format!("head size {hs} is above the kernel's maximum {max_hs}"),
         });
     }
-    as_i32(op, "T", t)?;
-    as_i32(op, "3C", 3 * c)?;
     let bh = u32::try_from(b * nh)
         .ok()
         .filter(|&x| x <= 65535)
@@ -118,6 +123,15 @@ fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(L
             op,
             msg: format!("B*NH = {} is above the grid's y limit 65535", b * nh),
         })?;
+    Ok((hs, bh))
+}
+
+/// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
+fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
+    shapes::attention_heads(op, c, nh)?;
+    let (hs, bh) = head_limits(op, b, c, nh, MAX_HEAD_SIZE)?;
+    as_i32(op, "T", t)?;
+    as_i32(op, "3C", 3 * c)?;
     let cfg = LaunchConfig {
         grid_dim: (t.div_ceil(ROWS) as u32, bh, 1),
         block_dim: ((ROWS * 32) as u32, 1, 1),

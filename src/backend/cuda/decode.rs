@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::kernels::decode::{DECODE_ATTENTION_BF16, DECODE_KV_APPEND_BF16};
-use super::{as_i32, grid_stride, BackendError, CudaBackend, CudaBuf, Result};
+use super::{as_i32, attention, grid_stride, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
 
 /// `DEC_MAX_HS` in kernels/decode.cu.
@@ -28,20 +28,7 @@ pub(super) fn attention_cached_forward(
 ) -> Result<()> {
     let op = "attention_cached_forward";
     shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
-    let hs = c / nh;
-    if hs > MAX_HEAD_SIZE {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("head size {hs} is above the kernel's maximum {MAX_HEAD_SIZE}"),
-        });
-    }
-    let bh = u32::try_from(b * nh)
-        .ok()
-        .filter(|&x| x <= 65535)
-        .ok_or_else(|| BackendError::Invalid {
-            op,
-            msg: format!("B*NH = {} is above the grid's y limit 65535", b * nh),
-        })?;
+    let (hs, bh) = attention::head_limits(op, b, c, nh, MAX_HEAD_SIZE)?;
     let (b_, tn_, past_) = (
         as_i32(op, "B", b)?,
         as_i32(op, "Tn", tn)?,
