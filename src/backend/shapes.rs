@@ -1,10 +1,42 @@
 //! The shape rule of every op: buffer lengths against the op's shape arguments, and the
 //! arguments' ranges (ids, positions, heads, steps). Each backend calls the op's rule before it
 //! computes or launches anything, so the rules live in one place; a failure names the op and
-//! the buffer or argument. Backend-specific limits (a kernel's maximum head size, 32-bit grid
-//! sizes) stay with the backend.
+//! the buffer or argument. A rule takes the op's buffers themselves (anything with a [`Len`]),
+//! so each check is one call. Backend-specific limits (a kernel's maximum head size, 32-bit
+//! grid sizes) stay with the backend.
 
-use super::{check_len, AdamWStep, BackendError, Result, SampleParams};
+use super::{check_len, AdamWStep, Backend, BackendError, Result, SampleParams};
+
+/// A buffer as a shape rule sees it: its number of elements.
+pub trait Len {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Len for [f32] {
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
+    }
+}
+
+impl Len for Vec<f32> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+/// A buffer seen through its backend's [`Backend::len`], for code written against the trait
+/// (its default methods).
+pub struct Of<'a, B: Backend + ?Sized>(pub &'a B, pub &'a B::Buf);
+
+impl<B: Backend + ?Sized> Len for Of<'_, B> {
+    fn len(&self) -> usize {
+        self.0.len(self.1)
+    }
+}
 
 fn invalid(op: &'static str, msg: String) -> BackendError {
     BackendError::Invalid { op, msg }
@@ -14,42 +46,53 @@ fn invalid(op: &'static str, msg: String) -> BackendError {
 /// `wpe [Tmax*C]`, and `T <= Tmax` without `pos`, else `pos [B*T]` each in `[0, Tmax)`.
 /// Returns `(V, Tmax)`.
 #[allow(clippy::too_many_arguments)]
-pub fn encoder_forward(
-    out: usize,
+pub fn encoder_forward<L: Len + ?Sized>(
+    out: &L,
     ids: &[i32],
     pos: Option<&[i32]>,
-    wte: usize,
-    wpe: usize,
+    wte: &L,
+    wpe: &L,
     b: usize,
     t: usize,
     c: usize,
 ) -> Result<(usize, usize)> {
-    let names = ["out", "wte", "wpe"];
-    encoder("encoder_forward", names, out, ids, pos, wte, wpe, b, t, c)
+    let (op, names) = ("encoder_forward", ["out", "wte", "wpe"]);
+    encoder(
+        op,
+        names,
+        out.len(),
+        ids,
+        pos,
+        wte.len(),
+        wpe.len(),
+        b,
+        t,
+        c,
+    )
 }
 
 /// Lengths for `encoder_backward`: those of `encoder_forward`, with `dout`, `dwte`, `dwpe` in
 /// place of `out`, `wte`, `wpe`. Returns `(V, Tmax)`.
 #[allow(clippy::too_many_arguments)]
-pub fn encoder_backward(
-    dwte: usize,
-    dwpe: usize,
-    dout: usize,
+pub fn encoder_backward<L: Len + ?Sized>(
+    dwte: &L,
+    dwpe: &L,
+    dout: &L,
     ids: &[i32],
     pos: Option<&[i32]>,
     b: usize,
     t: usize,
     c: usize,
 ) -> Result<(usize, usize)> {
-    let names = ["dout", "dwte", "dwpe"];
+    let (op, names) = ("encoder_backward", ["dout", "dwte", "dwpe"]);
     encoder(
-        "encoder_backward",
+        op,
         names,
-        dout,
+        dout.len(),
         ids,
         pos,
-        dwte,
-        dwpe,
+        dwte.len(),
+        dwpe.len(),
         b,
         t,
         c,
@@ -110,157 +153,188 @@ fn encoder(
 }
 
 /// Every named buffer of an elementwise op holds exactly `n` elements.
-fn elementwise(op: &'static str, bufs: &[(&'static str, usize)], n: usize) -> Result<()> {
+fn elementwise<L: Len + ?Sized>(
+    op: &'static str,
+    bufs: &[(&'static str, &L)],
+    n: usize,
+) -> Result<()> {
     bufs.iter()
-        .try_for_each(|&(what, len)| check_len(op, what, n, len))
+        .try_for_each(|&(what, buf)| check_len(op, what, n, buf.len()))
 }
 
 /// Lengths for `residual_forward`: `out`, `a`, `b` `[n]`.
-pub fn residual_forward(out: usize, a: usize, b: usize, n: usize) -> Result<()> {
+pub fn residual_forward<L: Len + ?Sized>(out: &L, a: &L, b: &L, n: usize) -> Result<()> {
     elementwise("residual_forward", &[("out", out), ("a", a), ("b", b)], n)
 }
 
 /// Lengths for `gelu_forward`: `out`, `inp` `[n]`.
-pub fn gelu_forward(out: usize, inp: usize, n: usize) -> Result<()> {
+pub fn gelu_forward<L: Len + ?Sized>(out: &L, inp: &L, n: usize) -> Result<()> {
     elementwise("gelu_forward", &[("out", out), ("inp", inp)], n)
 }
 
 /// Lengths for `gelu_backward`: `dinp`, `inp`, `dout` `[n]`.
-pub fn gelu_backward(dinp: usize, inp: usize, dout: usize, n: usize) -> Result<()> {
+pub fn gelu_backward<L: Len + ?Sized>(dinp: &L, inp: &L, dout: &L, n: usize) -> Result<()> {
     let bufs = [("dinp", dinp), ("inp", inp), ("dout", dout)];
     elementwise("gelu_backward", &bufs, n)
 }
 
 /// Checks for `adamw`: `grad`, `m`, `v` as long as `param`, and a 1-based step.
-pub fn adamw(param: usize, grad: usize, m: usize, v: usize, hp: &AdamWStep) -> Result<()> {
+pub fn adamw<L: Len + ?Sized>(param: &L, grad: &L, m: &L, v: &L, hp: &AdamWStep) -> Result<()> {
     let op = "adamw";
-    check_len(op, "grad", param, grad)?;
-    check_len(op, "m", param, m)?;
-    check_len(op, "v", param, v)?;
+    elementwise(op, &[("grad", grad), ("m", m), ("v", v)], param.len())?;
     if hp.step == 0 {
         return Err(invalid(op, "step is 1-based, got 0".into()));
     }
     Ok(())
 }
 
-/// Lengths for `residual_layernorm_forward`: `residual`, `out`, `a`, `b` `[N*C]`; `mean`,
-/// `rstd` `[N]`; `weight`, `bias` `[C]`.
+/// Lengths for `residual_layernorm_forward`: `residual`, `a`, `b` `[N*C]`, then those of
+/// `layernorm_forward` with `residual` as its input.
 #[allow(clippy::too_many_arguments)]
-pub fn residual_layernorm_forward(
-    residual: usize,
-    out: usize,
-    mean: usize,
-    rstd: usize,
-    a: usize,
-    b: usize,
-    weight: usize,
-    bias: usize,
+pub fn residual_layernorm_forward<L: Len + ?Sized>(
+    residual: &L,
+    out: &L,
+    mean: &L,
+    rstd: &L,
+    a: &L,
+    b: &L,
+    weight: &L,
+    bias: &L,
     n: usize,
     c: usize,
 ) -> Result<()> {
     let op = "residual_layernorm_forward";
-    check_len(op, "residual", n * c, residual)?;
-    check_len(op, "out", n * c, out)?;
-    check_len(op, "mean", n, mean)?;
-    check_len(op, "rstd", n, rstd)?;
-    check_len(op, "a", n * c, a)?;
-    check_len(op, "b", n * c, b)?;
-    check_len(op, "weight", c, weight)?;
-    check_len(op, "bias", c, bias)
+    elementwise(op, &[("residual", residual), ("a", a), ("b", b)], n * c)?;
+    layernorm_for(op, out, mean, rstd, residual, weight, bias, n, c)
 }
 
-/// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`, `bias` `[C]`.
+/// Lengths for `layernorm_forward`: `out`, `inp` `[N*C]`; `mean`, `rstd` `[N]`; `weight`,
+/// `bias` `[C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(
-    out: usize,
-    mean: usize,
-    rstd: usize,
-    inp: usize,
-    weight: usize,
-    bias: usize,
+pub fn layernorm_forward<L: Len + ?Sized>(
+    out: &L,
+    mean: &L,
+    rstd: &L,
+    inp: &L,
+    weight: &L,
+    bias: &L,
     n: usize,
     c: usize,
 ) -> Result<()> {
-    let op = "layernorm_forward";
-    check_len(op, "out", n * c, out)?;
-    check_len(op, "mean", n, mean)?;
-    check_len(op, "rstd", n, rstd)?;
-    check_len(op, "inp", n * c, inp)?;
-    check_len(op, "weight", c, weight)?;
-    check_len(op, "bias", c, bias)
+    layernorm_for(
+        "layernorm_forward",
+        out,
+        mean,
+        rstd,
+        inp,
+        weight,
+        bias,
+        n,
+        c,
+    )
 }
 
-/// Lengths for `layernorm_backward`.
+/// The layernorm rule under `op`'s name (the fused residual op checks its own `inp`).
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    dinp: usize,
-    dweight: usize,
-    dbias: usize,
-    dout: usize,
-    inp: usize,
-    weight: usize,
-    mean: usize,
-    rstd: usize,
+fn layernorm_for<L: Len + ?Sized>(
+    op: &'static str,
+    out: &L,
+    mean: &L,
+    rstd: &L,
+    inp: &L,
+    weight: &L,
+    bias: &L,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    elementwise(op, &[("out", out), ("inp", inp)], n * c)?;
+    elementwise(op, &[("mean", mean), ("rstd", rstd)], n)?;
+    elementwise(op, &[("weight", weight), ("bias", bias)], c)
+}
+
+/// Lengths for `layernorm_backward`: `dinp`, `dout`, `inp` `[N*C]`; `dweight`, `dbias`,
+/// `weight` `[C]`; `mean`, `rstd` `[N]`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward<L: Len + ?Sized>(
+    dinp: &L,
+    dweight: &L,
+    dbias: &L,
+    dout: &L,
+    inp: &L,
+    weight: &L,
+    mean: &L,
+    rstd: &L,
     n: usize,
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_backward";
-    check_len(op, "dinp", n * c, dinp)?;
-    check_len(op, "dweight", c, dweight)?;
-    check_len(op, "dbias", c, dbias)?;
-    check_len(op, "dout", n * c, dout)?;
-    check_len(op, "inp", n * c, inp)?;
-    check_len(op, "weight", c, weight)?;
-    check_len(op, "mean", n, mean)?;
-    check_len(op, "rstd", n, rstd)
+    elementwise(op, &[("dinp", dinp), ("dout", dout), ("inp", inp)], n * c)?;
+    elementwise(
+        op,
+        &[("dweight", dweight), ("dbias", dbias), ("weight", weight)],
+        c,
+    )?;
+    elementwise(op, &[("mean", mean), ("rstd", rstd)], n)
 }
 
 /// Lengths for `matmul_forward`: `out [N*OC]`, `inp [N*C]`, `weight [OC*C]`, `bias [OC]`.
-pub fn matmul_forward(
-    out: usize,
-    inp: usize,
-    weight: usize,
-    bias: Option<usize>,
+pub fn matmul_forward<L: Len + ?Sized>(
+    out: &L,
+    inp: &L,
+    weight: &L,
+    bias: Option<&L>,
     n: usize,
     c: usize,
     oc: usize,
 ) -> Result<()> {
-    let op = "matmul_forward";
-    check_len(op, "out", n * oc, out)?;
-    check_len(op, "inp", n * c, inp)?;
-    check_len(op, "weight", oc * c, weight)?;
-    bias.map_or(Ok(()), |len| check_len(op, "bias", oc, len))
+    matmul_forward_for("matmul_forward", out, inp, weight, bias, n, c, oc)
 }
 
-/// Lengths for `matmul_gelu_forward`: `out`, `pre` `[N*OC]`, then those of `matmul_forward`.
+/// Lengths for `matmul_gelu_forward`: `pre [N*OC]`, then those of `matmul_forward`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_gelu_forward(
-    out: usize,
-    pre: usize,
-    inp: usize,
-    weight: usize,
-    bias: Option<usize>,
+pub fn matmul_gelu_forward<L: Len + ?Sized>(
+    out: &L,
+    pre: &L,
+    inp: &L,
+    weight: &L,
+    bias: Option<&L>,
     n: usize,
     c: usize,
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_gelu_forward";
-    check_len(op, "out", n * oc, out)?;
-    check_len(op, "pre", n * oc, pre)?;
-    check_len(op, "inp", n * c, inp)?;
-    check_len(op, "weight", oc * c, weight)?;
-    bias.map_or(Ok(()), |len| check_len(op, "bias", oc, len))
+    check_len(op, "pre", n * oc, pre.len())?;
+    matmul_forward_for(op, out, inp, weight, bias, n, c, oc)
 }
 
-/// Lengths for `matmul_backward`.
+/// The matmul forward rule under `op`'s name.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_backward(
-    dinp: usize,
-    dweight: usize,
-    dbias: Option<usize>,
-    dout: usize,
-    inp: usize,
-    weight: usize,
+fn matmul_forward_for<L: Len + ?Sized>(
+    op: &'static str,
+    out: &L,
+    inp: &L,
+    weight: &L,
+    bias: Option<&L>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    check_len(op, "out", n * oc, out.len())?;
+    check_len(op, "inp", n * c, inp.len())?;
+    check_len(op, "weight", oc * c, weight.len())?;
+    bias.map_or(Ok(()), |x| check_len(op, "bias", oc, x.len()))
+}
+
+/// Lengths for `matmul_backward`: `dinp`, `inp` `[N*C]`; `dweight`, `weight` `[OC*C]`;
+/// `dbias [OC]`; `dout [N*OC]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward<L: Len + ?Sized>(
+    dinp: &L,
+    dweight: &L,
+    dbias: Option<&L>,
+    dout: &L,
+    inp: &L,
+    weight: &L,
     n: usize,
     c: usize,
     oc: usize,
@@ -271,42 +345,43 @@ pub fn matmul_backward(
 
 /// Lengths for `matmul_gelu_backward`: those of `matmul_backward` plus `pre [N*C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_gelu_backward(
-    dinp: usize,
-    dweight: usize,
-    dbias: Option<usize>,
-    dout: usize,
-    inp: usize,
-    weight: usize,
-    pre: usize,
+pub fn matmul_gelu_backward<L: Len + ?Sized>(
+    dinp: &L,
+    dweight: &L,
+    dbias: Option<&L>,
+    dout: &L,
+    inp: &L,
+    weight: &L,
+    pre: &L,
     n: usize,
     c: usize,
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_gelu_backward";
     matmul_backward_for(op, dinp, dweight, dbias, dout, inp, weight, n, c, oc)?;
-    check_len(op, "pre", n * c, pre)
+    check_len(op, "pre", n * c, pre.len())
 }
 
+/// The matmul backward rule under `op`'s name.
 #[allow(clippy::too_many_arguments)]
-fn matmul_backward_for(
+fn matmul_backward_for<L: Len + ?Sized>(
     op: &'static str,
-    dinp: usize,
-    dweight: usize,
-    dbias: Option<usize>,
-    dout: usize,
-    inp: usize,
-    weight: usize,
+    dinp: &L,
+    dweight: &L,
+    dbias: Option<&L>,
+    dout: &L,
+    inp: &L,
+    weight: &L,
     n: usize,
     c: usize,
     oc: usize,
 ) -> Result<()> {
-    check_len(op, "dinp", n * c, dinp)?;
-    check_len(op, "dweight", oc * c, dweight)?;
-    dbias.map_or(Ok(()), |len| check_len(op, "dbias", oc, len))?;
-    check_len(op, "dout", n * oc, dout)?;
-    check_len(op, "inp", n * c, inp)?;
-    check_len(op, "weight", oc * c, weight)
+    check_len(op, "dinp", n * c, dinp.len())?;
+    check_len(op, "dweight", oc * c, dweight.len())?;
+    dbias.map_or(Ok(()), |x| check_len(op, "dbias", oc, x.len()))?;
+    check_len(op, "dout", n * oc, dout.len())?;
+    check_len(op, "inp", n * c, inp.len())?;
+    check_len(op, "weight", oc * c, weight.len())
 }
 
 /// Attention needs `NH > 0` heads that divide `C`.
@@ -321,42 +396,54 @@ pub fn attention_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
 }
 
 /// Checks for `attention_forward`: heads, then `out [B*T*C]`, `lse [B*NH*T]`, `qkv [B*T*3C]`.
-pub fn attention_forward(
-    out: usize,
-    lse: usize,
-    qkv: usize,
+pub fn attention_forward<L: Len + ?Sized>(
+    out: &L,
+    lse: &L,
+    qkv: &L,
     b: usize,
     t: usize,
     c: usize,
     nh: usize,
 ) -> Result<()> {
-    let op = "attention_forward";
-    attention_heads(op, c, nh)?;
-    check_len(op, "out", b * t * c, out)?;
-    check_len(op, "lse", b * nh * t, lse)?;
-    check_len(op, "qkv", b * t * 3 * c, qkv)
+    attention_for("attention_forward", out, lse, qkv, b, t, c, nh)
 }
 
-/// Checks for `attention_backward`: heads, then the lengths.
+/// Checks for `attention_backward`: those of `attention_forward` on its buffers, then
+/// `dqkv [B*T*3C]`, `dout [B*T*C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    dqkv: usize,
-    dout: usize,
-    qkv: usize,
-    out: usize,
-    lse: usize,
+pub fn attention_backward<L: Len + ?Sized>(
+    dqkv: &L,
+    dout: &L,
+    qkv: &L,
+    out: &L,
+    lse: &L,
     b: usize,
     t: usize,
     c: usize,
     nh: usize,
 ) -> Result<()> {
     let op = "attention_backward";
+    attention_for(op, out, lse, qkv, b, t, c, nh)?;
+    check_len(op, "dqkv", b * t * 3 * c, dqkv.len())?;
+    check_len(op, "dout", b * t * c, dout.len())
+}
+
+/// The attention forward rule under `op`'s name.
+#[allow(clippy::too_many_arguments)]
+fn attention_for<L: Len + ?Sized>(
+    op: &'static str,
+    out: &L,
+    lse: &L,
+    qkv: &L,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
     attention_heads(op, c, nh)?;
-    check_len(op, "dqkv", b * t * 3 * c, dqkv)?;
-    check_len(op, "dout", b * t * c, dout)?;
-    check_len(op, "qkv", b * t * 3 * c, qkv)?;
-    check_len(op, "out", b * t * c, out)?;
-    check_len(op, "lse", b * nh * t, lse)
+    check_len(op, "out", b * t * c, out.len())?;
+    check_len(op, "lse", b * nh * t, lse.len())?;
+    check_len(op, "qkv", b * t * 3 * c, qkv.len())
 }
 
 /// The optional `starts [B*T]` of attention over packed rows: each row is cut into contiguous
@@ -393,11 +480,11 @@ pub fn attention_starts(
 /// Checks for `attention_cached_forward`: heads divide `C`, `past + Tn <= Tmax`, and lengths
 /// `out [B*Tn*C]`, `qkv [B*Tn*3C]`, `k_cache`, `v_cache` `[B*Tmax*C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_cached_forward(
-    out: usize,
-    qkv: usize,
-    k_cache: usize,
-    v_cache: usize,
+pub fn attention_cached_forward<L: Len + ?Sized>(
+    out: &L,
+    qkv: &L,
+    k_cache: &L,
+    v_cache: &L,
     b: usize,
     tn: usize,
     past: usize,
@@ -413,16 +500,25 @@ pub fn attention_cached_forward(
             msg: format!("past {past} + Tn {tn} new positions exceed the cache's Tmax {tmax}"),
         });
     }
-    check_len(op, "out", b * tn * c, out)?;
-    check_len(op, "qkv", b * tn * 3 * c, qkv)?;
-    check_len(op, "k_cache", b * tmax * c, k_cache)?;
-    check_len(op, "v_cache", b * tmax * c, v_cache)
+    check_len(op, "out", b * tn * c, out.len())?;
+    check_len(op, "qkv", b * tn * 3 * c, qkv.len())?;
+    let caches = [("k_cache", k_cache), ("v_cache", v_cache)];
+    elementwise(op, &caches, b * tmax * c)
+}
+
+/// A logits row holds `VP` columns of which the first `V` are real: `0 < V <= VP`.
+fn padded_vocab(op: &'static str, v: usize, vp: usize) -> Result<()> {
+    if v == 0 || v > vp {
+        let msg = format!("need 0 < V <= VP, got V = {v}, VP = {vp}");
+        return Err(invalid(op, msg));
+    }
+    Ok(())
 }
 
 /// Checks for `sample_tokens`: the parameters' ranges, `0 < V <= VP`, `logits [N*VP]`, and one
 /// uniform in `[0, 1)` per row.
-pub fn sample_tokens(
-    logits: usize,
+pub fn sample_tokens<L: Len + ?Sized>(
+    logits: &L,
     n: usize,
     v: usize,
     vp: usize,
@@ -431,13 +527,8 @@ pub fn sample_tokens(
 ) -> Result<()> {
     let op = "sample_tokens";
     params.check(op)?;
-    if v == 0 || v > vp {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
-        });
-    }
-    check_len(op, "logits", n * vp, logits)?;
+    padded_vocab(op, v, vp)?;
+    check_len(op, "logits", n * vp, logits.len())?;
     check_len(op, "uniforms", n, uniforms.len())?;
     if let Some(i) = uniforms.iter().position(|u| !(0.0..1.0).contains(u)) {
         return Err(BackendError::Invalid {
@@ -451,26 +542,21 @@ pub fn sample_tokens(
 /// Checks for `cross_entropy`: `0 < V <= VP`, `losses [N]`, `logits [N*VP]`, `targets [N]`
 /// each below `V` (negative: masked), and per-row weights `[N]` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn cross_entropy(
-    losses: usize,
-    logits: usize,
+pub fn cross_entropy<L: Len + ?Sized>(
+    losses: &L,
+    logits: &L,
     targets: &[i32],
-    weights: Option<usize>,
+    weights: Option<&L>,
     n: usize,
     v: usize,
     vp: usize,
 ) -> Result<()> {
     let op = "cross_entropy";
-    if v == 0 || v > vp {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("need 0 < V <= VP, got V = {v}, VP = {vp}"),
-        });
-    }
-    check_len(op, "losses", n, losses)?;
-    check_len(op, "logits", n * vp, logits)?;
+    padded_vocab(op, v, vp)?;
+    check_len(op, "losses", n, losses.len())?;
+    check_len(op, "logits", n * vp, logits.len())?;
     check_len(op, "targets", n, targets.len())?;
-    weights.map_or(Ok(()), |len| check_len(op, "weights", n, len))?;
+    weights.map_or(Ok(()), |w| check_len(op, "weights", n, w.len()))?;
     match targets.iter().position(|&x| x >= 0 && x as usize >= v) {
         None => Ok(()),
         Some(i) => Err(BackendError::Invalid {

@@ -48,16 +48,8 @@ impl<'a, F> Head<'a, F> {
     fn new(qkv: &'a [F], bb: usize, h: usize, t: usize, c: usize, hs: usize) -> Self {
         let c3 = 3 * c;
         let at = |part: usize| &qkv[bb * t * c3 + part * c + h * hs..];
-        let rows = |part: usize| View {
-            data: at(part),
-            rs: c3,
-            cs: 1,
-        };
-        let cols = |part: usize| View {
-            data: at(part),
-            rs: 1,
-            cs: c3,
-        };
+        let rows = |part: usize| View::rows(at(part), c3);
+        let cols = |part: usize| View::cols(at(part), c3);
         Head {
             q: rows(0),
             k: rows(1),
@@ -139,68 +131,42 @@ fn causal_scores<F: Float>(
     }
 }
 
-/// `dst [T, hs] = a [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
-/// (row stride T): row block `[r0, r1)` sums over `[lo, r1)` only.
+/// `dst [T, hs] = op(a) [T, T] x [T, hs] * scale` for an `a [T, T]` (row stride T) that is
+/// zero wherever the mask is, so each output row block sums over its band only:
+/// - `op(a) = a`: row block `[r0, r1)` sums over `[lo, r1)`;
+/// - `op(a) = a^T` (`transpose`): row block `[c0, c1)` (columns of `a`) sums over rows
+///   `[c0, hi)`.
 #[allow(clippy::too_many_arguments)]
 fn causal_times<F: Float>(
     dst: &mut [F],
     a: &[F],
+    transpose: bool,
     x: View<'_, F>,
     mask: Mask<'_>,
     t: usize,
     hs: usize,
     scale: F,
 ) {
-    let a = View {
-        data: a,
-        rs: t,
-        cs: 1,
+    let a = if transpose {
+        View::cols(a, t)
+    } else {
+        View::rows(a, t)
     };
     for (r0, r1) in blocks(t) {
-        let lo = mask.lo(r0, r1);
+        let (k0, k1) = if transpose {
+            (r0, mask.hi(r0, r1, t))
+        } else {
+            (mask.lo(r0, r1), r1)
+        };
         gemm_scaled(
             r1 - r0,
             hs,
-            r1 - lo,
+            k1 - k0,
             &mut dst[r0 * hs..],
             hs,
             false,
-            a.at(r0, lo),
-            x.at(lo, 0),
-            scale,
-            Threads::Serial,
-        );
-    }
-}
-
-/// `dst [T, hs] = a^T [T, T] x [T, hs] * scale` for an `a` that is zero wherever the mask is
-/// (row stride T): output row block `[c0, c1)` (columns of `a`) sums over rows `[c0, hi)` only.
-#[allow(clippy::too_many_arguments)]
-fn causal_transposed_times<F: Float>(
-    dst: &mut [F],
-    a: &[F],
-    x: View<'_, F>,
-    mask: Mask<'_>,
-    t: usize,
-    hs: usize,
-    scale: F,
-) {
-    let at = View {
-        data: a,
-        rs: 1,
-        cs: t,
-    };
-    for (c0, c1) in blocks(t) {
-        let hi = mask.hi(c0, c1, t);
-        gemm_scaled(
-            c1 - c0,
-            hs,
-            hi - c0,
-            &mut dst[c0 * hs..],
-            hs,
-            false,
-            at.at(c0, c0),
-            x.at(c0, 0),
+            a.at(r0, k0),
+            x.at(k0, 0),
             scale,
             Threads::Serial,
         );
@@ -257,7 +223,7 @@ pub fn attention_forward<F: Float>(
             }
             // o [T, hs] = P v.
             let mut o = vec![F::zero(); t * hs];
-            causal_times(&mut o, &p, head.v, mask, t, hs, F::one());
+            causal_times(&mut o, &p, false, head.v, mask, t, hs, F::one());
             (o, l)
         })
         .collect();
@@ -307,11 +273,7 @@ pub fn attention_backward<F: Float>(
             let mask = Mask {
                 starts: starts.map(|s| &s[bb * t..][..t]),
             };
-            let dy = View {
-                data: &dout[bb * t * c + h * hs..],
-                rs: c,
-                cs: 1,
-            };
+            let dy = View::rows(&dout[bb * t * c + h * hs..], c);
             let y = |i: usize| &out[(bb * t + i) * c + h * hs..][..hs];
             // p [T, T]: P recomputed from the scores and the saved log-sum-exp.
             let mut p = vec![F::zero(); t * t];
@@ -343,9 +305,9 @@ pub fn attention_backward<F: Float>(
             let (dq, rest) = g.split_at_mut(t * hs);
             let (dk, dv) = rest.split_at_mut(t * hs);
             // dv = P^T dout, dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs).
-            causal_transposed_times(dv, &p, dy, mask, t, hs, F::one());
-            causal_times(dq, &ds, head.k, mask, t, hs, scale);
-            causal_transposed_times(dk, &ds, head.q, mask, t, hs, scale);
+            causal_times(dv, &p, true, dy, mask, t, hs, F::one());
+            causal_times(dq, &ds, false, head.k, mask, t, hs, scale);
+            causal_times(dk, &ds, true, head.q, mask, t, hs, scale);
             g
         })
         .collect();

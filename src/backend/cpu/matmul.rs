@@ -18,6 +18,24 @@ pub struct View<'a, F> {
 }
 
 impl<'a, F> View<'a, F> {
+    /// Row-major with row stride `stride`: element `(i, j)` is `data[i * stride + j]`.
+    pub fn rows(data: &'a [F], stride: usize) -> Self {
+        View {
+            data,
+            rs: stride,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of [`View::rows`]: element `(i, j)` is `data[j * stride + i]`.
+    pub fn cols(data: &'a [F], stride: usize) -> Self {
+        View {
+            data,
+            rs: 1,
+            cs: stride,
+        }
+    }
+
     /// The view whose element `(0, 0)` is this view's `(i, j)`.
     pub fn at(self, i: usize, j: usize) -> Self {
         View {
@@ -143,17 +161,9 @@ pub fn matmul_forward<F: Float>(
     c: usize,
     oc: usize,
 ) {
-    let inp = View {
-        data: &inp[..n * c],
-        rs: c,
-        cs: 1,
-    };
+    let inp = View::rows(&inp[..n * c], c);
     // weight^T (C x OC): element (c_, o) = weight[o * C + c_].
-    let wt = View {
-        data: &weight[..oc * c],
-        rs: 1,
-        cs: c,
-    };
+    let wt = View::cols(&weight[..oc * c], c);
     // With a bias, every row starts as the bias and the product accumulates onto it (one pass
     // over `out` fewer than adding the bias afterwards).
     if let Some(bias) = bias {
@@ -182,28 +192,12 @@ pub fn matmul_backward<F: Float>(
     c: usize,
     oc: usize,
 ) {
-    let dout_v = View {
-        data: &dout[..n * oc],
-        rs: oc,
-        cs: 1,
-    };
-    let w = View {
-        data: &weight[..oc * c],
-        rs: c,
-        cs: 1,
-    };
+    let dout_v = View::rows(&dout[..n * oc], oc);
+    let w = View::rows(&weight[..oc * c], c);
     gemm(n, c, oc, &mut dinp[..n * c], false, dout_v, w);
     // dout^T (OC x N): element (o, i) = dout[i * OC + o].
-    let dout_t = View {
-        data: &dout[..n * oc],
-        rs: 1,
-        cs: oc,
-    };
-    let x = View {
-        data: &inp[..n * c],
-        rs: c,
-        cs: 1,
-    };
+    let dout_t = View::cols(&dout[..n * oc], oc);
+    let x = View::rows(&inp[..n * c], c);
     gemm(oc, c, n, &mut dweight[..oc * c], true, dout_t, x);
     if let Some(dbias) = dbias {
         for (g, s) in dbias[..oc].iter_mut().zip(sum_rows_f64(dout, n, oc)) {

@@ -73,7 +73,7 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         let pos = pos.map(Vec::as_slice);
-        shapes::encoder_forward(out.len(), ids, pos, wte.len(), wpe.len(), b, t, c)?;
+        shapes::encoder_forward(out, ids, pos, wte, wpe, b, t, c)?;
         encoder::encoder_forward(out, ids, pos, wte, wpe, b, t, c);
         Ok(())
     }
@@ -90,7 +90,7 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         let pos = pos.map(Vec::as_slice);
-        shapes::encoder_backward(dwte.len(), dwpe.len(), dout.len(), ids, pos, b, t, c)?;
+        shapes::encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c)?;
         encoder::encoder_backward(dwte, dwpe, dout, ids, pos, b, t, c);
         Ok(())
     }
@@ -106,16 +106,7 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        shapes::layernorm_forward(
-            out.len(),
-            mean.len(),
-            rstd.len(),
-            inp.len(),
-            weight.len(),
-            bias.len(),
-            n,
-            c,
-        )?;
+        shapes::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)?;
         layernorm::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c);
         Ok(())
     }
@@ -133,18 +124,7 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        shapes::layernorm_backward(
-            dinp.len(),
-            dweight.len(),
-            dbias.len(),
-            dout.len(),
-            inp.len(),
-            weight.len(),
-            mean.len(),
-            rstd.len(),
-            n,
-            c,
-        )?;
+        shapes::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?;
         layernorm::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
@@ -163,18 +143,7 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        shapes::residual_layernorm_forward(
-            residual.len(),
-            out.len(),
-            mean.len(),
-            rstd.len(),
-            a.len(),
-            b.len(),
-            weight.len(),
-            bias.len(),
-            n,
-            c,
-        )?;
+        shapes::residual_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, n, c)?;
         residual::residual_forward(residual, a, b, n * c);
         layernorm::layernorm_forward(out, mean, rstd, residual, weight, bias, n, c);
         Ok(())
@@ -187,13 +156,13 @@ impl Backend for CpuBackend {
         b: &Vec<f32>,
         n: usize,
     ) -> Result<()> {
-        shapes::residual_forward(out.len(), a.len(), b.len(), n)?;
+        shapes::residual_forward(out, a, b, n)?;
         residual::residual_forward(out, a, b, n);
         Ok(())
     }
 
     fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>, n: usize) -> Result<()> {
-        shapes::gelu_forward(out.len(), inp.len(), n)?;
+        shapes::gelu_forward(out, inp, n)?;
         gelu::gelu_forward(out, inp, n);
         Ok(())
     }
@@ -205,7 +174,7 @@ impl Backend for CpuBackend {
         dout: &Vec<f32>,
         n: usize,
     ) -> Result<()> {
-        shapes::gelu_backward(dinp.len(), inp.len(), dout.len(), n)?;
+        shapes::gelu_backward(dinp, inp, dout, n)?;
         gelu::gelu_backward(dinp, inp, dout, n);
         Ok(())
     }
@@ -220,15 +189,7 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        shapes::matmul_forward(
-            out.len(),
-            inp.len(),
-            weight.len(),
-            bias.map(|x| x.len()),
-            n,
-            c,
-            oc,
-        )?;
+        shapes::matmul_forward(out, inp, weight, bias, n, c, oc)?;
         matmul::matmul_forward(out, inp, weight, bias.map(|b| b.as_slice()), n, c, oc);
         Ok(())
     }
@@ -245,17 +206,7 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        shapes::matmul_backward(
-            dinp.len(),
-            dweight.len(),
-            dbias.as_ref().map(|x| x.len()),
-            dout.len(),
-            inp.len(),
-            weight.len(),
-            n,
-            c,
-            oc,
-        )?;
+        shapes::matmul_backward(dinp, dweight, dbias.as_deref(), dout, inp, weight, n, c, oc)?;
         let dbias = dbias.map(|b| b.as_mut_slice());
         matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
         Ok(())
@@ -274,18 +225,8 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        shapes::matmul_gelu_backward(
-            dinp.len(),
-            dweight.len(),
-            dbias.as_ref().map(|x| x.len()),
-            dout.len(),
-            inp.len(),
-            weight.len(),
-            pre.len(),
-            n,
-            c,
-            oc,
-        )?;
+        let db = dbias.as_deref();
+        shapes::matmul_gelu_backward(dinp, dweight, db, dout, inp, weight, pre, n, c, oc)?;
         let dbias = dbias.map(|b| b.as_mut_slice());
         matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
         gelu::gelu_backward_in_place(dinp, pre, n * c);
@@ -304,7 +245,7 @@ impl Backend for CpuBackend {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_forward";
-        shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+        shapes::attention_forward(out, lse, qkv, b, t, c, nh)?;
         let starts = starts.map(Vec::as_slice);
         shapes::attention_starts(op, starts, b, t)?;
         attention::attention_forward(out, lse, qkv, starts, b, t, c, nh);
@@ -325,17 +266,7 @@ impl Backend for CpuBackend {
         nh: usize,
     ) -> Result<()> {
         let op = "attention_backward";
-        shapes::attention_backward(
-            dqkv.len(),
-            dout.len(),
-            qkv.len(),
-            out.len(),
-            lse.len(),
-            b,
-            t,
-            c,
-            nh,
-        )?;
+        shapes::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)?;
         let starts = starts.map(Vec::as_slice);
         shapes::attention_starts(op, starts, b, t)?;
         attention::attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh);
@@ -353,23 +284,16 @@ impl Backend for CpuBackend {
         grad: LossGrad<'_, Vec<f32>>,
     ) -> Result<()> {
         let weights = match grad {
-            LossGrad::PerRow(w) => Some(w.as_slice()),
+            LossGrad::PerRow(w) => Some(w),
             _ => None,
         };
-        shapes::cross_entropy(
-            losses.len(),
-            logits.len(),
-            targets,
-            weights.map(<[f32]>::len),
-            n,
-            v,
-            vp,
-        )?;
+        shapes::cross_entropy(losses, logits, targets, weights, n, v, vp)?;
         let dloss = match grad {
             LossGrad::None => None,
             LossGrad::Uniform(s) => Some(s),
             LossGrad::PerRow(_) => Some(1.0),
         };
+        let weights = weights.map(Vec::as_slice);
         cross_entropy::cross_entropy(losses, logits, targets, n, v, vp, dloss, weights);
         Ok(())
     }
@@ -382,7 +306,7 @@ impl Backend for CpuBackend {
         v: &mut Vec<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
-        shapes::adamw(param.len(), grad.len(), m.len(), v.len(), hp)?;
+        shapes::adamw(param, grad, m, v, hp)?;
         adamw::adamw(param, grad, m, v, hp);
         Ok(())
     }
@@ -405,18 +329,7 @@ impl Backend for CpuBackend {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        shapes::attention_cached_forward(
-            out.len(),
-            qkv.len(),
-            k_cache.len(),
-            v_cache.len(),
-            b,
-            tn,
-            past,
-            tmax,
-            c,
-            nh,
-        )?;
+        shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
         decode::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh);
         Ok(())
     }
@@ -430,7 +343,7 @@ impl Backend for CpuBackend {
         params: &SampleParams,
         uniforms: &[f32],
     ) -> Result<Vec<u32>> {
-        shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
+        shapes::sample_tokens(logits, n, v, vp, params, uniforms)?;
         Ok(sample::sample_tokens(logits, n, v, vp, params, uniforms))
     }
 }

@@ -3,7 +3,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::adamw::ADAMW_UPDATE_BF16;
-use super::{grid_stride, launch_error, AdamWStep, CudaBackend, CudaBuf, Mem, Result};
+use super::{grid_stride, AdamWStep, CudaBackend, CudaBuf, Mem, Result};
 use crate::backend::shapes;
 
 pub(super) fn update(
@@ -15,8 +15,8 @@ pub(super) fn update(
     hp: &AdamWStep,
 ) -> Result<()> {
     let op = "adamw";
+    shapes::adamw(param, grad, m, v, hp)?;
     let n = param.len();
-    shapes::adamw(n, grad.len(), m.len(), v.len(), hp)?;
     let g = grad.f32(op, "grad")?;
     let m = m.f32_mut(op, "m")?;
     let v = v.f32_mut(op, "v")?;
@@ -27,28 +27,28 @@ pub(super) fn update(
     let b1c = 1.0 - hp.beta1.powi(step);
     let b2c = 1.0 - hp.beta2.powi(step);
     let kernel = ADAMW_UPDATE_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: master, work, grad, m and v all hold `n` elements of the kernel's types
     // (fp32, bf16, fp32, fp32, fp32; checked above); the scalar list matches the signature.
     unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(master)
-            .arg(work)
-            .arg(g)
-            .arg(m)
-            .arg(v)
-            .arg(&n)
-            .arg(&hp.lr)
-            .arg(&hp.beta1)
-            .arg(&hp.beta2)
-            .arg(&hp.eps)
-            .arg(&hp.weight_decay)
-            .arg(&b1c)
-            .arg(&b2c)
-            .arg(&hp.grad_scale)
-            .launch(grid_stride(n, 256))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+        launch!(
+            be,
+            kernel,
+            grid_stride(n, 256),
+            master,
+            work,
+            g,
+            m,
+            v,
+            &n,
+            &hp.lr,
+            &hp.beta1,
+            &hp.beta2,
+            &hp.eps,
+            &hp.weight_decay,
+            &b1c,
+            &b2c,
+            &hp.grad_scale
+        )
+    }?;
     Ok(())
 }

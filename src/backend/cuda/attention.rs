@@ -99,18 +99,23 @@ fn push_starts<'a>(args: &mut LaunchArgs<'a>, starts: Option<&'a CudaIds>) {
     };
 }
 
-/// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
-fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
-    shapes::attention_heads(op, c, nh)?;
+/// The limits every attention kernel shares (training and decoding), for `NH` heads that
+/// divide `C`: the head size at most the kernel's `max_hs`, and `B*NH` within the grid's y
+/// limit. Returns `(hs, B*NH)`.
+pub(super) fn head_limits(
+    op: &'static str,
+    b: usize,
+    c: usize,
+    nh: usize,
+    max_hs: usize,
+) -> Result<(usize, u32)> {
     let hs = c / nh;
-    if hs > MAX_HEAD_SIZE {
+    if hs > max_hs {
         return Err(BackendError::Invalid {
             op,
-            msg: format!("head size {hs} is above the kernel's maximum {MAX_HEAD_SIZE}"),
+            msg: format!("head size {hs} is above the kernel's maximum {max_hs}"),
         });
     }
-    as_i32(op, "T", t)?;
-    as_i32(op, "3C", 3 * c)?;
     let bh = u32::try_from(b * nh)
         .ok()
         .filter(|&x| x <= 65535)
@@ -118,6 +123,15 @@ fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(L
             op,
             msg: format!("B*NH = {} is above the grid's y limit 65535", b * nh),
         })?;
+    Ok((hs, bh))
+}
+
+/// Checks heads and the head size; returns (launch config, 1/sqrt(hs)).
+fn setup(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<(LaunchConfig, f32)> {
+    shapes::attention_heads(op, c, nh)?;
+    let (hs, bh) = head_limits(op, b, c, nh, MAX_HEAD_SIZE)?;
+    as_i32(op, "T", t)?;
+    as_i32(op, "3C", 3 * c)?;
     let cfg = LaunchConfig {
         grid_dim: (t.div_ceil(ROWS) as u32, bh, 1),
         block_dim: ((ROWS * 32) as u32, 1, 1),
@@ -140,7 +154,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "attention_forward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    shapes::attention_forward(out.len(), lse.len(), qkv.len(), b, t, c, nh)?;
+    shapes::attention_forward(out, lse, qkv, b, t, c, nh)?;
     shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
@@ -192,17 +206,7 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "attention_backward";
     let (cfg, scale) = setup(op, b, t, c, nh)?;
-    shapes::attention_backward(
-        dqkv.len(),
-        dout.len(),
-        qkv.len(),
-        out.len(),
-        lse.len(),
-        b,
-        t,
-        c,
-        nh,
-    )?;
+    shapes::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)?;
     shapes::attention_starts(op, starts.map(|s| s.host.as_slice()), b, t)?;
     if b * t * c == 0 {
         return Ok(());
@@ -220,7 +224,6 @@ pub(super) fn backward(
         let rows_ = as_i32(op, "B*NH*T", rows)?;
         let mut dvec = be.alloc_f32(rows)?;
         let kernel = mma::ATTENTION_BACKWARD_DOT_BF16;
-        let f = be.function(kernel)?;
         let dot_cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -228,19 +231,7 @@ pub(super) fn backward(
         };
         // SAFETY: dvec holds B*NH*T floats, dout and out B*T*C bf16 (checked); one warp per
         // (row, head), 8 per block; warps past the last row exit.
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(&mut dvec)
-                .arg(dy)
-                .arg(y)
-                .arg(&rows_)
-                .arg(&t_)
-                .arg(&c_)
-                .arg(&nh_)
-                .launch(dot_cfg)
-        }
-        .map_err(|e| launch_error(kernel, e))?;
+        unsafe { launch!(be, kernel, dot_cfg, &mut dvec, dy, y, &rows_, &t_, &c_, &nh_) }?;
         for kernel in [mma.dq, mma.dkv] {
             let f = be.function(kernel)?;
             let mut args = be.stream.launch_builder(f);

@@ -4,7 +4,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::super::{BackendError, Result, Role};
+use super::super::{shapes, BackendError, Result, Role};
 
 pub(super) enum Mem {
     Bf16(CudaSlice<bf16>),
@@ -19,6 +19,12 @@ pub(super) enum Mem {
 pub struct CudaBuf {
     pub(super) role: Role,
     pub(super) mem: Mem,
+}
+
+impl shapes::Len for CudaBuf {
+    fn len(&self) -> usize {
+        CudaBuf::len(self)
+    }
 }
 
 impl CudaBuf {

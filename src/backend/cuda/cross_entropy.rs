@@ -26,15 +26,7 @@ pub(super) fn forward(
         LossGrad::PerRow(w) => Some(w),
         _ => None,
     };
-    shapes::cross_entropy(
-        losses.len(),
-        logits.len(),
-        &targets.host,
-        weights.map(CudaBuf::len),
-        n,
-        v,
-        vp,
-    )?;
+    shapes::cross_entropy(losses, logits, &targets.host, weights, n, v, vp)?;
     let weights = weights.map(|w| w.f32(op, "weights")).transpose()?;
     let (v_, vp_) = (as_i32(op, "V", v)?, as_i32(op, "VP", vp)?);
     let n_blocks = u32::try_from(n).map_err(|_| BackendError::Invalid {

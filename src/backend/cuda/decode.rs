@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::kernels::decode::{DECODE_ATTENTION_BF16, DECODE_KV_APPEND_BF16};
-use super::{as_i32, grid_stride, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use super::{as_i32, attention, grid_stride, CudaBackend, CudaBuf, Result};
 use crate::backend::shapes;
 
 /// `DEC_MAX_HS` in kernels/decode.cu.
@@ -27,32 +27,8 @@ pub(super) fn attention_cached_forward(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_cached_forward";
-    shapes::attention_cached_forward(
-        out.len(),
-        qkv.len(),
-        k_cache.len(),
-        v_cache.len(),
-        b,
-        tn,
-        past,
-        tmax,
-        c,
-        nh,
-    )?;
-    let hs = c / nh;
-    if hs > MAX_HEAD_SIZE {
-        return Err(BackendError::Invalid {
-            op,
-            msg: format!("head size {hs} is above the kernel's maximum {MAX_HEAD_SIZE}"),
-        });
-    }
-    let bh = u32::try_from(b * nh)
-        .ok()
-        .filter(|&x| x <= 65535)
-        .ok_or_else(|| BackendError::Invalid {
-            op,
-            msg: format!("B*NH = {} is above the grid's y limit 65535", b * nh),
-        })?;
+    shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
+    let (hs, bh) = attention::head_limits(op, b, c, nh, MAX_HEAD_SIZE)?;
     let (b_, tn_, past_) = (
         as_i32(op, "B", b)?,
         as_i32(op, "Tn", tn)?,
@@ -68,24 +44,24 @@ pub(super) fn attention_cached_forward(
     let vc = v_cache.bf16_mut(op, "v_cache")?;
 
     let kernel = DECODE_KV_APPEND_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: qkv holds B*Tn*3C bf16 and each cache B*Tmax*C with past + Tn <= Tmax (checked),
     // so every destination row past+i < Tmax; arguments match (bf16*, bf16*, const bf16*, int
     // x 5); the grid-stride loop stays below B*Tn*C.
     unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut *kc)
-            .arg(&mut *vc)
-            .arg(x)
-            .arg(&b_)
-            .arg(&tn_)
-            .arg(&past_)
-            .arg(&tmax_)
-            .arg(&c_)
-            .launch(grid_stride(b * tn * c, 256))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+        launch!(
+            be,
+            kernel,
+            grid_stride(b * tn * c, 256),
+            &mut *kc,
+            &mut *vc,
+            x,
+            &b_,
+            &tn_,
+            &past_,
+            &tmax_,
+            &c_
+        )
+    }?;
 
     let o = out.bf16_mut(op, "out")?;
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
@@ -95,25 +71,9 @@ pub(super) fn attention_cached_forward(
         shared_mem_bytes: 0,
     };
     let kernel = DECODE_ATTENTION_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: out holds B*Tn*C bf16, qkv B*Tn*3C, the caches B*Tmax*C whose rows 0..past+Tn
     // the append kernel above wrote or earlier steps filled (stream order); grid (Tn, B*NH)
     // with 256 threads as the kernel expects; hs <= 128 fits its registers and shared arrays.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(x)
-            .arg(&*kc)
-            .arg(&*vc)
-            .arg(&tn_)
-            .arg(&past_)
-            .arg(&tmax_)
-            .arg(&c_)
-            .arg(&nh_)
-            .arg(&scale)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, o, x, &*kc, &*vc, &tn_, &past_, &tmax_, &c_, &nh_, &scale) }?;
     Ok(())
 }

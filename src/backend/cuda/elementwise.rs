@@ -5,7 +5,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::Kernel;
-use super::{check_len, grid_stride, launch_error, CudaBackend, CudaBuf, Result};
+use super::{check_len, grid_stride, CudaBackend, CudaBuf, Result};
 
 const BLOCK: u32 = 256;
 
@@ -27,19 +27,9 @@ pub(super) fn two_inputs(
     }
     let o = out.bf16_mut(op, names[0])?;
     let (x, y) = (x.bf16(op, names[1])?, y.bf16(op, names[2])?);
-    let f = be.function(kernel)?;
     // SAFETY: all three buffers hold `n` bf16 elements (checked above); arguments match
     // (bf16*, const bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(x)
-            .arg(y)
-            .arg(&n)
-            .launch(grid_stride(n, BLOCK))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, grid_stride(n, BLOCK), o, x, y, &n) }?;
     Ok(())
 }
 
@@ -58,17 +48,8 @@ pub(super) fn one_input(
         check_len(op, what, n, len)?;
     }
     let (o, x) = (out.bf16_mut(op, names[0])?, x.bf16(op, names[1])?);
-    let f = be.function(kernel)?;
     // SAFETY: both buffers hold `n` bf16 elements (checked above); arguments match
     // (bf16*, const bf16*, size_t), and the kernel touches indices below `n` only.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(x)
-            .arg(&n)
-            .launch(grid_stride(n, BLOCK))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, grid_stride(n, BLOCK), o, x, &n) }?;
     Ok(())
 }

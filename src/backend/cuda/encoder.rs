@@ -7,7 +7,7 @@ use super::kernels::encoder::{
     ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_FORWARD_BF16,
     ENCODER_FORWARD_POS_BF16,
 };
-use super::{as_i32, grid_stride, launch_error, CudaBackend, CudaBuf, CudaIds, Result};
+use super::{as_i32, grid_stride, CudaBackend, CudaBuf, CudaIds, Result};
 use crate::backend::shapes;
 
 /// The 32-bit ints the kernels take.
@@ -31,16 +31,7 @@ pub(super) fn forward(
 ) -> Result<()> {
     let op = "encoder_forward";
     let pos_host = pos.map(|p| p.host.as_slice());
-    shapes::encoder_forward(
-        out.len(),
-        &ids.host,
-        pos_host,
-        wte.len(),
-        wpe.len(),
-        b,
-        t,
-        c,
-    )?;
+    shapes::encoder_forward(out, &ids.host, pos_host, wte, wpe, b, t, c)?;
     check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
@@ -51,42 +42,16 @@ pub(super) fn forward(
     let cfg = grid_stride(b * t * c, 256);
     if let Some(pos) = pos {
         let kernel = ENCODER_FORWARD_POS_BF16;
-        let f = be.function(kernel)?;
         // SAFETY: out holds N*C bf16, ids N ints each in [0, V) and pos N ints each in
         // [0, Tmax) (checked on the host copies), wte V*C and wpe Tmax*C bf16; arguments match
         // (bf16*, const int*, const int*, bf16*, bf16*, int, int).
-        unsafe {
-            be.stream
-                .launch_builder(f)
-                .arg(o)
-                .arg(&ids.dev)
-                .arg(&pos.dev)
-                .arg(te)
-                .arg(pe)
-                .arg(&n)
-                .arg(&c_)
-                .launch(cfg)
-        }
-        .map_err(|e| launch_error(kernel, e))?;
+        unsafe { launch!(be, kernel, cfg, o, &ids.dev, &pos.dev, te, pe, &n, &c_) }?;
         return Ok(());
     }
     let kernel = ENCODER_FORWARD_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: out holds N*C bf16, ids N ints each in [0, V) (checked on the host copy), wte V*C
     // and wpe at least T*C bf16; arguments match (bf16*, const int*, bf16*, bf16*, int, int, int).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(&ids.dev)
-            .arg(te)
-            .arg(pe)
-            .arg(&n)
-            .arg(&t_)
-            .arg(&c_)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, o, &ids.dev, te, pe, &n, &t_, &c_) }?;
     Ok(())
 }
 
@@ -136,7 +101,6 @@ fn scatter_rows(
     let c_ = c as i32;
     let dst = table.f32_mut(op, what)?;
     let kernel = ENCODER_BACKWARD_WTE_F32;
-    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (tokens.len() as u32, 1, 1),
         block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
@@ -145,18 +109,7 @@ fn scatter_rows(
     // SAFETY: one block per bucket; bucket k's positions order[start[k]..start[k+1]] index
     // rows of dout (N*C bf16) and its key a row of the table (rows*C fp32), all built on the
     // host from checked ids or positions; arguments match (float*, bf16*, int*, int*, int*, int).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(dst)
-            .arg(dy)
-            .arg(&order)
-            .arg(&start_d)
-            .arg(&tokens_d)
-            .arg(&c_)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, dst, dy, &order, &start_d, &tokens_d, &c_) }?;
     Ok(())
 }
 
@@ -174,9 +127,7 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "encoder_backward";
     let pos_host = pos.map(|p| p.host.as_slice());
-    let (dwte_, dwpe_) = (dwte.len(), dwpe.len());
-    let (vocab, tmax) =
-        shapes::encoder_backward(dwte_, dwpe_, dout.len(), &ids.host, pos_host, b, t, c)?;
+    let (vocab, tmax) = shapes::encoder_backward(dwte, dwpe, dout, &ids.host, pos_host, b, t, c)?;
     check_i32(op, b, t, c)?;
     if b * t == 0 {
         return Ok(());
@@ -189,19 +140,8 @@ pub(super) fn backward(
     let dpe = dwpe.f32_mut(op, "dwpe")?;
     let (b_, t_, c_) = (b as i32, t as i32, c as i32);
     let kernel = ENCODER_BACKWARD_WPE_F32;
-    let f = be.function(kernel)?;
     // SAFETY: dwpe holds at least T*C floats and dout B*T*C bf16 (checked); the kernel covers
     // the first T*C elements of dwpe; arguments match (float*, bf16*, int, int, int).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(dpe)
-            .arg(dy)
-            .arg(&b_)
-            .arg(&t_)
-            .arg(&c_)
-            .launch(grid_stride(t * c, 256))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, grid_stride(t * c, 256), dpe, dy, &b_, &t_, &c_) }?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
 use super::kernels::fill::FILL_ZERO_U8;
-use super::{driver_error, grid_stride, launch_error, CudaBackend, Result};
+use super::{driver_error, grid_stride, CudaBackend, Result};
 
 const BLOCK: u32 = 256;
 
@@ -27,18 +27,18 @@ pub(super) fn zero<T: DeviceRepr + ValidAsZeroBits>(
             .map_err(|e| driver_error("zeroing device memory", e));
     }
     let kernel = FILL_ZERO_U8;
-    let f = be.function(kernel)?;
     // SAFETY: the kernel writes bytes [0, bytes) of `x`'s allocation only, which `x` owns
     // (`guard` orders the write on the stream); the pointer is 16-byte aligned (checked
     // above) as its 16-byte stores need.
     unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&ptr)
-            .arg(&bytes)
-            .launch(grid_stride(bytes.div_ceil(16), BLOCK))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+        launch!(
+            be,
+            kernel,
+            grid_stride(bytes.div_ceil(16), BLOCK),
+            &ptr,
+            &bytes
+        )
+    }?;
     drop(guard);
     Ok(())
 }

@@ -25,7 +25,7 @@ pub(super) fn backward(
     dout: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    shapes::gelu_backward(dinp.len(), inp.len(), dout.len(), n)?;
+    shapes::gelu_backward(dinp, inp, dout, n)?;
     let names = ["dinp", "inp", "dout"];
     two_inputs(
         be,

@@ -6,7 +6,7 @@ use super::kernels::{
     global_norm::{GLOBAL_NORM_FINAL_F32, GLOBAL_NORM_PARTIAL_BF16, GLOBAL_NORM_PARTIAL_F32},
     Kernel,
 };
-use super::{driver_error, launch_error, CudaBackend, CudaBuf, Mem, Result};
+use super::{driver_error, CudaBackend, CudaBuf, Mem, Result};
 
 /// Blocks per buffer in pass 1: a constant, so the summation order never changes.
 const BLOCKS: usize = 256;
@@ -35,7 +35,6 @@ pub(super) fn global_norm(be: &CudaBackend, bufs: &[&CudaBuf]) -> Result<f32> {
     let mut out = be.alloc_f32(1)?;
     let count = (BLOCKS * bufs.len()) as i32;
     let kernel = GLOBAL_NORM_FINAL_F32;
-    let f = be.function(kernel)?;
     let single = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -43,15 +42,7 @@ pub(super) fn global_norm(be: &CudaBackend, bufs: &[&CudaBuf]) -> Result<f32> {
     };
     // SAFETY: `out` holds one float, `partials` holds `count` floats; the kernel's shared
     // tree is sized for exactly THREADS = 256 threads.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut out)
-            .arg(&partials)
-            .arg(&count)
-            .launch(single)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, single, &mut out, &partials, &count) }?;
     let host = be
         .stream
         .clone_dtoh(&out)
@@ -69,18 +60,9 @@ fn partial<T: DeviceRepr>(
     cfg: LaunchConfig,
 ) -> Result<()> {
     let n = x.len();
-    let f = be.function(kernel)?;
     // SAFETY: `dst` holds BLOCKS floats, one per block of the fixed grid; `x` holds `n`
     // elements of the type `kernel` reads (float for _f32, bf16 for _bf16); arguments match
     // (float*, const T*, size_t).
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut dst)
-            .arg(x)
-            .arg(&n)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, &mut dst, x, &n) }?;
     Ok(())
 }

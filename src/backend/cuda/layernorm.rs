@@ -7,13 +7,11 @@ use super::kernels::layernorm::{
     LAYERNORM_BACKWARD_DINP_BF16, LAYERNORM_BACKWARD_PARTIAL_BF16, LAYERNORM_BACKWARD_REDUCE_F32,
     LAYERNORM_FORWARD_BF16, LAYERNORM_RESIDUAL_LAYERNORM_FORWARD_BF16,
 };
-use super::{as_i32, launch_error, CudaBackend, CudaBuf, Result};
+use super::{as_i32, column_partials_cfg, columns_cfg, CudaBackend, CudaBuf, Result, CHUNK_ROWS};
 use crate::backend::shapes;
 
 /// Rows per block in the warp-per-row kernels (256 threads).
 const ROWS: usize = 8;
-/// Rows per chunk of the dweight/dbias partial sums.
-const CHUNK_ROWS: usize = 256;
 
 fn rows_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -36,16 +34,7 @@ pub(super) fn forward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_forward";
-    shapes::layernorm_forward(
-        out.len(),
-        mean.len(),
-        rstd.len(),
-        inp.len(),
-        weight.len(),
-        bias.len(),
-        n,
-        c,
-    )?;
+    shapes::layernorm_forward(out, mean, rstd, inp, weight, bias, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -61,23 +50,9 @@ pub(super) fn forward(
         bias.bf16(op, "bias")?,
     );
     let kernel = LAYERNORM_FORWARD_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: out/inp hold N*C bf16, mean/rstd N, weight/bias C (checked above); one warp per
     // row, rows past N exit; arguments match the kernel signature.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(o)
-            .arg(m)
-            .arg(s)
-            .arg(x)
-            .arg(w)
-            .arg(b)
-            .arg(&n_)
-            .arg(&c_)
-            .launch(rows_cfg(n))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, rows_cfg(n), o, m, s, x, w, b, &n_, &c_) }?;
     Ok(())
 }
 
@@ -96,18 +71,7 @@ pub(super) fn residual_layernorm_forward(
     c: usize,
 ) -> Result<()> {
     let op = "residual_layernorm_forward";
-    shapes::residual_layernorm_forward(
-        residual.len(),
-        out.len(),
-        mean.len(),
-        rstd.len(),
-        a.len(),
-        b.len(),
-        weight.len(),
-        bias.len(),
-        n,
-        c,
-    )?;
+    shapes::residual_layernorm_forward(residual, out, mean, rstd, a, b, weight, bias, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 {
         return Ok(());
@@ -121,25 +85,9 @@ pub(super) fn residual_layernorm_forward(
     let (x, y) = (a.bf16(op, "a")?, b.bf16(op, "b")?);
     let (w, bb) = (weight.bf16(op, "weight")?, bias.bf16(op, "bias")?);
     let kernel = LAYERNORM_RESIDUAL_LAYERNORM_FORWARD_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: residual/out/a/b hold N*C bf16, mean/rstd N, weight/bias C (checked above); one
     // warp per row; arguments match the kernel signature.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(r)
-            .arg(o)
-            .arg(m)
-            .arg(s)
-            .arg(x)
-            .arg(y)
-            .arg(w)
-            .arg(bb)
-            .arg(&n_)
-            .arg(&c_)
-            .launch(rows_cfg(n))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, rows_cfg(n), r, o, m, s, x, y, w, bb, &n_, &c_) }?;
     Ok(())
 }
 
@@ -160,18 +108,7 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_backward";
-    shapes::layernorm_backward(
-        dinp.len(),
-        dweight.len(),
-        dbias.len(),
-        dout.len(),
-        inp.len(),
-        weight.len(),
-        mean.len(),
-        rstd.len(),
-        n,
-        c,
-    )?;
+    shapes::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 || c == 0 {
         return Ok(());
@@ -188,65 +125,33 @@ pub(super) fn backward(
     let mut partials = be.alloc_f32(chunks * 2 * c)?;
 
     let kernel = LAYERNORM_BACKWARD_DINP_BF16;
-    let f = be.function(kernel)?;
     // SAFETY: dinp/dout/inp hold N*C bf16, weight C, stats 2N floats; one warp per row.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(dx)
-            .arg(&mut stats)
-            .arg(dy)
-            .arg(x)
-            .arg(w)
-            .arg(&n_)
-            .arg(&c_)
-            .launch(rows_cfg(n))
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, rows_cfg(n), dx, &mut stats, dy, x, w, &n_, &c_) }?;
 
     let kernel = LAYERNORM_BACKWARD_PARTIAL_BF16;
-    let f = be.function(kernel)?;
     let chunk_rows = CHUNK_ROWS as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(32) as u32, chunks as u32, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = column_partials_cfg(c, chunks);
     // SAFETY: grid (ceil(C/32), chunks) with block (32, 8) as the kernel expects; partials hold
     // chunks*2*C floats, stats 2N, dout/inp N*C bf16.
     unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut partials)
-            .arg(&stats)
-            .arg(dy)
-            .arg(x)
-            .arg(&n_)
-            .arg(&c_)
-            .arg(&chunk_rows)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+        launch!(
+            be,
+            kernel,
+            cfg,
+            &mut partials,
+            &stats,
+            dy,
+            x,
+            &n_,
+            &c_,
+            &chunk_rows
+        )
+    }?;
 
     let kernel = LAYERNORM_BACKWARD_REDUCE_F32;
-    let f = be.function(kernel)?;
     let chunks_ = chunks as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = columns_cfg(c);
     // SAFETY: dweight/dbias hold C floats, partials chunks*2*C; threads past C exit.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(dw)
-            .arg(db)
-            .arg(&partials)
-            .arg(&chunks_)
-            .arg(&c_)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, dw, db, &partials, &chunks_, &c_) }?;
     Ok(())
 }

@@ -16,15 +16,16 @@
 //! The GELU epilogues (GELU_AUX(_BIAS) forward, DGELU backward) serve `matmul_gelu.rs`; their
 //! auxiliary matrix, the GELU input, has D's shape and layout.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::blas::{Epilogue, Gemm};
 use super::kernels::matmul::{MATMUL_BIAS_BACKWARD_PARTIAL_BF16, MATMUL_BIAS_BACKWARD_REDUCE_F32};
-use super::{as_i32, launch_error, BackendError, CudaBackend, CudaBuf, Result};
+use super::{
+    as_i32, column_partials_cfg, columns_cfg, BackendError, CudaBackend, CudaBuf, Result,
+    CHUNK_ROWS,
+};
 use crate::backend::{shapes, Backend};
 
-/// Rows per chunk of the bias-gradient partial sums.
-const CHUNK_ROWS: usize = 256;
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     be: &CudaBackend,
@@ -37,15 +38,7 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_forward";
-    shapes::matmul_forward(
-        out.len(),
-        inp.len(),
-        weight.len(),
-        bias.map(|x| x.len()),
-        n,
-        c,
-        oc,
-    )?;
+    shapes::matmul_forward(out, inp, weight, bias, n, c, oc)?;
     forward_with(be, op, out, None, inp, weight, bias, n, c, oc).map(|_| ())
 }
 
@@ -128,17 +121,7 @@ pub(super) fn backward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_backward";
-    shapes::matmul_backward(
-        dinp.len(),
-        dweight.len(),
-        dbias.as_ref().map(|x| x.len()),
-        dout.len(),
-        inp.len(),
-        weight.len(),
-        n,
-        c,
-        oc,
-    )?;
+    shapes::matmul_backward(dinp, dweight, dbias.as_deref(), dout, inp, weight, n, c, oc)?;
     input_grad(be, op, dinp, dout, weight, None, n, c, oc)?;
     weight_grads(be, op, dweight, dbias, dout, inp, n, c, oc)
 }
@@ -245,44 +228,15 @@ pub(super) fn weight_grads(
     let chunks = n.div_ceil(CHUNK_ROWS);
     let mut partials = be.alloc_f32(chunks * oc)?;
     let kernel = MATMUL_BIAS_BACKWARD_PARTIAL_BF16;
-    let f = be.function(kernel)?;
     let chunk_rows = CHUNK_ROWS as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (oc.div_ceil(32) as u32, chunks as u32, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = column_partials_cfg(oc, chunks);
     // SAFETY: grid (ceil(OC/32), chunks), block (32, 8) as the kernel expects; partials hold
     // chunks*OC floats, dout N*OC bf16.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut partials)
-            .arg(dy)
-            .arg(&n_)
-            .arg(&oc_)
-            .arg(&chunk_rows)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, &mut partials, dy, &n_, &oc_, &chunk_rows) }?;
     let kernel = MATMUL_BIAS_BACKWARD_REDUCE_F32;
-    let f = be.function(kernel)?;
     let chunks_ = chunks as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (oc.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = columns_cfg(oc);
     // SAFETY: dbias holds OC floats, partials chunks*OC; threads past OC exit.
-    unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(db)
-            .arg(&partials)
-            .arg(&chunks_)
-            .arg(&oc_)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+    unsafe { launch!(be, kernel, cfg, db, &partials, &chunks_, &oc_) }?;
     Ok(())
 }

@@ -31,16 +31,7 @@ pub(super) fn forward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_gelu_forward";
-    shapes::matmul_gelu_forward(
-        out.len(),
-        pre.len(),
-        inp.len(),
-        weight.len(),
-        bias.map(|x| x.len()),
-        n,
-        c,
-        oc,
-    )?;
+    shapes::matmul_gelu_forward(out, pre, inp, weight, bias, n, c, oc)?;
     if n * oc > 0
         && c > 0
         && epilogue_fits(be, oc)
@@ -68,13 +59,13 @@ pub(super) fn backward(
 ) -> Result<()> {
     let op = "matmul_gelu_backward";
     shapes::matmul_gelu_backward(
-        dinp.len(),
-        dweight.len(),
-        dbias.as_ref().map(|x| x.len()),
-        dout.len(),
-        inp.len(),
-        weight.len(),
-        pre.len(),
+        dinp,
+        dweight,
+        dbias.as_deref(),
+        dout,
+        inp,
+        weight,
+        pre,
         n,
         c,
         oc,

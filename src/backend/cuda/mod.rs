@@ -25,6 +25,21 @@
 //! - `State`: fp32 (AdamW moments).
 //! - `Stat`: fp32 (attention's saved log-sum-exp, which bf16 would spoil).
 
+/// Launches `$kernel` on `$be`'s stream over `$cfg` with the arguments in order, mapping a
+/// failure to an error that names the kernel; evaluates to `Result<()>`. It expands to the
+/// launch itself, which is unsafe: each use sits in an `unsafe` block whose `// SAFETY:` line
+/// says why the arguments match the kernel and the buffers cover the grid.
+macro_rules! launch {
+    ($be:expr, $kernel:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let kernel: $crate::backend::cuda::kernels::Kernel = $kernel;
+        let mut args = $be.stream.launch_builder($be.function(kernel)?);
+        $(args.arg($arg);)+
+        args.launch($cfg)
+            .map(|_| ())
+            .map_err(|e| $crate::backend::cuda::launch_error(kernel, e))
+    }};
+}
+
 mod adamw;
 mod attention;
 mod blas;
@@ -67,6 +82,29 @@ fn grid_stride(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Rows per chunk of the deterministic column sums (layernorm's dweight/dbias, matmul's dbias):
+/// each chunk's partial sums, then a fixed-order reduce over the chunks.
+const CHUNK_ROWS: usize = 256;
+
+/// The partial-sums launch of a column sum: a warp-wide strip of 32 columns by 8 row lanes per
+/// block, one block row per chunk of [`CHUNK_ROWS`] rows.
+fn column_partials_cfg(cols: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One thread per column, 256 to a block (the reduce over a column sum's chunks).
+fn columns_cfg(cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }

@@ -12,7 +12,7 @@ pub(super) fn forward(
     b: &CudaBuf,
     n: usize,
 ) -> Result<()> {
-    shapes::residual_forward(out.len(), a.len(), b.len(), n)?;
+    shapes::residual_forward(out, a, b, n)?;
     let names = ["out", "a", "b"];
     two_inputs(
         be,

@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::kernels::sample::SAMPLE_TOKENS_BF16;
-use super::{as_i32, driver_error, launch_error, CudaBackend, CudaBuf, Result};
+use super::{as_i32, driver_error, CudaBackend, CudaBuf, Result};
 use crate::backend::{shapes, BackendError, SampleParams};
 
 /// `SAMPLE_THREADS` in kernels/sample.cu.
@@ -20,7 +20,7 @@ pub(super) fn sample_tokens(
     uniforms: &[f32],
 ) -> Result<Vec<u32>> {
     let op = "sample_tokens";
-    shapes::sample_tokens(logits.len(), n, v, vp, params, uniforms)?;
+    shapes::sample_tokens(logits, n, v, vp, params, uniforms)?;
     let (v_, vp_) = (as_i32(op, "V", v)?, as_i32(op, "VP", vp)?);
     let rows = u32::try_from(n).map_err(|_| BackendError::Invalid {
         op,
@@ -42,7 +42,6 @@ pub(super) fn sample_tokens(
         .alloc_zeros::<i32>(n)
         .map_err(|e| driver_error("allocating device memory", e))?;
     let kernel = SAMPLE_TOKENS_BF16;
-    let f = be.function(kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (rows, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -52,19 +51,20 @@ pub(super) fn sample_tokens(
     // each (checked); arguments match (int*, const bf16*, const float*, int, int, float, int,
     // float); 1024 threads is a multiple of 32 as the block reductions require.
     unsafe {
-        be.stream
-            .launch_builder(f)
-            .arg(&mut tokens)
-            .arg(x)
-            .arg(&u)
-            .arg(&v_)
-            .arg(&vp_)
-            .arg(&params.temperature)
-            .arg(&top_k)
-            .arg(&params.top_p)
-            .launch(cfg)
-    }
-    .map_err(|e| launch_error(kernel, e))?;
+        launch!(
+            be,
+            kernel,
+            cfg,
+            &mut tokens,
+            x,
+            &u,
+            &v_,
+            &vp_,
+            &params.temperature,
+            &top_k,
+            &params.top_p
+        )
+    }?;
     let host = be
         .stream
         .clone_dtoh(&tokens)
