@@ -46,7 +46,7 @@ pretrain=$(status $?)
 val=$(grep -Eo "validation loss [0-9.]+ -> [0-9.]+" "$logs/pretrain.log" || echo "no result")
 tail -n 4 "$logs/pretrain.log"
 timeout 20 dist/topcoat sample --checkpoint "$run" --prompt "A cat is" \
-  --max-tokens 24 >"$logs/sample.log" 2>&1
+  --max-new-tokens 24 >"$logs/sample.log" 2>&1
 sample=$(status $?)
 tail -n 3 "$logs/sample.log"
 echo "== pretrain + sample ($((SECONDS - t0)) s)"
