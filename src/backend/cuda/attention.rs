@@ -3,7 +3,8 @@
 //! dk and dv), and the CUDA-core kernels of `kernels/attention.cu` for any other head size.
 //! Both take rows holding several packed examples (`starts`, checked on its host copy).
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use half::bf16;
 
 use super::kernels::{attention as cuda_cores, attention_mma as mma, Kernel};
 use super::options::AttentionKernels;
@@ -248,6 +249,53 @@ pub(super) fn backward(
         }
         return Ok(());
     }
+    let dims = AttentionDims {
+        b,
+        t,
+        nh,
+        t_,
+        c_,
+        nh_,
+        scale,
+    };
+    backward_cuda_cores(be, cfg, dims, (dx, l, dy, x, y), starts)
+}
+
+/// Shapes of one attention call, as the kernels take them.
+#[derive(Clone, Copy)]
+struct AttentionDims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    t_: i32,
+    c_: i32,
+    nh_: i32,
+    scale: f32,
+}
+
+/// The CUDA-core backward: per-row statistics, then the dq and the dkv kernels.
+fn backward_cuda_cores(
+    be: &CudaBackend,
+    cfg: LaunchConfig,
+    dims: AttentionDims,
+    (dx, l, dy, x, y): (
+        &mut CudaSlice<bf16>,
+        &CudaSlice<f32>,
+        &CudaSlice<bf16>,
+        &CudaSlice<bf16>,
+        &CudaSlice<bf16>,
+    ),
+    starts: Option<&CudaIds>,
+) -> Result<()> {
+    let AttentionDims {
+        b,
+        t,
+        nh,
+        t_,
+        c_,
+        nh_,
+        scale,
+    } = dims;
     let mut stats = be.alloc_f32(2 * b * nh * t)?;
 
     let kernel = cuda_cores::ATTENTION_BACKWARD_PREP_BF16;
