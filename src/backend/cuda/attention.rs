@@ -273,18 +273,21 @@ struct AttentionDims {
     scale: f32,
 }
 
+/// The backward's buffers: `dqkv` (written), `lse`, `dout`, `qkv`, `out`.
+type BackwardBuffers<'a> = (
+    &'a mut CudaSlice<bf16>,
+    &'a CudaSlice<f32>,
+    &'a CudaSlice<bf16>,
+    &'a CudaSlice<bf16>,
+    &'a CudaSlice<bf16>,
+);
+
 /// The CUDA-core backward: per-row statistics, then the dq and the dkv kernels.
 fn backward_cuda_cores(
     be: &CudaBackend,
     cfg: LaunchConfig,
     dims: AttentionDims,
-    (dx, l, dy, x, y): (
-        &mut CudaSlice<bf16>,
-        &CudaSlice<f32>,
-        &CudaSlice<bf16>,
-        &CudaSlice<bf16>,
-        &CudaSlice<bf16>,
-    ),
+    (dx, l, dy, x, y): BackwardBuffers,
     starts: Option<&CudaIds>,
 ) -> Result<()> {
     let AttentionDims {
