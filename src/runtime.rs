@@ -177,3 +177,56 @@ macro_rules! on_backend {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_an_unknown_one_is_named() {
+        for (name, want) in [
+            ("auto", DeviceRequest::Auto),
+            ("cpu", DeviceRequest::Cpu),
+            ("cuda", DeviceRequest::Cuda),
+        ] {
+            let got: DeviceRequest = name.parse().unwrap();
+            assert_eq!(got, want);
+            assert_eq!(got.to_string(), name);
+        }
+        let e = "gpu".parse::<DeviceRequest>().unwrap_err();
+        assert!(
+            e.contains("`gpu`") && e.contains("auto, cpu or cuda"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cpu_opens_the_reference_backend_and_says_so() {
+        let rt = Runtime::open(&RuntimeOptions::cpu()).unwrap();
+        assert_eq!(rt.kind(), DeviceKind::Cpu);
+        assert!(rt.description().starts_with("cpu"), "{}", rt.description());
+        let name = crate::on_backend!(rt, be => crate::backend::Backend::name(be));
+        assert!(name.to_lowercase().contains("cpu"), "{name}");
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_with_the_reason_when_cuda_is_unusable() {
+        let rt = Runtime::open(&RuntimeOptions::default()).unwrap();
+        if rt.kind() == DeviceKind::Cpu {
+            assert!(rt.description().contains("no CUDA"), "{}", rt.description());
+        } else {
+            assert!(rt.description().contains("found by --device auto"));
+        }
+    }
+
+    #[test]
+    fn only_one_rank_is_accepted() {
+        assert!(Runtime::check_world_size(1, 0).is_ok());
+        let e = Runtime::check_world_size(4, 2).unwrap_err();
+        assert!(
+            e.contains("world_size = 4") && e.contains("rank = 2"),
+            "{e}"
+        );
+        assert!(Runtime::check_world_size(1, 1).is_err());
+    }
+}

@@ -272,6 +272,7 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
     let e = train(
         &Runtime::cpu(),
         &SftJob {
+            run: job.run.clone(),
             out: dir.path().join("sft2"),
             stage: SftStage {
                 init: pre.clone(),
@@ -285,6 +286,29 @@ fn sft_from_a_tiny_pretrained_checkpoint_lowers_the_loss() {
     .to_string();
     let want = format!("{} ids", small_tokenizer().vocab_size());
     assert!(e.contains("tokenizer mismatch") && e.contains(&want), "{e}");
+
+    // The shared set-up refuses a run for more than one rank before anything is written.
+    let out = dir.path().join("sft3");
+    let e = train(
+        &Runtime::cpu(),
+        &SftJob {
+            run: RunConfig {
+                world_size: 2,
+                ..job.run.clone()
+            },
+            out: out.clone(),
+            stage: SftStage {
+                init: pre.clone(),
+                data: sft_data.clone(),
+            },
+            ..job
+        },
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("sft") && e.contains("world_size = 2"), "{e}");
+    assert!(!out.exists(), "a refused run writes nothing");
 }
 
 #[test]
