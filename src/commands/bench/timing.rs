@@ -260,7 +260,7 @@ impl std::str::FromStr for BenchStage {
 }
 
 /// One stage's model, optimizer and fixed random batch.
-struct StageRun<B: Backend> {
+struct StageBench<B: Backend> {
     stage: BenchStage,
     model: Gpt<B>,
     opt: Option<AdamW<B>>,
@@ -272,7 +272,7 @@ struct StageRun<B: Backend> {
     peak_memory_bytes: Option<usize>,
 }
 
-impl<B: Backend> StageRun<B> {
+impl<B: Backend> StageBench<B> {
     /// A fresh model and its batch: `sft` and `dpo` mask the first half of each row as a prompt.
     fn new(
         be: &B,
@@ -380,7 +380,7 @@ pub fn bench_stages<B: Backend>(
     let mut rng = Rng::new(7);
     let mut runs = Vec::with_capacity(stages.len());
     for &stage in stages {
-        runs.push(StageRun::new(be, cfg, stage, (b, t), &mut rng, optimizer)?);
+        runs.push(StageBench::new(be, cfg, stage, (b, t), &mut rng, optimizer)?);
     }
     for i in 0..warmup + steps.max(1) {
         for r in runs.iter_mut() {
