@@ -84,15 +84,19 @@ pub fn prompt_start(len: usize, tmax: usize) -> usize {
     len.saturating_sub(tmax)
 }
 
-fn check_prompt(prompt: &[u32], opts: &SampleOptions) -> Result<()> {
+/// Checks the prompt and the sampling options; returns the sampling parameters and the
+/// generator seeded from `opts.seed`.
+fn sampling_start(prompt: &[u32], opts: &SampleOptions) -> Result<(SampleParams, Rng)> {
     if prompt.is_empty() {
         return Err(ModelError::Invalid(
             "an empty prompt: give at least one token (e.g. the end-of-text token)".into(),
         ));
     }
-    opts.params()
+    let params = opts.params();
+    params
         .check("generate")
-        .map_err(|e| ModelError::Invalid(e.to_string()))
+        .map_err(|e| ModelError::Invalid(e.to_string()))?;
+    Ok((params, Rng::new(opts.seed)))
 }
 
 /// A context held in a KV cache (one row): what the model has seen, and the next-token logits.
@@ -184,9 +188,7 @@ pub fn generate<B: Backend>(
     opts: &SampleOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    check_prompt(prompt, opts)?;
-    let params = opts.params();
-    let mut rng = Rng::new(opts.seed);
+    let (params, mut rng) = sampling_start(prompt, opts)?;
     let mut session = Session::new(be, model)?;
     session.set_context(&prompt[prompt_start(prompt.len(), session.capacity())..])?;
     let mut out = Vec::new();
@@ -211,9 +213,7 @@ pub fn generate_uncached<B: Backend>(
     opts: &SampleOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    check_prompt(prompt, opts)?;
-    let params = opts.params();
-    let mut rng = Rng::new(opts.seed);
+    let (params, mut rng) = sampling_start(prompt, opts)?;
     let tmax = model.cfg.max_seq_len;
     let mut context: Vec<i32> = prompt.iter().map(|&x| x as i32).collect();
     let mut start = prompt_start(context.len(), tmax);

@@ -10,7 +10,7 @@
 //! Pair rule: a pair counts as correct only when the chosen side's reward is strictly higher
 //! than the rejected side's; a tie counts as wrong.
 
-use crate::data::chat::{parse_messages, Message, Role};
+use crate::data::chat::{json_line, parse_messages, Message, Role};
 use crate::data::DataError;
 use std::path::Path;
 
@@ -54,13 +54,7 @@ pub struct EvalPrompt {
 /// string (one user turn) or a list of messages, or `{"messages": [...]}` whose last message is
 /// the assistant's reference reply.
 pub fn parse_prompt_line(path: &Path, line: usize, text: &str) -> Result<EvalPrompt, DataError> {
-    let err = |msg: String| DataError::Jsonl {
-        path: path.to_path_buf(),
-        line,
-        msg,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let (v, err) = json_line(path, line, text)?;
     let (messages, reference) = if let Some(list) = v.get("messages") {
         let mut m = parse_messages(list).map_err(|e| err(format!("field \"messages\": {e}")))?;
         match m.pop() {

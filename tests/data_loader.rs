@@ -25,9 +25,15 @@ fn draw(l: &mut Loader, n: usize) -> Vec<Batch> {
 fn deterministic_from_seed_and_seeds_differ() {
     let dir = tempfile::tempdir().unwrap();
     let p = shards(dir.path());
-    let mut a = Loader::open(&p, 4, 16, 42, 0, 1, VOCAB).unwrap();
-    let mut b = Loader::open(&p, 4, 16, 42, 0, 1, VOCAB).unwrap();
-    let mut c = Loader::open(&p, 4, 16, 43, 0, 1, VOCAB).unwrap();
+    let mut a = Loader::sequential(&p, 4, 16, 0, 1, VOCAB)
+        .map(|l| l.shuffled(42))
+        .unwrap();
+    let mut b = Loader::sequential(&p, 4, 16, 0, 1, VOCAB)
+        .map(|l| l.shuffled(42))
+        .unwrap();
+    let mut c = Loader::sequential(&p, 4, 16, 0, 1, VOCAB)
+        .map(|l| l.shuffled(43))
+        .unwrap();
     let (xa, xb, xc) = (draw(&mut a, 30), draw(&mut b, 30), draw(&mut c, 30));
     assert_eq!(xa, xb);
     assert_ne!(xa, xc);
@@ -38,7 +44,9 @@ fn targets_are_inputs_shifted_by_one_and_windows_cover_shards() {
     let dir = tempfile::tempdir().unwrap();
     let p = shards(dir.path());
     let t = 16;
-    let mut l = Loader::open(&p, 2, t, 1, 0, 1, VOCAB).unwrap();
+    let mut l = Loader::sequential(&p, 2, t, 0, 1, VOCAB)
+        .map(|l| l.shuffled(1))
+        .unwrap();
     // (1000 - 1) / 16 + (750 - 1) / 16 windows.
     assert_eq!(l.num_windows(), 62 + 46);
     let mut starts = HashSet::new();
@@ -68,9 +76,15 @@ fn targets_are_inputs_shifted_by_one_and_windows_cover_shards() {
 fn two_ranks_see_disjoint_batches() {
     let dir = tempfile::tempdir().unwrap();
     let p = shards(dir.path());
-    let mut r0 = Loader::open(&p, 3, 8, 5, 0, 2, VOCAB).unwrap();
-    let mut r1 = Loader::open(&p, 3, 8, 5, 1, 2, VOCAB).unwrap();
-    let mut whole = Loader::open(&p, 3, 8, 5, 0, 1, VOCAB).unwrap();
+    let mut r0 = Loader::sequential(&p, 3, 8, 0, 2, VOCAB)
+        .map(|l| l.shuffled(5))
+        .unwrap();
+    let mut r1 = Loader::sequential(&p, 3, 8, 1, 2, VOCAB)
+        .map(|l| l.shuffled(5))
+        .unwrap();
+    let mut whole = Loader::sequential(&p, 3, 8, 0, 1, VOCAB)
+        .map(|l| l.shuffled(5))
+        .unwrap();
     let n = r0.batches_per_epoch() as usize;
     let (b0, b1) = (draw(&mut r0, n), draw(&mut r1, n));
     let rows = |bs: &[Batch]| -> HashSet<Vec<i32>> {
@@ -94,12 +108,16 @@ fn position_resumes_exactly_across_epochs() {
     let dir = tempfile::tempdir().unwrap();
     let p = shards(dir.path());
     for (k, m) in [(3, 5), (40, 30), (0, 7)] {
-        let mut a = Loader::open(&p, 4, 16, 9, 1, 2, VOCAB).unwrap();
+        let mut a = Loader::sequential(&p, 4, 16, 1, 2, VOCAB)
+            .map(|l| l.shuffled(9))
+            .unwrap();
         draw(&mut a, k);
         let pos = a.position();
         let json = serde_json::to_string(&pos).unwrap();
         let want = draw(&mut a, m);
-        let mut b = Loader::open(&p, 4, 16, 9, 1, 2, VOCAB).unwrap();
+        let mut b = Loader::sequential(&p, 4, 16, 1, 2, VOCAB)
+            .map(|l| l.shuffled(9))
+            .unwrap();
         b.set_position(serde_json::from_str::<LoaderPosition>(&json).unwrap());
         assert_eq!(draw(&mut b, m), want, "k = {k}, m = {m}");
     }
@@ -123,13 +141,13 @@ fn no_window_or_no_paths_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("small.bin");
     write_shard(&p, &[1, 2, 3, 4, 5], VOCAB).unwrap();
-    let msg = Loader::open(&[&p], 1, 8, 0, 0, 1, VOCAB)
+    let msg = Loader::sequential(&[&p], 1, 8, 0, 1, VOCAB)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("T+1 = 9"), "{msg}");
     assert!(msg.contains("small.bin (5 tokens)"), "{msg}");
     let none: [PathBuf; 0] = [];
-    let msg = Loader::open(&none, 1, 8, 0, 0, 1, VOCAB)
+    let msg = Loader::sequential(&none, 1, 8, 0, 1, VOCAB)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("no shard files"), "{msg}");

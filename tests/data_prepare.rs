@@ -180,7 +180,7 @@ fn trained_bpe_prepares_and_loads() {
     let out = dir.path().join("out");
     let s = prepare(&[&input], &tok, &PrepareOptions::new(&out), &|_| {}).unwrap();
     assert_eq!(s.docs_val, 1);
-    let l = topcoat::data::Loader::open(&s.train_files, 2, 8, 0, 0, 1, tok.vocab_size());
+    let l = topcoat::data::Loader::sequential(&s.train_files, 2, 8, 0, 1, tok.vocab_size());
     assert!(l.is_ok());
 }
 

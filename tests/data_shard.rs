@@ -138,7 +138,7 @@ fn token_id_out_of_vocab_through_loader() {
     let mut toks: Vec<u16> = (0..100).collect();
     toks[37] = 1000;
     std::fs::write(&p, hand_packed(20240520, 1, 100, &toks)).unwrap();
-    let e = Loader::open(&[&p], 1, 8, 0, 0, 1, 500).unwrap_err();
+    let e = Loader::sequential(&[&p], 1, 8, 0, 1, 500).unwrap_err();
     assert!(matches!(
         e,
         DataError::TokenOutOfRange {

@@ -99,17 +99,27 @@ pub fn render_prompt(tok: &Tokenizer, messages: &[Message]) -> Vec<u32> {
     ids
 }
 
-/// Parses one conversation line `{"messages": [{"role": ..., "content": ...}, ...]}` of `path`
-/// (`line` is 1-based), checking the template's rules: known roles, a system message only
-/// first, non-empty assistant content, at least one assistant message.
-pub fn parse_line(path: &Path, line: usize, text: &str) -> Result<Vec<Message>> {
-    let err = |msg: String| DataError::Jsonl {
+/// Line `line` (1-based) of the JSONL file `path` parsed as JSON, and the maker of that line's
+/// errors for the checks that follow.
+pub fn json_line<'a>(
+    path: &'a Path,
+    line: usize,
+    text: &str,
+) -> Result<(serde_json::Value, impl Fn(String) -> DataError + 'a)> {
+    let err = move |msg: String| DataError::Jsonl {
         path: path.to_path_buf(),
         line,
         msg,
     };
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let v = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    Ok((v, err))
+}
+
+/// Parses one conversation line `{"messages": [{"role": ..., "content": ...}, ...]}` of `path`
+/// (`line` is 1-based), checking the template's rules: known roles, a system message only
+/// first, non-empty assistant content, at least one assistant message.
+pub fn parse_line(path: &Path, line: usize, text: &str) -> Result<Vec<Message>> {
+    let (v, err) = json_line(path, line, text)?;
     let list = v
         .get("messages")
         .ok_or_else(|| err("missing field \"messages\" (expected {\"messages\": [...]})".into()))?;
@@ -182,10 +192,11 @@ pub(crate) fn read_jsonl<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tok() -> Tokenizer {
+    /// A small trained tokenizer that knows the template's special tokens.
+    pub(crate) fn tok() -> Tokenizer {
         Tokenizer::train_bpe(["hello there, how are you?"].into_iter(), 270, |_, _| {}).unwrap()
     }
 

@@ -63,21 +63,10 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// A shuffling loader for training: validates every shard against `vocab_size`.
-    pub fn open(
-        paths: &[impl AsRef<Path>],
-        b: usize,
-        t: usize,
-        seed: u64,
-        rank: usize,
-        world: usize,
-        vocab_size: usize,
-    ) -> Result<Self> {
-        Self::build(paths, b, t, seed, rank, world, vocab_size, true)
-    }
-
-    /// A loader for evaluation: windows in file order, no shuffle; [`Loader::reset`] returns to the
-    /// start. Use [`Loader::batches_per_epoch`] batches for one pass.
+    /// A loader that visits the windows in file order, no shuffle (for evaluation; for
+    /// training, [`Loader::shuffled`] it): validates every shard against `vocab_size`.
+    /// [`Loader::reset`] returns to the start; use [`Loader::batches_per_epoch`] batches for one
+    /// pass.
     pub fn sequential(
         paths: &[impl AsRef<Path>],
         b: usize,
@@ -85,20 +74,6 @@ impl Loader {
         rank: usize,
         world: usize,
         vocab_size: usize,
-    ) -> Result<Self> {
-        Self::build(paths, b, t, 0, rank, world, vocab_size, false)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        paths: &[impl AsRef<Path>],
-        b: usize,
-        t: usize,
-        seed: u64,
-        rank: usize,
-        world: usize,
-        vocab_size: usize,
-        shuffle: bool,
     ) -> Result<Self> {
         if b == 0 || t == 0 {
             return Err(DataError::InvalidArgument(format!(
@@ -142,15 +117,23 @@ impl Loader {
             starts,
             b,
             t,
-            seed,
+            seed: 0,
             rank,
             world,
-            shuffle,
+            shuffle: false,
             next: rank as u64 * b as u64,
             order: Vec::new(),
             order_epoch: None,
             row: vec![0; t + 1],
         })
+    }
+
+    /// This loader with each epoch's order a permutation drawn from `(seed, epoch)`, for
+    /// training.
+    pub fn shuffled(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self.shuffle = true;
+        self
     }
 
     /// Total windows over all shards (N).

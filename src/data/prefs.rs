@@ -24,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::chat::{parse_messages, read_jsonl, render, Message, Role};
+use super::chat::{json_line, parse_messages, read_jsonl, render, Message, Role};
 use super::error::{DataError, Result};
 use super::prepared::{
     check_options, split_train_val, write_sidecar, SidecarFormat, SidecarSeq, IDX_HEADER,
@@ -146,13 +146,7 @@ fn parse_response(v: &serde_json::Value) -> std::result::Result<Vec<Message>, St
 
 /// Parses one preference line of `path` (`line` is 1-based); see the module header for the rules.
 pub fn parse_pref_line(path: &Path, line: usize, text: &str) -> Result<Preference> {
-    let err = |msg: String| DataError::Jsonl {
-        path: path.to_path_buf(),
-        line,
-        msg,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let (v, err) = json_line(path, line, text)?;
     if !v.is_object() {
         return Err(err(
             "expected an object {\"prompt\", \"chosen\", \"rejected\"}".into(),
@@ -298,10 +292,7 @@ pub fn write_pairs(dir: &Path, name: &str, pairs: &[RenderedPair], vocab: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tok() -> Tokenizer {
-        Tokenizer::train_bpe(["hello there, how are you?"].into_iter(), 270, |_, _| {}).unwrap()
-    }
+    use crate::data::chat::tests::tok;
 
     #[test]
     fn string_fields_render_as_one_user_turn_and_one_reply() {

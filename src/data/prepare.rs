@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use super::chat::json_line;
 use super::error::{DataError, Result};
 use super::shard::ShardWriter;
 use super::tokenizer::Tokenizer;
@@ -160,20 +161,35 @@ fn count_docs(path: &Path) -> Result<usize> {
     if !is_jsonl(path) {
         return Ok(1);
     }
+    let mut n = 0;
+    for_each_nonblank_line(path, |_, _, _| {
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n)
+}
+
+/// Calls `each(line, line_no, bytes_read)` for every line of `path` that is not all white space
+/// (`line_no` 1-based, counting blank lines too; `bytes_read` with the newline).
+fn for_each_nonblank_line(
+    path: &Path,
+    mut each: impl FnMut(&[u8], usize, u64) -> Result<()>,
+) -> Result<()> {
     let f = fs::File::open(path).map_err(|e| DataError::io(path, "open", e))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut line = Vec::new();
-    let mut n = 0;
+    let mut buf = Vec::new();
+    let mut line_no = 0;
     loop {
-        line.clear();
+        buf.clear();
         let got = r
-            .read_until(b'\n', &mut line)
+            .read_until(b'\n', &mut buf)
             .map_err(|e| DataError::io(path, "read", e))?;
         if got == 0 {
-            return Ok(n);
+            return Ok(());
         }
-        if !line.iter().all(|b| b.is_ascii_whitespace()) {
-            n += 1;
+        line_no += 1;
+        if !buf.iter().all(|b| b.is_ascii_whitespace()) {
+            each(&buf, line_no, got as u64)?;
         }
     }
 }
@@ -195,29 +211,14 @@ fn for_each_document(
             each(text, n)?;
             continue;
         }
-        let file = fs::File::open(f).map_err(|e| DataError::io(f, "open", e))?;
-        let mut r = BufReader::with_capacity(1 << 20, file);
-        let mut buf = Vec::new();
-        let mut line_no = 0;
-        loop {
-            buf.clear();
-            let got = r
-                .read_until(b'\n', &mut buf)
-                .map_err(|e| DataError::io(f, "read", e))?;
-            if got == 0 {
-                break;
-            }
-            line_no += 1;
-            if buf.iter().all(|b| b.is_ascii_whitespace()) {
-                continue;
-            }
-            let line = std::str::from_utf8(&buf).map_err(|e| DataError::Jsonl {
+        for_each_nonblank_line(f, |buf, line_no, got| {
+            let line = std::str::from_utf8(buf).map_err(|e| DataError::Jsonl {
                 path: f.clone(),
                 line: line_no,
                 msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
             })?;
-            each(parse_jsonl_line(f, line_no, line)?, got as u64)?;
-        }
+            each(parse_jsonl_line(f, line_no, line)?, got)
+        })?;
     }
     Ok(())
 }
@@ -236,13 +237,7 @@ pub fn read_documents(inputs: &[impl AsRef<Path>]) -> Result<Vec<String>> {
 
 /// The `text` of one JSONL line.
 fn parse_jsonl_line(path: &Path, line_no: usize, line: &str) -> Result<String> {
-    let err = |msg: String| DataError::Jsonl {
-        path: path.to_path_buf(),
-        line: line_no,
-        msg,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let (v, err) = json_line(path, line_no, line)?;
     let obj = v.as_object().ok_or_else(|| {
         err(format!(
             "expected an object {{\"text\": ...}}, found {}",

@@ -17,35 +17,20 @@ pub struct Loss {
 impl<B: Backend> Gpt<B> {
     /// Runs the network on `inputs [B*T]` up to the logits (readable with [`Gpt::logits_at`]).
     pub fn forward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
-        self.forward_with(be, inputs, None, b, t)
+        self.forward_hidden_with(be, inputs, None, b, t)?;
+        self.head_forward(be, b * t)
     }
 
-    /// [`Gpt::forward`] on rows that may pack several examples each (`packing`; `None` is one
-    /// sequence per row, at the cost of the plain forward).
-    pub fn forward_with(
-        &mut self,
-        be: &B,
-        inputs: &[i32],
-        packing: Option<&Packing>,
-        b: usize,
-        t: usize,
-    ) -> Result<()> {
-        self.forward_hidden_with(be, inputs, packing, b, t)?;
-        let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
+    /// The tied head on the last forward's `n` positions: logits = lnf @ wte^T over all padded
+    /// rows.
+    fn head_forward(&mut self, be: &B, n: usize) -> Result<()> {
+        let (c, vp) = (self.cfg.n_embd, self.cfg.padded_vocab_size);
         let acts = self
             .acts
             .as_mut()
             .expect("allocated by forward_hidden_with");
-        // Tied head: logits = lnf @ wte^T over all padded rows.
-        be.matmul_forward(
-            &mut acts.logits,
-            &acts.lnf,
-            &self.params[self.layout.wte],
-            None,
-            n,
-            c,
-            vp,
-        )?;
+        let wte = &self.params[self.layout.wte];
+        be.matmul_forward(&mut acts.logits, &acts.lnf, wte, None, n, c, vp)?;
         Ok(())
     }
 
@@ -139,7 +124,7 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Loss> {
-        self.loss_pass(be, inputs, targets, None, b, t, None)
+        self.forward_loss_with(be, inputs, targets, None, b, t)
     }
 
     /// [`Gpt::forward_loss`] with an optional [`Packing`] of the rows.
@@ -152,7 +137,8 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Loss> {
-        self.loss_pass(be, inputs, targets, packing, b, t, None)
+        let tokens = self.targets_pass(be, inputs, targets, packing, b, t, None)?;
+        self.mean_loss(be, tokens)
     }
 
     /// Forward, loss and backward: **accumulates** `loss_scale * d(mean loss)/d(param)` into
@@ -181,15 +167,20 @@ impl<B: Backend> Gpt<B> {
         t: usize,
         loss_scale: f32,
     ) -> Result<Loss> {
-        let loss = self.loss_pass(be, inputs, targets, packing, b, t, Some(loss_scale))?;
-        if loss.tokens > 0 {
+        let scale = Some(loss_scale);
+        let tokens = self.targets_pass(be, inputs, targets, packing, b, t, scale)?;
+        let loss = self.mean_loss(be, tokens)?;
+        if tokens > 0 {
             self.backward(be, inputs, b, t)?;
         }
         Ok(loss)
     }
 
+    /// Checks `targets`, runs the forward pass to the logits and the loss op over them, with the
+    /// gradient of `loss_scale * mean loss` written over the logits when a scale is given. The
+    /// per-position losses are left in the activations; returns the unmasked target count.
     #[allow(clippy::too_many_arguments)]
-    fn loss_pass(
+    pub(super) fn targets_pass(
         &mut self,
         be: &B,
         inputs: &[i32],
@@ -198,27 +189,38 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
         loss_scale: Option<f32>,
-    ) -> Result<Loss> {
+    ) -> Result<usize> {
         self.check_ids("targets", targets, b, t, true)?;
-        self.forward_with(be, inputs, packing, b, t)?;
+        self.forward_hidden_with(be, inputs, packing, b, t)?;
+        self.head_forward(be, b * t)?;
         let tokens = targets.iter().filter(|&&x| x >= 0).count();
         let dloss = loss_scale.map(|s| if tokens > 0 { s / tokens as f32 } else { 0.0 });
+        self.loss_op(be, targets, b * t, LossGrad::uniform(dloss))?;
+        Ok(tokens)
+    }
+
+    /// The fused cross-entropy of the last logits against `targets` over `n` positions: the
+    /// per-position losses, and `grad` written over the logits.
+    pub(super) fn loss_op(
+        &mut self,
+        be: &B,
+        targets: &[i32],
+        n: usize,
+        grad: LossGrad<'_, B::Buf>,
+    ) -> Result<()> {
         let tgt = be.upload_ids(targets)?;
         let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
         let acts = self
             .acts
             .as_mut()
             .ok_or_else(|| ModelError::Invalid("no activations".into()))?;
-        be.cross_entropy(
-            &mut acts.losses,
-            &mut acts.logits,
-            &tgt,
-            b * t,
-            v,
-            vp,
-            LossGrad::uniform(dloss),
-        )?;
-        let sum: f64 = be.download(&acts.losses)?.iter().map(|&x| x as f64).sum();
+        be.cross_entropy(&mut acts.losses, &mut acts.logits, &tgt, n, v, vp, grad)?;
+        Ok(())
+    }
+
+    /// The last loss op's sum over its `tokens` unmasked positions, and their mean.
+    fn mean_loss(&self, be: &B, tokens: usize) -> Result<Loss> {
+        let sum: f64 = self.position_losses(be)?.iter().map(|&x| x as f64).sum();
         let mean = if tokens > 0 {
             (sum / tokens as f64) as f32
         } else {

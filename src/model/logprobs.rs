@@ -28,11 +28,13 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Vec<f64>> {
-        self.check_ids("targets", targets, b, t, true)?;
-        self.forward(be, inputs, b, t)?;
-        let tgt = be.upload_ids(targets)?;
-        self.sequence_loss_op(be, &tgt, b, t, LossGrad::None)?;
-        self.row_logps(be, t)
+        self.targets_pass(be, inputs, targets, None, b, t, None)?;
+        // `-sum` of each `t`-long row, in f64 (masked positions are 0).
+        let losses = self.position_losses(be)?;
+        Ok(losses
+            .chunks(t)
+            .map(|row| -row.iter().map(|&x| x as f64).sum::<f64>())
+            .collect())
     }
 
     /// Forward, then `coefficients(&logps)` -> one `c_r` per row, then backward:
@@ -67,12 +69,7 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .flat_map(|&c| std::iter::repeat_n(-c, t))
             .collect();
-        let weights = be.upload(&weights, Role::State)?;
-        let tgt = be.upload_ids(targets)?;
-        self.sequence_loss_op(be, &tgt, b, t, LossGrad::PerRow(&weights))?;
-        if targets.iter().any(|&x| x >= 0) && coef.iter().any(|&c| c != 0.0) {
-            self.backward(be, inputs, b, t)?;
-        }
+        self.weighted_backward(be, &weights, inputs, targets, b, t)?;
         Ok(logps)
     }
 
@@ -86,10 +83,7 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Vec<f32>> {
-        self.check_ids("targets", targets, b, t, true)?;
-        self.forward(be, inputs, b, t)?;
-        let tgt = be.upload_ids(targets)?;
-        self.sequence_loss_op(be, &tgt, b, t, LossGrad::None)?;
+        self.targets_pass(be, inputs, targets, None, b, t, None)?;
         Ok(self.position_losses(be)?.iter().map(|&x| -x).collect())
     }
 
@@ -125,50 +119,27 @@ impl<B: Backend> Gpt<B> {
         }
         // d logp / d loss = -1 at every unmasked position.
         let weights: Vec<f32> = coef.iter().map(|&c| -c).collect();
-        let weights = be.upload(&weights, Role::State)?;
-        let tgt = be.upload_ids(targets)?;
-        self.sequence_loss_op(be, &tgt, b, t, LossGrad::PerRow(&weights))?;
-        if targets.iter().any(|&x| x >= 0) && coef.iter().any(|&c| c != 0.0) {
-            self.backward(be, inputs, b, t)?;
-        }
+        self.weighted_backward(be, &weights, inputs, targets, b, t)?;
         Ok(logps)
     }
 
-    fn sequence_loss_op(
+    /// The loss op again over the kept logits with per-position gradient `weights`, then the
+    /// backward, skipped when it would add nothing (no unmasked target or all weights 0).
+    fn weighted_backward(
         &mut self,
         be: &B,
-        targets: &B::Ids,
+        weights: &[f32],
+        inputs: &[i32],
+        targets: &[i32],
         b: usize,
         t: usize,
-        grad: LossGrad<'_, B::Buf>,
     ) -> Result<()> {
-        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
-        let acts = self
-            .acts
-            .as_mut()
-            .ok_or_else(|| ModelError::Invalid("no activations".into()))?;
-        be.cross_entropy(
-            &mut acts.losses,
-            &mut acts.logits,
-            targets,
-            b * t,
-            v,
-            vp,
-            grad,
-        )?;
+        let any_weight = weights.iter().any(|&w| w != 0.0);
+        let weights = be.upload(weights, Role::State)?;
+        self.loss_op(be, targets, b * t, LossGrad::PerRow(&weights))?;
+        if targets.iter().any(|&x| x >= 0) && any_weight {
+            self.backward(be, inputs, b, t)?;
+        }
         Ok(())
-    }
-
-    /// `-sum` of each `t`-long row of the last per-position losses, in f64 (masked ones are 0).
-    fn row_logps(&self, be: &B, t: usize) -> Result<Vec<f64>> {
-        let acts = self
-            .acts
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
-        let losses = be.download(&acts.losses)?;
-        Ok(losses
-            .chunks(t)
-            .map(|row| -row.iter().map(|&x| x as f64).sum::<f64>())
-            .collect())
     }
 }

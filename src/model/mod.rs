@@ -97,20 +97,12 @@ impl<B: Backend> Gpt<B> {
 
     /// Downloads every parameter tensor, in layout order.
     pub fn param_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .params
-            .iter()
-            .map(|p| be.download(p))
-            .collect::<std::result::Result<_, _>>()?)
+        download_all(be, &self.params)
     }
 
     /// Downloads every gradient tensor, in layout order.
     pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .grads
-            .iter()
-            .map(|g| be.download(g))
-            .collect::<std::result::Result<_, _>>()?)
+        download_all(be, &self.grads)
     }
 
     pub fn zero_grad(&mut self, be: &B) -> Result<()> {
@@ -197,4 +189,12 @@ impl<B: Backend> Gpt<B> {
             .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
         Ok(be.download(&acts.losses)?)
     }
+}
+
+/// Every buffer of `bufs` on the host, in order.
+fn download_all<B: Backend>(be: &B, bufs: &[B::Buf]) -> Result<Vec<Vec<f32>>> {
+    Ok(bufs
+        .iter()
+        .map(|b| be.download(b))
+        .collect::<std::result::Result<_, _>>()?)
 }

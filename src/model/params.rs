@@ -66,68 +66,30 @@ impl ParamLayout {
         let std = 0.02f32;
         // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         let proj_std = std / ((2 * cfg.n_layer) as f32).sqrt();
-        let mut specs = Vec::new();
-        let mut add = |name: String, shape: Vec<usize>, init: Init, decay: bool| {
-            specs.push(ParamSpec {
-                name,
-                shape,
-                init,
-                decay,
-            });
-            specs.len() - 1
-        };
-        let wte = add(
-            "wte.weight".into(),
-            vec![cfg.padded_vocab_size, c],
-            Init::Normal(std),
-            true,
-        );
-        let wpe = add(
-            "wpe.weight".into(),
-            vec![cfg.max_seq_len, c],
-            Init::Normal(std),
-            true,
-        );
+        let mut specs = SpecList::default();
+        let wte = specs.matrix("wte.weight".into(), cfg.padded_vocab_size, c, std);
+        let wpe = specs.matrix("wpe.weight".into(), cfg.max_seq_len, c, std);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let p = |s: &str| format!("h.{l}.{s}");
             layers.push(LayerIdx {
-                ln1_w: add(p("ln_1.weight"), vec![c], Init::Ones, false),
-                ln1_b: add(p("ln_1.bias"), vec![c], Init::Zeros, false),
-                qkv_w: add(
-                    p("attn.c_attn.weight"),
-                    vec![3 * c, c],
-                    Init::Normal(std),
-                    true,
-                ),
-                qkv_b: add(p("attn.c_attn.bias"), vec![3 * c], Init::Zeros, false),
-                attn_proj_w: add(
-                    p("attn.c_proj.weight"),
-                    vec![c, c],
-                    Init::Normal(proj_std),
-                    true,
-                ),
-                attn_proj_b: add(p("attn.c_proj.bias"), vec![c], Init::Zeros, false),
-                ln2_w: add(p("ln_2.weight"), vec![c], Init::Ones, false),
-                ln2_b: add(p("ln_2.bias"), vec![c], Init::Zeros, false),
-                fc_w: add(
-                    p("mlp.c_fc.weight"),
-                    vec![4 * c, c],
-                    Init::Normal(std),
-                    true,
-                ),
-                fc_b: add(p("mlp.c_fc.bias"), vec![4 * c], Init::Zeros, false),
-                fc_proj_w: add(
-                    p("mlp.c_proj.weight"),
-                    vec![c, 4 * c],
-                    Init::Normal(proj_std),
-                    true,
-                ),
-                fc_proj_b: add(p("mlp.c_proj.bias"), vec![c], Init::Zeros, false),
+                ln1_w: specs.vector(p("ln_1.weight"), c, Init::Ones),
+                ln1_b: specs.vector(p("ln_1.bias"), c, Init::Zeros),
+                qkv_w: specs.matrix(p("attn.c_attn.weight"), 3 * c, c, std),
+                qkv_b: specs.vector(p("attn.c_attn.bias"), 3 * c, Init::Zeros),
+                attn_proj_w: specs.matrix(p("attn.c_proj.weight"), c, c, proj_std),
+                attn_proj_b: specs.vector(p("attn.c_proj.bias"), c, Init::Zeros),
+                ln2_w: specs.vector(p("ln_2.weight"), c, Init::Ones),
+                ln2_b: specs.vector(p("ln_2.bias"), c, Init::Zeros),
+                fc_w: specs.matrix(p("mlp.c_fc.weight"), 4 * c, c, std),
+                fc_b: specs.vector(p("mlp.c_fc.bias"), 4 * c, Init::Zeros),
+                fc_proj_w: specs.matrix(p("mlp.c_proj.weight"), c, 4 * c, proj_std),
+                fc_proj_b: specs.vector(p("mlp.c_proj.bias"), c, Init::Zeros),
             });
         }
-        let lnf_w = add("ln_f.weight".into(), vec![c], Init::Ones, false);
-        let lnf_b = add("ln_f.bias".into(), vec![c], Init::Zeros, false);
+        let lnf_w = specs.vector("ln_f.weight".into(), c, Init::Ones);
+        let lnf_b = specs.vector("ln_f.bias".into(), c, Init::Zeros);
+        let specs = specs.0;
         Self {
             specs,
             wte,
@@ -161,6 +123,32 @@ impl ParamLayout {
                 v
             })
             .collect()
+    }
+}
+
+/// The tensors in the order they are declared; each push returns the new tensor's index.
+#[derive(Default)]
+struct SpecList(Vec<ParamSpec>);
+
+impl SpecList {
+    /// A `[rows, cols]` weight matrix: normal(std) init, weight-decayed.
+    fn matrix(&mut self, name: String, rows: usize, cols: usize, std: f32) -> usize {
+        self.push(name, vec![rows, cols], Init::Normal(std), true)
+    }
+
+    /// A `[len]` vector (a bias or a layernorm parameter): never weight-decayed.
+    fn vector(&mut self, name: String, len: usize, init: Init) -> usize {
+        self.push(name, vec![len], init, false)
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, init: Init, decay: bool) -> usize {
+        self.0.push(ParamSpec {
+            name,
+            shape,
+            init,
+            decay,
+        });
+        self.0.len() - 1
     }
 }
 

@@ -62,15 +62,8 @@ impl Pretrain {
         vocab_size: usize,
         val_batches: usize,
     ) -> std::result::Result<Self, DataError> {
-        let train = Loader::open(
-            &split_files(dir, "train")?,
-            b,
-            t,
-            seed,
-            rank,
-            world,
-            vocab_size,
-        )?;
+        let train_files = split_files(dir, "train")?;
+        let train = Loader::sequential(&train_files, b, t, rank, world, vocab_size)?.shuffled(seed);
         let val = match split_files(dir, "val") {
             Ok(files) => Some(Loader::sequential(&files, b, t, rank, world, vocab_size)?),
             Err(DataError::NoShards { .. }) => None,
