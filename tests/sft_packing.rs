@@ -12,6 +12,7 @@ use topcoat::data::{SftPrepareOptions, Tokenizer};
 use topcoat::model::{Gpt, Packing};
 use topcoat::rng::Rng;
 use topcoat::stages::sft::{fill_row, BatchBuilder, Sft};
+use topcoat::stages::PreparedData;
 use topcoat::train::Objective;
 
 /// Packed vs unpacked, f32 CPU: relative difference of the summed loss.
@@ -218,9 +219,16 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
     prepare_sft(&src, &TokenizerArg::Path(tok_path.clone()), &opts).unwrap();
     let (b, t, pad) = (3, 96, tok.eot());
     let open = |pack| {
-        Sft::open(&data, b, t, 5, tok.vocab_size(), pad, 2)
-            .unwrap()
-            .with_packing(pack)
+        let prepared = PreparedData {
+            dir: &data,
+            batch_size: b,
+            seq_len: t,
+            seed: 5,
+            vocab_size: tok.vocab_size(),
+            pad,
+            val_batches: 2,
+        };
+        Sft::open(&prepared).unwrap().with_packing(pack)
     };
 
     // The examples of the packed batches, in row order, are the unpacked draw order, and each

@@ -56,17 +56,7 @@ impl Stage for DpoStage {
         progress: &dyn Fn(&str),
     ) -> Result<Dpo> {
         let run = ctx.run;
-        let mut objective = Dpo::open(
-            &self.data,
-            run.batch_size,
-            run.seq_len,
-            run.seed,
-            ctx.model.vocab_size,
-            ctx.tokenizer.eot(),
-            run.val_batches,
-            self.loss,
-            self.beta,
-        )?;
+        let mut objective = Dpo::open(&ctx.prepared(&self.data), self.loss, self.beta)?;
         progress(&format!(
             "dpo data {}: {} training pairs ({} skipped: a side longer than T = {}), {} val \
              pairs; {:?} loss, beta {}",

@@ -42,15 +42,7 @@ impl Stage for RewardStage {
         progress: &dyn Fn(&str),
     ) -> Result<Reward> {
         let run = ctx.run;
-        let objective = Reward::open(
-            &self.data,
-            run.batch_size,
-            run.seq_len,
-            run.seed,
-            ctx.model.vocab_size,
-            ctx.tokenizer.eot(),
-            run.val_batches,
-        )?;
+        let objective = Reward::open(&ctx.prepared(&self.data))?;
         progress(&format!(
             "preference data {}: {} training pairs ({} skipped: a side longer than seq_len {}), \
              {} val pairs; {} pairs per micro-batch",

@@ -42,16 +42,7 @@ impl Stage for SftStage {
         progress: &dyn Fn(&str),
     ) -> Result<Sft> {
         let run = ctx.run;
-        let objective = Sft::open(
-            &self.data,
-            run.batch_size,
-            run.seq_len,
-            run.seed,
-            ctx.model.vocab_size,
-            ctx.tokenizer.eot(),
-            run.val_batches,
-        )?
-        .with_packing(run.pack);
+        let objective = Sft::open(&ctx.prepared(&self.data))?.with_packing(run.pack);
         progress(&format!(
             "sft data {}: {} training examples ({} cut to T + 1 = {} tokens), {} val examples, {}",
             self.data.display(),

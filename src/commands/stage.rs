@@ -22,6 +22,7 @@ use crate::config::{ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
 use crate::model::Gpt;
 use crate::runtime::Runtime;
+use crate::stages::PreparedData;
 use crate::train::{self, checkpoint, Objective, TrainOptions, TrainSummary};
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,19 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
+    /// The prepared data in `dir`, drawn as the run config says.
+    pub fn prepared<'d>(&self, dir: &'d Path) -> PreparedData<'d> {
+        PreparedData {
+            dir,
+            batch_size: self.run.batch_size,
+            seq_len: self.run.seq_len,
+            seed: self.run.seed,
+            vocab_size: self.model.vocab_size,
+            pad: self.tokenizer.eot(),
+            val_batches: self.run.val_batches,
+        }
+    }
+
     /// The resolved starting checkpoint of a stage that starts from one (`--init`).
     pub fn starting_checkpoint(&self) -> Result<&Path> {
         self.checkpoint.as_deref().ok_or_else(|| {

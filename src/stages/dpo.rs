@@ -38,13 +38,14 @@ pub mod reference;
 
 pub use loss::{pair_terms, DpoLoss, DpoStats, PairTerms};
 
+use super::PreparedData;
 use crate::backend::Backend;
 use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError};
 use reference::{PairLogps, RefLogps};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// DPO over a prepared preference directory, against stored reference log-probabilities.
 pub struct Dpo {
@@ -69,18 +70,20 @@ pub struct Dpo {
 
 impl Dpo {
     /// Opens `dir/prefs_train.{bin,idx}` and, if present, `dir/prefs_val.{bin,idx}`.
-    #[allow(clippy::too_many_arguments)]
     pub fn open(
-        dir: &Path,
-        pairs: usize,
-        t: usize,
-        seed: u64,
-        vocab_size: usize,
-        pad: u32,
-        val_batches: usize,
+        data: &PreparedData,
         loss: DpoLoss,
         beta: f64,
     ) -> std::result::Result<Self, DataError> {
+        let PreparedData {
+            dir,
+            batch_size: pairs,
+            seq_len: t,
+            seed,
+            vocab_size,
+            pad,
+            val_batches,
+        } = *data;
         if !(beta > 0.0 && beta.is_finite()) {
             return Err(DataError::InvalidArgument(format!(
                 "--beta must be a positive number, got {beta}"

@@ -26,12 +26,13 @@
 //! Command: `topcoat reward --init runs/sft --data DIR --out runs/reward`
 //! (DIR from `topcoat prepare prefs prefs.jsonl --out DIR --tokenizer runs/sft`).
 
+use super::PreparedData;
 use crate::backend::Backend;
 use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The Bradley-Terry loss of one batch of pairs, its gradient, and what is logged.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,15 +147,16 @@ pub struct Reward {
 impl Reward {
     /// Opens `dir/prefs_train.{bin,idx}` and, if present, `dir/prefs_val.{bin,idx}`;
     /// `batch_size` rows (even: a chosen and a rejected row per pair) of `t` tokens.
-    pub fn open(
-        dir: &Path,
-        batch_size: usize,
-        t: usize,
-        seed: u64,
-        vocab_size: usize,
-        pad: u32,
-        val_batches: usize,
-    ) -> std::result::Result<Self, DataError> {
+    pub fn open(data: &PreparedData) -> std::result::Result<Self, DataError> {
+        let PreparedData {
+            dir,
+            batch_size,
+            seq_len: t,
+            seed,
+            vocab_size,
+            pad,
+            val_batches,
+        } = *data;
         if batch_size < 2 || batch_size % 2 != 0 {
             return Err(DataError::InvalidArgument(format!(
                 "batch_size {batch_size}: the reward stage needs an even number of rows \

@@ -30,13 +30,14 @@
 //! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft [--pack]`
 //! (DIR from `topcoat prepare sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
 
+use super::PreparedData;
 use crate::backend::Backend;
 use crate::data::{DataError, SftSplit};
 use crate::model::{forward::Loss, Gpt, Packing};
 use crate::rng::Rng;
 use crate::train::{Objective, Result, TrainError};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where the example stream stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,15 +198,16 @@ impl BatchBuilder {
 
 impl Sft {
     /// Opens `dir/sft_train.{bin,idx}` and, if present, `dir/sft_val.{bin,idx}`.
-    pub fn open(
-        dir: &Path,
-        b: usize,
-        t: usize,
-        seed: u64,
-        vocab_size: usize,
-        pad: u32,
-        val_batches: usize,
-    ) -> std::result::Result<Self, DataError> {
+    pub fn open(data: &PreparedData) -> std::result::Result<Self, DataError> {
+        let PreparedData {
+            dir,
+            batch_size: b,
+            seq_len: t,
+            seed,
+            vocab_size,
+            pad,
+            val_batches,
+        } = *data;
         let train = SftSplit::open(dir, "sft_train", vocab_size)?;
         let val = if dir.join("sft_val.bin").exists() {
             Some(SftSplit::open(dir, "sft_val", vocab_size)?)

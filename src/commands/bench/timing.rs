@@ -380,7 +380,14 @@ pub fn bench_stages<B: Backend>(
     let mut rng = Rng::new(7);
     let mut runs = Vec::with_capacity(stages.len());
     for &stage in stages {
-        runs.push(StageBench::new(be, cfg, stage, (b, t), &mut rng, optimizer)?);
+        runs.push(StageBench::new(
+            be,
+            cfg,
+            stage,
+            (b, t),
+            &mut rng,
+            optimizer,
+        )?);
     }
     for i in 0..warmup + steps.max(1) {
         for r in runs.iter_mut() {
