@@ -68,11 +68,7 @@ pub fn bench_train<B: Backend>(
     mut on_step: impl FnMut(usize, f64),
 ) -> Result<BenchResult> {
     let mut model = Gpt::init(be, cfg, 1)?;
-    let mut opt = if optimizer {
-        Some(AdamW::new(be, &model)?)
-    } else {
-        None
-    };
+    let mut opt = BenchOptimizer::new(be, &model, optimizer)?;
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
     let mut peak_memory_bytes = be.memory_in_use();
@@ -81,7 +77,9 @@ pub fn bench_train<B: Backend>(
         let start = Instant::now();
         model.zero_grad(be)?;
         model.forward_backward(be, &inputs, &targets, b, t, 1.0)?;
-        optimizer_step(be, &mut model, opt.as_mut())?;
+        if let Some(opt) = opt.as_mut() {
+            opt.step(be, &mut model)?;
+        }
         // Ops may still be queued on the device: a step ends when they have finished.
         be.synchronize()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -107,19 +105,30 @@ fn random_rows(rng: &mut Rng, vocab: usize, b: usize, t: usize) -> (Vec<i32>, Ve
     (inputs, targets)
 }
 
-/// The loop's optimizer step: the global gradient norm clipped to 1, then AdamW (none when
-/// the bench times forward + backward only).
-fn optimizer_step<B: Backend>(
-    be: &B,
-    model: &mut Gpt<B>,
-    opt: Option<&mut AdamW<B>>,
-) -> Result<()> {
-    if let Some(opt) = opt {
+/// The bench's optimizer: AdamW with the default run config's hyper-parameters, made before
+/// the timed steps (none when the bench times forward + backward only).
+struct BenchOptimizer<B: Backend> {
+    adamw: AdamW<B>,
+    run: RunConfig,
+}
+
+impl<B: Backend> BenchOptimizer<B> {
+    fn new(be: &B, model: &Gpt<B>, optimizer: bool) -> Result<Option<Self>> {
+        if !optimizer {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            adamw: AdamW::new(be, model)?,
+            run: RunConfig::default(),
+        }))
+    }
+
+    /// The loop's optimizer step: the global gradient norm clipped to 1, then AdamW.
+    fn step(&mut self, be: &B, model: &mut Gpt<B>) -> Result<()> {
         let norm = model.grad_norm(be)?;
         let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-        opt.update(be, model, &RunConfig::default(), 1e-4, scale)?;
+        Ok(self.adamw.update(be, model, &self.run, 1e-4, scale)?)
     }
-    Ok(())
 }
 
 impl BenchResult {
@@ -263,7 +272,7 @@ impl std::str::FromStr for BenchStage {
 struct StageBench<B: Backend> {
     stage: BenchStage,
     model: Gpt<B>,
-    opt: Option<AdamW<B>>,
+    opt: Option<BenchOptimizer<B>>,
     inputs: Vec<i32>,
     targets: Vec<i32>,
     /// DPO: the reference's sequence log-probabilities of the batch (the fresh model's).
@@ -294,11 +303,7 @@ impl<B: Backend> StageBench<B> {
         } else {
             Vec::new()
         };
-        let opt = if optimizer {
-            Some(AdamW::new(be, &model)?)
-        } else {
-            None
-        };
+        let opt = BenchOptimizer::new(be, &model, optimizer)?;
         Ok(Self {
             stage,
             model,
@@ -327,7 +332,9 @@ impl<B: Backend> StageBench<B> {
                 })?;
             }
         }
-        optimizer_step(be, model, self.opt.as_mut())?;
+        if let Some(opt) = self.opt.as_mut() {
+            opt.step(be, model)?;
+        }
         be.synchronize()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         self.peak_memory_bytes = self.peak_memory_bytes.max(be.memory_in_use());
