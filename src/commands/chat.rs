@@ -20,10 +20,9 @@ use crate::backend::{Backend, SampleParams};
 use crate::data::chat::{render, render_prompt, Message, Role};
 use crate::data::Tokenizer;
 use crate::generate::{Session, TextStream};
-use crate::model::ModelError;
 use crate::rng::Rng;
 use crate::runtime::Runtime;
-use crate::train::{checkpoint, io_err, TrainError};
+use crate::train::{checkpoint, io_err};
 
 /// How `chat` samples and what it starts with.
 #[derive(Clone, Debug)]
@@ -54,10 +53,6 @@ pub fn chat(
     crate::on_backend!(rt, be => chat_on(be, ckpt, opts, input, out, note))
 }
 
-fn invalid(msg: String) -> CommandError {
-    TrainError::Model(ModelError::Invalid(msg)).into()
-}
-
 fn chat_on<B: Backend>(
     be: &B,
     ckpt: &Path,
@@ -70,7 +65,7 @@ fn chat_on<B: Backend>(
     let tok = checkpoint::load_tokenizer(&dir)?;
     let model = checkpoint::load_model(be, &dir, None)?;
     let end = tok.special("<|end|>").ok_or_else(|| {
-        invalid(format!(
+        CommandError::invalid(format!(
             "{}: the tokenizer has no <|end|> token",
             dir.display()
         ))

@@ -38,6 +38,11 @@ pub enum CommandError {
 }
 
 impl CommandError {
+    /// A model or data condition that makes the command impossible (not a flag's fault).
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::Train(ModelError::Invalid(msg.into()).into())
+    }
+
     /// A wrong value of flag `arg`.
     pub fn arg(arg: &'static str, msg: impl Into<String>) -> Self {
         Self::Argument {

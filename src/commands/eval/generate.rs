@@ -1,9 +1,10 @@
 //! `eval generate`: replies to a prompts file, scored by exact and normalised match (see the
 //! module header of `eval/mod.rs`).
 
-use super::{invalid, Result};
+use super::Result;
 use crate::backend::{Backend, SampleParams};
 use crate::commands::inputs::{check_sampling, resolve_checkpoint};
+use crate::commands::CommandError;
 use crate::data::chat::render_prompt;
 use crate::generate::{prompt_start, Session};
 use crate::rng::Rng;
@@ -106,9 +107,9 @@ fn eval_generate_on<B: Backend>(
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
     let model = checkpoint::load_model(be, &ckpt, None)?;
-    let end = tok
-        .special("<|end|>")
-        .ok_or_else(|| invalid(format!("{}: the tokenizer has no <|end|>", ckpt.display())))?;
+    let end = tok.special("<|end|>").ok_or_else(|| {
+        CommandError::invalid(format!("{}: the tokenizer has no <|end|>", ckpt.display()))
+    })?;
     let eot = tok.eot();
     note(&format!(
         "eval generate: {} on {} ({} prompts), {} on {}",

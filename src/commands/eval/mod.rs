@@ -27,15 +27,8 @@ pub use loss::{eval_loss, EvalLossJob, LossReport};
 pub use pairs::{eval_pairs, EvalPairsJob, PairReport};
 
 use super::CommandError;
-use crate::model::ModelError;
-use crate::train::TrainError;
 
 type Result<T> = std::result::Result<T, CommandError>;
-
-/// A model or data condition that makes the evaluation impossible.
-fn invalid(msg: String) -> CommandError {
-    TrainError::Model(ModelError::Invalid(msg)).into()
-}
 
 /// `T` for a run: the flag, else the model's context; refuses one past the context.
 fn seq_len(flag: Option<usize>, cfg_max: usize) -> Result<usize> {

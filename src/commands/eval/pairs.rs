@@ -1,7 +1,7 @@
 //! `eval pairs`: reward-model accuracy, or DPO implicit-reward accuracy against a reference,
 //! on a `prepare prefs` split (see the module header of `eval/mod.rs`).
 
-use super::{invalid, seq_len, Result};
+use super::{seq_len, Result};
 use crate::backend::Backend;
 use crate::commands::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use crate::commands::CommandError;
@@ -121,7 +121,7 @@ fn eval_pairs_on<B: Backend>(
         be.name()
     ));
     if usable.is_empty() {
-        return Err(invalid(format!(
+        return Err(CommandError::invalid(format!(
             "none of the {} pairs fits in T = {t} tokens per side",
             split.len()
         )));
@@ -168,7 +168,7 @@ fn open_reference<B: Backend>(
 ) -> Result<Option<Gpt<B>>> {
     let Some(r) = &job.reference else {
         if model.reward_head().is_none() {
-            return Err(invalid(format!(
+            return Err(CommandError::invalid(format!(
                 "{} has no reward head: give a reward checkpoint, or a DPO policy with \
                  --reference SFT_CHECKPOINT",
                 ckpt.display()
@@ -184,7 +184,7 @@ fn open_reference<B: Backend>(
     }
     let (rdir, _, rmodel) = load_checked(be, r, &job.data, data_tok)?;
     if rmodel.cfg != model.cfg {
-        return Err(invalid(format!(
+        return Err(CommandError::invalid(format!(
             "reference {} has another model shape than the policy {}",
             rdir.display(),
             ckpt.display()
