@@ -102,7 +102,7 @@ pub fn prepare_prefs(
 
 /// Makes sure `dir` holds the embedded corpus prepared with a BPE tokenizer trained on it
 /// (`tokenizer.json`, `train_*.bin`, `val_*.bin`), preparing it on first use.
-pub fn prepare_embedded(
+pub(super) fn prepare_embedded(
     dir: &Path,
     progress: &dyn Fn(&str),
 ) -> std::result::Result<PathBuf, TrainError> {

@@ -218,8 +218,6 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
     };
     Ok(match job.stage.init() {
         Init::Fresh { data } => {
-            // Refuse an unknown preset before reading the data.
-            ModelConfig::preset(&job.run.preset, 64)?;
             let tokenizer = data_tokenizer(data)?;
             let model = ModelConfig::preset(&job.run.preset, tokenizer.vocab_size())?;
             ctx(None, model, tokenizer)
