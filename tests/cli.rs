@@ -168,6 +168,18 @@ fn bad_input_is_a_clear_error() {
         "cpu",
     ]);
     assert!(t.contains("unknown preset `huge`"), "{t}");
+    // An I/O error names the file, and its cause is printed once, not once per layer.
+    let t = fails(&[
+        "prepare",
+        "sft",
+        &p("missing.jsonl"),
+        "--out",
+        &p("sft"),
+        "--tokenizer",
+        "gpt2",
+    ]);
+    assert!(t.contains("missing.jsonl"), "{t}");
+    assert_eq!(t.matches("(os error 2)").count(), 1, "{t}");
     let t = fails(&["pretrain", "--device", "tpu", "--out", &p("run")]);
     assert!(
         t.contains("--device") && t.contains("unknown device `tpu`"),
@@ -177,13 +189,12 @@ fn bad_input_is_a_clear_error() {
     assert!(t.contains("--attention") && t.contains("cuda-cores"), "{t}");
 }
 
-#[test]
-fn pretrain_refuses_more_than_one_rank() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
-    let docs = tmp.path().join("docs");
+/// `DIR/data`: a one-document corpus prepared with a 280-token BPE trained on it.
+fn prepare_small_corpus(dir: &Path) {
+    let docs = dir.join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
     ok(&[
         "prepare",
         &p("docs"),
@@ -194,6 +205,13 @@ fn pretrain_refuses_more_than_one_rank() {
         "--vocab-size",
         "280",
     ]);
+}
+
+#[test]
+fn pretrain_refuses_more_than_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    prepare_small_corpus(tmp.path());
     std::fs::write(tmp.path().join("run.toml"), "world_size = 2\nrank = 1\n").unwrap();
     let t = fails(&[
         "pretrain",
@@ -220,19 +238,7 @@ fn pretrain_refuses_more_than_one_rank() {
 fn prepare_sft_subcommand_and_its_old_name() {
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
-    let docs = tmp.path().join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
-    ok(&[
-        "prepare",
-        &p("docs"),
-        "--out",
-        &p("data"),
-        "--tokenizer",
-        "bpe",
-        "--vocab-size",
-        "280",
-    ]);
+    prepare_small_corpus(tmp.path());
     let chat = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A cat."}]}"#;
     std::fs::write(tmp.path().join("chats.jsonl"), format!("{chat}\n{chat}\n")).unwrap();
     for (cmd, out) in [
