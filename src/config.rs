@@ -21,6 +21,15 @@ pub enum ConfigError {
     UnknownPreset(String),
     #[error("invalid model config: {0}")]
     Invalid(String),
+    /// A run-config field out of range: names the TOML key, the flag that sets it (where one
+    /// does), the value and what it must be.
+    #[error("{key}{flag} is {value}: {expected}", flag = flag.map(|f| format!(" ({f})")).unwrap_or_default())]
+    Field {
+        key: &'static str,
+        flag: Option<&'static str>,
+        value: String,
+        expected: String,
+    },
 }
 
 /// Names accepted by [`ModelConfig::preset`].
@@ -190,9 +199,96 @@ impl RunConfig {
         })
     }
 
+    /// Refuses nonsense hyper-parameters before any work, naming the field as its TOML key
+    /// and its flag: a rate, decay, clip or beta out of range, a NaN or infinity, a zero size.
+    /// `warmup_steps > max_steps` is allowed (the run ends during warm-up; see [`Self::notes`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad<T: std::fmt::Display>(
+            key: &'static str,
+            flag: Option<&'static str>,
+            value: T,
+            expected: &str,
+        ) -> Result<(), ConfigError> {
+            Err(ConfigError::Field {
+                key,
+                flag,
+                value: value.to_string(),
+                expected: expected.to_string(),
+            })
+        }
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && lr > 0.0) {
+            return bad("learning_rate", Some("--lr"), lr, "must be finite and > 0");
+        }
+        if !(self.min_lr_ratio >= 0.0 && self.min_lr_ratio <= 1.0) {
+            let v = self.min_lr_ratio;
+            let want = "must be in [0, 1] (the final rate as a fraction of the peak)";
+            return bad("min_lr_ratio", None, v, want);
+        }
+        let wd = self.weight_decay;
+        if !(wd.is_finite() && wd >= 0.0) {
+            return bad(
+                "weight_decay",
+                Some("--weight-decay"),
+                wd,
+                "must be finite and >= 0",
+            );
+        }
+        let clip = self.grad_clip;
+        if !(clip.is_finite() && clip >= 0.0) {
+            let want = "must be finite and >= 0 (0 disables clipping)";
+            return bad("grad_clip", Some("--grad-clip"), clip, want);
+        }
+        for (key, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(key, None, beta, "must be in [0, 1)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", None, self.eps, "must be finite and > 0");
+        }
+        for (key, flag, v) in [
+            ("batch_size", "--batch-size", self.batch_size),
+            ("seq_len", "--seq-len", self.seq_len),
+            ("max_steps", "--max-steps", self.max_steps),
+        ] {
+            if v == 0 {
+                return bad(key, Some(flag), v, "must be at least 1");
+            }
+        }
+        if self.val_every > 0 && self.val_batches == 0 {
+            let want = format!(
+                "must be at least 1 while val_every (--val-every) is {} (or set --val-every 0 \
+                 to turn validation off)",
+                self.val_every
+            );
+            return bad("val_batches", None, 0, &want);
+        }
+        self.grad_accum_steps()?;
+        Ok(())
+    }
+
+    /// What is legal but likely not meant, one line each (the CLI prints them as notes).
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.warmup_steps > self.max_steps {
+            notes.push(format!(
+                "warmup_steps (--warmup-steps) {} is more than max_steps (--max-steps) {}: the \
+                 run ends during the warm-up and never reaches the peak learning rate {}",
+                self.warmup_steps, self.max_steps, self.learning_rate
+            ));
+        }
+        notes
+    }
+
     /// Micro-batches per optimizer step.
     pub fn grad_accum_steps(&self) -> Result<usize, ConfigError> {
-        let micro = self.batch_size * self.seq_len;
+        let micro = self.batch_size.checked_mul(self.seq_len).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "batch_size {} x seq_len {} overflows",
+                self.batch_size, self.seq_len
+            ))
+        })?;
         if micro == 0 {
             return Err(ConfigError::Invalid(
                 "batch_size and seq_len must be positive".into(),
@@ -229,6 +325,69 @@ mod tests {
         assert_eq!(cfg.max_steps, 7);
         assert_eq!(cfg.batch_size, RunConfig::default().batch_size);
         assert!(toml::from_str::<RunConfig>("max_stepz = 7").is_err());
+    }
+
+    /// Every nonsense value is refused, and the message names the TOML key (and the flag).
+    #[test]
+    fn validate_names_the_field() {
+        let ok = RunConfig::default();
+        ok.validate().unwrap();
+        let with = |f: fn(&mut RunConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c
+        };
+        let cases: [(fn(&mut RunConfig), &str); 17] = [
+            (
+                |c| c.learning_rate = -1.0,
+                "learning_rate (--lr) is -1: must be finite and > 0",
+            ),
+            (
+                |c| c.learning_rate = f32::NAN,
+                "learning_rate (--lr) is NaN",
+            ),
+            (
+                |c| c.learning_rate = f32::INFINITY,
+                "learning_rate (--lr) is inf",
+            ),
+            (|c| c.learning_rate = 0.0, "learning_rate (--lr) is 0"),
+            (
+                |c| c.weight_decay = -0.1,
+                "weight_decay (--weight-decay) is -0.1",
+            ),
+            (|c| c.grad_clip = -1.0, "grad_clip (--grad-clip) is -1"),
+            (|c| c.beta1 = 1.0, "beta1 is 1: must be in [0, 1)"),
+            (|c| c.beta2 = 1.5, "beta2 is 1.5: must be in [0, 1)"),
+            (|c| c.beta2 = -0.5, "beta2 is -0.5"),
+            (
+                |c| c.min_lr_ratio = -3.0,
+                "min_lr_ratio is -3: must be in [0, 1]",
+            ),
+            (|c| c.min_lr_ratio = f32::NAN, "min_lr_ratio is NaN"),
+            (|c| c.eps = 0.0, "eps is 0: must be finite and > 0"),
+            (|c| c.eps = f32::INFINITY, "eps is inf"),
+            (|c| c.batch_size = 0, "batch_size (--batch-size) is 0"),
+            (|c| c.seq_len = 0, "seq_len (--seq-len) is 0"),
+            (|c| c.max_steps = 0, "max_steps (--max-steps) is 0"),
+            (
+                |c| c.val_batches = 0,
+                "val_batches is 0: must be at least 1 while val_every",
+            ),
+        ];
+        for (f, want) in cases {
+            let e = with(f).validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
+        // Legal edge values.
+        with(|c| {
+            (c.val_batches, c.val_every, c.grad_clip, c.weight_decay) = (0, 0, 0.0, 0.0);
+            (c.beta1, c.min_lr_ratio) = (0.0, 1.0);
+        })
+        .validate()
+        .unwrap();
+        let short = with(|c| (c.max_steps, c.warmup_steps) = (3, 5));
+        short.validate().unwrap();
+        assert!(short.notes()[0].contains("ends during the warm-up"));
     }
 
     #[test]

@@ -3,17 +3,40 @@
 
 mod cli;
 
-use clap::Parser;
+use clap::{Command, CommandFactory, FromArgMatches};
 
 fn main() -> std::process::ExitCode {
+    let matches = allow_negative_numbers(cli::args::Cli::command()).get_matches();
+    let cli = cli::args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Errors print as one readable chain, never as a debug dump with a backtrace.
-    match cli::dispatch::run(cli::args::Cli::parse()) {
+    match cli::dispatch::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Lets every flag that takes a value take a negative number (`--lr -1`, not only `--lr=-1`),
+/// in every subcommand, so that the value reaches the check that names what is wrong with it
+/// instead of clap reading `-1` as an unknown flag.
+fn allow_negative_numbers(cmd: Command) -> Command {
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.mut_args(|a| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    });
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, allow_negative_numbers);
+    }
+    cmd
 }
 
 /// The error and its causes on one line, each cause once: most of the library's messages

@@ -43,6 +43,12 @@ pub trait Backend: Send + Sync {
     fn memory_in_use(&self) -> Option<usize> {
         None
     }
+    /// Bytes free for new buffers on this backend's device, where the backend can tell (CPU:
+    /// the kernel's `MemAvailable`; CUDA: the driver's free device memory). The memory plan
+    /// (`model::memory`) is checked against it before a run allocates.
+    fn memory_available(&self) -> Option<u64> {
+        None
+    }
     /// Bytes per element a buffer of this role takes (4 on the f32 CPU backend).
     fn element_bytes(&self, role: Role) -> usize {
         let _ = role;

@@ -90,6 +90,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn memory_in_use(&self) -> Option<usize> {
         self.inner.memory_in_use()
     }
+    fn memory_available(&self) -> Option<u64> {
+        self.inner.memory_available()
+    }
     fn element_bytes(&self, role: Role) -> usize {
         self.inner.element_bytes(role)
     }

@@ -25,7 +25,9 @@ use topcoat::runtime::{Runtime, RuntimeOptions};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
+    // Only the commands that compute get a thread pool: `info` and `report` read files.
+    let computes = !matches!(cli.command, Command::Info { .. } | Command::Report(_));
+    if let (Some(n), true) = (cli.threads, computes) {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -167,7 +169,11 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
          total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
          weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
          checkpoint_every <- a.checkpoint_every, seed <- a.seed);
-    cfg.grad_accum_steps()?;
+    // Nonsense values stop here, before any data is read or the device opened.
+    cfg.validate()?;
+    for n in cfg.notes() {
+        note(&format!("note: {n}"));
+    }
     Ok(cfg)
 }
 

@@ -2,7 +2,7 @@
 //! run directory (its newest checkpoint).
 
 use super::inputs::resolve_checkpoint;
-use crate::data::Shard;
+use crate::data::{DataError, Shard};
 use crate::train::{checkpoint, io_err, TrainError};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,6 +10,14 @@ use std::path::Path;
 /// A human-readable description of a shard file, a checkpoint, or a run directory.
 pub fn info(path: &Path) -> Result<String, TrainError> {
     let mut s = String::new();
+    if !path.exists() {
+        return Err(DataError::InvalidArgument(format!(
+            "{} does not exist: `topcoat info` takes a token shard (.bin), a checkpoint \
+             directory or a run directory",
+            path.display()
+        ))
+        .into());
+    }
     if path.is_file() {
         let shard = Shard::open(path)?;
         let n = shard.len();
@@ -43,10 +51,11 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
     if let Ok(tok) = checkpoint::load_tokenizer(&dir) {
         let _ = writeln!(
             s,
-            "  tokenizer: {:?}, {} ids, eot {}",
+            "  tokenizer: {:?}, {} ids, eot {}, sha256 {}",
             tok.kind(),
             tok.vocab_size(),
-            tok.eot()
+            tok.eot(),
+            tok.short_fingerprint()
         );
     }
     let state = dir.join("train_state.json");

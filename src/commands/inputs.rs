@@ -109,22 +109,69 @@ pub fn check_tokenizers(
         return Ok(());
     }
     Err(DataError::InvalidArgument(format!(
-        "tokenizer mismatch: checkpoint {} has a {:?} tokenizer with {} ids but data {} was \
-         prepared with a {:?} tokenizer with {} ids; re-run `topcoat {prepared_by}` with \
-         --tokenizer {}",
+        "tokenizer mismatch: checkpoint {} has {} but data {} was prepared with {}; re-run \
+         `topcoat {prepared_by}` with --tokenizer {}",
         ckpt.display(),
-        model.kind(),
-        model.vocab_size(),
+        describe_tokenizer(model),
         data_dir.display(),
-        data.kind(),
-        data.vocab_size(),
+        describe_tokenizer(data),
         ckpt.display()
     )))
 }
 
-/// Whether two tokenizers agree (by kind and size).
+/// Refuses to resume the run in `out` when its newest checkpoint was trained with another
+/// tokenizer than this run's (the data's for a fresh model, the `--init` checkpoint's
+/// otherwise): the same ids would mean other text. Nothing to check without a checkpoint.
+pub fn check_resume_tokenizer(
+    out: &Path,
+    tokenizer: &Tokenizer,
+    data: Option<&Path>,
+) -> Result<(), TrainError> {
+    let Some(ckpt) = checkpoint::latest(out)? else {
+        return Ok(());
+    };
+    let saved = checkpoint::load_tokenizer(&ckpt)?;
+    if same_tokenizer(&saved, tokenizer) {
+        return Ok(());
+    }
+    let (what, redo) = match data {
+        Some(d) => (
+            format!("data {} was prepared with", d.display()),
+            format!(
+                "resume with data prepared by `topcoat prepare ... --tokenizer {}`",
+                ckpt.display()
+            ),
+        ),
+        None => (
+            "this run starts from".into(),
+            "resume with the same --init".into(),
+        ),
+    };
+    Err(TrainError::Checkpoint {
+        path: ckpt,
+        msg: format!(
+            "cannot resume: the run was trained with {} but {what} {}; {redo}, or start a new \
+             run in another --out",
+            describe_tokenizer(&saved),
+            describe_tokenizer(tokenizer)
+        ),
+    })
+}
+
+/// Whether two tokenizers are the same: the same content (fingerprint), not merely the same
+/// kind and size (two BPEs of one size trained on other text map ids to other strings).
 pub fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
-    a.vocab_size() == b.vocab_size() && a.kind() == b.kind()
+    a.fingerprint() == b.fingerprint()
+}
+
+/// `a bpe tokenizer with 300 ids (sha256 1a2b3c4d5e6f)`, for mismatch messages.
+pub fn describe_tokenizer(t: &Tokenizer) -> String {
+    let kind = format!("{:?}", t.kind()).to_lowercase();
+    format!(
+        "a {kind} tokenizer with {} ids (sha256 {})",
+        t.vocab_size(),
+        t.short_fingerprint()
+    )
 }
 
 /// Checks the sampling flags of a generating command: `--temperature` finite and `>= 0`,

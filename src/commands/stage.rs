@@ -165,6 +165,7 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     Runtime::check_world_size(run.world_size, run.rank)
         .map_err(|msg| ConfigError::Invalid(format!("{}: {msg}", S::NAME)))?;
     let ctx = resolve(job)?;
+    super::preflight::check(be, &ctx, job.stage.data().map(|(dir, _)| dir))?;
     if let Some((data, prepared_by)) = job.stage.data() {
         if let Some(ckpt) = &ctx.checkpoint {
             check_tokenizers(

@@ -206,10 +206,26 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// Writes `tokenizer.json` atomically (temp file + rename).
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let file = TokenizerFile {
+    /// SHA-256 of the canonical `tokenizer.json` content (what [`Tokenizer::save`] writes):
+    /// two tokenizers are the same exactly when their fingerprints are, whatever their files'
+    /// whitespace or key order. Lower-case hex, 64 digits.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_vec(&self.file()).expect("a tokenizer file serializes");
+        Sha256::digest(&json)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The first 12 hex digits of [`Tokenizer::fingerprint`], for messages.
+    pub fn short_fingerprint(&self) -> String {
+        self.fingerprint()[..12].to_string()
+    }
+
+    /// The `tokenizer.json` content of this tokenizer.
+    fn file(&self) -> TokenizerFile {
+        TokenizerFile {
             format: FILE_FORMAT.into(),
             version: FILE_VERSION,
             kind: self.kind(),
@@ -226,8 +242,13 @@ impl Tokenizer {
                 Inner::Gpt2(_) => None,
                 Inner::Bpe(bpe) => Some(bpe.merges().iter().map(|&(a, b)| [a, b]).collect()),
             },
-        };
-        let json = serde_json::to_vec(&file).map_err(|e| DataError::TokenizerFile {
+        }
+    }
+
+    /// Writes `tokenizer.json` atomically (temp file + rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let json = serde_json::to_vec(&self.file()).map_err(|e| DataError::TokenizerFile {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
@@ -290,5 +311,38 @@ impl Tokenizer {
             )));
         }
         Ok(tok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bpe(text: &str) -> Tokenizer {
+        Tokenizer::train_bpe(std::iter::once(text), 270, |_, _| {}).unwrap()
+    }
+
+    /// Same kind and size but other merges: other fingerprints; a saved and loaded copy keeps
+    /// its fingerprint.
+    #[test]
+    fn fingerprint_is_the_content() {
+        let a = bpe(&"the cat sat on the mat. ".repeat(30));
+        let b = bpe(&"a dog ran in the fog! ".repeat(30));
+        assert_eq!((a.kind(), a.vocab_size()), (b.kind(), b.vocab_size()));
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 64);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        a.save(&path).unwrap();
+        assert_eq!(
+            Tokenizer::load(&path).unwrap().fingerprint(),
+            a.fingerprint()
+        );
+        assert_eq!(
+            Tokenizer::gpt2().fingerprint(),
+            Tokenizer::gpt2().fingerprint()
+        );
+        assert_ne!(Tokenizer::gpt2().fingerprint(), a.fingerprint());
+        assert_eq!(a.short_fingerprint(), a.fingerprint()[..12]);
     }
 }

@@ -10,12 +10,14 @@ pub mod decode;
 pub mod forward;
 mod hidden;
 mod logprobs;
+pub mod memory;
 pub mod packing;
 pub mod params;
 pub mod reward;
 
 pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
+pub use memory::{MemoryPlan, OutOfMemory};
 pub use packing::Packing;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
 pub use reward::{RewardHead, RewardModel, RewardPass};
@@ -32,6 +34,8 @@ pub enum ModelError {
     Backend(#[from] BackendError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    OutOfMemory(#[from] Box<OutOfMemory>),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -132,6 +136,11 @@ impl<B: Backend> Gpt<B> {
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = None; // free the old set first: both may not fit at once
             self.scratch = None;
+            // The weights already live on the device: the new set must fit what is left.
+            MemoryPlan::training(&self.cfg, b, t, |r| be.element_bytes(r))
+                .activations_only()
+                .check(&be.name(), be.memory_available())
+                .map_err(Box::new)?;
             self.acts = Some(Activations::new(be, &self.cfg, b, t)?);
         }
         Ok(())

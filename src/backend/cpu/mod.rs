@@ -33,3 +33,32 @@ impl CpuBackend {
         Self
     }
 }
+
+/// The kernel's estimate of memory available to a new allocation without swapping
+/// (`MemAvailable` in `/proc/meminfo`); `None` where that file is unreadable (not Linux).
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+/// `MemAvailable:   123456 kB` in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => kib.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod mem_tests {
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(super::parse_mem_available(text), Some(2048 * 1024));
+        assert_eq!(super::parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(super::parse_mem_available("MemAvailable: x kB\n"), None);
+    }
+}

@@ -13,6 +13,10 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Ids = Vec<i32>;
 
+    fn memory_available(&self) -> Option<u64> {
+        super::mem_available()
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }

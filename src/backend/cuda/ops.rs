@@ -33,6 +33,10 @@ impl Backend for CudaBackend {
             .map(|(free, total)| total - free)
     }
 
+    fn memory_available(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+
     fn element_bytes(&self, role: Role) -> usize {
         match role {
             Role::Param | Role::Activation => 2,

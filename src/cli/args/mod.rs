@@ -33,8 +33,8 @@ pub struct DeviceArgs {
     about = "A CUDA-native LLM trainer: pretrain, SFT and preference tuning"
 )]
 pub struct Cli {
-    /// Worker threads for the CPU backend (default: all cores).
-    #[arg(long, global = true)]
+    /// Worker threads for the CPU backend, 1 to 1024 (default: all cores).
+    #[arg(long, global = true, value_parser = parse_threads)]
     pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
@@ -79,6 +79,21 @@ pub enum Command {
     Demo(DemoArgs),
     /// Render a demo run directory as one self-contained HTML page (card, samples, plots).
     Report(ReportArgs),
+}
+
+/// Most `--threads`: far past any machine's cores, far below what would exhaust the process's
+/// threads (100,000 threads hang the pool's start).
+pub const MAX_THREADS: usize = 1024;
+
+/// `--threads N`, `1 <= N <= MAX_THREADS`.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a whole number from 1 to {MAX_THREADS} (this machine has {cores} cores)"
+        )),
+    }
 }
 
 /// Flags shared by the training commands.

@@ -35,8 +35,17 @@ pub struct BenchJob {
 }
 
 impl BenchJob {
-    /// Refuses a `seq_len` past the model's context, naming the flag.
+    /// Refuses a `seq_len` past the model's context or a zero size, naming the flag.
     pub fn check(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--batch-size", self.batch_size),
+            ("--seq-len", self.seq_len),
+            ("--steps", self.steps),
+        ] {
+            if v == 0 {
+                return Err(CommandError::arg(flag, "0: must be at least 1"));
+            }
+        }
         if self.seq_len > self.model.max_seq_len {
             return Err(CommandError::arg(
                 "--seq-len",
@@ -47,6 +56,13 @@ impl BenchJob {
             ));
         }
         Ok(())
+    }
+
+    /// [`Self::check`], and the memory plan against what `be`'s device has free.
+    fn check_on<B: Backend>(&self, be: &B) -> Result<()> {
+        self.check()?;
+        let (b, t) = (self.batch_size, self.seq_len);
+        crate::commands::preflight::check_memory(be, b, t, &self.model)
     }
 }
 
@@ -75,6 +91,7 @@ fn steps_on<B: Backend>(
     peak_tflops: f64,
     on_step: impl FnMut(usize, f64),
 ) -> Result<StepReport> {
+    job.check_on(be)?;
     let (b, t) = (job.batch_size, job.seq_len);
     let result = bench_train(
         be,
@@ -121,6 +138,7 @@ fn kernels_on<B: Backend>(
     job: &BenchJob,
     on_step: impl FnMut(usize, f64),
 ) -> Result<(BTreeMap<&'static str, OpTally>, usize)> {
+    job.check_on(be)?;
     let profiled = Profiled::new(be);
     let (b, t, optimizer) = (job.batch_size, job.seq_len, job.optimizer);
     // The warm-up steps load kernels and pick matmul algorithms: keep them out.
@@ -156,9 +174,10 @@ pub fn stages(
         job.steps,
         job.optimizer,
     );
-    Ok(crate::on_backend!(rt, be => {
-        bench_stages(be, &job.model, stages, b, t, w, n, opt, on_step)
-    })?)
+    crate::on_backend!(rt, be => {
+        job.check_on(be)?;
+        Ok(bench_stages(be, &job.model, stages, b, t, w, n, opt, on_step)?)
+    })
 }
 
 /// Greedy generation with and without the KV cache: `runs` timed runs of `new_tokens` after a

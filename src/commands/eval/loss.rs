@@ -5,6 +5,7 @@ use super::{seq_len, Result};
 use crate::backend::Backend;
 use crate::commands::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use crate::data::Loader;
+use crate::model::{MemoryPlan, ModelError};
 use crate::runtime::Runtime;
 use crate::stages::pretrain::split_files;
 use crate::train::checkpoint;
@@ -70,6 +71,11 @@ fn eval_loss_on<B: Backend>(be: &B, job: &EvalLossJob, note: &dyn Fn(&str)) -> R
     )?;
     let mut model = checkpoint::load_model(be, &ckpt, None)?;
     let t = seq_len(job.seq_len, model.cfg.max_seq_len)?;
+    // Before the loader reads a window: a batch the device cannot hold is a named error.
+    MemoryPlan::training(&model.cfg, job.batch_size, t, |r| be.element_bytes(r))
+        .activations_only()
+        .check(&be.name(), be.memory_available())
+        .map_err(|e| ModelError::from(Box::new(e)))?;
     let files = split_files(&job.data, &job.split)?;
     let mut loader = Loader::sequential(&files, job.batch_size, t, 0, 1, model.cfg.vocab_size)?;
     let full = loader.batches_per_epoch() as usize;
