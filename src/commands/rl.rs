@@ -6,7 +6,7 @@
 //! Prompts file: JSON Lines, one `{"prompt": "text"}` per line (blank lines skipped), rendered as
 //! one user turn followed by `<|assistant|>` (data/chat.rs); completions stop at `<|end|>`.
 
-use super::inputs::{resolve_checkpoint, same_tokenizer};
+use super::inputs::{describe_tokenizer, resolve_checkpoint, same_tokenizer};
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::{ConfigError, RunConfig};
@@ -172,15 +172,12 @@ impl RlStage {
         let reward_tok = checkpoint::load_tokenizer(&reward)?;
         if !same_tokenizer(tok, &reward_tok) {
             return Err(DataError::InvalidArgument(format!(
-                "tokenizer mismatch: --reward {} has a {:?} tokenizer with {} ids but --init {} \
-                 has a {:?} tokenizer with {} ids; train the reward model from the same SFT \
-                 checkpoint (`topcoat reward --init {}`)",
+                "tokenizer mismatch: --reward {} has {} but --init {} has {}; train the reward \
+                 model from the same SFT checkpoint (`topcoat reward --init {}`)",
                 reward.display(),
-                reward_tok.kind(),
-                reward_tok.vocab_size(),
+                describe_tokenizer(&reward_tok),
                 policy.display(),
-                tok.kind(),
-                tok.vocab_size(),
+                describe_tokenizer(tok),
                 policy.display()
             ))
             .into());
