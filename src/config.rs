@@ -337,7 +337,8 @@ mod tests {
             f(&mut c);
             c
         };
-        let cases: [(fn(&mut RunConfig), &str); 17] = [
+        type Case = (fn(&mut RunConfig), &'static str);
+        let cases: [Case; 17] = [
             (
                 |c| c.learning_rate = -1.0,
                 "learning_rate (--lr) is -1: must be finite and > 0",

@@ -37,5 +37,5 @@ pub fn check_memory<B: Backend>(
 ) -> Result<(), CommandError> {
     MemoryPlan::training(model, b, t, |r| be.element_bytes(r))
         .check(&be.name(), be.memory_available())
-        .map_err(|e| CommandError::from(ModelError::from(Box::new(e))))
+        .map_err(|e| CommandError::from(ModelError::from(e)))
 }

@@ -93,16 +93,16 @@ impl MemoryPlan {
 
     /// Refuses the plan when it needs more than `available` bytes (`None`: the device cannot
     /// tell, and only a plan past the address space is refused). `device` names it.
-    pub fn check(&self, device: &str, available: Option<u64>) -> Result<(), OutOfMemory> {
+    pub fn check(&self, device: &str, available: Option<u64>) -> Result<(), Box<OutOfMemory>> {
         let available = available.map_or(usize::MAX as u128, u128::from);
         if self.total() <= available {
             return Ok(());
         }
-        Err(OutOfMemory {
+        Err(Box::new(OutOfMemory {
             plan: *self,
             device: device.to_string(),
             available,
-        })
+        }))
     }
 }
 

@@ -139,8 +139,7 @@ impl<B: Backend> Gpt<B> {
             // The weights already live on the device: the new set must fit what is left.
             MemoryPlan::training(&self.cfg, b, t, |r| be.element_bytes(r))
                 .activations_only()
-                .check(&be.name(), be.memory_available())
-                .map_err(Box::new)?;
+                .check(&be.name(), be.memory_available())?;
             self.acts = Some(Activations::new(be, &self.cfg, b, t)?);
         }
         Ok(())

@@ -75,7 +75,7 @@ fn eval_loss_on<B: Backend>(be: &B, job: &EvalLossJob, note: &dyn Fn(&str)) -> R
     MemoryPlan::training(&model.cfg, job.batch_size, t, |r| be.element_bytes(r))
         .activations_only()
         .check(&be.name(), be.memory_available())
-        .map_err(|e| ModelError::from(Box::new(e)))?;
+        .map_err(ModelError::from)?;
     let files = split_files(&job.data, &job.split)?;
     let mut loader = Loader::sequential(&files, job.batch_size, t, 0, 1, model.cfg.vocab_size)?;
     let full = loader.batches_per_epoch() as usize;
