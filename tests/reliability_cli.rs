@@ -376,6 +376,14 @@ fn a_same_size_tokenizer_of_other_content_is_refused() {
     let t = fails(&eval);
     names_both(&t);
     assert!(t.contains("tokenizer mismatch"), "{t}");
+    // `info` shows the fingerprints that tell them apart: the run's is data a's.
+    let fp = |dir: &Path| {
+        let t = ok(&["info".to_string(), s(dir)]);
+        let at = t.find("sha256 ").unwrap_or_else(|| panic!("{t}"));
+        t[at + 7..at + 19].to_string()
+    };
+    assert_eq!(fp(&run), fp(&a));
+    assert_ne!(fp(&a), fp(&b));
     assert_eq!(
         snapshot(tmp.path()),
         before,
@@ -403,6 +411,14 @@ fn missing_paths_are_named_once() {
     let t = fails(&["info", &s(&missing)]);
     assert!(
         t.contains(&format!("{} does not exist", missing.display())),
+        "{t}"
+    );
+    let m = s(&missing);
+    let t = fails(&["sft", "--init", &m, "--data", &m, "--out", &m]);
+    assert!(t.contains(&format!("{m}: does not exist")), "{t}");
+    let t = fails(&["pretrain", "--data", &m, "--out", &m, "--device", "cpu"]);
+    assert!(
+        t.contains(&format!("data directory {m} does not exist")),
         "{t}"
     );
 

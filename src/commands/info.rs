@@ -1,5 +1,5 @@
-//! `info` as a library call: a human-readable description of a token shard, a checkpoint, or a
-//! run directory (its newest checkpoint).
+//! `info` as a library call: a human-readable description of a token shard, a prepared data
+//! directory, a checkpoint, or a run directory (its newest checkpoint).
 
 use super::inputs::resolve_checkpoint;
 use crate::data::{DataError, Shard};
@@ -28,6 +28,9 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
         let _ = writeln!(s, "  largest id: {max}");
         let _ = writeln!(s, "  first ids: {head:?}");
         return Ok(s);
+    }
+    if path.join("tokenizer.json").is_file() && !path.join("config.json").exists() {
+        return data_dir_info(path);
     }
     let dir = resolve_checkpoint(path)?;
     let cfg = checkpoint::load_config(&dir)?;
@@ -71,5 +74,40 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
             v["elapsed_s"].as_f64().unwrap_or(0.0)
         );
     }
+    Ok(s)
+}
+
+/// A prepared data directory: its tokenizer (with its fingerprint) and its files.
+fn data_dir_info(dir: &Path) -> Result<String, TrainError> {
+    let tok = crate::data::Tokenizer::load(dir.join("tokenizer.json"))?;
+    let mut s = String::new();
+    let _ = writeln!(s, "prepared data {}", dir.display());
+    let _ = writeln!(
+        s,
+        "  tokenizer: {:?}, {} ids, eot {}, sha256 {}",
+        tok.kind(),
+        tok.vocab_size(),
+        tok.eot(),
+        tok.short_fingerprint()
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "tokenizer.json")
+        .collect();
+    names.sort();
+    let shown = names.len().min(8);
+    let more = names.len() - shown;
+    let _ = write!(s, "  files: {}", names[..shown].join(", "));
+    let _ = writeln!(
+        s,
+        "{}",
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    );
     Ok(s)
 }

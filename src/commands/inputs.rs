@@ -14,6 +14,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
     if path.join("config.json").exists() {
         return Ok(path.to_path_buf());
     }
+    if !path.exists() {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            msg: "does not exist (expected a checkpoint directory or a run directory)".into(),
+        });
+    }
     checkpoint::latest(path)?.ok_or_else(|| TrainError::Checkpoint {
         path: path.to_path_buf(),
         msg: "neither a checkpoint (no config.json) nor a run directory with ckpt_* checkpoints"
@@ -24,6 +30,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
 /// The tokenizer a prepared data directory was made with (its `tokenizer.json`).
 pub fn data_tokenizer(dir: &Path) -> Result<Tokenizer, DataError> {
     let path = dir.join("tokenizer.json");
+    if !dir.exists() {
+        return Err(DataError::InvalidArgument(format!(
+            "data directory {} does not exist; make it with `topcoat prepare`",
+            dir.display()
+        )));
+    }
     if !path.exists() {
         return Err(DataError::InvalidArgument(format!(
             "{}: no tokenizer.json; prepare the directory with `topcoat prepare` first",

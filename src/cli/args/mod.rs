@@ -65,7 +65,7 @@ pub enum Command {
     Rl(RlArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
-    /// Describe a token shard, a checkpoint or a run directory.
+    /// Describe a token shard, a prepared data directory, a checkpoint or a run directory.
     Info { path: PathBuf },
     /// Time training steps of a preset on random tokens (--generate: generation speed).
     Bench(BenchArgs),
