@@ -216,6 +216,17 @@ fn stale_staging_is_cleaned_and_foreign_directories_are_not_replaced() {
     );
     assert_eq!(snapshot(&mine), before);
     assert!(entries_starting(d, ".mine.prepare-").is_empty());
+
+    // Nor is a dataset of another kind (here the text dataset the tokenizer comes from).
+    let before = snapshot(&d.join("data"));
+    let o = prepare_chat(d, "sft", "chats.jsonl", "data", &[]);
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains("not replaced: it holds a text dataset (train_*.bin token shards), and this prepares an SFT dataset"),
+        "{t}"
+    );
+    assert_eq!(snapshot(&d.join("data")), before);
 }
 
 /// Pretrains 2 steps on `dir/data` into `dir/run`.

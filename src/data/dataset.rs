@@ -12,7 +12,7 @@
 //! complete on disk; the next prepare removes the leftovers). The old dataset, now under a
 //! staging name, is then removed. A staging sibling whose process is gone (a killed prepare) is
 //! removed by the next prepare of the same directory. A directory holding anything that is not
-//! part of a topcoat dataset is never replaced.
+//! part of a topcoat dataset, or a dataset of another kind, is never replaced.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -215,10 +215,10 @@ fn alive(pid: u32) -> bool {
 }
 
 impl Staging {
-    /// Checks that `out` is absent, empty or a topcoat dataset (nothing else is ever replaced),
-    /// removes staging leftovers of killed prepares of `out`, and creates a fresh staging
-    /// directory.
-    pub fn begin(out: &Path) -> Result<Self> {
+    /// Checks that `out` is absent, empty or a topcoat dataset of the same `kind` (nothing else
+    /// is ever replaced), removes staging leftovers of killed prepares of `out`, and creates a
+    /// fresh staging directory.
+    pub fn begin(out: &Path, kind: DatasetKind) -> Result<Self> {
         let (parent, name) = split_out(out)?;
         let out = parent.join(&name);
         match fs::symlink_metadata(&out) {
@@ -240,6 +240,15 @@ impl Staging {
                             entry: n,
                         });
                     }
+                }
+                // Another kind of dataset is someone's data too (e.g. the text shards an SFT
+                // tokenizer was taken from): never replaced behind the user's back.
+                if let Some(found) = detect_kind(&out)?.filter(|&k| k != kind) {
+                    return Err(DataError::OtherDataset {
+                        path: out,
+                        found,
+                        kind,
+                    });
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

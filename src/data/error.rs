@@ -120,6 +120,18 @@ pub enum DataError {
     )]
     NotADataset { path: PathBuf, entry: String },
 
+    #[error(
+        "{path}: not replaced: it holds {}, and this prepares {} (nothing was changed); \
+         choose another --out, or remove the directory first",
+        found.describe(),
+        kind.describe()
+    )]
+    OtherDataset {
+        path: PathBuf,
+        found: DatasetKind,
+        kind: DatasetKind,
+    },
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }

@@ -257,7 +257,7 @@ pub fn prepare_prefs(
         )));
     }
     let (train, val) = split_train_val(kept, opts.val_fraction, opts.seed);
-    let staging = Staging::begin(&opts.out)?;
+    let staging = Staging::begin(&opts.out, DatasetKind::Prefs)?;
     s.train_pairs = train.len();
     s.val_pairs = val.len();
     s.train_tokens = write_pairs(staging.dir(), "prefs_train", &train, tok.vocab_size())?;

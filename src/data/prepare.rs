@@ -397,7 +397,7 @@ pub fn prepare(
         }
     };
 
-    let staging = Staging::begin(&opts.out_dir)?;
+    let staging = Staging::begin(&opts.out_dir, DatasetKind::Text)?;
     let eot = tokenizer.eot();
     let mk = |prefix| SplitWriter::new(prefix, staging.dir(), tokenizer.vocab_size(), opts);
     let (mut train, mut val) = (mk("train"), mk("val"));

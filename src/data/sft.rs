@@ -110,7 +110,7 @@ pub fn prepare_sft(
         )));
     }
     let (train, val) = split_train_val(examples, opts.val_fraction, opts.seed);
-    let staging = Staging::begin(&opts.out)?;
+    let staging = Staging::begin(&opts.out, DatasetKind::Sft)?;
     s.train_examples = train.len();
     s.val_examples = val.len();
     s.train_tokens = write_split(staging.dir(), "sft_train", &train, tok.vocab_size())?;
