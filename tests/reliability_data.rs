@@ -669,3 +669,90 @@ proptest! {
         }
     }
 }
+
+/// Every file of `dir` (none when it does not exist), for comparing datasets.
+fn dataset_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    if dir.exists() {
+        snapshot(dir)
+    } else {
+        BTreeMap::new()
+    }
+}
+
+#[test]
+fn a_prepare_killed_at_any_moment_leaves_the_old_or_the_new_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    // Two inputs of different sizes; a prepare of the larger takes a noticeable time.
+    let big = d.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..300 {
+        let body = format!("Paragraph {i}: a cat sat on a mat, and a dog barked at {i} birds. ");
+        std::fs::write(big.join(format!("{i:03}.txt")), body.repeat(60)).unwrap();
+    }
+    let tok = p("data");
+    let args = |input: &str, out: &str| -> Vec<String> {
+        [
+            "prepare",
+            input,
+            "--out",
+            out,
+            "--tokenizer",
+            &tok,
+            "--shard-tokens",
+            "20000",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |input: &str, out: &str| {
+        let a = args(input, out);
+        ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    run(&p("docs"), &p("ref_small"));
+    let start = std::time::Instant::now();
+    run(&p("big"), &p("ref_big"));
+    let full = start.elapsed();
+    let (small, large) = (
+        dataset_files(&d.join("ref_small")),
+        dataset_files(&d.join("ref_big")),
+    );
+    assert!(large.len() > 3, "the large dataset has several shards");
+
+    run(&p("docs"), &p("target"));
+    let mut before = small.clone();
+    for i in 0..16u32 {
+        // Alternate the input, and kill at spread-out moments from the start to past the end of
+        // a full run.
+        let (input, new) = if i % 2 == 0 {
+            (p("big"), &large)
+        } else {
+            (p("docs"), &small)
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
+            .args(args(&input, &p("target")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(f64::from(i) / 8.0));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let now = dataset_files(&d.join("target"));
+        assert!(
+            now == before || now == *new,
+            "kill {i}: the dataset is neither the old nor the new one: {:?}",
+            now.keys().collect::<Vec<_>>()
+        );
+        before = now;
+    }
+    // The kill moments run from the start to twice a full run, so early kills land while
+    // shards are written and later ones around the switch (how many runs finish first depends
+    // on the machine's load, so that is not asserted).
+    // The next prepare cleans whatever the killed ones left beside the dataset.
+    run(&p("docs"), &p("target"));
+    assert_eq!(dataset_files(&d.join("target")), small);
+    assert!(entries_starting(d, ".target.prepare-").is_empty());
+}
