@@ -112,37 +112,40 @@ pub fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
 
-/// The kind of dataset in `dir`: its manifest's, else inferred from file names (directories
-/// prepared before manifests); `None` when neither says.
-pub fn detect_kind(dir: &Path) -> Result<Option<DatasetKind>> {
+/// The kinds of dataset in `dir`: its manifest's, else those its file names show (directories
+/// prepared before manifests, where one directory could hold several); empty when neither says.
+pub fn detect_kinds(dir: &Path) -> Result<Vec<DatasetKind>> {
     if let Some(m) = Manifest::read(dir)? {
-        return Ok(Some(m.kind));
+        return Ok(vec![m.kind]);
     }
     let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let has = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
-    Ok(if has(&|n| n == "sft_train.bin") {
-        Some(DatasetKind::Sft)
-    } else if has(&|n| n == "prefs_train.bin") {
-        Some(DatasetKind::Prefs)
-    } else if has(&|n| n.starts_with("train_") && n.ends_with(".bin")) {
-        Some(DatasetKind::Text)
-    } else {
-        None
-    })
+    let mut kinds = Vec::new();
+    if has(&|n| n.starts_with("train_") && n.ends_with(".bin")) {
+        kinds.push(DatasetKind::Text);
+    }
+    if has(&|n| n == "sft_train.bin") {
+        kinds.push(DatasetKind::Sft);
+    }
+    if has(&|n| n == "prefs_train.bin") {
+        kinds.push(DatasetKind::Prefs);
+    }
+    Ok(kinds)
 }
 
 /// Refuses a directory that holds another kind of dataset than `expected`, naming what it holds
 /// and the command that prepares the right kind. A directory of unknown content passes (the
 /// reader's own error names the missing file).
 pub fn expect_kind(dir: &Path, expected: DatasetKind) -> Result<()> {
-    match detect_kind(dir)? {
-        Some(found) if found != expected => Err(DataError::WrongDataset {
+    let kinds = detect_kinds(dir)?;
+    match kinds.first() {
+        Some(&found) if !kinds.contains(&expected) => Err(DataError::WrongDataset {
             path: dir.to_path_buf(),
             found,
             expected,
@@ -243,7 +246,7 @@ impl Staging {
                 }
                 // Another kind of dataset is someone's data too (e.g. the text shards an SFT
                 // tokenizer was taken from): never replaced behind the user's back.
-                if let Some(found) = detect_kind(&out)?.filter(|&k| k != kind) {
+                if let Some(found) = detect_kinds(&out)?.into_iter().find(|&k| k != kind) {
                     return Err(DataError::OtherDataset {
                         path: out,
                         found,
@@ -427,6 +430,35 @@ mod tests {
         }
         assert!(!is_dataset_entry("train_000000.bin", false));
         assert!(is_dataset_entry(".prepare-12.tmp", false));
+    }
+
+    #[test]
+    fn an_older_directory_holding_two_kinds_serves_both_and_is_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mixed");
+        fs::create_dir(&dir).unwrap();
+        for n in ["train_000000.bin", "sft_train.bin", "sft_train.idx"] {
+            fs::write(dir.join(n), b"x").unwrap();
+        }
+        expect_kind(&dir, DatasetKind::Text).unwrap();
+        expect_kind(&dir, DatasetKind::Sft).unwrap();
+        let e = expect_kind(&dir, DatasetKind::Prefs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds a text dataset") && e.contains("prepare prefs"),
+            "{e}"
+        );
+        let e = Staging::begin(&dir, DatasetKind::Sft)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not replaced: it holds a text dataset"), "{e}");
+        assert_eq!(
+            fs::read_dir(tmp.path()).unwrap().count(),
+            1,
+            "no staging left"
+        );
     }
 
     #[test]
