@@ -55,9 +55,11 @@ fn text_directory_to_shards_reproduces_documents() {
     assert_eq!(s.docs_val, 3);
     assert!(s.tokens_val > 0 && !s.val_files.is_empty());
     assert!(s.train_files.len() > 1, "small shard_tokens rolls over");
-    assert!(names(&out)
-        .iter()
-        .all(|n| n.starts_with("train_") || n.starts_with("val_")));
+    // The shards, the tokenizer and the manifest; nothing else (no staging left inside).
+    assert!(names(&out).iter().all(|n| n.starts_with("train_")
+        || n.starts_with("val_")
+        || n == "tokenizer.json"
+        || n == "dataset.json"));
 
     let (train, val) = (read_all(&s.train_files), read_all(&s.val_files));
     assert_eq!(train.len() as u64, s.tokens_train);
@@ -123,7 +125,8 @@ fn malformed_jsonl_names_file_and_line_and_writes_nothing() {
         msg.contains("b_broken.jsonl: line 3: invalid JSON"),
         "{msg}"
     );
-    assert!(names(&out).is_empty(), "no output left: {:?}", names(&out));
+    assert!(!out.exists(), "no output left");
+    assert_eq!(names(dir.path()).len(), 2, "{:?}", names(dir.path()));
 
     let g = dir.path().join("c_fields.jsonl");
     std::fs::write(&g, "{\"text\": \"ok\"}\n{\"body\": \"x\"}\n").unwrap();
@@ -142,7 +145,7 @@ fn malformed_jsonl_names_file_and_line_and_writes_nothing() {
         msg.contains("line 1: field \"text\" is a number, expected a string"),
         "{msg}"
     );
-    assert!(names(&out).is_empty());
+    assert!(!out.exists());
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `prepare` (raw text -> token shards), `prepare sft` (conversations -> SFT shards with loss
 //! masks), `prepare prefs` (preference pairs -> a pair shard), `tokenizer train`, and the
-//! embedded default corpus that `pretrain` prepares when it is given no data. Each writes the
-//! tokenizer beside what it prepared, so later commands can check they agree.
+//! embedded default corpus that `pretrain` prepares when it is given no data. Each hands the
+//! tokenizer to the data layer, which saves it inside the dataset it switches in as a whole
+//! (`data/dataset.rs`), so later commands can check they agree.
 
 use super::inputs::TokenizerArg;
 use super::CommandError;
@@ -51,7 +52,6 @@ pub fn prepare_text(
         ..PrepareOptions::new(&job.out)
     };
     let summary = data::prepare(&job.inputs, &tok, &opts, progress)?;
-    tok.save(job.out.join("tokenizer.json"))?;
     Ok((summary, tok))
 }
 
@@ -67,37 +67,38 @@ pub fn train_tokenizer(
         "training a {vocab_size}-token BPE on {} documents",
         docs.len()
     ));
-    Ok(Tokenizer::train_bpe(
-        docs.iter().map(String::as_str),
-        vocab_size,
-        |_, _| {},
-    )?)
+    let tok = Tokenizer::train_bpe(docs.iter().map(String::as_str), vocab_size, |_, _| {})?;
+    if tok.vocab_size() < vocab_size {
+        note(&format!(
+            "the BPE reached {} tokens, not the {vocab_size} asked: the text ran out of byte pairs \
+             to merge (too little text for that vocabulary); give more text or a smaller \
+             --vocab-size",
+            tok.vocab_size()
+        ));
+    }
+    Ok(tok)
 }
 
 /// `prepare sft`: renders the conversations of `input` into `opts.out` with the tokenizer
-/// named by `tokenizer`, and saves that tokenizer beside them.
+/// named by `tokenizer` (saved in the dataset).
 pub fn prepare_sft(
     input: &Path,
     tokenizer: &TokenizerArg,
     opts: &SftPrepareOptions,
 ) -> Result<SftPrepareSummary> {
     let tok = tokenizer.load("prepare sft")?;
-    let summary = data::prepare_sft(input, &tok, opts)?;
-    tok.save(opts.out.join("tokenizer.json"))?;
-    Ok(summary)
+    Ok(data::prepare_sft(input, &tok, opts)?)
 }
 
 /// `prepare prefs`: renders the pairs of `input` into `opts.out` with the tokenizer named by
-/// `tokenizer`, and saves that tokenizer beside them.
+/// `tokenizer` (saved in the dataset).
 pub fn prepare_prefs(
     input: &Path,
     tokenizer: &TokenizerArg,
     opts: &PrefsPrepareOptions,
 ) -> Result<PrefsPrepareSummary> {
     let tok = tokenizer.load("prepare prefs")?;
-    let summary = data::prepare_prefs(input, &tok, opts)?;
-    tok.save(opts.out.join("tokenizer.json"))?;
-    Ok(summary)
+    Ok(data::prepare_prefs(input, &tok, opts)?)
 }
 
 /// Makes sure `dir` holds the embedded corpus prepared with a BPE tokenizer trained on it
@@ -109,9 +110,23 @@ pub(super) fn prepare_embedded(
     if dir.join("tokenizer.json").exists() && split_files(dir, "train").is_ok() {
         return Ok(dir.to_path_buf());
     }
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let corpus = dir.join("embedded_corpus.jsonl");
+    // The corpus file is an input, not part of the dataset: it lives beside the dataset
+    // directory while the dataset is made, and is removed after.
+    let name = dir
+        .file_name()
+        .map_or("data".into(), |n| n.to_string_lossy());
+    let corpus = dir.with_file_name(format!(".{name}.embedded_corpus.jsonl"));
+    if let Some(parent) = corpus.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
     std::fs::write(&corpus, EMBEDDED_CORPUS).map_err(io_err(&corpus))?;
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _remove = Remove(&corpus);
     let docs = data::prepare::read_documents(&[&corpus])?;
     progress(&format!(
         "embedded corpus: {} documents, {:.1} MB; training a {EMBEDDED_VOCAB}-token BPE",
@@ -120,7 +135,6 @@ pub(super) fn prepare_embedded(
     ));
     let tok = Tokenizer::train_bpe(docs.iter().map(String::as_str), EMBEDDED_VOCAB, |_, _| {})?;
     let summary = data::prepare(&[&corpus], &tok, &PrepareOptions::new(dir), &|_| {})?;
-    tok.save(dir.join("tokenizer.json"))?;
     progress(&format!(
         "prepared {}: {} train tokens, {} val tokens",
         dir.display(),

@@ -175,7 +175,9 @@ pub(crate) fn read_jsonl<T>(
     path: &Path,
     mut parse: impl FnMut(&Path, usize, &str) -> Result<T>,
 ) -> Result<Vec<T>> {
-    let text = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
+    // A leading byte order mark (some editors write one) is not part of the first line.
+    let text = super::dataset::strip_bom(&bytes);
     let mut out = Vec::new();
     for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
         if raw.iter().all(|b| b.is_ascii_whitespace()) {

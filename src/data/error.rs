@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::dataset::DatasetKind;
+
 /// Errors of the data layer. Each variant names the file (or directory) it is about and states
 /// what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +67,12 @@ pub enum DataError {
     #[error("no shard files given ({what})")]
     NoShards { what: String },
 
-    #[error("no window of T+1 = {need} tokens in any shard: {files}")]
-    NoWindow { need: usize, files: String },
+    #[error("no window of T+1 = {need} tokens in any of the {count} shards: {files}")]
+    NoWindow {
+        need: usize,
+        count: usize,
+        files: String,
+    },
 
     #[error("{path}: line {line}: {msg}")]
     Jsonl {
@@ -83,6 +89,48 @@ pub enum DataError {
 
     #[error("{path}: tokenizer file: {msg}")]
     TokenizerFile { path: PathBuf, msg: String },
+
+    #[error("{path}: is a directory, expected {expected}")]
+    NotAFile {
+        path: PathBuf,
+        expected: &'static str,
+    },
+
+    #[error("{path}: {msg}")]
+    Sidecar { path: PathBuf, msg: String },
+
+    #[error("{path}: dataset manifest: {msg}")]
+    Manifest { path: PathBuf, msg: String },
+
+    #[error(
+        "{path}: holds {}, but this needs {}; prepare one with `{}`",
+        found.describe(),
+        expected.describe(),
+        expected.command()
+    )]
+    WrongDataset {
+        path: PathBuf,
+        found: DatasetKind,
+        expected: DatasetKind,
+    },
+
+    #[error(
+        "{path}: not replaced: it holds \"{entry}\", which is not part of a topcoat dataset \
+         (nothing was changed); move it away or choose another --out"
+    )]
+    NotADataset { path: PathBuf, entry: String },
+
+    #[error(
+        "{path}: not replaced: it holds {}, and this prepares {} (nothing was changed); \
+         choose another --out, or remove the directory first",
+        found.describe(),
+        kind.describe()
+    )]
+    OtherDataset {
+        path: PathBuf,
+        found: DatasetKind,
+        kind: DatasetKind,
+    },
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -105,12 +105,22 @@ impl Loader {
         }
         starts.push(n);
         if n == 0 {
-            let files = shards
+            // A few names say enough; thousands would bury the message.
+            const SHOWN: usize = 3;
+            let mut files = shards
                 .iter()
+                .take(SHOWN)
                 .map(|s| format!("{} ({} tokens)", s.path().display(), s.len()))
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(DataError::NoWindow { need: t + 1, files });
+            if shards.len() > SHOWN {
+                files.push_str(&format!(", and {} more", shards.len() - SHOWN));
+            }
+            return Err(DataError::NoWindow {
+                need: t + 1,
+                count: shards.len(),
+                files,
+            });
         }
         Ok(Self {
             shards,

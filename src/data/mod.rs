@@ -6,6 +6,7 @@
 
 pub mod bpe;
 pub mod chat;
+pub mod dataset;
 pub mod error;
 pub mod loader;
 pub mod pairs;
@@ -18,6 +19,7 @@ pub mod shard;
 pub mod tokenizer;
 
 pub use bpe::Bpe;
+pub use dataset::{DatasetKind, Manifest};
 pub use error::DataError;
 pub use loader::{Batch, Loader, LoaderPosition};
 pub use pairs::{fill_pair_batch, PairBatch, PairLoader, PairPosition, PairSplit, SeqRef};

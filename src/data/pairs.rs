@@ -40,6 +40,7 @@ impl PairSplit {
     /// Reads `{dir}/{name}.bin` and `{dir}/{name}.idx` (name: `prefs_train` or `prefs_val`),
     /// checking that they agree and that every id is below `vocab_size`.
     pub fn open(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
+        super::dataset::expect_kind(dir, super::dataset::DatasetKind::Prefs)?;
         let sidecar = read_sidecar(dir, name, vocab_size, &PAIR_SIDECAR)?;
         let starts = sidecar.fields;
         if let Some(s) =

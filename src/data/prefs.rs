@@ -20,11 +20,13 @@
 //! sequences render to the same tokens carries no preference and is dropped and counted
 //! (`identical`). Split: as `prepare sft` (a seeded shuffle picks `round(n * val_fraction)`
 //! pairs, at least one when the fraction is positive and there are two or more); both splits keep
-//! file order. Files are written to a temp name and renamed.
+//! file order. The dataset (shards, sidecars, tokenizer, `dataset.json`) is written aside and
+//! switched in at the end as a whole (`dataset.rs`).
 
 use std::path::{Path, PathBuf};
 
 use super::chat::{json_line, parse_messages, read_jsonl, render, Message, Role};
+use super::dataset::{DatasetKind, Staging};
 use super::error::{DataError, Result};
 use super::prepared::{
     check_options, split_train_val, write_sidecar, SidecarFormat, SidecarSeq, IDX_HEADER,
@@ -255,13 +257,14 @@ pub fn prepare_prefs(
         )));
     }
     let (train, val) = split_train_val(kept, opts.val_fraction, opts.seed);
-    std::fs::create_dir_all(&opts.out).map_err(|e| DataError::io(&opts.out, "create", e))?;
+    let staging = Staging::begin(&opts.out, DatasetKind::Prefs)?;
     s.train_pairs = train.len();
     s.val_pairs = val.len();
-    s.train_tokens = write_pairs(&opts.out, "prefs_train", &train, tok.vocab_size())?;
+    s.train_tokens = write_pairs(staging.dir(), "prefs_train", &train, tok.vocab_size())?;
     if !val.is_empty() {
-        s.val_tokens = write_pairs(&opts.out, "prefs_val", &val, tok.vocab_size())?;
+        s.val_tokens = write_pairs(staging.dir(), "prefs_val", &val, tok.vocab_size())?;
     }
+    staging.commit(DatasetKind::Prefs, tok)?;
     Ok(s)
 }
 

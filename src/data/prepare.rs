@@ -10,12 +10,17 @@
 //! go to validation; when there are fewer than `k` but at least 2 documents, the last one does, so
 //! the validation split is never empty then. `val_fraction = 0` disables it.
 //!
+//! Explicit validation inputs (`PrepareOptions::val_inputs`): their documents, and only they, go
+//! to validation; `val_fraction` is not used then.
+//!
+//! A leading UTF-8 byte order mark of a file is not part of the text (nor of a JSONL first line).
+//!
 //! Output: `{out}/train_000000.bin, ...` and `{out}/val_000000.bin, ...`, each at most
-//! `shard_tokens` tokens (documents may span shards). Everything is written into a staging
-//! directory inside `{out}` and moved into place only when every input has been read, so an error
-//! leaves no new or changed shard behind. Shards of an earlier preparation in `{out}` are
-//! replaced, not mixed with the new ones. Tokenization runs in parallel over documents; the output
-//! does not depend on the number of threads.
+//! `shard_tokens` tokens (documents may span shards), the tokenizer and `dataset.json`. The whole
+//! dataset is written into a staging directory beside `{out}` and switched in at the end in one
+//! step (`dataset.rs`), so `{out}` always holds one complete dataset, old or new, and an error
+//! leaves the old one untouched. Tokenization runs in parallel over documents; the output does
+//! not depend on the number of threads.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -24,6 +29,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::chat::json_line;
+use super::dataset::{strip_bom, DatasetKind, Staging};
 use super::error::{DataError, Result};
 use super::shard::ShardWriter;
 use super::tokenizer::Tokenizer;
@@ -41,6 +47,9 @@ pub struct PrepareOptions {
     pub val_fraction: f64,
     /// Maximum tokens per shard file (default 100M).
     pub shard_tokens: usize,
+    /// When set, the validation split is exactly the documents of these inputs (files or
+    /// directories, read after the training inputs) and `val_fraction` is not used.
+    pub val_inputs: Option<Vec<PathBuf>>,
 }
 
 impl PrepareOptions {
@@ -49,6 +58,7 @@ impl PrepareOptions {
             out_dir: out_dir.into(),
             val_fraction: 0.05,
             shard_tokens: 100_000_000,
+            val_inputs: None,
         }
     }
 
@@ -188,27 +198,32 @@ fn for_each_nonblank_line(
             return Ok(());
         }
         line_no += 1;
+        if line_no == 1 && buf.starts_with(b"\xEF\xBB\xBF") {
+            buf.drain(..3);
+        }
         if !buf.iter().all(|b| b.is_ascii_whitespace()) {
             each(&buf, line_no, got as u64)?;
         }
     }
 }
 
-/// Calls `each(text, source_bytes)` for every document of `files`, in order: a whole file, or
-/// each non-blank line of a JSONL file.
+/// Calls `each(file_index, text, source_bytes)` for every document of `files`, in order: a
+/// whole file, or each non-blank line of a JSONL file.
 fn for_each_document(
     files: &[PathBuf],
-    mut each: impl FnMut(String, u64) -> Result<()>,
+    mut each: impl FnMut(usize, String, u64) -> Result<()>,
 ) -> Result<()> {
-    for f in files {
+    for (fi, f) in files.iter().enumerate() {
         if !is_jsonl(f) {
             let bytes = fs::read(f).map_err(|e| DataError::io(f, "read", e))?;
             let n = bytes.len() as u64;
-            let text = String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
-                path: f.clone(),
-                offset: e.utf8_error().valid_up_to(),
-            })?;
-            each(text, n)?;
+            let text = std::str::from_utf8(strip_bom(&bytes))
+                .map_err(|e| DataError::Utf8 {
+                    path: f.clone(),
+                    offset: e.valid_up_to() + (bytes.len() - strip_bom(&bytes).len()),
+                })?
+                .to_owned();
+            each(fi, text, n)?;
             continue;
         }
         for_each_nonblank_line(f, |buf, line_no, got| {
@@ -217,7 +232,7 @@ fn for_each_document(
                 line: line_no,
                 msg: format!("not valid UTF-8 at byte {} of the line", e.valid_up_to()),
             })?;
-            each(parse_jsonl_line(f, line_no, line)?, got)
+            each(fi, parse_jsonl_line(f, line_no, line)?, got)
         })?;
     }
     Ok(())
@@ -228,7 +243,7 @@ fn for_each_document(
 pub fn read_documents(inputs: &[impl AsRef<Path>]) -> Result<Vec<String>> {
     let files = collect_inputs(inputs)?;
     let mut docs = Vec::new();
-    for_each_document(&files, |text, _| {
+    for_each_document(&files, |_, text, _| {
         docs.push(text);
         Ok(())
     })?;
@@ -262,17 +277,6 @@ fn kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
-    }
-}
-
-/// Removes the staging directory unless disarmed.
-struct Staging {
-    dir: PathBuf,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -363,47 +367,6 @@ fn val_rule(val_fraction: f64, docs_total: usize) -> impl Fn(usize) -> bool {
     }
 }
 
-/// Removes the shards of an earlier preparation from `out`, then moves the finished shards of
-/// `train` and `val` there from `staging`.
-fn install_shards(
-    out: &Path,
-    staging: &Path,
-    train: &SplitWriter,
-    val: &SplitWriter,
-) -> Result<PrepareSummary> {
-    let mut summary = PrepareSummary {
-        docs_train: train.docs,
-        docs_val: val.docs,
-        tokens_train: train.tokens,
-        tokens_val: val.tokens,
-        ..Default::default()
-    };
-    // Shards of an earlier, larger preparation would otherwise be read alongside the new ones.
-    for entry in fs::read_dir(out).map_err(|e| DataError::io(out, "list", e))? {
-        let path = entry.map_err(|e| DataError::io(out, "list", e))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let stale =
-            (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin");
-        if stale && path.is_file() {
-            fs::remove_file(&path).map_err(|e| DataError::io(&path, "remove stale shard", e))?;
-        }
-    }
-    for (names, dst) in [
-        (&train.done, &mut summary.train_files),
-        (&val.done, &mut summary.val_files),
-    ] {
-        for name in names {
-            let to = out.join(name);
-            fs::rename(staging.join(name), &to).map_err(|e| DataError::io(&to, "rename", e))?;
-            dst.push(to);
-        }
-    }
-    Ok(summary)
-}
-
 /// Tokenizes `inputs` into train/val shards under `opts.out_dir` (see the module doc).
 pub fn prepare(
     inputs: &[impl AsRef<Path>],
@@ -412,38 +375,48 @@ pub fn prepare(
     progress: &dyn Fn(ProgressEvent),
 ) -> Result<PrepareSummary> {
     opts.check()?;
-    let files = collect_inputs(inputs)?;
+    let mut files = collect_inputs(inputs)?;
+    // Files from this index on are the explicit validation inputs.
+    let first_val_file = files.len();
+    if let Some(v) = &opts.val_inputs {
+        files.extend(collect_inputs(v)?);
+    }
     let (docs_total, bytes_total) = survey(&files)?;
     progress(ProgressEvent::Start {
         files: files.len(),
         docs: docs_total,
         bytes: bytes_total,
     });
-    let is_val = val_rule(opts.val_fraction, docs_total);
-
-    let out = &opts.out_dir;
-    fs::create_dir_all(out).map_err(|e| DataError::io(out, "create directory", e))?;
-    let staging = Staging {
-        dir: out.join(format!(".prepare-{}.tmp", std::process::id())),
+    let rule = val_rule(opts.val_fraction, docs_total);
+    let explicit = opts.val_inputs.is_some();
+    let is_val = |doc: usize, file: usize| {
+        if explicit {
+            file >= first_val_file
+        } else {
+            rule(doc)
+        }
     };
-    fs::create_dir_all(&staging.dir)
-        .map_err(|e| DataError::io(&staging.dir, "create directory", e))?;
+
+    let staging = Staging::begin(&opts.out_dir, DatasetKind::Text)?;
     let eot = tokenizer.eot();
-    let mk = |prefix| SplitWriter::new(prefix, &staging.dir, tokenizer.vocab_size(), opts);
+    let mk = |prefix| SplitWriter::new(prefix, staging.dir(), tokenizer.vocab_size(), opts);
     let (mut train, mut val) = (mk("train"), mk("val"));
 
-    let mut group: Vec<(String, u64)> = Vec::new();
+    let mut group: Vec<(String, u64, usize)> = Vec::new();
     let mut group_bytes = 0usize;
     let mut docs_done = 0usize;
     let mut bytes_done = 0u64;
-    let mut flush = |group: &mut Vec<(String, u64)>,
+    let mut flush = |group: &mut Vec<(String, u64, usize)>,
                      train: &mut SplitWriter,
                      val: &mut SplitWriter|
      -> Result<()> {
-        let encoded: Vec<Vec<u32>> = group.par_iter().map(|(d, _)| tokenizer.encode(d)).collect();
-        for (mut ids, (_, src_bytes)) in encoded.into_iter().zip(group.drain(..)) {
+        let encoded: Vec<Vec<u32>> = group
+            .par_iter()
+            .map(|(d, _, _)| tokenizer.encode(d))
+            .collect();
+        for (mut ids, (_, src_bytes, file)) in encoded.into_iter().zip(group.drain(..)) {
             ids.push(eot);
-            let split = if is_val(docs_done) {
+            let split = if is_val(docs_done, file) {
                 &mut *val
             } else {
                 &mut *train
@@ -463,9 +436,9 @@ pub fn prepare(
         Ok(())
     };
 
-    for_each_document(&files, |text, src_bytes| {
+    for_each_document(&files, |file, text, src_bytes| {
         group_bytes += text.len();
-        group.push((text, src_bytes));
+        group.push((text, src_bytes, file));
         if group_bytes >= GROUP_BYTES {
             flush(&mut group, &mut train, &mut val)?;
             group_bytes = 0;
@@ -478,8 +451,18 @@ pub fn prepare(
     train.close(progress)?;
     val.close(progress)?;
 
-    // Every input has been read: move the shards into place.
-    let summary = install_shards(out, &staging.dir, &train, &val)?;
-    drop(staging);
+    // Every input has been read: switch the whole dataset in.
+    let path_of = |names: &[String]| -> Vec<PathBuf> {
+        names.iter().map(|n| staging.final_path(n)).collect()
+    };
+    let summary = PrepareSummary {
+        docs_train: train.docs,
+        docs_val: val.docs,
+        tokens_train: train.tokens,
+        tokens_val: val.tokens,
+        train_files: path_of(&train.done),
+        val_files: path_of(&val.done),
+    };
+    staging.commit(DatasetKind::Text, tokenizer)?;
     Ok(summary)
 }

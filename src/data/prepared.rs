@@ -149,7 +149,10 @@ pub(crate) fn read_sidecar(
     shard.validate_vocab(vocab_size)?;
     let path = dir.join(format!("{name}.idx"));
     let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, "read", e))?;
-    let bad = |msg: String| DataError::InvalidArgument(format!("{}: {msg}", path.display()));
+    let bad = |msg: String| DataError::Sidecar {
+        path: path.clone(),
+        msg,
+    };
     if bytes.len() < IDX_HEADER {
         return Err(bad(format!(
             "{} bytes, shorter than the {IDX_HEADER}-byte header",
@@ -168,24 +171,29 @@ pub(crate) fn read_sidecar(
             fmt.hint
         )));
     }
-    let (n, len) = (u64_at(8) as usize, u64_at(16) as usize);
-    if len != shard.len() {
+    let (n, len) = (u64_at(8), u64_at(16));
+    if len != shard.len() as u64 {
         return Err(bad(format!(
             "counts {len} tokens but its shard holds {}",
             shard.len()
         )));
     }
-    let seqs = fmt.seqs_per_item * n;
-    let fields_at = IDX_HEADER + 8 * (seqs + 1);
-    let mask_at = fields_at + 8 * fmt.fields_per_seq * seqs;
-    let want = mask_at + len;
-    if bytes.len() != want {
+    // Sizes from the file are checked in u128 (no product of two u64 overflows it), so a huge
+    // count is a size error, never a wrapped size or a huge allocation.
+    let seqs = fmt.seqs_per_item as u128 * n as u128;
+    let fields_at = IDX_HEADER as u128 + 8 * (seqs + 1);
+    let mask_at = fields_at + 8 * fmt.fields_per_seq as u128 * seqs;
+    let want = mask_at + len as u128;
+    if bytes.len() as u128 != want {
         return Err(bad(format!(
             "{} bytes, expected {want} for {n} {} and {len} tokens",
             bytes.len(),
             fmt.items
         )));
     }
+    // The file's size bounds every count from here on, so they fit usize.
+    let (n, len, seqs) = (n as usize, len as usize, seqs as usize);
+    let (fields_at, mask_at) = (fields_at as usize, mask_at as usize);
     if n < fmt.min_items {
         return Err(bad(format!(
             "{n} {}, expected at least {}",

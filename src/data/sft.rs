@@ -8,11 +8,13 @@
 //! trained-on token survives the cut; otherwise (the prompt alone fills the context) it is
 //! dropped and counted as dropped. Split: a seeded shuffle picks `round(n * val_fraction)`
 //! examples for validation (at least one when the fraction is positive and there are two or more
-//! examples); both splits keep file order. Every file is written to a temp file and renamed.
+//! examples); both splits keep file order. The dataset (shards, sidecars, tokenizer,
+//! `dataset.json`) is written aside and switched in at the end as a whole (`dataset.rs`).
 
 use std::path::{Path, PathBuf};
 
 use super::chat::{read_conversations, render, Rendered};
+use super::dataset::{expect_kind, DatasetKind, Staging};
 use super::error::{DataError, Result};
 use super::prepared::{
     check_options, read_sidecar, split_train_val, write_sidecar, SidecarFormat, SidecarSeq,
@@ -108,17 +110,18 @@ pub fn prepare_sft(
         )));
     }
     let (train, val) = split_train_val(examples, opts.val_fraction, opts.seed);
-    std::fs::create_dir_all(&opts.out).map_err(|e| DataError::io(&opts.out, "create", e))?;
+    let staging = Staging::begin(&opts.out, DatasetKind::Sft)?;
     s.train_examples = train.len();
     s.val_examples = val.len();
-    s.train_tokens = write_split(&opts.out, "sft_train", &train, tok.vocab_size())?;
+    s.train_tokens = write_split(staging.dir(), "sft_train", &train, tok.vocab_size())?;
     s.train_loss_tokens = train
         .iter()
         .map(|r| r.loss_mask[1..].iter().filter(|&&m| m).count())
         .sum();
     if !val.is_empty() {
-        s.val_tokens = write_split(&opts.out, "sft_val", &val, tok.vocab_size())?;
+        s.val_tokens = write_split(staging.dir(), "sft_val", &val, tok.vocab_size())?;
     }
+    staging.commit(DatasetKind::Sft, tok)?;
     Ok(s)
 }
 
@@ -155,6 +158,7 @@ impl SftSplit {
     /// Reads `{dir}/{name}.bin` and `{dir}/{name}.idx` (name: `sft_train` or `sft_val`),
     /// checking that they agree and that every id is below `vocab_size`.
     pub fn open(dir: &Path, name: &str, vocab_size: usize) -> Result<Self> {
+        expect_kind(dir, DatasetKind::Sft)?;
         let sidecar = read_sidecar(dir, name, vocab_size, &SFT_SIDECAR)?;
         Ok(Self {
             tokens: sidecar.tokens,

@@ -190,6 +190,15 @@ impl Shard {
     /// Maps `path` and checks magic, version, and that the size is header + count * width.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        // Checked before opening: a directory would fail later as "mmap: No such device", and
+        // opening a FIFO would block.
+        let meta = std::fs::metadata(&path).map_err(|e| DataError::io(&path, "open", e))?;
+        if !meta.is_file() {
+            return Err(DataError::NotAFile {
+                path,
+                expected: "a token shard file",
+            });
+        }
         let file = File::open(&path).map_err(|e| DataError::io(&path, "open", e))?;
         let size = file
             .metadata()

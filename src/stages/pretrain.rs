@@ -10,14 +10,17 @@
 //! Command: `topcoat pretrain --data DIR --out runs/NAME` (no `--data`: the embedded corpus).
 
 use crate::backend::Backend;
-use crate::data::{DataError, Loader, LoaderPosition};
+use crate::data::dataset::expect_kind;
+use crate::data::{DataError, DatasetKind, Loader, LoaderPosition};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Objective, Result, TrainError};
 use std::path::{Path, PathBuf};
 
-/// The shard files of one split (`train` or `val`) in a prepared data directory, sorted.
+/// The shard files of one split (`train` or `val`) in a prepared data directory, sorted; an SFT
+/// or preference dataset is refused by name.
 pub fn split_files(dir: &Path, split: &str) -> std::result::Result<Vec<PathBuf>, DataError> {
+    expect_kind(dir, DatasetKind::Text)?;
     let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
         path: dir.to_path_buf(),
         op: "list",

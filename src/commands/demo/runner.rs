@@ -420,7 +420,13 @@ fn prepare_pretrain(
     if dir.join("tokenizer.json").exists() && dir.join("val_000000.bin").exists() {
         return Ok(dir.to_path_buf());
     }
-    let split = dir.join("split");
+    // Older versions kept the split inputs inside the dataset directory.
+    let _ = std::fs::remove_dir_all(dir.join("split"));
+    // The split inputs live beside the dataset, which is made in one prepare call.
+    let name = dir
+        .file_name()
+        .map_or("pretrain".into(), |n| n.to_string_lossy());
+    let split = dir.with_file_name(format!("{name}.split"));
     std::fs::create_dir_all(&split).map_err(io_err(&split))?;
     let (train_in, val_in) = (split.join("train.jsonl"), split.join("val.jsonl"));
     let (ntr, nva) = data::split_corpus(&src.file("corpus.jsonl"), &train_in, &val_in)?;
@@ -429,24 +435,16 @@ fn prepare_pretrain(
         "corpus: {ntr} training documents, {nva} validation documents; training a {vocab}-token BPE"
     ));
     let tok = dataset::Tokenizer::train_bpe(docs.iter().map(String::as_str), vocab, |_, _| {})?;
-    let no_val = |out: &Path| PrepareOptions {
-        val_fraction: 0.0,
-        ..PrepareOptions::new(out)
+    let opts = PrepareOptions {
+        val_inputs: Some(vec![val_in.clone()]),
+        ..PrepareOptions::new(dir)
     };
-    let tr = dataset::prepare(&[&train_in], &tok, &no_val(dir), &|_| {})?;
-    let val_dir = split.join("val");
-    let va = dataset::prepare(&[&val_in], &tok, &no_val(&val_dir), &|_| {})?;
-    // `train_files` are full paths: the val input was prepared as a train split of its own.
-    for (i, from) in va.train_files.iter().enumerate() {
-        let to = dir.join(format!("val_{i:06}.bin"));
-        std::fs::rename(from, &to).map_err(io_err(from))?;
-    }
-    tok.save(dir.join("tokenizer.json"))?;
+    let s = dataset::prepare(&[&train_in], &tok, &opts, &|_| {})?;
     progress(&format!(
         "prepared {}: {} train tokens, {} val tokens",
         dir.display(),
-        tr.tokens_train,
-        va.tokens_train
+        s.tokens_train,
+        s.tokens_val
     ));
     Ok(dir.to_path_buf())
 }

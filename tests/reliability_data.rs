@@ -1,0 +1,758 @@
+//! Datasets survive misuse and faults: `prepare` replaces a dataset as a whole or not at all,
+//! readers refuse the wrong kind of dataset by name, and no data parser panics on any bytes
+//! (property tests on random and mutated files).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use proptest::prelude::*;
+use topcoat::data::chat::parse_line;
+use topcoat::data::prefs::parse_pref_line;
+use topcoat::data::{prepare, write_shard, Manifest, PairSplit, SftSplit, Shard, Tokenizer};
+
+fn topcoat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_topcoat"))
+        .args(args)
+        .output()
+        .expect("running topcoat")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = topcoat(args);
+    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = topcoat(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
+    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
+    t
+}
+
+/// Every file under `dir` (relative path -> bytes), directories included as empty entries.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                out.insert(rel.join(""), Vec::new());
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Names in `dir` that start with `prefix`.
+fn entries_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+const CHAT: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A cat is small."}]}"#;
+const PAIR: &str = r#"{"prompt": "hi", "chosen": "A cat is small.", "rejected": "A dog."}"#;
+
+/// In `dir`: `docs/` (20 text files), `data` (a text dataset with a 280-token BPE),
+/// `chats.jsonl` and `pairs.jsonl` (10 lines each).
+fn setup(dir: &Path) {
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for i in 0..20 {
+        let body = format!("Entry {i}. A cat is a small animal. A dog is a loyal animal. ");
+        std::fs::write(docs.join(format!("{i:02}.txt")), body.repeat(10)).unwrap();
+    }
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    ok(&[
+        "prepare",
+        &p("docs"),
+        "--out",
+        &p("data"),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "280",
+    ]);
+    std::fs::write(dir.join("chats.jsonl"), format!("{CHAT}\n").repeat(10)).unwrap();
+    std::fs::write(dir.join("pairs.jsonl"), format!("{PAIR}\n").repeat(10)).unwrap();
+}
+
+fn prepare_chat(dir: &Path, kind: &str, input: &str, out: &str, extra: &[&str]) -> Output {
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    let (input, out, tok) = (p(input), p(out), p("data"));
+    let mut args = vec!["prepare", kind, &input, "--out", &out, "--tokenizer", &tok];
+    args.extend(extra);
+    topcoat(&args)
+}
+
+#[test]
+fn reprepare_without_validation_leaves_no_val_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    for (kind, input, val) in [
+        ("sft", "chats.jsonl", "sft_val"),
+        ("prefs", "pairs.jsonl", "prefs_val"),
+    ] {
+        let o = prepare_chat(d, kind, input, kind, &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(d.join(kind).join(format!("{val}.idx")).is_file());
+        let o = prepare_chat(d, kind, input, kind, &["--val-fraction", "0"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let left = entries_starting(&d.join(kind), val);
+        assert!(left.is_empty(), "{kind}: stale validation files {left:?}");
+        let m = Manifest::read(&d.join(kind)).unwrap().unwrap();
+        assert!(m.files.iter().all(|f| !f.name.starts_with(val)), "{m:?}");
+    }
+    // Text: the val shards of the first prepare are gone too.
+    assert!(d.join("data/val_000000.bin").is_file());
+    let (docs, data) = (d.join("docs"), d.join("data"));
+    ok(&[
+        "prepare",
+        docs.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--tokenizer",
+        data.to_str().unwrap(),
+        "--val-fraction",
+        "0",
+    ]);
+    assert!(entries_starting(&data, "val_").is_empty());
+    assert_eq!(entries_starting(d, ".data.prepare-"), Vec::<String>::new());
+}
+
+#[test]
+fn failed_prepare_leaves_the_old_dataset_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let o = prepare_chat(d, "sft", "chats.jsonl", "sft", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let before = snapshot(&d.join("sft"));
+    let mut bad = format!("{CHAT}\n").repeat(12);
+    bad.push_str("{\"messages\": [\n");
+    std::fs::write(d.join("bad.jsonl"), bad).unwrap();
+    let o = prepare_chat(d, "sft", "bad.jsonl", "sft", &[]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("bad.jsonl: line 13: invalid JSON"),
+        "{t}"
+    );
+    assert_eq!(snapshot(&d.join("sft")), before);
+    assert!(entries_starting(d, ".sft.prepare-").is_empty());
+
+    // Text JSONL: a bad last line leaves the old shards and tokenizer alone.
+    let before = snapshot(&d.join("data"));
+    std::fs::write(
+        d.join("docs.jsonl"),
+        "{\"text\": \"a cat\"}\n{\"text\": \"a dog\"}\n{\"text\": 3}\n",
+    )
+    .unwrap();
+    let (input, data) = (d.join("docs.jsonl"), d.join("data"));
+    let t = fails(&[
+        "prepare",
+        input.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "270",
+    ]);
+    assert!(
+        t.contains("docs.jsonl: line 3: field \"text\" is a number"),
+        "{t}"
+    );
+    assert_eq!(snapshot(&data), before);
+    assert!(entries_starting(d, ".data.prepare-").is_empty());
+}
+
+#[test]
+fn stale_staging_is_cleaned_and_foreign_directories_are_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    // A killed prepare's staging directory (no process has this pid: pid_max <= 2^22).
+    let stale = d.join(".sft.prepare-999999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("sft_train.bin"), b"half").unwrap();
+    let o = prepare_chat(d, "sft", "chats.jsonl", "sft", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!stale.exists(), "stale staging directory left behind");
+    assert!(entries_starting(d, ".sft.prepare-").is_empty());
+
+    // A directory holding a file of the user's is never replaced.
+    let mine = d.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"keep me").unwrap();
+    std::fs::write(mine.join("train_000000.bin"), b"x").unwrap();
+    let before = snapshot(&mine);
+    let o = prepare_chat(d, "sft", "chats.jsonl", "mine", &[]);
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains(
+                "not replaced: it holds \"notes.txt\", which is not part of a topcoat dataset"
+            ),
+        "{t}"
+    );
+    assert_eq!(snapshot(&mine), before);
+    assert!(entries_starting(d, ".mine.prepare-").is_empty());
+
+    // Nor is a dataset of another kind (here the text dataset the tokenizer comes from).
+    let before = snapshot(&d.join("data"));
+    let o = prepare_chat(d, "sft", "chats.jsonl", "data", &[]);
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains("not replaced: it holds a text dataset (train_*.bin token shards), and this prepares an SFT dataset"),
+        "{t}"
+    );
+    assert_eq!(snapshot(&d.join("data")), before);
+}
+
+/// Pretrains 2 steps on `dir/data` into `dir/run`.
+fn tiny_run(dir: &Path) {
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    ok(&[
+        "pretrain",
+        "--data",
+        &p("data"),
+        "--out",
+        &p("run"),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--warmup-steps",
+        "1",
+    ]);
+}
+
+fn train_args<'a>(cmd: &'a str, init: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut a = vec![cmd, "--data", data, "--out", out, "--device", "cpu"];
+    a.extend(["--max-steps", "1", "--batch-size", "2", "--seq-len", "16"]);
+    if cmd != "pretrain" {
+        a.extend(["--init", init]);
+    }
+    a
+}
+
+#[test]
+fn readers_name_the_kind_of_dataset_they_were_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    tiny_run(d);
+    for (kind, input) in [("sft", "chats.jsonl"), ("prefs", "pairs.jsonl")] {
+        let o = prepare_chat(d, kind, input, kind, &[]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let cases = [
+        (
+            "sft",
+            "prefs",
+            "a preference-pair dataset",
+            "topcoat prepare sft",
+        ),
+        ("dpo", "sft", "an SFT dataset", "topcoat prepare prefs"),
+        (
+            "pretrain",
+            "sft",
+            "an SFT dataset",
+            "topcoat prepare TEXT_FILES",
+        ),
+        (
+            "pretrain",
+            "prefs",
+            "a preference-pair dataset",
+            "topcoat prepare TEXT_FILES",
+        ),
+        ("sft", "data", "a text dataset", "topcoat prepare sft"),
+    ];
+    for legacy in [false, true] {
+        if legacy {
+            // Directories prepared before dataset.json: the kind is read from the file names.
+            for k in ["sft", "prefs", "data"] {
+                std::fs::remove_file(d.join(k).join("dataset.json")).unwrap();
+            }
+        }
+        for (cmd, data, holds, fix) in cases {
+            let before = snapshot(&d.join(data));
+            let (init, data_p, out) = (p("run"), p(data), p(&format!("out_{cmd}_{data}")));
+            let t = fails(&train_args(cmd, &init, &data_p, &out));
+            assert!(
+                t.contains(&format!("{}: holds {holds}", data_p)) && t.contains(fix),
+                "{cmd} --data {data} (legacy {legacy}): {t}"
+            );
+            assert_eq!(snapshot(&d.join(data)), before);
+        }
+    }
+    // A directory without dataset.json still trains.
+    let (init, data_p, out) = (p("run"), p("sft"), p("sft_run"));
+    ok(&train_args("sft", &init, &data_p, &out));
+}
+
+#[test]
+fn hand_made_files_get_named_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    tiny_run(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let o = prepare_chat(d, "sft", "chats.jsonl", "sft", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A `.idx` whose example count would overflow the size check.
+    let idx = d.join("sft/sft_train.idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    bytes[8..16].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+    std::fs::write(&idx, &bytes).unwrap();
+    let before = snapshot(&d.join("sft"));
+    let (init, data_p, out) = (p("run"), p("sft"), p("sft_run"));
+    let t = fails(&train_args("sft", &init, &data_p, &out));
+    assert!(
+        t.contains("sft_train.idx") && t.contains("expected") && !t.contains("capacity overflow"),
+        "{t}"
+    );
+    assert_eq!(snapshot(&d.join("sft")), before);
+
+    // A directory named like a shard.
+    let dir_shard = d.join("data/train_000001.bin");
+    std::fs::create_dir(&dir_shard).unwrap();
+    let before = snapshot(&d.join("data"));
+    let (data_p, out) = (p("data"), p("run2"));
+    let t = fails(&train_args("pretrain", "", &data_p, &out));
+    assert!(
+        t.contains(&format!(
+            "{}: is a directory, expected a token shard file",
+            dir_shard.display()
+        )),
+        "{t}"
+    );
+    assert_eq!(snapshot(&d.join("data")), before);
+}
+
+#[test]
+fn no_window_error_lists_a_few_shards_and_the_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let (docs, small, tok) = (p("docs"), p("small"), p("data"));
+    ok(&[
+        "prepare",
+        &docs,
+        "--out",
+        &small,
+        "--tokenizer",
+        &tok,
+        "--shard-tokens",
+        "8",
+    ]);
+    let shards = entries_starting(&d.join("small"), "train_").len();
+    assert!(shards > 20, "{shards} shards");
+    let out = p("run");
+    let t = fails(&train_args("pretrain", "", &small, &out));
+    assert!(
+        t.contains(&format!("in any of the {shards} shards"))
+            && t.contains(&format!("and {} more", shards - 3))
+            && !t.contains("train_000010.bin"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_not_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    let body = "A cat is a small animal. ".repeat(20);
+    let jsonl = format!("{{\"text\": \"{body}\"}}\n");
+    for (name, content) in [
+        ("plain.txt", body.as_str()),
+        ("plain.jsonl", jsonl.as_str()),
+    ] {
+        let bom = format!("bom_{name}");
+        std::fs::write(d.join(name), content).unwrap();
+        std::fs::write(d.join(&bom), format!("\u{feff}{content}")).unwrap();
+        let tok = p("data");
+        for (input, out) in [(name, "a"), (bom.as_str(), "b")] {
+            let (i, o) = (p(input), p(out));
+            let args = ["prepare", &i, "--out", &o, "--tokenizer", &tok];
+            ok(&[&args[..], &["--val-fraction", "0"]].concat());
+        }
+        assert_eq!(
+            std::fs::read(d.join("a/train_000000.bin")).unwrap(),
+            std::fs::read(d.join("b/train_000000.bin")).unwrap(),
+            "{name}: the BOM changed the tokens"
+        );
+    }
+    // sft and prefs JSONL with a BOM prepare like without.
+    for (kind, line) in [("sft", CHAT), ("prefs", PAIR)] {
+        let input = format!("bom_{kind}.jsonl");
+        std::fs::write(d.join(&input), format!("\u{feff}{line}\n{line}\n")).unwrap();
+        let o = prepare_chat(d, kind, &input, kind, &[]);
+        assert!(o.status.success(), "{kind}: {}", text(&o));
+    }
+}
+
+#[test]
+fn a_bpe_smaller_than_asked_is_announced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("tiny.txt"), "ab ab ab").unwrap();
+    let (i, o) = (d.join("tiny.txt"), d.join("out"));
+    let t = ok(&[
+        "prepare",
+        i.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "400",
+    ]);
+    let reached = Tokenizer::load(d.join("out/tokenizer.json"))
+        .unwrap()
+        .vocab_size();
+    assert!(reached < 400);
+    assert!(
+        t.contains(&format!(
+            "the BPE reached {reached} tokens, not the 400 asked"
+        )) && t.contains("too little text"),
+        "{t}"
+    );
+}
+
+// ---- property tests: no parser panics on random or mutated bytes ----
+
+/// A mutation of `base`: a few bytes overwritten, then cut or extended.
+fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    let n = base.len().max(1);
+    (
+        prop::collection::vec((0..n, any::<u8>()), 0..8),
+        0..n + 16,
+        prop::collection::vec(any::<u8>(), 0..16),
+    )
+        .prop_map(move |(flips, cut, tail)| {
+            let mut b = base.clone();
+            for (i, v) in flips {
+                if i < b.len() {
+                    b[i] = v;
+                }
+            }
+            b.truncate(cut);
+            b.extend(tail);
+            b
+        })
+}
+
+/// A valid shard of a few tokens (u16 or u32), as bytes.
+fn valid_shard(wide: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.bin");
+    let vocab = if wide { 70_000 } else { 300 };
+    write_shard(&path, &[1, 2, 3, 4, 5, 6], vocab).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// A valid prepared directory of `kind` (`sft` or `prefs`), its files as (name, bytes); made
+/// once per kind.
+fn valid_prepared(kind: &str) -> Vec<(String, Vec<u8>)> {
+    static SFT: std::sync::OnceLock<Vec<(String, Vec<u8>)>> = std::sync::OnceLock::new();
+    static PREFS: std::sync::OnceLock<Vec<(String, Vec<u8>)>> = std::sync::OnceLock::new();
+    let cell = if kind == "sft" { &SFT } else { &PREFS };
+    cell.get_or_init(|| make_prepared(kind)).clone()
+}
+
+fn make_prepared(kind: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let tok =
+        Tokenizer::train_bpe(["hello there, a cat is small"].into_iter(), 270, |_, _| {}).unwrap();
+    let input = dir.path().join("in.jsonl");
+    let out = dir.path().join("out");
+    if kind == "sft" {
+        std::fs::write(&input, format!("{CHAT}\n{CHAT}\n")).unwrap();
+        topcoat::data::prepare_sft(
+            &input,
+            &tok,
+            &topcoat::data::SftPrepareOptions {
+                val_fraction: 0.0,
+                ..topcoat::data::SftPrepareOptions::new(&out)
+            },
+        )
+        .unwrap();
+    } else {
+        std::fs::write(&input, format!("{PAIR}\n{PAIR}\n")).unwrap();
+        topcoat::data::prepare_prefs(
+            &input,
+            &tok,
+            &topcoat::data::PrefsPrepareOptions {
+                val_fraction: 0.0,
+                ..topcoat::data::PrefsPrepareOptions::new(&out)
+            },
+        )
+        .unwrap();
+    }
+    std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            (n, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+fn with_file<T>(name: &str, bytes: &[u8], f: impl FnOnce(&Path) -> T) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    f(&path)
+}
+
+/// Opens the sidecar split of `kind` after replacing its `.idx` (or `.bin`) with `bytes`;
+/// returns the error text, or "" when it opened.
+fn open_split(kind: &str, files: &[(String, Vec<u8>)], which: &str, bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, b) in files {
+        std::fs::write(dir.path().join(n), b).unwrap();
+    }
+    let name = format!("{kind}_train");
+    std::fs::write(dir.path().join(format!("{name}.{which}")), bytes).unwrap();
+    let r = if kind == "sft" {
+        SftSplit::open(dir.path(), &name, 270).map(|_| ())
+    } else {
+        PairSplit::open(dir.path(), &name, 270).map(|_| ())
+    };
+    r.err().map(|e| e.to_string()).unwrap_or_default()
+}
+
+fn file_of(files: &[(String, Vec<u8>)], name: &str) -> Vec<u8> {
+    files.iter().find(|(n, _)| n == name).unwrap().1.clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shard_headers_never_panic(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..2100),
+            mutated(valid_shard(false)),
+            mutated(valid_shard(true)),
+        ]
+    ) {
+        with_file("s.bin", &bytes, |p| match Shard::open(p) {
+            Ok(s) => {
+                let _ = s.validate_vocab(300);
+                prop_assert_eq!(bytes.len(), 1024 + s.len() * s.width());
+                Ok(())
+            }
+            Err(e) => {
+                prop_assert!(e.to_string().contains("s.bin"), "{}", e);
+                Ok(())
+            }
+        })?;
+    }
+
+    #[test]
+    fn sidecars_never_panic(
+        sft_idx in mutated(file_of(&valid_prepared("sft"), "sft_train.idx")),
+        prefs_idx in mutated(file_of(&valid_prepared("prefs"), "prefs_train.idx")),
+        prefs_bin in mutated(file_of(&valid_prepared("prefs"), "prefs_train.bin")),
+        random in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let sft = valid_prepared("sft");
+        let prefs = valid_prepared("prefs");
+        for (kind, files, which, bytes) in [
+            ("sft", &sft, "idx", &sft_idx),
+            ("sft", &sft, "idx", &random),
+            ("prefs", &prefs, "idx", &prefs_idx),
+            ("prefs", &prefs, "idx", &random),
+            ("prefs", &prefs, "bin", &prefs_bin),
+        ] {
+            let e = open_split(kind, files, which, bytes);
+            prop_assert!(e.is_empty() || e.contains(&format!("{kind}_train")), "{}", e);
+        }
+    }
+
+    #[test]
+    fn jsonl_lines_never_panic(
+        line in prop_oneof![
+            ".*",
+            mutated(CHAT.as_bytes().to_vec()).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            mutated(PAIR.as_bytes().to_vec()).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ],
+        raw in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let p = Path::new("x.jsonl");
+        if let Err(e) = parse_line(p, 3, &line) {
+            prop_assert!(e.to_string().starts_with("x.jsonl: line 3: "), "{}", e);
+        }
+        if let Err(e) = parse_pref_line(p, 3, &line) {
+            prop_assert!(e.to_string().starts_with("x.jsonl: line 3: "), "{}", e);
+        }
+        // Whole files of raw bytes through the text reader and the chat readers.
+        for bytes in [raw.clone(), line.clone().into_bytes()] {
+            with_file("t.jsonl", &bytes, |path| {
+                for r in [
+                    prepare::read_documents(&[path]).map(|_| ()),
+                    topcoat::data::chat::read_conversations(path).map(|_| ()),
+                    topcoat::data::prefs::read_preferences(path).map(|_| ()),
+                ] {
+                    if let Err(e) = r {
+                        prop_assert!(e.to_string().contains("t.jsonl"), "{}", e);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn tokenizer_and_manifest_files_never_panic(
+        tok in mutated({
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("tokenizer.json");
+            Tokenizer::train_bpe(["a cat is small, a dog is loyal"].into_iter(), 270, |_, _| {})
+                .unwrap()
+                .save(&p)
+                .unwrap();
+            std::fs::read(p).unwrap()
+        }),
+        manifest in mutated(
+            br#"{"format":"topcoat-dataset","version":1,"kind":"sft","tokenizer":"tokenizer.json","files":[{"name":"sft_train.bin","bytes":1036}]}"#.to_vec()
+        ),
+        random in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        for bytes in [&tok, &random] {
+            with_file("tokenizer.json", bytes, |p| {
+                if let Err(e) = Tokenizer::load(p) {
+                    prop_assert!(e.to_string().contains("tokenizer.json"), "{}", e);
+                }
+                Ok(())
+            })?;
+        }
+        for bytes in [&manifest, &random] {
+            with_file("dataset.json", bytes, |p| {
+                if let Err(e) = Manifest::read(p.parent().unwrap()) {
+                    prop_assert!(e.to_string().contains("dataset.json"), "{}", e);
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
+
+/// Every file of `dir` (none when it does not exist), for comparing datasets.
+fn dataset_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    if dir.exists() {
+        snapshot(dir)
+    } else {
+        BTreeMap::new()
+    }
+}
+
+#[test]
+fn a_prepare_killed_at_any_moment_leaves_the_old_or_the_new_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    // Two inputs of different sizes; a prepare of the larger takes a noticeable time.
+    let big = d.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..300 {
+        let body = format!("Paragraph {i}: a cat sat on a mat, and a dog barked at {i} birds. ");
+        std::fs::write(big.join(format!("{i:03}.txt")), body.repeat(60)).unwrap();
+    }
+    let tok = p("data");
+    let args = |input: &str, out: &str| -> Vec<String> {
+        [
+            "prepare",
+            input,
+            "--out",
+            out,
+            "--tokenizer",
+            &tok,
+            "--shard-tokens",
+            "20000",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |input: &str, out: &str| {
+        let a = args(input, out);
+        ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    run(&p("docs"), &p("ref_small"));
+    let start = std::time::Instant::now();
+    run(&p("big"), &p("ref_big"));
+    let full = start.elapsed();
+    let (small, large) = (
+        dataset_files(&d.join("ref_small")),
+        dataset_files(&d.join("ref_big")),
+    );
+    assert!(large.len() > 3, "the large dataset has several shards");
+
+    run(&p("docs"), &p("target"));
+    let mut before = small.clone();
+    for i in 0..16u32 {
+        // Alternate the input, and kill at spread-out moments from the start to past the end of
+        // a full run.
+        let (input, new) = if i % 2 == 0 {
+            (p("big"), &large)
+        } else {
+            (p("docs"), &small)
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
+            .args(args(&input, &p("target")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(f64::from(i) / 8.0));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let now = dataset_files(&d.join("target"));
+        assert!(
+            now == before || now == *new,
+            "kill {i}: the dataset is neither the old nor the new one: {:?}",
+            now.keys().collect::<Vec<_>>()
+        );
+        before = now;
+    }
+    // The kill moments run from the start to twice a full run, so early kills land while
+    // shards are written and later ones around the switch (how many runs finish first depends
+    // on the machine's load, so that is not asserted).
+    // The next prepare cleans whatever the killed ones left beside the dataset.
+    run(&p("docs"), &p("target"));
+    assert_eq!(dataset_files(&d.join("target")), small);
+    assert!(entries_starting(d, ".target.prepare-").is_empty());
+}
