@@ -373,6 +373,7 @@ pub fn save_with<B: Backend>(
         }
         let file = "optimizer.safetensors";
         let bytes = safetensors_bytes(&tmp.join(file), tensors)?;
+        drop((m, v));
         put(file, &bytes)?;
         put("train_state.json", &json_bytes(dest, state)?)?;
     }
