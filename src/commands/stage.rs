@@ -225,6 +225,9 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
         }
         Init::Checkpoint(path) | Init::CheckpointWithRewardHead(path) => {
             let ckpt = resolve_checkpoint(path)?;
+            if let Init::Checkpoint(_) = job.stage.init() {
+                checkpoint::refuse_reward_model(&ckpt, S::NAME)?;
+            }
             let tokenizer = checkpoint::load_tokenizer(&ckpt)?;
             let model = checkpoint::load_config(&ckpt)?;
             ctx(Some(ckpt), model, tokenizer)

@@ -1,6 +1,7 @@
 //! The one training loop every stage shares, its checkpoints and its metrics.
 
 pub mod checkpoint;
+pub mod manifest;
 pub mod metrics;
 mod trainer;
 
@@ -28,6 +29,8 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Integrity(#[from] checkpoint::CheckpointError),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("training diverged at step {step}: {what}")]

@@ -142,8 +142,8 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let mut opt = AdamW::new(be, model)?;
         if opts.resume {
             if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
-                let resumed = checkpoint::load_model(be, &dir, Some(&model.cfg))?;
-                let (o, state) = checkpoint::load_training(be, &dir, &resumed)?;
+                let (resumed, o, state) =
+                    checkpoint::resume(be, &dir, &model.cfg, objective.name())?;
                 *model = resumed;
                 opt = o;
                 objective.set_data_position(&state.data)?;

@@ -1,0 +1,730 @@
+//! Checkpoint integrity (docs/FORMATS.md, manifest.json): every file checksummed and verified
+//! on load; a corrupt, incomplete or wrong-stage checkpoint is a named error that changes
+//! nothing; a failed save (a full disk included) leaves no temporary directory; a stale one
+//! blocks nothing; random and mutated manifests and safetensors files never panic.
+
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use topcoat::backend::cpu::CpuBackend;
+use topcoat::config::{ModelConfig, RunConfig};
+use topcoat::data::Tokenizer;
+use topcoat::model::Gpt;
+use topcoat::optim::AdamW;
+use topcoat::rng::Rng;
+use topcoat::train::checkpoint::{self, TrainState};
+use topcoat::train::manifest::{self, Manifest};
+
+// ---------------------------------------------------------------- helpers
+
+fn topcoat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_topcoat"))
+        .args(args)
+        .output()
+        .expect("running topcoat")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = topcoat(args);
+    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = topcoat(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
+    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
+    t
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Every file and directory under `dir` (relative paths) with its bytes (directories: empty).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Option<Vec<u8>>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                out.insert(rel, None);
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Option<Vec<u8>>>) {
+    let after = snapshot(dir);
+    let names = |m: &BTreeMap<PathBuf, Option<Vec<u8>>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&after),
+        names(before),
+        "{}: listing changed",
+        dir.display()
+    );
+    for (k, v) in before {
+        assert!(after[k] == *v, "{}: {} changed", dir.display(), k.display());
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// Where a safetensors file's tensor data starts (after the 8-byte length and the header).
+fn data_start(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
+/// Flips 64 bytes of tensor data in `path`.
+fn flip_64_data_bytes(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let start = data_start(&bytes) + 16;
+    assert!(bytes.len() >= start + 64, "{}: too small", path.display());
+    for b in &mut bytes[start..start + 64] {
+        *b ^= 0xA5;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+const RUN_FLAGS: [&str; 12] = [
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--val-every",
+    "0",
+    "--warmup-steps",
+    "1",
+    "--checkpoint-every",
+    "2",
+];
+
+/// `dir/data` (a corpus with a 280-token BPE), `dir/pre` (a 4-step pretrain run: ckpt_000002
+/// and ckpt_000004).
+fn pretrain_run(dir: &Path) {
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
+    ok(&[
+        "prepare",
+        &s(&docs),
+        "--out",
+        &s(&dir.join("data")),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "280",
+    ]);
+    let mut args = vec![
+        "pretrain".to_string(),
+        "--data".into(),
+        s(&dir.join("data")),
+        "--out".into(),
+        s(&dir.join("pre")),
+        "--max-steps".into(),
+        "4".into(),
+    ];
+    args.extend(RUN_FLAGS.iter().map(|a| a.to_string()));
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// `pretrain --resume` of `run` with the flags of [`pretrain_run`] (4 steps).
+fn pretrain_resume_args(dir: &Path, run: &Path) -> Vec<String> {
+    let mut args = vec![
+        "pretrain".to_string(),
+        "--data".into(),
+        s(&dir.join("data")),
+        "--out".into(),
+        s(run),
+        "--max-steps".into(),
+        "4".into(),
+        "--resume".into(),
+    ];
+    args.extend(RUN_FLAGS.iter().map(|a| a.to_string()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+// ---------------------------------------------------------------- CLI: corrupt files
+
+#[test]
+fn resume_refuses_a_corrupt_newest_checkpoint_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pretrain_run(dir);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let run = dir.join(format!("run_{file}"));
+        copy_dir(&dir.join("pre"), &run);
+        let newest = run.join("ckpt_000004");
+        flip_64_data_bytes(&newest.join(file));
+        let before = snapshot(&run);
+        let t = fails(&strs(&pretrain_resume_args(dir, &run)));
+        assert!(
+            t.contains(&format!(
+                "checkpoint {}: {file} is corrupt (SHA-256 mismatch",
+                newest.display()
+            )) && t.contains(&format!("move {} aside", newest.display())),
+            "{file}: {t}"
+        );
+        assert_unchanged(&run, &before);
+        assert!(
+            run.join("ckpt_000002").is_dir(),
+            "the older checkpoint is kept"
+        );
+
+        // The advice works: with the corrupt one moved aside, the run resumes from step 2.
+        std::fs::rename(&newest, dir.join(format!("aside_{file}"))).unwrap();
+        let t = ok(&strs(&pretrain_resume_args(dir, &run)));
+        assert!(t.contains("ckpt_000002 (step 2)"), "{t}");
+        assert!(
+            checkpoint::load_config(&newest).is_ok(),
+            "step 4 saved again"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- CLI: stages
+
+#[test]
+fn a_run_directory_belongs_to_one_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pretrain_run(dir);
+    let p = |n: &str| s(&dir.join(n));
+    let chat = r#"{"messages": [{"role": "user", "content": "a cat?"}, {"role": "assistant", "content": "A cat is a small animal."}]}"#;
+    std::fs::write(dir.join("chats.jsonl"), format!("{chat}\n").repeat(8)).unwrap();
+    ok(&[
+        "prepare",
+        "sft",
+        &p("chats.jsonl"),
+        "--out",
+        &p("sftdata"),
+        "--tokenizer",
+        &p("data"),
+    ]);
+    let pair = r#"{"prompt": "a cat?", "chosen": "A cat is a small animal.", "rejected": "No."}"#;
+    std::fs::write(dir.join("prefs.jsonl"), format!("{pair}\n").repeat(8)).unwrap();
+    ok(&[
+        "prepare",
+        "prefs",
+        &p("prefs.jsonl"),
+        "--out",
+        &p("prefs"),
+        "--tokenizer",
+        &p("data"),
+    ]);
+    let stage = |cmd: &str, init: &str, data: &str, out: &str, resume: bool| -> Vec<String> {
+        let mut a: Vec<String> = [
+            cmd,
+            "--init",
+            &p(init),
+            "--data",
+            &p(data),
+            "--out",
+            &p(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(["--max-steps", "2"].map(String::from));
+        a.extend(RUN_FLAGS.iter().map(|x| x.to_string()));
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    ok(&strs(&stage("sft", "pre", "sftdata", "sft", false)));
+    ok(&strs(&stage("reward", "sft", "prefs", "rw", false)));
+    let before: Vec<_> = ["pre", "sft", "rw", "data", "sftdata", "prefs"]
+        .iter()
+        .map(|n| (n.to_string(), snapshot(&dir.join(n))))
+        .collect();
+
+    // pretrain --resume on an sft run.
+    let t = fails(&strs(&pretrain_resume_args(dir, &dir.join("sft"))));
+    assert!(
+        t.contains(&format!("run directory {} was written by `sft`", p("sft")))
+            && t.contains("this is `pretrain`")
+            && t.contains("train_state.json stage")
+            && t.contains("use a new --out or the `sft` command"),
+        "{t}"
+    );
+    // sft --resume on a reward run.
+    let t = fails(&strs(&stage("sft", "pre", "sftdata", "rw", true)));
+    assert!(
+        t.contains(&format!(
+            "run directory {} was written by `reward`",
+            p("rw")
+        )) && t.contains("this is `sft`"),
+        "{t}"
+    );
+    // sft / dpo --init of a reward run: the reward model is a scorer.
+    for (cmd, data) in [("sft", "sftdata"), ("dpo", "prefs")] {
+        let out = format!("{cmd}_from_rw");
+        let t = fails(&strs(&stage(cmd, "rw", data, &out, false)));
+        assert!(
+            t.contains("holds a reward model (reward_head.weight)")
+                && t.contains(&format!("cannot start `{cmd}`"))
+                && t.contains("rl --reward"),
+            "{cmd}: {t}"
+        );
+        assert!(!dir.join(&out).exists(), "{cmd}: no run directory made");
+    }
+    for (name, snap) in &before {
+        assert_unchanged(&dir.join(name), snap);
+    }
+}
+
+// ---------------------------------------------------------------- CLI: stale temp dirs
+
+#[test]
+fn a_stale_temp_directory_does_not_block_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pretrain_run(dir);
+    let run = dir.join("pre");
+    // What a save of step 4 killed part-way leaves: ckpt_000002, and a temp dir with a
+    // half-written file; and one named like the newest checkpoint, for good measure.
+    std::fs::rename(run.join("ckpt_000004"), dir.join("aside")).unwrap();
+    for name in [".ckpt_000002.tmp", ".ckpt_000004.tmp"] {
+        std::fs::create_dir_all(run.join(name)).unwrap();
+        std::fs::write(run.join(name).join("model.safetensors"), b"half").unwrap();
+    }
+    let t = ok(&strs(&pretrain_resume_args(dir, &run)));
+    assert!(t.contains("ckpt_000002 (step 2)"), "{t}");
+    assert!(
+        !run.join(".ckpt_000004.tmp").exists(),
+        "replaced by the save"
+    );
+    let ckpt4 = run.join("ckpt_000004");
+    let m = Manifest::read(&ckpt4).unwrap();
+    assert_eq!(m.files.len(), 5);
+    let model = checkpoint::load_model(&CpuBackend, &ckpt4, None).unwrap();
+    checkpoint::load_training(&CpuBackend, &ckpt4, &model, "pretrain").unwrap();
+    // Exact resume: the same bytes as the uninterrupted run's step 4.
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(ckpt4.join(file)).unwrap()
+                == std::fs::read(dir.join("aside").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- library: save and load
+
+fn small_tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let text = "A cat is a small animal. A dog is a loyal animal. ".repeat(30);
+        Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap()
+    })
+}
+
+fn tiny_cfg(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        padded_vocab_size: vocab.div_ceil(64) * 64,
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        max_seq_len: 16,
+    }
+}
+
+fn state(step: usize) -> TrainState {
+    TrainState {
+        step,
+        rng: Rng::new(1),
+        data: serde_json::json!({"cursor": 3}),
+        run: RunConfig::default(),
+        tokens_seen: 64,
+        elapsed_s: 1.5,
+        stage: "pretrain".into(),
+    }
+}
+
+/// Saves a training checkpoint of a tiny model at `dest` with `write`.
+fn save_with(dest: &Path, write: &checkpoint::WriteFile<'_>) -> topcoat::train::Result<PathBuf> {
+    let be = CpuBackend;
+    let tok = small_tokenizer();
+    let model = Gpt::init(&be, &tiny_cfg(tok.vocab_size()), 7).unwrap();
+    let opt = AdamW::new(&be, &model).unwrap();
+    checkpoint::save_with(&be, dest, &model, tok, Some((&opt, &state(2))), write)
+}
+
+#[test]
+fn the_manifest_lists_every_file_with_its_size_and_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = save_with(&tmp.path().join("ckpt_000002"), &checkpoint::write_synced).unwrap();
+    let m = Manifest::read(&dir).unwrap();
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != manifest::FILE)
+        .collect();
+    on_disk.sort();
+    let listed: Vec<String> = m.files.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(listed, on_disk);
+    assert_eq!(listed.len(), 5, "{listed:?}");
+    for e in &m.files {
+        let bytes = std::fs::read(dir.join(&e.name)).unwrap();
+        assert_eq!(e.bytes, bytes.len() as u64, "{}", e.name);
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(e.sha256, hex, "{}", e.name);
+    }
+}
+
+#[test]
+fn every_loaded_file_is_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = save_with(&tmp.path().join("good"), &checkpoint::write_synced).unwrap();
+    let be = CpuBackend;
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "train_state.json",
+    ] {
+        let dir = tmp.path().join(format!("bad_{file}"));
+        copy_dir(&good, &dir);
+        let path = dir.join(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 2; // inside JSON text and tensor data alike
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let model = checkpoint::load_model(&be, &good, None).unwrap();
+        let err = match file {
+            "config.json" => checkpoint::load_config(&dir).map(|_| ()),
+            "tokenizer.json" => checkpoint::load_tokenizer(&dir).map(|_| ()),
+            "model.safetensors" => checkpoint::load_model(&be, &dir, None).map(|_| ()),
+            _ => checkpoint::load_training(&be, &dir, &model, "pretrain").map(|_| ()),
+        }
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!("{}: {file} is corrupt (SHA-256", dir.display())),
+            "{file}: {err}"
+        );
+    }
+    // Truncated, and missing.
+    let dir = tmp.path().join("short");
+    copy_dir(&good, &dir);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..100]).unwrap();
+    let err = checkpoint::load_model(&be, &dir, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors is corrupt or truncated") && err.contains("has 100"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = checkpoint::load_model(&be, &dir, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.safetensors is missing"), "{err}");
+    // The wrong stage.
+    let model = checkpoint::load_model(&be, &good, None).unwrap();
+    let err = checkpoint::load_training(&be, &good, &model, "sft")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("was written by `pretrain`") && err.contains("this is `sft`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_checkpoint_without_a_manifest_is_refused_never_skipped_or_pruned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path();
+    for step in [2, 4] {
+        save_with(&checkpoint::dir_for(run, step), &checkpoint::write_synced).unwrap();
+    }
+    let newest = checkpoint::dir_for(run, 4);
+    std::fs::remove_file(newest.join(manifest::FILE)).unwrap();
+    let err = checkpoint::load_model(&CpuBackend, &newest, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "checkpoint {}: no manifest.json",
+            newest.display()
+        )) && err.contains("incomplete or was written by a topcoat older"),
+        "{err}"
+    );
+    let err = checkpoint::latest(run).unwrap_err().to_string();
+    assert!(err.contains("no manifest.json"), "resume names it: {err}");
+    assert_eq!(
+        checkpoint::list(run).unwrap().len(),
+        1,
+        "only complete ones count"
+    );
+    checkpoint::prune(run, 1).unwrap();
+    assert!(
+        newest.is_dir() && checkpoint::dir_for(run, 2).is_dir(),
+        "nothing pruned"
+    );
+}
+
+// ---------------------------------------------------------------- library: failed saves
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_full_disk_is_named_and_leaves_no_temp_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path();
+    let prev = save_with(&checkpoint::dir_for(run, 2), &checkpoint::write_synced).unwrap();
+    let prev_snap = snapshot(&prev);
+    let dest = checkpoint::dir_for(run, 4);
+    // A real ENOSPC from the kernel: the chosen file is written to /dev/full instead.
+    for victim in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "manifest.json",
+    ] {
+        let write = |path: &Path, bytes: &[u8]| {
+            if path.ends_with(victim) {
+                std::fs::write("/dev/full", bytes)
+            } else {
+                checkpoint::write_synced(path, bytes)
+            }
+        };
+        let err = save_with(&dest, &write).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "checkpoint {}: disk full while writing {victim} (No space left on device); \
+                 the previous checkpoint {} is intact; free space and resume with --resume",
+                dest.display(),
+                prev.display()
+            )
+        );
+        assert_eq!(
+            names(run),
+            ["ckpt_000002"],
+            "{victim}: no temp dir, no ckpt_000004"
+        );
+    }
+    // Any other write error: named by its file, and cleaned up the same way.
+    let write = |path: &Path, bytes: &[u8]| {
+        if path.ends_with("train_state.json") {
+            Err(std::io::Error::from_raw_os_error(5))
+        } else {
+            checkpoint::write_synced(path, bytes)
+        }
+    };
+    let err = save_with(&dest, &write).unwrap_err().to_string();
+    assert!(
+        err.contains("train_state.json") && err.contains("os error 5"),
+        "{err}"
+    );
+    assert_eq!(names(run), ["ckpt_000002"]);
+    assert_unchanged(&prev, &prev_snap);
+    assert_eq!(checkpoint::latest(run).unwrap(), Some(prev));
+    // And the next save goes through.
+    save_with(&dest, &checkpoint::write_synced).unwrap();
+    assert_eq!(names(run), ["ckpt_000002", "ckpt_000004"]);
+}
+
+#[test]
+fn a_stale_temp_directory_is_replaced_not_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path();
+    let stale = run.join(".ckpt_000002.tmp");
+    std::fs::create_dir_all(stale.join("sub")).unwrap();
+    std::fs::write(stale.join("junk"), b"x").unwrap();
+    assert_eq!(checkpoint::latest(run).unwrap(), None);
+    let dir = save_with(&checkpoint::dir_for(run, 2), &checkpoint::write_synced).unwrap();
+    assert_eq!(names(run), ["ckpt_000002"]);
+    assert!(Manifest::read(&dir)
+        .unwrap()
+        .files
+        .iter()
+        .all(|e| e.name != "junk"));
+}
+
+// ---------------------------------------------------------------- property tests
+
+/// A valid checkpoint's directory, made once.
+fn reference_checkpoint() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = save_with(&tmp.path().join("ckpt_000002"), &checkpoint::write_synced).unwrap();
+        (tmp, dir)
+    })
+    .1
+}
+
+/// Byte edits: `(position as a fraction of the length, xor mask)`, an optional truncation
+/// (fraction) and an optional new 8-byte header length.
+fn mutate(bytes: &[u8], edits: &[(f64, u8)], cut: Option<f64>, len: Option<u64>) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let header_end = data_start(bytes).min(out.len());
+    for (i, &(at, mask)) in edits.iter().enumerate() {
+        // Half the edits land in the header, where the parser is.
+        let span = if i % 2 == 0 { header_end } else { out.len() };
+        let pos = ((at * span as f64) as usize).min(span - 1);
+        out[pos] ^= mask.max(1);
+    }
+    if let Some(n) = len {
+        out[..8].copy_from_slice(&n.to_le_bytes());
+    }
+    if let Some(c) = cut {
+        out.truncate((c * out.len() as f64) as usize);
+    }
+    out
+}
+
+/// Writes `bytes` as `file` of a copy of the reference checkpoint in `dir`; with `rehash`, the
+/// manifest is made to match, so the parser behind the checksum is what is tested.
+fn mutated_copy(dir: &Path, file: &str, bytes: &[u8], rehash: bool) {
+    copy_dir(reference_checkpoint(), dir);
+    std::fs::write(dir.join(file), bytes).unwrap();
+    if rehash {
+        let m = Manifest::of_dir(dir, &[]).unwrap();
+        std::fs::write(dir.join(manifest::FILE), m.to_bytes()).unwrap();
+    }
+}
+
+fn edits() -> impl Strategy<Value = Vec<(f64, u8)>> {
+    proptest::collection::vec((0.0f64..1.0, any::<u8>()), 1..8)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_manifests_are_named_errors(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let err = Manifest::parse(Path::new("ckpt_000001"), &bytes).unwrap_err().to_string();
+        prop_assert!(err.starts_with("checkpoint ckpt_000001: manifest.json is invalid"), "{}", err);
+    }
+
+    #[test]
+    fn mutated_manifests_never_panic(edits in edits(), cut in proptest::option::of(0.0f64..1.0)) {
+        let dir = reference_checkpoint();
+        let bytes = std::fs::read(dir.join(manifest::FILE)).unwrap();
+        let mut out = bytes.clone();
+        for (at, mask) in edits {
+            let pos = ((at * out.len() as f64) as usize).min(out.len() - 1);
+            out[pos] ^= mask.max(1);
+        }
+        if let Some(c) = cut {
+            out.truncate((c * out.len() as f64) as usize);
+        }
+        if let Err(e) = Manifest::parse(dir, &out) {
+            prop_assert!(e.to_string().contains("manifest.json is invalid"), "{}", e);
+        }
+    }
+
+    #[test]
+    fn mutated_weights_are_named_errors(
+        edits in edits(),
+        cut in proptest::option::of(0.0f64..1.0),
+        len in proptest::option::of(any::<u64>()),
+        rehash in any::<bool>(),
+    ) {
+        let file = "model.safetensors";
+        let good = std::fs::read(reference_checkpoint().join(file)).unwrap();
+        let bad = mutate(&good, &edits, cut, len);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        mutated_copy(&dir, file, &bad, rehash);
+        let be = CpuBackend;
+        let loaded = checkpoint::load_model(&be, &dir, None);
+        let header = checkpoint::refuse_reward_model(&dir, "sft");
+        if bad == good {
+            prop_assert!(loaded.is_ok());
+        } else if !rehash {
+            let e = loaded.err().unwrap().to_string();
+            prop_assert!(e.contains(&format!("{file} is corrupt")), "{}", e);
+        } else if let Err(e) = loaded {
+            // The checksum matches: the safetensors parser itself names the file.
+            let e = e.to_string();
+            prop_assert!(e.contains(&format!("{}", dir.join(file).display())), "{}", e);
+        }
+        if let Err(e) = header {
+            let e = e.to_string();
+            prop_assert!(e.contains(file), "{}", e);
+        }
+    }
+
+    #[test]
+    fn mutated_optimizer_state_is_a_named_error(
+        edits in edits(),
+        cut in proptest::option::of(0.0f64..1.0),
+        len in proptest::option::of(any::<u64>()),
+        rehash in any::<bool>(),
+    ) {
+        let file = "optimizer.safetensors";
+        let good = std::fs::read(reference_checkpoint().join(file)).unwrap();
+        let bad = mutate(&good, &edits, cut, len);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        mutated_copy(&dir, file, &bad, rehash);
+        let be = CpuBackend;
+        let model = checkpoint::load_model(&be, reference_checkpoint(), None).unwrap();
+        let loaded = checkpoint::load_training(&be, &dir, &model, "pretrain");
+        if bad == good {
+            prop_assert!(loaded.is_ok());
+        } else if !rehash {
+            let e = loaded.err().unwrap().to_string();
+            prop_assert!(e.contains(&format!("{file} is corrupt")), "{}", e);
+        } else if let Err(e) = loaded {
+            let e = e.to_string();
+            prop_assert!(e.contains(&format!("{}", dir.join(file).display())), "{}", e);
+        }
+    }
+}
