@@ -148,6 +148,11 @@ pub struct RunConfig {
     pub world_size: usize,
     /// SFT only: pack several whole examples into each row, kept apart (`stages::sft`).
     pub pack: bool,
+    /// Stop the run as diverged when a step's mean loss exceeds the lowest loss of the run so
+    /// far by more than this many times `max(1, |lowest|)` (0 disables; a non-finite loss
+    /// always stops it). The margin scales with `|lowest|` floored at 1 because not every
+    /// stage's loss is a positive cross-entropy (DPO starts near ln 2, RL's is near 0).
+    pub divergence_factor: f32,
 }
 
 impl Default for RunConfig {
@@ -173,6 +178,7 @@ impl Default for RunConfig {
             rank: 0,
             world_size: 1,
             pack: false,
+            divergence_factor: 3.0,
         }
     }
 }
