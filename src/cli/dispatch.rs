@@ -176,7 +176,7 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
 /// A training command: the run config over the stage's defaults, the runtime, the stage's own
 /// part (which may adjust the run config, or fail before any time is spent), the stage
 /// runner, the summary. `writes_out`: the stage's own part writes into the run directory, so
-/// the run directory is locked before it.
+/// the run directory is locked before it (the runner shares that lock).
 fn train<S: Stage>(
     flags: &RunFlags,
     out: std::path::PathBuf,
@@ -185,7 +185,7 @@ fn train<S: Stage>(
 ) -> Result<()> {
     let mut run = run_config(flags, S::defaults())?;
     let rt = open_runtime(device(flags.device))?;
-    let lock = if writes_out {
+    let _lock = if writes_out {
         Some(RunDirLock::acquire(&out)?)
     } else {
         None
@@ -195,7 +195,6 @@ fn train<S: Stage>(
         run,
         resume: flags.resume,
         overwrite: flags.overwrite,
-        lock,
         ..TrainJob::new(stage, out)
     };
     print::train_summary(&stage::train(&rt, &job, &note)?);

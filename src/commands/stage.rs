@@ -131,9 +131,6 @@ pub struct TrainJob<S> {
     /// Start afresh in an `out` that holds an earlier run, deleting its checkpoints and metrics
     /// (without it such a run is refused).
     pub overwrite: bool,
-    /// The lock on `out`, when the caller already holds it (it wrote into `out` before the
-    /// job, e.g. the embedded corpus); otherwise the runner takes it.
-    pub lock: Option<RunDirLock>,
     /// Keep only the newest this many checkpoints (0 keeps all).
     pub keep_checkpoints: usize,
     /// No progress lines from the loop (tests).
@@ -149,7 +146,6 @@ impl<S: Stage> TrainJob<S> {
             out: out.into(),
             resume: false,
             overwrite: false,
-            lock: None,
             keep_checkpoints: 3,
             quiet: false,
             stage,
@@ -199,23 +195,9 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
         ))
         .into());
     }
-    let taken;
-    let lock = match &job.lock {
-        Some(held) => held,
-        None => {
-            taken = RunDirLock::acquire(&job.out)?;
-            &taken
-        }
-    };
-    if lock.dir() != job.out {
-        return Err(ConfigError::Invalid(format!(
-            "the job holds the lock of {}, not of its run directory {}",
-            lock.dir().display(),
-            job.out.display()
-        ))
-        .into());
-    }
-    run_dir::prepare_fresh(lock, job.resume, job.overwrite)?;
+    // Held until the loop returns (a caller on this thread that already holds it shares it).
+    let lock = RunDirLock::acquire(&job.out)?;
+    run_dir::prepare_fresh(&lock, job.resume, job.overwrite)?;
     let mut objective = job.stage.open(be, &ctx, progress)?;
     let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
     let opts = TrainOptions {

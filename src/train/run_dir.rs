@@ -6,28 +6,63 @@
 use super::checkpoint;
 use super::{io_err, Result, TrainError};
 use crate::config::RunConfig;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
 
 /// The lock file's name inside a run directory.
 pub const LOCK_FILE: &str = ".lock";
 /// The suffix a checkpoint written after the last known-good one gets when the run diverges.
 pub const DIVERGED_SUFFIX: &str = ".diverged";
 
-/// An exclusive lock on a run directory, held until dropped. The OS releases it when the
-/// process ends however it ends, so a `.lock` left by a killed process never blocks.
+/// An exclusive lock on a run directory, held until the last handle is dropped. The OS
+/// releases it when the process ends however it ends, so a `.lock` left by a killed process
+/// never blocks.
+///
+/// The same thread may take it again while it holds it (the command line locks before it
+/// prepares the embedded corpus in the run directory, then the stage runner locks for the
+/// run): it gets another handle on the one lock. Another thread or process is refused.
 #[derive(Debug)]
 pub struct RunDirLock {
+    held: Rc<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
     dir: PathBuf,
     file: File,
 }
 
+thread_local! {
+    /// The run directories this thread holds, by canonical path.
+    static HELD: RefCell<HashMap<PathBuf, Weak<Held>>> = RefCell::new(HashMap::new());
+}
+
 impl RunDirLock {
     /// Creates `dir` if needed and locks `dir/.lock`, writing this process's pid and command
-    /// into it; a directory locked by another process is a [`TrainError::RunDirInUse`].
+    /// into it; a directory locked by another process (or thread) is a
+    /// [`TrainError::RunDirInUse`].
     pub fn acquire(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let key = std::fs::canonicalize(dir).map_err(io_err(dir))?;
+        let mine = HELD.with(|h| h.borrow().get(&key).and_then(Weak::upgrade));
+        if let Some(held) = mine {
+            return Ok(Self { held });
+        }
+        let held = Rc::new(Self::lock(dir)?);
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            h.retain(|_, w| w.strong_count() > 0);
+            h.insert(key, Rc::downgrade(&held));
+        });
+        Ok(Self { held })
+    }
+
+    /// The lock itself: `dir/.lock`, locked and signed.
+    fn lock(dir: &Path) -> Result<Held> {
         let path = dir.join(LOCK_FILE);
         // Never truncated on open: the holder's pid and command are the second process's message.
         let mut file = OpenOptions::new()
@@ -58,19 +93,19 @@ impl RunDirLock {
         file.set_len(0).map_err(io_err(&path))?;
         file.rewind().map_err(io_err(&path))?;
         writeln!(file, "{} {command}", std::process::id()).map_err(io_err(&path))?;
-        Ok(Self {
+        Ok(Held {
             dir: dir.to_path_buf(),
             file,
         })
     }
 
-    /// The locked run directory.
+    /// The locked run directory (as the first handle named it).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.held.dir
     }
 }
 
-impl Drop for RunDirLock {
+impl Drop for Held {
     fn drop(&mut self) {
         // Emptied so that a finished run leaves the same bytes behind every time; the file
         // itself stays (removing it would let two processes lock two different files).
@@ -254,17 +289,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_lock_on_the_same_directory_is_refused_and_freed_on_drop() {
+    fn another_thread_is_refused_the_same_thread_shares_and_drop_frees() {
         let tmp = tempfile::tempdir().unwrap();
-        let first = RunDirLock::acquire(tmp.path()).unwrap();
-        let err = RunDirLock::acquire(tmp.path()).unwrap_err().to_string();
+        let dir = tmp.path().to_path_buf();
+        let first = RunDirLock::acquire(&dir).unwrap();
+        let again = RunDirLock::acquire(&dir.join(".")).unwrap();
+        let other = |dir: PathBuf| std::thread::spawn(move || RunDirLock::acquire(&dir).map(drop));
+        let err = other(dir.clone()).join().unwrap().unwrap_err().to_string();
         assert!(
             err.contains("in use by another topcoat process")
                 && err.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
         drop(first);
-        RunDirLock::acquire(tmp.path()).unwrap();
+        assert!(other(dir.clone()).join().unwrap().is_err(), "still held");
+        drop(again);
+        other(dir.clone()).join().unwrap().unwrap();
+        assert_eq!(std::fs::read(dir.join(LOCK_FILE)).unwrap(), b"");
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub trait Objective<B: Backend> {
     fn data_position(&self) -> serde_json::Value;
     /// Restores a position saved by [`Objective::data_position`].
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()>;
+    /// Whether a loss far above the run's lowest means the run diverged (the guard of
+    /// `RunConfig::divergence_factor`): true for a loss that measures fit (cross-entropy,
+    /// Bradley-Terry, DPO); false for one whose scale follows each batch (a policy-gradient
+    /// surrogate), which only a non-finite value stops.
+    fn loss_spike_means_divergence(&self) -> bool {
+        true
+    }
     /// Named values (beside the loss) of the work since the last call: the loop calls it after
     /// each step's micro-batches and after each validation, and logs what it returns.
     fn take_metrics(&mut self) -> Extras {
@@ -323,7 +330,11 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     /// or a loss more than `divergence_factor * max(1, |lowest|)` above the lowest of this
     /// call, stops the run. An accepted loss makes the checkpoints saved before it known good.
     fn guard(&mut self, done: usize, loss: f32, norm: f32) -> Result<()> {
-        let factor = self.opts.run.divergence_factor;
+        let factor = if self.objective.loss_spike_means_divergence() {
+            self.opts.run.divergence_factor
+        } else {
+            0.0
+        };
         let spiked = |lo: f32| factor > 0.0 && loss - lo > factor * lo.abs().max(1.0);
         let bad = !loss.is_finite() || !norm.is_finite() || self.lowest_loss.is_some_and(spiked);
         if bad {

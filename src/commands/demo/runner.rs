@@ -165,7 +165,6 @@ impl<'a, B: Backend + 'static> Demo<'a, B> {
                 // directory with no checkpoint), its partial metrics replaced.
                 resume: true,
                 overwrite: false,
-                lock: None,
                 keep_checkpoints,
                 quiet: false,
                 stage,
