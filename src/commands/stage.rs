@@ -9,8 +9,9 @@
 //! 3. refuse data prepared with a different tokenizer, naming the command that prepares it;
 //! 4. refuse a `seq_len` past the model's context;
 //! 5. lock the run directory (`train::run_dir`; held until the loop returns) and refuse a fresh
-//!    run over an earlier one unless `overwrite` (which deletes that run's files);
-//! 6. open the stage's objective on the backend ([`Stage::open`]);
+//!    run over an earlier one unless `overwrite`;
+//! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
+//!    delete the earlier run's files;
 //! 7. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
 //!    loop (`train::train`).
 //!
@@ -197,8 +198,9 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     }
     // Held until the loop returns (a caller on this thread that already holds it shares it).
     let lock = RunDirLock::acquire(&job.out)?;
-    run_dir::prepare_fresh(&lock, job.resume, job.overwrite)?;
+    let earlier = run_dir::check_fresh(&lock, job.resume, job.overwrite)?;
     let mut objective = job.stage.open(be, &ctx, progress)?;
+    run_dir::clear_earlier_run(&lock, &earlier)?;
     let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
     let opts = TrainOptions {
         run: run.clone(),

@@ -1,5 +1,5 @@
 //! The run directory's safety: one process at a time ([`RunDirLock`] on `RUN/.lock`), no fresh
-//! run over an old one ([`prepare_fresh`]), resumes only with settings the saved data position
+//! run over an old one ([`check_fresh`], [`clear_earlier_run`]), resumes only with settings the saved data position
 //! can carry ([`resume_changes`]), and pruning that never removes the last known-good
 //! checkpoint ([`prune_keeping`]).
 
@@ -141,24 +141,30 @@ pub fn run_files(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Before a run starts in the locked directory: a fresh run (not `resume`) refuses a directory
-/// holding an earlier run unless `overwrite`, which deletes that run's files first.
-pub fn prepare_fresh(lock: &RunDirLock, resume: bool, overwrite: bool) -> Result<()> {
+/// Before a run opens its data in the locked directory: a fresh run (not `resume`) refuses a
+/// directory holding an earlier run unless `overwrite`. Returns the earlier run's files, for
+/// [`clear_earlier_run`] once the new run's inputs have opened (so that a bad input does not
+/// cost the old run).
+pub fn check_fresh(lock: &RunDirLock, resume: bool, overwrite: bool) -> Result<Vec<String>> {
     if resume {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let dir = lock.dir();
     let files = run_files(dir)?;
-    if files.is_empty() {
-        return Ok(());
-    }
-    if !overwrite {
+    if !files.is_empty() && !overwrite {
         return Err(TrainError::RunDirNotEmpty {
             dir: dir.to_path_buf(),
             files: files.join(", "),
         });
     }
-    for name in files {
+    Ok(files)
+}
+
+/// Deletes `files` of the earlier run (from [`check_fresh`]) but `ref_logps.bin`, which a
+/// fresh DPO run has just written anew while opening.
+pub fn clear_earlier_run(lock: &RunDirLock, files: &[String]) -> Result<()> {
+    let dir = lock.dir();
+    for name in files.iter().filter(|n| *n != "ref_logps.bin") {
         let path = dir.join(name);
         let removed = if path.is_dir() {
             std::fs::remove_dir_all(&path)
