@@ -232,7 +232,7 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     }
 
     /// The step's micro-batches (each adding `1 / accum` of its gradient), then the clipped
-    /// AdamW update at the scheduled learning rate; refuses a non-finite loss or norm.
+    /// AdamW update at the scheduled learning rate, unless the divergence guard stops the run.
     fn accumulate_and_update(&mut self, step: usize) -> Result<StepOutcome> {
         let (be, accum) = (self.be, self.accum);
         self.model.zero_grad(be)?;
