@@ -78,7 +78,7 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.n_layer == 0 || self.n_head == 0 || self.max_seq_len == 0 {
             return bad(format!("all sizes must be positive: {self:?}"));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.n_embd, self.n_head
@@ -207,7 +207,7 @@ impl RunConfig {
         if self.total_batch_tokens == 0 {
             return Ok(1);
         }
-        if self.total_batch_tokens % micro != 0 {
+        if !self.total_batch_tokens.is_multiple_of(micro) {
             return Err(ConfigError::Invalid(format!(
                 "total_batch_tokens {} is not a multiple of batch_size*seq_len = {micro}",
                 self.total_batch_tokens

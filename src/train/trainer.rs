@@ -219,10 +219,12 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let elapsed = self.started.elapsed();
         self.report_step(done, &outcome, elapsed, step_start.elapsed())?;
         let run = &self.opts.run;
-        if run.val_every > 0 && (done % run.val_every == 0 || done == run.max_steps) {
+        if run.val_every > 0 && (done.is_multiple_of(run.val_every) || done == run.max_steps) {
             self.validate(done)?;
         }
-        if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.max_steps {
+        if (run.checkpoint_every > 0 && done.is_multiple_of(run.checkpoint_every))
+            || done == run.max_steps
+        {
             let dir = self.save(done, self.prior_elapsed + elapsed.as_secs_f64())?;
             self.progress.note(&format!("saved {}", dir.display()));
             self.summary.last_checkpoint = Some(dir);
