@@ -87,7 +87,7 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.n_layer == 0 || self.n_head == 0 || self.max_seq_len == 0 {
             return bad(format!("all sizes must be positive: {self:?}"));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.n_embd, self.n_head
@@ -157,6 +157,11 @@ pub struct RunConfig {
     pub world_size: usize,
     /// SFT only: pack several whole examples into each row, kept apart (`stages::sft`).
     pub pack: bool,
+    /// Stop the run as diverged when a step's mean loss exceeds the lowest loss of the run so
+    /// far by more than this many times `max(1, |lowest|)` (0 disables; a non-finite loss
+    /// always stops it). The margin scales with `|lowest|` floored at 1 because not every
+    /// stage's loss is a positive cross-entropy (DPO starts near ln 2, RL's is near 0).
+    pub divergence_factor: f32,
 }
 
 impl Default for RunConfig {
@@ -182,6 +187,7 @@ impl Default for RunConfig {
             rank: 0,
             world_size: 1,
             pack: false,
+            divergence_factor: 3.0,
         }
     }
 }
@@ -247,6 +253,11 @@ impl RunConfig {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return bad("eps", None, self.eps, "must be finite and > 0");
         }
+        let factor = self.divergence_factor;
+        if !(factor.is_finite() && factor >= 0.0) {
+            let want = "must be finite and >= 0 (0 turns the loss-spike guard off)";
+            return bad("divergence_factor", Some("--divergence-factor"), factor, want);
+        }
         for (key, flag, v) in [
             ("batch_size", "--batch-size", self.batch_size),
             ("seq_len", "--seq-len", self.seq_len),
@@ -297,7 +308,7 @@ impl RunConfig {
         if self.total_batch_tokens == 0 {
             return Ok(1);
         }
-        if self.total_batch_tokens % micro != 0 {
+        if !self.total_batch_tokens.is_multiple_of(micro) {
             return Err(ConfigError::Invalid(format!(
                 "total_batch_tokens {} is not a multiple of batch_size*seq_len = {micro}",
                 self.total_batch_tokens
@@ -367,6 +378,10 @@ mod tests {
             (|c| c.min_lr_ratio = f32::NAN, "min_lr_ratio is NaN"),
             (|c| c.eps = 0.0, "eps is 0: must be finite and > 0"),
             (|c| c.eps = f32::INFINITY, "eps is inf"),
+            (
+                |c| c.divergence_factor = -1.0,
+                "divergence_factor (--divergence-factor) is -1",
+            ),
             (|c| c.batch_size = 0, "batch_size (--batch-size) is 0"),
             (|c| c.seq_len = 0, "seq_len (--seq-len) is 0"),
             (|c| c.max_steps = 0, "max_steps (--max-steps) is 0"),

@@ -199,6 +199,11 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
     };
     let cpu = Runtime::cpu();
     let summary = train(&cpu, &job, &|_| {}).unwrap();
+    // The runs below are refused over their inputs, before the earlier run would be deleted.
+    let job = RlJob {
+        overwrite: true,
+        ..job
+    };
     assert_eq!(summary.final_step, 3);
     assert!(summary
         .last_checkpoint
@@ -238,6 +243,10 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
     };
     let err = train(&cpu, &bad_k, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("--k"), "{err}");
+    assert!(
+        bad_k.out.join("ckpt_000003").is_dir(),
+        "a refused --overwrite run deleted the earlier run"
+    );
 }
 
 /// Per-token gradient vs central differences of the f32 objective (directional derivative).

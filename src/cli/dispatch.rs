@@ -22,6 +22,7 @@ use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::{PrefsPrepareOptions, SftPrepareOptions};
 use topcoat::generate::SampleOptions;
 use topcoat::runtime::{Runtime, RuntimeOptions};
+use topcoat::train::run_dir::RunDirLock;
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -46,20 +47,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => prepare_prefs(&a),
         Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(&a),
         Command::Pretrain(a) => pretrain(&a),
-        Command::Sft(a) => train(&a.flags, a.out, |run| {
+        Command::Sft(a) => train(&a.flags, a.out, false, |run| {
             run.pack |= a.pack;
             Ok(SftStage {
                 init: a.init,
                 data: a.data,
             })
         }),
-        Command::Reward(a) => train(&a.flags, a.out, |_| {
+        Command::Reward(a) => train(&a.flags, a.out, false, |_| {
             Ok(RewardStage {
                 init: a.init,
                 data: a.data,
             })
         }),
-        Command::Dpo(a) => train(&a.flags, a.out, |_| {
+        Command::Dpo(a) => train(&a.flags, a.out, false, |_| {
             Ok(DpoStage {
                 init: a.init,
                 data: a.data,
@@ -67,7 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 loss: a.loss,
             })
         }),
-        Command::Rl(a) => train(&a.flags, a.out, |_| {
+        Command::Rl(a) => train(&a.flags, a.out, false, |_| {
             Ok(RlStage {
                 init: a.init,
                 reward: a.reward,
@@ -168,7 +169,8 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
     set!(preset <- a.preset, max_steps <- a.max_steps, batch_size <- a.batch_size, seq_len <- a.seq_len,
          total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
          weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
-         checkpoint_every <- a.checkpoint_every, seed <- a.seed);
+         checkpoint_every <- a.checkpoint_every, seed <- a.seed,
+         divergence_factor <- a.divergence_factor);
     // Nonsense values stop here, before any data is read or the device opened.
     cfg.validate()?;
     for n in cfg.notes() {
@@ -179,18 +181,26 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
 
 /// A training command: the run config over the stage's defaults, the runtime, the stage's own
 /// part (which may adjust the run config, or fail before any time is spent), the stage
-/// runner, the summary.
+/// runner, the summary. `writes_out`: the stage's own part writes into the run directory, so
+/// the run directory is locked before it (the runner shares that lock).
 fn train<S: Stage>(
     flags: &RunFlags,
     out: std::path::PathBuf,
+    writes_out: bool,
     stage: impl FnOnce(&mut RunConfig) -> Result<S>,
 ) -> Result<()> {
     let mut run = run_config(flags, S::defaults())?;
     let rt = open_runtime(device(flags.device))?;
+    let _lock = if writes_out {
+        Some(RunDirLock::acquire(&out)?)
+    } else {
+        None
+    };
     let stage = stage(&mut run)?;
     let job = TrainJob {
         run,
         resume: flags.resume,
+        overwrite: flags.overwrite,
         ..TrainJob::new(stage, out)
     };
     print::train_summary(&stage::train(&rt, &job, &note)?);
@@ -198,7 +208,7 @@ fn train<S: Stage>(
 }
 
 fn pretrain(a: &PretrainArgs) -> Result<()> {
-    train(&a.flags, a.out.clone(), |run| {
+    train(&a.flags, a.out.clone(), a.data.is_none(), |run| {
         // Refuse an unknown preset before spending time on data.
         ModelConfig::preset(&run.preset, 64)?;
         // Without --data: the embedded corpus, prepared under the run directory on first use.

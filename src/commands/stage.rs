@@ -8,8 +8,11 @@
 //!    tokenizer and model config, or, for a fresh model, the data's tokenizer and the preset;
 //! 3. refuse data prepared with a different tokenizer, naming the command that prepares it;
 //! 4. refuse a `seq_len` past the model's context;
-//! 5. open the stage's objective on the backend ([`Stage::open`]);
-//! 6. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
+//! 5. lock the run directory (`train::run_dir`; held until the loop returns) and refuse a fresh
+//!    run over an earlier one unless `overwrite`;
+//! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
+//!    delete the earlier run's files;
+//! 7. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
 //!    loop (`train::train`).
 //!
 //! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
@@ -23,6 +26,7 @@ use crate::data::Tokenizer;
 use crate::model::Gpt;
 use crate::runtime::Runtime;
 use crate::stages::PreparedData;
+use crate::train::run_dir::{self, RunDirLock};
 use crate::train::{self, checkpoint, Objective, TrainOptions, TrainSummary};
 use std::path::{Path, PathBuf};
 
@@ -125,6 +129,9 @@ pub struct TrainJob<S> {
     pub out: PathBuf,
     /// Continue from the newest checkpoint in `out`.
     pub resume: bool,
+    /// Start afresh in an `out` that holds an earlier run, deleting its checkpoints and metrics
+    /// (without it such a run is refused).
+    pub overwrite: bool,
     /// Keep only the newest this many checkpoints (0 keeps all).
     pub keep_checkpoints: usize,
     /// No progress lines from the loop (tests).
@@ -139,6 +146,7 @@ impl<S: Stage> TrainJob<S> {
             run: S::defaults(),
             out: out.into(),
             resume: false,
+            overwrite: false,
             keep_checkpoints: 3,
             quiet: false,
             stage,
@@ -189,7 +197,11 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
         ))
         .into());
     }
+    // Held until the loop returns (a caller on this thread that already holds it shares it).
+    let lock = RunDirLock::acquire(&job.out)?;
+    let earlier = run_dir::check_fresh(&lock, job.resume, job.overwrite)?;
     let mut objective = job.stage.open(be, &ctx, progress)?;
+    run_dir::clear_earlier_run(&lock, &earlier)?;
     let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
     let opts = TrainOptions {
         run: run.clone(),
@@ -235,7 +247,7 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
     })
 }
 
-/// Step 6 of the module header: the model the loop trains, described in one progress line.
+/// Step 7 of the module header: the model the loop trains, described in one progress line.
 fn build_model<B: Backend>(
     be: &B,
     ctx: &StageContext,

@@ -175,7 +175,7 @@ impl Bpe {
                 }
             }
             pair_count.remove(&p);
-            if bpe.merges.len() % 64 == 0 {
+            if bpe.merges.len().is_multiple_of(64) {
                 progress(bpe.merges.len(), n_merges);
             }
         }

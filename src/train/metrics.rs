@@ -130,7 +130,7 @@ impl Progress {
             if step == total {
                 eprintln!();
             }
-        } else if step % self.every == 0 || step == total || step == 1 {
+        } else if step.is_multiple_of(self.every) || step == total || step == 1 {
             eprintln!("{text}");
         }
     }

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod manifest;
 pub mod metrics;
+pub mod run_dir;
 mod trainer;
 
 pub use metrics::Extras;
@@ -33,8 +34,25 @@ pub enum TrainError {
     Integrity(#[from] checkpoint::CheckpointError),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
-    #[error("training diverged at step {step}: {what}")]
-    Diverged { step: usize, what: String },
+    /// `what` went wrong at `step`; `then` says where the last good checkpoint is and what to do.
+    #[error("training diverged at step {step}: {what}; {then}")]
+    Diverged {
+        step: usize,
+        what: String,
+        then: String,
+    },
+    #[error(
+        "run directory {dir} is in use by another topcoat process ({holder}); wait for it to \
+         finish or choose another --out"
+    )]
+    RunDirInUse { dir: PathBuf, holder: String },
+    #[error(
+        "run directory {dir} already holds a run ({files}); continue it with --resume, or start \
+         over with --overwrite (which deletes them), or choose another --out"
+    )]
+    RunDirNotEmpty { dir: PathBuf, files: String },
+    #[error("cannot resume from {ckpt}: {why}")]
+    ResumeMismatch { ckpt: PathBuf, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

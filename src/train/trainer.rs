@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, TrainState};
 use super::metrics::{fmt_duration, Extras, MetricsLog, Progress};
+use super::run_dir;
 use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
 use crate::config::RunConfig;
@@ -34,6 +35,13 @@ pub trait Objective<B: Backend> {
     fn data_position(&self) -> serde_json::Value;
     /// Restores a position saved by [`Objective::data_position`].
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()>;
+    /// Whether a loss far above the run's lowest means the run diverged (the guard of
+    /// `RunConfig::divergence_factor`): true for a loss that measures fit (cross-entropy,
+    /// Bradley-Terry, DPO); false for one whose scale follows each batch (a policy-gradient
+    /// surrogate), which only a non-finite value stops.
+    fn loss_spike_means_divergence(&self) -> bool {
+        true
+    }
     /// Named values (beside the loss) of the work since the last call: the loop calls it after
     /// each step's micro-batches and after each validation, and logs what it returns.
     fn take_metrics(&mut self) -> Extras {
@@ -121,6 +129,13 @@ struct TrainLoop<'a, B: Backend> {
     started: Instant,
     /// Tokens trained on by this call.
     run_tokens: u64,
+    /// The lowest step loss of this call, for the divergence guard.
+    lowest_loss: Option<f32>,
+    /// Checkpoints saved since the last accepted step loss: their weights are known good only
+    /// once the next step's loss is seen.
+    pending: Vec<PathBuf>,
+    /// The newest checkpoint whose weights produced an accepted loss (or the resumed one).
+    last_good: Option<PathBuf>,
 }
 
 impl<'a, B: Backend> TrainLoop<'a, B> {
@@ -140,10 +155,12 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let mut rng = Rng::new(run.seed ^ 0x5EED);
         let (mut start_step, mut tokens_seen, mut prior_elapsed) = (0, 0u64, 0.0);
         let mut opt = AdamW::new(be, model)?;
+        let mut last_good = None;
         if opts.resume {
             if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
                 let (resumed, o, state) =
                     checkpoint::resume(be, &dir, &model.cfg, objective.name())?;
+                let changes = run_dir::resume_changes(&dir, state.step, &state.run, run)?;
                 *model = resumed;
                 opt = o;
                 objective.set_data_position(&state.data)?;
@@ -151,13 +168,20 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
                 start_step = state.step;
                 tokens_seen = state.tokens_seen;
                 prior_elapsed = state.elapsed_s;
+                let with = if changes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {}", changes.join(", "))
+                };
                 progress.note(&format!(
-                    "resuming from {} (step {start_step})",
+                    "resuming from {} (step {start_step}){with}",
                     dir.display()
                 ));
+                last_good = Some(dir);
             }
         }
-        let log = MetricsLog::open(&opts.out_dir, opts.resume.then_some(start_step))?;
+        // A resume with no checkpoint to resume from starts afresh, metrics included.
+        let log = MetricsLog::open(&opts.out_dir, last_good.is_some().then_some(start_step))?;
         Ok(Self {
             be,
             model,
@@ -178,6 +202,9 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             prior_elapsed,
             started: Instant::now(),
             run_tokens: 0,
+            lowest_loss: None,
+            pending: Vec::new(),
+            last_good,
         })
     }
 
@@ -192,10 +219,12 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let elapsed = self.started.elapsed();
         self.report_step(done, &outcome, elapsed, step_start.elapsed())?;
         let run = &self.opts.run;
-        if run.val_every > 0 && (done % run.val_every == 0 || done == run.max_steps) {
+        if run.val_every > 0 && (done.is_multiple_of(run.val_every) || done == run.max_steps) {
             self.validate(done)?;
         }
-        if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.max_steps {
+        if (run.checkpoint_every > 0 && done.is_multiple_of(run.checkpoint_every))
+            || done == run.max_steps
+        {
             let dir = self.save(done, self.prior_elapsed + elapsed.as_secs_f64())?;
             self.progress.note(&format!("saved {}", dir.display()));
             self.summary.last_checkpoint = Some(dir);
@@ -205,9 +234,9 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     }
 
     /// The step's micro-batches (each adding `1 / accum` of its gradient), then the clipped
-    /// AdamW update at the scheduled learning rate; refuses a non-finite loss or norm.
+    /// AdamW update at the scheduled learning rate, unless the divergence guard stops the run.
     fn accumulate_and_update(&mut self, step: usize) -> Result<StepOutcome> {
-        let (be, run, accum) = (self.be, &self.opts.run, self.accum);
+        let (be, accum) = (self.be, self.accum);
         self.model.zero_grad(be)?;
         let mut loss_sum = 0.0f64;
         let mut tokens = 0usize;
@@ -221,12 +250,8 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let loss = (loss_sum / accum as f64) as f32;
         let extras = self.objective.take_metrics();
         let norm = self.model.grad_norm(be)?;
-        if !loss.is_finite() || !norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step: step + 1,
-                what: format!("loss {loss}, gradient norm {norm}"),
-            });
-        }
+        self.guard(step + 1, loss, norm)?;
+        let run = &self.opts.run;
         let grad_scale = if run.grad_clip > 0.0 && norm > run.grad_clip {
             run.grad_clip / norm
         } else {
@@ -303,9 +328,110 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         Ok(())
     }
 
+    /// The divergence guard, before step `done`'s update: a non-finite loss or gradient norm,
+    /// or a loss more than `divergence_factor * max(1, |lowest|)` above the lowest of this
+    /// call, stops the run. An accepted loss makes the checkpoints saved before it known good.
+    fn guard(&mut self, done: usize, loss: f32, norm: f32) -> Result<()> {
+        let factor = if self.objective.loss_spike_means_divergence() {
+            self.opts.run.divergence_factor
+        } else {
+            0.0
+        };
+        let spiked = |lo: f32| factor > 0.0 && loss - lo > factor * lo.abs().max(1.0);
+        let bad = !loss.is_finite() || !norm.is_finite() || self.lowest_loss.is_some_and(spiked);
+        if bad {
+            let lowest = self
+                .lowest_loss
+                .map_or(String::new(), |lo| format!(" (lowest so far {lo})"));
+            return Err(self.diverged(done, format!("loss {loss}{lowest}, gradient norm {norm}")));
+        }
+        self.lowest_loss = Some(self.lowest_loss.map_or(loss, |lo| lo.min(loss)));
+        if let Some(newest) = self.pending.pop() {
+            self.last_good = Some(newest);
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The error of a run that diverged at step `done`: the checkpoints not yet known good are
+    /// moved aside (`ckpt_<step>.diverged`, which `--resume` does not pick), and the message
+    /// says where the last good one is.
+    fn diverged(&mut self, done: usize, what: String) -> TrainError {
+        let mut aside = Vec::new();
+        for dir in self.pending.drain(..) {
+            match run_dir::set_aside(&dir) {
+                Ok(to) => aside.push(to.display().to_string()),
+                Err(e) => aside.push(format!("{} (could not be moved aside: {e})", dir.display())),
+            }
+        }
+        let aside = if aside.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the checkpoints written since are set aside as {}",
+                aside.join(", ")
+            )
+        };
+        let then = match &self.last_good {
+            Some(good) => format!(
+                "the last good checkpoint is {}; lower the learning rate and resume with \
+                 --resume{aside}",
+                good.display()
+            ),
+            None => format!(
+                "no checkpoint of this run is known good; lower the learning rate and start \
+                 over with --overwrite{aside}"
+            ),
+        };
+        TrainError::Diverged {
+            step: done,
+            what,
+            then,
+        }
+    }
+
+    /// Refuses to save non-finite weights or optimizer moments (the step's loss and norm were
+    /// finite, but its update may not have been).
+    fn check_finite(&mut self, step: usize) -> Result<()> {
+        let be = self.be;
+        let specs = &self.model.layout.specs;
+        let tensors = [
+            ("weight", self.model.param_values(be)?),
+            (
+                "first moment of",
+                self.opt
+                    .m
+                    .iter()
+                    .map(|b| be.download(b))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            ),
+            (
+                "second moment of",
+                self.opt
+                    .v
+                    .iter()
+                    .map(|b| be.download(b))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            ),
+        ];
+        for (kind, values) in &tensors {
+            for (spec, v) in specs.iter().zip(values) {
+                if v.iter().any(|x| !x.is_finite()) {
+                    let what = format!(
+                        "the {kind} {} is not finite after the update, so it is not saved",
+                        spec.name
+                    );
+                    return Err(self.diverged(step, what));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checkpoints the run after `step` steps (`elapsed_s` seconds of training in all) and
-    /// prunes old checkpoints; returns the directory.
-    fn save(&self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+    /// prunes old checkpoints (never the last known-good one); returns the directory.
+    fn save(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+        self.check_finite(step)?;
         let opts = self.opts;
         let state = TrainState {
             step,
@@ -323,7 +449,12 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             self.tokenizer,
             Some((&self.opt, &state)),
         )?;
-        checkpoint::prune(&opts.out_dir, opts.keep_checkpoints)?;
+        self.pending.push(dir.clone());
+        run_dir::prune_keeping(
+            &opts.out_dir,
+            opts.keep_checkpoints,
+            self.last_good.as_deref(),
+        )?;
         Ok(dir)
     }
 

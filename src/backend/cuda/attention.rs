@@ -67,7 +67,7 @@ fn mma_kernels(which: AttentionKernels, c: usize, nh: usize) -> Option<Mma> {
         ),
         _ => return None,
     };
-    (which == AttentionKernels::Mma && c % 8 == 0).then(|| Mma {
+    (which == AttentionKernels::Mma && c.is_multiple_of(8)).then(|| Mma {
         forward,
         dq,
         dkv,

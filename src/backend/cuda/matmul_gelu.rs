@@ -15,7 +15,7 @@ use crate::backend::shapes;
 
 /// cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
 fn epilogue_fits(be: &CudaBackend, width: usize) -> bool {
-    be.options.gelu_epilogue && width % 8 == 0
+    be.options.gelu_epilogue && width.is_multiple_of(8)
 }
 
 #[allow(clippy::too_many_arguments)]

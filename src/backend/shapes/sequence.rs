@@ -6,7 +6,7 @@ use crate::backend::{check_len, BackendError, Result, SampleParams};
 
 /// Attention needs `NH > 0` heads that divide `C`.
 pub fn attention_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
-    if nh == 0 || c % nh != 0 {
+    if nh == 0 || !c.is_multiple_of(nh) {
         return Err(invalid(
             op,
             format!("C = {c} is not a multiple of NH = {nh}"),

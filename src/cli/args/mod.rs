@@ -105,6 +105,10 @@ pub struct RunFlags {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Start afresh in an --out that holds an earlier run, deleting its checkpoints and
+    /// metrics (without it, such a run is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
     #[arg(long)]
@@ -131,4 +135,8 @@ pub struct RunFlags {
     pub checkpoint_every: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop as diverged when a step's loss exceeds the run's lowest by more than this many
+    /// times max(1, |lowest|) (0: only a non-finite loss stops it).
+    #[arg(long)]
+    pub divergence_factor: Option<f32>,
 }

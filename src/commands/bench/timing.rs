@@ -379,7 +379,7 @@ pub fn bench_stages<B: Backend>(
     optimizer: bool,
     mut on_step: impl FnMut(BenchStage, usize, f64),
 ) -> Result<Vec<BenchResult>> {
-    if stages.contains(&BenchStage::Dpo) && b % 2 != 0 {
+    if stages.contains(&BenchStage::Dpo) && !b.is_multiple_of(2) {
         return Err(ModelError::Invalid(format!(
             "the dpo bench runs B/2 pairs: B = {b} must be even"
         )));

@@ -168,7 +168,7 @@ pub fn split_corpus(corpus: &Path, train: &Path, val: &Path) -> Result<(usize, u
         let source = v.get("source").and_then(|s| s.as_str()).unwrap_or("");
         let to_val = !source.starts_with("wordnet") && {
             others += 1;
-            others % VAL_EVERY == 0
+            others.is_multiple_of(VAL_EVERY)
         };
         let dst = if to_val { &mut va } else { &mut tr };
         dst.push_str(line);

@@ -161,7 +161,10 @@ impl<'a, B: Backend + 'static> Demo<'a, B> {
             let job = TrainJob {
                 run: run.clone(),
                 out: dir.clone(),
-                resume: !done.is_empty(),
+                // A stage stopped before its first checkpoint starts afresh (`--resume` on a
+                // directory with no checkpoint), its partial metrics replaced.
+                resume: true,
+                overwrite: false,
                 keep_checkpoints,
                 quiet: false,
                 stage,
