@@ -349,7 +349,7 @@ mod tests {
             c
         };
         type Case = (fn(&mut RunConfig), &'static str);
-        let cases: [Case; 17] = [
+        let cases: [Case; 18] = [
             (
                 |c| c.learning_rate = -1.0,
                 "learning_rate (--lr) is -1: must be finite and > 0",
