@@ -256,7 +256,12 @@ impl RunConfig {
         let factor = self.divergence_factor;
         if !(factor.is_finite() && factor >= 0.0) {
             let want = "must be finite and >= 0 (0 turns the loss-spike guard off)";
-            return bad("divergence_factor", Some("--divergence-factor"), factor, want);
+            return bad(
+                "divergence_factor",
+                Some("--divergence-factor"),
+                factor,
+                want,
+            );
         }
         for (key, flag, v) in [
             ("batch_size", "--batch-size", self.batch_size),

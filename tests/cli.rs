@@ -1,37 +1,10 @@
 //! The `topcoat` binary end to end: prepare -> pretrain -> sample -> info, and its errors
 //! (a clear message and a non-zero exit, never a panic).
 
+mod common;
+use common::cli::{fails, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn topcoat(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args(args)
-        .output()
-        .expect("running topcoat")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = topcoat(args);
-    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = topcoat(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
-    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
-    t
-}
 
 #[test]
 fn prepare_pretrain_sample_info() {

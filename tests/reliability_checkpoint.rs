@@ -3,11 +3,13 @@
 //! nothing; a failed save (a full disk included) leaves no temporary directory; a stale one
 //! blocks nothing; random and mutated manifests and safetensors files never panic.
 
+mod common;
+use common::cli::{fails, ok, s, snapshot};
+
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::config::{ModelConfig, RunConfig};
@@ -19,58 +21,6 @@ use topcoat::train::checkpoint::{self, TrainState};
 use topcoat::train::manifest::{self, Manifest};
 
 // ---------------------------------------------------------------- helpers
-
-fn topcoat(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args(args)
-        .output()
-        .expect("running topcoat")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = topcoat(args);
-    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = topcoat(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
-    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
-    t
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// Every file and directory under `dir` (relative paths) with its bytes (directories: empty).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Option<Vec<u8>>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            if p.is_dir() {
-                out.insert(rel, None);
-                walk(root, &p, out);
-            } else {
-                out.insert(rel, Some(std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
 
 fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Option<Vec<u8>>>) {
     let after = snapshot(dir);

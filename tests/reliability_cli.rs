@@ -3,67 +3,10 @@
 //! values, an absurd thread count or batch, a tokenizer of the same size but other content,
 //! a missing path, and an I/O error's OS message (said once).
 
-use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::fmt::Debug;
+mod common;
+use common::cli::{fails, ok, s, snapshot};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn topcoat<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args(args)
-        .output()
-        .expect("running topcoat")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok<S: AsRef<OsStr> + Debug>(args: &[S]) -> String {
-    let o = topcoat(args);
-    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
-
-/// Runs a command that must fail: non-zero exit, no panic; returns its output.
-fn fails<S: AsRef<OsStr> + Debug>(args: &[S]) -> String {
-    let o = topcoat(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
-    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
-    assert!(!t.contains("RUST_BACKTRACE"), "topcoat {args:?}:\n{t}");
-    t
-}
-
-/// Every file under `dir` with its bytes (an absent `dir` is an empty map).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                out.insert(path.clone(), Vec::new());
-                todo.push(path);
-            } else {
-                out.insert(path.clone(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
 /// Owned arguments from strings and paths alike.
 macro_rules! args {

@@ -2,62 +2,16 @@
 //! readers refuse the wrong kind of dataset by name, and no data parser panics on any bytes
 //! (property tests on random and mutated files).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::cli::{fails, ok, snapshot, text, topcoat};
+
+use std::path::Path;
+use std::process::Output;
 
 use proptest::prelude::*;
 use topcoat::data::chat::parse_line;
 use topcoat::data::prefs::parse_pref_line;
 use topcoat::data::{prepare, write_shard, Manifest, PairSplit, SftSplit, Shard, Tokenizer};
-
-fn topcoat(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args(args)
-        .output()
-        .expect("running topcoat")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = topcoat(args);
-    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = topcoat(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
-    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
-    t
-}
-
-/// Every file under `dir` (relative path -> bytes), directories included as empty entries.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            if p.is_dir() {
-                out.insert(rel.join(""), Vec::new());
-                walk(root, &p, out);
-            } else {
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
 
 /// Names in `dir` that start with `prefix`.
 fn entries_starting(dir: &Path, prefix: &str) -> Vec<String> {
@@ -668,91 +622,4 @@ proptest! {
             })?;
         }
     }
-}
-
-/// Every file of `dir` (none when it does not exist), for comparing datasets.
-fn dataset_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    if dir.exists() {
-        snapshot(dir)
-    } else {
-        BTreeMap::new()
-    }
-}
-
-#[test]
-fn a_prepare_killed_at_any_moment_leaves_the_old_or_the_new_dataset() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    setup(d);
-    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
-    // Two inputs of different sizes; a prepare of the larger takes a noticeable time.
-    let big = d.join("big");
-    std::fs::create_dir_all(&big).unwrap();
-    for i in 0..300 {
-        let body = format!("Paragraph {i}: a cat sat on a mat, and a dog barked at {i} birds. ");
-        std::fs::write(big.join(format!("{i:03}.txt")), body.repeat(60)).unwrap();
-    }
-    let tok = p("data");
-    let args = |input: &str, out: &str| -> Vec<String> {
-        [
-            "prepare",
-            input,
-            "--out",
-            out,
-            "--tokenizer",
-            &tok,
-            "--shard-tokens",
-            "20000",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let run = |input: &str, out: &str| {
-        let a = args(input, out);
-        ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    };
-    run(&p("docs"), &p("ref_small"));
-    let start = std::time::Instant::now();
-    run(&p("big"), &p("ref_big"));
-    let full = start.elapsed();
-    let (small, large) = (
-        dataset_files(&d.join("ref_small")),
-        dataset_files(&d.join("ref_big")),
-    );
-    assert!(large.len() > 3, "the large dataset has several shards");
-
-    run(&p("docs"), &p("target"));
-    let mut before = small.clone();
-    for i in 0..16u32 {
-        // Alternate the input, and kill at spread-out moments from the start to past the end of
-        // a full run.
-        let (input, new) = if i % 2 == 0 {
-            (p("big"), &large)
-        } else {
-            (p("docs"), &small)
-        };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
-            .args(args(&input, &p("target")))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(full.mul_f64(f64::from(i) / 8.0));
-        let _ = child.kill();
-        child.wait().unwrap();
-        let now = dataset_files(&d.join("target"));
-        assert!(
-            now == before || now == *new,
-            "kill {i}: the dataset is neither the old nor the new one: {:?}",
-            now.keys().collect::<Vec<_>>()
-        );
-        before = now;
-    }
-    // The kill moments run from the start to twice a full run, so early kills land while
-    // shards are written and later ones around the switch (how many runs finish first depends
-    // on the machine's load, so that is not asserted).
-    // The next prepare cleans whatever the killed ones left beside the dataset.
-    run(&p("docs"), &p("target"));
-    assert_eq!(dataset_files(&d.join("target")), small);
-    assert!(entries_starting(d, ".target.prepare-").is_empty());
 }

@@ -4,41 +4,14 @@
 //! position cannot carry over. Each case runs the binary and checks the named error and that
 //! no file of the run changed.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+use common::cli::{fails, ok, snapshot};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::train::checkpoint;
-
-fn topcoat(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args(args)
-        .output()
-        .expect("running topcoat")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = topcoat(args);
-    assert!(o.status.success(), "topcoat {args:?} failed:\n{}", text(&o));
-    text(&o)
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = topcoat(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "topcoat {args:?} should fail:\n{t}");
-    assert!(!t.contains("panicked"), "topcoat {args:?} panicked:\n{t}");
-    t
-}
 
 /// `DIR/data`: a one-document corpus prepared with a 280-token BPE trained on it.
 fn prepare_small_corpus(dir: &Path) {
@@ -87,24 +60,6 @@ fn pretrain_args(dir: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-/// Every file under `dir`, by relative path, with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap().to_path_buf();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn names(dir: &Path) -> Vec<String> {

@@ -12,12 +12,13 @@
 //! `TOPCOAT_SOAK_SEED` picks the kill moments (default fixed); `scripts/soak.sh` runs this file
 //! with many kills and fresh seeds for as long as asked.
 
-use std::collections::BTreeMap;
+mod common;
+use common::cli::snapshot;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn topcoat() -> Command {
+fn command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_topcoat"));
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
@@ -96,34 +97,13 @@ fn corpus(path: &Path, docs: usize, salt: usize) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Every file under `dir` (relative path -> bytes), hidden lock files aside.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap().to_path_buf();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
 /// The training records of metrics.jsonl without their clock-dependent fields.
 fn records(run_dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}"));
+            let mut v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}"));
             let obj = v.as_object_mut().unwrap();
             obj.retain(|k, _| !k.contains("per_s") && !k.ends_with("elapsed_s"));
             v
@@ -152,7 +132,7 @@ fn killed_training_resumes_bit_exactly() {
     let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
     corpus(&tmp.path().join("corpus.jsonl"), 40, 0);
     run_ok(
-        topcoat().args([
+        command().args([
             "prepare",
             &p("corpus.jsonl"),
             "--out",
@@ -165,7 +145,7 @@ fn killed_training_resumes_bit_exactly() {
         "prepare",
     );
     let train = |out: &str| {
-        let mut c = topcoat();
+        let mut c = command();
         c.args([
             "pretrain",
             "--data",
@@ -229,7 +209,7 @@ fn killed_prepare_leaves_one_whole_dataset() {
     corpus(&tmp.path().join("a.jsonl"), 300, 0);
     corpus(&tmp.path().join("b.jsonl"), 200, 5);
     run_ok(
-        topcoat().args([
+        command().args([
             "tokenizer",
             "train",
             &p("a.jsonl"),
@@ -241,7 +221,7 @@ fn killed_prepare_leaves_one_whole_dataset() {
         "tokenizer train",
     );
     let prepare = |input: &str, out: &str| {
-        let mut c = topcoat();
+        let mut c = command();
         c.args([
             "prepare",
             &p(input),
@@ -293,5 +273,8 @@ fn killed_prepare_leaves_one_whole_dataset() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(".data") && n.contains("prepare"))
         .collect();
-    assert!(left.is_empty(), "staging left after a finished prepare: {left:?}");
+    assert!(
+        left.is_empty(),
+        "staging left after a finished prepare: {left:?}"
+    );
 }

@@ -294,6 +294,14 @@ pub fn prune_keeping(run_dir: &Path, keep: usize, protect: Option<&Path>) -> Res
 mod tests {
     use super::*;
 
+    /// An empty checkpoint directory that listing counts (it has a manifest file).
+    fn fake_checkpoint(dir: &Path, step: usize) -> PathBuf {
+        let ck = checkpoint::dir_for(dir, step);
+        std::fs::create_dir_all(&ck).unwrap();
+        std::fs::write(ck.join(crate::train::manifest::FILE), "{}").unwrap();
+        ck
+    }
+
     #[test]
     fn another_thread_is_refused_the_same_thread_shares_and_drop_frees() {
         let tmp = tempfile::tempdir().unwrap();
@@ -317,9 +325,8 @@ mod tests {
     #[test]
     fn diverged_checkpoints_are_not_listed() {
         let tmp = tempfile::tempdir().unwrap();
-        let ck = checkpoint::dir_for(tmp.path(), 3);
-        std::fs::create_dir_all(&ck).unwrap();
-        std::fs::create_dir_all(checkpoint::dir_for(tmp.path(), 2)).unwrap();
+        let ck = fake_checkpoint(tmp.path(), 3);
+        fake_checkpoint(tmp.path(), 2);
         let aside = set_aside(&ck).unwrap();
         assert!(aside.ends_with("ckpt_000003.diverged"));
         let listed: Vec<usize> = checkpoint::list(tmp.path())
@@ -335,7 +342,7 @@ mod tests {
     fn pruning_keeps_the_protected_checkpoint() {
         let tmp = tempfile::tempdir().unwrap();
         for s in 1..=4 {
-            std::fs::create_dir_all(checkpoint::dir_for(tmp.path(), s)).unwrap();
+            fake_checkpoint(tmp.path(), s);
         }
         let good = checkpoint::dir_for(tmp.path(), 1);
         prune_keeping(tmp.path(), 2, Some(&good)).unwrap();

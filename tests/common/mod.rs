@@ -70,3 +70,4 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 pub fn down<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
     be.download(buf).expect("download")
 }
+pub mod cli;
