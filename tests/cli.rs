@@ -2,7 +2,7 @@
 //! (a clear message and a non-zero exit, never a panic).
 
 mod common;
-use common::cli::{fails, ok};
+use common::cli::{fails, ok, prepare_small_corpus};
 
 use std::path::Path;
 
@@ -160,24 +160,6 @@ fn bad_input_is_a_clear_error() {
     );
     let t = fails(&["bench", "--device", "cpu", "--attention", "fast"]);
     assert!(t.contains("--attention") && t.contains("cuda-cores"), "{t}");
-}
-
-/// `DIR/data`: a one-document corpus prepared with a 280-token BPE trained on it.
-fn prepare_small_corpus(dir: &Path) {
-    let docs = dir.join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
-    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
-    ok(&[
-        "prepare",
-        &p("docs"),
-        "--out",
-        &p("data"),
-        "--tokenizer",
-        "bpe",
-        "--vocab-size",
-        "280",
-    ]);
 }
 
 #[test]

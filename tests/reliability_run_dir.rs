@@ -5,31 +5,13 @@
 //! no file of the run changed.
 
 mod common;
-use common::cli::{fails, ok, snapshot};
+use common::cli::{fails, ok, prepare_small_corpus, snapshot};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::train::checkpoint;
-
-/// `DIR/data`: a one-document corpus prepared with a 280-token BPE trained on it.
-fn prepare_small_corpus(dir: &Path) {
-    let docs = dir.join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
-    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
-    ok(&[
-        "prepare",
-        &p("docs"),
-        "--out",
-        &p("data"),
-        "--tokenizer",
-        "bpe",
-        "--vocab-size",
-        "280",
-    ]);
-}
 
 /// A small pretraining command on `DIR/data` into `out`, then `extra` flags (which replace
 /// the small defaults they name).

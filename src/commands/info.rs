@@ -52,14 +52,7 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
         cfg.num_params() as f64 / 1e6
     );
     if let Ok(tok) = checkpoint::load_tokenizer(&dir) {
-        let _ = writeln!(
-            s,
-            "  tokenizer: {:?}, {} ids, eot {}, sha256 {}",
-            tok.kind(),
-            tok.vocab_size(),
-            tok.eot(),
-            tok.short_fingerprint()
-        );
+        let _ = writeln!(s, "{}", tokenizer_line(&tok));
     }
     let state = dir.join("train_state.json");
     if state.exists() {
@@ -77,19 +70,23 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
     Ok(s)
 }
 
-/// A prepared data directory: its tokenizer (with its fingerprint) and its files.
-fn data_dir_info(dir: &Path) -> Result<String, TrainError> {
-    let tok = crate::data::Tokenizer::load(dir.join("tokenizer.json"))?;
-    let mut s = String::new();
-    let _ = writeln!(s, "prepared data {}", dir.display());
-    let _ = writeln!(
-        s,
+/// The line that describes a tokenizer: its kind, size, end-of-text id and fingerprint.
+fn tokenizer_line(tok: &crate::data::Tokenizer) -> String {
+    format!(
         "  tokenizer: {:?}, {} ids, eot {}, sha256 {}",
         tok.kind(),
         tok.vocab_size(),
         tok.eot(),
         tok.short_fingerprint()
-    );
+    )
+}
+
+/// A prepared data directory: its tokenizer (with its fingerprint) and its files.
+fn data_dir_info(dir: &Path) -> Result<String, TrainError> {
+    let tok = crate::data::Tokenizer::load(dir.join("tokenizer.json"))?;
+    let mut s = String::new();
+    let _ = writeln!(s, "prepared data {}", dir.display());
+    let _ = writeln!(s, "{}", tokenizer_line(&tok));
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
         .filter_map(|e| e.ok())

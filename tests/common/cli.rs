@@ -67,3 +67,20 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// `DIR/data`: a one-document corpus prepared with a 280-token BPE trained on it.
+pub fn prepare_small_corpus(dir: &Path) {
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
+    ok(&[
+        "prepare",
+        &s(&docs),
+        "--out",
+        &s(&dir.join("data")),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "280",
+    ]);
+}
