@@ -225,8 +225,15 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         if (run.checkpoint_every > 0 && done.is_multiple_of(run.checkpoint_every))
             || done == run.max_steps
         {
+            let saving = Instant::now();
             let dir = self.save(done, self.prior_elapsed + elapsed.as_secs_f64())?;
-            self.progress.note(&format!("saved {}", dir.display()));
+            // The cost of a save (write, fsync, checksums) is part of the run's time budget.
+            self.progress.note(&format!(
+                "saved {} ({:.1} MB in {:.2} s)",
+                dir.display(),
+                dir_bytes(&dir) as f64 / 1e6,
+                saving.elapsed().as_secs_f64()
+            ));
             self.summary.last_checkpoint = Some(dir);
         }
         self.summary.final_step = done;
@@ -464,4 +471,16 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             self.run_tokens as f64 / self.summary.elapsed.as_secs_f64().max(1e-9);
         self.summary
     }
+}
+
+/// The bytes of the files directly in `dir` (0 for what cannot be read: it is for a message).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
