@@ -5,8 +5,11 @@
 //! its data, its objective). [`run_stage`] does the rest in one order for every stage:
 //! 1. refuse a run config for more than one rank (until data parallelism exists);
 //! 2. resolve the starting checkpoint (a checkpoint, or a run directory's newest) and load its
-//!    tokenizer and model config, or, for a fresh model, the data's tokenizer and the preset;
-//! 3. refuse data prepared with a different tokenizer, naming the command that prepares it;
+//!    tokenizer and model config (refusing a reward model where a policy is meant), or, for a
+//!    fresh model, the data's tokenizer and the preset;
+//! 3. the preflight (`preflight.rs`): the run config's values, the memory plan against the
+//!    device, and on `--resume` the checkpoint's tokenizer against the data's; then refuse data
+//!    prepared with a different tokenizer, naming the command that prepares it;
 //! 4. refuse a `seq_len` past the model's context;
 //! 5. lock the run directory (`train::run_dir`; held until the loop returns) and refuse a fresh
 //!    run over an earlier one unless `overwrite`;
