@@ -339,6 +339,51 @@ fn no_window_error_lists_a_few_shards_and_the_count() {
     );
 }
 
+/// A validation split too short for one window names the split and the ways out; with
+/// validation off it is not opened at all.
+#[test]
+fn a_short_validation_split_is_named_and_not_needed_without_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let p = |s: &str| d.join(s).to_string_lossy().into_owned();
+    std::fs::create_dir_all(d.join("few")).unwrap();
+    for i in 0..20 {
+        std::fs::write(d.join(format!("few/{i:02}.txt")), "A cat is small.").unwrap();
+    }
+    ok(&[
+        "prepare",
+        &p("few"),
+        "--out",
+        &p("short"),
+        "--tokenizer",
+        &p("data"),
+    ]);
+    let (short, run) = (p("short"), p("run"));
+    let mut args = train_args("pretrain", "", &short, &run);
+    let t = fails(&args);
+    assert!(
+        t.contains("the validation split of")
+            && t.contains("val_000000.bin")
+            && t.contains("--val-every 0"),
+        "{t}"
+    );
+    assert!(!d.join("run").join("metrics.jsonl").exists());
+    args.extend(["--val-every", "0"]);
+    ok(&args);
+    assert!(checkpoint_written(&d.join("run")));
+}
+
+/// Whether `run` holds a checkpoint.
+fn checkpoint_written(run: &Path) -> bool {
+    std::fs::read_dir(run).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("ckpt_")
+    })
+}
+
 #[test]
 fn a_byte_order_mark_is_not_text() {
     let tmp = tempfile::tempdir().unwrap();

@@ -58,7 +58,12 @@ impl Stage for PretrainStage {
             run.rank,
             run.world_size,
             ctx.model.vocab_size,
-            run.val_batches,
+            // No validation split is opened (or required) when validation is off.
+            if run.val_every == 0 {
+                0
+            } else {
+                run.val_batches
+            },
         )?)
     }
 }

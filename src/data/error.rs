@@ -67,7 +67,10 @@ pub enum DataError {
     #[error("no shard files given ({what})")]
     NoShards { what: String },
 
-    #[error("no window of T+1 = {need} tokens in any of the {count} shards: {files}")]
+    #[error(
+        "no window of T+1 = {need} tokens in any of the {count} shards: {files} (a shorter \
+         --seq-len, or more text, makes one)"
+    )]
     NoWindow {
         need: usize,
         count: usize,

@@ -53,7 +53,8 @@ pub struct Pretrain {
 }
 
 impl Pretrain {
-    /// Opens `dir/train_*.bin` (shuffled, this rank's share) and `dir/val_*.bin` if present.
+    /// Opens `dir/train_*.bin` (shuffled, this rank's share) and, unless `val_batches` is 0
+    /// (validation off), `dir/val_*.bin` if present.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         dir: &Path,
@@ -68,7 +69,17 @@ impl Pretrain {
         let train_files = split_files(dir, "train")?;
         let train = Loader::sequential(&train_files, b, t, rank, world, vocab_size)?.shuffled(seed);
         let val = match split_files(dir, "val") {
-            Ok(files) => Some(Loader::sequential(&files, b, t, rank, world, vocab_size)?),
+            _ if val_batches == 0 => None,
+            Ok(files) => Some(
+                Loader::sequential(&files, b, t, rank, world, vocab_size).map_err(|e| match e {
+                    DataError::NoWindow { .. } => DataError::InvalidArgument(format!(
+                        "the validation split of {}: {e}; or turn validation off with \
+                         --val-every 0",
+                        dir.display()
+                    )),
+                    other => other,
+                })?,
+            ),
             Err(DataError::NoShards { .. }) => None,
             Err(e) => return Err(e),
         };
