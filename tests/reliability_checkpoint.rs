@@ -453,7 +453,7 @@ fn a_checkpoint_without_a_manifest_is_refused_never_skipped_or_pruned() {
         1,
         "only complete ones count"
     );
-    checkpoint::prune(run, 1).unwrap();
+    topcoat::train::run_dir::prune_keeping(run, 1, None).unwrap();
     assert!(
         newest.is_dir() && checkpoint::dir_for(run, 2).is_dir(),
         "nothing pruned"

@@ -4,7 +4,8 @@
 //!
 //! - Training: a pretrain run that checkpoints every step is killed `TOPCOAT_SOAK_KILLS` times
 //!   (default 20) and resumed with `--resume` each time until it finishes. Its per-step metrics
-//!   and its final weights must equal those of the same run done without a stop.
+//!   and its final weights must equal those of the same run done without a stop, and after
+//!   every kill each checkpoint left behind must load whole (every file matching its manifest).
 //! - Prepare: a dataset directory is re-prepared from one of two inputs, alternately, and killed
 //!   at random moments. After every kill the directory must equal, file for file and byte for
 //!   byte, one of the two complete preparations.
@@ -17,6 +18,8 @@ use common::cli::snapshot;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use topcoat::backend::cpu::CpuBackend;
+use topcoat::train::checkpoint;
 
 fn command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_topcoat"));
@@ -126,6 +129,19 @@ fn newest_checkpoint(run_dir: &Path) -> PathBuf {
     ckpts.pop().expect("a checkpoint")
 }
 
+/// Every `ckpt_<step>` a killed run left must load whole: weights, moments and state, each
+/// file matching its manifest.
+fn every_checkpoint_loads(run_dir: &Path) {
+    let be = CpuBackend::new();
+    for (step, dir) in checkpoint::list(run_dir).unwrap() {
+        let model = checkpoint::load_model(&be, &dir, None)
+            .unwrap_or_else(|e| panic!("checkpoint of step {step} after a kill: {e}"));
+        let (_, state) = checkpoint::load_training(&be, &dir, &model, "pretrain")
+            .unwrap_or_else(|e| panic!("checkpoint of step {step} after a kill: {e}"));
+        assert_eq!(state.step, step);
+    }
+}
+
 #[test]
 fn killed_training_resumes_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -184,6 +200,7 @@ fn killed_training_resumes_bit_exactly() {
             std::fs::remove_dir_all(tmp.path().join("killed")).unwrap();
         } else {
             killed += 1;
+            every_checkpoint_loads(&tmp.path().join("killed"));
         }
     }
     run_ok(&mut train("killed"), "the last resume");

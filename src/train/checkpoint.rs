@@ -414,14 +414,34 @@ fn json_bytes<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| ckpt_err(path, e.to_string()))
 }
 
-/// Removes all but the newest `keep` checkpoints of `run_dir` (0 keeps all).
-pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
+/// Suffix of a checkpoint directory being deleted (`.ckpt_000012.removed`).
+const REMOVED: &str = ".removed";
+
+/// Deletes checkpoint `dir` without ever leaving a half-deleted `ckpt_<step>` that looks
+/// complete: it is renamed to the hidden `.ckpt_<step>.removed` first (one atomic step, and
+/// nothing lists that name), then deleted. A deletion that a kill interrupted is finished by
+/// [`remove_stale`].
+pub fn remove(dir: &Path) -> Result<()> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = dir.with_file_name(format!(".{name}{REMOVED}"));
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
     }
-    let all = list(run_dir)?;
-    for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(path).map_err(io_err(path))?;
+    std::fs::rename(dir, &doomed).map_err(io_err(dir))?;
+    std::fs::remove_dir_all(&doomed).map_err(io_err(&doomed))
+}
+
+/// Finishes the deletions of [`remove`] that a killed process left in `run_dir`.
+pub fn remove_stale(run_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(io_err(run_dir))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(&format!(".{PREFIX}")) && name.ends_with(REMOVED) {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
     }
     Ok(())
 }

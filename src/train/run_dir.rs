@@ -117,7 +117,10 @@ impl Drop for Held {
 /// checkpoints (finished, temporary, set aside), metrics and the DPO reference cache.
 fn is_run_file(name: &str) -> bool {
     name.starts_with("ckpt_")
-        || (name.starts_with(".ckpt_") && (name.ends_with(".tmp") || name.ends_with(".old")))
+        || (name.starts_with(".ckpt_")
+            && [".tmp", ".old", ".removed"]
+                .iter()
+                .any(|end| name.ends_with(end)))
         || name.starts_with("metrics.jsonl")
         || name == "ref_logps.bin"
 }
@@ -166,12 +169,13 @@ pub fn clear_earlier_run(lock: &RunDirLock, files: &[String]) -> Result<()> {
     let dir = lock.dir();
     for name in files.iter().filter(|n| *n != "ref_logps.bin") {
         let path = dir.join(name);
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
+        if name.starts_with("ckpt_") {
+            checkpoint::remove(&path)?;
+        } else if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
         } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(io_err(&path))?;
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
     }
     Ok(())
 }
@@ -275,17 +279,18 @@ pub fn set_aside(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Removes all but the newest `keep` checkpoints of `run_dir` (0 keeps all), and never
-/// `protect` (the last known-good checkpoint).
+/// `protect` (the last known-good checkpoint); first it finishes any removal a killed process
+/// left half done.
 pub fn prune_keeping(run_dir: &Path, keep: usize, protect: Option<&Path>) -> Result<()> {
+    checkpoint::remove_stale(run_dir)?;
     if keep == 0 {
         return Ok(());
     }
     let all = checkpoint::list(run_dir)?;
     for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
-        if Some(path.as_path()) == protect {
-            continue;
+        if Some(path.as_path()) != protect {
+            checkpoint::remove(path)?;
         }
-        std::fs::remove_dir_all(path).map_err(io_err(path))?;
     }
     Ok(())
 }
@@ -336,6 +341,34 @@ mod tests {
             .collect();
         assert_eq!(listed, vec![2]);
         assert!(is_run_file("ckpt_000003.diverged"));
+    }
+
+    #[test]
+    fn a_removal_never_leaves_a_listed_half_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        for s in 1..=3 {
+            fake_checkpoint(tmp.path(), s);
+        }
+        // What a kill in the middle of a removal leaves: renamed aside, partly deleted.
+        let half = tmp.path().join(".ckpt_000001.removed");
+        std::fs::rename(checkpoint::dir_for(tmp.path(), 1), &half).unwrap();
+        let steps = |dir: &Path| -> Vec<usize> {
+            checkpoint::list(dir)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        };
+        assert_eq!(steps(tmp.path()), vec![2, 3]);
+        assert!(is_run_file(".ckpt_000001.removed"));
+        prune_keeping(tmp.path(), 1, None).unwrap();
+        assert_eq!(steps(tmp.path()), vec![3]);
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(
+            left.len(),
+            1,
+            "the half-removed and the pruned checkpoints are gone"
+        );
     }
 
     #[test]
