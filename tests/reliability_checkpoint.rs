@@ -4,7 +4,7 @@
 //! blocks nothing; random and mutated manifests and safetensors files never panic.
 
 mod common;
-use common::cli::{fails, ok, s, snapshot};
+use common::cli::{fails, ok, prepare_small_corpus, s, snapshot};
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -83,19 +83,7 @@ const RUN_FLAGS: [&str; 12] = [
 /// `dir/data` (a corpus with a 280-token BPE), `dir/pre` (a 4-step pretrain run: ckpt_000002
 /// and ckpt_000004).
 fn pretrain_run(dir: &Path) {
-    let docs = dir.join("docs");
-    std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("a.txt"), "A cat is a small animal. ".repeat(40)).unwrap();
-    ok(&[
-        "prepare",
-        &s(&docs),
-        "--out",
-        &s(&dir.join("data")),
-        "--tokenizer",
-        "bpe",
-        "--vocab-size",
-        "280",
-    ]);
+    prepare_small_corpus(dir);
     let mut args = vec![
         "pretrain".to_string(),
         "--data".into(),
