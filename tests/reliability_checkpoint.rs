@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use topcoat::backend::cpu::CpuBackend;
+use topcoat::backend::Backend;
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
 use topcoat::model::Gpt;
@@ -323,6 +324,46 @@ fn save_with(dest: &Path, write: &checkpoint::WriteFile<'_>) -> topcoat::train::
     let model = Gpt::init(&be, &tiny_cfg(tok.vocab_size()), 7).unwrap();
     let opt = AdamW::new(&be, &model).unwrap();
     checkpoint::save_with(&be, dest, &model, tok, Some((&opt, &state(2))), write)
+}
+
+/// A weight or moment holding a NaN or an infinity is never written: the save is refused by
+/// name and leaves neither the checkpoint nor its temporary directory.
+#[test]
+fn non_finite_values_are_never_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let be = CpuBackend;
+    let tok = small_tokenizer();
+    let cfg = tiny_cfg(tok.vocab_size());
+    let good = Gpt::init(&be, &cfg, 7).unwrap();
+    let mut values = good.param_values(&be).unwrap();
+    values[1][3] = f32::NAN;
+    let bad = Gpt::from_values(&be, &cfg, values).unwrap();
+    let opt = AdamW::new(&be, &good).unwrap();
+    let dest = tmp.path().join("ckpt_000002");
+    let err = checkpoint::save(&be, &dest, &bad, tok, Some((&opt, &state(2))))
+        .unwrap_err()
+        .to_string();
+    let name = &good.layout.specs[1].name;
+    assert_eq!(
+        err,
+        format!(
+            "checkpoint {}: the weight {name} is not finite, so it is not saved",
+            dest.display()
+        )
+    );
+    let mut opt = AdamW::new(&be, &good).unwrap();
+    let mut m = be.download(&opt.m[0]).unwrap();
+    m[0] = f32::INFINITY;
+    be.write(&mut opt.m[0], &m).unwrap();
+    let err = checkpoint::save(&be, &dest, &good, tok, Some((&opt, &state(2))))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the first moment of"), "{err}");
+    assert_eq!(
+        names(tmp.path()),
+        Vec::<String>::new(),
+        "nothing left behind"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! learning-rate schedule, validation, metrics, progress and checkpoints. A stage supplies
 //! only an [`Objective`]: its loss and its data.
 
-use super::checkpoint::{self, TrainState};
+use super::checkpoint::{self, CheckpointError, TrainState};
 use super::metrics::{fmt_duration, Extras, MetricsLog, Progress};
 use super::run_dir;
 use super::{io_err, Result, TrainError};
@@ -397,48 +397,9 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         }
     }
 
-    /// Refuses to save non-finite weights or optimizer moments (the step's loss and norm were
-    /// finite, but its update may not have been).
-    fn check_finite(&mut self, step: usize) -> Result<()> {
-        let be = self.be;
-        let specs = &self.model.layout.specs;
-        let tensors = [
-            ("weight", self.model.param_values(be)?),
-            (
-                "first moment of",
-                self.opt
-                    .m
-                    .iter()
-                    .map(|b| be.download(b))
-                    .collect::<std::result::Result<Vec<_>, _>>()?,
-            ),
-            (
-                "second moment of",
-                self.opt
-                    .v
-                    .iter()
-                    .map(|b| be.download(b))
-                    .collect::<std::result::Result<Vec<_>, _>>()?,
-            ),
-        ];
-        for (kind, values) in &tensors {
-            for (spec, v) in specs.iter().zip(values) {
-                if v.iter().any(|x| !x.is_finite()) {
-                    let what = format!(
-                        "the {kind} {} is not finite after the update, so it is not saved",
-                        spec.name
-                    );
-                    return Err(self.diverged(step, what));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Checkpoints the run after `step` steps (`elapsed_s` seconds of training in all) and
     /// prunes old checkpoints (never the last known-good one); returns the directory.
     fn save(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
-        self.check_finite(step)?;
         let opts = self.opts;
         let state = TrainState {
             step,
@@ -449,13 +410,21 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             elapsed_s,
             stage: self.objective.name().to_string(),
         };
-        let dir = checkpoint::save(
+        // The step's loss and norm were finite, but its update may not have been: a save of
+        // non-finite values is refused, and that ends the run as diverged.
+        let dir = match checkpoint::save(
             self.be,
             &checkpoint::dir_for(&opts.out_dir, step),
             self.model,
             self.tokenizer,
             Some((&self.opt, &state)),
-        )?;
+        ) {
+            Err(TrainError::Integrity(CheckpointError::NotFinite { what, .. })) => {
+                let what = format!("{what} is not finite after the update, so it is not saved");
+                return Err(self.diverged(step, what));
+            }
+            saved => saved?,
+        };
         self.pending.push(dir.clone());
         run_dir::prune_keeping(
             &opts.out_dir,

@@ -130,6 +130,9 @@ pub enum CheckpointError {
         .dir.display(), reward::HEAD_WEIGHT
     )]
     RewardModelInit { dir: PathBuf, stage: String },
+    /// A tensor holds a NaN or an infinity: no checkpoint is written with it.
+    #[error("checkpoint {}: {what} is not finite, so it is not saved", .dir.display())]
+    NotFinite { dir: PathBuf, what: String },
 }
 
 fn previous_text(previous: &Option<PathBuf>) -> String {

@@ -6,7 +6,7 @@
 use super::{ckpt_err, list, CheckpointError, TrainState, PREFIX};
 use crate::backend::Backend;
 use crate::data::Tokenizer;
-use crate::model::Gpt;
+use crate::model::{Gpt, ParamSpec};
 use crate::optim::AdamW;
 use crate::train::manifest::{self, sha256_hex, Entry, Manifest};
 use crate::train::{io_err, Result, TrainError};
@@ -83,6 +83,28 @@ fn remove_any(path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses tensors holding a NaN or an infinity (`kind` names what they are: "weight",
+/// "first moment of"), naming the first such one.
+fn refuse_non_finite(
+    dest: &Path,
+    kind: &str,
+    specs: &[ParamSpec],
+    values: &[Vec<f32>],
+) -> Result<()> {
+    match specs
+        .iter()
+        .zip(values)
+        .find(|(_, v)| v.iter().any(|x| !x.is_finite()))
+    {
+        Some((spec, _)) => Err(CheckpointError::NotFinite {
+            dir: dest.to_path_buf(),
+            what: format!("the {kind} {}", spec.name),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// Writes a checkpoint of `model` (and, for training, the optimizer and the state) to
 /// `dest`, atomically. Returns `dest`.
 pub fn save<B: Backend>(
@@ -145,6 +167,7 @@ pub fn save_with<B: Backend>(
 
     let specs = &model.layout.specs;
     let values = model.param_values(be)?;
+    refuse_non_finite(dest, "weight", specs, &values)?;
     let file = "model.safetensors";
     let bytes = safetensors_bytes(
         &tmp.join(file),
@@ -180,6 +203,8 @@ pub fn save_with<B: Backend>(
             .iter()
             .map(|b| be.download(b))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        refuse_non_finite(dest, "first moment of", specs, &m)?;
+        refuse_non_finite(dest, "second moment of", specs, &v)?;
         let mut tensors = Vec::with_capacity(2 * specs.len());
         for (s, data) in specs.iter().zip(&m) {
             tensors.push((format!("m.{}", s.name), s.shape.clone(), data.as_slice()));
