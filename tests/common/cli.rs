@@ -84,3 +84,32 @@ pub fn prepare_small_corpus(dir: &Path) {
         "280",
     ]);
 }
+
+/// Asserts that `dir` holds what `before` (its [`snapshot`]) recorded, naming what changed.
+pub fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Option<Vec<u8>>>) {
+    let after = snapshot(dir);
+    let names = |m: &BTreeMap<PathBuf, Option<Vec<u8>>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&after),
+        names(before),
+        "{}: listing changed",
+        dir.display()
+    );
+    for (k, v) in before {
+        assert!(after[k] == *v, "{}: {} changed", dir.display(), k.display());
+    }
+}
+
+/// Copies directory `from` to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}

@@ -70,4 +70,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 pub fn down<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
     be.download(buf).expect("download")
 }
+/// Where a safetensors file's tensor data starts (after the 8-byte length and the header).
+pub fn safetensors_data_start(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
 pub mod cli;
