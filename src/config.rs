@@ -162,6 +162,19 @@ pub struct RunConfig {
     /// always stops it). The margin scales with `|lowest|` floored at 1 because not every
     /// stage's loss is a positive cross-entropy (DPO starts near ln 2, RL's is near 0).
     pub divergence_factor: f32,
+    /// Model shape overrides beside the preset (`--n-layer --n-head --n-embd --context`); `None`
+    /// keeps the preset's value.
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    /// Longest sequence the model takes (rows of its position embedding).
+    pub context: Option<usize>,
+    /// Activation recompute (llm.c's levels): 0 stores every activation, 1 recomputes the
+    /// GELU output in the backward pass, 2 also the layernorm outputs.
+    pub recompute: u8,
+    /// ZeRO stage: 0 keeps the whole optimizer state on every rank, 1 shards the AdamW moments
+    /// and fp32 master weights across the data-parallel ranks.
+    pub zero: u8,
 }
 
 impl Default for RunConfig {
@@ -188,6 +201,12 @@ impl Default for RunConfig {
             world_size: 1,
             pack: false,
             divergence_factor: 3.0,
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            context: None,
+            recompute: 0,
+            zero: 0,
         }
     }
 }
@@ -271,6 +290,15 @@ impl RunConfig {
             if v == 0 {
                 return bad(key, Some(flag), v, "must be at least 1");
             }
+        }
+        if self.recompute > 2 {
+            let want =
+                "must be 0 (store every activation), 1 (recompute GELU) or 2 (also layernorm)";
+            return bad("recompute", Some("--recompute"), self.recompute, want);
+        }
+        if self.zero > 1 {
+            let want = "must be 0 (no sharding) or 1 (shard the optimizer state)";
+            return bad("zero", Some("--zero"), self.zero, want);
         }
         if self.val_every > 0 && self.val_batches == 0 {
             let want = format!(

@@ -12,6 +12,7 @@ pub mod backend; // the Backend trait, the CPU reference, the CUDA backend, the 
 pub mod commands; // what each CLI command does, as library calls (one module per command)
 pub mod config; // model presets and run configs (TOML + flag overrides)
 pub mod data; // token shards, the window loader, tokenizers, `prepare`
+pub mod dist; // data parallelism: rank info, the Collective trait (NCCL, loopback TCP, solo)
 pub mod generate; // generation with a KV cache: sampling (temperature, top-k, top-p), sessions
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend
 pub mod optim; // AdamW parameter groups and the learning-rate schedule
