@@ -319,6 +319,10 @@ pub trait Backend: Send + Sync {
         v: &mut Self::Buf,
         hp: &AdamWStep,
     ) -> Result<()>;
+    /// `acc[i] += x[i]` over two f32 gradient buffers of the same length: gradient
+    /// accumulation adds each micro-batch's gradient, computed from zero, in micro-batch order
+    /// (the same sums, in the same order, as the ranks' all-reduce).
+    fn accumulate(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
     /// Global L2 norm over all given buffers, `sqrt(sum_i sum_j g_ij^2)`, reduced in f64/fp32.
     fn global_norm(&self, bufs: &[&Self::Buf]) -> Result<f32>;
 

@@ -432,6 +432,11 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             self.inner.sample_tokens(logits, n, v, vp, params, uniforms)
         })
     }
+    fn accumulate(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
+        // Two gradient reads and one write per element.
+        let bytes = 3.0 * self.inner.len(acc) as f64 * self.grad();
+        self.timed("accumulate", bytes, 0.0, || self.inner.accumulate(acc, x))
+    }
     fn global_norm(&self, bufs: &[&Self::Buf]) -> Result<f32> {
         let n: usize = bufs.iter().map(|b| self.inner.len(b)).sum();
         let bytes = n as f64 * self.grad();

@@ -315,6 +315,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        if acc.len() != x.len() {
+            return Err(BackendError::Shape {
+                op: "accumulate",
+                what: "x",
+                expected: acc.len(),
+                found: x.len(),
+            });
+        }
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += v;
+        }
+        Ok(())
+    }
+
     fn global_norm(&self, bufs: &[&Vec<f32>]) -> Result<f32> {
         let slices: Vec<&[f32]> = bufs.iter().map(|b| b.as_slice()).collect();
         Ok(adamw::global_norm(&slices) as f32)

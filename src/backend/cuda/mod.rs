@@ -40,6 +40,7 @@ macro_rules! launch {
     }};
 }
 
+mod accumulate;
 mod adamw;
 mod attention;
 mod blas;

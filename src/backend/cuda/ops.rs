@@ -3,8 +3,8 @@
 //! after its kernel family.
 
 use super::{
-    adamw, attention, check_len, cross_entropy, decode, driver_error, encoder, fill, gelu,
-    global_norm, layernorm, matmul, matmul_gelu, residual, sample, to_bf16, AdamWStep,
+    accumulate, adamw, attention, check_len, cross_entropy, decode, driver_error, encoder, fill,
+    gelu, global_norm, layernorm, matmul, matmul_gelu, residual, sample, to_bf16, AdamWStep,
     BackendError, CudaBackend, CudaBuf, CudaIds, Mem, Result,
 };
 use crate::backend::{Backend, LossGrad, Role, SampleParams};
@@ -347,6 +347,10 @@ impl Backend for CudaBackend {
         hp: &AdamWStep,
     ) -> Result<()> {
         adamw::update(self, param, grad, m, v, hp)
+    }
+
+    fn accumulate(&self, acc: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
+        accumulate::accumulate(self, acc, x)
     }
 
     fn global_norm(&self, bufs: &[&CudaBuf]) -> Result<f32> {
