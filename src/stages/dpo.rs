@@ -43,7 +43,7 @@ use crate::backend::Backend;
 use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
-use crate::train::{Extras, Objective, Result, TrainError};
+use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
 use reference::{PairLogps, RefLogps};
 use std::path::PathBuf;
 
@@ -255,7 +255,7 @@ impl<B: Backend> Objective<B> for Dpo {
         })
     }
 
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         let Some(val) = self.val.as_ref() else {
             return Ok(None);
         };
@@ -280,7 +280,10 @@ impl<B: Backend> Objective<B> for Dpo {
         }
         self.val_stats = stats;
         self.val_pending = Some(stats);
-        Ok((stats.pairs > 0).then(|| stats.mean_loss() as f32))
+        Ok(Some(ValPartial {
+            sum: stats.loss,
+            count: stats.pairs as f64,
+        }))
     }
 
     fn data_position(&self) -> serde_json::Value {

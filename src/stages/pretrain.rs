@@ -14,7 +14,7 @@ use crate::data::dataset::expect_kind;
 use crate::data::{DataError, DatasetKind, Loader, LoaderPosition};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
-use crate::train::{Objective, Result, TrainError};
+use crate::train::{Objective, Result, TrainError, ValPartial};
 use std::path::{Path, PathBuf};
 
 /// The shard files of one split (`train` or `val`) in a prepared data directory, sorted; an SFT
@@ -114,7 +114,7 @@ impl<B: Backend> Objective<B> for Pretrain {
         )?)
     }
 
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         let Some(val) = self.val.as_mut() else {
             return Ok(None);
         };
@@ -129,7 +129,10 @@ impl<B: Backend> Objective<B> for Pretrain {
             sum += loss.sum;
             tokens += loss.tokens;
         }
-        Ok(Some((sum / tokens.max(1) as f64) as f32))
+        Ok(Some(ValPartial {
+            sum,
+            count: tokens as f64,
+        }))
     }
 
     fn data_position(&self) -> serde_json::Value {

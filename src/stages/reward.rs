@@ -31,7 +31,7 @@ use crate::backend::Backend;
 use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
-use crate::train::{Extras, Objective, Result, TrainError};
+use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
 use std::path::PathBuf;
 
 /// The Bradley-Terry loss of one batch of pairs, its gradient, and what is logged.
@@ -227,7 +227,7 @@ impl<B: Backend> Objective<B> for Reward {
         })
     }
 
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         let Some(val) = self.val.as_ref() else {
             return Ok(None);
         };
@@ -244,7 +244,10 @@ impl<B: Backend> Objective<B> for Reward {
             sum += bt.sum;
             self.tally.add(&pass.rewards, &bt);
         }
-        Ok((n > 0).then(|| (sum / n as f64) as f32))
+        Ok(Some(ValPartial {
+            sum,
+            count: n as f64,
+        }))
     }
 
     fn data_position(&self) -> serde_json::Value {

@@ -45,7 +45,7 @@ use crate::config::ConfigError;
 use crate::generate::generate_group;
 use crate::model::{forward::Loss, Gpt, RewardModel};
 use crate::rng::Rng;
-use crate::train::{Extras, Objective, Result, TrainError};
+use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
 use std::path::PathBuf;
 use terms::{clipped_term, loo_advantages, shaped_rewards};
 
@@ -359,7 +359,7 @@ impl<B: Backend> Objective<B> for Rl<B> {
         })
     }
 
-    fn validate(&mut self, _be: &B, _model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, _be: &B, _model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         Ok(None)
     }
 

@@ -35,7 +35,7 @@ use crate::backend::Backend;
 use crate::data::{DataError, SftSplit};
 use crate::model::{forward::Loss, Gpt, Packing};
 use crate::rng::Rng;
-use crate::train::{Objective, Result, TrainError};
+use crate::train::{Objective, Result, TrainError, ValPartial};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -313,7 +313,7 @@ impl<B: Backend> Objective<B> for Sft {
         )?)
     }
 
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         let Some(val) = self.val.as_ref() else {
             return Ok(None);
         };
@@ -345,7 +345,10 @@ impl<B: Backend> Objective<B> for Sft {
         if !batch.is_empty() {
             eval(batch)?;
         }
-        Ok((tokens > 0).then(|| (sum / tokens as f64) as f32))
+        Ok(Some(ValPartial {
+            sum,
+            count: tokens as f64,
+        }))
     }
 
     fn data_position(&self) -> serde_json::Value {
