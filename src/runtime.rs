@@ -7,13 +7,19 @@
 //! file, code is generic over [`Backend`]; no other module outside `backend/` names
 //! `CpuBackend` or `CudaBackend`.
 //!
-//! Training runs on one rank: [`Runtime::check_world_size`] refuses a run config that asks for
-//! more (each rank would read its own slice and nothing would sum the gradients).
+//! The runtime also reads where this process stands in a data-parallel job (the launcher's
+//! environment: torchrun, srun, mpirun or `topcoat launch`), opens the CUDA device of the
+//! rank's LOCAL_RANK, and opens one [`Collective`] per process: [`Solo`] at world size 1, the
+//! loopback-TCP host collective on the CPU, NCCL on CUDA (or, with `--collective host`, host
+//! copies: two ranks sharing one GPU). [`on_backend!`] hands the collective down beside the
+//! backend.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend, CudaOptions};
 use crate::backend::BackendError;
+use crate::dist::{Collective, DistError, RankInfo, Solo};
 use std::fmt;
+use std::rc::Rc;
 use std::str::FromStr;
 
 /// What `--device` asks for.
@@ -50,6 +56,57 @@ impl fmt::Display for DeviceRequest {
     }
 }
 
+/// What `--collective` asks for: the engine that sums gradients across ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CollectiveRequest {
+    /// NCCL on CUDA, the host (loopback TCP) collective on the CPU; none at world size 1.
+    #[default]
+    Auto,
+    /// NCCL (CUDA only).
+    Nccl,
+    /// The host collective: device buffers are copied to the host and summed over TCP (the
+    /// CPU backend's engine; on CUDA, for ranks that share one GPU, which NCCL refuses).
+    Host,
+}
+
+impl FromStr for CollectiveRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "nccl" => Ok(Self::Nccl),
+            "host" => Ok(Self::Host),
+            other => Err(format!(
+                "unknown collective `{other}` (expected auto, nccl or host)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for CollectiveRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Nccl => "nccl",
+            Self::Host => "host",
+        })
+    }
+}
+
+/// Why the runtime could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Dist(#[from] DistError),
+    #[error("--collective {asked}: {why}")]
+    Collective {
+        asked: CollectiveRequest,
+        why: String,
+    },
+}
+
 /// Which kind of backend a runtime opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -63,6 +120,7 @@ pub enum DeviceKind {
 pub struct RuntimeOptions {
     pub device: DeviceRequest,
     pub cuda: CudaOptions,
+    pub collective: CollectiveRequest,
 }
 
 impl RuntimeOptions {
@@ -78,57 +136,96 @@ impl RuntimeOptions {
 /// The opened backend. Public only so that [`on_backend!`] can match on it; use the macro.
 #[doc(hidden)]
 pub enum Opened {
-    Cpu(CpuBackend),
-    Cuda(Box<CudaBackend>),
+    Cpu(CpuBackend, Rc<dyn Collective<CpuBackend>>),
+    Cuda(Box<CudaBackend>, Rc<dyn Collective<CudaBackend>>),
 }
 
-/// One process's device: the opened backend and what was chosen and why.
+/// One process's device and collective: the opened backend, where the process stands in its
+/// job, and what was chosen and why.
 pub struct Runtime {
     opened: Opened,
+    rank: RankInfo,
     description: String,
 }
 
-/// The CUDA device a process uses. One GPU per process; a launcher with several ranks will
-/// pick the rank's local device here.
-const CUDA_ORDINAL: usize = 0;
-
 impl Runtime {
-    /// Resolves `opts.device` and opens its backend.
+    /// Reads the launcher's environment, resolves `opts.device`, opens its backend (CUDA: the
+    /// device of the rank's LOCAL_RANK) and the rank's collective.
     ///
     /// `auto` picks CUDA when this build has kernels and a driver finds a device, else the CPU;
-    /// [`Runtime::description`] says which and why (every command prints it).
-    pub fn open(opts: &RuntimeOptions) -> Result<Self, BackendError> {
-        let cuda_backend = |info: cuda::DeviceInfo, why: &str| -> Result<Self, BackendError> {
-            Ok(Self {
-                opened: Opened::Cuda(Box::new(CudaBackend::with_options(
-                    CUDA_ORDINAL,
-                    opts.cuda,
-                )?)),
-                description: format!("cuda: {info}{why}"),
-            })
-        };
-        match opts.device {
-            DeviceRequest::Cpu => Ok(Self::cpu_with("cpu (f32 reference backend)")),
-            DeviceRequest::Cuda => cuda_backend(cuda::probe()?, ""),
+    /// [`Runtime::description`] says which and why, the rank and the engine (every command
+    /// prints it).
+    pub fn open(opts: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        let rank = launcher_rank_info()?;
+        let device = match opts.device {
+            DeviceRequest::Cpu => None,
+            DeviceRequest::Cuda => Some((cuda::probe()?, "")),
             DeviceRequest::Auto => match cuda::probe() {
-                Ok(info) => cuda_backend(info, " (found by --device auto)"),
-                Err(e) => Ok(Self::cpu_with(&format!(
-                    "cpu (f32 reference backend; no CUDA: {e})"
-                ))),
+                Ok(info) => Some((info, " (found by --device auto)")),
+                Err(e) => {
+                    let why = format!("cpu (f32 reference backend; no CUDA: {e})");
+                    return Self::open_cpu(rank, opts.collective, why);
+                }
             },
-        }
+        };
+        let Some((info, why)) = device else {
+            return Self::open_cpu(rank, opts.collective, "cpu (f32 reference backend)".into());
+        };
+        let be = Box::new(CudaBackend::with_options(rank.local_rank, opts.cuda)?);
+        let comm: Rc<dyn Collective<CudaBackend>> = match (rank.world_size, opts.collective) {
+            (1, CollectiveRequest::Auto | CollectiveRequest::Host) => Rc::new(Solo::new()),
+            (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&rank)?,
+            (_, CollectiveRequest::Auto | CollectiveRequest::Nccl) => {
+                nccl_collective(&be, &rank, opts.collective)?
+            }
+        };
+        let description = describe(&format!("cuda: {info}{why}"), &rank, comm.engine());
+        Ok(Self {
+            opened: Opened::Cuda(be, comm),
+            rank,
+            description,
+        })
     }
 
-    /// The CPU reference backend.
+    fn open_cpu(
+        rank: RankInfo,
+        asked: CollectiveRequest,
+        device: String,
+    ) -> Result<Self, RuntimeError> {
+        let comm: Rc<dyn Collective<CpuBackend>> = match (rank.world_size, asked) {
+            (_, CollectiveRequest::Nccl) => {
+                return Err(RuntimeError::Collective {
+                    asked,
+                    why: "NCCL sums CUDA buffers, and this rank runs on the CPU (use --device \
+                          cuda, or --collective host)"
+                        .into(),
+                })
+            }
+            (1, _) => Rc::new(Solo::new()),
+            _ => host_collective::<CpuBackend>(&rank)?,
+        };
+        let description = describe(&device, &rank, comm.engine());
+        Ok(Self {
+            opened: Opened::Cpu(CpuBackend, comm),
+            rank,
+            description,
+        })
+    }
+
+    /// The CPU reference backend, one process on its own (tests, the demo's card).
     pub fn cpu() -> Self {
-        Self::cpu_with("cpu (f32 reference backend)")
+        let rank = RankInfo::single();
+        let description = describe("cpu (f32 reference backend)", &rank, "none".into());
+        Self {
+            opened: Opened::Cpu(CpuBackend, Rc::new(Solo::new())),
+            rank,
+            description,
+        }
     }
 
-    fn cpu_with(description: &str) -> Self {
-        Self {
-            opened: Opened::Cpu(CpuBackend),
-            description: description.into(),
-        }
+    /// Where this process stands in its job (rank 0 of 1 on its own).
+    pub fn rank_info(&self) -> &RankInfo {
+        &self.rank
     }
 
     /// What was opened and why, e.g. `cuda: NVIDIA H200 (sm_90, 140 GiB) (found by --device auto)`.
@@ -138,8 +235,8 @@ impl Runtime {
 
     pub fn kind(&self) -> DeviceKind {
         match self.opened {
-            Opened::Cpu(_) => DeviceKind::Cpu,
-            Opened::Cuda(_) => DeviceKind::Cuda,
+            Opened::Cpu(..) => DeviceKind::Cpu,
+            Opened::Cuda(..) => DeviceKind::Cuda,
         }
     }
 
@@ -148,29 +245,71 @@ impl Runtime {
     pub fn opened(&self) -> &Opened {
         &self.opened
     }
+}
 
-    /// Refuses a run config with `world_size != 1` (or a rank outside it): topcoat trains on
-    /// one rank until data parallelism exists.
-    pub fn check_world_size(world_size: usize, rank: usize) -> Result<(), String> {
-        if world_size != 1 || rank != 0 {
-            return Err(format!(
-                "world_size = {world_size}, rank = {rank}: topcoat trains on one process and one \
-                 device; data-parallel training is not built yet, and N processes would train N \
-                 unrelated models (set world_size = 1 and rank = 0)"
-            ));
-        }
-        Ok(())
+/// The launcher's view of this process: its rank, the world size and its local device.
+fn launcher_rank_info() -> Result<RankInfo, RuntimeError> {
+    Ok(RankInfo::single())
+}
+
+/// The host (loopback TCP) collective of `rank`'s job.
+fn host_collective<B: crate::backend::Backend + 'static>(
+    rank: &RankInfo,
+) -> Result<Rc<dyn Collective<B>>, RuntimeError> {
+    Err(RuntimeError::Collective {
+        asked: CollectiveRequest::Host,
+        why: format!(
+            "rank {} of {}: this build has no host collective",
+            rank.rank, rank.world_size
+        ),
+    })
+}
+
+/// NCCL over `be`'s device for `rank`'s job.
+fn nccl_collective(
+    _be: &CudaBackend,
+    rank: &RankInfo,
+    asked: CollectiveRequest,
+) -> Result<Rc<dyn Collective<CudaBackend>>, RuntimeError> {
+    Err(RuntimeError::Collective {
+        asked,
+        why: format!(
+            "rank {} of {}: this build has no NCCL collective (use --collective host)",
+            rank.rank, rank.world_size
+        ),
+    })
+}
+
+/// The device line: the device, then the rank and the engine when there are several ranks.
+fn describe(device: &str, rank: &RankInfo, engine: String) -> String {
+    if rank.world_size == 1 {
+        return device.to_string();
     }
+    format!(
+        "{device}; rank {} of {} (local {}, {}), collective: {engine}",
+        rank.rank, rank.world_size, rank.local_rank, rank.launcher
+    )
 }
 
 /// Runs `$body` with `$be` bound to the runtime's backend (`&impl Backend`): the one match over
-/// the backends, written once. `on_backend!(rt, be => sample_on(be, &job))`.
+/// the backends, written once. `on_backend!(rt, be => sample_on(be, &job))`; with
+/// `on_backend!(rt, be, comm => train_on(be, comm, &job))`, `comm` is the rank's collective
+/// (`&Rc<dyn Collective<B>>`, which derefs to `&dyn Collective<B>`).
 #[macro_export]
 macro_rules! on_backend {
     ($rt:expr, $be:ident => $body:expr) => {
         match $rt.opened() {
-            $crate::runtime::Opened::Cpu($be) => $body,
-            $crate::runtime::Opened::Cuda(cuda) => {
+            $crate::runtime::Opened::Cpu($be, _) => $body,
+            $crate::runtime::Opened::Cuda(cuda, _) => {
+                let $be: &$crate::backend::cuda::CudaBackend = cuda;
+                $body
+            }
+        }
+    };
+    ($rt:expr, $be:ident, $comm:ident => $body:expr) => {
+        match $rt.opened() {
+            $crate::runtime::Opened::Cpu($be, $comm) => $body,
+            $crate::runtime::Opened::Cuda(cuda, $comm) => {
                 let $be: &$crate::backend::cuda::CudaBackend = cuda;
                 $body
             }
@@ -220,13 +359,37 @@ mod tests {
     }
 
     #[test]
-    fn only_one_rank_is_accepted() {
-        assert!(Runtime::check_world_size(1, 0).is_ok());
-        let e = Runtime::check_world_size(4, 2).unwrap_err();
+    fn collective_names_parse_and_nccl_on_the_cpu_is_refused() {
+        for (name, want) in [
+            ("auto", CollectiveRequest::Auto),
+            ("nccl", CollectiveRequest::Nccl),
+            ("host", CollectiveRequest::Host),
+        ] {
+            let got: CollectiveRequest = name.parse().unwrap();
+            assert_eq!((got, got.to_string().as_str()), (want, name));
+        }
+        let e = "mpi".parse::<CollectiveRequest>().unwrap_err();
         assert!(
-            e.contains("world_size = 4") && e.contains("rank = 2"),
+            e.contains("`mpi`") && e.contains("auto, nccl or host"),
             "{e}"
         );
-        assert!(Runtime::check_world_size(1, 1).is_err());
+        let opts = RuntimeOptions {
+            collective: CollectiveRequest::Nccl,
+            ..RuntimeOptions::cpu()
+        };
+        let e = Runtime::open(&opts)
+            .err()
+            .expect("nccl on the cpu")
+            .to_string();
+        assert!(e.contains("--collective nccl") && e.contains("CPU"), "{e}");
+    }
+
+    #[test]
+    fn a_single_process_gets_the_solo_collective() {
+        let rt = Runtime::open(&RuntimeOptions::cpu()).unwrap();
+        assert_eq!(rt.rank_info(), &RankInfo::single());
+        let (rank, world, engine) = crate::on_backend!(rt, be, comm => { let _ = be; (comm.rank(), comm.world_size(), comm.engine()) });
+        assert_eq!((rank, world), (0, 1));
+        assert!(engine.starts_with("none"), "{engine}");
     }
 }

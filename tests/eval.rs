@@ -199,7 +199,15 @@ fn eval_loss_equals_the_trainers_validation_loss() {
         keep_checkpoints: 0,
         quiet: true,
     };
-    let summary = train::train(&be, &mut model, &mut objective, &tok, &topts).unwrap();
+    let summary = train::train(
+        &be,
+        &train::solo(),
+        &mut model,
+        &mut objective,
+        &tok,
+        &topts,
+    )
+    .unwrap();
     let (step, trainer_val) = *summary.val_losses.last().unwrap();
     assert_eq!(step, 3);
 

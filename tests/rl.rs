@@ -98,7 +98,7 @@ fn toy_run(kl_coef: f64) -> Vec<(f64, f64)> {
         quiet: true,
     };
     let tok = Tokenizer::gpt2();
-    train::train(&be, &mut policy, &mut rl, &tok, &opts).unwrap();
+    train::train(&be, &train::solo(), &mut policy, &mut rl, &tok, &opts).unwrap();
     let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())

@@ -24,6 +24,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let rt = Runtime::open(&RuntimeOptions {
         device: a.device.device,
         cuda,
+        collective: a.device.collective,
     })?;
     let why = rt.description();
     let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;

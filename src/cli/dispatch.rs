@@ -103,6 +103,7 @@ fn open_runtime(opts: RuntimeOptions) -> Result<Runtime> {
 fn device(d: DeviceArgs) -> RuntimeOptions {
     RuntimeOptions {
         device: d.device,
+        collective: d.collective,
         ..RuntimeOptions::default()
     }
 }

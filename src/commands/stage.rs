@@ -3,7 +3,8 @@
 //! A training command (`pretrain`, `sft`, `reward`, `dpo`, `rl`) is a [`TrainJob`]: the run
 //! config, the run directory and what is the stage's own (a [`Stage`]: its starting weights,
 //! its data, its objective). [`run_stage`] does the rest in one order for every stage:
-//! 1. refuse a run config for more than one rank (until data parallelism exists);
+//! 1. take the rank and world size from the runtime (the launcher's), refusing a run config
+//!    that names others;
 //! 2. resolve the starting checkpoint (a checkpoint, or a run directory's newest) and load its
 //!    tokenizer and model config (refusing a reward model where a policy is meant), or, for a
 //!    fresh model, the data's tokenizer and the preset;
@@ -11,10 +12,11 @@
 //!    device, and on `--resume` the checkpoint's tokenizer against the data's; then refuse data
 //!    prepared with a different tokenizer, naming the command that prepares it;
 //! 4. refuse a `seq_len` past the model's context;
-//! 5. lock the run directory (`train::run_dir`; held until the loop returns) and refuse a fresh
-//!    run over an earlier one unless `overwrite`;
+//! 5. rank 0 alone: lock the run directory (`train::run_dir`; held until the loop returns) and
+//!    refuse a fresh run over an earlier one unless `overwrite`;
 //! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
-//!    delete the earlier run's files;
+//!    rank 0 deletes the earlier run's files; the other ranks wait until rank 0 has done its
+//!    set-up, and a failure there reaches them through the collective;
 //! 7. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
 //!    loop (`train::train`).
 //!
@@ -26,12 +28,14 @@ use super::CommandError;
 use crate::backend::Backend;
 use crate::config::{ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
+use crate::dist::{Collective, RankInfo};
 use crate::model::Gpt;
 use crate::runtime::Runtime;
 use crate::stages::PreparedData;
 use crate::train::run_dir::{self, RunDirLock};
 use crate::train::{self, checkpoint, Objective, TrainOptions, TrainSummary};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 pub type Result<T> = std::result::Result<T, CommandError>;
 
@@ -163,19 +167,41 @@ pub fn train<S: Stage>(
     job: &TrainJob<S>,
     progress: &dyn Fn(&str),
 ) -> Result<TrainSummary> {
-    crate::on_backend!(rt, be => run_stage(be, job, progress))
+    crate::on_backend!(rt, be, comm => run_stage(be, comm, job, progress))
+}
+
+/// `run` with the launcher's rank and world size; a run config that names others (anything
+/// but the single-process defaults) is refused, naming the launcher's values.
+pub fn ranked(run: &RunConfig, info: &RankInfo, stage: &str) -> Result<RunConfig> {
+    let named = (run.rank, run.world_size);
+    if named != (0, 1) && named != (info.rank, info.world_size) {
+        return Err(ConfigError::Invalid(format!(
+            "{stage}: the run config sets rank = {}, world_size = {}, but {} started this \
+             process as rank {} of {}; remove rank and world_size from the config (the launcher \
+             sets them)",
+            run.rank, run.world_size, info.launcher, info.rank, info.world_size
+        ))
+        .into());
+    }
+    Ok(RunConfig {
+        rank: info.rank,
+        world_size: info.world_size,
+        ..run.clone()
+    })
 }
 
 /// Runs `job` on `be`: the shared set-up of the module header, then the loop.
 pub fn run_stage<S: Stage, B: Backend + 'static>(
     be: &B,
+    comm: &Rc<dyn Collective<B>>,
     job: &TrainJob<S>,
     progress: &dyn Fn(&str),
 ) -> Result<TrainSummary> {
-    let run = &job.run;
-    Runtime::check_world_size(run.world_size, run.rank)
-        .map_err(|msg| ConfigError::Invalid(format!("{}: {msg}", S::NAME)))?;
-    let ctx = resolve(job)?;
+    let run = &ranked(&job.run, comm.info(), S::NAME)?;
+    let writer = comm.info().is_writer();
+    let quiet = |_: &str| {};
+    let progress: &dyn Fn(&str) = if writer { progress } else { &quiet };
+    let ctx = resolve(job, run)?;
     super::preflight::check(be, &ctx, job.stage.data().map(|(dir, _)| dir))?;
     if let Some((data, prepared_by)) = job.stage.data() {
         if let Some(ckpt) = &ctx.checkpoint {
@@ -200,11 +226,42 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
         ))
         .into());
     }
-    // Held until the loop returns (a caller on this thread that already holds it shares it).
-    let lock = RunDirLock::acquire(&job.out)?;
-    let earlier = run_dir::check_fresh(&lock, job.resume, job.overwrite)?;
-    let mut objective = job.stage.open(be, &ctx, progress)?;
-    run_dir::clear_earlier_run(&lock, &earlier)?;
+    let (_lock, mut objective) = if writer {
+        let set_up = || -> Result<_> {
+            // Held until the loop returns (a caller on this thread that holds it shares it).
+            let lock = RunDirLock::acquire(&job.out)?;
+            let earlier = run_dir::check_fresh(&lock, job.resume, job.overwrite)?;
+            let objective = job.stage.open(be, &ctx, progress)?;
+            run_dir::clear_earlier_run(&lock, &earlier)?;
+            Ok((Some(lock), objective))
+        };
+        let done = set_up();
+        if comm.world_size() > 1 {
+            let said = done
+                .as_ref()
+                .err()
+                .map_or(Vec::new(), |e| e.to_string().into_bytes());
+            comm.broadcast_bytes(said, 0)
+                .map_err(train::TrainError::from)?;
+        }
+        done?
+    } else {
+        let objective = job.stage.open(be, &ctx, progress)?;
+        // Waits here until rank 0 has locked (and, with --overwrite, cleared) the run directory.
+        let said = comm
+            .broadcast_bytes(Vec::new(), 0)
+            .map_err(train::TrainError::from)?;
+        if !said.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{}: rank 0 failed to set up the run in {}: {}",
+                S::NAME,
+                job.out.display(),
+                String::from_utf8_lossy(&said)
+            ))
+            .into());
+        }
+        (None, objective)
+    };
     let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
     let opts = TrainOptions {
         run: run.clone(),
@@ -215,6 +272,7 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     };
     Ok(train::train(
         be,
+        comm,
         &mut model,
         &mut objective,
         &ctx.tokenizer,
@@ -223,9 +281,9 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
 }
 
 /// Step 2 of the module header: the checkpoint, tokenizer and model shape.
-fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
+fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<StageContext<'a>> {
     let ctx = |checkpoint, model, tokenizer| StageContext {
-        run: &job.run,
+        run,
         out: &job.out,
         resume: job.resume,
         checkpoint,
@@ -235,7 +293,7 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
     Ok(match job.stage.init() {
         Init::Fresh { data } => {
             let tokenizer = data_tokenizer(data)?;
-            let model = ModelConfig::preset(&job.run.preset, tokenizer.vocab_size())?;
+            let model = ModelConfig::preset(&run.preset, tokenizer.vocab_size())?;
             ctx(None, model, tokenizer)
         }
         Init::Checkpoint(path) | Init::CheckpointWithRewardHead(path) => {

@@ -37,6 +37,20 @@ impl<B: Backend> Gpt<B> {
         self.backward_trunk(be, inputs, b, t)
     }
 
+    /// The gradient buckets in the order the backward pass reports them to the grad hook:
+    /// each layer's, last to first, then the rest.
+    pub fn grad_buckets(&self) -> Vec<Vec<usize>> {
+        let lay = &self.layout;
+        let mut buckets: Vec<Vec<usize>> = lay
+            .layers
+            .iter()
+            .rev()
+            .map(|w| layer_bucket(w).to_vec())
+            .collect();
+        buckets.push(rest_bucket(lay, self.grads.len()));
+        buckets
+    }
+
     /// Allocates the gradient scratch for `n` positions on first use.
     pub(super) fn ensure_scratch(&mut self, be: &B, n: usize) -> Result<()> {
         if self.scratch.is_none() {
@@ -91,11 +105,17 @@ impl<B: Backend> Gpt<B> {
             pass.mlp(w, a)?;
             pass.attention(w, a, starts, b, t, self.cfg.n_head)?;
             pass.layernorm(w.ln1_w, w.ln1_b, resid_in, &a.ln1_mean, &a.ln1_rstd)?;
+            if let Some(hook) = self.grad_hook.as_mut() {
+                hook.ready(be, pass.g, &layer_bucket(w))?;
+            }
         }
         let ids = be.upload_ids(inputs)?;
         let pos = self.packing.as_ref().map(|p| &p.positions);
         let (gte, gpe) = two_mut(pass.g, lay.wte, lay.wpe);
         be.encoder_backward(gte, gpe, &pass.s.dresidual, &ids, pos, b, t, pass.c)?;
+        if let Some(hook) = self.grad_hook.as_mut() {
+            hook.ready(be, pass.g, &rest_bucket(lay, pass.g.len()))?;
+        }
         Ok(())
     }
 }
@@ -224,6 +244,30 @@ impl<B: Backend> TrunkPass<'_, B> {
         )?;
         Ok(())
     }
+}
+
+/// A layer's parameter indices: one gradient bucket.
+fn layer_bucket(w: &LayerIdx) -> [usize; 12] {
+    [
+        w.ln1_w,
+        w.ln1_b,
+        w.qkv_w,
+        w.qkv_b,
+        w.attn_proj_w,
+        w.attn_proj_b,
+        w.ln2_w,
+        w.ln2_b,
+        w.fc_w,
+        w.fc_b,
+        w.fc_proj_w,
+        w.fc_proj_b,
+    ]
+}
+
+/// Every parameter index below `n` outside the layers: embeddings, final layernorm, any head.
+fn rest_bucket(lay: &super::ParamLayout, n: usize) -> Vec<usize> {
+    let in_layers: Vec<usize> = lay.layers.iter().flat_map(layer_bucket).collect();
+    (0..n).filter(|i| !in_layers.contains(i)).collect()
 }
 
 /// Two distinct mutable elements of a slice (`i != j`).

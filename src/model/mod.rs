@@ -51,6 +51,17 @@ pub struct Gpt<B: Backend> {
     scratch: Option<GradScratch<B>>,
     /// The packing of the last forward pass, on the device (`None`: one sequence per row).
     packing: Option<PackedIds<B>>,
+    /// Told by the backward pass each time a bucket of parameter gradients is final.
+    grad_hook: Option<Box<dyn GradHook<B>>>,
+}
+
+/// What the backward pass tells as it goes: data parallelism starts summing a bucket of
+/// gradients across ranks while the rest of the backward pass still runs.
+pub trait GradHook<B: Backend> {
+    /// The gradients `grads[i]` for every `i` in `bucket` are final for this backward pass:
+    /// each layer's, last to first, then the rest (embeddings, final layernorm, any head),
+    /// whose tied `wte` gradient is final only at the very end.
+    fn ready(&mut self, be: &B, grads: &mut [B::Buf], bucket: &[usize]) -> Result<()>;
 }
 
 impl<B: Backend> Gpt<B> {
@@ -96,6 +107,7 @@ impl<B: Backend> Gpt<B> {
             acts: None,
             scratch: None,
             packing: None,
+            grad_hook: None,
         })
     }
 
@@ -107,6 +119,15 @@ impl<B: Backend> Gpt<B> {
     /// Downloads every gradient tensor, in layout order.
     pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
         download_all(be, &self.grads)
+    }
+
+    /// Sets (or, with `None`, clears) the hook the backward pass tells when a bucket of
+    /// gradients is final; returns the previous one.
+    pub fn set_grad_hook(
+        &mut self,
+        hook: Option<Box<dyn GradHook<B>>>,
+    ) -> Option<Box<dyn GradHook<B>>> {
+        std::mem::replace(&mut self.grad_hook, hook)
     }
 
     pub fn zero_grad(&mut self, be: &B) -> Result<()> {

@@ -1,13 +1,14 @@
 //! The one training loop every stage shares, its checkpoints and its metrics.
 
 pub mod checkpoint;
+mod grad_sync;
 pub mod manifest;
 pub mod metrics;
 pub mod run_dir;
 mod trainer;
 
 pub use metrics::{Extras, ValPartial};
-pub use trainer::{train, Objective, TrainOptions, TrainSummary};
+pub use trainer::{solo, train, Objective, TrainOptions, TrainSummary};
 
 use crate::backend::BackendError;
 use crate::data::DataError;
@@ -19,6 +20,9 @@ use thiserror::Error;
 pub enum TrainError {
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A collective operation failed: names the rank.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]

@@ -1,20 +1,58 @@
 //! The step loop shared by every stage: gradient accumulation, global-norm clipping, the
 //! learning-rate schedule, validation, metrics, progress and checkpoints. A stage supplies
 //! only an [`Objective`]: its loss and its data.
+//!
+//! Data-parallel: every rank runs `accum / world_size` micro-batches per step (the global batch
+//! is `total_batch_tokens`), the gradients are summed across ranks bucket by bucket during the
+//! last backward pass (`grad_sync.rs`), losses, token counts, metrics and validation sums are
+//! reduced in rank order, and the gradient norm is taken after the sum, so every rank makes the
+//! same decisions (clipping, the divergence guard) and all stop together. Rank 0 alone writes
+//! metrics.jsonl, checkpoints and the console.
 
 use super::checkpoint::{self, CheckpointError, TrainState};
+use super::grad_sync::GradSync;
 use super::metrics::{fmt_duration, Extras, MetricsLog, Progress, ValPartial};
 use super::run_dir;
 use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
-use crate::config::RunConfig;
+use crate::config::{ConfigError, RunConfig};
 use crate::data::Tokenizer;
+use crate::dist::{Collective, Solo};
 use crate::model::{forward::Loss, Gpt};
 use crate::optim::{lr_at, AdamW};
 use crate::rng::Rng;
 use serde_json::json;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// The collective of a process on its own, for callers of [`train`] outside a launcher.
+pub fn solo<B: Backend>() -> Rc<dyn Collective<B>> {
+    Rc::new(Solo::new())
+}
+
+/// `rank:step`: makes that rank abort (as a crash would) at the start of that 0-based step, so
+/// the tests can check what the other ranks do when one dies.
+pub const FAULT_ENV: &str = "TOPCOAT_TEST_ABORT_AT";
+
+/// Micro-batches each of `world` ranks runs per step: `total_batch_tokens` is the global batch,
+/// so it must be a multiple of `batch_size * seq_len * world` (0: one micro-batch per rank).
+pub fn local_accum(run: &RunConfig, world: usize) -> std::result::Result<usize, ConfigError> {
+    let global = run.grad_accum_steps()?;
+    if run.total_batch_tokens == 0 {
+        return Ok(1);
+    }
+    if !global.is_multiple_of(world) {
+        let per = run.batch_size * run.seq_len * world;
+        return Err(ConfigError::Invalid(format!(
+            "total_batch_tokens {} is not a multiple of batch_size * seq_len * world_size = {} * \
+             {} * {world} = {per}: every rank runs the same number of micro-batches (pick a \
+             multiple of {per}, or 0 for one micro-batch per rank)",
+            run.total_batch_tokens, run.batch_size, run.seq_len
+        )));
+    }
+    Ok(global / world)
+}
 
 /// A stage's loss and data.
 pub trait Objective<B: Backend> {
@@ -78,20 +116,28 @@ pub struct TrainSummary {
 }
 
 /// Trains `model` with `objective` for `opts.run.max_steps` optimizer steps (fewer if resuming).
-pub fn train<B: Backend>(
+pub fn train<B: Backend + 'static>(
     be: &B,
+    comm: &Rc<dyn Collective<B>>,
     model: &mut Gpt<B>,
     objective: &mut dyn Objective<B>,
     tokenizer: &Tokenizer,
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
-    let mut run = TrainLoop::open(be, model, objective, tokenizer, opts)?;
+    let mut run = TrainLoop::open(be, comm, model, objective, tokenizer, opts)?;
     if run.start_step == 0 && opts.run.val_every > 0 {
         run.validate(0)?;
     }
     // The clock starts after the step-0 validation: throughput counts training only.
     run.started = Instant::now();
     for step in run.start_step..opts.run.max_steps {
+        if run.fault_at == Some(step) {
+            eprintln!(
+                "rank {}: aborting at step {step} ({FAULT_ENV})",
+                run.comm.rank()
+            );
+            std::process::abort();
+        }
         run.step(step)?;
     }
     Ok(run.finish())
@@ -112,6 +158,10 @@ struct StepOutcome {
 /// stands, and where it reports.
 struct TrainLoop<'a, B: Backend> {
     be: &'a B,
+    comm: &'a dyn Collective<B>,
+    sync: GradSync<B>,
+    /// The step at which this rank aborts ([`FAULT_ENV`]).
+    fault_at: Option<usize>,
     model: &'a mut Gpt<B>,
     objective: &'a mut dyn Objective<B>,
     tokenizer: &'a Tokenizer,
@@ -120,7 +170,8 @@ struct TrainLoop<'a, B: Backend> {
     opt: AdamW<B>,
     rng: Rng,
     progress: Progress,
-    log: MetricsLog,
+    /// Rank 0's metrics.jsonl (`None` on the other ranks).
+    log: Option<MetricsLog>,
     summary: TrainSummary,
     /// The first step this call runs (after a resumed checkpoint's).
     start_step: usize,
@@ -140,20 +191,24 @@ struct TrainLoop<'a, B: Backend> {
     last_good: Option<PathBuf>,
 }
 
-impl<'a, B: Backend> TrainLoop<'a, B> {
+impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
     /// Makes the run directory and a fresh optimizer and generator, or, resuming, restores the
     /// newest checkpoint's model, optimizer, generator and data position.
     fn open(
         be: &'a B,
+        comm: &'a Rc<dyn Collective<B>>,
         model: &'a mut Gpt<B>,
         objective: &'a mut dyn Objective<B>,
         tokenizer: &'a Tokenizer,
         opts: &'a TrainOptions,
     ) -> Result<Self> {
         let run = &opts.run;
-        let accum = run.grad_accum_steps()?;
-        std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
-        let progress = Progress::new(opts.quiet, 10);
+        let writer = comm.info().is_writer();
+        let accum = local_accum(run, comm.world_size())?;
+        if writer {
+            std::fs::create_dir_all(&opts.out_dir).map_err(io_err(&opts.out_dir))?;
+        }
+        let progress = Progress::new(opts.quiet || !writer, 10);
         let mut rng = Rng::new(run.seed ^ 0x5EED);
         let (mut start_step, mut tokens_seen, mut prior_elapsed) = (0, 0u64, 0.0);
         let mut opt = AdamW::new(be, model)?;
@@ -183,9 +238,21 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             }
         }
         // A resume with no checkpoint to resume from starts afresh, metrics included.
-        let log = MetricsLog::open(&opts.out_dir, last_good.is_some().then_some(start_step))?;
+        let log = if writer {
+            let resumed = last_good.is_some().then_some(start_step);
+            Some(MetricsLog::open(&opts.out_dir, resumed)?)
+        } else {
+            None
+        };
+        let fault_at = std::env::var(FAULT_ENV).ok().and_then(|v| {
+            let (r, s) = v.split_once(':')?;
+            (r.parse::<usize>().ok()? == comm.rank()).then_some(s.parse().ok()?)
+        });
         Ok(Self {
             be,
+            comm: &**comm,
+            sync: GradSync::new(comm.clone(), accum, model.grads.len()),
+            fault_at,
             model,
             objective,
             tokenizer,
@@ -245,19 +312,29 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     /// The step's micro-batches (each adding `1 / accum` of its gradient), then the clipped
     /// AdamW update at the scheduled learning rate, unless the divergence guard stops the run.
     fn accumulate_and_update(&mut self, step: usize) -> Result<StepOutcome> {
-        let (be, accum) = (self.be, self.accum);
-        self.model.zero_grad(be)?;
+        let (be, accum, world) = (self.be, self.accum, self.comm.world_size());
+        let scale = 1.0 / (accum * world) as f32;
         let mut loss_sum = 0.0f64;
         let mut tokens = 0usize;
-        for _ in 0..accum {
-            let loss =
-                self.objective
-                    .micro_step(be, self.model, &mut self.rng, 1.0 / accum as f32)?;
+        for k in 0..accum {
+            let (objective, rng) = (&mut *self.objective, &mut self.rng);
+            let loss = self.sync.micro_batch(be, self.model, k, |model| {
+                objective.micro_step(be, model, rng, scale)
+            })?;
             loss_sum += loss.mean as f64;
             tokens += loss.tokens;
         }
-        let loss = (loss_sum / accum as f64) as f32;
-        let extras = self.objective.take_metrics();
+        // Losses and token counts summed in rank order, metrics averaged over the ranks.
+        let mut extras = self.objective.take_metrics();
+        let mut host = vec![loss_sum, tokens as f64];
+        host.extend(extras.0.iter().map(|&(_, v)| v as f64));
+        self.comm.all_reduce_host(&mut host)?;
+        let loss = (host[0] / (accum * world) as f64) as f32;
+        let tokens = host[1] as usize;
+        for ((_, v), sum) in extras.0.iter_mut().zip(&host[2..]) {
+            *v = (sum / world as f64) as f32;
+        }
+        self.sync.wait(be)?;
         let norm = self.model.grad_norm(be)?;
         self.guard(step + 1, loss, norm)?;
         let run = &self.opts.run;
@@ -299,7 +376,9 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             "tokens_per_s": tok_s, "elapsed_s": self.prior_elapsed + elapsed.as_secs_f64(),
         });
         o.extras.add_to(&mut record, "");
-        self.log.write(&record)?;
+        if let Some(log) = &mut self.log {
+            log.write(&record)?;
+        }
         self.summary.train_losses.push((done, o.loss));
         let per_step = elapsed.as_secs_f64() / (done - self.start_step) as f64;
         let eta = Duration::from_secs_f64(per_step * (run.max_steps - done) as f64);
@@ -324,11 +403,30 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     /// Validates after `step` steps, when the objective has validation data, and logs it.
     fn validate(&mut self, step: usize) -> Result<()> {
         let partial = self.objective.validate(self.be, self.model)?;
+        let mut extras = self.objective.take_metrics();
+        let partial = if self.comm.world_size() == 1 {
+            partial
+        } else {
+            // The ranks' partial sums added in rank order; metrics averaged over the ranks.
+            let p = partial.unwrap_or_default();
+            let mut host = vec![p.sum, p.count, partial.is_some() as u8 as f64];
+            host.extend(extras.0.iter().map(|&(_, v)| v as f64));
+            self.comm.all_reduce_host(&mut host)?;
+            let world = self.comm.world_size() as f64;
+            for ((_, v), sum) in extras.0.iter_mut().zip(&host[3..]) {
+                *v = (sum / world) as f32;
+            }
+            (host[2] > 0.0).then_some(ValPartial {
+                sum: host[0],
+                count: host[1],
+            })
+        };
         if let Some(val) = partial.and_then(|p| p.mean()) {
-            let extras = self.objective.take_metrics();
             let mut record = json!({"step": step, "val_loss": val});
             extras.add_to(&mut record, "val_");
-            self.log.write(&record)?;
+            if let Some(log) = &mut self.log {
+                log.write(&record)?;
+            }
             self.summary.val_losses.push((step, val));
             self.progress.note(&format!(
                 "step {step:>6} | val loss {val:.4}{}",
@@ -403,6 +501,35 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
     /// Checkpoints the run after `step` steps (`elapsed_s` seconds of training in all) and
     /// prunes old checkpoints (never the last known-good one); returns the directory.
     fn save(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
+        let writer = self.comm.info().is_writer();
+        let outcome = if writer {
+            self.save_here(step, elapsed_s)
+        } else {
+            Ok(checkpoint::dir_for(&self.opts.out_dir, step))
+        };
+        if self.comm.world_size() == 1 {
+            return outcome;
+        }
+        // Rank 0 tells the others whether the checkpoint was written, so all stop together.
+        let said = match &outcome {
+            Ok(_) => Vec::new(),
+            Err(e) => e.to_string().into_bytes(),
+        };
+        let said = self.comm.broadcast_bytes(said, 0)?;
+        if !writer && !said.is_empty() {
+            return Err(TrainError::Checkpoint {
+                path: checkpoint::dir_for(&self.opts.out_dir, step),
+                msg: format!(
+                    "rank 0 failed to save it: {}",
+                    String::from_utf8_lossy(&said)
+                ),
+            });
+        }
+        outcome
+    }
+
+    /// Rank 0's part of [`Self::save`]: writes the checkpoint and prunes old ones.
+    fn save_here(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
         let opts = self.opts;
         let state = TrainState {
             step,

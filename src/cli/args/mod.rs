@@ -16,7 +16,7 @@ pub use train::*;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use topcoat::runtime::DeviceRequest;
+use topcoat::runtime::{CollectiveRequest, DeviceRequest};
 
 /// `--device`, shared by every command that computes.
 #[derive(Args, Clone, Copy)]
@@ -24,6 +24,10 @@ pub struct DeviceArgs {
     /// auto (a CUDA device when one is usable, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceRequest,
+    /// What sums gradients across ranks: auto (NCCL on CUDA, the host collective on the CPU),
+    /// nccl, or host (host copies over loopback TCP: two ranks sharing one GPU).
+    #[arg(long, default_value = "auto")]
+    pub collective: CollectiveRequest,
 }
 
 #[derive(Parser)]

@@ -169,7 +169,7 @@ impl<'a, B: Backend + 'static> Demo<'a, B> {
                 quiet: false,
                 stage,
             };
-            run_stage(self.be, &job, progress)?;
+            run_stage(self.be, &crate::train::solo(), &job, progress)?;
         }
         self.card.stages.push(stage_timing(S::NAME, &dir)?);
         Ok(())
