@@ -8,7 +8,7 @@ pub mod run_dir;
 mod trainer;
 
 pub use metrics::{Extras, ValPartial};
-pub use trainer::{solo, train, Objective, TrainOptions, TrainSummary};
+pub use trainer::{local_accum, solo, train, Objective, TrainOptions, TrainSummary, FAULT_ENV};
 
 use crate::backend::BackendError;
 use crate::data::DataError;
