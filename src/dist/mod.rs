@@ -20,6 +20,12 @@
 //! - A failure names the rank that failed or went silent (and the address, for the
 //!   rendezvous), and no operation blocks longer than the engine's stated timeout.
 
+pub mod host;
+pub mod rendezvous;
+
+pub use host::HostCollective;
+pub use rendezvous::{rendezvous, Meeting, Star};
+
 use crate::backend::Backend;
 use thiserror::Error;
 
