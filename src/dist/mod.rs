@@ -22,6 +22,7 @@
 
 pub mod env;
 pub mod host;
+pub mod launch;
 pub mod rendezvous;
 
 pub use env::{detect, detect_from_env, open_collective, DistPlan};
