@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 /// How long a read waits for a peer when TOPCOAT_COLLECTIVE_TIMEOUT is unset.
 pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The largest frame a rank accepts (64 GiB: 16 G values), so that a corrupt header is an
+/// error, not an allocation failure.
+const MAX_FRAME_BYTES: u64 = 1 << 36;
+
 const CLOSED: &str = "closed its connection: it exited or failed; see its own error";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +157,11 @@ impl HostCollective {
     }
 
     /// One operation: `payload` is this rank's contribution (bytes), `count` the values its
-    /// call covers; returns what this rank receives (rank 0's combination, or nothing).
+    /// call covers. On rank 0, `combine` takes each rank's payload in rank order, then
+    /// `answer` builds the reply once and it goes to the ranks `receives` names (the others
+    /// get an empty reply); rank 0 keeps its own result in the closures' state. Returns what
+    /// this rank received (empty on rank 0).
+    #[allow(clippy::too_many_arguments)]
     fn exchange(
         &self,
         op: Op,
@@ -161,8 +169,9 @@ impl HostCollective {
         count: usize,
         payload: &[u8],
         combine: &mut dyn FnMut(usize, &[u8]),
-        result: &dyn Fn(usize) -> Option<Vec<u8>>,
-    ) -> Result<Option<Vec<u8>>> {
+        answer: &dyn Fn() -> Vec<u8>,
+        receives: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<u8>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((rank, msg)) = &st.failed {
             return Err(DistError::Peer {
@@ -189,7 +198,7 @@ impl HostCollective {
             bytes: payload.len() as u64,
         };
         let out = if self.info.rank == 0 {
-            self.lead(&mut st, mine, payload, combine, result)
+            self.lead(&mut st, mine, payload, combine, answer, receives)
         } else {
             self.follow(&mut st, mine, payload)
         };
@@ -206,8 +215,9 @@ impl HostCollective {
         mine: Header,
         payload: &[u8],
         combine: &mut dyn FnMut(usize, &[u8]),
-        result: &dyn Fn(usize) -> Option<Vec<u8>>,
-    ) -> Result<Option<Vec<u8>>> {
+        answer: &dyn Fn() -> Vec<u8>,
+        receives: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<u8>> {
         combine(0, payload);
         // One deadline for the whole gather: a silent rank is named after `timeout`, before
         // the other ranks (which wait longer) give up on rank 0.
@@ -233,22 +243,27 @@ impl HostCollective {
             self.abort(st, rank, &msg, tell_it);
             return Err(DistError::Peer { rank, msg });
         }
+        let reply = if st.links.iter().any(|(r, _)| receives(*r)) {
+            answer()
+        } else {
+            Vec::new()
+        };
         for (r, s) in &st.links {
-            let data = result(*r).unwrap_or_default();
+            let data: &[u8] = if receives(*r) { &reply } else { &[] };
             let h = Header {
                 bytes: data.len() as u64,
                 ..mine
             };
-            if let Err(msg) = write_frame(s, &h, &data) {
+            if let Err(msg) = write_frame(s, &h, data) {
                 self.abort(st, *r, &msg, false);
                 return Err(DistError::Peer { rank: *r, msg });
             }
         }
-        Ok(result(0))
+        Ok(Vec::new())
     }
 
     /// Ranks 1..W: send this rank's frame, read rank 0's answer (or abort).
-    fn follow(&self, st: &mut State, mine: Header, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+    fn follow(&self, st: &mut State, mine: Header, payload: &[u8]) -> Result<Vec<u8>> {
         let (_, s) = &st.links[0];
         write_frame(s, &mine, payload).map_err(|msg| DistError::Peer { rank: 0, msg })?;
         // Rank 0 may first wait up to the timeout for another rank; wait longer, so that
@@ -276,7 +291,7 @@ impl HostCollective {
                 ),
             });
         }
-        Ok(Some(data))
+        Ok(data)
     }
 
     /// Tells every other rank (and `failed` itself when `tell_failed`) which rank failed and
@@ -316,6 +331,16 @@ impl HostCollective {
             count: u64::from_le_bytes(head[16..24].try_into().unwrap()),
             bytes: u64::from_le_bytes(head[24..32].try_into().unwrap()),
         };
+        if h.bytes > MAX_FRAME_BYTES {
+            return Err((
+                r,
+                format!(
+                    "sent a frame of {} bytes for {}: more than any model's gradients (is it a topcoat rank of this job?)",
+                    h.bytes,
+                    h.describe()
+                ),
+            ));
+        }
         let mut data = vec![0u8; h.bytes as usize];
         read_until(&mut s, &mut data, None, self.timeout)
             .map_err(|e| (r, describe_io(e, self.timeout)))?;
@@ -443,30 +468,35 @@ impl HostCollective {
     {
         let acc = RefCell::new(Vec::<T>::new());
         let mut combine = |r: usize, b: &[u8]| {
-            let x: Vec<T> = from_bytes(b);
             let mut acc = acc.borrow_mut();
+            // A received buffer is in practice aligned for T; copy only where it is not.
+            let x: std::borrow::Cow<[T]> = match bytemuck::try_cast_slice(b) {
+                Ok(x) => x.into(),
+                Err(_) => from_bytes(b).into(),
+            };
             if r == 0 {
-                *acc = x;
+                *acc = x.into_owned();
             } else {
-                for (a, v) in acc.iter_mut().zip(x) {
-                    *a += v;
+                for (a, v) in acc.iter_mut().zip(x.iter()) {
+                    *a += *v;
                 }
             }
         };
-        // Called by rank 0 once every rank's values are in.
-        let result =
-            |r: usize| (all || r == root).then(|| bytemuck::cast_slice(&acc.borrow()).to_vec());
-        let got = self
-            .exchange(
-                op,
-                root,
-                values.len(),
-                bytemuck::cast_slice(values),
-                &mut combine,
-                &result,
-            )?
-            .unwrap_or_default();
-        Ok(from_bytes(&got))
+        let answer = || bytemuck::cast_slice(&acc.borrow()).to_vec();
+        let receives = |r: usize| all || r == root;
+        let got = self.exchange(
+            op,
+            root,
+            values.len(),
+            bytemuck::cast_slice(values),
+            &mut combine,
+            &answer,
+            &receives,
+        )?;
+        Ok(match self.info.rank {
+            0 if receives(0) => acc.into_inner(),
+            _ => from_bytes(&got),
+        })
     }
 
     /// Rank `root`'s `payload` on every rank, relayed through rank 0.
@@ -479,15 +509,26 @@ impl HostCollective {
     ) -> Result<Vec<u8>> {
         let held = RefCell::new(Vec::<u8>::new());
         let mut combine = |r: usize, b: &[u8]| {
-            if r == root {
+            if r == root && r != 0 {
                 *held.borrow_mut() = b.to_vec();
             }
         };
-        let result = |r: usize| (r != root).then(|| held.borrow().clone());
-        let got = self
-            .exchange(op, root, count, &payload, &mut combine, &result)?
-            .unwrap_or_default();
-        Ok(if self.info.rank == root { payload } else { got })
+        // Rank 0 relays its own payload without copying it into `held`.
+        let answer = || {
+            if root == 0 {
+                payload.clone()
+            } else {
+                held.borrow().clone()
+            }
+        };
+        let got = self.exchange(op, root, count, &payload, &mut combine, &answer, &|r| {
+            r != root
+        })?;
+        Ok(match self.info.rank {
+            r if r == root => payload,
+            0 => held.into_inner(),
+            _ => got,
+        })
     }
 }
 
@@ -573,8 +614,10 @@ impl<B: Backend> Collective<B> for HostCollective {
         if self.info.world_size <= 1 {
             return Ok(());
         }
-        self.exchange(Op::Barrier, 0, 0, &[], &mut |_, _| {}, &|_| None)
-            .map(|_| ())
+        self.exchange(Op::Barrier, 0, 0, &[], &mut |_, _| {}, &Vec::new, &|_| {
+            false
+        })
+        .map(|_| ())
     }
 }
 
