@@ -17,6 +17,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend, CudaOptions};
 use crate::backend::BackendError;
+use crate::dist::env::{detect_from_env, open_collective, DistPlan};
 use crate::dist::{Collective, DistError, RankInfo, Solo};
 use std::fmt;
 use std::rc::Rc;
@@ -116,11 +117,13 @@ pub enum DeviceKind {
 
 /// How to open the runtime: the device, and the CUDA backend's kernel choices (`bench`'s A/B
 /// switches; the defaults are the fastest measured).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeOptions {
     pub device: DeviceRequest,
     pub cuda: CudaOptions,
     pub collective: CollectiveRequest,
+    /// `--master-addr`: where the ranks meet, over MASTER_ADDR (srun sets none).
+    pub master_addr: Option<String>,
 }
 
 impl RuntimeOptions {
@@ -156,7 +159,8 @@ impl Runtime {
     /// [`Runtime::description`] says which and why, the rank and the engine (every command
     /// prints it).
     pub fn open(opts: &RuntimeOptions) -> Result<Self, RuntimeError> {
-        let rank = launcher_rank_info()?;
+        let plan = detect_from_env(opts.master_addr.as_deref())?;
+        let rank = plan.info.clone();
         let device = match opts.device {
             DeviceRequest::Cpu => None,
             DeviceRequest::Cuda => Some((cuda::probe()?, "")),
@@ -164,17 +168,17 @@ impl Runtime {
                 Ok(info) => Some((info, " (found by --device auto)")),
                 Err(e) => {
                     let why = format!("cpu (f32 reference backend; no CUDA: {e})");
-                    return Self::open_cpu(rank, opts.collective, why);
+                    return Self::open_cpu(&plan, opts.collective, why);
                 }
             },
         };
         let Some((info, why)) = device else {
-            return Self::open_cpu(rank, opts.collective, "cpu (f32 reference backend)".into());
+            return Self::open_cpu(&plan, opts.collective, "cpu (f32 reference backend)".into());
         };
         let be = Box::new(CudaBackend::with_options(rank.local_rank, opts.cuda)?);
         let comm: Rc<dyn Collective<CudaBackend>> = match (rank.world_size, opts.collective) {
             (1, CollectiveRequest::Auto | CollectiveRequest::Host) => Rc::new(Solo::new()),
-            (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&rank)?,
+            (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&plan)?,
             (_, CollectiveRequest::Auto | CollectiveRequest::Nccl) => {
                 nccl_collective(&be, &rank, opts.collective)?
             }
@@ -188,10 +192,11 @@ impl Runtime {
     }
 
     fn open_cpu(
-        rank: RankInfo,
+        plan: &DistPlan,
         asked: CollectiveRequest,
         device: String,
     ) -> Result<Self, RuntimeError> {
+        let rank = plan.info.clone();
         let comm: Rc<dyn Collective<CpuBackend>> = match (rank.world_size, asked) {
             (_, CollectiveRequest::Nccl) => {
                 return Err(RuntimeError::Collective {
@@ -202,7 +207,7 @@ impl Runtime {
                 })
             }
             (1, _) => Rc::new(Solo::new()),
-            _ => host_collective::<CpuBackend>(&rank)?,
+            _ => host_collective::<CpuBackend>(plan)?,
         };
         let description = describe(&device, &rank, comm.engine());
         Ok(Self {
@@ -247,22 +252,11 @@ impl Runtime {
     }
 }
 
-/// The launcher's view of this process: its rank, the world size and its local device.
-fn launcher_rank_info() -> Result<RankInfo, RuntimeError> {
-    Ok(RankInfo::single())
-}
-
-/// The host (loopback TCP) collective of `rank`'s job.
+/// The host (loopback TCP) collective of `plan`'s job: meets the other ranks first.
 fn host_collective<B: crate::backend::Backend + 'static>(
-    rank: &RankInfo,
+    plan: &DistPlan,
 ) -> Result<Rc<dyn Collective<B>>, RuntimeError> {
-    Err(RuntimeError::Collective {
-        asked: CollectiveRequest::Host,
-        why: format!(
-            "rank {} of {}: this build has no host collective",
-            rank.rank, rank.world_size
-        ),
-    })
+    Ok(Rc::new(open_collective(plan)?))
 }
 
 /// NCCL over `be`'s device for `rank`'s job.

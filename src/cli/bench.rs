@@ -25,6 +25,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         device: a.device.device,
         cuda,
         collective: a.device.collective,
+        master_addr: a.device.master_addr.clone(),
     })?;
     let why = rt.description();
     let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;

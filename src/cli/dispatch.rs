@@ -132,10 +132,11 @@ fn open_runtime(opts: RuntimeOptions) -> Result<Runtime> {
     Ok(rt)
 }
 
-fn device(d: DeviceArgs) -> RuntimeOptions {
+fn device(d: &DeviceArgs) -> RuntimeOptions {
     RuntimeOptions {
         device: d.device,
         collective: d.collective,
+        master_addr: d.master_addr.clone(),
         ..RuntimeOptions::default()
     }
 }
@@ -223,7 +224,7 @@ fn train<S: Stage>(
     stage: impl FnOnce(&mut RunConfig) -> Result<S>,
 ) -> Result<()> {
     let mut run = run_config(flags, S::defaults())?;
-    let rt = open_runtime(device(flags.device))?;
+    let rt = open_runtime(device(&flags.device))?;
     let _lock = if writes_out {
         Some(RunDirLock::acquire(&out)?)
     } else {
@@ -262,7 +263,7 @@ fn sample(a: &SampleArgs) -> Result<()> {
         seed: a.seed,
         stop: None,
     };
-    let rt = open_runtime(device(a.device))?;
+    let rt = open_runtime(device(&a.device))?;
     print!("{}", a.prompt);
     commands::sample::sample(&rt, &a.checkpoint, &a.prompt, &opts, |text| {
         print!("{text}");
@@ -282,7 +283,7 @@ fn chat(a: &ChatArgs) -> Result<()> {
         seed: a.seed,
         show_prompt: std::io::stdin().is_terminal(),
     };
-    let rt = open_runtime(device(a.device))?;
+    let rt = open_runtime(device(&a.device))?;
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let mut out = std::io::stdout();
@@ -303,7 +304,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 seq_len: a.seq_len,
                 max_batches: a.max_batches,
             };
-            eval::eval_loss(&open_runtime(device(a.device))?, &job, &note)?.table()
+            eval::eval_loss(&open_runtime(device(&a.device))?, &job, &note)?.table()
         }
         EvalCmd::Pairs(a) => {
             let job = EvalPairsJob {
@@ -315,7 +316,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
             };
-            eval::eval_pairs(&open_runtime(device(a.device))?, &job, &note)?.table()
+            eval::eval_pairs(&open_runtime(device(&a.device))?, &job, &note)?.table()
         }
         EvalCmd::Generate(a) => {
             let job = EvalGenerateJob {
@@ -328,7 +329,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 seed: a.seed,
                 out: a.out.clone(),
             };
-            eval::eval_generate(&open_runtime(device(a.device))?, &job, &note)?.table()
+            eval::eval_generate(&open_runtime(device(&a.device))?, &job, &note)?.table()
         }
     };
     print!("{table}");
@@ -336,7 +337,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
 }
 
 fn demo(a: &DemoArgs) -> Result<()> {
-    let rt = open_runtime(device(a.device))?;
+    let rt = open_runtime(device(&a.device))?;
     let job = DemoJob {
         out: a.out.clone(),
         data: a.data.clone(),

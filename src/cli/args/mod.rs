@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use topcoat::runtime::{CollectiveRequest, DeviceRequest};
 
 /// `--device`, shared by every command that computes.
-#[derive(Args, Clone, Copy)]
+#[derive(Args, Clone)]
 pub struct DeviceArgs {
     /// auto (a CUDA device when one is usable, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
@@ -30,6 +30,9 @@ pub struct DeviceArgs {
     /// nccl, or host (host copies over loopback TCP: two ranks sharing one GPU).
     #[arg(long, default_value = "auto")]
     pub collective: CollectiveRequest,
+    /// Where the ranks meet (over MASTER_ADDR), for a launcher that sets none (srun).
+    #[arg(long)]
+    pub master_addr: Option<String>,
 }
 
 #[derive(Parser)]
