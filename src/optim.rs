@@ -204,7 +204,20 @@ fn mb(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::lr_at;
+    use super::{lr_at, shard_owners};
+
+    #[test]
+    fn shard_owners_are_balanced_largest_first() {
+        // 40 -> 0, 30 -> 1, 20 -> 1 (30 < 40), 10 -> 0, 5 -> 0 (50 = 50: the lower rank).
+        assert_eq!(shard_owners(&[10, 40, 30, 20, 5], 2), vec![0, 0, 1, 1, 0]);
+        assert_eq!(shard_owners(&[10, 40, 30, 20, 5], 3), vec![2, 0, 1, 2, 1]);
+        assert_eq!(shard_owners(&[7, 7, 7], 1), vec![0, 0, 0]);
+        assert_eq!(
+            shard_owners(&[7, 7, 7], 4),
+            vec![0, 1, 2],
+            "rank 3 owns nothing"
+        );
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
