@@ -1,4 +1,5 @@
-//! ZeRO-1 and checkpoints across ranks, on the CPU backend with 2 and 3 ranks in threads:
+//! ZeRO-1 and checkpoints across ranks, on the CPU backend with 2 and 3 ranks in threads
+//! joined by the host collective (loopback TCP):
 //! sharded updates equal unsharded ones bit for bit, a sharded save writes the same bytes as
 //! an unsharded one, a resume at another world size hands each rank its moment shards, and a
 //! failure on one rank reaches the others by name.
@@ -6,141 +7,42 @@
 mod common;
 
 use common::randn;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::OnceLock;
+use std::time::Duration;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::Backend;
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
-use topcoat::dist::{Collective, RankInfo, Solo};
+use topcoat::dist::{rendezvous, Collective, HostCollective, Meeting, RankInfo, Solo};
 use topcoat::model::Gpt;
 use topcoat::optim::{shard_owners, AdamW};
 use topcoat::rng::Rng;
 use topcoat::train::checkpoint::{self, TrainState};
 
-/// What one rank puts on the table for a collective operation.
-#[derive(Clone)]
-enum Payload {
-    Bufs(Vec<Vec<f32>>),
-    Host(Vec<f64>),
-    Bytes(Vec<u8>),
-}
-
-/// A collective of ranks in threads of one process: each operation puts every rank's payload
-/// on a shared table between two barriers; sums run in rank order like the host collective's.
-struct Threads {
-    info: RankInfo,
-    table: Arc<(Barrier, Mutex<Vec<Option<Payload>>>)>,
-}
-
-fn thread_group(world: usize) -> Vec<Threads> {
-    let table = Arc::new((Barrier::new(world), Mutex::new(vec![None; world])));
-    (0..world)
-        .map(|rank| Threads {
-            info: RankInfo {
-                rank,
-                world_size: world,
-                local_rank: rank,
-                launcher: "threads".into(),
-            },
-            table: table.clone(),
+/// `world` host collectives (loopback TCP, ports picked by the OS), in rank order.
+fn host_group(world: usize) -> Vec<HostCollective> {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let joins: Vec<_> = (0..world)
+        .map(|rank| {
+            let meeting = Meeting::Tcp { addr: addr.clone() };
+            std::thread::spawn(move || {
+                let info = RankInfo {
+                    rank,
+                    world_size: world,
+                    local_rank: rank,
+                    launcher: "test".into(),
+                };
+                let star = rendezvous(&info, &meeting, Duration::from_secs(10)).unwrap();
+                HostCollective::new(star, Duration::from_secs(20)).unwrap()
+            })
         })
-        .collect()
-}
-
-impl Threads {
-    fn exchange(&self, mine: Payload) -> Vec<Payload> {
-        let (barrier, slots) = &*self.table;
-        slots.lock().unwrap()[self.info.rank] = Some(mine);
-        barrier.wait();
-        let all = slots
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|p| p.clone().unwrap())
-            .collect();
-        barrier.wait();
-        all
-    }
-
-    fn bufs(p: &Payload) -> &Vec<Vec<f32>> {
-        match p {
-            Payload::Bufs(b) => b,
-            _ => panic!("ranks out of step"),
-        }
-    }
-}
-
-impl<B: Backend> Collective<B> for Threads {
-    fn info(&self) -> &RankInfo {
-        &self.info
-    }
-    fn engine(&self) -> String {
-        "threads".into()
-    }
-    fn all_reduce_sum(&self, be: &B, bufs: &mut [&mut B::Buf]) -> topcoat::dist::Result<()> {
-        let mine = bufs.iter().map(|b| be.download(b).unwrap()).collect();
-        let all = self.exchange(Payload::Bufs(mine));
-        for (k, buf) in bufs.iter_mut().enumerate() {
-            let mut sum = vec![0.0f32; be.len(buf)];
-            for p in &all {
-                for (s, x) in sum.iter_mut().zip(&Self::bufs(p)[k]) {
-                    *s += x;
-                }
-            }
-            be.write(buf, &sum)?;
-        }
-        Ok(())
-    }
-    fn reduce_sum(
-        &self,
-        be: &B,
-        bufs: &mut [&mut B::Buf],
-        _root: usize,
-    ) -> topcoat::dist::Result<()> {
-        self.all_reduce_sum(be, bufs)
-    }
-    fn broadcast(
-        &self,
-        be: &B,
-        bufs: &mut [&mut B::Buf],
-        root: usize,
-    ) -> topcoat::dist::Result<()> {
-        let mine = if self.info.rank == root {
-            bufs.iter().map(|b| be.download(b).unwrap()).collect()
-        } else {
-            Vec::new()
-        };
-        let all = self.exchange(Payload::Bufs(mine));
-        if self.info.rank != root {
-            for (buf, host) in bufs.iter_mut().zip(Self::bufs(&all[root])) {
-                be.write(buf, host)?;
-            }
-        }
-        Ok(())
-    }
-    fn wait(&self, _be: &B) -> topcoat::dist::Result<()> {
-        Ok(())
-    }
-    fn all_reduce_host(&self, values: &mut [f64]) -> topcoat::dist::Result<()> {
-        let all = self.exchange(Payload::Host(values.to_vec()));
-        for (k, v) in values.iter_mut().enumerate() {
-            *v = all
-                .iter()
-                .map(|p| match p {
-                    Payload::Host(h) => h[k],
-                    _ => panic!("ranks out of step"),
-                })
-                .sum();
-        }
-        Ok(())
-    }
-    fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> topcoat::dist::Result<Vec<u8>> {
-        match &self.exchange(Payload::Bytes(bytes))[root] {
-            Payload::Bytes(b) => Ok(b.clone()),
-            _ => panic!("ranks out of step"),
-        }
-    }
+        .collect();
+    joins.into_iter().map(|j| j.join().unwrap()).collect()
 }
 
 /// Runs `body(rank's collective)` on `world` ranks in threads; the results in rank order.
@@ -148,7 +50,7 @@ fn on_ranks<T: Send>(
     world: usize,
     body: impl Fn(&dyn Collective<CpuBackend>) -> T + Sync,
 ) -> Vec<T> {
-    let group = thread_group(world);
+    let group = host_group(world);
     std::thread::scope(|s| {
         let handles: Vec<_> = group
             .iter()
