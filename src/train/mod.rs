@@ -20,9 +20,6 @@ use thiserror::Error;
 pub enum TrainError {
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// A collective operation failed: names the rank.
-    #[error(transparent)]
-    Dist(#[from] crate::dist::DistError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]

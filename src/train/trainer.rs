@@ -211,12 +211,18 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
         let progress = Progress::new(opts.quiet || !writer, 10);
         let mut rng = Rng::new(run.seed ^ 0x5EED);
         let (mut start_step, mut tokens_seen, mut prior_elapsed) = (0, 0u64, 0.0);
-        let mut opt = AdamW::new(be, &crate::dist::Solo::new(), model, 0)?;
+        let mut opt = AdamW::new(be, &**comm, model, run.zero)?;
         let mut last_good = None;
         if opts.resume {
             if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
-                let (resumed, o, state) =
-                    checkpoint::resume(be, &dir, &model.cfg, objective.name())?;
+                let (resumed, o, state) = checkpoint::resume_ranked(
+                    be,
+                    &**comm,
+                    &dir,
+                    &model.cfg,
+                    objective.name(),
+                    run.zero,
+                )?;
                 let changes = run_dir::resume_changes(&dir, state.step, &state.run, run)?;
                 *model = resumed;
                 opt = o;
@@ -350,14 +356,8 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
             run.max_steps,
             run.min_lr_ratio,
         );
-        self.opt.update(
-            be,
-            &crate::dist::Solo::new(),
-            self.model,
-            run,
-            lr,
-            grad_scale,
-        )?;
+        self.opt
+            .update(be, self.comm, self.model, run, lr, grad_scale)?;
         Ok(StepOutcome {
             loss,
             tokens,
@@ -508,35 +508,6 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
     /// Checkpoints the run after `step` steps (`elapsed_s` seconds of training in all) and
     /// prunes old checkpoints (never the last known-good one); returns the directory.
     fn save(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
-        let writer = self.comm.info().is_writer();
-        let outcome = if writer {
-            self.save_here(step, elapsed_s)
-        } else {
-            Ok(checkpoint::dir_for(&self.opts.out_dir, step))
-        };
-        if self.comm.world_size() == 1 {
-            return outcome;
-        }
-        // Rank 0 tells the others whether the checkpoint was written, so all stop together.
-        let said = match &outcome {
-            Ok(_) => Vec::new(),
-            Err(e) => e.to_string().into_bytes(),
-        };
-        let said = self.comm.broadcast_bytes(said, 0)?;
-        if !writer && !said.is_empty() {
-            return Err(TrainError::Checkpoint {
-                path: checkpoint::dir_for(&self.opts.out_dir, step),
-                msg: format!(
-                    "rank 0 failed to save it: {}",
-                    String::from_utf8_lossy(&said)
-                ),
-            });
-        }
-        outcome
-    }
-
-    /// Rank 0's part of [`Self::save`]: writes the checkpoint and prunes old ones.
-    fn save_here(&mut self, step: usize, elapsed_s: f64) -> Result<PathBuf> {
         let opts = self.opts;
         let state = TrainState {
             step,
@@ -547,14 +518,18 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
             elapsed_s,
             stage: self.objective.name().to_string(),
         };
-        // The step's loss and norm were finite, but its update may not have been: a save of
-        // non-finite values is refused, and that ends the run as diverged.
-        let dir = match checkpoint::save(
+        // Every rank takes part (ZeRO-1 shards are gathered to rank 0, which writes; every rank
+        // learns the outcome). The step's loss and norm were finite, but its update may not
+        // have been: a save of non-finite values is refused, and that ends the run as diverged
+        // on every rank.
+        let dir = match checkpoint::save_ranked(
             self.be,
+            self.comm,
             &checkpoint::dir_for(&opts.out_dir, step),
             self.model,
             self.tokenizer,
-            Some((&self.opt, &state)),
+            &self.opt,
+            &state,
         ) {
             Err(TrainError::Integrity(CheckpointError::NotFinite { what, .. })) => {
                 let what = format!("{what} is not finite after the update, so it is not saved");
@@ -562,12 +537,14 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
             }
             saved => saved?,
         };
-        self.pending.push(dir.clone());
-        run_dir::prune_keeping(
-            &opts.out_dir,
-            opts.keep_checkpoints,
-            self.last_good.as_deref(),
-        )?;
+        if self.comm.info().is_writer() {
+            self.pending.push(dir.clone());
+            run_dir::prune_keeping(
+                &opts.out_dir,
+                opts.keep_checkpoints,
+                self.last_good.as_deref(),
+            )?;
+        }
         Ok(dir)
     }
 
