@@ -150,7 +150,9 @@ pub fn ensure_libnccl_symlink(dir: &Path) -> Result<Option<PathBuf>, NcclNotFoun
 
 /// Where a launcher may put that link when the user names no folder.
 pub fn nccl_library_dir_hint() -> PathBuf {
-    std::env::temp_dir().join(format!("topcoat-nccl-{}", unsafe { libc::getuid() }))
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("topcoat-nccl-{uid}"))
 }
 
 #[cfg(test)]
