@@ -360,3 +360,48 @@ impl PairLoader {
         fill_pair_batch(&self.split, &picked, self.capacity, self.t, self.pad)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` pairs of 3-token sides (all fit in `T = 4`).
+    fn split(n: usize) -> PairSplit {
+        PairSplit {
+            tokens: (0..6 * n as u32).collect(),
+            mask: vec![true; 6 * n],
+            offsets: (0..=2 * n).map(|s| 3 * s).collect(),
+            starts: vec![1; 2 * n],
+        }
+    }
+
+    #[test]
+    fn rank_pairs_are_the_pairs_the_rank_draws() {
+        for (world, batches) in [(1, 3), (2, 2), (3, 5), (2, 40)] {
+            for rank in 0..world {
+                let ranks = RankSlice::new(rank, world).unwrap();
+                let mut l = PairLoader::new(split(7), 2, 4, 0, 3)
+                    .unwrap()
+                    .with_ranks(ranks);
+                let from = PairPosition {
+                    epoch: 1,
+                    cursor: 5,
+                };
+                l.set_position(from).unwrap();
+                let want = l.rank_pairs(from, batches);
+                let mut drawn: Vec<usize> = (0..batches).flat_map(|_| l.next_pairs()).collect();
+                drawn.sort();
+                drawn.dedup();
+                assert_eq!(want, drawn, "rank {rank} of {world}, {batches} batches");
+            }
+        }
+        // Forty micro-batches of two pairs at W = 2 cover every one of the 7 pairs.
+        let l = PairLoader::new(split(7), 2, 4, 0, 3)
+            .unwrap()
+            .with_ranks(RankSlice::new(1, 2).unwrap());
+        assert_eq!(
+            l.rank_pairs(PairPosition::default(), 40),
+            (0..7).collect::<Vec<_>>()
+        );
+    }
+}
