@@ -8,6 +8,7 @@ use topcoat::backend::cpu::CpuBackend;
 use topcoat::commands::inputs::TokenizerArg;
 use topcoat::commands::prepare::{prepare_sft, EMBEDDED_CORPUS};
 use topcoat::config::ModelConfig;
+use topcoat::data::RankSlice;
 use topcoat::data::{SftPrepareOptions, Tokenizer};
 use topcoat::model::{Gpt, Packing};
 use topcoat::rng::Rng;
@@ -227,6 +228,7 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
             vocab_size: tok.vocab_size(),
             pad,
             val_batches: 2,
+            ranks: RankSlice::SOLO,
         };
         Sft::open(&prepared).unwrap().with_packing(pack)
     };
@@ -305,8 +307,11 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
         max_seq_len: t,
     };
     let mut model = Gpt::init(&be, &cfg, 3).unwrap();
-    let v_plain = plain.validate(&be, &mut model).unwrap().unwrap();
-    let v_pack = pack.validate(&be, &mut model).unwrap().unwrap();
+    let p_plain = plain.validate(&be, &mut model).unwrap().unwrap();
+    let p_pack = pack.validate(&be, &mut model).unwrap().unwrap();
+    // The same examples, so the same scored tokens, however they are laid out.
+    assert_eq!(p_pack.count, p_plain.count);
+    let (v_plain, v_pack) = (p_plain.mean().unwrap(), p_pack.mean().unwrap());
     let e = ((v_pack - v_plain) / v_plain).abs() as f64;
     println!("val loss {v_pack} packed, {v_plain} unpacked: rel diff {e:.1e}");
     assert!(

@@ -73,6 +73,10 @@ impl StageContext<'_> {
             vocab_size: self.model.vocab_size,
             pad: self.tokenizer.eot(),
             val_batches: self.run.val_batches,
+            ranks: crate::data::RankSlice {
+                rank: self.run.rank,
+                world: self.run.world_size,
+            },
         }
     }
 

@@ -17,6 +17,11 @@
 //! permutation per epoch, position saved in checkpoints. Validation: the val pairs in file order,
 //! at most `val_batches` batches.
 //!
+//! Ranks: the micro-batches of pairs form one global stream (data/pairs.rs); rank `r` of `W`
+//! takes micro-batches `r, r + W, ...` and validation batches `r, r + W, ...`, returning its
+//! summed loss and pair count; the logged extras are this rank's means (averaged over ranks by
+//! the loop).
+//!
 //! Departures: InstructGPT shows a labeller's K ranked responses to one prompt and trains on all
 //! K-choose-2 pairs in one batch element; here every pair stands alone. InstructGPT also shifts
 //! the final reward so that SFT demonstrations score 0 on average; not done here. The head's
@@ -28,10 +33,10 @@
 
 use super::PreparedData;
 use crate::backend::Backend;
-use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
+use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit, RankSlice};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
-use crate::train::{Extras, Objective, Result, TrainError};
+use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
 use std::path::PathBuf;
 
 /// The Bradley-Terry loss of one batch of pairs, its gradient, and what is logged.
@@ -156,7 +161,9 @@ impl Reward {
             vocab_size,
             pad,
             val_batches,
+            ranks,
         } = *data;
+        let ranks = RankSlice::new(ranks.rank, ranks.world)?;
         if batch_size < 2 || batch_size % 2 != 0 {
             return Err(DataError::InvalidArgument(format!(
                 "batch_size {batch_size}: the reward stage needs an even number of rows \
@@ -166,7 +173,8 @@ impl Reward {
         let pairs = batch_size / 2;
         let train = PairSplit::open(dir, "prefs_train", vocab_size)?;
         let train = PairLoader::new(train, pairs, t, pad, seed)
-            .map_err(|e| DataError::InvalidArgument(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| DataError::InvalidArgument(format!("{}: {e}", dir.display())))?
+            .with_ranks(ranks);
         let val = if dir.join("prefs_val.bin").exists() {
             Some(PairSplit::open(dir, "prefs_val", vocab_size)?)
         } else {
@@ -227,7 +235,7 @@ impl<B: Backend> Objective<B> for Reward {
         })
     }
 
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>> {
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>> {
         let Some(val) = self.val.as_ref() else {
             return Ok(None);
         };
@@ -235,16 +243,22 @@ impl<B: Backend> Objective<B> for Reward {
             .val_usable
             .len()
             .min(self.val_batches.max(1) * self.pairs);
-        let mut sum = 0.0f64;
-        for chunk in self.val_usable[..n].chunks(self.pairs) {
+        let ranks = self.train.ranks();
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        let chunks = self.val_usable[..n].chunks(self.pairs);
+        for (_, chunk) in chunks.enumerate().filter(|&(i, _)| ranks.takes(i as u64)) {
             let batch = fill_pair_batch(val, chunk, self.pairs, self.t, self.pad);
             let pass =
                 model.reward_forward(be, &batch.inputs, batch.rows(), self.t, &batch.last)?;
             let bt = bradley_terry(&pass.rewards, batch.pairs, 1.0);
             sum += bt.sum;
+            count += chunk.len();
             self.tally.add(&pass.rewards, &bt);
         }
-        Ok((n > 0).then(|| (sum / n as f64) as f32))
+        Ok(Some(ValPartial {
+            sum,
+            count: count as f64,
+        }))
     }
 
     fn data_position(&self) -> serde_json::Value {

@@ -1,5 +1,6 @@
-//! Metrics as JSON lines (`metrics.jsonl` in the run directory) and the live progress line, and
-//! [`Extras`]: the named values a stage reports beside its loss (accuracy, margin, ...).
+//! Metrics as JSON lines (`metrics.jsonl` in the run directory) and the live progress line,
+//! [`Extras`]: the named values a stage reports beside its loss (accuracy, margin, ...), and
+//! [`ValPartial`]: one rank's share of a validation loss, summed across ranks.
 
 use super::{io_err, Result};
 use serde_json::Value;
@@ -91,6 +92,30 @@ impl Extras {
             .iter()
             .map(|(name, v)| format!(" | {prefix}{name} {v:.4}"))
             .collect()
+    }
+}
+
+/// One rank's share of a validation: the summed loss and what it is a sum over (tokens for
+/// cross-entropy, pairs for reward and DPO). The ranks' partials added in rank order give the
+/// validation of the whole set; [`ValPartial::mean`] is the loss the run reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ValPartial {
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl ValPartial {
+    /// `sum / count`, or `None` when nothing was counted (a rank whose share is empty, or a
+    /// validation set with no scored token).
+    pub fn mean(&self) -> Option<f32> {
+        (self.count > 0.0).then(|| (self.sum / self.count) as f32)
+    }
+
+    /// Adds another rank's partial (callers add them in rank order, so the sum is the same on
+    /// every rank and at every world size up to the rounding of that order).
+    pub fn add(&mut self, other: &ValPartial) {
+        self.sum += other.sum;
+        self.count += other.count;
     }
 }
 
@@ -187,6 +212,27 @@ mod tests {
         assert_eq!(record["step"], 3);
         assert_eq!(x.get("margin"), Some(-0.5));
         assert_eq!(x.progress_text(""), " | accuracy 0.7500 | margin -0.5000");
+    }
+
+    #[test]
+    fn partials_add_up_and_an_empty_one_has_no_mean() {
+        let mut p = ValPartial {
+            sum: 7.25,
+            count: 3.0,
+        };
+        assert_eq!(ValPartial::default().mean(), None);
+        p.add(&ValPartial {
+            sum: 2.75,
+            count: 1.0,
+        });
+        assert_eq!(
+            p,
+            ValPartial {
+                sum: 10.0,
+                count: 4.0
+            }
+        );
+        assert_eq!(p.mean(), Some(2.5));
     }
 
     #[test]

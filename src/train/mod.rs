@@ -6,7 +6,7 @@ pub mod metrics;
 pub mod run_dir;
 mod trainer;
 
-pub use metrics::Extras;
+pub use metrics::{Extras, ValPartial};
 pub use trainer::{train, Objective, TrainOptions, TrainSummary};
 
 use crate::backend::BackendError;

@@ -3,7 +3,7 @@
 //! only an [`Objective`]: its loss and its data.
 
 use super::checkpoint::{self, CheckpointError, TrainState};
-use super::metrics::{fmt_duration, Extras, MetricsLog, Progress};
+use super::metrics::{fmt_duration, Extras, MetricsLog, Progress, ValPartial};
 use super::run_dir;
 use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
@@ -29,8 +29,10 @@ pub trait Objective<B: Backend> {
         rng: &mut Rng,
         loss_scale: f32,
     ) -> Result<Loss>;
-    /// Mean validation loss, or `None` when the stage has no validation data.
-    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<f32>>;
+    /// This rank's share of the validation set (batches `rank, rank + W, ...`): the summed loss
+    /// and its count, or `None` when the stage has no validation data (then on every rank). A
+    /// rank whose share is empty returns a zero partial, so every rank joins the reduction.
+    fn validate(&mut self, be: &B, model: &mut Gpt<B>) -> Result<Option<ValPartial>>;
     /// Where the data stream stands, for checkpoints.
     fn data_position(&self) -> serde_json::Value;
     /// Restores a position saved by [`Objective::data_position`].
@@ -321,7 +323,8 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
 
     /// Validates after `step` steps, when the objective has validation data, and logs it.
     fn validate(&mut self, step: usize) -> Result<()> {
-        if let Some(val) = self.objective.validate(self.be, self.model)? {
+        let partial = self.objective.validate(self.be, self.model)?;
+        if let Some(val) = partial.and_then(|p| p.mean()) {
             let extras = self.objective.take_metrics();
             let mut record = json!({"step": step, "val_loss": val});
             extras.add_to(&mut record, "val_");
