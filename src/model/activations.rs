@@ -50,7 +50,10 @@ pub struct Shared<B: Backend> {
 }
 
 /// The layer's own buffer when it keeps one, else the shared one.
-pub fn pick<'a, B: Backend>(own: &'a mut Option<B::Buf>, shared: &'a mut Option<B::Buf>) -> &'a mut B::Buf {
+pub fn pick<'a, B: Backend>(
+    own: &'a mut Option<B::Buf>,
+    shared: &'a mut Option<B::Buf>,
+) -> &'a mut B::Buf {
     own.as_mut()
         .or(shared.as_mut())
         .expect("a recomputed buffer has a shared one")
@@ -150,10 +153,16 @@ impl<B: Backend> Activations<B> {
     pub fn activation_elements(&self, be: &B) -> usize {
         let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
         let mut n = len(&self.shared.gelu) + len(&self.shared.ln);
-        n += [&self.encoded, &self.lnf, &self.lnf_mean, &self.lnf_rstd, &self.logits]
-            .iter()
-            .map(|x| be.len(x))
-            .sum::<usize>();
+        n += [
+            &self.encoded,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+        ]
+        .iter()
+        .map(|x| be.len(x))
+        .sum::<usize>();
         for l in &self.layers {
             n += len(&l.ln1) + len(&l.ln2) + len(&l.fch_gelu);
             n += [

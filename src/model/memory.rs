@@ -210,11 +210,11 @@ fn gib(bytes: u128) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::PlanOptions;
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::Backend;
     use crate::model::Activations;
-    use super::PlanOptions;
 
     fn cpu_bytes(_: Role) -> usize {
         4
@@ -231,8 +231,8 @@ mod tests {
         let mut bytes = Vec::new();
         for level in 0..=2 {
             let acts = Activations::new(&be, &cfg, b, t, level).unwrap();
-            let stats = be.len(&acts.losses)
-                + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>();
+            let stats =
+                be.len(&acts.losses) + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>();
             let scratch = 10 * n * c;
             let elems = acts.activation_elements(&be) + stats + scratch;
             let opts = PlanOptions {

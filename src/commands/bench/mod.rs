@@ -32,6 +32,9 @@ pub struct BenchJob {
     pub steps: usize,
     /// Include the gradient norm and AdamW (false: forward + backward only).
     pub optimizer: bool,
+    /// Activation recompute level of the step benchmark (`--recompute`; the `--stage`
+    /// comparison runs at 0).
+    pub recompute: u8,
 }
 
 impl BenchJob {
@@ -62,8 +65,22 @@ impl BenchJob {
     fn check_on<B: Backend>(&self, be: &B) -> Result<()> {
         self.check()?;
         let (b, t) = (self.batch_size, self.seq_len);
-        crate::commands::preflight::check_memory(be, b, t, &self.model)
+        let opts = crate::model::PlanOptions {
+            recompute: self.recompute,
+            ..Default::default()
+        };
+        crate::commands::preflight::check_memory(be, b, t, opts, &self.model)
     }
+}
+
+/// The configuration summary ([`crate::commands::plan::describe`]) of `job` on the runtime's
+/// backend, its storage as that backend keeps it.
+pub fn plan_text(rt: &Runtime, job: &BenchJob, name: &str, storage: &str) -> String {
+    crate::on_backend!(rt, be => {
+        let bytes = |r| be.element_bytes(r);
+        let shape = (job.batch_size, job.seq_len);
+        crate::commands::plan::describe(name, &job.model, shape, job.recompute, &bytes, storage)
+    })
 }
 
 /// What the step benchmark measured, with the peak it is compared against.
@@ -95,7 +112,7 @@ fn steps_on<B: Backend>(
     let (b, t) = (job.batch_size, job.seq_len);
     let result = bench_train(
         be,
-        &job.model,
+        (&job.model, job.recompute),
         b,
         t,
         job.warmup,
@@ -144,7 +161,7 @@ fn kernels_on<B: Backend>(
     // The warm-up steps load kernels and pick matmul algorithms: keep them out.
     bench_train(
         &profiled,
-        &job.model,
+        (&job.model, job.recompute),
         b,
         t,
         job.warmup,
@@ -154,7 +171,14 @@ fn kernels_on<B: Backend>(
     )?;
     profiled.reset();
     let r = bench_train(
-        &profiled, &job.model, b, t, 0, job.steps, optimizer, on_step,
+        &profiled,
+        (&job.model, job.recompute),
+        b,
+        t,
+        0,
+        job.steps,
+        optimizer,
+        on_step,
     )?;
     Ok((profiled.tally(), r.step_ms.len()))
 }
