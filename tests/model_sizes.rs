@@ -218,3 +218,227 @@ fn the_large_presets() {
         );
     }
 }
+
+/// `info` without a path describes a configuration: parameters, FLOPs per token, the plan by
+/// part with the other recompute levels beside it, and per-rank totals under ZeRO-1.
+#[test]
+fn info_prints_the_plan_of_a_configuration() {
+    let out = ok(&["info", "--preset", "gpt2-1558m", "--batch-size", "8"]);
+    for want in [
+        "model: gpt2-1558m preset, 48 layers, 25 heads, d=1600, context 1024, vocab 50257 \
+         (padded 50304)",
+        "parameters: 1557686400 (1557.69 M)",
+        // 6 (N - 1024 C) + 12 L C T.
+        "FLOPs per token: 1.028e10",
+        "B=8, T=1024, recompute 0:",
+        "weights       2.90 GiB",
+        "activations  22.19 GiB (recompute 1: 17.60 GiB, saves 4.59 GiB; recompute 2: 15.28 \
+         GiB, saves 6.91 GiB)",
+        "per rank with ZeRO-1 (--zero 1; master and moments sharded): 2 ranks",
+    ] {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+    // The shape flags: a 2-layer gpt2-124m at context 128, the CPU's f32 storage.
+    let out = ok(&[
+        "info",
+        "--n-layer",
+        "2",
+        "--context",
+        "128",
+        "--backend",
+        "cpu",
+        "--recompute",
+        "2",
+    ]);
+    let cfg = ModelConfig {
+        n_layer: 2,
+        max_seq_len: 128,
+        ..ModelConfig::preset("gpt2-124m", 50257).unwrap()
+    };
+    let line = format!("parameters: {} ", cfg.num_params());
+    assert!(out.contains(&line), "{line:?} not in\n{out}");
+    assert!(
+        out.contains("gpt2-124m preset, n_layer 2, context 128, 2 layers, 12 heads"),
+        "{out}"
+    );
+    assert!(out.contains("T=128, recompute 2:"), "{out}");
+    assert!(out.contains("    master        0.00 GiB"), "{out}");
+}
+
+/// A shape that cannot be is refused naming the flags (and TOML keys) and the values, from
+/// the flags and from a run config, before any data is read.
+#[test]
+fn bad_shapes_are_named() {
+    let want = "n_embd (--n-embd) 1000 is not divisible by n_head (--n-head) 16";
+    let e = fails(&["info", "--n-embd", "1000", "--n-head", "16"]);
+    assert!(e.contains(want), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = s(&dir.path().join("run"));
+    let nowhere = s(&dir.path().join("no-data"));
+    let e = fails(&[
+        "pretrain", "--data", &nowhere, "--out", &out, "--n-embd", "1000", "--n-head", "16",
+    ]);
+    assert!(e.contains(want), "{e}");
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, "n_embd = 1000\nn_head = 16\n").unwrap();
+    let e = fails(&[
+        "pretrain",
+        "--data",
+        &nowhere,
+        "--out",
+        &out,
+        "--config",
+        &s(&toml),
+    ]);
+    assert!(e.contains(want), "{e}");
+    let e = fails(&["info", "--n-layer", "0"]);
+    assert!(
+        e.contains("n_layer (--n-layer) is 0: must be at least 1"),
+        "{e}"
+    );
+    let e = fails(&["bench", "--recompute", "3"]);
+    assert!(e.contains("--recompute") && e.contains("must be 0"), "{e}");
+}
+
+/// A fresh model of any shape trains (at recompute 2) and its checkpoint keeps the shape; a
+/// longer `seq_len` than `--context` is refused naming both; a stage from that checkpoint
+/// refuses shape flags that differ from it, naming both values, and takes ones that match.
+#[test]
+fn pretrain_a_custom_shape_and_keep_it() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let data = s(&dir.path().join("data"));
+    let run = s(&dir.path().join("run"));
+    let shape = [
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--context",
+        "24",
+    ];
+    let common = [
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--val-every",
+        "0",
+    ];
+    let e = fails(
+        &[
+            &[
+                "pretrain",
+                "--data",
+                &data,
+                "--out",
+                &run,
+                "--seq-len",
+                "32",
+            ][..],
+            &shape,
+            &common,
+        ]
+        .concat(),
+    );
+    assert!(
+        e.contains(
+            "seq_len 32 exceeds the model's context (max_seq_len 24) of the tiny preset with \
+             context (--context) 24"
+        ),
+        "{e}"
+    );
+    let args = [
+        &[
+            "pretrain",
+            "--data",
+            &data,
+            "--out",
+            &run,
+            "--seq-len",
+            "16",
+            "--recompute",
+            "2",
+        ][..],
+        &shape,
+        &common,
+    ]
+    .concat();
+    let out = ok(&args);
+    assert!(
+        out.contains("2 layers, 2 heads, d=32, context 24, recompute 2"),
+        "{out}"
+    );
+    let info = ok(&["info", &run]);
+    assert!(
+        info.contains("model: 2 layers, 2 heads, d=32, max_seq_len 24"),
+        "{info}"
+    );
+    // An sft from it with another width is refused before its data is read.
+    let sft_out = s(&dir.path().join("sft"));
+    let sft = |extra: &[&str]| {
+        let base = [
+            "sft",
+            "--init",
+            &run,
+            "--data",
+            "no-such-dir",
+            "--out",
+            &sft_out,
+        ];
+        fails(&[&base[..], extra].concat())
+    };
+    let e = sft(&["--n-embd", "64", "--n-layer", "2", "--context", "48"]);
+    assert!(
+        e.contains("sft: sft starts from")
+            && e.contains(
+                "n_embd (--n-embd) 64 (the checkpoint has 32), context (--context) 48 \
+                           (the checkpoint has 24)"
+            )
+            && !e.contains("n_layer"),
+        "{e}"
+    );
+    // Matching flags pass that check (and stop at the missing data).
+    let e = sft(&["--n-embd", "32"]);
+    assert!(
+        !e.contains("whose shape is fixed") && e.contains("no-such-dir"),
+        "{e}"
+    );
+}
+
+/// `bench` prints the plan of its configuration before timing, at its recompute level.
+#[test]
+fn bench_prints_the_plan_and_runs_with_recompute() {
+    let out = ok(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--n-layer",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--recompute",
+        "1",
+    ]);
+    for want in [
+        "model: tiny preset, n_layer 2, 2 layers, 4 heads, d=128",
+        "B=2, T=16, recompute 1:",
+        "(recompute 0: ",
+        "adds",
+        "recompute 2: ",
+        "saves",
+        "| median step ms |",
+    ] {
+        assert!(out.contains(want), "{want:?} not in\n{out}");
+    }
+}
