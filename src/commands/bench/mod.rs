@@ -32,8 +32,7 @@ pub struct BenchJob {
     pub steps: usize,
     /// Include the gradient norm and AdamW (false: forward + backward only).
     pub optimizer: bool,
-    /// Activation recompute level of the step benchmark (`--recompute`; the `--stage`
-    /// comparison runs at 0).
+    /// Activation recompute level of every model the benchmark times (`--recompute`).
     pub recompute: u8,
 }
 
@@ -48,6 +47,10 @@ impl BenchJob {
             if v == 0 {
                 return Err(CommandError::arg(flag, "0: must be at least 1"));
             }
+        }
+        if self.recompute > 2 {
+            let msg = format!("{}: must be 0, 1 or 2", self.recompute);
+            return Err(CommandError::arg("--recompute", msg));
         }
         if self.seq_len > self.model.max_seq_len {
             return Err(CommandError::arg(
@@ -200,7 +203,7 @@ pub fn stages(
     );
     crate::on_backend!(rt, be => {
         job.check_on(be)?;
-        Ok(bench_stages(be, &job.model, stages, b, t, w, n, opt, on_step)?)
+        Ok(bench_stages(be, (&job.model, job.recompute), stages, b, t, w, n, opt, on_step)?)
     })
 }
 

@@ -372,7 +372,7 @@ fn dpo_coefficients(lp: &[f64], reference: &[f64]) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 pub fn bench_stages<B: Backend>(
     be: &B,
-    cfg: &ModelConfig,
+    (cfg, recompute): (&ModelConfig, u8),
     stages: &[BenchStage],
     b: usize,
     t: usize,
@@ -397,6 +397,10 @@ pub fn bench_stages<B: Backend>(
             &mut rng,
             optimizer,
         )?);
+        runs.last_mut()
+            .expect("just pushed")
+            .model
+            .set_recompute(recompute)?;
     }
     for i in 0..warmup + steps.max(1) {
         for r in runs.iter_mut() {
