@@ -280,10 +280,10 @@ fn embed_forward<B: Backend>(
 /// attention half with its residual add fused into ln_2, then the MLP. The MLP's residual add
 /// is left to the caller, which fuses it with the layernorm that follows.
 ///
-/// Under recompute the layernorm and GELU outputs go to the `shared` buffers. At recompute
-/// >= 1 the GELU runs as its own op after the matmul, the op the backward recomputes it
-/// with, so that both see the same bits on every backend (CUDA's fused cuBLASLt epilogue
-/// rounds its GELU differently from the GELU kernel).
+/// Under recompute the layernorm and GELU outputs go to the `shared` buffers. From
+/// recompute level 1 the GELU runs as its own op after the matmul, the op the backward
+/// recomputes it with, so that both see the same bits on every backend (CUDA's fused
+/// cuBLASLt epilogue computes its own GELU, which need not round as the GELU kernel does).
 #[allow(clippy::too_many_arguments)]
 fn block_forward<B: Backend>(
     be: &B,
