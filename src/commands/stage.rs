@@ -5,8 +5,9 @@
 //! its data, its objective). [`run_stage`] does the rest in one order for every stage:
 //! 1. refuse a run config for more than one rank (until data parallelism exists);
 //! 2. resolve the starting checkpoint (a checkpoint, or a run directory's newest) and load its
-//!    tokenizer and model config (refusing a reward model where a policy is meant), or, for a
-//!    fresh model, the data's tokenizer and the preset;
+//!    tokenizer and model config (refusing a reward model where a policy is meant, and shape
+//!    overrides that differ from the checkpoint's), or, for a fresh model, the data's
+//!    tokenizer and the preset with the shape overrides ([`RunConfig::model_config`]);
 //! 3. the preflight (`preflight.rs`): the run config's values, the memory plan against the
 //!    device, and on `--resume` the checkpoint's tokenizer against the data's; then refuse data
 //!    prepared with a different tokenizer, naming the command that prepares it;
@@ -15,8 +16,8 @@
 //!    run over an earlier one unless `overwrite`;
 //! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
 //!    delete the earlier run's files;
-//! 7. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
-//!    loop (`train::train`).
+//! 7. build the model (fresh, from the checkpoint, or with a reward head), set its activation
+//!    recompute level, and run the shared loop (`train::train`).
 //!
 //! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
 //! arguments, and one line where the binary lists the commands.
@@ -198,7 +199,10 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
             run.seq_len,
             ctx.model.max_seq_len,
             ctx.checkpoint.as_ref().map_or_else(
-                || format!("the {} preset", run.preset),
+                || match run.context {
+                    Some(n) => format!("the {} preset with context (--context) {n}", run.preset),
+                    None => format!("the {} preset", run.preset),
+                },
                 |c| c.display().to_string()
             )
         ))
@@ -239,7 +243,7 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
     Ok(match job.stage.init() {
         Init::Fresh { data } => {
             let tokenizer = data_tokenizer(data)?;
-            let model = ModelConfig::preset(&job.run.preset, tokenizer.vocab_size())?;
+            let model = job.run.model_config(tokenizer.vocab_size())?;
             ctx(None, model, tokenizer)
         }
         Init::Checkpoint(path) | Init::CheckpointWithRewardHead(path) => {
@@ -249,6 +253,18 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>) -> Result<StageContext<'a>> {
             }
             let tokenizer = checkpoint::load_tokenizer(&ckpt)?;
             let model = checkpoint::load_config(&ckpt)?;
+            let differ = job.run.shape_mismatches(&model);
+            if !differ.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: {} starts from {}, whose shape is fixed: {}; drop the shape flags \
+                     (or keys) or start a fresh model with pretrain",
+                    S::NAME,
+                    S::NAME,
+                    ckpt.display(),
+                    differ.join(", ")
+                ))
+                .into());
+            }
             ctx(Some(ckpt), model, tokenizer)
         }
     })
@@ -282,14 +298,20 @@ fn build_model<B: Backend>(
             (model, format!("{} with {head}", dir.display()))
         }
     };
+    let mut model = model;
+    model.set_recompute(run.recompute)?;
     let cfg = &model.cfg;
     progress(&format!(
-        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
+        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, {} heads, d={}, \
+         context {}, recompute {}, on {}",
         cfg.num_params() as f64 / 1e6,
         cfg.vocab_size,
         cfg.padded_vocab_size,
         cfg.n_layer,
+        cfg.n_head,
         cfg.n_embd,
+        cfg.max_seq_len,
+        run.recompute,
         be.name()
     ));
     Ok(model)
