@@ -27,7 +27,10 @@ use topcoat::train::run_dir::RunDirLock;
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     // Only the commands that compute get a thread pool: `info` and `report` read files.
-    let computes = !matches!(cli.command, Command::Info { .. } | Command::Report(_));
+    let computes = !matches!(
+        cli.command,
+        Command::Info { .. } | Command::Report(_) | Command::Launch(_)
+    );
     if let (Some(n), true) = (cli.threads, computes) {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -87,7 +90,37 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => super::bench::bench(&a),
         Command::Demo(a) => demo(&a),
         Command::Report(a) => report(&a),
+        Command::Launch(a) => launch(a, cli.threads),
     }
+}
+
+/// `topcoat launch`: the ranks run this executable when the command is a topcoat command.
+fn launch(a: LaunchArgs, threads: Option<usize>) -> Result<()> {
+    use clap::CommandFactory;
+    let names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let job = topcoat::commands::launch::LaunchJob {
+        nproc_per_node: a.nproc_per_node,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr: a.master_addr,
+        master_port: a.master_port,
+        grace: a.grace,
+        command: a.command,
+        threads,
+    };
+    topcoat::commands::launch::run(&job, &names, &mut |s| {
+        note(&format!(
+            "launch: ranks {}..{} of {} started, rendezvous at {}",
+            s.ranks[0],
+            s.ranks[s.ranks.len() - 1],
+            s.world_size,
+            s.master
+        ))
+    })?;
+    Ok(())
 }
 
 /// Opens the runtime for `--device` and says what it chose and why.

@@ -10,6 +10,7 @@ pub mod dpo;
 pub mod eval;
 pub mod info;
 pub mod inputs;
+pub mod launch;
 pub mod plan;
 pub mod preflight;
 pub mod prepare;

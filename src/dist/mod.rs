@@ -20,6 +20,16 @@
 //! - A failure names the rank that failed or went silent (and the address, for the
 //!   rendezvous), and no operation blocks longer than the engine's stated timeout.
 
+pub mod env;
+mod frame;
+pub mod host;
+pub mod launch;
+pub mod rendezvous;
+
+pub use env::{detect, detect_from_env, open_collective, DistPlan};
+pub use host::HostCollective;
+pub use rendezvous::{rendezvous, Meeting, Star};
+
 use crate::backend::Backend;
 use thiserror::Error;
 

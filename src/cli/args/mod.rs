@@ -1,15 +1,17 @@
 //! The command-line flags of `topcoat` (clap derive): the command list and the flag groups
 //! several commands share (here), then one struct per subcommand, by kind: `prepare.rs`
 //! (prepare, tokenizer), `train.rs` (pretrain, sft, reward, dpo, rl), `generate.rs` (sample,
-//! chat, eval) and `tools.rs` (bench, demo, report). One spelling per flag across commands;
+//! chat, eval), `tools.rs` (bench, demo, report) and `launch.rs` (launch). One spelling per flag across commands;
 //! older spellings stay as hidden aliases so existing scripts still run.
 
 mod generate;
+mod launch;
 mod prepare;
 mod tools;
 mod train;
 
 pub use generate::*;
+pub use launch::*;
 pub use prepare::*;
 pub use tools::*;
 pub use train::*;
@@ -80,6 +82,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Render a demo run directory as one self-contained HTML page (card, samples, plots).
     Report(ReportArgs),
+    /// Start N ranks of a data-parallel job on this node with torchrun's variables
+    /// (`launch --nproc-per-node 2 -- pretrain ...`); one failing rank stops them all.
+    Launch(LaunchArgs),
 }
 
 /// Most `--threads`: far past any machine's cores, far below what would exhaust the process's
