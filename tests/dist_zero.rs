@@ -355,3 +355,33 @@ fn a_rank_that_cannot_read_the_checkpoint_stops_every_rank() {
         errs[1]
     );
 }
+
+#[test]
+fn a_non_finite_tensor_owned_by_rank_1_stops_the_save_on_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = checkpoint::dir_for(tmp.path(), 2);
+    let be = CpuBackend;
+    let errs = on_ranks(2, |comm| {
+        let mut model = Gpt::init(&be, &cfg(), 42).unwrap();
+        let mut opt = AdamW::new(&be, comm, &mut model, 1).unwrap();
+        steps(&be, comm, &mut model, &mut opt, 0, 2);
+        let i = opt.owner.iter().position(|&r| r == 1).unwrap();
+        let mut w = be.download(&model.params[i]).unwrap();
+        w[1] = f32::NAN;
+        be.write(&mut model.params[i], &w).unwrap();
+        let err =
+            checkpoint::save_ranked(&be, comm, &dest, &model, tokenizer(), &opt, &state(2, 2))
+                .unwrap_err();
+        (model.layout.specs[i].name.clone(), err.to_string())
+    });
+    for (name, err) in &errs {
+        assert_eq!(
+            *err,
+            format!(
+                "checkpoint {}: the weight {name} is not finite, so it is not saved",
+                dest.display()
+            )
+        );
+    }
+    assert!(!dest.exists());
+}
