@@ -7,105 +7,28 @@
 //! values), so the result is deterministic and the same bits on every rank. This is the
 //! reference engine that specifies the arithmetic in `cargo test`; NCCL is the engine for GPUs.
 //!
-//! Frame header (little-endian, 32 bytes): op tag (u32), root (u32), sequence number (u64),
-//! value count (u64), payload bytes (u64). Rank 0 checks each rank's op, root, sequence and
-//! count against its own, so a rank that called another operation is named.
+//! Frames (`frame.rs`): a header with the op tag, root, sequence number, value count and
+//! payload length. Rank 0 checks each rank's op, root, sequence and count against its own,
+//! so a rank that called another operation is named.
 //!
 //! Faults: a closed socket is "closed its connection", a read that waits past the timeout is
 //! "sent nothing for N s". When rank 0 sees a rank fail, it first sends every other rank an
 //! abort frame naming that rank, so every rank's error names the one that failed. After a
 //! failure every later call returns the same error.
 
+use super::frame::{
+    describe_io, from_bytes, mismatch, read_until, write_frame, Header, Op, MAX_FRAME_BYTES,
+};
 use super::rendezvous::Star;
 use super::{Collective, DistError, RankInfo, Result};
 use crate::backend::Backend;
 use std::cell::RefCell;
-use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a read waits for a peer when TOPCOAT_COLLECTIVE_TIMEOUT is unset.
 pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(300);
-
-const CLOSED: &str = "closed its connection: it exited or failed; see its own error";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-enum Op {
-    AllReduceSum = 1,
-    ReduceSum = 2,
-    Broadcast = 3,
-    AllReduceHost = 4,
-    BroadcastBytes = 5,
-    Barrier = 6,
-    Abort = 99,
-}
-
-impl Op {
-    fn from_tag(t: u32) -> Option<Op> {
-        [
-            Op::AllReduceSum,
-            Op::ReduceSum,
-            Op::Broadcast,
-            Op::AllReduceHost,
-            Op::BroadcastBytes,
-            Op::Barrier,
-            Op::Abort,
-        ]
-        .into_iter()
-        .find(|o| *o as u32 == t)
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::AllReduceSum => "all_reduce_sum",
-            Op::ReduceSum => "reduce_sum",
-            Op::Broadcast => "broadcast",
-            Op::AllReduceHost => "all_reduce_host",
-            Op::BroadcastBytes => "broadcast_bytes",
-            Op::Barrier => "barrier",
-            Op::Abort => "abort",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Header {
-    op: Op,
-    root: usize,
-    seq: u64,
-    count: u64,
-    bytes: u64,
-}
-
-impl Header {
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..4].copy_from_slice(&(self.op as u32).to_le_bytes());
-        b[4..8].copy_from_slice(&(self.root as u32).to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..24].copy_from_slice(&self.count.to_le_bytes());
-        b[24..32].copy_from_slice(&self.bytes.to_le_bytes());
-        b
-    }
-
-    /// "broadcast from rank 2 (12 values)"; the root is named only where it is not rank 0.
-    fn describe(&self) -> String {
-        let root = match self.op {
-            Op::ReduceSum if self.root != 0 => format!(" to rank {}", self.root),
-            Op::Broadcast | Op::BroadcastBytes if self.root != 0 => {
-                format!(" from rank {}", self.root)
-            }
-            _ => String::new(),
-        };
-        let unit = match self.op {
-            Op::BroadcastBytes | Op::Barrier => return format!("{}{root}", self.op.name()),
-            _ => "values",
-        };
-        format!("{}{root} ({} {unit})", self.op.name(), self.count)
-    }
-}
 
 /// The streams and the progress of this rank, behind the collective's lock.
 struct State {
@@ -153,7 +76,11 @@ impl HostCollective {
     }
 
     /// One operation: `payload` is this rank's contribution (bytes), `count` the values its
-    /// call covers; returns what this rank receives (rank 0's combination, or nothing).
+    /// call covers. On rank 0, `combine` takes each rank's payload in rank order, then
+    /// `answer` builds the reply once and it goes to the ranks `receives` names (the others
+    /// get an empty reply); rank 0 keeps its own result in the closures' state. Returns what
+    /// this rank received (empty on rank 0).
+    #[allow(clippy::too_many_arguments)]
     fn exchange(
         &self,
         op: Op,
@@ -161,8 +88,9 @@ impl HostCollective {
         count: usize,
         payload: &[u8],
         combine: &mut dyn FnMut(usize, &[u8]),
-        result: &dyn Fn(usize) -> Option<Vec<u8>>,
-    ) -> Result<Option<Vec<u8>>> {
+        answer: &dyn Fn() -> Vec<u8>,
+        receives: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<u8>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((rank, msg)) = &st.failed {
             return Err(DistError::Peer {
@@ -189,7 +117,7 @@ impl HostCollective {
             bytes: payload.len() as u64,
         };
         let out = if self.info.rank == 0 {
-            self.lead(&mut st, mine, payload, combine, result)
+            self.lead(&mut st, mine, payload, combine, answer, receives)
         } else {
             self.follow(&mut st, mine, payload)
         };
@@ -206,8 +134,9 @@ impl HostCollective {
         mine: Header,
         payload: &[u8],
         combine: &mut dyn FnMut(usize, &[u8]),
-        result: &dyn Fn(usize) -> Option<Vec<u8>>,
-    ) -> Result<Option<Vec<u8>>> {
+        answer: &dyn Fn() -> Vec<u8>,
+        receives: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<u8>> {
         combine(0, payload);
         // One deadline for the whole gather: a silent rank is named after `timeout`, before
         // the other ranks (which wait longer) give up on rank 0.
@@ -233,22 +162,27 @@ impl HostCollective {
             self.abort(st, rank, &msg, tell_it);
             return Err(DistError::Peer { rank, msg });
         }
+        let reply = if st.links.iter().any(|(r, _)| receives(*r)) {
+            answer()
+        } else {
+            Vec::new()
+        };
         for (r, s) in &st.links {
-            let data = result(*r).unwrap_or_default();
+            let data: &[u8] = if receives(*r) { &reply } else { &[] };
             let h = Header {
                 bytes: data.len() as u64,
                 ..mine
             };
-            if let Err(msg) = write_frame(s, &h, &data) {
+            if let Err(msg) = write_frame(s, &h, data) {
                 self.abort(st, *r, &msg, false);
                 return Err(DistError::Peer { rank: *r, msg });
             }
         }
-        Ok(result(0))
+        Ok(Vec::new())
     }
 
     /// Ranks 1..W: send this rank's frame, read rank 0's answer (or abort).
-    fn follow(&self, st: &mut State, mine: Header, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+    fn follow(&self, st: &mut State, mine: Header, payload: &[u8]) -> Result<Vec<u8>> {
         let (_, s) = &st.links[0];
         write_frame(s, &mine, payload).map_err(|msg| DistError::Peer { rank: 0, msg })?;
         // Rank 0 may first wait up to the timeout for another rank; wait longer, so that
@@ -276,7 +210,7 @@ impl HostCollective {
                 ),
             });
         }
-        Ok(Some(data))
+        Ok(data)
     }
 
     /// Tells every other rank (and `failed` itself when `tell_failed`) which rank failed and
@@ -316,104 +250,21 @@ impl HostCollective {
             count: u64::from_le_bytes(head[16..24].try_into().unwrap()),
             bytes: u64::from_le_bytes(head[24..32].try_into().unwrap()),
         };
+        if h.bytes > MAX_FRAME_BYTES {
+            return Err((
+                r,
+                format!(
+                    "sent a frame of {} bytes for {}: more than any model's gradients (is it a topcoat rank of this job?)",
+                    h.bytes,
+                    h.describe()
+                ),
+            ));
+        }
         let mut data = vec![0u8; h.bytes as usize];
         read_until(&mut s, &mut data, None, self.timeout)
             .map_err(|e| (r, describe_io(e, self.timeout)))?;
         Ok((h, data))
     }
-}
-
-/// Reads `buf` fully; each wait is bounded by `timeout`, and by `deadline` when given.
-fn read_until(
-    s: &mut &TcpStream,
-    buf: &mut [u8],
-    deadline: Option<Instant>,
-    timeout: Duration,
-) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let wait = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()),
-            None => timeout,
-        };
-        if wait.is_zero() {
-            return Err(ErrorKind::TimedOut.into());
-        }
-        s.set_read_timeout(Some(wait))?;
-        match s.read(&mut buf[done..]) {
-            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// An I/O failure on a peer's stream, in words; `waited` is the stated wait.
-fn describe_io(e: std::io::Error, waited: Duration) -> String {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
-            "sent nothing for {} s (TOPCOAT_COLLECTIVE_TIMEOUT sets the wait)",
-            waited.as_secs_f64()
-        ),
-        ErrorKind::UnexpectedEof
-        | ErrorKind::ConnectionReset
-        | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => CLOSED.to_string(),
-        _ => format!("connection failed: {e}"),
-    }
-}
-
-fn write_frame(mut s: &TcpStream, h: &Header, data: &[u8]) -> std::result::Result<(), String> {
-    // One write for small frames (header and values together); large payloads go straight
-    // from the caller's buffer after the header.
-    let res = if data.len() <= 64 * 1024 {
-        let mut frame = Vec::with_capacity(32 + data.len());
-        frame.extend_from_slice(&h.encode());
-        frame.extend_from_slice(data);
-        s.write_all(&frame)
-    } else {
-        s.write_all(&h.encode()).and_then(|()| s.write_all(data))
-    };
-    res.map_err(|e| match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-            "read nothing of what was sent to it (its receive buffer stayed full)".to_string()
-        }
-        _ => CLOSED.to_string(),
-    })
-}
-
-/// Why rank `r`'s frame `h` does not belong to rank 0's call `mine`, if it does not.
-fn mismatch(mine: &Header, h: &Header) -> Option<String> {
-    let same_call = h.op == mine.op
-        && h.root == mine.root
-        && (h.count == mine.count || mine.op == Op::BroadcastBytes);
-    if !same_call {
-        return Some(format!(
-            "called {} where rank 0 called {}",
-            h.describe(),
-            mine.describe()
-        ));
-    }
-    if h.seq != mine.seq {
-        return Some(format!(
-            "is at collective call {} where rank 0 is at call {} (both {})",
-            h.seq,
-            mine.seq,
-            mine.describe()
-        ));
-    }
-    None
-}
-
-/// Values from the bytes of a frame (a trailing partial value is dropped; the header's count
-/// check has already caught a length mismatch).
-fn from_bytes<T: bytemuck::Pod>(b: &[u8]) -> Vec<T> {
-    let n = b.len() / std::mem::size_of::<T>();
-    let mut v = vec![T::zeroed(); n];
-    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&b[..n * std::mem::size_of::<T>()]);
-    v
 }
 
 impl HostCollective {
@@ -443,30 +294,35 @@ impl HostCollective {
     {
         let acc = RefCell::new(Vec::<T>::new());
         let mut combine = |r: usize, b: &[u8]| {
-            let x: Vec<T> = from_bytes(b);
             let mut acc = acc.borrow_mut();
+            // A received buffer is in practice aligned for T; copy only where it is not.
+            let x: std::borrow::Cow<[T]> = match bytemuck::try_cast_slice(b) {
+                Ok(x) => x.into(),
+                Err(_) => from_bytes(b).into(),
+            };
             if r == 0 {
-                *acc = x;
+                *acc = x.into_owned();
             } else {
-                for (a, v) in acc.iter_mut().zip(x) {
-                    *a += v;
+                for (a, v) in acc.iter_mut().zip(x.iter()) {
+                    *a += *v;
                 }
             }
         };
-        // Called by rank 0 once every rank's values are in.
-        let result =
-            |r: usize| (all || r == root).then(|| bytemuck::cast_slice(&acc.borrow()).to_vec());
-        let got = self
-            .exchange(
-                op,
-                root,
-                values.len(),
-                bytemuck::cast_slice(values),
-                &mut combine,
-                &result,
-            )?
-            .unwrap_or_default();
-        Ok(from_bytes(&got))
+        let answer = || bytemuck::cast_slice(&acc.borrow()).to_vec();
+        let receives = |r: usize| all || r == root;
+        let got = self.exchange(
+            op,
+            root,
+            values.len(),
+            bytemuck::cast_slice(values),
+            &mut combine,
+            &answer,
+            &receives,
+        )?;
+        Ok(match self.info.rank {
+            0 if receives(0) => acc.into_inner(),
+            _ => from_bytes(&got),
+        })
     }
 
     /// Rank `root`'s `payload` on every rank, relayed through rank 0.
@@ -479,15 +335,26 @@ impl HostCollective {
     ) -> Result<Vec<u8>> {
         let held = RefCell::new(Vec::<u8>::new());
         let mut combine = |r: usize, b: &[u8]| {
-            if r == root {
+            if r == root && r != 0 {
                 *held.borrow_mut() = b.to_vec();
             }
         };
-        let result = |r: usize| (r != root).then(|| held.borrow().clone());
-        let got = self
-            .exchange(op, root, count, &payload, &mut combine, &result)?
-            .unwrap_or_default();
-        Ok(if self.info.rank == root { payload } else { got })
+        // Rank 0 relays its own payload without copying it into `held`.
+        let answer = || {
+            if root == 0 {
+                payload.clone()
+            } else {
+                held.borrow().clone()
+            }
+        };
+        let got = self.exchange(op, root, count, &payload, &mut combine, &answer, &|r| {
+            r != root
+        })?;
+        Ok(match self.info.rank {
+            r if r == root => payload,
+            0 => held.into_inner(),
+            _ => got,
+        })
     }
 }
 
@@ -573,8 +440,10 @@ impl<B: Backend> Collective<B> for HostCollective {
         if self.info.world_size <= 1 {
             return Ok(());
         }
-        self.exchange(Op::Barrier, 0, 0, &[], &mut |_, _| {}, &|_| None)
-            .map(|_| ())
+        self.exchange(Op::Barrier, 0, 0, &[], &mut |_, _| {}, &Vec::new, &|_| {
+            false
+        })
+        .map(|_| ())
     }
 }
 
