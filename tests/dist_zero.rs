@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 use topcoat::backend::cpu::CpuBackend;
-use topcoat::backend::Backend;
+use topcoat::backend::{AdamWStep, Backend, Role};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
 use topcoat::dist::{rendezvous, Collective, HostCollective, Meeting, RankInfo, Solo};
@@ -385,3 +385,39 @@ fn a_non_finite_tensor_owned_by_rank_1_stops_the_save_on_every_rank() {
     }
     assert!(!dest.exists());
 }
+
+/// After `release_master` a parameter still downloads and takes writes (its bf16 values, which
+/// `randn` draws exactly); a backend that kept a separate fp32 master refuses AdamW on it by name.
+fn release_master_keeps_the_working_copy<B: Backend>(be: &B) {
+    let mut rng = Rng::new(77);
+    let values = randn(&mut rng, 96, 0.5);
+    let mut p = be.upload(&values, Role::Param).unwrap();
+    be.release_master(&mut p).unwrap();
+    assert_eq!(be.download(&p).unwrap(), values);
+    let again = randn(&mut rng, 96, 0.5);
+    be.write(&mut p, &again).unwrap();
+    assert_eq!(be.download(&p).unwrap(), again);
+    let g = be.upload(&randn(&mut rng, 96, 0.1), Role::Grad).unwrap();
+    let (mut m, mut v) = (
+        be.zeros(96, Role::State).unwrap(),
+        be.zeros(96, Role::State).unwrap(),
+    );
+    let hp = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let res = be.adamw(&mut p, &g, &mut m, &mut v, &hp);
+    if be.element_bytes(Role::Param) < 4 {
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("fp32 master copy was released (ZeRO-1"), "{e}");
+    } else {
+        res.unwrap();
+    }
+}
+
+backend_tests!(release_master_keeps_the_working_copy => release_master_cpu, release_master_cuda);
