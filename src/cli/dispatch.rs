@@ -93,12 +93,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => super::bench::bench(&a),
         Command::Demo(a) => demo(&a),
         Command::Report(a) => report(&a),
-        Command::Launch(a) => launch(a),
+        Command::Launch(a) => launch(a, cli.threads),
     }
 }
 
 /// `topcoat launch`: the ranks run this executable when the command is a topcoat command.
-fn launch(a: LaunchArgs) -> Result<()> {
+fn launch(a: LaunchArgs, threads: Option<usize>) -> Result<()> {
     use clap::CommandFactory;
     let names: Vec<String> = Cli::command()
         .get_subcommands()
@@ -112,6 +112,7 @@ fn launch(a: LaunchArgs) -> Result<()> {
         master_port: a.master_port,
         grace: a.grace,
         command: a.command,
+        threads,
     };
     topcoat::commands::launch::run(&job, &names, &mut |s| {
         note(&format!(
