@@ -221,15 +221,20 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Checkpoint `ckpt_000004` of 4 steps with zero 1 on 2 ranks, in `run`.
 fn save_on_two_ranks(run: &Path) -> PathBuf {
+    save_on_ranks(run, 2, 1)
+}
+
+/// Checkpoint `ckpt_000004` of 4 steps with ZeRO stage `zero` on `world` ranks, in `run`.
+fn save_on_ranks(run: &Path, world: usize, zero: u8) -> PathBuf {
     let be = CpuBackend;
     let dest = checkpoint::dir_for(run, 4);
-    let dirs = on_ranks(2, |comm| {
+    let dirs = on_ranks(world, |comm| {
         let mut model = Gpt::init(&be, &cfg(), 42).unwrap();
-        let mut opt = AdamW::new(&be, comm, &mut model, 1).unwrap();
+        let mut opt = AdamW::new(&be, comm, &mut model, zero).unwrap();
         steps(&be, comm, &mut model, &mut opt, 0, 4);
         checkpoint::save_ranked(&be, comm, &dest, &model, tokenizer(), &opt, &state(4, 1)).unwrap()
     });
-    assert_eq!(dirs, vec![dest.clone(), dest.clone()]);
+    assert_eq!(dirs, vec![dest.clone(); world]);
     dest
 }
 
@@ -260,6 +265,13 @@ fn a_zero1_save_writes_the_bytes_of_a_zero0_save() {
         ]
     );
     assert!(a == b, "the checkpoints differ");
+    for (world, zero) in [(3, 1), (2, 0)] {
+        let other = save_on_ranks(&tmp.path().join(format!("w{world}z{zero}")), world, zero);
+        assert!(
+            files(&other) == b,
+            "{world} ranks, zero {zero}: the checkpoints differ"
+        );
+    }
 }
 
 #[test]
