@@ -21,7 +21,7 @@ const FIRST_LOSS_REL_TOL: f32 = 0.005;
 fn ten_steps<B: Backend>(be: &B, cfg: &ModelConfig, batches: &[(Vec<i32>, Vec<i32>)]) -> Vec<f32> {
     let (b, t) = (4, 64);
     let mut model = Gpt::init(be, cfg, 11).expect("init");
-    let mut opt = AdamW::new(be, &model).expect("optimizer");
+    let mut opt = AdamW::new(be, &topcoat::dist::Solo::new(), &mut model, 0).expect("optimizer");
     let run = RunConfig::default();
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
@@ -32,8 +32,15 @@ fn ten_steps<B: Backend>(be: &B, cfg: &ModelConfig, batches: &[(Vec<i32>, Vec<i3
         let norm = model.grad_norm(be).expect("grad_norm");
         assert!(norm.is_finite(), "gradient norm {norm}");
         let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-        opt.update(be, &mut model, &run, 1e-3, scale)
-            .expect("adamw");
+        opt.update(
+            be,
+            &topcoat::dist::Solo::new(),
+            &mut model,
+            &run,
+            1e-3,
+            scale,
+        )
+        .expect("adamw");
         losses.push(loss.mean);
     }
     losses

@@ -27,7 +27,7 @@ fn tiny_model_overfits_one_batch() {
     }
     let be = CpuBackend;
     let mut model = Gpt::init(&be, &cfg, 3).unwrap();
-    let mut opt = AdamW::new(&be, &model).unwrap();
+    let mut opt = AdamW::new(&be, &topcoat::dist::Solo::new(), &mut model, 0).unwrap();
     let run = RunConfig {
         weight_decay: 0.0,
         ..Default::default()
@@ -44,7 +44,15 @@ fn tiny_model_overfits_one_batch() {
         if last < 0.1 {
             break;
         }
-        opt.update(&be, &mut model, &run, 3e-3, 1.0).unwrap();
+        opt.update(
+            &be,
+            &topcoat::dist::Solo::new(),
+            &mut model,
+            &run,
+            3e-3,
+            1.0,
+        )
+        .unwrap();
     }
     let first = first.unwrap();
     assert!(

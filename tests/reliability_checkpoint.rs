@@ -59,8 +59,8 @@ fn state(step: usize) -> TrainState {
 fn save_with(dest: &Path, write: &checkpoint::WriteFile<'_>) -> topcoat::train::Result<PathBuf> {
     let be = CpuBackend;
     let tok = small_tokenizer();
-    let model = Gpt::init(&be, &tiny_cfg(tok.vocab_size()), 7).unwrap();
-    let opt = AdamW::new(&be, &model).unwrap();
+    let mut model = Gpt::init(&be, &tiny_cfg(tok.vocab_size()), 7).unwrap();
+    let opt = AdamW::new(&be, &topcoat::dist::Solo::new(), &mut model, 0).unwrap();
     checkpoint::save_with(&be, dest, &model, tok, Some((&opt, &state(2))), write)
 }
 
@@ -72,11 +72,11 @@ fn non_finite_values_are_never_saved() {
     let be = CpuBackend;
     let tok = small_tokenizer();
     let cfg = tiny_cfg(tok.vocab_size());
-    let good = Gpt::init(&be, &cfg, 7).unwrap();
+    let mut good = Gpt::init(&be, &cfg, 7).unwrap();
     let mut values = good.param_values(&be).unwrap();
     values[1][3] = f32::NAN;
     let bad = Gpt::from_values(&be, &cfg, values).unwrap();
-    let opt = AdamW::new(&be, &good).unwrap();
+    let opt = AdamW::new(&be, &topcoat::dist::Solo::new(), &mut good, 0).unwrap();
     let dest = tmp.path().join("ckpt_000002");
     let err = checkpoint::save(&be, &dest, &bad, tok, Some((&opt, &state(2))))
         .unwrap_err()
@@ -89,10 +89,11 @@ fn non_finite_values_are_never_saved() {
             dest.display()
         )
     );
-    let mut opt = AdamW::new(&be, &good).unwrap();
-    let mut m = be.download(&opt.m[0]).unwrap();
+    let mut opt = AdamW::new(&be, &topcoat::dist::Solo::new(), &mut good, 0).unwrap();
+    let m0 = opt.m[0].as_mut().unwrap();
+    let mut m = be.download(m0).unwrap();
     m[0] = f32::INFINITY;
-    be.write(&mut opt.m[0], &m).unwrap();
+    be.write(m0, &m).unwrap();
     let err = checkpoint::save(&be, &dest, &good, tok, Some((&opt, &state(2))))
         .unwrap_err()
         .to_string();
@@ -148,12 +149,12 @@ fn every_loaded_file_is_verified() {
         let last = bytes.len() - 2; // inside JSON text and tensor data alike
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let model = checkpoint::load_model(&be, &good, None).unwrap();
+        let mut model = checkpoint::load_model(&be, &good, None).unwrap();
         let err = match file {
             "config.json" => checkpoint::load_config(&dir).map(|_| ()),
             "tokenizer.json" => checkpoint::load_tokenizer(&dir).map(|_| ()),
             "model.safetensors" => checkpoint::load_model(&be, &dir, None).map(|_| ()),
-            _ => checkpoint::load_training(&be, &dir, &model, "pretrain").map(|_| ()),
+            _ => checkpoint::load_training(&be, &dir, &mut model, "pretrain").map(|_| ()),
         }
         .unwrap_err()
         .to_string();
@@ -182,8 +183,8 @@ fn every_loaded_file_is_verified() {
         .to_string();
     assert!(err.contains("model.safetensors is missing"), "{err}");
     // The wrong stage.
-    let model = checkpoint::load_model(&be, &good, None).unwrap();
-    let err = checkpoint::load_training(&be, &good, &model, "sft")
+    let mut model = checkpoint::load_model(&be, &good, None).unwrap();
+    let err = checkpoint::load_training(&be, &good, &mut model, "sft")
         .err()
         .unwrap()
         .to_string();
@@ -432,8 +433,8 @@ proptest! {
         let dir = tmp.path().join("ckpt");
         mutated_copy(&dir, file, &bad, rehash);
         let be = CpuBackend;
-        let model = checkpoint::load_model(&be, reference_checkpoint(), None).unwrap();
-        let loaded = checkpoint::load_training(&be, &dir, &model, "pretrain");
+        let mut model = checkpoint::load_model(&be, reference_checkpoint(), None).unwrap();
+        let loaded = checkpoint::load_training(&be, &dir, &mut model, "pretrain");
         if bad == good {
             prop_assert!(loaded.is_ok());
         } else if !rehash {

@@ -230,8 +230,8 @@ fn a_stale_temp_directory_does_not_block_resume() {
     let ckpt4 = run.join("ckpt_000004");
     let m = Manifest::read(&ckpt4).unwrap();
     assert_eq!(m.files.len(), 5);
-    let model = checkpoint::load_model(&CpuBackend, &ckpt4, None).unwrap();
-    checkpoint::load_training(&CpuBackend, &ckpt4, &model, "pretrain").unwrap();
+    let mut model = checkpoint::load_model(&CpuBackend, &ckpt4, None).unwrap();
+    checkpoint::load_training(&CpuBackend, &ckpt4, &mut model, "pretrain").unwrap();
     // Exact resume: the same bytes as the uninterrupted run's step 4.
     for file in ["model.safetensors", "optimizer.safetensors"] {
         assert!(

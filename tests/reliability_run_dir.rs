@@ -213,14 +213,15 @@ fn a_fresh_run_over_an_earlier_one_is_refused_unless_overwrite() {
 /// Whether every weight and optimizer moment of checkpoint `dir` is finite.
 fn all_finite(dir: &Path) -> bool {
     let be = CpuBackend::new();
-    let model = checkpoint::load_model(&be, dir, None).unwrap();
-    let (opt, _) = checkpoint::load_training(&be, dir, &model, "pretrain").unwrap();
+    let mut model = checkpoint::load_model(&be, dir, None).unwrap();
+    let (opt, _) = checkpoint::load_training(&be, dir, &mut model, "pretrain").unwrap();
     let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
     model.param_values(&be).unwrap().iter().all(|v| finite(v))
         && opt
             .m
             .iter()
             .chain(&opt.v)
+            .flatten()
             .all(|b| finite(&topcoat::backend::Backend::download(&be, b).unwrap()))
 }
 

@@ -134,9 +134,9 @@ fn newest_checkpoint(run_dir: &Path) -> PathBuf {
 fn every_checkpoint_loads(run_dir: &Path) {
     let be = CpuBackend::new();
     for (step, dir) in checkpoint::list(run_dir).unwrap() {
-        let model = checkpoint::load_model(&be, &dir, None)
+        let mut model = checkpoint::load_model(&be, &dir, None)
             .unwrap_or_else(|e| panic!("checkpoint of step {step} after a kill: {e}"));
-        let (_, state) = checkpoint::load_training(&be, &dir, &model, "pretrain")
+        let (_, state) = checkpoint::load_training(&be, &dir, &mut model, "pretrain")
             .unwrap_or_else(|e| panic!("checkpoint of step {step} after a kill: {e}"));
         assert_eq!(state.step, step);
     }

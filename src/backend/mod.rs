@@ -70,6 +70,15 @@ pub trait Backend: Send + Sync {
     }
     /// Number of elements in `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Frees the fp32 master copy of parameter buffer `buf`, keeping only what the kernels
+    /// read (ZeRO-1: a rank keeps master weights only for the tensors it updates; the others
+    /// arrive by broadcast from their owner). Afterwards `adamw` refuses `buf`, `download`
+    /// returns its working copy and `write` sets it. A no-op where the parameter is the only
+    /// copy (the CPU backend's f32 buffers).
+    fn release_master(&self, buf: &mut Self::Buf) -> Result<()> {
+        let _ = buf;
+        Ok(())
+    }
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// Uploads token ids or targets.

@@ -97,6 +97,10 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         self.inner.element_bytes(role)
     }
 
+    fn release_master(&self, buf: &mut Self::Buf) -> Result<()> {
+        self.inner.release_master(buf)
+    }
+
     fn zeros(&self, len: usize, role: Role) -> Result<Self::Buf> {
         self.inner.zeros(len, role)
     }

@@ -25,6 +25,9 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A collective operation failed (it names the rank).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -5,13 +5,14 @@
 
 use super::checkpoint;
 use super::{io_err, Result, TrainError};
-use crate::config::RunConfig;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
+
+mod resume;
 
 /// The lock file's name inside a run directory.
 pub const LOCK_FILE: &str = ".lock";
@@ -180,86 +181,7 @@ pub fn clear_earlier_run(lock: &RunDirLock, files: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A run config's fields as `(name, value)` text, in declaration order.
-fn fields(run: &RunConfig) -> Vec<(String, String)> {
-    match serde_json::to_value(run) {
-        Ok(serde_json::Value::Object(map)) => map
-            .into_iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    serde_json::Value::String(s) => s,
-                    // The config's reals are f32: shown as written (0.003, not 0.003000000026).
-                    serde_json::Value::Number(n) if n.is_f64() => {
-                        (n.as_f64().unwrap_or(f64::NAN) as f32).to_string()
-                    }
-                    other => other.to_string(),
-                };
-                (k, text)
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Fields the saved data position depends on: a resume must keep them.
-const FIXED: [&str; 8] = [
-    "preset",
-    "batch_size",
-    "seq_len",
-    "total_batch_tokens",
-    "seed",
-    "rank",
-    "world_size",
-    "pack",
-];
-
-/// Compares the run config a checkpoint (`ckpt`, after `step` steps) was trained with (`old`)
-/// with the one a resume asks for (`new`). Changes of [`FIXED`] fields, or a `max_steps` below
-/// `step`, are a [`TrainError::ResumeMismatch`]; the others (schedule, optimizer, cadence) are
-/// returned as `field old -> new` notes.
-pub fn resume_changes(
-    ckpt: &Path,
-    step: usize,
-    old: &RunConfig,
-    new: &RunConfig,
-) -> Result<Vec<String>> {
-    let old_fields = fields(old);
-    let new_fields = fields(new);
-    let (mut refused, mut notes) = (Vec::new(), Vec::new());
-    for ((name, was), (_, now)) in old_fields.iter().zip(&new_fields) {
-        if was == now {
-            continue;
-        }
-        let change = format!("{name} {was} -> {now}");
-        if FIXED.contains(&name.as_str()) {
-            refused.push(change);
-        } else {
-            notes.push(change);
-        }
-    }
-    if !refused.is_empty() {
-        return Err(TrainError::ResumeMismatch {
-            ckpt: ckpt.to_path_buf(),
-            why: format!(
-                "it was trained with other data settings ({}), and its data position only carries \
-                 over with the same ones; resume with the original values, or start a new run \
-                 in another --out",
-                refused.join(", ")
-            ),
-        });
-    }
-    if new.max_steps < step {
-        return Err(TrainError::ResumeMismatch {
-            ckpt: ckpt.to_path_buf(),
-            why: format!(
-                "it is at step {step}, past the requested max_steps {}; ask for max_steps {step} \
-                 or more",
-                new.max_steps
-            ),
-        });
-    }
-    Ok(notes)
-}
+pub use resume::resume_changes;
 
 /// The set-aside name of checkpoint `dir` (`ckpt_000012.diverged`).
 pub fn diverged_name(dir: &Path) -> PathBuf {
@@ -385,36 +307,5 @@ mod tests {
             .map(|(s, _)| s)
             .collect();
         assert_eq!(left, vec![1, 3, 4]);
-    }
-
-    #[test]
-    fn resume_refuses_data_fields_and_notes_the_rest() {
-        let old = RunConfig::default();
-        let new = RunConfig {
-            batch_size: 4,
-            seed: 7,
-            ..old.clone()
-        };
-        let err = resume_changes(Path::new("ck"), 10, &old, &new)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("batch_size 8 -> 4") && err.contains("seed 1337 -> 7"),
-            "{err}"
-        );
-        let new = RunConfig {
-            learning_rate: 1e-3,
-            ..old.clone()
-        };
-        let notes = resume_changes(Path::new("ck"), 10, &old, &new).unwrap();
-        assert_eq!(notes, vec!["learning_rate 0.003 -> 0.001".to_string()]);
-        let short = RunConfig {
-            max_steps: 5,
-            ..old.clone()
-        };
-        let err = resume_changes(Path::new("ck"), 10, &old, &short)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("past the requested max_steps 5"), "{err}");
     }
 }

@@ -156,7 +156,7 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
         let progress = Progress::new(opts.quiet, 10);
         let mut rng = Rng::new(run.seed ^ 0x5EED);
         let (mut start_step, mut tokens_seen, mut prior_elapsed) = (0, 0u64, 0.0);
-        let mut opt = AdamW::new(be, model)?;
+        let mut opt = AdamW::new(be, &crate::dist::Solo::new(), model, 0)?;
         let mut last_good = None;
         if opts.resume {
             if let Some(dir) = checkpoint::latest(&opts.out_dir)? {
@@ -273,7 +273,14 @@ impl<'a, B: Backend> TrainLoop<'a, B> {
             run.max_steps,
             run.min_lr_ratio,
         );
-        self.opt.update(be, self.model, run, lr, grad_scale)?;
+        self.opt.update(
+            be,
+            &crate::dist::Solo::new(),
+            self.model,
+            run,
+            lr,
+            grad_scale,
+        )?;
         Ok(StepOutcome {
             loss,
             tokens,

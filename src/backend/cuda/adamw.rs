@@ -3,8 +3,9 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::adamw::ADAMW_UPDATE_BF16;
-use super::{grid_stride, AdamWStep, CudaBackend, CudaBuf, Mem, Result};
+use super::{grid_stride, AdamWStep, BackendError, CudaBackend, CudaBuf, Mem, Result};
 use crate::backend::shapes;
+use crate::backend::Role;
 
 pub(super) fn update(
     be: &CudaBackend,
@@ -20,6 +21,14 @@ pub(super) fn update(
     let g = grad.f32(op, "grad")?;
     let m = m.f32_mut(op, "m")?;
     let v = v.f32_mut(op, "v")?;
+    if param.role == Role::Param && matches!(param.mem, Mem::Bf16(_)) {
+        return Err(BackendError::Invalid {
+            op,
+            msg: "this parameter's fp32 master copy was released (ZeRO-1: another rank owns \
+                  the tensor and updates it); only its owner may run adamw on it"
+                .into(),
+        });
+    }
     let Mem::Param { work, master } = &mut param.mem else {
         return Err(param.dtype_error(op, "param", "a Param buffer"));
     };

@@ -69,7 +69,8 @@ impl CudaBuf {
         op: &'static str,
         what: &str,
     ) -> Result<&mut CudaSlice<bf16>> {
-        if !matches!(self.mem, Mem::Bf16(_)) {
+        // A parameter whose master was released is Mem::Bf16 too, and still not writable.
+        if !matches!(self.mem, Mem::Bf16(_)) || self.role == Role::Param {
             return Err(self.dtype_error(op, what, "a writable bf16 (Activation) buffer"));
         }
         match &mut self.mem {

@@ -113,6 +113,16 @@ impl Backend for CudaBackend {
         buf.len()
     }
 
+    /// Drops the fp32 master of a parameter: the buffer keeps its role and its bf16 working
+    /// copy (`Mem::Bf16`), which kernels read, `download` widens and `write` rounds into.
+    fn release_master(&self, buf: &mut CudaBuf) -> Result<()> {
+        if let Mem::Param { work, .. } = &buf.mem {
+            let work = work.clone();
+            buf.mem = Mem::Bf16(work);
+        }
+        Ok(())
+    }
+
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
         match &mut buf.mem {
             Mem::Bf16(x) => fill::zero(self, x),

@@ -21,6 +21,7 @@
 
 use crate::backend::{Backend, Role};
 use crate::config::{ModelConfig, RunConfig};
+use crate::dist::{DistError, Solo};
 use crate::generate::{self, SampleOptions};
 use crate::model::{Gpt, ModelError, Result};
 use crate::optim::AdamW;
@@ -70,7 +71,7 @@ pub fn bench_train<B: Backend>(
 ) -> Result<BenchResult> {
     let mut model = Gpt::init(be, cfg, 1)?;
     model.set_recompute(recompute)?;
-    let mut opt = BenchOptimizer::new(be, &model, optimizer)?;
+    let mut opt = BenchOptimizer::new(be, &mut model, optimizer)?;
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
     let mut peak_memory_bytes = be.memory_in_use();
@@ -115,12 +116,12 @@ struct BenchOptimizer<B: Backend> {
 }
 
 impl<B: Backend> BenchOptimizer<B> {
-    fn new(be: &B, model: &Gpt<B>, optimizer: bool) -> Result<Option<Self>> {
+    fn new(be: &B, model: &mut Gpt<B>, optimizer: bool) -> Result<Option<Self>> {
         if !optimizer {
             return Ok(None);
         }
         Ok(Some(Self {
-            adamw: AdamW::new(be, model)?,
+            adamw: AdamW::new(be, &Solo::new(), model, 0).map_err(solo_error)?,
             run: RunConfig::default(),
         }))
     }
@@ -129,7 +130,17 @@ impl<B: Backend> BenchOptimizer<B> {
     fn step(&mut self, be: &B, model: &mut Gpt<B>) -> Result<()> {
         let norm = model.grad_norm(be)?;
         let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-        Ok(self.adamw.update(be, model, &self.run, 1e-4, scale)?)
+        self.adamw
+            .update(be, &Solo::new(), model, &self.run, 1e-4, scale)
+            .map_err(solo_error)
+    }
+}
+
+/// The bench's optimizer runs on one process: its only failures are the backend's.
+fn solo_error(e: DistError) -> ModelError {
+    match e {
+        DistError::Backend(e) => e.into(),
+        e => ModelError::Invalid(e.to_string()),
     }
 }
 
@@ -305,7 +316,7 @@ impl<B: Backend> StageBench<B> {
         } else {
             Vec::new()
         };
-        let opt = BenchOptimizer::new(be, &model, optimizer)?;
+        let opt = BenchOptimizer::new(be, &mut model, optimizer)?;
         Ok(Self {
             stage,
             model,

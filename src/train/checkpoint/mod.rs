@@ -27,6 +27,7 @@ use super::{io_err, Result, TrainError};
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RunConfig};
 use crate::data::Tokenizer;
+use crate::dist::Collective;
 use crate::model::{reward, Gpt, ParamLayout, ParamSpec};
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -36,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+mod ranked;
 mod save;
+pub use ranked::{resume_ranked, save_ranked};
 pub use save::{remove, remove_stale, save, save_with, write_synced, WriteFile};
 
 /// Everything besides tensors that an exact resume needs.
@@ -133,6 +136,20 @@ pub enum CheckpointError {
     /// A tensor holds a NaN or an infinity: no checkpoint is written with it.
     #[error("checkpoint {}: {what} is not finite, so it is not saved", .dir.display())]
     NotFinite { dir: PathBuf, what: String },
+    /// Another rank (the writer, rank 0) failed to save the checkpoint all ranks gathered.
+    #[error("checkpoint {}: rank {rank} failed to save it: {msg}", .dir.display())]
+    RankFailed {
+        dir: PathBuf,
+        rank: usize,
+        msg: String,
+    },
+    /// Ranks could not all read the checkpoint a data-parallel resume starts from.
+    #[error(
+        "checkpoint {}: {what}; every rank reads the checkpoint itself, so the run directory \
+         must be on a filesystem all ranks share (docs/DISTRIBUTED.md)",
+        .dir.display()
+    )]
+    RanksCannotRead { dir: PathBuf, what: String },
 }
 
 fn previous_text(previous: &Option<PathBuf>) -> String {
@@ -143,6 +160,9 @@ fn previous_text(previous: &Option<PathBuf>) -> String {
 }
 
 const PREFIX: &str = "ckpt_";
+
+/// Host values of a model's tensors, one `Vec` per tensor in layout order.
+pub(super) type Tensors = Vec<Vec<f32>>;
 
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> TrainError {
     TrainError::Checkpoint {
@@ -358,44 +378,67 @@ fn state_in(dir: &Path, manifest: &Manifest, stage: &str) -> Result<TrainState> 
 }
 
 /// Restores the optimizer moments and the training state of a training checkpoint written by
-/// stage `stage`.
+/// stage `stage`, for a process on its own (zero 0); [`resume_ranked`] is the data-parallel
+/// form.
 pub fn load_training<B: Backend>(
     be: &B,
     dir: &Path,
-    model: &Gpt<B>,
+    model: &mut Gpt<B>,
     stage: &str,
 ) -> Result<(AdamW<B>, TrainState)> {
+    let (m, v, state) = read_training(dir, &model.layout.specs, stage)?;
+    let opt = sharded_optimizer(be, &crate::dist::Solo::new(), model, 0, m, v, &state)?;
+    Ok((opt, state))
+}
+
+/// A training checkpoint's moments `m`, `v` (layout order) and state, verified, on the host.
+fn read_training(
+    dir: &Path,
+    specs: &[ParamSpec],
+    stage: &str,
+) -> Result<(Tensors, Tensors, TrainState)> {
     let manifest = manifest_of(dir)?;
     let state = state_in(dir, &manifest, stage)?;
     let path = dir.join("optimizer.safetensors");
     let bytes = manifest.read_verified(dir, "optimizer.safetensors")?;
     let st = parse_safetensors(&path, &bytes)?;
-    let m = tensors_of(&path, &st, &model.layout.specs, "m.")?;
-    let v = tensors_of(&path, &st, &model.layout.specs, "v.")?;
-    let mut opt = AdamW::new(be, model)?;
-    for (buf, host) in opt.m.iter_mut().zip(&m) {
-        be.write(buf, host)?;
-    }
-    for (buf, host) in opt.v.iter_mut().zip(&v) {
-        be.write(buf, host)?;
-    }
-    opt.step = state.step as u64;
-    Ok((opt, state))
+    let m = tensors_of(&path, &st, specs, "m.")?;
+    let v = tensors_of(&path, &st, specs, "v.")?;
+    Ok((m, v, state))
 }
 
-/// Everything a resume of stage `stage` restores from checkpoint `dir`: the model (whose
-/// config must be `wanted`), the optimizer and the state. The stage is checked first, so a
-/// run directory of another stage is named as such, not as a config mismatch.
+/// The optimizer of `model` for ZeRO stage `zero` on this rank, holding the saved moments
+/// `m`, `v` of the tensors it owns (any world size: the shards are cut afresh).
+fn sharded_optimizer<B: Backend>(
+    be: &B,
+    comm: &dyn Collective<B>,
+    model: &mut Gpt<B>,
+    zero: u8,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    state: &TrainState,
+) -> Result<AdamW<B>> {
+    let mut opt = AdamW::new(be, comm, model, zero)?;
+    for (slot, host) in opt.m.iter_mut().zip(&m).chain(opt.v.iter_mut().zip(&v)) {
+        if let Some(buf) = slot {
+            be.write(buf, host)?;
+        }
+    }
+    opt.step = state.step as u64;
+    Ok(opt)
+}
+
+/// Everything a resume of stage `stage` restores from checkpoint `dir` in a process on its
+/// own: the model (whose config must be `wanted`), the optimizer and the state. The stage is
+/// checked first, so a run directory of another stage is named as such, not as a config
+/// mismatch.
 pub fn resume<B: Backend>(
     be: &B,
     dir: &Path,
     wanted: &ModelConfig,
     stage: &str,
 ) -> Result<(Gpt<B>, AdamW<B>, TrainState)> {
-    load_state(dir, stage)?;
-    let model = load_model(be, dir, Some(wanted))?;
-    let (opt, state) = load_training(be, dir, &model, stage)?;
-    Ok((model, opt, state))
+    resume_ranked(be, &crate::dist::Solo::new(), dir, wanted, stage, 0)
 }
 
 /// Reads only the safetensors header of `path`: the JSON that names the tensors. Checks the

@@ -3,8 +3,9 @@
 //! is [`CheckpointError::DiskFull`], and the temporary directory never outlives an error);
 //! [`remove`] deletes one without ever leaving a listed half checkpoint.
 
-use super::{ckpt_err, list, CheckpointError, TrainState, PREFIX};
+use super::{ckpt_err, list, CheckpointError, Tensors, TrainState, PREFIX};
 use crate::backend::Backend;
+use crate::config::ModelConfig;
 use crate::data::Tokenizer;
 use crate::model::{Gpt, ParamSpec};
 use crate::optim::AdamW;
@@ -127,6 +128,62 @@ pub fn save_with<B: Backend>(
     training: Option<(&AdamW<B>, &TrainState)>,
     write: &WriteFile<'_>,
 ) -> Result<PathBuf> {
+    let weights = model.param_values(be)?;
+    let moments = match training {
+        Some((opt, state)) => {
+            let all = |bufs: &[Option<B::Buf>]| -> Result<Vec<Vec<f32>>> {
+                bufs.iter()
+                    .enumerate()
+                    .map(|(i, b)| match b {
+                        Some(b) => Ok(be.download(b)?),
+                        None => Err(ckpt_err(
+                            dest,
+                            format!(
+                                "this rank does not hold the moments of {} (ZeRO-1); save \
+                                 with checkpoint::save_ranked",
+                                model.layout.specs[i].name
+                            ),
+                        )),
+                    })
+                    .collect()
+            };
+            Some((all(&opt.m)?, all(&opt.v)?, state))
+        }
+        None => None,
+    };
+    let contents = Contents {
+        cfg: &model.cfg,
+        specs: &model.layout.specs,
+        weights,
+        tokenizer,
+        training: moments,
+    };
+    write_checkpoint(dest, contents, write)
+}
+
+/// A checkpoint's contents on the host: the weights and, for training, the moments `m`, `v`
+/// (layout order) and the state.
+pub(super) struct Contents<'a> {
+    pub cfg: &'a ModelConfig,
+    pub specs: &'a [ParamSpec],
+    pub weights: Vec<Vec<f32>>,
+    pub tokenizer: &'a Tokenizer,
+    pub training: Option<(Tensors, Tensors, &'a TrainState)>,
+}
+
+/// Writes `contents` as checkpoint `dest`, atomically (the module header's procedure).
+pub(super) fn write_checkpoint(
+    dest: &Path,
+    contents: Contents<'_>,
+    write: &WriteFile<'_>,
+) -> Result<PathBuf> {
+    let Contents {
+        cfg,
+        specs,
+        weights: values,
+        tokenizer,
+        training,
+    } = contents;
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     let name = dest
@@ -165,8 +222,6 @@ pub fn save_with<B: Backend>(
         Ok(())
     };
 
-    let specs = &model.layout.specs;
-    let values = model.param_values(be)?;
     refuse_non_finite(dest, "weight", specs, &values)?;
     let file = "model.safetensors";
     let bytes = safetensors_bytes(
@@ -180,7 +235,7 @@ pub fn save_with<B: Backend>(
     drop(values);
     put(file, &bytes)?;
     drop(bytes);
-    put("config.json", &json_bytes(dest, &model.cfg)?)?;
+    put("config.json", &json_bytes(dest, cfg)?)?;
     let tok_path = tmp.join("tokenizer.json");
     tokenizer.save(&tok_path).map_err(|e| {
         if is_disk_full(&e) {
@@ -192,17 +247,7 @@ pub fn save_with<B: Backend>(
     std::fs::File::open(&tok_path)
         .and_then(|f| f.sync_all())
         .map_err(|e| failed("tokenizer.json", e))?;
-    if let Some((opt, state)) = training {
-        let m = opt
-            .m
-            .iter()
-            .map(|b| be.download(b))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let v = opt
-            .v
-            .iter()
-            .map(|b| be.download(b))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+    if let Some((m, v, state)) = training {
         refuse_non_finite(dest, "first moment of", specs, &m)?;
         refuse_non_finite(dest, "second moment of", specs, &v)?;
         let mut tensors = Vec::with_capacity(2 * specs.len());
