@@ -9,10 +9,9 @@
 //! communication stream; the host never blocks there.
 //!
 //! Buffers: gradients (`Grad`) and the other fp32 roles are summed in fp32. A `Param` buffer is
-//! broadcast as both its fp32 master and its bf16 working copy, in the same group: the root's
-//! working copy is the rounding of its master (upload and AdamW write both), so the receivers
-//! end with exactly what a refresh from the master would give, with no conversion kernel.
-//! The CUDA backend never releases a master copy, so there is no bf16-only case.
+//! broadcast as its bf16 working copy, the rounding of the owner's master (upload and AdamW
+//! write both): under ZeRO-1 the receiving ranks released their masters of the tensors they do
+//! not own (`Backend::release_master`), so the bf16 copy is all they hold.
 //!
 //! Host operations (the step's losses, run settings, barriers) either go to the host collective
 //! handed to [`NcclCollective::with_host`] (its TCP timeouts then name a dead rank), or, with
@@ -276,14 +275,25 @@ impl Collective<CudaBackend> for NcclCollective {
         let r = self.root("broadcast", root)?;
         let mut f32s: Vec<CudaViewMut<'_, f32>> = Vec::new();
         let mut bf16s: Vec<CudaViewMut<'_, bf16>> = Vec::new();
-        for b in bufs.iter_mut() {
+        let me = self.info.rank;
+        for (i, b) in bufs.iter_mut().enumerate() {
             match &mut b.mem {
                 Mem::F32(x) => f32s.push(x.as_view_mut()),
                 Mem::Bf16(x) => bf16s.push(x.as_view_mut()),
-                // Both copies: the receivers' working copy is then the rounding of the master.
-                Mem::Param { work, master } => {
-                    f32s.push(master.as_view_mut());
-                    bf16s.push(work.as_view_mut());
+                // A parameter goes as its bf16 working copy (the rounding of the owner's master):
+                // under ZeRO-1 the receivers hold no master (`release_master`), so every rank
+                // makes the same bf16 call. A receiver that kept its master would be left with a
+                // stale one, so that is refused rather than silently diverging.
+                Mem::Param { work, .. } if me == root => bf16s.push(work.as_view_mut()),
+                Mem::Param { .. } => {
+                    return Err(DistError::Engine {
+                        rank: me,
+                        msg: format!(
+                            "broadcast: buffer {i} is a parameter that keeps its fp32 master; \
+                             only a parameter whose master was released (ZeRO-1, another rank \
+                             owns it) receives a broadcast"
+                        ),
+                    })
                 }
             }
         }
