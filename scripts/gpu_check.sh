@@ -4,7 +4,9 @@
 # short pretraining run on the GPU whose validation loss must fall, a reward-model run from
 # it whose validation accuracy must reach 1, the reduced demo (`topcoat demo --quick`), the
 # per-kernel benchmark,
-# and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024.
+# and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024;
+# then the scale-out steps: NCCL at world size 1 vs no collective, two ranks on one GPU through
+# the host collective vs one rank, and gpt2-1558m with --recompute 2 (tokens/s, MFU).
 # Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
 #   GPU_CHECK_SKIP_TORCH=1 skips the PyTorch baseline (for a quick correctness-only pass);
 #   GPU_CHECK_FULL_DEMO=1 adds the whole demo at its GPU sizes after the table.
@@ -107,6 +109,69 @@ if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then
   torch_line="$(tail -n 1 "$logs/bench_torch.log") ($(status $?))"
   tail -n 6 "$logs/bench_torch.log"
 fi
+
+# Scale-out (docs/DISTRIBUTED.md): (a) NCCL at world size 1 equals the run without a collective,
+# bit for bit; (b) two ranks on this one GPU through the host collective (NCCL refuses two ranks
+# on one GPU) equal one rank with the same global batch; (c) gpt2-1558m with --recompute 2.
+# cudarc loads libnccl.so, NCCL ships libnccl.so.2: give it the name in a folder of our own.
+ncclso=$(ldconfig -p | grep -Eo '/[^ ]*libnccl\.so\.2$' | head -n 1)
+if [ -z "$ncclso" ]; then
+  ncclso=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+fi
+[ -n "$ncclso" ] && ncclso=$(readlink -f "$ncclso")
+mkdir -p "$run/ncclso" && [ -n "$ncclso" ] && ln -sf "$ncclso" "$run/ncclso/libnccl.so"
+export LD_LIBRARY_PATH="$run/ncclso${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "libnccl.so.2: ${ncclso:-not found}"
+# same_run A B MODE: "bitwise" when both runs' losses and final weights are equal to the bit;
+# otherwise the largest loss difference, marked FAILED in MODE bitwise or beyond 1e-2 in MODE tol.
+same_run() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import hashlib, json, pathlib, sys
+def run(d):
+    d = pathlib.Path(d)
+    losses = [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r and "step" in r]
+    models = sorted(d.rglob("model.safetensors"), key=lambda p: p.stat().st_mtime)
+    return losses, hashlib.sha256(models[-1].read_bytes()).hexdigest() if models else None
+try:
+    (la, wa), (lb, wb) = run(sys.argv[1]), run(sys.argv[2])
+except Exception as e:
+    print(f"FAILED: {e}"); sys.exit(1)
+if not la or len(la) != len(lb) or wa is None or wb is None:
+    print(f"FAILED: {len(la)} vs {len(lb)} losses, weights {wa is not None}/{wb is not None}"); sys.exit(1)
+if la == lb and wa == wb:
+    print(f"bitwise ({len(la)} losses, final loss {la[-1][1]:.4f})"); sys.exit(0)
+dmax = max(abs(a[1] - b[1]) for a, b in zip(la, lb))
+bad = sys.argv[3] == "bitwise" or dmax > 1e-2
+print(f"{'FAILED: ' if bad else ''}max |dloss| {dmax:.2e} over {len(la)} steps, weights {'equal' if wa == wb else 'differ'}")
+sys.exit(1 if bad else 0)
+PY
+}
+dp() { dist/topcoat pretrain --device cuda --max-steps 20 --batch-size 4 --seq-len 64 \
+  --total-batch-tokens 512 --seed 7 "$@"; }
+timeout 60 dp --out "$run/dp_solo" >"$logs/dp_solo.log" 2>&1
+dp_solo=$(status $?)
+NCCL_ALGO=Ring NCCL_PROTO=Simple timeout 60 dp --out "$run/dp_nccl1" --collective nccl \
+  >"$logs/dp_nccl1.log" 2>&1
+dp_nccl1="$(status $?): $(same_run "$run/dp_solo" "$run/dp_nccl1" bitwise 2>&1 | tail -n 1)"
+# Two ranks, one micro-batch of 4x64 each per step = the solo run's two accumulated micro-batches.
+CUDA_VISIBLE_DEVICES=0 timeout 90 dist/topcoat launch --nproc-per-node 2 -- pretrain --device cuda \
+  --max-steps 20 --batch-size 4 --seq-len 64 --total-batch-tokens 512 --seed 7 \
+  --collective host --out "$run/dp_host2" >"$logs/dp_host2.log" 2>&1
+dp_host2="$(status $?): $(same_run "$run/dp_solo" "$run/dp_host2" tol 2>&1 | tail -n 1)"
+grep -hiE "error|nccl" "$logs"/dp_*.log | head -n 10
+echo "== data parallel ($((SECONDS - t0)) s): $dp_solo / $dp_nccl1 / $dp_host2"
+# gpt2-1558m on one GPU: recompute level 2 at B=8 (B=4 if that does not fit).
+big() {
+  timeout 150 dist/topcoat bench --device cuda --preset gpt2-1558m --vocab-size 50257 \
+    --seq-len 1024 --recompute 2 --steps 5 --warmup 2 --peak-tflops "$peak" "$@"
+}
+big_b=8
+big --batch-size 8 >"$logs/bench_1558m.log" 2>&1 || { big_b=4; big --batch-size 4 >"$logs/bench_1558m.log" 2>&1; }
+big_st=$(status $?)
+tail -n 6 "$logs/bench_1558m.log"
+big_mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader | head -n 1)
+echo "== gpt2-1558m ($((SECONDS - t0)) s): $big_st"
 echo "== done ($((SECONDS - t0)) s)"
 
 echo
@@ -123,6 +188,10 @@ echo "| topcoat demo --quick on cuda | $demo: $(grep -Eo "demo finished in [0-9]
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, GELU epilogue off | $(tail -n 1 "$logs/bench_topcoat_gelu_off.log") |"
 echo "| PyTorch torch.compile, same config | $torch_line |"
+echo "| pretrain 20 steps, no collective | $dp_solo |"
+echo "| same, --collective nccl at world size 1 (bitwise expected) | $dp_nccl1 |"
+echo "| same, 2 ranks on 1 GPU, --collective host (tolerance 1e-2) | $dp_host2 |"
+echo "| gpt2-1558m --recompute 2, B=$big_b T=1024 (card $big_mem; anchor: llm.c in PERF.md) | $big_st: $(tail -n 1 "$logs/bench_1558m.log") |"
 # GPU_CHECK_FULL_DEMO=1: also the whole demo at its GPU sizes (not part of the 5-minute check).
 if [ -n "${GPU_CHECK_FULL_DEMO:-}" ]; then
   timeout 100 dist/topcoat demo --device cuda --out "$run/demo_full" >"$logs/demo_full.log" 2>&1

@@ -33,7 +33,14 @@ pub enum ConfigError {
 }
 
 /// Names accepted by [`ModelConfig::preset`].
-pub const PRESETS: &[&str] = &["tiny", "small", "gpt2-124m"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "small",
+    "gpt2-124m",
+    "gpt2-350m",
+    "gpt2-774m",
+    "gpt2-1558m",
+];
 
 /// Shape of a GPT-2 style model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +71,10 @@ impl ModelConfig {
             "small" => (6, 6, 384, 512),
             // GPT-2 small.
             "gpt2-124m" => (12, 12, 768, 1024),
+            // GPT-2 medium, large and XL (llm.c's d24, d36, d48).
+            "gpt2-350m" => (24, 16, 1024, 1024),
+            "gpt2-774m" => (36, 20, 1280, 1024),
+            "gpt2-1558m" => (48, 25, 1600, 1024),
             other => return Err(ConfigError::UnknownPreset(other.to_string())),
         };
         let cfg = Self {
@@ -212,6 +223,57 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// The model shape of a fresh model: the preset for a tokenizer of `vocab_size` ids, with
+    /// the overrides `n_layer n_head n_embd context` (TOML keys, and flags of the same names)
+    /// applied. Errors name the key and the flag and the values.
+    pub fn model_config(&self, vocab_size: usize) -> Result<ModelConfig, ConfigError> {
+        let mut cfg = ModelConfig::preset(&self.preset, vocab_size)?;
+        for (key, flag, v, field) in [
+            ("n_layer", "--n-layer", self.n_layer, &mut cfg.n_layer),
+            ("n_head", "--n-head", self.n_head, &mut cfg.n_head),
+            ("n_embd", "--n-embd", self.n_embd, &mut cfg.n_embd),
+            ("context", "--context", self.context, &mut cfg.max_seq_len),
+        ] {
+            match v {
+                Some(0) => {
+                    return Err(ConfigError::Field {
+                        key,
+                        flag: Some(flag),
+                        value: "0".into(),
+                        expected: "must be at least 1".into(),
+                    })
+                }
+                Some(v) => *field = v,
+                None => {}
+            }
+        }
+        if !cfg.n_embd.is_multiple_of(cfg.n_head) {
+            return Err(ConfigError::Invalid(format!(
+                "n_embd (--n-embd) {} is not divisible by n_head (--n-head) {}",
+                cfg.n_embd, cfg.n_head
+            )));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The shape overrides that differ from `model` (a checkpoint's), one `key (flag) V (the
+    /// checkpoint has W)` each; empty when every given override matches.
+    pub fn shape_mismatches(&self, model: &ModelConfig) -> Vec<String> {
+        [
+            ("n_layer", "--n-layer", self.n_layer, model.n_layer),
+            ("n_head", "--n-head", self.n_head, model.n_head),
+            ("n_embd", "--n-embd", self.n_embd, model.n_embd),
+            ("context", "--context", self.context, model.max_seq_len),
+        ]
+        .into_iter()
+        .filter_map(|(key, flag, want, have)| {
+            want.filter(|&w| w != have)
+                .map(|w| format!("{key} ({flag}) {w} (the checkpoint has {have})"))
+        })
+        .collect()
+    }
+
     /// Reads a TOML file; missing fields take their defaults, unknown ones are an error.
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

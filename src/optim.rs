@@ -236,4 +236,29 @@ mod tests {
             prev = x;
         }
     }
+
+    /// gpt2-124m by whole tensors: the largest rank's share is within one tensor (the 38.6M
+    /// `wte.weight`) of an even split, and the shares cover every element once.
+    #[test]
+    fn gpt2_124m_shares_are_within_the_largest_tensor_of_even() {
+        let cfg = crate::config::ModelConfig::preset("gpt2-124m", 50257).unwrap();
+        let numels: Vec<usize> = crate::model::ParamLayout::new(&cfg)
+            .specs
+            .iter()
+            .map(|s| s.numel())
+            .collect();
+        let total: usize = numels.iter().sum();
+        let largest = *numels.iter().max().unwrap();
+        for world in [2, 4, 8] {
+            let owner = shard_owners(&numels, world);
+            let mut share = vec![0usize; world];
+            for (i, &n) in numels.iter().enumerate() {
+                share[owner[i]] += n;
+            }
+            assert_eq!(share.iter().sum::<usize>(), total);
+            let most = *share.iter().max().unwrap();
+            assert!(most <= total / world + largest, "{world} ranks: {share:?}");
+            println!("gpt2-124m at {world} ranks: shares {share:?} of {total}");
+        }
+    }
 }

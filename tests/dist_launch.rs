@@ -211,3 +211,116 @@ fn sigterm_to_the_launcher_reaches_every_child() {
         "{err}"
     );
 }
+
+/// Rank `r`'s values for seed `seed`: magnitudes far apart, so the order of a sum shows in its bits.
+fn values(seed: u64, r: usize) -> Vec<f32> {
+    let mut rng = topcoat::rng::Rng::new(seed.wrapping_add(r as u64 * 7919));
+    (0..64)
+        .map(|_| rng.normal() * 10f32.powi(rng.below(9) as i32 - 2))
+        .collect()
+}
+
+/// A rank of a job started by the tests below (this test binary, run by `topcoat launch`):
+/// joins through the launcher's environment, sums its values, writes the bits or the error.
+#[test]
+#[ignore = "a child process of the launch tests"]
+fn child_rank() {
+    use topcoat::backend::{cpu::CpuBackend, Backend, Role};
+    use topcoat::dist::Collective;
+    let Ok(dir) = std::env::var("TOPCOAT_TEST_DIR") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let seed: u64 = std::env::var("TOPCOAT_TEST_SEED").unwrap().parse().unwrap();
+    let plan = topcoat::dist::detect_from_env(None).unwrap();
+    let r = plan.info.rank;
+    let c = topcoat::dist::open_collective(&plan).unwrap();
+    if std::env::var("TOPCOAT_TEST_DIE").ok() == Some(r.to_string()) {
+        std::process::exit(7);
+    }
+    let be = CpuBackend::new();
+    let mut b = be.upload(&values(seed, r), Role::Grad).unwrap();
+    match Collective::<CpuBackend>::all_reduce_sum(&c, &be, &mut [&mut b]) {
+        Ok(()) => {
+            let bits: Vec<String> = b.iter().map(|x| x.to_bits().to_string()).collect();
+            std::fs::write(dir.join(format!("sum.{r}")), bits.join(" ")).unwrap();
+        }
+        Err(e) => {
+            std::fs::write(dir.join(format!("err.{r}")), e.to_string()).unwrap();
+            // Long enough for the launcher to see the failed rank's exit first.
+            std::thread::sleep(Duration::from_millis(500));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `topcoat launch -- THIS_TEST_BINARY child_rank` with `env`.
+fn launch_children(dir: &Path, seed: u64, env: &[(&str, &str)]) -> std::process::Output {
+    let me = std::env::current_exe().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_topcoat"))
+        .args(["launch", "--nproc-per-node", "3", "--grace", "5", "--"])
+        .arg(me)
+        .args(["--exact", "child_rank", "--ignored", "--test-threads", "1"])
+        .env("TOPCOAT_TEST_DIR", dir)
+        .env("TOPCOAT_TEST_SEED", seed.to_string())
+        .env("TOPCOAT_RENDEZVOUS_TIMEOUT", "20")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[test]
+fn three_launched_processes_sum_in_rank_order_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = seed();
+    let out = launch_children(dir.path(), s, &[]);
+    assert!(
+        out.status.success(),
+        "seed {s}: {}",
+        common::cli::text(&out)
+    );
+    let x: Vec<Vec<f32>> = (0..3).map(|r| values(s, r)).collect();
+    let fold: Vec<String> = (0..64)
+        .map(|i| ((x[0][i] + x[1][i]) + x[2][i]).to_bits().to_string())
+        .collect();
+    let other: Vec<String> = (0..64)
+        .map(|i| ((x[2][i] + x[1][i]) + x[0][i]).to_bits().to_string())
+        .collect();
+    assert_ne!(
+        fold, other,
+        "seed {s}: the values must tell the orders apart"
+    );
+    for r in 0..3 {
+        let got = std::fs::read_to_string(dir.path().join(format!("sum.{r}"))).unwrap();
+        assert_eq!(got, fold.join(" "), "rank {r}, seed {s}");
+    }
+}
+
+#[test]
+fn a_launched_rank_that_exits_is_named_by_every_other_rank_and_the_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let out = launch_children(dir.path(), seed(), &[("TOPCOAT_TEST_DIE", "1")]);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(!out.status.success());
+    for r in [0, 2] {
+        let e = std::fs::read_to_string(dir.path().join(format!("err.{r}"))).unwrap();
+        assert_eq!(
+            e, "rank 1: closed its connection: it exited or failed; see its own error",
+            "rank {r}"
+        );
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exited with status 7; ranks 0, 2 stopped (rank 0: exited with status 1; rank 2: exited with status 1)")
+            && err.contains("error: rank 1 (pid "),
+        "{err}"
+    );
+}

@@ -369,3 +369,195 @@ fn nccl_on_the_cpu_is_refused_at_the_command_line() {
     ]);
     assert!(e.contains("--collective nccl"), "{e}");
 }
+
+// ---- processes: `topcoat launch` and the torchrun variables by hand ------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_topcoat");
+
+/// `pretrain` on the CPU, B=2, T=16, `steps` steps with a checkpoint every 2, global batch
+/// `total` tokens, no validation.
+fn pretrain(data: &Path, out: &Path, steps: usize, total: usize, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "pretrain",
+        "--data",
+        &s(data),
+        "--out",
+        &s(out),
+        "--device",
+        "cpu",
+        "--max-steps",
+        &steps.to_string(),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--total-batch-tokens",
+        &total.to_string(),
+        "--val-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+fn launch(n: usize, args: &[String]) -> String {
+    let mut a = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        n.to_string(),
+        "--".into(),
+        BIN.into(),
+    ];
+    a.extend(args.iter().cloned());
+    common::cli::ok(&a)
+}
+
+/// Each step record's step, loss and gradient norm, as written (no times).
+fn curve(out: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| format!("{} {} {}", r["step"], r["loss"], r["grad_norm"]))
+        .collect()
+}
+
+/// The newest checkpoint's model.safetensors.
+fn final_weights(out: &Path) -> Vec<u8> {
+    let dir = topcoat::train::checkpoint::latest(out)
+        .unwrap()
+        .expect("a checkpoint");
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn launched_ranks_equal_one_process_bit_for_bit_and_zero_1_too() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
+    let zero = p("zero.toml");
+    std::fs::write(&zero, "zero = 1\n").unwrap();
+    for n in [2usize, 3] {
+        let total = 2 * 16 * n;
+        common::cli::ok(&pretrain(&data, &p(&format!("one{n}")), 4, total, &[]));
+        let out = launch(n, &pretrain(&data, &p(&format!("dp{n}")), 4, total, &[]));
+        assert!(
+            out.contains(&format!("rank 0 of {n}")),
+            "device line: {out}"
+        );
+        let one = curve(&p(&format!("one{n}")));
+        assert_eq!(one.len(), 4);
+        assert_eq!(curve(&p(&format!("dp{n}"))), one, "{n} ranks");
+        assert!(final_weights(&p(&format!("dp{n}"))) == final_weights(&p(&format!("one{n}"))));
+        let cfg = ["--config".to_string(), s(&zero)];
+        let cfg: Vec<&str> = cfg.iter().map(|x| x.as_str()).collect();
+        launch(n, &pretrain(&data, &p(&format!("z{n}")), 4, total, &cfg));
+        assert_eq!(curve(&p(&format!("z{n}"))), one, "{n} ranks, zero 1");
+        assert!(final_weights(&p(&format!("z{n}"))) == final_weights(&p(&format!("one{n}"))));
+    }
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `topcoat args` as rank `rank` of `world` with torchrun's variables set by hand.
+fn by_hand(
+    rank: usize,
+    world: usize,
+    port: u16,
+    args: &[String],
+    extra_env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut c = std::process::Command::new(BIN);
+    c.args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+/// Stated time for the surviving rank to exit after its peer dies (the dead rank's sockets
+/// close at once; the collective names it on the next operation).
+const FAULT_EXIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[test]
+fn torchrun_variables_by_hand_train_and_a_killed_rank_stops_the_other_then_resume_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
+    let total = 2 * 16 * 2;
+    // The uninterrupted references: one process and two ranks, 6 steps.
+    common::cli::ok(&pretrain(&data, &p("one"), 6, total, &[]));
+    let port = free_port();
+    let args = pretrain(&data, &p("hand"), 6, total, &[]);
+    let kids: Vec<_> = (0..2).map(|r| by_hand(r, 2, port, &args, &[])).collect();
+    for (r, k) in kids.into_iter().enumerate() {
+        let o = k.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert_eq!(curve(&p("hand")), curve(&p("one")));
+    assert!(final_weights(&p("hand")) == final_weights(&p("one")));
+
+    // Rank 1 aborts at step 3 (after the checkpoint of step 2): rank 0 exits with an error
+    // naming rank 1, in the stated time, and the checkpoint of step 2 stays whole.
+    let port = free_port();
+    let args = pretrain(&data, &p("fault"), 6, total, &[]);
+    let started = std::time::Instant::now();
+    let kids: Vec<_> = (0..2)
+        .map(|r| by_hand(r, 2, port, &args, &[(train::FAULT_ENV, "1:3")]))
+        .collect();
+    let outs: Vec<_> = kids
+        .into_iter()
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    let took = started.elapsed();
+    let err0 = String::from_utf8_lossy(&outs[0].stderr).to_string();
+    assert!(!outs[0].status.success() && !outs[1].status.success());
+    assert!(err0.contains("rank 1"), "rank 0's error: {err0}");
+    assert!(took < FAULT_EXIT, "{took:?}");
+    let last = topcoat::train::checkpoint::latest(&p("fault"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        last.ends_with(topcoat::train::checkpoint::dir_for(Path::new(""), 2)),
+        "{}",
+        last.display()
+    );
+    // (Resuming below reads it through its manifest's checksums.)
+
+    // Resume it at world size 2 and at 1: both end with the uninterrupted run's weights.
+    let copy = p("fault1");
+    common::cli::copy_dir(&p("fault"), &copy);
+    launch(2, &pretrain(&data, &p("fault"), 6, total, &["--resume"]));
+    assert_eq!(
+        curve(&p("fault")),
+        curve(&p("one")),
+        "resumed at world size 2"
+    );
+    assert!(final_weights(&p("fault")) == final_weights(&p("one")));
+    common::cli::ok(&pretrain(&data, &copy, 6, total, &["--resume"]));
+    assert_eq!(curve(&copy), curve(&p("one")), "resumed at world size 1");
+    assert!(final_weights(&copy) == final_weights(&p("one")));
+}

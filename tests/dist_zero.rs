@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 use topcoat::backend::cpu::CpuBackend;
-use topcoat::backend::Backend;
+use topcoat::backend::{AdamWStep, Backend, Role};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::data::Tokenizer;
 use topcoat::dist::{rendezvous, Collective, HostCollective, Meeting, RankInfo, Solo};
@@ -221,15 +221,20 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Checkpoint `ckpt_000004` of 4 steps with zero 1 on 2 ranks, in `run`.
 fn save_on_two_ranks(run: &Path) -> PathBuf {
+    save_on_ranks(run, 2, 1)
+}
+
+/// Checkpoint `ckpt_000004` of 4 steps with ZeRO stage `zero` on `world` ranks, in `run`.
+fn save_on_ranks(run: &Path, world: usize, zero: u8) -> PathBuf {
     let be = CpuBackend;
     let dest = checkpoint::dir_for(run, 4);
-    let dirs = on_ranks(2, |comm| {
+    let dirs = on_ranks(world, |comm| {
         let mut model = Gpt::init(&be, &cfg(), 42).unwrap();
-        let mut opt = AdamW::new(&be, comm, &mut model, 1).unwrap();
+        let mut opt = AdamW::new(&be, comm, &mut model, zero).unwrap();
         steps(&be, comm, &mut model, &mut opt, 0, 4);
         checkpoint::save_ranked(&be, comm, &dest, &model, tokenizer(), &opt, &state(4, 1)).unwrap()
     });
-    assert_eq!(dirs, vec![dest.clone(), dest.clone()]);
+    assert_eq!(dirs, vec![dest.clone(); world]);
     dest
 }
 
@@ -260,6 +265,13 @@ fn a_zero1_save_writes_the_bytes_of_a_zero0_save() {
         ]
     );
     assert!(a == b, "the checkpoints differ");
+    for (world, zero) in [(3, 1), (2, 0)] {
+        let other = save_on_ranks(&tmp.path().join(format!("w{world}z{zero}")), world, zero);
+        assert!(
+            files(&other) == b,
+            "{world} ranks, zero {zero}: the checkpoints differ"
+        );
+    }
 }
 
 #[test]
@@ -355,3 +367,69 @@ fn a_rank_that_cannot_read_the_checkpoint_stops_every_rank() {
         errs[1]
     );
 }
+
+#[test]
+fn a_non_finite_tensor_owned_by_rank_1_stops_the_save_on_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = checkpoint::dir_for(tmp.path(), 2);
+    let be = CpuBackend;
+    let errs = on_ranks(2, |comm| {
+        let mut model = Gpt::init(&be, &cfg(), 42).unwrap();
+        let mut opt = AdamW::new(&be, comm, &mut model, 1).unwrap();
+        steps(&be, comm, &mut model, &mut opt, 0, 2);
+        let i = opt.owner.iter().position(|&r| r == 1).unwrap();
+        let mut w = be.download(&model.params[i]).unwrap();
+        w[1] = f32::NAN;
+        be.write(&mut model.params[i], &w).unwrap();
+        let err =
+            checkpoint::save_ranked(&be, comm, &dest, &model, tokenizer(), &opt, &state(2, 2))
+                .unwrap_err();
+        (model.layout.specs[i].name.clone(), err.to_string())
+    });
+    for (name, err) in &errs {
+        assert_eq!(
+            *err,
+            format!(
+                "checkpoint {}: the weight {name} is not finite, so it is not saved",
+                dest.display()
+            )
+        );
+    }
+    assert!(!dest.exists());
+}
+
+/// After `release_master` a parameter still downloads and takes writes (its bf16 values, which
+/// `randn` draws exactly); a backend that kept a separate fp32 master refuses AdamW on it by name.
+fn release_master_keeps_the_working_copy<B: Backend>(be: &B) {
+    let mut rng = Rng::new(77);
+    let values = randn(&mut rng, 96, 0.5);
+    let mut p = be.upload(&values, Role::Param).unwrap();
+    be.release_master(&mut p).unwrap();
+    assert_eq!(be.download(&p).unwrap(), values);
+    let again = randn(&mut rng, 96, 0.5);
+    be.write(&mut p, &again).unwrap();
+    assert_eq!(be.download(&p).unwrap(), again);
+    let g = be.upload(&randn(&mut rng, 96, 0.1), Role::Grad).unwrap();
+    let (mut m, mut v) = (
+        be.zeros(96, Role::State).unwrap(),
+        be.zeros(96, Role::State).unwrap(),
+    );
+    let hp = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let res = be.adamw(&mut p, &g, &mut m, &mut v, &hp);
+    if be.element_bytes(Role::Param) < 4 {
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("fp32 master copy was released (ZeRO-1"), "{e}");
+    } else {
+        res.unwrap();
+    }
+}
+
+backend_tests!(release_master_keeps_the_working_copy => release_master_cpu, release_master_cuda);

@@ -8,6 +8,7 @@ use topcoat::backend::cpu::CpuBackend;
 use topcoat::commands::inputs::TokenizerArg;
 use topcoat::commands::prepare::{prepare_sft, EMBEDDED_CORPUS};
 use topcoat::config::ModelConfig;
+use topcoat::data::RankSlice;
 use topcoat::data::{SftPrepareOptions, Tokenizer};
 use topcoat::model::{Gpt, Packing};
 use topcoat::rng::Rng;
@@ -227,6 +228,7 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
             vocab_size: tok.vocab_size(),
             pad,
             val_batches: 2,
+            ranks: RankSlice::SOLO,
         };
         Sft::open(&prepared).unwrap().with_packing(pack)
     };

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use topcoat::backend::cuda::CudaOptions;
 use topcoat::backend::profile::OpTally;
 use topcoat::commands::bench::{self, BenchJob, BenchStage};
-use topcoat::config::ModelConfig;
+use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::runtime::{Runtime, RuntimeOptions};
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -28,7 +28,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         master_addr: a.device.master_addr.clone(),
     })?;
     let why = rt.description();
-    let cfg = ModelConfig::preset(&a.preset, a.vocab_size)?;
+    let mut run = RunConfig {
+        preset: a.preset.clone(),
+        ..RunConfig::default()
+    };
+    a.shape.apply(&mut run);
+    let cfg = run.model_config(a.vocab_size)?;
     if a.generate {
         return generation(&rt, a, &cfg);
     }
@@ -39,8 +44,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         warmup: a.warmup,
         steps: a.steps,
         optimizer: !a.no_optimizer,
+        recompute: a.recompute,
     };
     job.check()?;
+    let name = super::dispatch::shape_name(&run);
+    let storage = format!("{} storage", rt.description());
+    print!("{}", bench::plan_text(&rt, &job, &name, &storage));
     println!(
         "bench: {} preset ({:.2} M parameters, vocab {} padded {}), B={}, T={}, {}, {} threads, device {why}",
         a.preset,

@@ -18,7 +18,7 @@ use topcoat::commands::rl::RlStage;
 use topcoat::commands::sft::SftStage;
 use topcoat::commands::stage::{self, Stage, TrainJob};
 use topcoat::commands::{self, CommandError};
-use topcoat::config::{ModelConfig, RunConfig};
+use topcoat::config::RunConfig;
 use topcoat::data::{PrefsPrepareOptions, SftPrepareOptions};
 use topcoat::generate::SampleOptions;
 use topcoat::runtime::{Runtime, RuntimeOptions};
@@ -86,19 +86,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(a) => sample(&a),
         Command::Chat(a) => chat(&a),
         Command::Eval(cmd) => eval(&cmd),
-        Command::Info { path } => {
-            print!("{}", commands::info::info(&path)?);
-            Ok(())
-        }
+        Command::Info(a) => info(&a),
         Command::Bench(a) => super::bench::bench(&a),
         Command::Demo(a) => demo(&a),
         Command::Report(a) => report(&a),
-        Command::Launch(a) => launch(a),
+        Command::Launch(a) => launch(a, cli.threads),
     }
 }
 
 /// `topcoat launch`: the ranks run this executable when the command is a topcoat command.
-fn launch(a: LaunchArgs) -> Result<()> {
+fn launch(a: LaunchArgs, threads: Option<usize>) -> Result<()> {
     use clap::CommandFactory;
     let names: Vec<String> = Cli::command()
         .get_subcommands()
@@ -112,6 +109,7 @@ fn launch(a: LaunchArgs) -> Result<()> {
         master_port: a.master_port,
         grace: a.grace,
         command: a.command,
+        threads,
     };
     topcoat::commands::launch::run(&job, &names, &mut |s| {
         note(&format!(
@@ -204,7 +202,8 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
          total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
          weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
          checkpoint_every <- a.checkpoint_every, seed <- a.seed,
-         divergence_factor <- a.divergence_factor);
+         divergence_factor <- a.divergence_factor, recompute <- a.recompute);
+    a.shape.apply(&mut cfg);
     // Nonsense values stop here, before any data is read or the device opened.
     cfg.validate()?;
     for n in cfg.notes() {
@@ -243,8 +242,8 @@ fn train<S: Stage>(
 
 fn pretrain(a: &PretrainArgs) -> Result<()> {
     train(&a.flags, a.out.clone(), a.data.is_none(), |run| {
-        // Refuse an unknown preset before spending time on data.
-        ModelConfig::preset(&run.preset, 64)?;
+        // Refuse an unknown preset or a bad shape before spending time on data.
+        run.model_config(64)?;
         // Without --data: the embedded corpus, prepared under the run directory on first use.
         let data = match &a.data {
             Some(d) => d.clone(),
@@ -252,6 +251,55 @@ fn pretrain(a: &PretrainArgs) -> Result<()> {
         };
         Ok(PretrainStage { data })
     })
+}
+
+/// `info PATH` describes a file or directory; `info` alone, a model configuration.
+fn info(a: &InfoArgs) -> Result<()> {
+    if let Some(path) = &a.path {
+        print!("{}", commands::info::info(path)?);
+        return Ok(());
+    }
+    let mut run = RunConfig {
+        preset: a.preset.clone(),
+        ..RunConfig::default()
+    };
+    a.shape.apply(&mut run);
+    let cfg = run.model_config(a.vocab_size)?;
+    let t = a.seq_len.unwrap_or(cfg.max_seq_len);
+    if t == 0 || t > cfg.max_seq_len || a.batch_size == 0 {
+        anyhow::bail!(
+            "--seq-len {t} with --batch-size {}: both must be at least 1 and the sequence at \
+             most the model's context {}",
+            a.batch_size,
+            cfg.max_seq_len
+        );
+    }
+    let bytes = commands::plan::storage_bytes(&a.backend).expect("clap checks --backend");
+    let storage = match a.backend.as_str() {
+        "cpu" => "cpu storage: f32 everywhere",
+        _ => "cuda storage: bf16 weights and activations, fp32 master, gradients and moments",
+    };
+    let name = shape_name(&run);
+    let text =
+        commands::plan::describe(&name, &cfg, (a.batch_size, t), a.recompute, &bytes, storage);
+    print!("{text}");
+    Ok(())
+}
+
+/// The preset and the overrides, as the user gave them: `gpt2-124m preset, n_layer 6`.
+pub fn shape_name(run: &RunConfig) -> String {
+    let mut s = format!("{} preset", run.preset);
+    for (key, v) in [
+        ("n_layer", run.n_layer),
+        ("n_head", run.n_head),
+        ("n_embd", run.n_embd),
+        ("context", run.context),
+    ] {
+        if let Some(v) = v {
+            s += &format!(", {key} {v}");
+        }
+    }
+    s
 }
 
 fn sample(a: &SampleArgs) -> Result<()> {

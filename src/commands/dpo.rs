@@ -1,14 +1,15 @@
 //! `dpo` as a library call: preference tuning of an SFT checkpoint on `prepare prefs` pairs
 //! (`stages/dpo.rs`), on the shared stage runner. Before training, the reference pass: the
-//! `--init` checkpoint loaded as the frozen reference, the log-probabilities of every train and
-//! val pair computed and stored in the run directory (`ref_logps.bin`), the reference dropped;
-//! a resumed run reuses the stored ones when they match the data.
+//! `--init` checkpoint loaded as the frozen reference, the log-probabilities of the train pairs
+//! this rank draws in the run and of its val pairs computed and stored in the run directory
+//! (`ref_logps.bin`, by rank 0), the reference dropped; a resumed run reuses the stored ones
+//! when they match the data, computing only those it needs and the file lacks.
 
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::stages::dpo::reference::RefLogps;
-use crate::stages::dpo::{Dpo, DpoLoss};
+use crate::stages::dpo::{rank_micro_batches, Dpo, DpoLoss};
 use crate::train::checkpoint;
 use std::path::{Path, PathBuf};
 
@@ -74,8 +75,9 @@ impl Stage for DpoStage {
     }
 }
 
-/// The stored reference log-probabilities when resuming and they match the data, else a fresh
-/// reference pass (stored before training starts).
+/// The reference log-probabilities of the pairs this rank draws in the run (and its validation
+/// pairs): the stored ones when resuming and they match the data, with any this rank needs and
+/// the file lacks computed afresh (rank 0 stores the table before training starts).
 fn reference_logps<B: Backend>(
     be: &B,
     ctx: &StageContext,
@@ -83,18 +85,13 @@ fn reference_logps<B: Backend>(
     progress: &dyn Fn(&str),
 ) -> Result<RefLogps> {
     let path = RefLogps::path(ctx.out);
+    let mut table = None;
     if ctx.resume {
         if let Some(stored) = RefLogps::load(ctx.out)? {
             let n_val = objective.num_val_pairs();
             let n_train = objective.num_pairs() + objective.too_long();
             match stored.mismatch(ctx.run.seq_len, objective.fingerprint(), n_train, n_val) {
-                None => {
-                    progress(&format!(
-                        "reference log-probabilities: reusing {}",
-                        path.display()
-                    ));
-                    return Ok(stored);
-                }
+                None => table = Some(stored),
                 Some(why) => progress(&format!(
                     "reference log-probabilities in {} do not match ({why}): recomputing",
                     path.display()
@@ -102,21 +99,36 @@ fn reference_logps<B: Backend>(
             }
         }
     }
+    let reused = table.is_some();
+    let mut table = table.unwrap_or_else(|| objective.empty_reference());
+    let needed = objective.rank_pairs(rank_micro_batches(ctx.run));
+    let missing = Dpo::missing(&table, &needed);
+    if reused && missing.0.is_empty() && missing.1.is_empty() {
+        progress(&format!(
+            "reference log-probabilities: reusing {}",
+            path.display()
+        ));
+        return Ok(table);
+    }
     let started = std::time::Instant::now();
     let ckpt = ctx.starting_checkpoint()?;
     // The reference lives only for this pass: its memory is free again before the policy loads.
-    let r = {
+    {
         let mut reference = checkpoint::load_model(be, ckpt, None)?;
-        objective.reference_pass(be, &mut reference)?
-    };
-    r.save(ctx.out)?;
+        objective.fill_reference(be, &mut reference, &mut table, &missing)?;
+    }
+    if ctx.run.rank == 0 {
+        table.save(ctx.out)?;
+    }
     progress(&format!(
-        "reference pass: {} train and {} val pairs with {} in {:.1} s -> {}",
-        r.train.iter().filter(|p| !p[0].is_nan()).count(),
-        r.val.iter().filter(|p| !p[0].is_nan()).count(),
+        "reference pass (rank {} of {}): {} train and {} val pairs with {} in {:.1} s -> {}",
+        ctx.run.rank,
+        ctx.run.world_size,
+        missing.0.len(),
+        missing.1.len(),
         ckpt.display(),
         started.elapsed().as_secs_f64(),
         path.display()
     ));
-    Ok(r)
+    Ok(table)
 }

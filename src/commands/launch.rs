@@ -16,6 +16,8 @@ pub struct LaunchJob {
     /// Seconds; see [`launch::DEFAULT_GRACE`].
     pub grace: f64,
     pub command: Vec<OsString>,
+    /// `--threads` given before `launch`: passed on to a topcoat command.
+    pub threads: Option<usize>,
 }
 
 /// The program and arguments each rank runs: `topcoat_commands` are the names that make the
@@ -23,6 +25,7 @@ pub struct LaunchJob {
 pub fn resolve_command(
     command: &[OsString],
     topcoat_commands: &[String],
+    threads: Option<usize>,
 ) -> Result<(PathBuf, Vec<OsString>), LaunchError> {
     let Some(first) = command.first() else {
         return Err(LaunchError::Spec(
@@ -32,7 +35,12 @@ pub fn resolve_command(
     if topcoat_commands.iter().any(|c| first.to_str() == Some(c)) {
         let exe = std::env::current_exe()
             .map_err(|e| LaunchError::Spec(format!("finding this executable: {e}")))?;
-        Ok((exe, command.to_vec()))
+        let mut args: Vec<OsString> = match threads {
+            Some(n) => vec!["--threads".into(), n.to_string().into()],
+            None => Vec::new(),
+        };
+        args.extend(command.iter().cloned());
+        Ok((exe, args))
     } else {
         Ok((PathBuf::from(first), command[1..].to_vec()))
     }
@@ -50,7 +58,7 @@ pub fn run(
             job.grace
         )));
     }
-    let (program, args) = resolve_command(&job.command, topcoat_commands)?;
+    let (program, args) = resolve_command(&job.command, topcoat_commands, job.threads)?;
     launch::launch(
         &LaunchSpec {
             nproc_per_node: job.nproc_per_node,
@@ -64,4 +72,24 @@ pub fn run(
         },
         started,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topcoat_command_runs_this_executable_with_the_threads_given() {
+        let names = vec!["pretrain".to_string()];
+        let cmd: Vec<OsString> = vec!["pretrain".into(), "--max-steps".into(), "3".into()];
+        let (exe, args) = resolve_command(&cmd, &names, Some(2)).unwrap();
+        assert_eq!(exe, std::env::current_exe().unwrap());
+        assert_eq!(args, ["--threads", "2", "pretrain", "--max-steps", "3"]);
+        let cmd: Vec<OsString> = vec!["sh".into(), "-c".into(), "true".into()];
+        let (exe, args) = resolve_command(&cmd, &names, Some(2)).unwrap();
+        assert_eq!(
+            (exe, args),
+            (PathBuf::from("sh"), vec!["-c".into(), "true".into()])
+        );
+    }
 }

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod info;
 pub mod inputs;
 pub mod launch;
+pub mod plan;
 pub mod preflight;
 pub mod prepare;
 pub mod pretrain;

@@ -138,7 +138,9 @@ impl Stage for RlStage {
             model: reward_model,
             pad: tok.eot(),
         };
-        let objective = Rl::new(prompts, reference, Box::new(scorer), rl_cfg)?;
+        let ranks = crate::data::RankSlice::new(run.rank, run.world_size)?;
+        let objective =
+            Rl::new(prompts, reference, Box::new(scorer), rl_cfg)?.with_ranks(run.seed, ranks);
         let c = &objective.cfg;
         progress(&format!(
             "rl prompts {}: {} used ({} skipped: longer than T - max_new = {}); {} prompts x k = \

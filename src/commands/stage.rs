@@ -6,8 +6,9 @@
 //! 1. take the rank and world size from the runtime (the launcher's), refusing a run config
 //!    that names others;
 //! 2. resolve the starting checkpoint (a checkpoint, or a run directory's newest) and load its
-//!    tokenizer and model config (refusing a reward model where a policy is meant), or, for a
-//!    fresh model, the data's tokenizer and the preset;
+//!    tokenizer and model config (refusing a reward model where a policy is meant, and shape
+//!    overrides that differ from the checkpoint's), or, for a fresh model, the data's
+//!    tokenizer and the preset with the shape overrides ([`RunConfig::model_config`]);
 //! 3. the preflight (`preflight.rs`): the run config's values, the memory plan against the
 //!    device, and on `--resume` the checkpoint's tokenizer against the data's; then refuse data
 //!    prepared with a different tokenizer, naming the command that prepares it;
@@ -17,8 +18,8 @@
 //! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
 //!    rank 0 deletes the earlier run's files; the other ranks wait until rank 0 has done its
 //!    set-up, and a failure there reaches them through the collective;
-//! 7. build the model (fresh, from the checkpoint, or with a reward head) and run the shared
-//!    loop (`train::train`).
+//! 7. build the model (fresh, from the checkpoint, or with a reward head), set its activation
+//!    recompute level, and run the shared loop (`train::train`).
 //!
 //! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
 //! arguments, and one line where the binary lists the commands.
@@ -77,6 +78,10 @@ impl StageContext<'_> {
             vocab_size: self.model.vocab_size,
             pad: self.tokenizer.eot(),
             val_batches: self.run.val_batches,
+            ranks: crate::data::RankSlice {
+                rank: self.run.rank,
+                world: self.run.world_size,
+            },
         }
     }
 
@@ -220,7 +225,10 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
             run.seq_len,
             ctx.model.max_seq_len,
             ctx.checkpoint.as_ref().map_or_else(
-                || format!("the {} preset", run.preset),
+                || match run.context {
+                    Some(n) => format!("the {} preset with context (--context) {n}", run.preset),
+                    None => format!("the {} preset", run.preset),
+                },
                 |c| c.display().to_string()
             )
         ))
@@ -293,7 +301,7 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
     Ok(match job.stage.init() {
         Init::Fresh { data } => {
             let tokenizer = data_tokenizer(data)?;
-            let model = ModelConfig::preset(&run.preset, tokenizer.vocab_size())?;
+            let model = run.model_config(tokenizer.vocab_size())?;
             ctx(None, model, tokenizer)
         }
         Init::Checkpoint(path) | Init::CheckpointWithRewardHead(path) => {
@@ -303,6 +311,18 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
             }
             let tokenizer = checkpoint::load_tokenizer(&ckpt)?;
             let model = checkpoint::load_config(&ckpt)?;
+            let differ = job.run.shape_mismatches(&model);
+            if !differ.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: {} starts from {}, whose shape is fixed: {}; drop the shape flags \
+                     (or keys) or start a fresh model with pretrain",
+                    S::NAME,
+                    S::NAME,
+                    ckpt.display(),
+                    differ.join(", ")
+                ))
+                .into());
+            }
             ctx(Some(ckpt), model, tokenizer)
         }
     })
@@ -336,14 +356,20 @@ fn build_model<B: Backend>(
             (model, format!("{} with {head}", dir.display()))
         }
     };
+    let mut model = model;
+    model.set_recompute(run.recompute)?;
     let cfg = &model.cfg;
     progress(&format!(
-        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, d={}, on {}",
+        "model: {source}, {:.2} M parameters, vocab {} (padded {}), {} layers, {} heads, d={}, \
+         context {}, recompute {}, on {}",
         cfg.num_params() as f64 / 1e6,
         cfg.vocab_size,
         cfg.padded_vocab_size,
         cfg.n_layer,
+        cfg.n_head,
         cfg.n_embd,
+        cfg.max_seq_len,
+        run.recompute,
         be.name()
     ));
     Ok(model)

@@ -11,17 +11,23 @@
 //! `g*B .. g*B + B` (a batch may straddle an epoch boundary).
 //!
 //! Ranks: rank `r` of `W` takes global batches `r, r + W, r + 2W, ...`, so the ranks together see
-//! each batch once and, within an epoch, disjoint windows.
+//! each batch once and, within an epoch, disjoint windows; the stream itself (the windows and
+//! their order) does not depend on `W`, so the `W` batches a step takes at one micro-batch per
+//! rank are the ones one process takes with `W` accumulation steps.
 //!
-//! Resume: [`Loader::position`] is the stream index of this rank's next batch as `(epoch, cursor)`;
-//! [`Loader::set_position`] on a loader opened with the same shards, `B`, `T`, seed, rank and world
-//! continues with exactly the batches the saved loader would have drawn.
+//! Resume: [`Loader::position`] is the stream index, as `(epoch, cursor)`, of the first window of
+//! the next global batch of the step in progress (rank 0's next batch, whichever rank asks): it
+//! does not depend on the rank or the world size. [`Loader::set_position`] on a loader opened with
+//! the same shards, `T` and seed, at any rank and world size, continues the same stream: its next
+//! batch is the one its rank takes after that position. A single-rank position (the only kind
+//! older checkpoints hold) is the same number.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{DataError, Result};
+use super::ranks::RankSlice;
 use super::shard::Shard;
 use crate::rng::Rng;
 
@@ -36,7 +42,7 @@ pub struct Batch {
 }
 
 /// Where a loader stands: the epoch and the index, within that epoch's order, of the first window
-/// of this rank's next batch.
+/// of rank 0's next batch (the same at every rank and world size; see the module header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderPosition {
     pub epoch: u64,
@@ -156,6 +162,29 @@ impl Loader {
         (self.num_windows() / (self.b as u64 * self.world as u64)).max(1)
     }
 
+    /// Global batches (all ranks together) in one pass over the windows (at least 1): the same
+    /// at every world size.
+    pub fn global_batches_per_epoch(&self) -> u64 {
+        (self.num_windows() / self.b as u64).max(1)
+    }
+
+    /// How many of the global batches `0..n` this rank takes (`r, r + W, ...`).
+    pub fn rank_share(&self, n: u64) -> u64 {
+        RankSlice {
+            rank: self.rank,
+            world: self.world,
+        }
+        .share(n)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
     pub fn b(&self) -> usize {
         self.b
     }
@@ -170,15 +199,16 @@ impl Loader {
 
     pub fn position(&self) -> LoaderPosition {
         let n = self.num_windows();
+        let first = self.next - self.rank as u64 * self.b as u64;
         LoaderPosition {
-            epoch: self.next / n,
-            cursor: self.next % n,
+            epoch: first / n,
+            cursor: first % n,
         }
     }
 
     /// Continues from a saved position (see the module doc for what must match).
     pub fn set_position(&mut self, pos: LoaderPosition) {
-        self.next = pos.epoch * self.num_windows() + pos.cursor;
+        self.next = pos.epoch * self.num_windows() + pos.cursor + self.rank as u64 * self.b as u64;
     }
 
     /// Back to this rank's first batch of epoch 0.

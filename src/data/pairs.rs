@@ -7,14 +7,20 @@
 //! log-probability over the response needs). Rows past the batch's real pairs are all padding.
 //! Fit rule: a pair is used only when both sequences fit in `T` tokens (the last token, where a
 //! reward is read, must be an input); the others are skipped and counted. Training draws pairs in
-//! a permutation drawn from `(seed, epoch)` per epoch; the position `(epoch, cursor)` is saved in
-//! checkpoints.
+//! a permutation drawn from `(seed, epoch)` per epoch, `P` at a time: the global stream of
+//! micro-batches, the same at every world size. Rank `r` of `W` takes micro-batches
+//! `r, r + W, ...` of it (data/ranks.rs), stepping over the other ranks' pairs. The position
+//! `(epoch, cursor)` saved in checkpoints is where the next group of `W` micro-batches starts
+//! (the next step's first pair at one micro-batch per rank): the same on every rank, and what a
+//! single process would save, so a run resumes at another world size (and from checkpoints
+//! written before ranks existed).
 
 use std::path::Path;
 
 use super::error::{DataError, Result};
 use super::prefs::PAIR_SIDECAR;
 use super::prepared::read_sidecar;
+use super::ranks::RankSlice;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -175,7 +181,68 @@ pub struct PairPosition {
     pub cursor: usize,
 }
 
-/// Draws training batches of pairs in a seeded per-epoch order, resumably.
+/// A walk along the pair stream: the position and the permutation of its epoch.
+#[derive(Clone, Debug, Default)]
+struct Walk {
+    pos: PairPosition,
+    order: Vec<usize>,
+    order_epoch: Option<u64>,
+}
+
+impl Walk {
+    fn at(pos: PairPosition) -> Self {
+        Self {
+            pos,
+            ..Self::default()
+        }
+    }
+
+    /// Moves past one pair of the stream (the epoch rolls over after `n` pairs).
+    fn advance(&mut self, n: usize) {
+        self.pos.cursor += 1;
+        if self.pos.cursor == n {
+            self.pos = PairPosition {
+                epoch: self.pos.epoch + 1,
+                cursor: 0,
+            };
+        }
+    }
+
+    /// The pair at the position (drawing the epoch's permutation of `usable` when it changes),
+    /// then moves past it.
+    fn take(&mut self, usable: &[usize], seed: u64) -> usize {
+        if self.order_epoch != Some(self.pos.epoch) {
+            self.order = usable.to_vec();
+            Rng::new(seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .shuffle(&mut self.order);
+            self.order_epoch = Some(self.pos.epoch);
+        }
+        let p = self.order[self.pos.cursor];
+        self.advance(usable.len());
+        p
+    }
+
+    /// This rank's next micro-batch of `capacity` pairs, stepping over the other ranks' ones
+    /// so the walk ends where the next group of `world` micro-batches starts.
+    fn rank_batch(
+        &mut self,
+        usable: &[usize],
+        seed: u64,
+        capacity: usize,
+        ranks: RankSlice,
+    ) -> Vec<usize> {
+        for _ in 0..ranks.before() * capacity {
+            self.advance(usable.len());
+        }
+        let picked = (0..capacity).map(|_| self.take(usable, seed)).collect();
+        for _ in 0..ranks.after() * capacity {
+            self.advance(usable.len());
+        }
+        picked
+    }
+}
+
+/// Draws training batches of pairs in a seeded per-epoch order, this rank's share, resumably.
 pub struct PairLoader {
     split: PairSplit,
     /// Pairs whose sides both fit in `t` tokens.
@@ -184,9 +251,8 @@ pub struct PairLoader {
     t: usize,
     pad: u32,
     seed: u64,
-    pos: PairPosition,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
+    ranks: RankSlice,
+    walk: Walk,
     /// Pairs skipped because a side is longer than `t` tokens.
     pub too_long: usize,
 }
@@ -214,10 +280,42 @@ impl PairLoader {
             t,
             pad,
             seed,
-            pos: PairPosition::default(),
-            order: Vec::new(),
-            order_epoch: None,
+            ranks: RankSlice::SOLO,
+            walk: Walk::default(),
         })
+    }
+
+    /// This loader drawing rank `ranks.rank`'s share of the stream (see the module header).
+    pub fn with_ranks(mut self, ranks: RankSlice) -> Self {
+        self.ranks = ranks;
+        self
+    }
+
+    pub fn ranks(&self) -> RankSlice {
+        self.ranks
+    }
+
+    /// Pairs per micro-batch.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The pairs (sorted, each once) of this rank's next `micro_batches` micro-batches from
+    /// `from`: what it will train on, so what it needs reference values for.
+    pub fn rank_pairs(&self, from: PairPosition, micro_batches: u64) -> Vec<usize> {
+        let mut walk = Walk::at(from);
+        let mut seen = vec![false; self.split.len()];
+        let mut count = 0;
+        for _ in 0..micro_batches {
+            for p in walk.rank_batch(&self.usable, self.seed, self.capacity, self.ranks) {
+                count += usize::from(!seen[p]);
+                seen[p] = true;
+            }
+            if count == self.usable.len() {
+                break; // every pair is in: the rest of the walk adds nothing
+            }
+        }
+        (0..seen.len()).filter(|&i| seen[i]).collect()
     }
 
     /// Pairs that are drawn (both sides fit in `T` tokens).
@@ -225,8 +323,9 @@ impl PairLoader {
         self.usable.len()
     }
 
+    /// Where the next group of `world` micro-batches starts: world-size-free.
     pub fn position(&self) -> PairPosition {
-        self.pos
+        self.walk.pos
     }
 
     /// Restores a position; refuses one past the usable pairs (the data changed).
@@ -238,7 +337,7 @@ impl PairLoader {
                 self.usable.len()
             )));
         }
-        self.pos = pos;
+        self.walk = Walk::at(pos);
         Ok(())
     }
 
@@ -247,32 +346,62 @@ impl PairLoader {
         &self.split
     }
 
-    /// The next full batch's pair indices, advancing the position (an epoch boundary may fall
-    /// inside it); each epoch's order is a permutation drawn from `(seed, epoch)`.
+    /// This rank's next full batch's pair indices, advancing the position past the group of
+    /// `world` micro-batches it belongs to (an epoch boundary may fall inside it); each epoch's
+    /// order is a permutation drawn from `(seed, epoch)`.
     pub fn next_pairs(&mut self) -> Vec<usize> {
-        let mut picked = Vec::with_capacity(self.capacity);
-        for _ in 0..self.capacity {
-            if self.order_epoch != Some(self.pos.epoch) {
-                self.order = self.usable.clone();
-                Rng::new(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                    .shuffle(&mut self.order);
-                self.order_epoch = Some(self.pos.epoch);
-            }
-            picked.push(self.order[self.pos.cursor]);
-            self.pos.cursor += 1;
-            if self.pos.cursor == self.order.len() {
-                self.pos = PairPosition {
-                    epoch: self.pos.epoch + 1,
-                    cursor: 0,
-                };
-            }
-        }
-        picked
+        self.walk
+            .rank_batch(&self.usable, self.seed, self.capacity, self.ranks)
     }
 
     /// The next full batch, advancing the position (see [`PairLoader::next_pairs`]).
     pub fn next_batch(&mut self) -> PairBatch {
         let picked = self.next_pairs();
         fill_pair_batch(&self.split, &picked, self.capacity, self.t, self.pad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` pairs of 3-token sides (all fit in `T = 4`).
+    fn split(n: usize) -> PairSplit {
+        PairSplit {
+            tokens: (0..6 * n as u32).collect(),
+            mask: vec![true; 6 * n],
+            offsets: (0..=2 * n).map(|s| 3 * s).collect(),
+            starts: vec![1; 2 * n],
+        }
+    }
+
+    #[test]
+    fn rank_pairs_are_the_pairs_the_rank_draws() {
+        for (world, batches) in [(1, 3), (2, 2), (3, 5), (2, 40)] {
+            for rank in 0..world {
+                let ranks = RankSlice::new(rank, world).unwrap();
+                let mut l = PairLoader::new(split(7), 2, 4, 0, 3)
+                    .unwrap()
+                    .with_ranks(ranks);
+                let from = PairPosition {
+                    epoch: 1,
+                    cursor: 5,
+                };
+                l.set_position(from).unwrap();
+                let want = l.rank_pairs(from, batches);
+                let mut drawn: Vec<usize> = (0..batches).flat_map(|_| l.next_pairs()).collect();
+                drawn.sort();
+                drawn.dedup();
+                assert_eq!(want, drawn, "rank {rank} of {world}, {batches} batches");
+            }
+        }
+        // Forty micro-batches of two pairs at W = 2 cover every one of the 7 pairs.
+        let l = PairLoader::new(split(7), 2, 4, 0, 3)
+            .unwrap()
+            .with_ranks(RankSlice::new(1, 2).unwrap());
+        assert_eq!(
+            l.rank_pairs(PairPosition::default(), 40),
+            (0..7).collect::<Vec<_>>()
+        );
     }
 }

@@ -198,17 +198,21 @@ fn watch(children: &mut [Child], ranks: &[usize], grace: Duration) -> Result<(),
             forwarded.get_or_insert(sig);
             deadline.get_or_insert(Instant::now() + grace);
         }
+        let mut failed_now = Vec::new();
         for (i, c) in children.iter_mut().enumerate() {
             if ends[i].is_some() {
                 continue;
             }
             if let Ok(Some(status)) = c.try_wait() {
-                if !status.success() && first_failure.is_none() && forwarded.is_none() {
-                    first_failure = Some(i);
-                    deadline.get_or_insert(Instant::now() + grace);
+                if !status.success() {
+                    failed_now.push((i, status));
                 }
                 ends[i] = Some(End::Exited(status));
             }
+        }
+        if let (None, None, Some(i)) = (first_failure, forwarded, likely_cause(&failed_now)) {
+            first_failure = Some(i);
+            deadline.get_or_insert(Instant::now() + grace);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             for (c, e) in children.iter_mut().zip(ends.iter_mut()) {
@@ -219,7 +223,7 @@ fn watch(children: &mut [Child], ranks: &[usize], grace: Duration) -> Result<(),
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let ends: Vec<End> = ends.into_iter().map(Option::unwrap).collect();
     let how = |i: usize| match &ends[i] {
@@ -266,6 +270,16 @@ fn watch(children: &mut [Child], ranks: &[usize], grace: Duration) -> Result<(),
         )));
     }
     Ok(())
+}
+
+/// Of the ranks seen failing in one poll, the one to name first: a rank killed by a signal is
+/// more likely the cause than one that exited with an error (the others exit on learning of
+/// its death); else the lowest.
+fn likely_cause(failed: &[(usize, ExitStatus)]) -> Option<usize> {
+    failed
+        .iter()
+        .min_by_key(|(i, st)| (st.signal().is_none(), *i))
+        .map(|(i, _)| *i)
 }
 
 /// "exited with status 3", "was killed by signal 9 (SIGKILL)".
@@ -342,5 +356,17 @@ mod tests {
             describe(&ExitStatus::from_raw(3 << 8)),
             "exited with status 3"
         );
+    }
+
+    #[test]
+    fn a_signal_death_is_named_before_the_exits_it_caused() {
+        let exit1 = ExitStatus::from_raw(1 << 8);
+        let killed = ExitStatus::from_raw(9);
+        assert_eq!(
+            likely_cause(&[(0, exit1), (2, killed), (1, exit1)]),
+            Some(2)
+        );
+        assert_eq!(likely_cause(&[(1, exit1), (0, exit1)]), Some(0));
+        assert_eq!(likely_cause(&[]), None);
     }
 }

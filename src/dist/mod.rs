@@ -21,6 +21,7 @@
 //!   rendezvous), and no operation blocks longer than the engine's stated timeout.
 
 pub mod env;
+mod frame;
 pub mod host;
 pub mod launch;
 pub mod rendezvous;

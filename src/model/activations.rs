@@ -1,13 +1,20 @@
 //! Activation buffers of one forward pass, kept for the backward pass, and the gradient
 //! scratch buffers the backward pass reuses layer after layer.
+//!
+//! Activation recompute (llm.c's levels) drops buffers from every layer for one shared
+//! buffer: level 1 keeps no GELU output per layer (the backward recomputes it from the stored
+//! pre-activation `fch`), level 2 also keeps no layernorm output `ln1`/`ln2` per layer (the
+//! backward recomputes it from the stored residual stream; the saved mean/rstd are rewritten
+//! with the same values).
 
 use crate::backend::{Backend, Result, Role};
 use crate::config::ModelConfig;
 
 /// What one transformer block saves during the forward pass (shapes for `N = B*T` rows).
 pub struct LayerActs<B: Backend> {
-    /// `[N*C]` layernorm 1 output and its saved statistics `[N]`.
-    pub ln1: B::Buf,
+    /// `[N*C]` layernorm 1 output (`None` at recompute 2: [`Shared::ln`]) and its saved
+    /// statistics `[N]`.
+    pub ln1: Option<B::Buf>,
     pub ln1_mean: B::Buf,
     pub ln1_rstd: B::Buf,
     /// `[N*3C]` query, key and value.
@@ -19,21 +26,53 @@ pub struct LayerActs<B: Backend> {
     pub attproj: B::Buf,
     /// `[N*C]` residual stream after attention.
     pub residual2: B::Buf,
-    pub ln2: B::Buf,
+    /// `None` at recompute 2 (the shared buffer holds it while it is needed).
+    pub ln2: Option<B::Buf>,
     pub ln2_mean: B::Buf,
     pub ln2_rstd: B::Buf,
-    /// `[N*4C]` MLP hidden pre-activation and its GELU.
+    /// `[N*4C]` MLP hidden pre-activation and its GELU (`None` at recompute 1 and 2:
+    /// [`Shared::gelu`]).
     pub fch: B::Buf,
-    pub fch_gelu: B::Buf,
+    pub fch_gelu: Option<B::Buf>,
     /// `[N*C]` MLP output and the residual stream after the block.
     pub fcproj: B::Buf,
     pub residual3: B::Buf,
+}
+
+/// The buffers recompute shares between layers: the forward writes a layer's GELU output
+/// (or layernorm output) there, the next layer overwrites it, and the backward recomputes
+/// each layer's into it just before use.
+pub struct Shared<B: Backend> {
+    /// `[N*4C]` at recompute >= 1.
+    pub gelu: Option<B::Buf>,
+    /// `[N*C]` at recompute 2.
+    pub ln: Option<B::Buf>,
+}
+
+/// The layer's own buffer when it keeps one, else the shared one.
+pub fn pick<'a, B: Backend>(
+    own: &'a mut Option<B::Buf>,
+    shared: &'a mut Option<B::Buf>,
+) -> &'a mut B::Buf {
+    own.as_mut()
+        .or(shared.as_mut())
+        .expect("a recomputed buffer has a shared one")
+}
+
+/// [`pick`] for reading.
+pub fn pick_ref<'a, B: Backend>(own: &'a Option<B::Buf>, shared: &'a Option<B::Buf>) -> &'a B::Buf {
+    own.as_ref()
+        .or(shared.as_ref())
+        .expect("a recomputed buffer has a shared one")
 }
 
 /// All activations for one `(B, T)` shape.
 pub struct Activations<B: Backend> {
     pub b: usize,
     pub t: usize,
+    /// The recompute level they were allocated for (0, 1 or 2).
+    pub recompute: u8,
+    pub shared: Shared<B>,
     /// `[N*C]` token + position embedding (the residual stream entering block 0).
     pub encoded: B::Buf,
     pub layers: Vec<LayerActs<B>>,
@@ -60,13 +99,22 @@ pub struct GradScratch<B: Backend> {
 }
 
 impl<B: Backend> Activations<B> {
-    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
+    /// The buffers of a `(b, t)` pass at `recompute` level 0, 1 or 2.
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, recompute: u8) -> Result<Self> {
         let (n, c) = (b * t, cfg.n_embd);
         let z = |len: usize| be.zeros(len, Role::Activation);
+        // A buffer each layer keeps unless recompute is at least `level`.
+        let kept = |level: u8, len: usize| -> Result<Option<B::Buf>> {
+            (recompute < level).then(|| z(len)).transpose()
+        };
+        let shared = Shared {
+            gelu: (recompute >= 1).then(|| z(n * 4 * c)).transpose()?,
+            ln: (recompute >= 2).then(|| z(n * c)).transpose()?,
+        };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             layers.push(LayerActs {
-                ln1: z(n * c)?,
+                ln1: kept(2, n * c)?,
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
                 qkv: z(n * 3 * c)?,
@@ -74,11 +122,11 @@ impl<B: Backend> Activations<B> {
                 lse: be.zeros(b * cfg.n_head * t, Role::Stat)?,
                 attproj: z(n * c)?,
                 residual2: z(n * c)?,
-                ln2: z(n * c)?,
+                ln2: kept(2, n * c)?,
                 ln2_mean: z(n)?,
                 ln2_rstd: z(n)?,
                 fch: z(n * 4 * c)?,
-                fch_gelu: z(n * 4 * c)?,
+                fch_gelu: kept(1, n * 4 * c)?,
                 fcproj: z(n * c)?,
                 residual3: z(n * c)?,
             });
@@ -86,6 +134,8 @@ impl<B: Backend> Activations<B> {
         Ok(Self {
             b,
             t,
+            recompute,
+            shared,
             encoded: z(n * c)?,
             layers,
             lnf: z(n * c)?,
@@ -94,6 +144,45 @@ impl<B: Backend> Activations<B> {
             logits: z(n * cfg.padded_vocab_size)?,
             losses: be.zeros(n, Role::State)?,
         })
+    }
+}
+
+impl<B: Backend> Activations<B> {
+    /// Elements of every `Activation`-role buffer (the shared ones and the logits included;
+    /// the fp32 `lse` statistics and `losses` are not activations of that role).
+    pub fn activation_elements(&self, be: &B) -> usize {
+        let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
+        let mut n = len(&self.shared.gelu) + len(&self.shared.ln);
+        n += [
+            &self.encoded,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+        ]
+        .iter()
+        .map(|x| be.len(x))
+        .sum::<usize>();
+        for l in &self.layers {
+            n += len(&l.ln1) + len(&l.ln2) + len(&l.fch_gelu);
+            n += [
+                &l.ln1_mean,
+                &l.ln1_rstd,
+                &l.qkv,
+                &l.atty,
+                &l.attproj,
+                &l.residual2,
+                &l.ln2_mean,
+                &l.ln2_rstd,
+                &l.fch,
+                &l.fcproj,
+                &l.residual3,
+            ]
+            .iter()
+            .map(|x| be.len(x))
+            .sum::<usize>();
+        }
+        n
     }
 }
 

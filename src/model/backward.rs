@@ -5,8 +5,13 @@
 //! needs zeroing) and accumulate into parameter gradients; layernorm's backward accumulates
 //! into the residual-stream gradient `dresidual`, summing the two branches of every block, so
 //! that buffer alone is zeroed, once per pass.
+//!
+//! Under activation recompute (activations.rs) each block first recomputes what its forward
+//! did not keep into the shared buffers, as llm.c's train_gpt2.cu does: the GELU output from
+//! the kept pre-activation (level 1), and ln_2 / ln_1 from the kept residual stream (level 2),
+//! each with the op the forward used, so the gradients are the same bit for bit.
 
-use super::activations::LayerActs;
+use super::activations::{pick_ref, Activations, LayerActs};
 use super::{Gpt, GradScratch, LayerIdx, ModelError, Result};
 use crate::backend::Backend;
 
@@ -69,9 +74,16 @@ impl<B: Backend> Gpt<B> {
         t: usize,
     ) -> Result<()> {
         let lay = &self.layout;
-        let acts = self
+        let Activations {
+            encoded,
+            layers,
+            shared,
+            lnf_mean,
+            lnf_rstd,
+            ..
+        } = self
             .acts
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
         let scratch = self
             .scratch
@@ -85,25 +97,41 @@ impl<B: Backend> Gpt<B> {
             n: b * t,
             c: self.cfg.n_embd,
         };
-        let last = acts.layers.last().expect("at least one layer");
+        let last = layers.last().expect("at least one layer");
         pass.be.fill_zero(&mut pass.s.dresidual)?;
-        pass.layernorm(
-            lay.lnf_w,
-            lay.lnf_b,
-            &last.residual3,
-            &acts.lnf_mean,
-            &acts.lnf_rstd,
-        )?;
+        pass.layernorm(lay.lnf_w, lay.lnf_b, &last.residual3, lnf_mean, lnf_rstd)?;
         let starts = self.packing.as_ref().map(|p| &p.starts);
-        for l in (0..acts.layers.len()).rev() {
-            let (w, a) = (&lay.layers[l], &acts.layers[l]);
+        let (n, c, p) = (pass.n, pass.c, pass.p);
+        for l in (0..layers.len()).rev() {
+            let w = &lay.layers[l];
+            let (before, rest) = layers.split_at_mut(l);
+            let a = &mut rest[0];
             let resid_in = if l == 0 {
-                &acts.encoded
+                &*encoded
             } else {
-                &acts.layers[l - 1].residual3
+                &before[l - 1].residual3
             };
-            pass.mlp(w, a)?;
-            pass.attention(w, a, starts, b, t, self.cfg.n_head)?;
+            if a.fch_gelu.is_none() {
+                let gelu = shared.gelu.as_mut().expect("allocated at recompute >= 1");
+                be.gelu_forward(gelu, &a.fch, n * 4 * c)?;
+            }
+            if a.ln2.is_none() {
+                let ln = shared.ln.as_mut().expect("allocated at recompute 2");
+                let (mean, rstd) = (&mut a.ln2_mean, &mut a.ln2_rstd);
+                let (lw, lb) = (&p[w.ln2_w], &p[w.ln2_b]);
+                be.layernorm_forward(ln, mean, rstd, &a.residual2, lw, lb, n, c)?;
+            }
+            let gelu = pick_ref::<B>(&a.fch_gelu, &shared.gelu);
+            let ln2 = pick_ref::<B>(&a.ln2, &shared.ln);
+            pass.mlp(w, a, gelu, ln2)?;
+            if a.ln1.is_none() {
+                let ln = shared.ln.as_mut().expect("allocated at recompute 2");
+                let (mean, rstd) = (&mut a.ln1_mean, &mut a.ln1_rstd);
+                let (lw, lb) = (&p[w.ln1_w], &p[w.ln1_b]);
+                be.layernorm_forward(ln, mean, rstd, resid_in, lw, lb, n, c)?;
+            }
+            let ln1 = pick_ref::<B>(&a.ln1, &shared.ln);
+            pass.attention(w, a, ln1, starts, b, t, self.cfg.n_head)?;
             pass.layernorm(w.ln1_w, w.ln1_b, resid_in, &a.ln1_mean, &a.ln1_rstd)?;
             if let Some(hook) = self.grad_hook.as_mut() {
                 hook.ready(be, pass.g, &layer_bucket(w))?;
@@ -162,7 +190,8 @@ impl<B: Backend> TrunkPass<'_, B> {
     /// The MLP branch, residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))), down to the
     /// residual-stream gradient; the fc_proj backward carries its input gradient on through
     /// the GELU to dfch.
-    fn mlp(&mut self, w: &LayerIdx, a: &LayerActs<B>) -> Result<()> {
+    /// `gelu` and `ln2` are the layer's GELU and ln_2 outputs (kept or recomputed).
+    fn mlp(&mut self, w: &LayerIdx, a: &LayerActs<B>, gelu: &B::Buf, ln2: &B::Buf) -> Result<()> {
         let (be, p, n, c) = (self.be, self.p, self.n, self.c);
         let (gw, gb) = two_mut(self.g, w.fc_proj_w, w.fc_proj_b);
         let s = &mut *self.s;
@@ -171,7 +200,7 @@ impl<B: Backend> TrunkPass<'_, B> {
             gw,
             Some(gb),
             &s.dresidual,
-            &a.fch_gelu,
+            gelu,
             &p[w.fc_proj_w],
             &a.fch,
             n,
@@ -184,7 +213,7 @@ impl<B: Backend> TrunkPass<'_, B> {
             gw,
             Some(gb),
             &s.dfch,
-            &a.ln2,
+            ln2,
             &p[w.fc_w],
             n,
             c,
@@ -194,11 +223,13 @@ impl<B: Backend> TrunkPass<'_, B> {
     }
 
     /// The attention branch, residual2 = resid_in + attn_proj(attention(qkv(ln1(resid_in)))),
-    /// down to `dln` (the gradient on ln1's output); `starts` is the packing's, if any.
+    /// down to `dln` (the gradient on ln1's output, `ln1`); `starts` is the packing's, if any.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
         w: &LayerIdx,
         a: &LayerActs<B>,
+        ln1: &B::Buf,
         starts: Option<&B::Ids>,
         b: usize,
         t: usize,
@@ -236,7 +267,7 @@ impl<B: Backend> TrunkPass<'_, B> {
             gw,
             Some(gb),
             &s.dqkv,
-            &a.ln1,
+            ln1,
             &p[w.qkv_w],
             n,
             c,

@@ -1,6 +1,6 @@
 //! The forward pass (embeddings, blocks, ln_f, the tied head) and the loss.
 
-use super::activations::{Activations, LayerActs};
+use super::activations::{pick, Activations, LayerActs, Shared};
 use super::packing::PackedIds;
 use super::{Gpt, LayerIdx, ModelError, Packing, ParamLayout, Result};
 use crate::backend::{Backend, LossGrad};
@@ -76,14 +76,14 @@ impl<B: Backend> Gpt<B> {
             } else {
                 &done[l - 1].residual3
             };
-            block_forward(be, p, w, cur, resid_in, starts, dims)?;
+            block_forward(be, p, w, cur, &mut acts.shared, resid_in, starts, dims)?;
             // The residual add after the MLP is fused with the next layernorm: the next
             // block's ln_1, or ln_f after the last block.
             let (out, mean, rstd, lw, lb) = match later.first_mut() {
                 Some(next) => {
                     let nw = &lay.layers[l + 1];
                     (
-                        &mut next.ln1,
+                        pick::<B>(&mut next.ln1, &mut acts.shared.ln),
                         &mut next.ln1_mean,
                         &mut next.ln1_rstd,
                         &p[nw.ln1_w],
@@ -264,7 +264,7 @@ fn embed_forward<B: Backend>(
     let l0 = &lay.layers[0];
     let first = &mut acts.layers[0];
     be.layernorm_forward(
-        &mut first.ln1,
+        pick::<B>(&mut first.ln1, &mut acts.shared.ln),
         &mut first.ln1_mean,
         &mut first.ln1_rstd,
         &acts.encoded,
@@ -279,20 +279,28 @@ fn embed_forward<B: Backend>(
 /// Block `w` on `cur.ln1` (its ln_1 of `resid_in`) up to the MLP's output `cur.fcproj`: the
 /// attention half with its residual add fused into ln_2, then the MLP. The MLP's residual add
 /// is left to the caller, which fuses it with the layernorm that follows.
+///
+/// Under recompute the layernorm and GELU outputs go to the `shared` buffers. From
+/// recompute level 1 the GELU runs as its own op after the matmul, the op the backward
+/// recomputes it with, so that both see the same bits on every backend (CUDA's fused
+/// cuBLASLt epilogue computes its own GELU, which need not round as the GELU kernel does).
+#[allow(clippy::too_many_arguments)]
 fn block_forward<B: Backend>(
     be: &B,
     p: &[B::Buf],
     w: &LayerIdx,
     cur: &mut LayerActs<B>,
+    shared: &mut Shared<B>,
     resid_in: &B::Buf,
     starts: Option<&B::Ids>,
     dims: BlockDims,
 ) -> Result<()> {
     let BlockDims { b, t, c, nh } = dims;
     let n = b * t;
+    let ln1 = pick::<B>(&mut cur.ln1, &mut shared.ln);
     be.matmul_forward(
         &mut cur.qkv,
-        &cur.ln1,
+        ln1,
         &p[w.qkv_w],
         Some(&p[w.qkv_b]),
         n,
@@ -309,9 +317,10 @@ fn block_forward<B: Backend>(
         c,
         c,
     )?;
+    let ln2 = pick::<B>(&mut cur.ln2, &mut shared.ln);
     be.residual_layernorm_forward(
         &mut cur.residual2,
-        &mut cur.ln2,
+        ln2,
         &mut cur.ln2_mean,
         &mut cur.ln2_rstd,
         resid_in,
@@ -321,19 +330,20 @@ fn block_forward<B: Backend>(
         n,
         c,
     )?;
-    be.matmul_gelu_forward(
-        &mut cur.fch_gelu,
-        &mut cur.fch,
-        &cur.ln2,
-        &p[w.fc_w],
-        Some(&p[w.fc_b]),
-        n,
-        c,
-        4 * c,
-    )?;
+    let ln2: &B::Buf = ln2;
+    let fused = cur.fch_gelu.is_some();
+    let gelu = pick::<B>(&mut cur.fch_gelu, &mut shared.gelu);
+    let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
+    if fused {
+        be.matmul_gelu_forward(gelu, &mut cur.fch, ln2, fc_w, fc_b, n, c, 4 * c)?;
+    } else {
+        be.matmul_forward(&mut cur.fch, ln2, fc_w, fc_b, n, c, 4 * c)?;
+        be.gelu_forward(gelu, &cur.fch, n * 4 * c)?;
+    }
+    let gelu: &B::Buf = gelu;
     be.matmul_forward(
         &mut cur.fcproj,
-        &cur.fch_gelu,
+        gelu,
         &p[w.fc_proj_w],
         Some(&p[w.fc_proj_b]),
         n,

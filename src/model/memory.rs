@@ -14,13 +14,14 @@ use thiserror::Error;
 #[error(
     "the run needs about {need} (weights, gradients and optimizer {fixed}; activations {acts} at \
      batch_size {b} x seq_len {t}) but {device} has {have} available; lower --batch-size (or \
-     --seq-len), and use --total-batch-tokens to keep the tokens per step",
+     --seq-len), and use --total-batch-tokens to keep the tokens per step{hint}",
     need = gib(plan.total()),
-    fixed = gib(plan.weights + plan.grads + plan.optimizer),
+    fixed = gib(plan.weights + plan.master + plan.grads + plan.moments),
     acts = gib(plan.activations),
     b = plan.batch_size,
     t = plan.seq_len,
-    have = gib(*available)
+    have = gib(*available),
+    hint = if plan.recompute < 2 { "; or raise --recompute (1 or 2)" } else { "" },
 )]
 pub struct OutOfMemory {
     pub plan: MemoryPlan,
@@ -28,52 +29,83 @@ pub struct OutOfMemory {
     pub available: u128,
 }
 
-/// Bytes a run needs, by part (each `u128`, so never overflowing).
+/// What besides the shapes decides a plan: the activation recompute level and ZeRO-1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// 0 keeps every activation, 1 recomputes the GELU, 2 also the layernorms (`--recompute`).
+    pub recompute: u8,
+    /// 1: the AdamW moments and the fp32 master copy are sharded over `world_size` ranks.
+    pub zero: u8,
+    pub world_size: usize,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            recompute: 0,
+            zero: 0,
+            world_size: 1,
+        }
+    }
+}
+
+/// Bytes one rank needs, by part (each `u128`, so never overflowing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
     pub batch_size: usize,
     pub seq_len: usize,
-    /// Parameters (and, where the working copy is narrower than f32, the fp32 master copy).
+    pub recompute: u8,
+    pub zero: u8,
+    pub world_size: usize,
+    /// The parameters' working copy.
     pub weights: u128,
+    /// The fp32 master copy where the working copy is narrower (CUDA's bf16), else 0; this
+    /// rank's shard under ZeRO-1.
+    pub master: u128,
+    /// AdamW's two moments (this rank's shard under ZeRO-1).
+    pub moments: u128,
     pub grads: u128,
-    /// AdamW's two moments.
-    pub optimizer: u128,
     /// The forward pass's saved activations, the logits and the backward's scratch.
     pub activations: u128,
 }
 
 impl MemoryPlan {
     /// The plan of training `cfg` on micro-batches of `b` rows of `t` tokens, on a backend
-    /// storing an element of each role in `bytes(role)` bytes (`Backend::element_bytes`).
+    /// storing an element of each role in `bytes(role)` bytes (`Backend::element_bytes`),
+    /// every activation kept and no sharding.
     pub fn training(cfg: &ModelConfig, b: usize, t: usize, bytes: impl Fn(Role) -> usize) -> Self {
+        Self::training_with(cfg, b, t, PlanOptions::default(), bytes)
+    }
+
+    /// [`MemoryPlan::training`] at a recompute level and a ZeRO stage over `world_size` ranks.
+    pub fn training_with(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        opts: PlanOptions,
+        bytes: impl Fn(Role) -> usize,
+    ) -> Self {
         let w = |role: Role| bytes(role) as u128;
         let params = cfg.num_params() as u128;
+        // Under ZeRO-1 each rank holds ceil(params / W) elements of the sharded state.
+        let sharded = if opts.zero >= 1 {
+            params.div_ceil(opts.world_size.max(1) as u128)
+        } else {
+            params
+        };
         // A narrow working copy (CUDA's bf16) comes with an fp32 master copy (DESIGN.md).
         let master = if w(Role::Param) < 4 { 4 } else { 0 };
-        let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
-        let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
-        let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
-        let (act, nc) = (w(Role::Activation), prod(&[n, c]));
-        // Per block (activations.rs `LayerActs`): ln1, atty, attproj, residual2, ln2, fcproj,
-        // residual3 (7 NC), qkv (3 NC), fch and fch_gelu (8 NC); four [N] statistics; the
-        // attention's log-sum-exps [N NH] in fp32.
-        let per_layer = sum(&[
-            prod(&[act, sum(&[prod(&[18, nc]), prod(&[4, n])])]),
-            prod(&[w(Role::Stat), n, nh]),
-        ]);
-        // encoded, lnf (2 NC), lnf statistics (2 N), the logits (N VP); losses [N] in fp32;
-        // the backward's scratch (`GradScratch`: 3 NC + 3 NC + 4 NC).
-        let rest = sum(&[
-            prod(&[act, sum(&[prod(&[12, nc]), prod(&[2, n]), prod(&[n, vp])])]),
-            prod(&[w(Role::State), n]),
-        ]);
         Self {
             batch_size: b,
             seq_len: t,
-            weights: params * (w(Role::Param) + master),
+            recompute: opts.recompute,
+            zero: opts.zero,
+            world_size: opts.world_size,
+            weights: params * w(Role::Param),
+            master: sharded * master,
+            moments: 2 * sharded * w(Role::State),
             grads: params * w(Role::Grad),
-            optimizer: 2 * params * w(Role::State),
-            activations: sum(&[prod(&[l, per_layer]), rest]),
+            activations: activation_bytes(cfg, b, t, opts.recompute, &w),
         }
     }
 
@@ -81,14 +113,21 @@ impl MemoryPlan {
     pub fn activations_only(self) -> Self {
         Self {
             weights: 0,
+            master: 0,
+            moments: 0,
             grads: 0,
-            optimizer: 0,
             ..self
         }
     }
 
     pub fn total(&self) -> u128 {
-        sum(&[self.weights, self.grads, self.optimizer, self.activations])
+        sum(&[
+            self.weights,
+            self.master,
+            self.moments,
+            self.grads,
+            self.activations,
+        ])
     }
 
     /// Refuses the plan when it needs more than `available` bytes (`None`: the device cannot
@@ -104,6 +143,50 @@ impl MemoryPlan {
             available,
         }))
     }
+}
+
+/// Activation bytes of a `b x t` pass at recompute `level` (activations.rs `Activations` and
+/// `GradScratch`), each role in `w(role)` bytes.
+fn activation_bytes(
+    cfg: &ModelConfig,
+    b: usize,
+    t: usize,
+    level: u8,
+    w: &impl Fn(Role) -> u128,
+) -> u128 {
+    let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
+    let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
+    let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let (act, nc) = (w(Role::Activation), prod(&[n, c]));
+    // Per block (`LayerActs`): ln1, atty, attproj, residual2, ln2, fcproj, residual3 (7 NC),
+    // qkv (3 NC), fch and fch_gelu (8 NC): 18 NC; level 1 drops fch_gelu (4 NC), level 2 also
+    // ln1 and ln2 (2 NC). Four [N] statistics; the attention's log-sum-exps [N NH] in fp32.
+    let per_layer_nc = match level {
+        0 => 18,
+        1 => 14,
+        _ => 12,
+    };
+    let per_layer = sum(&[
+        prod(&[act, sum(&[prod(&[per_layer_nc, nc]), prod(&[4, n])])]),
+        prod(&[w(Role::Stat), n, nh]),
+    ]);
+    // The buffers shared by every layer (`Shared`): the GELU output (4 NC) from level 1, a
+    // layernorm output (NC) at level 2.
+    let shared_nc = match level {
+        0 => 0,
+        1 => 4,
+        _ => 5,
+    };
+    // encoded, lnf (2 NC), lnf statistics (2 N), the logits (N VP); losses [N] in fp32;
+    // the backward's scratch (`GradScratch`: 3 NC + 3 NC + 4 NC).
+    let rest = sum(&[
+        prod(&[
+            act,
+            sum(&[prod(&[12 + shared_nc, nc]), prod(&[2, n]), prod(&[n, vp])]),
+        ]),
+        prod(&[w(Role::State), n]),
+    ]);
+    sum(&[prod(&[l, per_layer]), rest])
 }
 
 /// Products and sums saturate: a plan past `u128::MAX` bytes is refused all the same.
@@ -127,6 +210,7 @@ fn gib(bytes: u128) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::PlanOptions;
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::Backend;
@@ -136,46 +220,37 @@ mod tests {
         4
     }
 
-    /// The plan's activation count is the one `Activations::new` allocates (plus the scratch).
+    /// The plan's activation count is the one `Activations::new` allocates (plus the scratch)
+    /// at every recompute level, and each level saves what the plan says.
     #[test]
     fn activations_match_the_allocation() {
         let cfg = ModelConfig::preset("tiny", 300).unwrap();
         let be = CpuBackend::new();
         let (b, t) = (3, 17);
-        let acts = Activations::new(&be, &cfg, b, t).unwrap();
-        let mut elems = be.len(&acts.encoded)
-            + be.len(&acts.lnf)
-            + be.len(&acts.lnf_mean)
-            + be.len(&acts.lnf_rstd)
-            + be.len(&acts.logits)
-            + be.len(&acts.losses);
-        for l in &acts.layers {
-            elems += [
-                &l.ln1,
-                &l.ln1_mean,
-                &l.ln1_rstd,
-                &l.qkv,
-                &l.atty,
-                &l.lse,
-                &l.attproj,
-                &l.residual2,
-                &l.ln2,
-                &l.ln2_mean,
-                &l.ln2_rstd,
-                &l.fch,
-                &l.fch_gelu,
-                &l.fcproj,
-                &l.residual3,
-            ]
-            .iter()
-            .map(|x| be.len(x))
-            .sum::<usize>();
+        let (n, c) = (b * t, cfg.n_embd);
+        let mut bytes = Vec::new();
+        for level in 0..=2 {
+            let acts = Activations::new(&be, &cfg, b, t, level).unwrap();
+            let stats =
+                be.len(&acts.losses) + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>();
+            let scratch = 10 * n * c;
+            let elems = acts.activation_elements(&be) + stats + scratch;
+            let opts = PlanOptions {
+                recompute: level,
+                ..PlanOptions::default()
+            };
+            let plan = MemoryPlan::training_with(&cfg, b, t, opts, cpu_bytes);
+            assert_eq!(plan.activations, 4 * elems as u128, "level {level}");
+            bytes.push(plan.activations);
         }
-        let scratch = 10 * b * t * cfg.n_embd;
+        // Level 1: 4 NC per layer, less one shared 4 NC; level 2: 2 NC more, less a shared NC.
+        let (l, nc) = (cfg.n_layer as u128, (n * c) as u128);
+        assert_eq!(bytes[0] - bytes[1], 4 * (4 * nc * (l - 1)));
+        assert_eq!(bytes[1] - bytes[2], 4 * (2 * nc * l - nc));
         let plan = MemoryPlan::training(&cfg, b, t, cpu_bytes);
-        assert_eq!(plan.activations, 4 * (elems + scratch) as u128);
         assert_eq!(plan.weights, 4 * cfg.num_params() as u128);
-        assert_eq!(plan.optimizer, 2 * plan.grads);
+        assert_eq!(plan.moments, 2 * plan.grads);
+        assert_eq!(plan.master, 0);
     }
 
     /// A batch no machine holds is refused with the sizes named, without overflowing.

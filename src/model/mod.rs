@@ -17,7 +17,7 @@ pub mod reward;
 
 pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
-pub use memory::{MemoryPlan, OutOfMemory};
+pub use memory::{MemoryPlan, OutOfMemory, PlanOptions};
 pub use packing::Packing;
 pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
 pub use reward::{RewardHead, RewardModel, RewardPass};
@@ -51,6 +51,8 @@ pub struct Gpt<B: Backend> {
     scratch: Option<GradScratch<B>>,
     /// The packing of the last forward pass, on the device (`None`: one sequence per row).
     packing: Option<PackedIds<B>>,
+    /// Activation recompute level (0, 1 or 2; see [`Gpt::set_recompute`]).
+    recompute: u8,
     /// Told by the backward pass each time a bucket of parameter gradients is final.
     grad_hook: Option<Box<dyn GradHook<B>>>,
 }
@@ -108,7 +110,36 @@ impl<B: Backend> Gpt<B> {
             scratch: None,
             packing: None,
             grad_hook: None,
+            recompute: 0,
         })
+    }
+
+    /// Activation recompute, llm.c's levels: 0 keeps every activation for the backward pass,
+    /// 1 keeps no GELU output (recomputed from the kept pre-activation), 2 also no layernorm
+    /// output (recomputed from the kept residual stream). Gradients are the same bit for bit;
+    /// the activation memory is [`MemoryPlan`]'s. Takes effect at the next forward pass.
+    pub fn set_recompute(&mut self, level: u8) -> Result<()> {
+        if level > 2 {
+            return Err(ModelError::Invalid(format!(
+                "recompute level {level}: must be 0, 1 or 2"
+            )));
+        }
+        if level != self.recompute {
+            self.recompute = level;
+            self.acts = None;
+        }
+        Ok(())
+    }
+
+    /// The activation recompute level ([`Gpt::set_recompute`]).
+    pub fn recompute(&self) -> u8 {
+        self.recompute
+    }
+
+    /// Elements allocated for activations of the last forward pass (the `Activation` role
+    /// buffers of [`Activations`], the logits included; `None` before any pass).
+    pub fn activation_elements(&self, be: &B) -> Option<usize> {
+        self.acts.as_ref().map(|a| a.activation_elements(be))
     }
 
     /// Downloads every parameter tensor, in layout order.
@@ -154,14 +185,19 @@ impl<B: Backend> Gpt<B> {
                 self.cfg.max_seq_len
             )));
         }
-        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+        let level = self.recompute;
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t && a.recompute == level) {
             self.acts = None; // free the old set first: both may not fit at once
             self.scratch = None;
             // The weights already live on the device: the new set must fit what is left.
-            MemoryPlan::training(&self.cfg, b, t, |r| be.element_bytes(r))
+            let opts = PlanOptions {
+                recompute: level,
+                ..PlanOptions::default()
+            };
+            MemoryPlan::training_with(&self.cfg, b, t, opts, |r| be.element_bytes(r))
                 .activations_only()
                 .check(&be.name(), be.memory_available())?;
-            self.acts = Some(Activations::new(be, &self.cfg, b, t)?);
+            self.acts = Some(Activations::new(be, &self.cfg, b, t, level)?);
         }
         Ok(())
     }

@@ -13,10 +13,12 @@
 //! `rewards/accuracies` (the fraction of pairs whose chosen reward is strictly higher) and the
 //! policy's `logps/chosen`, `logps/rejected` (means over pairs; validation keys get `val_`).
 //!
-//! The reference log-probabilities are computed once, in a pass over every train and val pair
-//! before training, with the reference model that is then dropped (run/dpo.rs), so only the
-//! policy lives in memory while training; they are stored in the run directory
-//! (`ref_logps.bin`, docs/FORMATS.md) and reused on `--resume`.
+//! The reference log-probabilities are computed once, before training, with the reference
+//! model that is then dropped (commands/dpo.rs), so only the policy lives in memory while
+//! training; they are stored in the run directory (`ref_logps.bin`, docs/FORMATS.md) and reused
+//! on `--resume`. The pass covers only the pairs this rank's stream takes in the run
+//! ([`Dpo::rank_pairs`]: with `W` ranks each computes about `1/W` of an epoch's pairs, shard by
+//! shard, instead of every pair on every rank), and the val pairs of its validation batches.
 //!
 //! Data: `topcoat prepare prefs` output (data/prefs.rs, data/pairs.rs). A micro-batch of
 //! `batch_size` pairs runs as one model batch of `2 * batch_size` rows, row `2k` the chosen side
@@ -27,9 +29,13 @@
 //! pairs in file order, at most `val_batches` batches. The gradient reaches the model through
 //! per-row coefficients `dL/dlogp` (model/logprobs.rs).
 //!
+//! Ranks: the micro-batches of pairs form one global stream (data/pairs.rs); rank `r` of `W`
+//! takes micro-batches `r, r + W, ...` and validation batches `r, r + W, ...` (returning its
+//! summed loss and pair count); the logged extras are this rank's means.
+//!
 //! Departures: log-probabilities are sequence sums for both losses (the IPO paper's form; some
 //! libraries average IPO's per token); no label smoothing (conservative DPO) or reference-free
-//! variant; a micro-batch's loss is the mean over its pairs; one data-parallel rank only.
+//! variant; a micro-batch's loss is the mean over its pairs.
 //!
 //! Command: `topcoat dpo --init runs/sft --data DIR --out runs/dpo [--beta 0.1] [--loss sigmoid|ipo]`.
 
@@ -40,7 +46,8 @@ pub use loss::{pair_terms, DpoLoss, DpoStats, PairTerms};
 
 use super::PreparedData;
 use crate::backend::Backend;
-use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
+use crate::config::RunConfig;
+use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit, RankSlice};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
@@ -83,7 +90,9 @@ impl Dpo {
             vocab_size,
             pad,
             val_batches,
+            ranks,
         } = *data;
+        let ranks = RankSlice::new(ranks.rank, ranks.world)?;
         if !(beta > 0.0 && beta.is_finite()) {
             return Err(DataError::InvalidArgument(format!(
                 "--beta must be a positive number, got {beta}"
@@ -95,9 +104,11 @@ impl Dpo {
             )));
         }
         let train = PairSplit::open(dir, "prefs_train", vocab_size)?;
-        let train = PairLoader::new(train, pairs, t, pad, seed).map_err(|e| {
-            DataError::InvalidArgument(format!("{}: prefs_train: {e}", dir.display()))
-        })?;
+        let train = PairLoader::new(train, pairs, t, pad, seed)
+            .map_err(|e| {
+                DataError::InvalidArgument(format!("{}: prefs_train: {e}", dir.display()))
+            })?
+            .with_ranks(ranks);
         let val = if dir.join("prefs_val.bin").exists() {
             Some(PairSplit::open(dir, "prefs_val", vocab_size)?)
         } else {
@@ -136,6 +147,80 @@ impl Dpo {
     /// The fingerprint stored reference log-probabilities must carry to serve this data.
     pub fn fingerprint(&self) -> u64 {
         reference::fingerprint(self.t, &[Some(self.train.split()), self.val.as_ref()])
+    }
+
+    /// The pairs this rank needs reference values for, in file order: the train pairs its
+    /// stream takes in its first `micro_batches` micro-batches (a resumed run, at any world
+    /// size, takes a subset of these), and the val pairs of its validation batches.
+    pub fn rank_pairs(&self, micro_batches: u64) -> (Vec<usize>, Vec<usize>) {
+        let train = self
+            .train
+            .rank_pairs(PairPosition::default(), micro_batches);
+        let ranks = self.train.ranks();
+        let val = self
+            .val_chunks()
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, _)| ranks.takes(i as u64))
+            .flat_map(|(_, c)| c)
+            .collect::<Vec<_>>();
+        (train, val)
+    }
+
+    /// The validation batches, every rank's: the val pairs that fit, in file order, at most
+    /// `val_batches` batches of `P`.
+    fn val_chunks(&self) -> Vec<Vec<usize>> {
+        let Some(val) = self.val.as_ref() else {
+            return Vec::new();
+        };
+        let fitting: Vec<usize> = (0..val.len()).filter(|&i| val.fits(i, self.t)).collect();
+        let n = fitting.len().min(self.val_batches.max(1) * self.pairs);
+        fitting[..n]
+            .chunks(self.pairs)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// A table for this data with no value computed yet (every entry NaN).
+    pub fn empty_reference(&self) -> RefLogps {
+        RefLogps {
+            t: self.t,
+            fingerprint: self.fingerprint(),
+            train: vec![[f64::NAN; 2]; self.train.split().len()],
+            val: vec![[f64::NAN; 2]; self.num_val_pairs()],
+        }
+    }
+
+    /// Of `(train, val)` pairs, those `table` holds no value for.
+    pub fn missing(
+        table: &RefLogps,
+        (train, val): &(Vec<usize>, Vec<usize>),
+    ) -> (Vec<usize>, Vec<usize>) {
+        let gaps = |have: &PairLogps, want: &[usize]| -> Vec<usize> {
+            want.iter()
+                .copied()
+                .filter(|&p| have[p][0].is_nan())
+                .collect()
+        };
+        (gaps(&table.train, train), gaps(&table.val, val))
+    }
+
+    /// Computes the reference values of `(train, val)` pairs (each fitting in `T`) with
+    /// `reference` into `table`, in this run's batch shape, in the order given.
+    pub fn fill_reference<B: Backend>(
+        &self,
+        be: &B,
+        reference: &mut Gpt<B>,
+        table: &mut RefLogps,
+        (train, val): &(Vec<usize>, Vec<usize>),
+    ) -> Result<()> {
+        let (p, t, pad) = (self.pairs, self.t, self.pad);
+        let split = self.train.split();
+        reference::pairs_logps(be, reference, split, train, p, t, pad, &mut table.train)?;
+        if let Some(v) = &self.val {
+            reference::pairs_logps(be, reference, v, val, p, t, pad, &mut table.val)?;
+        }
+        Ok(())
     }
 
     /// Computes the reference log-probabilities of every train and val pair with `reference`
@@ -177,6 +262,24 @@ impl Dpo {
     /// What the last validation saw.
     pub fn val_stats(&self) -> DpoStats {
         self.val_stats
+    }
+
+    /// Refuses a micro-batch with a pair the reference pass did not compute (a run longer
+    /// than the one the pass was sized for), naming the pair and the rank.
+    fn check_reference(&self, picked: &[usize]) -> Result<()> {
+        let table = &self.reference()?.train;
+        match picked.iter().find(|&&p| table[p][0].is_nan()) {
+            None => Ok(()),
+            Some(p) => Err(TrainError::Checkpoint {
+                path: PathBuf::from(reference::REF_FILE),
+                msg: format!(
+                    "rank {} of {}: no reference log-probability for train pair {p}: the                      reference pass covered fewer micro-batches than this run draws; delete                      {} from the run directory to recompute it",
+                    self.train.ranks().rank,
+                    self.train.ranks().world,
+                    reference::REF_FILE
+                ),
+            }),
+        }
     }
 
     fn reference(&self) -> Result<&RefLogps> {
@@ -229,6 +332,7 @@ impl<B: Backend> Objective<B> for Dpo {
         loss_scale: f32,
     ) -> Result<Loss> {
         let picked = self.train.next_pairs();
+        self.check_reference(&picked)?;
         let (p, t) = (self.pairs, self.t);
         let batch = fill_pair_batch(self.train.split(), &picked, p, t, self.pad);
         let reference = &self.reference()?.train;
@@ -261,10 +365,14 @@ impl<B: Backend> Objective<B> for Dpo {
         };
         let (p, t) = (self.pairs, self.t);
         let reference = &self.reference()?.val;
-        let fitting: Vec<usize> = (0..val.len()).filter(|&i| val.fits(i, t)).collect();
-        let n = fitting.len().min(self.val_batches.max(1) * p);
+        let ranks = self.train.ranks();
         let mut stats = DpoStats::default();
-        for chunk in fitting[..n].chunks(p) {
+        let chunks = self.val_chunks();
+        for (_, chunk) in chunks
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| ranks.takes(i as u64))
+        {
             let batch = fill_pair_batch(val, chunk, p, t, self.pad);
             let logps = model.sequence_logps(be, &batch.inputs, &batch.targets, 2 * p, t)?;
             batch_terms(
@@ -315,4 +423,18 @@ impl<B: Backend> Objective<B> for Dpo {
         }
         extras
     }
+}
+
+/// The micro-batches one rank draws in a run of `run.max_steps` steps: the global micro-batches
+/// per step (`total_batch_tokens / (batch_size * seq_len)`, or one per rank when 0) shared out
+/// over the ranks, rounded up. What the reference pass is sized for.
+pub fn rank_micro_batches(run: &RunConfig) -> u64 {
+    let world = run.world_size.max(1);
+    let micro = (run.batch_size * run.seq_len).max(1);
+    let global = if run.total_batch_tokens == 0 {
+        world
+    } else {
+        run.total_batch_tokens.div_ceil(micro)
+    };
+    run.max_steps as u64 * global.div_ceil(world) as u64
 }

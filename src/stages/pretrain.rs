@@ -7,6 +7,11 @@
 //! order per epoch rather than streamed, and documents are separated only by `<|endoftext|>`
 //! (attention crosses document boundaries, as in GPT-2 and llm.c).
 //!
+//! Ranks: the windows form one global stream of micro-batches (data/loader.rs), shuffled per
+//! epoch the same way at every world size; rank `r` of `W` takes micro-batches `r, r + W, ...`,
+//! and the data position saved in checkpoints is the stream's (world-size-free). Validation:
+//! the first `val_batches` batches of the val split, batch `i` scored by rank `i mod W`.
+//!
 //! Command: `topcoat pretrain --data DIR --out runs/NAME` (no `--data`: the embedded corpus).
 
 use crate::backend::Backend;
@@ -53,7 +58,7 @@ pub struct Pretrain {
 }
 
 impl Pretrain {
-    /// Opens `dir/train_*.bin` (shuffled, this rank's share) and, unless `val_batches` is 0
+    /// Opens `dir/train_*.bin` (shuffled, this rank's share of the global stream) and, unless `val_batches` is 0
     /// (validation off), `dir/val_*.bin` if present.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
@@ -119,11 +124,13 @@ impl<B: Backend> Objective<B> for Pretrain {
             return Ok(None);
         };
         val.reset();
+        // The validation set is the first `val_batches` global batches (at most one pass), the
+        // same at every world size; this rank scores batches `rank, rank + W, ...` of it.
         let n = (self.val_batches as u64)
-            .min(val.batches_per_epoch())
+            .min(val.global_batches_per_epoch())
             .max(1);
         let (mut sum, mut tokens) = (0.0f64, 0usize);
-        for _ in 0..n {
+        for _ in 0..val.rank_share(n) {
             let batch = val.next_batch();
             let loss = model.forward_loss(be, &batch.inputs, &batch.targets, batch.b, batch.t)?;
             sum += loss.sum;

@@ -17,6 +17,11 @@
 //! permutation per epoch, position saved in checkpoints. Validation: the val pairs in file order,
 //! at most `val_batches` batches.
 //!
+//! Ranks: the micro-batches of pairs form one global stream (data/pairs.rs); rank `r` of `W`
+//! takes micro-batches `r, r + W, ...` and validation batches `r, r + W, ...`, returning its
+//! summed loss and pair count; the logged extras are this rank's means (averaged over ranks by
+//! the loop).
+//!
 //! Departures: InstructGPT shows a labeller's K ranked responses to one prompt and trains on all
 //! K-choose-2 pairs in one batch element; here every pair stands alone. InstructGPT also shifts
 //! the final reward so that SFT demonstrations score 0 on average; not done here. The head's
@@ -28,7 +33,7 @@
 
 use super::PreparedData;
 use crate::backend::Backend;
-use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit};
+use crate::data::{fill_pair_batch, DataError, PairLoader, PairPosition, PairSplit, RankSlice};
 use crate::model::{forward::Loss, Gpt};
 use crate::rng::Rng;
 use crate::train::{Extras, Objective, Result, TrainError, ValPartial};
@@ -156,7 +161,9 @@ impl Reward {
             vocab_size,
             pad,
             val_batches,
+            ranks,
         } = *data;
+        let ranks = RankSlice::new(ranks.rank, ranks.world)?;
         if batch_size < 2 || batch_size % 2 != 0 {
             return Err(DataError::InvalidArgument(format!(
                 "batch_size {batch_size}: the reward stage needs an even number of rows \
@@ -166,7 +173,8 @@ impl Reward {
         let pairs = batch_size / 2;
         let train = PairSplit::open(dir, "prefs_train", vocab_size)?;
         let train = PairLoader::new(train, pairs, t, pad, seed)
-            .map_err(|e| DataError::InvalidArgument(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| DataError::InvalidArgument(format!("{}: {e}", dir.display())))?
+            .with_ranks(ranks);
         let val = if dir.join("prefs_val.bin").exists() {
             Some(PairSplit::open(dir, "prefs_val", vocab_size)?)
         } else {
@@ -235,18 +243,21 @@ impl<B: Backend> Objective<B> for Reward {
             .val_usable
             .len()
             .min(self.val_batches.max(1) * self.pairs);
-        let mut sum = 0.0f64;
-        for chunk in self.val_usable[..n].chunks(self.pairs) {
+        let ranks = self.train.ranks();
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        let chunks = self.val_usable[..n].chunks(self.pairs);
+        for (_, chunk) in chunks.enumerate().filter(|&(i, _)| ranks.takes(i as u64)) {
             let batch = fill_pair_batch(val, chunk, self.pairs, self.t, self.pad);
             let pass =
                 model.reward_forward(be, &batch.inputs, batch.rows(), self.t, &batch.last)?;
             let bt = bradley_terry(&pass.rewards, batch.pairs, 1.0);
             sum += bt.sum;
+            count += chunk.len();
             self.tally.add(&pass.rewards, &bt);
         }
         Ok(Some(ValPartial {
             sum,
-            count: n as f64,
+            count: count as f64,
         }))
     }
 

@@ -1,7 +1,7 @@
 //! On-policy RL against a reward model with a KL leash to the reference policy.
 //!
-//! Algorithm: per rollout, `P` prompts are drawn (uniformly, with the loop's seeded generator)
-//! and the current policy samples `k` completions of each with a KV cache (temperature 1, no
+//! Algorithm: per rollout, `P` prompts are drawn (uniformly, with the rollout's generator, see
+//! Ranks) and the current policy samples `k` completions of each with a KV cache (temperature 1, no
 //! top-k/top-p, so the samples follow the policy being trained), stopping at the stop token
 //! (`<|end|>`) or after `max_new` tokens. Each completion is scored by the reward model on
 //! prompt + completion (its last token). The policy's per-token log-probabilities
@@ -22,6 +22,14 @@
 //! per gradient-accumulation micro-step), so from the second epoch on the ratio differs from 1
 //! and the clip acts; with `epochs = 1` the update is exactly RLOO's REINFORCE step.
 //!
+//! Ranks: the micro-batches form one global stream; rank `r` of `W` takes micro-batches
+//! `r, r + W, ...`, and a rollout is drawn (its prompts and its samples) from a generator seeded
+//! by the run's seed and the global index of the micro-batch that samples it. So each rank
+//! samples its own prompts and completions, never the same as another rank's, and the same
+//! global micro-batch samples the same rollout at every world size. The data position saved is
+//! the global micro-batch index of the next step (`global_micro_batch`; older single-rank
+//! checkpoints' `micro_steps` is the same number).
+//!
 //! Logged per step (means over the step's rollouts): `reward` (reward-model score), `kl`
 //! (per completion, summed over its tokens), `entropy` (per token, estimated as the mean
 //! `-logp_old` of the sampled tokens), `response_len` (tokens), `clip_frac` (fraction of
@@ -33,7 +41,7 @@
 //! per-token reward or a separate loss term; no value function, no GAE, no advantage
 //! whitening; the entropy is a sample estimate, not the full-distribution sum; prompts longer
 //! than `T - max_new` tokens are skipped; no validation pass; a resumed run samples a fresh
-//! rollout instead of reusing the one in flight (rollouts are not checkpointed); one rank only.
+//! rollout instead of reusing the one in flight (rollouts are not checkpointed).
 //!
 //! Command: `topcoat rl --init runs/sft --reward runs/reward --prompts prompts.jsonl
 //! --out runs/rl [--k 4] [--kl-coef 0.05] [--clip 0.2] [--max-new 32] [--epochs 2]`.
@@ -42,6 +50,7 @@ pub mod terms;
 
 use crate::backend::{Backend, SampleParams};
 use crate::config::ConfigError;
+use crate::data::RankSlice;
 use crate::generate::generate_group;
 use crate::model::{forward::Loss, Gpt, RewardModel};
 use crate::rng::Rng;
@@ -169,8 +178,12 @@ pub struct Rl<B: Backend> {
     reference: Gpt<B>,
     scorer: Box<dyn Scorer<B>>,
     pub cfg: RlConfig,
-    /// Micro-steps taken (the data position).
+    /// Micro-steps this rank has taken (its share of the stream: global micro-batches
+    /// `rank, rank + W, ...`).
     calls: u64,
+    /// The run's seed: with a micro-batch's global index, it seeds that micro-batch's rollout.
+    seed: u64,
+    ranks: RankSlice,
     slots: Vec<Option<Rollout>>,
     stats: Stats,
 }
@@ -203,8 +216,30 @@ impl<B: Backend> Rl<B> {
             slots: (0..cfg.accum).map(|_| None).collect(),
             cfg,
             calls: 0,
+            seed: 0,
+            ranks: RankSlice::SOLO,
             stats: Stats::default(),
         })
+    }
+
+    /// Draws rank `ranks.rank`'s share of the stream, rollouts seeded from `seed` (see the
+    /// module header).
+    pub fn with_ranks(mut self, seed: u64, ranks: RankSlice) -> Self {
+        self.seed = seed;
+        self.ranks = ranks;
+        self
+    }
+
+    /// The global index of this rank's next micro-batch.
+    fn global_micro_batch(&self) -> u64 {
+        self.calls * self.ranks.world as u64 + self.ranks.rank as u64
+    }
+
+    /// The generator of the rollout sampled at global micro-batch `g`: distinct per micro-batch
+    /// (so per rank), the same at every world size.
+    fn rollout_rng(&self, g: u64) -> Rng {
+        let a = Rng::new(self.seed ^ 0x726c_5f72_6f6c_6c6f).next_u64();
+        Rng::new(a ^ g.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     /// Prompts drawn from.
@@ -319,14 +354,15 @@ impl<B: Backend> Objective<B> for Rl<B> {
         &mut self,
         be: &B,
         model: &mut Gpt<B>,
-        rng: &mut Rng,
+        _rng: &mut Rng,
         loss_scale: f32,
     ) -> Result<Loss> {
+        let mut rng = self.rollout_rng(self.global_micro_batch());
         let slot = (self.calls % self.cfg.accum as u64) as usize;
         let step = self.calls / self.cfg.accum as u64;
         self.calls += 1;
         if step.is_multiple_of(self.cfg.epochs as u64) || self.slots[slot].is_none() {
-            let fresh = self.rollout(be, model, rng)?;
+            let fresh = self.rollout(be, model, &mut rng)?;
             self.slots[slot] = Some(fresh);
         }
         let ro = self.slots[slot].as_ref().expect("filled above");
@@ -363,18 +399,34 @@ impl<B: Backend> Objective<B> for Rl<B> {
         Ok(None)
     }
 
+    /// The global micro-batch index of the next step (world-size-free).
     fn data_position(&self) -> serde_json::Value {
-        serde_json::json!({ "micro_steps": self.calls })
+        serde_json::json!({ "global_micro_batch": self.calls * self.ranks.world as u64 })
     }
 
+    /// Reads `global_micro_batch`, or an older single-rank checkpoint's `micro_steps` (the same
+    /// number at one rank); a position that does not start a step at this world size is refused.
     fn set_data_position(&mut self, pos: &serde_json::Value) -> Result<()> {
-        let calls = pos["micro_steps"]
+        let bad = |msg: String| TrainError::Checkpoint {
+            path: PathBuf::from("train_state.json"),
+            msg,
+        };
+        let g = pos["global_micro_batch"]
             .as_u64()
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: PathBuf::from("train_state.json"),
-                msg: format!("bad RL data position {pos}: expected {{\"micro_steps\": N}}"),
+            .or_else(|| pos["micro_steps"].as_u64())
+            .ok_or_else(|| {
+                bad(format!(
+                    "bad RL data position {pos}: expected {{\"global_micro_batch\": N}}"
+                ))
             })?;
-        self.calls = calls;
+        let world = self.ranks.world as u64;
+        if g % world != 0 {
+            return Err(bad(format!(
+                "RL data position: global micro-batch {g} does not start a step at world size \
+                 {world}; resume with a world size that divides it (keeping the global batch)"
+            )));
+        }
+        self.calls = g / world;
         self.slots.iter_mut().for_each(|s| *s = None);
         Ok(())
     }

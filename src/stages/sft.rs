@@ -23,16 +23,24 @@
 //! first `val_batches * B` val examples in file order (packed into fewer batches with `pack`:
 //! the same examples, so the same loss up to rounding).
 //!
+//! Ranks: the micro-batches above (packed or not) form one global stream, the same at every
+//! world size; rank `r` of `W` takes micro-batches `r, r + W, ...`, laying out (and dropping)
+//! the other ranks' ones to keep its place, so the packing is the global stream's. The position
+//! saved is where the next group of `W` micro-batches starts: the same on every rank and what one
+//! process saves, so a run resumes at another world size. Validation: batch `i` of the
+//! validation batches above is scored by rank `i mod W`; each returns its summed loss and token
+//! count.
+//!
 //! Departures: a micro-batch's loss is the mean over its own trained-on tokens, so micro-batches
 //! with more response tokens do not weigh more; with packing a micro-batch holds a varying number
-//! of examples; one data-parallel rank only.
+//! of examples.
 //!
 //! Command: `topcoat sft --init runs/pretrain --data DIR --out runs/sft [--pack]`
 //! (DIR from `topcoat prepare sft chats.jsonl --out DIR --tokenizer runs/pretrain`).
 
 use super::PreparedData;
 use crate::backend::Backend;
-use crate::data::{DataError, SftSplit};
+use crate::data::{DataError, RankSlice, SftSplit};
 use crate::model::{forward::Loss, Gpt, Packing};
 use crate::rng::Rng;
 use crate::train::{Objective, Result, TrainError, ValPartial};
@@ -60,6 +68,9 @@ pub struct Sft {
     val_batches: usize,
     /// Pack several whole examples per row.
     pack: bool,
+    /// This rank's share of the stream and of the validation batches.
+    ranks: RankSlice,
+    /// Where the next group of `world` global micro-batches starts.
     pos: SftPosition,
     order: Vec<usize>,
     order_epoch: Option<u64>,
@@ -207,7 +218,9 @@ impl Sft {
             vocab_size,
             pad,
             val_batches,
+            ranks,
         } = *data;
+        let ranks = RankSlice::new(ranks.rank, ranks.world)?;
         let train = SftSplit::open(dir, "sft_train", vocab_size)?;
         let val = if dir.join("sft_val.bin").exists() {
             Some(SftSplit::open(dir, "sft_val", vocab_size)?)
@@ -241,6 +254,7 @@ impl Sft {
             seed,
             val_batches,
             pack: false,
+            ranks,
             pos: SftPosition::default(),
             order: Vec::new(),
             order_epoch: None,
@@ -263,8 +277,22 @@ impl Sft {
         self.val.as_ref().map_or(0, SftSplit::len)
     }
 
-    /// The next micro-batch, advancing the position past the examples it holds.
+    /// This rank's next micro-batch, advancing the position past the group of `world` global
+    /// micro-batches it belongs to (the other ranks' ones are laid out and dropped: the packing
+    /// of each depends on where the one before it ended).
     pub fn next_batch(&mut self) -> SftBatch {
+        for _ in 0..self.ranks.before() {
+            self.global_batch();
+        }
+        let mine = self.global_batch();
+        for _ in 0..self.ranks.after() {
+            self.global_batch();
+        }
+        mine
+    }
+
+    /// The next micro-batch of the global stream, advancing the position past its examples.
+    fn global_batch(&mut self) -> SftBatch {
         let mut batch = BatchBuilder::new(self.b, self.t, self.pad, self.pack);
         loop {
             if self.order_epoch != Some(self.pos.epoch) {
@@ -320,7 +348,14 @@ impl<B: Backend> Objective<B> for Sft {
         let (b, t) = (self.b, self.t);
         let n = val.len().min(self.val_batches.max(1) * b);
         let (mut sum, mut tokens) = (0.0f64, 0usize);
+        let ranks = self.ranks;
+        // Batch `i` of the validation batches is this rank's when `i mod W` is its rank.
+        let mut index = 0u64;
         let mut eval = |batch: BatchBuilder| -> Result<()> {
+            index += 1;
+            if !ranks.takes(index - 1) {
+                return Ok(());
+            }
             let batch = batch.finish();
             if batch.targets.iter().all(|&x| x < 0) {
                 return Ok(());

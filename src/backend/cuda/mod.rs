@@ -57,6 +57,8 @@ pub mod kernels;
 mod layernorm;
 mod matmul;
 mod matmul_gelu;
+mod nccl;
+pub mod nccl_lib;
 mod ops;
 mod options;
 mod residual;
@@ -74,6 +76,10 @@ pub use buffer::{CudaBuf, CudaIds};
 use device::{driver_error, launch_error};
 pub use device::{probe, DeviceInfo, BUILT_WITH_NVCC};
 use kernels::{Kernel, MODULES};
+pub use nccl::{id_from_bytes, id_to_bytes, ExchangeBytes, NcclCollective, NCCL_ID_BYTES};
+pub use nccl_lib::{
+    check_nccl_loadable, ensure_libnccl_symlink, nccl_library_dir_hint, NcclNotFound,
+};
 pub use options::{AttentionKernels, CudaOptions, ParseOptionError};
 
 /// Grid-stride launch shape: enough blocks of `block` threads to cover `n` items, capped so

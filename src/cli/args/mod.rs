@@ -74,8 +74,9 @@ pub enum Command {
     Rl(RlArgs),
     /// Generate text from a checkpoint (or a run directory's newest checkpoint).
     Sample(SampleArgs),
-    /// Describe a token shard, a prepared data directory, a checkpoint or a run directory.
-    Info { path: PathBuf },
+    /// Describe a token shard, a prepared data directory, a checkpoint or a run directory; or,
+    /// without a path, a model configuration: parameters, FLOPs per token, the memory plan.
+    Info(InfoArgs),
     /// Time training steps of a preset on random tokens (--generate: generation speed).
     Bench(BenchArgs),
     /// Chat with a checkpoint: one message per line on stdin, replies streamed to stdout.
@@ -105,6 +106,53 @@ fn parse_threads(s: &str) -> Result<usize, String> {
         _ => Err(format!(
             "must be a whole number from 1 to {MAX_THREADS} (this machine has {cores} cores)"
         )),
+    }
+}
+
+/// The model shape beside the preset (`pretrain` of a fresh model, `bench`, `info`; a stage
+/// from a checkpoint refuses values that differ from the checkpoint's).
+#[derive(Args, Clone, Default)]
+pub struct ShapeArgs {
+    /// Transformer blocks (TOML key n_layer); default: the preset's.
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    /// Attention heads, dividing --n-embd (TOML key n_head); default: the preset's.
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    /// Model width (TOML key n_embd); default: the preset's.
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// Longest sequence, the rows of the position embedding (TOML key context); default: the
+    /// preset's.
+    #[arg(long)]
+    pub context: Option<usize>,
+}
+
+impl ShapeArgs {
+    /// Sets the overrides given here on `run` (the others keep the file's or the default).
+    pub fn apply(&self, run: &mut topcoat::config::RunConfig) {
+        for (flag, field) in [
+            (self.n_layer, &mut run.n_layer),
+            (self.n_head, &mut run.n_head),
+            (self.n_embd, &mut run.n_embd),
+            (self.context, &mut run.context),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
+    }
+}
+
+/// `--recompute 0|1|2`.
+pub fn parse_recompute(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(n) if n <= 2 => Ok(n),
+        _ => Err(
+            "must be 0 (store every activation), 1 (recompute the GELU) or 2 (also the \
+                  layernorms)"
+                .into(),
+        ),
     }
 }
 
@@ -151,4 +199,10 @@ pub struct RunFlags {
     /// times max(1, |lowest|) (0: only a non-finite loss stops it).
     #[arg(long)]
     pub divergence_factor: Option<f32>,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Activation recompute (TOML key recompute): 0 keeps every activation, 1 recomputes the
+    /// GELU in the backward pass, 2 also the layernorms; same gradients, less memory.
+    #[arg(long, value_parser = parse_recompute)]
+    pub recompute: Option<u8>,
 }

@@ -1,6 +1,6 @@
-//! Flags of `bench`, `demo` and `report`.
+//! Flags of `bench`, `info`, `demo` and `report`.
 
-use super::DeviceArgs;
+use super::{parse_recompute, DeviceArgs, ShapeArgs};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -55,6 +55,39 @@ pub struct BenchArgs {
     /// then separate GELU kernels).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub gelu_epilogue: String,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Activation recompute of the timed steps: 0, 1 (the GELU) or 2 (also the layernorms).
+    #[arg(long, default_value_t = 0, value_parser = parse_recompute)]
+    pub recompute: u8,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// A token shard (.bin), a prepared data directory, a checkpoint or a run directory;
+    /// without it, the model configuration of the flags below is described.
+    pub path: Option<PathBuf>,
+    /// Model preset, with the shape flags below.
+    #[arg(long, default_value = "gpt2-124m")]
+    pub preset: String,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Vocabulary size (50257: GPT-2).
+    #[arg(long, default_value_t = 50257)]
+    pub vocab_size: usize,
+    /// Micro-batch rows of the memory plan.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per row of the memory plan (default: the model's context).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Activation recompute level of the memory plan (the other levels are shown beside it).
+    #[arg(long, default_value_t = 0, value_parser = parse_recompute)]
+    pub recompute: u8,
+    /// Whose storage the memory plan counts: cuda (bf16 weights and activations, fp32
+    /// master, gradients and moments) or cpu (f32 everywhere).
+    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    pub backend: String,
 }
 
 #[derive(Args)]

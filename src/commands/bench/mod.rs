@@ -32,6 +32,8 @@ pub struct BenchJob {
     pub steps: usize,
     /// Include the gradient norm and AdamW (false: forward + backward only).
     pub optimizer: bool,
+    /// Activation recompute level of every model the benchmark times (`--recompute`).
+    pub recompute: u8,
 }
 
 impl BenchJob {
@@ -45,6 +47,10 @@ impl BenchJob {
             if v == 0 {
                 return Err(CommandError::arg(flag, "0: must be at least 1"));
             }
+        }
+        if self.recompute > 2 {
+            let msg = format!("{}: must be 0, 1 or 2", self.recompute);
+            return Err(CommandError::arg("--recompute", msg));
         }
         if self.seq_len > self.model.max_seq_len {
             return Err(CommandError::arg(
@@ -62,8 +68,22 @@ impl BenchJob {
     fn check_on<B: Backend>(&self, be: &B) -> Result<()> {
         self.check()?;
         let (b, t) = (self.batch_size, self.seq_len);
-        crate::commands::preflight::check_memory(be, b, t, &self.model)
+        let opts = crate::model::PlanOptions {
+            recompute: self.recompute,
+            ..Default::default()
+        };
+        crate::commands::preflight::check_memory(be, b, t, opts, &self.model)
     }
+}
+
+/// The configuration summary ([`crate::commands::plan::describe`]) of `job` on the runtime's
+/// backend, its storage as that backend keeps it.
+pub fn plan_text(rt: &Runtime, job: &BenchJob, name: &str, storage: &str) -> String {
+    crate::on_backend!(rt, be => {
+        let bytes = |r| be.element_bytes(r);
+        let shape = (job.batch_size, job.seq_len);
+        crate::commands::plan::describe(name, &job.model, shape, job.recompute, &bytes, storage)
+    })
 }
 
 /// What the step benchmark measured, with the peak it is compared against.
@@ -95,7 +115,7 @@ fn steps_on<B: Backend>(
     let (b, t) = (job.batch_size, job.seq_len);
     let result = bench_train(
         be,
-        &job.model,
+        (&job.model, job.recompute),
         b,
         t,
         job.warmup,
@@ -144,7 +164,7 @@ fn kernels_on<B: Backend>(
     // The warm-up steps load kernels and pick matmul algorithms: keep them out.
     bench_train(
         &profiled,
-        &job.model,
+        (&job.model, job.recompute),
         b,
         t,
         job.warmup,
@@ -154,7 +174,14 @@ fn kernels_on<B: Backend>(
     )?;
     profiled.reset();
     let r = bench_train(
-        &profiled, &job.model, b, t, 0, job.steps, optimizer, on_step,
+        &profiled,
+        (&job.model, job.recompute),
+        b,
+        t,
+        0,
+        job.steps,
+        optimizer,
+        on_step,
     )?;
     Ok((profiled.tally(), r.step_ms.len()))
 }
@@ -176,7 +203,7 @@ pub fn stages(
     );
     crate::on_backend!(rt, be => {
         job.check_on(be)?;
-        Ok(bench_stages(be, &job.model, stages, b, t, w, n, opt, on_step)?)
+        Ok(bench_stages(be, (&job.model, job.recompute), stages, b, t, w, n, opt, on_step)?)
     })
 }
 

@@ -56,11 +56,12 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 /// Runs `warmup + steps` training steps of a freshly initialised model on random tokens and
-/// times the last `steps`. `optimizer: false` times forward + backward only.
+/// times the last `steps`. `optimizer: false` times forward + backward only. `recompute` is
+/// the activation recompute level ([`Gpt::set_recompute`]).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train<B: Backend>(
     be: &B,
-    cfg: &ModelConfig,
+    (cfg, recompute): (&ModelConfig, u8),
     b: usize,
     t: usize,
     warmup: usize,
@@ -69,6 +70,7 @@ pub fn bench_train<B: Backend>(
     mut on_step: impl FnMut(usize, f64),
 ) -> Result<BenchResult> {
     let mut model = Gpt::init(be, cfg, 1)?;
+    model.set_recompute(recompute)?;
     let mut opt = BenchOptimizer::new(be, &mut model, optimizer)?;
     let mut rng = Rng::new(7);
     let mut step_ms = Vec::with_capacity(steps);
@@ -381,7 +383,7 @@ fn dpo_coefficients(lp: &[f64], reference: &[f64]) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 pub fn bench_stages<B: Backend>(
     be: &B,
-    cfg: &ModelConfig,
+    (cfg, recompute): (&ModelConfig, u8),
     stages: &[BenchStage],
     b: usize,
     t: usize,
@@ -406,6 +408,10 @@ pub fn bench_stages<B: Backend>(
             &mut rng,
             optimizer,
         )?);
+        runs.last_mut()
+            .expect("just pushed")
+            .model
+            .set_recompute(recompute)?;
     }
     for i in 0..warmup + steps.max(1) {
         for r in runs.iter_mut() {

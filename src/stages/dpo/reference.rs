@@ -6,7 +6,9 @@
 //! of the token rows the values were computed on: FNV-1a 64 over `T` and every pair's ids and
 //! response masks), then per pair of the train split, in file order, `logp(chosen)` and
 //! `logp(rejected)` as f64, then the same for the val split. Pairs that do not fit in `T`
-//! tokens are never drawn and hold NaN. f64 keeps the values bit-identical to the sums the
+//! tokens are never drawn and hold NaN; so do pairs the run's stream never takes (the pass
+//! computes only the pairs the rank's share of the run draws, and its validation pairs: with
+//! several ranks, rank 0 writes its own, and the others compute theirs again on a resume). f64 keeps the values bit-identical to the sums the
 //! policy computes on the fly, so a policy equal to the reference has a DPO loss of exactly ln 2.
 
 use crate::backend::Backend;
@@ -77,14 +79,32 @@ pub fn split_logps<B: Backend>(
 ) -> Result<PairLogps> {
     let mut out = vec![[f64::NAN; 2]; split.len()];
     let fitting: Vec<usize> = (0..split.len()).filter(|&i| split.fits(i, t)).collect();
-    for chunk in fitting.chunks(capacity) {
+    pairs_logps(be, model, split, &fitting, capacity, t, pad, &mut out)?;
+    Ok(out)
+}
+
+/// Log-probabilities of both sides of `pairs` (each fitting in `t` tokens), in that order in
+/// batches of `capacity` pairs, written into `out` (indexed by pair): a rank's share of the
+/// reference pass.
+#[allow(clippy::too_many_arguments)]
+pub fn pairs_logps<B: Backend>(
+    be: &B,
+    model: &mut Gpt<B>,
+    split: &PairSplit,
+    pairs: &[usize],
+    capacity: usize,
+    t: usize,
+    pad: u32,
+    out: &mut PairLogps,
+) -> Result<()> {
+    for chunk in pairs.chunks(capacity) {
         let batch = fill_pair_batch(split, chunk, capacity, t, pad);
         let logps = model.sequence_logps(be, &batch.inputs, &batch.targets, 2 * capacity, t)?;
         for (k, &p) in chunk.iter().enumerate() {
             out[p] = [logps[2 * k], logps[2 * k + 1]];
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn bad(path: &Path, msg: String) -> TrainError {

@@ -161,6 +161,9 @@ fn previous_text(previous: &Option<PathBuf>) -> String {
 
 const PREFIX: &str = "ckpt_";
 
+/// Host values of a model's tensors, one `Vec` per tensor in layout order.
+pub(super) type Tensors = Vec<Vec<f32>>;
+
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> TrainError {
     TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -393,7 +396,7 @@ fn read_training(
     dir: &Path,
     specs: &[ParamSpec],
     stage: &str,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, TrainState)> {
+) -> Result<(Tensors, Tensors, TrainState)> {
     let manifest = manifest_of(dir)?;
     let state = state_in(dir, &manifest, stage)?;
     let path = dir.join("optimizer.safetensors");

@@ -4,7 +4,7 @@
 //! its shard of the moments, cut afresh for the current world size.
 
 use super::save::{write_checkpoint, write_synced, Contents};
-use super::{load_model, read_training, sharded_optimizer, CheckpointError, TrainState};
+use super::{load_model, read_training, sharded_optimizer, CheckpointError, Tensors, TrainState};
 use crate::backend::{Backend, Role};
 use crate::config::ModelConfig;
 use crate::data::Tokenizer;
@@ -18,17 +18,17 @@ use std::path::{Path, PathBuf};
 /// order); the other ranks get empty lists. Under zero 1 the tensors another rank owns are
 /// broadcast from it into temporary buffers, one tensor at a time (memory stays bounded by the
 /// largest tensor); only rank 0 keeps what they carry.
-#[allow(clippy::type_complexity)]
 fn gather<B: Backend>(
     be: &B,
     comm: &dyn Collective<B>,
     model: &Gpt<B>,
     opt: &AdamW<B>,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Result<(Tensors, Tensors, Tensors)> {
     let writer = comm.rank() == 0;
     let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
     for (i, spec) in model.layout.specs.iter().enumerate() {
-        let owner = opt.owner[i];
+        // Under zero 0 every rank holds everything: rank 0 writes its own.
+        let owner = if opt.zero == 0 { 0 } else { opt.owner[i] };
         let local = |slot: &Option<B::Buf>| -> Result<Vec<f32>> {
             match slot {
                 Some(b) => Ok(be.download(b)?),

@@ -3,7 +3,7 @@
 //! is [`CheckpointError::DiskFull`], and the temporary directory never outlives an error);
 //! [`remove`] deletes one without ever leaving a listed half checkpoint.
 
-use super::{ckpt_err, list, CheckpointError, TrainState, PREFIX};
+use super::{ckpt_err, list, CheckpointError, Tensors, TrainState, PREFIX};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::data::Tokenizer;
@@ -168,7 +168,7 @@ pub(super) struct Contents<'a> {
     pub specs: &'a [ParamSpec],
     pub weights: Vec<Vec<f32>>,
     pub tokenizer: &'a Tokenizer,
-    pub training: Option<(Vec<Vec<f32>>, Vec<Vec<f32>>, &'a TrainState)>,
+    pub training: Option<(Tensors, Tensors, &'a TrainState)>,
 }
 
 /// Writes `contents` as checkpoint `dest`, atomically (the module header's procedure).
