@@ -179,9 +179,7 @@ impl Runtime {
         let comm: Rc<dyn Collective<CudaBackend>> = match (rank.world_size, opts.collective) {
             (1, CollectiveRequest::Auto | CollectiveRequest::Host) => Rc::new(Solo::new()),
             (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&plan)?,
-            (_, CollectiveRequest::Auto | CollectiveRequest::Nccl) => {
-                nccl_collective(&be, &rank, opts.collective)?
-            }
+            (_, CollectiveRequest::Auto | CollectiveRequest::Nccl) => nccl_collective(&be, &plan)?,
         };
         let description = describe(&format!("cuda: {info}{why}"), &rank, comm.engine());
         Ok(Self {
@@ -259,19 +257,18 @@ fn host_collective<B: crate::backend::Backend + 'static>(
     Ok(Rc::new(open_collective(plan)?))
 }
 
-/// NCCL over `be`'s device for `rank`'s job.
+/// NCCL over `be`'s device for `plan`'s job: the unique id travels through the host
+/// collective, which also carries the host operations (losses, decisions).
 fn nccl_collective(
-    _be: &CudaBackend,
-    rank: &RankInfo,
-    asked: CollectiveRequest,
+    be: &CudaBackend,
+    plan: &DistPlan,
 ) -> Result<Rc<dyn Collective<CudaBackend>>, RuntimeError> {
-    Err(RuntimeError::Collective {
-        asked,
-        why: format!(
-            "rank {} of {}: this build has no NCCL collective (use --collective host)",
-            rank.rank, rank.world_size
-        ),
-    })
+    let host: Box<dyn Collective<CudaBackend>> = Box::new(open_collective(plan)?);
+    Ok(Rc::new(cuda::NcclCollective::with_host(
+        be,
+        plan.info.clone(),
+        host,
+    )?))
 }
 
 /// The device line: the device, then the rank and the engine when there are several ranks.
