@@ -561,3 +561,72 @@ fn torchrun_variables_by_hand_train_and_a_killed_rank_stops_the_other_then_resum
     assert_eq!(curve(&copy), curve(&p("one")), "resumed at world size 1");
     assert!(final_weights(&copy) == final_weights(&p("one")));
 }
+
+#[test]
+fn launched_sft_ranks_equal_one_process_bit_for_bit_packed_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
+    common::cli::ok(&pretrain(&data, &p("base"), 2, 32, &[]));
+    let words = ["one", "two", "three", "four", "five", "six", "seven"];
+    let chats: Vec<String> = (0..40)
+        .map(|i| {
+            let ask = words[..1 + (i * 5) % 7].join(" ");
+            format!(
+                r#"{{"messages": [{{"role": "user", "content": "Repeat {ask} ({i})."}}, {{"role": "assistant", "content": "{ask}, done."}}]}}"#
+            )
+        })
+        .collect();
+    std::fs::write(p("chats.jsonl"), chats.join("\n")).unwrap();
+    common::cli::ok(&[
+        "prepare",
+        "sft",
+        &s(&p("chats.jsonl")),
+        "--out",
+        &s(&p("sft")),
+        "--tokenizer",
+        &s(&data),
+    ]);
+    for pack in [false, true] {
+        let args = |out: &str| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "sft",
+                "--init",
+                &s(&p("base")),
+                "--data",
+                &s(&p("sft")),
+                "--out",
+                &s(&p(out)),
+                "--device",
+                "cpu",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "64",
+                "--total-batch-tokens",
+                "256",
+                "--val-every",
+                "0",
+            ]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+            if pack {
+                a.push("--pack".into());
+            }
+            a
+        };
+        let (one, dp) = (format!("sft_one_{pack}"), format!("sft_dp_{pack}"));
+        common::cli::ok(&args(&one));
+        launch(2, &args(&dp));
+        let want = curve(&p(&one));
+        assert_eq!(want.len(), 3);
+        assert_eq!(curve(&p(&dp)), want, "sft, pack = {pack}");
+        assert!(
+            final_weights(&p(&dp)) == final_weights(&p(&one)),
+            "sft, pack = {pack}"
+        );
+    }
+}
