@@ -630,3 +630,67 @@ fn launched_sft_ranks_equal_one_process_bit_for_bit_packed_or_not() {
         );
     }
 }
+
+#[test]
+fn launched_dpo_ranks_equal_one_process_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
+    common::cli::ok(&pretrain(&data, &p("base"), 2, 32, &[]));
+    let things = [
+        "the sky", "grass", "snow", "coal", "a lemon", "the sea", "milk", "a leaf",
+    ];
+    let lines: Vec<String> = (0..32)
+        .map(|i| {
+            let x = things[i % things.len()];
+            serde_json::json!({
+                "prompt": format!("What color is {x} ({i})?"),
+                "chosen": format!("It is colour {i}."),
+                "rejected": "no",
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(p("prefs.jsonl"), lines.join("\n")).unwrap();
+    common::cli::ok(&[
+        "prepare",
+        "prefs",
+        &s(&p("prefs.jsonl")),
+        "--out",
+        &s(&p("prefs")),
+        "--tokenizer",
+        &s(&data),
+    ]);
+    let args = |out: &str| -> Vec<String> {
+        [
+            "dpo",
+            "--init",
+            &s(&p("base")),
+            "--data",
+            &s(&p("prefs")),
+            "--out",
+            &s(&p(out)),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--total-batch-tokens",
+            "256",
+            "--val-every",
+            "0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    common::cli::ok(&args("dpo_one"));
+    launch(2, &args("dpo_dp"));
+    let want = curve(&p("dpo_one"));
+    assert_eq!(want.len(), 3);
+    assert_eq!(curve(&p("dpo_dp")), want);
+    assert!(final_weights(&p("dpo_dp")) == final_weights(&p("dpo_one")));
+}
