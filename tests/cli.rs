@@ -163,7 +163,7 @@ fn bad_input_is_a_clear_error() {
 }
 
 #[test]
-fn pretrain_refuses_more_than_one_rank() {
+fn a_config_rank_the_launcher_did_not_set_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
     prepare_small_corpus(tmp.path());
@@ -180,7 +180,8 @@ fn pretrain_refuses_more_than_one_rank() {
         "cpu",
     ]);
     assert!(
-        t.contains("world_size = 2") && t.contains("one process"),
+        t.contains("the run config sets rank = 1, world_size = 2, but this process is rank 0 of 1 (single process)")
+            && t.contains("remove rank and world_size from the config"),
         "{t}"
     );
     assert!(

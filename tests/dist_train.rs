@@ -347,7 +347,7 @@ fn a_run_config_naming_other_ranks_than_the_launcher_is_refused() {
     };
     let e = ranked(&set, &info, "pretrain").err().unwrap().to_string();
     assert!(
-        e.contains("world_size = 4") && e.contains("torchrun started this process as rank 1 of 2"),
+        e.contains("world_size = 4") && e.contains("this process is rank 1 of 2 (torchrun)"),
         "{e}"
     );
 }

@@ -181,10 +181,10 @@ pub fn ranked(run: &RunConfig, info: &RankInfo, stage: &str) -> Result<RunConfig
     let named = (run.rank, run.world_size);
     if named != (0, 1) && named != (info.rank, info.world_size) {
         return Err(ConfigError::Invalid(format!(
-            "{stage}: the run config sets rank = {}, world_size = {}, but {} started this \
-             process as rank {} of {}; remove rank and world_size from the config (the launcher \
-             sets them)",
-            run.rank, run.world_size, info.launcher, info.rank, info.world_size
+            "{stage}: the run config sets rank = {}, world_size = {}, but this process is rank \
+             {} of {} ({}); remove rank and world_size from the config (the launcher sets them: \
+             `topcoat launch`, torchrun, srun or mpirun)",
+            run.rank, run.world_size, info.rank, info.world_size, info.launcher
         ))
         .into());
     }
