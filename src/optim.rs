@@ -184,13 +184,14 @@ impl<B: Backend> AdamW<B> {
             .sum()
     }
 
-    /// The line for the device/plan output under zero 1 ("ZeRO-1: optimizer state 12.3 MB
-    /// per rank instead of 36.9 MB"); `None` under zero 0.
+    /// The line for the start of a run under zero 1 ("ZeRO-1: optimizer state 12.3 MB on rank
+    /// 0 instead of 36.9 MB unsharded"); `None` under zero 0.
     pub fn zero_line(&self, be: &B) -> Option<String> {
         (self.zero >= 1).then(|| {
             format!(
-                "ZeRO-1: optimizer state {} per rank instead of {}",
+                "ZeRO-1: optimizer state {} on rank {} instead of {} unsharded",
                 mb(self.state_bytes(be)),
+                self.rank,
                 mb(self.full_state_bytes(be))
             )
         })

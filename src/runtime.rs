@@ -248,6 +248,39 @@ impl Runtime {
     pub fn opened(&self) -> &Opened {
         &self.opened
     }
+
+    /// Runs `work` on rank 0 first (set-up that writes shared files: the embedded corpus, the
+    /// run directory), then on the other ranks once rank 0 has succeeded; when rank 0 fails,
+    /// every other rank fails too, with rank 0's message, instead of racing it or waiting for
+    /// a collective timeout. On its own a process just runs `work`.
+    pub fn after_rank_zero<T, E: fmt::Display>(
+        &self,
+        work: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, DistError> {
+        if self.rank.world_size == 1 {
+            return Ok(work());
+        }
+        let share =
+            |msg: Vec<u8>| crate::on_backend!(self, _be, comm => comm.broadcast_bytes(msg, 0));
+        if self.rank.is_writer() {
+            let outcome = work();
+            let msg = outcome
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            share(msg.into_bytes())?;
+            return Ok(outcome);
+        }
+        let msg = share(Vec::new())?;
+        if !msg.is_empty() {
+            return Err(DistError::Peer {
+                rank: 0,
+                msg: format!("failed before training: {}", String::from_utf8_lossy(&msg)),
+            });
+        }
+        Ok(work())
+    }
 }
 
 /// The host (loopback TCP) collective of `plan`'s job: meets the other ranks first.

@@ -694,3 +694,39 @@ fn launched_dpo_ranks_equal_one_process_bit_for_bit() {
     assert_eq!(curve(&p("dpo_dp")), want);
     assert!(final_weights(&p("dpo_dp")) == final_weights(&p("dpo_one")));
 }
+
+/// Set-up that writes shared files runs on rank 0 first; when it fails there, the other ranks
+/// stop with rank 0's message rather than racing it or waiting out a timeout.
+#[test]
+fn a_set_up_failure_on_rank_0_stops_the_other_ranks_with_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let started = std::time::Instant::now();
+    let t = common::cli::fails(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        BIN,
+        "pretrain",
+        "--out",
+        &out.to_string_lossy(),
+        "--device",
+        "cpu",
+        "--preset",
+        "nope",
+    ]);
+    assert!(t.contains("unknown preset `nope`"), "{t}");
+    assert!(
+        t.contains("rank 0: failed before training: unknown preset `nope`"),
+        "rank 1 names rank 0 and its error: {t}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "no rank waits for a timeout"
+    );
+    assert!(
+        !out.join("data").exists(),
+        "nothing was prepared for a run that cannot start"
+    );
+}

@@ -186,7 +186,7 @@ fn zero1_equals_zero0(world: usize) {
     assert_eq!(
         per_rank[0].1,
         format!(
-            "ZeRO-1: optimizer state {:.1} MB per rank instead of {:.1} MB",
+            "ZeRO-1: optimizer state {:.1} MB on rank 0 instead of {:.1} MB unsharded",
             per_rank[0].0 as f64 / 1e6,
             full as f64 / 1e6
         )

@@ -202,7 +202,7 @@ fn run_config(a: &RunFlags, defaults: RunConfig) -> Result<RunConfig> {
          total_batch_tokens <- a.total_batch_tokens, learning_rate <- a.lr, warmup_steps <- a.warmup_steps,
          weight_decay <- a.weight_decay, grad_clip <- a.grad_clip, val_every <- a.val_every,
          checkpoint_every <- a.checkpoint_every, seed <- a.seed,
-         divergence_factor <- a.divergence_factor, recompute <- a.recompute);
+         divergence_factor <- a.divergence_factor, recompute <- a.recompute, zero <- a.zero);
     a.shape.apply(&mut cfg);
     // Nonsense values stop here, before any data is read or the device opened.
     cfg.validate()?;
@@ -224,19 +224,25 @@ fn train<S: Stage>(
 ) -> Result<()> {
     let mut run = run_config(flags, S::defaults())?;
     let rt = open_runtime(device(&flags.device))?;
-    let _lock = if writes_out {
+    // Rank 0 alone locks the run directory, and prepares what the stage writes there before the
+    // other ranks read it.
+    let writer = rt.rank_info().is_writer();
+    let _lock = if writes_out && writer {
         Some(RunDirLock::acquire(&out)?)
     } else {
         None
     };
-    let stage = stage(&mut run)?;
+    let stage = rt.after_rank_zero(|| stage(&mut run))??;
     let job = TrainJob {
         run,
         resume: flags.resume,
         overwrite: flags.overwrite,
         ..TrainJob::new(stage, out)
     };
-    print::train_summary(&stage::train(&rt, &job, &note)?);
+    let summary = stage::train(&rt, &job, &note)?;
+    if writer {
+        print::train_summary(&summary);
+    }
     Ok(())
 }
 

@@ -243,6 +243,9 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
                 last_good = Some(dir);
             }
         }
+        if let Some(line) = opt.zero_line(be) {
+            progress.note(&line);
+        }
         // A resume with no checkpoint to resume from starts afresh, metrics included.
         let log = if writer {
             let resumed = last_good.is_some().then_some(start_step);

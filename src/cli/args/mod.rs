@@ -156,6 +156,14 @@ pub fn parse_recompute(s: &str) -> Result<u8, String> {
     }
 }
 
+/// `--zero 0|1`.
+pub fn parse_zero(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(n) if n <= 1 => Ok(n),
+        _ => Err("must be 0 (no sharding) or 1 (shard the optimizer state across ranks)".into()),
+    }
+}
+
 /// Flags shared by the training commands.
 #[derive(Args)]
 pub struct RunFlags {
@@ -205,4 +213,8 @@ pub struct RunFlags {
     /// GELU in the backward pass, 2 also the layernorms; same gradients, less memory.
     #[arg(long, value_parser = parse_recompute)]
     pub recompute: Option<u8>,
+    /// ZeRO stage (TOML key zero): 1 shards the AdamW moments and fp32 master weights across
+    /// the data-parallel ranks (same updates, less memory per rank); 0 keeps them whole.
+    #[arg(long, value_parser = parse_zero)]
+    pub zero: Option<u8>,
 }
