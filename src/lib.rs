@@ -17,7 +17,7 @@ pub mod generate; // generation with a KV cache: sampling (temperature, top-k, t
 pub mod model; // GPT-2: parameter layout, forward and backward against Backend
 pub mod optim; // AdamW parameter groups and the learning-rate schedule
 pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
-pub mod runtime; // the one place that picks the device and opens the backend, once per process
+pub mod runtime; // the one place that picks the device, rank and collective; opens the backend once
 pub mod scoring; // answer normalisation and matching, the eval prompts file, pair accuracy
 pub mod stages; // pretrain, sft, reward, dpo, rl: loss and data wiring only
 pub mod train; // the shared step loop, checkpoints, metrics
