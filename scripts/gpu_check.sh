@@ -147,8 +147,11 @@ print(f"{'FAILED: ' if bad else ''}max |dloss| {dmax:.2e} over {len(la)} steps, 
 sys.exit(1 if bad else 0)
 PY
 }
-dp() { dist/topcoat pretrain --device cuda --max-steps 20 --batch-size 4 --seq-len 64 \
-  --total-batch-tokens 512 --seed 7 "$@"; }
+# One prepared dataset for the three runs (the embedded corpus, a 4096-token BPE).
+timeout 120 dist/topcoat prepare data/corpus --out "$run/dp_data" --tokenizer bpe \
+  --vocab-size 4096 >"$logs/dp_prepare.log" 2>&1
+dp() { dist/topcoat pretrain --device cuda --data "$run/dp_data" --max-steps 20 --batch-size 4 \
+  --seq-len 64 --total-batch-tokens 512 --seed 7 "$@"; }
 timeout 60 dp --out "$run/dp_solo" >"$logs/dp_solo.log" 2>&1
 dp_solo=$(status $?)
 NCCL_ALGO=Ring NCCL_PROTO=Simple timeout 60 dp --out "$run/dp_nccl1" --collective nccl \
@@ -156,7 +159,7 @@ NCCL_ALGO=Ring NCCL_PROTO=Simple timeout 60 dp --out "$run/dp_nccl1" --collectiv
 dp_nccl1="$(status $?): $(same_run "$run/dp_solo" "$run/dp_nccl1" bitwise 2>&1 | tail -n 1)"
 # Two ranks, one micro-batch of 4x64 each per step = the solo run's two accumulated micro-batches.
 CUDA_VISIBLE_DEVICES=0 timeout 90 dist/topcoat launch --nproc-per-node 2 -- pretrain --device cuda \
-  --max-steps 20 --batch-size 4 --seq-len 64 --total-batch-tokens 512 --seed 7 \
+  --data "$run/dp_data" --max-steps 20 --batch-size 4 --seq-len 64 --total-batch-tokens 512 --seed 7 \
   --collective host --out "$run/dp_host2" >"$logs/dp_host2.log" 2>&1
 dp_host2="$(status $?): $(same_run "$run/dp_solo" "$run/dp_host2" tol 2>&1 | tail -n 1)"
 grep -hiE "error|nccl" "$logs"/dp_*.log | head -n 10

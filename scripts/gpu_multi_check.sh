@@ -30,6 +30,9 @@ mkdir -p "$work/ncclso" && [ -n "$ncclso" ] && ln -sf "$ncclso" "$work/ncclso/li
 export LD_LIBRARY_PATH="$work/ncclso${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "libnccl.so.2: ${ncclso:-not found}"
 steps=${MULTI_STEPS:-20}
+# The embedded corpus in GPT-2 tokens (the vocabulary of the llm.c runs).
+dist/topcoat prepare data/corpus --out "$work/data" --tokenizer gpt2 >"$logs/prepare.log" 2>&1 ||
+  { echo "prepare failed: $logs/prepare.log"; exit 1; }
 models=${MULTI_MODELS:-gpt2-124m gpt2-1558m}
 
 # Micro-batch per rank: gpt2-124m B=64 (llm.c's), gpt2-1558m B=8 with recompute 2.
@@ -72,7 +75,7 @@ for model in $models; do
     # until the end, NCCL pinned to ring/simple so reruns compare.
     # shellcheck disable=SC2046
     NCCL_ALGO=Ring NCCL_PROTO=Simple timeout 600 dist/topcoat launch --nproc-per-node "$n" -- \
-      pretrain --device cuda --collective nccl --preset "$model" --vocab-size 50257 \
+      pretrain --device cuda --collective nccl --preset "$model" --data "$work/data" \
       $(flags_for "$model") --total-batch-tokens $((n * $(flags_for "$model" | awk '{print $2 * $4}'))) \
       --max-steps "$steps" --val-every 100000 --checkpoint-every 100000 --out "$run" \
       >"$log" 2>&1 &

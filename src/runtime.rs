@@ -175,7 +175,8 @@ impl Runtime {
         let Some((info, why)) = device else {
             return Self::open_cpu(&plan, opts.collective, "cpu (f32 reference backend)".into());
         };
-        let be = Box::new(CudaBackend::with_options(rank.local_rank, opts.cuda)?);
+        let ordinal = cuda_ordinal(&rank, info.device_count, opts.collective)?;
+        let be = Box::new(CudaBackend::with_options(ordinal, opts.cuda)?);
         let comm: Rc<dyn Collective<CudaBackend>> = match (rank.world_size, opts.collective) {
             (1, CollectiveRequest::Auto | CollectiveRequest::Host) => Rc::new(Solo::new()),
             (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&plan)?,
@@ -281,6 +282,32 @@ impl Runtime {
         }
         Ok(work())
     }
+}
+
+/// The CUDA device of a rank: its LOCAL_RANK's. With more ranks on a node than visible devices,
+/// the host collective shares them round-robin (two ranks on one GPU, for tests); NCCL needs
+/// a GPU of its own per rank, so that is refused by name.
+fn cuda_ordinal(
+    rank: &RankInfo,
+    devices: usize,
+    asked: CollectiveRequest,
+) -> Result<usize, RuntimeError> {
+    let local = rank.local_rank;
+    if local < devices {
+        return Ok(local);
+    }
+    if asked == CollectiveRequest::Host {
+        return Ok(local % devices);
+    }
+    Err(RuntimeError::Collective {
+        asked,
+        why: format!(
+            "rank {} has LOCAL_RANK {local}, and this node shows {devices} CUDA device(s): NCCL \
+             needs one GPU per rank (start at most {devices} ranks per node, check \
+             CUDA_VISIBLE_DEVICES, or share the GPUs through host copies with --collective host)",
+            rank.rank
+        ),
+    })
 }
 
 /// The host (loopback TCP) collective of `plan`'s job: meets the other ranks first.
@@ -406,6 +433,35 @@ mod tests {
             .expect("nccl on the cpu")
             .to_string();
         assert!(e.contains("--collective nccl") && e.contains("CPU"), "{e}");
+    }
+
+    #[test]
+    fn ranks_share_gpus_only_through_host_copies() {
+        let rank = |r: usize| RankInfo {
+            rank: r,
+            world_size: 4,
+            local_rank: r,
+            launcher: "torchrun".into(),
+        };
+        for asked in [
+            CollectiveRequest::Auto,
+            CollectiveRequest::Nccl,
+            CollectiveRequest::Host,
+        ] {
+            assert_eq!(cuda_ordinal(&rank(3), 8, asked).unwrap(), 3, "its own GPU");
+        }
+        assert_eq!(
+            cuda_ordinal(&rank(3), 2, CollectiveRequest::Host).unwrap(),
+            1
+        );
+        let e = cuda_ordinal(&rank(3), 2, CollectiveRequest::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rank 3 has LOCAL_RANK 3, and this node shows 2 CUDA device(s)")
+                && e.contains("--collective host"),
+            "{e}"
+        );
     }
 
     #[test]

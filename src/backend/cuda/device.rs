@@ -17,6 +17,8 @@ pub struct DeviceInfo {
     /// `(major, minor)`, e.g. `(9, 0)` for H100/H200.
     pub compute_capability: (i32, i32),
     pub total_mem_bytes: usize,
+    /// CUDA devices this process sees (after CUDA_VISIBLE_DEVICES).
+    pub device_count: usize,
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -66,6 +68,9 @@ fn open_device_0() -> Result<DeviceInfo> {
         total_mem_bytes: ctx
             .total_mem()
             .map_err(|e| driver_error("total memory", e))?,
+        device_count: CudaContext::device_count()
+            .map_err(|e| driver_error("counting devices", e))?
+            .max(1) as usize,
     })
 }
 
