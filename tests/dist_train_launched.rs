@@ -301,8 +301,10 @@ fn two_ranks_equal_one(args: &dyn Fn(&Path) -> Vec<String>, one: &Path, dp: &Pat
     assert!(final_weights(dp) == final_weights(one), "{what}");
 }
 
+/// dpo, reward and rl (each rank sampling its own prompts) as two launched ranks equal one
+/// process with the same global batch.
 #[test]
-fn launched_dpo_ranks_equal_one_process_bit_for_bit() {
+fn launched_preference_ranks_equal_one_process_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     prepare_small_corpus(dir.path());
     let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
@@ -331,8 +333,35 @@ fn launched_dpo_ranks_equal_one_process_bit_for_bit() {
         "--tokenizer",
         &s(&data),
     ]);
-    let args = |out: &Path| tuning("dpo", &p("base"), &p("prefs"), out, &[]);
-    two_ranks_equal_one(&args, &p("dpo_one"), &p("dpo_dp"), "dpo");
+    for stage in ["dpo", "reward"] {
+        let args = |out: &Path| tuning(stage, &p("base"), &p("prefs"), out, &[]);
+        let (one, dp) = (p(&format!("{stage}_one")), p(&format!("{stage}_dp")));
+        two_ranks_equal_one(&args, &one, &dp, stage);
+    }
+    let prompts: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({ "prompt": v["prompt"] }).to_string()
+        })
+        .collect();
+    std::fs::write(p("prompts.jsonl"), prompts.join("\n")).unwrap();
+    // tuning()'s `--data` becomes rl's `--reward`; 2 rows of 64 tokens are 2 prompts a step.
+    let args = |out: &Path| {
+        let mut a = tuning("rl", &p("base"), &p("reward_one"), out, &[]);
+        a[3] = "--reward".into();
+        a.extend(
+            [
+                "--prompts",
+                &s(&p("prompts.jsonl")),
+                "--max-new-tokens",
+                "8",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    two_ranks_equal_one(&args, &p("rl_one"), &p("rl_dp"), "rl");
 }
 
 /// Set-up that writes shared files runs on rank 0 first; when it fails there, the other ranks

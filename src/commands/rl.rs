@@ -126,7 +126,8 @@ impl Stage for RlStage {
             max_new: self.max_new_tokens,
             epochs: self.epochs,
             t: run.seq_len,
-            accum: run.grad_accum_steps()?,
+            // This rank's micro-batches per step: a rollout slot each.
+            accum: crate::train::local_accum(run, run.world_size)?,
             stop: tok.special("<|end|>"),
             pad: tok.eot(),
         };
