@@ -345,9 +345,22 @@ fn chat(a: &ChatArgs) -> Result<()> {
     Ok(())
 }
 
-/// `eval loss|pairs|generate`: runs the mode and prints its table.
+/// `eval loss|pairs|generate`: runs the mode and prints its table. Across ranks every rank
+/// evaluates its share; rank 0 alone prints (notes and table) and writes.
 fn eval(cmd: &EvalCmd) -> Result<()> {
     use commands::eval;
+    let dev = match cmd {
+        EvalCmd::Loss(a) => &a.device,
+        EvalCmd::Pairs(a) => &a.device,
+        EvalCmd::Generate(a) => &a.device,
+    };
+    let rt = open_runtime(device(dev))?;
+    let writer = rt.rank_info().is_writer();
+    let note = |m: &str| {
+        if writer {
+            note(m)
+        }
+    };
     let table = match cmd {
         EvalCmd::Loss(a) => {
             let job = EvalLossJob {
@@ -358,7 +371,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 seq_len: a.seq_len,
                 max_batches: a.max_batches,
             };
-            eval::eval_loss(&open_runtime(device(&a.device))?, &job, &note)?.table()
+            eval::eval_loss(&rt, &job, &note)?.table()
         }
         EvalCmd::Pairs(a) => {
             let job = EvalPairsJob {
@@ -370,7 +383,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
             };
-            eval::eval_pairs(&open_runtime(device(&a.device))?, &job, &note)?.table()
+            eval::eval_pairs(&rt, &job, &note)?.table()
         }
         EvalCmd::Generate(a) => {
             let job = EvalGenerateJob {
@@ -383,10 +396,12 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 seed: a.seed,
                 out: a.out.clone(),
             };
-            eval::eval_generate(&open_runtime(device(&a.device))?, &job, &note)?.table()
+            eval::eval_generate(&rt, &job, &note)?.table()
         }
     };
-    print!("{table}");
+    if writer {
+        print!("{table}");
+    }
     Ok(())
 }
 

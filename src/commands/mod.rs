@@ -64,4 +64,10 @@ macro_rules! via_train_error {
         }
     )*};
 }
-via_train_error!(BackendError, ConfigError, DataError, ModelError);
+via_train_error!(
+    BackendError,
+    ConfigError,
+    DataError,
+    ModelError,
+    crate::dist::DistError
+);

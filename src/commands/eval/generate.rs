@@ -1,11 +1,12 @@
 //! `eval generate`: replies to a prompts file, scored by exact and normalised match (see the
 //! module header of `eval/mod.rs`).
 
-use super::Result;
+use super::{across, Result};
 use crate::backend::{Backend, SampleParams};
 use crate::commands::inputs::{check_sampling, resolve_checkpoint};
 use crate::commands::CommandError;
 use crate::data::chat::render_prompt;
+use crate::dist::Collective;
 use crate::generate::{prompt_start, Session};
 use crate::rng::Rng;
 use crate::runtime::Runtime;
@@ -90,11 +91,12 @@ pub fn eval_generate(
     note: &dyn Fn(&str),
 ) -> Result<GenReport> {
     check_sampling(job.temperature, job.top_p, job.max_new_tokens)?;
-    crate::on_backend!(rt, be => eval_generate_on(be, job, note))
+    crate::on_backend!(rt, be, comm => eval_generate_on(be, &**comm, job, note))
 }
 
 fn eval_generate_on<B: Backend>(
     be: &B,
+    comm: &dyn Collective<B>,
     job: &EvalGenerateJob,
     note: &dyn Fn(&str),
 ) -> Result<GenReport> {
@@ -112,7 +114,7 @@ fn eval_generate_on<B: Backend>(
     })?;
     let eot = tok.eot();
     note(&format!(
-        "eval generate: {} on {} ({} prompts), {} on {}",
+        "eval generate: {} on {} ({} prompts), {} on {}{}",
         ckpt.display(),
         job.prompts.display(),
         prompts.len(),
@@ -121,13 +123,25 @@ fn eval_generate_on<B: Backend>(
         } else {
             format!("temperature {}", job.temperature)
         },
-        be.name()
+        be.name(),
+        match (comm.world_size(), job.temperature == 0.0) {
+            (1, _) | (_, true) => across(comm.world_size()),
+            _ => ", all on rank 0 (sampled replies share one random stream)".to_string(),
+        }
     ));
+    // Greedy replies do not depend on the random stream: rank r of W takes prompts r, r + W,
+    // .... Sampled replies draw from one stream in prompt order, so rank 0 takes them all.
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let (first, step) = if job.temperature == 0.0 {
+        (rank, world)
+    } else {
+        (if rank == 0 { 0 } else { prompts.len() }, 1)
+    };
     let mut session = Session::new(be, &model)?;
     let cap = session.capacity();
     let mut rng = Rng::new(job.seed);
     let mut examples = Vec::with_capacity(prompts.len());
-    for p in &prompts {
+    for p in prompts.iter().skip(first).step_by(step) {
         let ids = render_prompt(&tok, &p.messages);
         session.set_context(&ids[prompt_start(ids.len(), cap)..])?;
         let (reply, stop) = reply(
@@ -153,7 +167,8 @@ fn eval_generate_on<B: Backend>(
             stop,
         });
     }
-    if let Some(out) = &job.out {
+    let examples = gather(comm, examples, prompts.len(), job.temperature == 0.0)?;
+    if let (Some(out), 0) = (&job.out, rank) {
         write_results(out, &examples)?;
         note(&format!(
             "wrote {} results to {}",
@@ -187,13 +202,97 @@ fn reply<B: Backend>(
     Ok((reply, "max_new_tokens"))
 }
 
-/// One JSON result per line.
-fn write_results(out: &Path, examples: &[GenExample]) -> Result<()> {
+/// Every rank's examples back in prompt order, at rank 0 (the others get theirs back): each
+/// rank in turn broadcasts its examples as JSON lines. `strided`: rank `r` holds prompts
+/// `r, r + W, ...`; otherwise rank 0 holds them all.
+fn gather<B: Backend>(
+    comm: &dyn Collective<B>,
+    mine: Vec<GenExample>,
+    n: usize,
+    strided: bool,
+) -> Result<Vec<GenExample>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world == 1 || !strided {
+        return Ok(mine);
+    }
+    let mut parts = Vec::with_capacity(world);
+    for src in 0..world {
+        let bytes = if src == rank {
+            to_lines(&mine).into_bytes()
+        } else {
+            Vec::new()
+        };
+        let got = comm.broadcast_bytes(bytes, src)?;
+        parts.push(from_lines(&got, src)?);
+    }
+    if rank != 0 {
+        return Ok(mine);
+    }
+    let mut parts: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = parts[i % world].next().ok_or_else(|| {
+            CommandError::invalid(format!(
+                "rank {} sent fewer results than the {} prompts it takes of {n}",
+                i % world,
+                n.saturating_sub(i % world).div_ceil(world)
+            ))
+        })?;
+        all.push(e);
+    }
+    Ok(all)
+}
+
+fn to_lines(examples: &[GenExample]) -> String {
     let mut text = String::new();
     for e in examples {
         text.push_str(&serde_json::to_string(e).expect("an example serialises"));
         text.push('\n');
     }
+    text
+}
+
+/// The examples `to_lines` wrote, sent by rank `src`.
+fn from_lines(bytes: &[u8], src: usize) -> Result<Vec<GenExample>> {
+    let bad = |why: String| CommandError::invalid(format!("rank {src}'s eval results: {why}"));
+    let text = std::str::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
+    text.lines()
+        .map(|l| {
+            let w: Wire = serde_json::from_str(l).map_err(|e| bad(e.to_string()))?;
+            Ok(GenExample {
+                line: w.line,
+                prompt: w.prompt,
+                reference: w.reference,
+                output: w.output,
+                exact: w.exact,
+                normalized: w.normalized,
+                tokens: w.tokens,
+                stop: if w.stop == "end" {
+                    "end"
+                } else {
+                    "max_new_tokens"
+                },
+            })
+        })
+        .collect()
+}
+
+/// [`GenExample`] as read back (its `stop` is a `&'static str`).
+#[derive(serde::Deserialize)]
+struct Wire {
+    line: usize,
+    prompt: String,
+    reference: String,
+    output: String,
+    exact: bool,
+    normalized: bool,
+    tokens: usize,
+    stop: String,
+}
+
+/// One JSON result per line.
+fn write_results(out: &Path, examples: &[GenExample]) -> Result<()> {
+    let text = to_lines(examples);
     let mut f = std::fs::File::create(out).map_err(io_err(out))?;
     f.write_all(text.as_bytes()).map_err(io_err(out))?;
     Ok(())

@@ -1,10 +1,11 @@
 //! `eval loss`: the mean token loss of a checkpoint over one split of a prepared data
 //! directory (see the module header of `eval/mod.rs`).
 
-use super::{seq_len, Result};
+use super::{across, gather_items, seq_len, Result};
 use crate::backend::Backend;
 use crate::commands::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use crate::data::Loader;
+use crate::dist::Collective;
 use crate::model::{MemoryPlan, ModelError};
 use crate::runtime::Runtime;
 use crate::stages::pretrain::split_files;
@@ -56,10 +57,15 @@ impl LossReport {
 
 /// Mean token loss of a checkpoint over one split of a prepared data directory.
 pub fn eval_loss(rt: &Runtime, job: &EvalLossJob, note: &dyn Fn(&str)) -> Result<LossReport> {
-    crate::on_backend!(rt, be => eval_loss_on(be, job, note))
+    crate::on_backend!(rt, be, comm => eval_loss_on(be, &**comm, job, note))
 }
 
-fn eval_loss_on<B: Backend>(be: &B, job: &EvalLossJob, note: &dyn Fn(&str)) -> Result<LossReport> {
+fn eval_loss_on<B: Backend>(
+    be: &B,
+    comm: &dyn Collective<B>,
+    job: &EvalLossJob,
+    note: &dyn Fn(&str),
+) -> Result<LossReport> {
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
     check_tokenizers(
@@ -77,25 +83,35 @@ fn eval_loss_on<B: Backend>(be: &B, job: &EvalLossJob, note: &dyn Fn(&str)) -> R
         .check(&be.name(), be.memory_available())
         .map_err(ModelError::from)?;
     let files = split_files(&job.data, &job.split)?;
-    let mut loader = Loader::sequential(&files, job.batch_size, t, 0, 1, model.cfg.vocab_size)?;
-    let full = loader.batches_per_epoch() as usize;
+    // Rank r of W draws global batches r, r + W, ... of the one-process pass.
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut loader =
+        Loader::sequential(&files, job.batch_size, t, rank, world, model.cfg.vocab_size)?;
+    let full = loader.global_batches_per_epoch() as usize;
     let n = job.max_batches.map_or(full, |m| m.clamp(1, full));
     note(&format!(
-        "eval loss: {} on {} {} ({} shard(s), {} windows of T = {t}), {n} batch(es) of B = {} on {}",
+        "eval loss: {} on {} {} ({} shard(s), {} windows of T = {t}), {n} batch(es) of B = {} on {}{}",
         ckpt.display(),
         job.data.display(),
         job.split,
         files.len(),
         loader.num_windows(),
         job.batch_size,
-        be.name()
+        be.name(),
+        across(world)
     ));
-    let (mut sum, mut tokens) = (0.0f64, 0usize);
-    for _ in 0..n {
+    let mut mine = Vec::new();
+    for _ in 0..loader.rank_share(n as u64) {
         let batch = loader.next_batch();
         let loss = model.forward_loss(be, &batch.inputs, &batch.targets, batch.b, batch.t)?;
-        sum += loss.sum;
-        tokens += loss.tokens;
+        mine.extend([loss.sum, loss.tokens as f64]);
+    }
+    // Per-batch sums in batch order, added as one process adds them.
+    let all = gather_items(comm, n, 2, &mine)?;
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for b in all.chunks(2) {
+        sum += b[0];
+        tokens += b[1] as usize;
     }
     Ok(LossReport {
         checkpoint: ckpt,

@@ -1,11 +1,12 @@
 //! `eval pairs`: reward-model accuracy, or DPO implicit-reward accuracy against a reference,
 //! on a `prepare prefs` split (see the module header of `eval/mod.rs`).
 
-use super::{seq_len, Result};
+use super::{across, gather_items, seq_len, Result};
 use crate::backend::Backend;
 use crate::commands::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use crate::commands::CommandError;
-use crate::data::{fill_pair_batch, DataError, PairSplit, Tokenizer};
+use crate::data::{fill_pair_batch, DataError, PairSplit, RankSlice, Tokenizer};
+use crate::dist::Collective;
 use crate::model::Gpt;
 use crate::runtime::Runtime;
 use crate::scoring::PairTally;
@@ -64,7 +65,7 @@ impl PairReport {
 
 /// Reward-model or DPO implicit-reward accuracy on the pairs of one split.
 pub fn eval_pairs(rt: &Runtime, job: &EvalPairsJob, note: &dyn Fn(&str)) -> Result<PairReport> {
-    crate::on_backend!(rt, be => eval_pairs_on(be, job, note))
+    crate::on_backend!(rt, be, comm => eval_pairs_on(be, &**comm, job, note))
 }
 
 /// Loads a checkpoint after checking its tokenizer against the data's.
@@ -83,6 +84,7 @@ fn load_checked<B: Backend>(
 
 fn eval_pairs_on<B: Backend>(
     be: &B,
+    comm: &dyn Collective<B>,
     job: &EvalPairsJob,
     note: &dyn Fn(&str),
 ) -> Result<PairReport> {
@@ -111,14 +113,15 @@ fn eval_pairs_on<B: Backend>(
     let usable: Vec<usize> = (0..split.len()).filter(|&i| split.fits(i, t)).collect();
     let mode = if reference.is_some() { "dpo" } else { "reward" };
     note(&format!(
-        "eval pairs ({mode}): {} on {} {}: {} pairs ({} skipped: a side longer than T = {t}), {} per batch, on {}",
+        "eval pairs ({mode}): {} on {} {}: {} pairs ({} skipped: a side longer than T = {t}), {} per batch, on {}{}",
         ckpt.display(),
         job.data.display(),
         job.split,
         usable.len(),
         split.len() - usable.len(),
         job.batch_size,
-        be.name()
+        be.name(),
+        across(comm.world_size())
     ));
     if usable.is_empty() {
         return Err(CommandError::invalid(format!(
@@ -126,9 +129,15 @@ fn eval_pairs_on<B: Backend>(
             split.len()
         )));
     }
-    let mut tally = PairTally::default();
+    // Rank r of W scores batches r, r + W, ...; every pair's two rewards come back in pair
+    // order and are tallied as one process tallies them.
+    let slice = RankSlice::new(comm.rank(), comm.world_size())?;
     let p = job.batch_size;
-    for chunk in usable.chunks(p) {
+    let mut mine = Vec::new();
+    for (g, chunk) in usable.chunks(p).enumerate() {
+        if !slice.takes(g as u64) {
+            continue;
+        }
         let batch = fill_pair_batch(&split, chunk, p, t, tok.eot());
         let rows = batch.rows();
         let rewards: Vec<f64> = match reference.as_mut() {
@@ -147,8 +156,14 @@ fn eval_pairs_on<B: Backend>(
                     .collect()
             }
         };
-        tally.add(&rewards, batch.pairs);
+        // A short last batch is padded to the batch's width, then cut off after the gather.
+        mine.extend_from_slice(&rewards[..2 * batch.pairs]);
+        mine.resize(mine.len() + 2 * (p - batch.pairs), 0.0);
     }
+    let batches = usable.len().div_ceil(p);
+    let all = gather_items(comm, batches, 2 * p, &mine)?;
+    let mut tally = PairTally::default();
+    tally.add(&all[..2 * usable.len()], usable.len());
     Ok(PairReport {
         mode,
         split: job.split.clone(),
