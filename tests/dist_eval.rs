@@ -212,7 +212,7 @@ fn launched_eval_prints_and_writes_what_one_process_does() {
     ]);
     let n = PairSplit::open(&f.prefs, "prefs_train", 300).unwrap().len();
     assert!(
-        n % 4 != 0 && n / 4 >= 4,
+        !n.is_multiple_of(4) && n / 4 >= 4,
         "{n} pairs: want a short last batch"
     );
     let one = run(1, &pairs);
