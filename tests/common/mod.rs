@@ -76,3 +76,4 @@ pub fn safetensors_data_start(bytes: &[u8]) -> usize {
 }
 
 pub mod cli;
+pub mod ranks;
