@@ -12,7 +12,10 @@ fn main() -> std::process::ExitCode {
     match cli::dispatch::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            // One write: the ranks of a launched job share the terminal, and a line written in
+            // pieces would interleave with another rank's.
+            let line = format!("error: {}\n", describe(&e));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             std::process::ExitCode::FAILURE
         }
     }

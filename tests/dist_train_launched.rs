@@ -399,3 +399,23 @@ fn a_set_up_failure_on_rank_0_stops_the_other_ranks_with_its_message() {
         "nothing was prepared for a run that cannot start"
     );
 }
+
+/// A launched run into a directory another process is using: rank 0 cannot lock it, says so,
+/// and the other rank names rank 0 and the reason instead of training alone.
+#[test]
+fn a_launched_run_into_a_busy_directory_is_refused_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let out = dir.path().join("busy");
+    let _held = topcoat::train::run_dir::RunDirLock::acquire(&out).unwrap();
+    let mut args = vec!["launch", "--nproc-per-node", "2", "--", BIN];
+    let run = pretrain(&dir.path().join("data"), &out, 2, 64, &[]);
+    args.extend(run.iter().map(String::as_str));
+    let t = fails(&args);
+    assert!(t.contains("is in use by another topcoat process"), "{t}");
+    assert!(
+        t.contains("rank 0: pretrain failed to set up the run in"),
+        "rank 1 names rank 0: {t}"
+    );
+    assert!(!out.join("metrics.jsonl").exists(), "nothing trained");
+}

@@ -29,7 +29,7 @@ use super::CommandError;
 use crate::backend::Backend;
 use crate::config::{ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
-use crate::dist::{Collective, RankInfo};
+use crate::dist::{Collective, DistError, RankInfo};
 use crate::model::Gpt;
 use crate::runtime::Runtime;
 use crate::stages::PreparedData;
@@ -260,12 +260,15 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
             .broadcast_bytes(Vec::new(), 0)
             .map_err(train::TrainError::from)?;
         if !said.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "{}: rank 0 failed to set up the run in {}: {}",
-                S::NAME,
-                job.out.display(),
-                String::from_utf8_lossy(&said)
-            ))
+            return Err(train::TrainError::from(DistError::Peer {
+                rank: 0,
+                msg: format!(
+                    "{} failed to set up the run in {}: {}",
+                    S::NAME,
+                    job.out.display(),
+                    String::from_utf8_lossy(&said)
+                ),
+            })
             .into());
         }
         (None, objective)
