@@ -41,6 +41,7 @@ fn wide_model(vocab: usize, seed: u64) -> Gpt<CpuBackend> {
         n_head: 2,
         n_embd: 32,
         max_seq_len: 64,
+        family: Default::default(),
     };
     let be = CpuBackend;
     let wide = Gpt::init(&be, &cfg, seed)

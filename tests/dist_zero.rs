@@ -77,6 +77,7 @@ fn cfg() -> ModelConfig {
         n_head: 2,
         n_embd: 16,
         max_seq_len: 16,
+        family: Default::default(),
     }
 }
 

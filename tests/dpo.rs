@@ -40,6 +40,7 @@ fn tiny_cfg() -> ModelConfig {
         n_head: 2,
         n_embd: 16,
         max_seq_len: 16,
+        family: Default::default(),
     }
 }
 
@@ -244,6 +245,7 @@ fn toy() -> Toy {
         n_head: 2,
         n_embd: 32,
         max_seq_len: 32,
+        family: Default::default(),
     };
     let be = CpuBackend;
     let model = Gpt::init(&be, &cfg, 21).unwrap();

@@ -16,6 +16,7 @@ fn tiny_model_overfits_one_batch() {
         n_head: 2,
         n_embd: 32,
         max_seq_len: 16,
+        family: Default::default(),
     };
     let (b, t) = (2, 16);
     let mut rng = Rng::new(11);

@@ -40,6 +40,7 @@ fn tiny_cfg(vocab: usize) -> ModelConfig {
         n_head: 2,
         n_embd: 16,
         max_seq_len: 16,
+        family: Default::default(),
     }
 }
 

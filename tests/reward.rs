@@ -33,6 +33,7 @@ fn tiny_cfg(vocab: usize, t: usize) -> ModelConfig {
         n_head: 2,
         n_embd: 32,
         max_seq_len: t,
+        family: Default::default(),
     }
 }
 

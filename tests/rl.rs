@@ -39,6 +39,7 @@ fn tiny_cfg() -> ModelConfig {
         n_head: 2,
         n_embd: 32,
         max_seq_len: T,
+        family: Default::default(),
     }
 }
 
@@ -163,6 +164,7 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
         n_head: 2,
         n_embd: 32,
         max_seq_len: 32,
+        family: Default::default(),
     };
     let be = CpuBackend;
     let mut model = Gpt::init(&be, &cfg, 21).unwrap();

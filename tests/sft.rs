@@ -48,6 +48,7 @@ fn only_assistant_targets_reach_loss_and_gradient() {
         n_head: 2,
         n_embd: 32,
         max_seq_len: t,
+        family: Default::default(),
     };
     let be = CpuBackend;
     let mut model = Gpt::init(&be, &cfg, 5).unwrap();

@@ -58,6 +58,7 @@ fn loss_and_gradients_match_pytorch() {
         n_head: 4,
         n_embd: 32,
         max_seq_len: 16,
+        family: Default::default(),
     };
     let (b, t) = (2, 12);
     let layout = ParamLayout::new(&cfg);

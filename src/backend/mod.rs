@@ -297,6 +297,198 @@ pub trait Backend: Send + Sync {
         nh: usize,
     ) -> Result<()>;
 
+    /// [`Backend::attention_forward`] with grouped-query attention: `qkv [B*T*(NH+2*NKV)*hs]`
+    /// holds, per position, `NH` query heads, then `NKV` key heads, then `NKV` value heads
+    /// (`hs = C / NH`), and query head `h` reads key/value head `h / (NH / NKV)`. `NKV` divides
+    /// `NH`; `NKV = NH` is plain multi-head attention (the `qkv [B*T*3C]` layout), `NKV = 1`
+    /// multi-query. `out [B*T*C]` and `lse [B*NH*T]` as in `attention_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gqa_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        qkv: &Self::Buf,
+        starts: Option<&Self::Ids>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        if nkv != nh {
+            return Err(unsupported(self, "attention_gqa_forward"));
+        }
+        self.attention_forward(out, lse, qkv, starts, b, t, c, nh)
+    }
+    /// The backward of [`Backend::attention_gqa_forward`]: writes `dqkv [B*T*(NH+2*NKV)*hs]`
+    /// (overwrites); a key/value head's gradient sums over the query heads of its group.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gqa_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        starts: Option<&Self::Ids>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        if nkv != nh {
+            return Err(unsupported(self, "attention_gqa_backward"));
+        }
+        self.attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
+    }
+
+    // ---- Llama family: token embedding, RMSNorm, rotary embedding, SwiGLU --------------------
+    /// `out[b,t,:] = wte[ids[b,t],:]`: the token embedding alone (the Llama family has no
+    /// position embedding). Shapes: out `[B*T*C]`, ids `[B*T]`, wte `[V*C]` (any V > max id).
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        ids: &Self::Ids,
+        wte: &Self::Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let _ = (out, ids, wte, b, t, c);
+        Err(unsupported(self, "embedding_forward"))
+    }
+    /// `dwte[ids[b,t],:] += dout[b,t,:]`, rows summed in position order.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dwte: &mut Self::Buf,
+        dout: &Self::Buf,
+        ids: &Self::Ids,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let _ = (dwte, dout, ids, b, t, c);
+        Err(unsupported(self, "embedding_backward"))
+    }
+    /// Per row of `inp [N*C]`: `out = x * rstd * weight` with `rstd = 1/sqrt(mean(x^2) + eps)`
+    /// (Zhang & Sennrich 2019; Hugging Face's `LlamaRMSNorm`); saves `rstd [N]` (fp32 `Stat`).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let _ = (out, rstd, inp, weight, n, c, eps);
+        Err(unsupported(self, "rmsnorm_forward"))
+    }
+    /// **Accumulates** `dinp [N*C]` (the residual stream's gradient, as `layernorm_backward`)
+    /// and `dweight [C]` from `dout [N*C]`, given the forward's `inp` and `rstd`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        rstd: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let _ = (dinp, dweight, dout, inp, weight, rstd, n, c);
+        Err(unsupported(self, "rmsnorm_backward"))
+    }
+    /// Residual add fused with the RMSNorm that follows it: `residual = a + b`, then
+    /// `out = rmsnorm(residual)`. Shapes as in `rmsnorm_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_rmsnorm_forward(
+        &self,
+        residual: &mut Self::Buf,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        weight: &Self::Buf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.residual_forward(residual, a, b, n * c)?;
+        self.rmsnorm_forward(out, rstd, residual, weight, n, c, eps)
+    }
+    /// Rotary position embedding (Su et al. 2021), in place on the `NH` query and `NKV` key
+    /// heads of `qkv [B*T*(NH+2*NKV)*hs]` (layout of `attention_gqa_forward`; value heads are
+    /// untouched). Hugging Face's rotate-half pairing: for `i < hs/2`, with
+    /// `a = p * inv_freq[i]` computed in f32 (`inv_freq [hs/2]`, an fp32 `State` buffer),
+    /// `x'[i] = x[i] cos a - x[i+hs/2] sin a` and `x'[i+hs/2] = x[i+hs/2] cos a + x[i] sin a`.
+    /// The position `p` of `(b, t)` is `pos[b*T+t]` when given (packed rows), else `past + t`
+    /// (generation appends after `past` cached positions).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_forward(
+        &self,
+        qkv: &mut Self::Buf,
+        inv_freq: &Self::Buf,
+        pos: Option<&Self::Ids>,
+        past: usize,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let _ = (qkv, inv_freq, pos, past, b, t, nh, nkv, hs);
+        Err(unsupported(self, "rope_forward"))
+    }
+    /// The backward of `rope_forward` (with `past = 0`): rotates the query and key gradients
+    /// of `dqkv` in place by the opposite angles (the transpose); value gradients untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        inv_freq: &Self::Buf,
+        pos: Option<&Self::Ids>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let _ = (dqkv, inv_freq, pos, b, t, nh, nkv, hs);
+        Err(unsupported(self, "rope_backward"))
+    }
+    /// SwiGLU (Shazeer 2020): `out [N*I] = silu(gate) * up`, where each row of
+    /// `gate_up [N*2I]` holds `gate` (first `I` columns) then `up`; `silu(x) = x / (1 + e^-x)`.
+    fn swiglu_forward(
+        &self,
+        out: &mut Self::Buf,
+        gate_up: &Self::Buf,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        let _ = (out, gate_up, n, i);
+        Err(unsupported(self, "swiglu_forward"))
+    }
+    /// Writes `dgate_up [N*2I]` (overwrites) from `dout [N*I]` and the forward's `gate_up`.
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate_up: &Self::Buf,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        let _ = (dgate_up, dout, gate_up, n, i);
+        Err(unsupported(self, "swiglu_backward"))
+    }
+
     // ---- fused softmax + cross-entropy ------------------------------------------------------
     /// For each of `N` rows of `logits [N*VP]` (only the first `V` columns are real; the padded
     /// tail is ignored): `losses[i] = logsumexp(logits[i,:V]) - logits[i, targets[i]]`, or 0 where
@@ -357,6 +549,28 @@ pub trait Backend: Send + Sync {
         c: usize,
         nh: usize,
     ) -> Result<()>;
+    /// [`Backend::attention_cached_forward`] with grouped KV heads: `qkv [B*Tn*(NH+2*NKV)*hs]`
+    /// (layout of `attention_gqa_forward`), caches `[B*Tmax*NKV*hs]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gqa_cached_forward(
+        &self,
+        out: &mut Self::Buf,
+        qkv: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        if nkv != nh {
+            return Err(unsupported(self, "attention_gqa_cached_forward"));
+        }
+        self.attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)
+    }
     /// Draws one token from each of `N` rows of `logits [N*VP]` (first `V` columns real) per
     /// [`SampleParams`], using `uniforms[i]` in `[0, 1)` as row `i`'s random number, so that
     /// backends given the same logits and uniforms draw the same tokens. The rule is spelt out
@@ -371,4 +585,12 @@ pub trait Backend: Send + Sync {
         params: &SampleParams,
         uniforms: &[f32],
     ) -> Result<Vec<u32>>;
+}
+
+/// The error of an op this backend does not implement.
+fn unsupported<B: Backend + ?Sized>(be: &B, op: &'static str) -> BackendError {
+    BackendError::Invalid {
+        op,
+        msg: format!("not implemented on {}", be.name()),
+    }
 }

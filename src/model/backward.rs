@@ -99,7 +99,13 @@ impl<B: Backend> Gpt<B> {
         };
         let last = layers.last().expect("at least one layer");
         pass.be.fill_zero(&mut pass.s.dresidual)?;
-        pass.layernorm(lay.lnf_w, lay.lnf_b, &last.residual3, lnf_mean, lnf_rstd)?;
+        pass.layernorm(
+            lay.lnf_w,
+            lay.lnf_b.expect("GPT-2 layernorms have biases"),
+            &last.residual3,
+            lnf_mean,
+            lnf_rstd,
+        )?;
         let starts = self.packing.as_ref().map(|p| &p.starts);
         let (n, c, p) = (pass.n, pass.c, pass.p);
         for l in (0..layers.len()).rev() {
@@ -139,7 +145,11 @@ impl<B: Backend> Gpt<B> {
         }
         let ids = be.upload_ids(inputs)?;
         let pos = self.packing.as_ref().map(|p| &p.positions);
-        let (gte, gpe) = two_mut(pass.g, lay.wte, lay.wpe);
+        let (gte, gpe) = two_mut(
+            pass.g,
+            lay.wte,
+            lay.wpe.expect("GPT-2 has position embeddings"),
+        );
         be.encoder_backward(gte, gpe, &pass.s.dresidual, &ids, pos, b, t, pass.c)?;
         if let Some(hook) = self.grad_hook.as_mut() {
             hook.ready(be, pass.g, &rest_bucket(lay, pass.g.len()))?;

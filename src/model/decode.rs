@@ -236,7 +236,7 @@ impl<B: Backend> Gpt<B> {
             &gids,
             Some(&gpos),
             &p[lay.wte],
-            &p[lay.wpe],
+            &p[lay.wpe.expect("GPT-2 has position embeddings")],
             sh.b,
             sh.tn,
             c,
@@ -358,7 +358,7 @@ impl<B: Backend> Gpt<B> {
                 &s.resid2,
                 &s.proj,
                 &p[lay.lnf_w],
-                &p[lay.lnf_b],
+                &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
                 n,
                 c,
             )?;
@@ -392,7 +392,7 @@ impl<B: Backend> Gpt<B> {
                 &mut last.rstd,
                 &last.resid,
                 &p[lay.lnf_w],
-                &p[lay.lnf_b],
+                &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
                 b,
                 c,
             )?;

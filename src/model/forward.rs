@@ -95,7 +95,7 @@ impl<B: Backend> Gpt<B> {
                     &mut acts.lnf_mean,
                     &mut acts.lnf_rstd,
                     &p[lay.lnf_w],
-                    &p[lay.lnf_b],
+                    &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
                 ),
             };
             be.residual_layernorm_forward(
@@ -256,7 +256,7 @@ fn embed_forward<B: Backend>(
         ids,
         pos,
         &p[lay.wte],
-        &p[lay.wpe],
+        &p[lay.wpe.expect("GPT-2 has position embeddings")],
         b,
         t,
         c,

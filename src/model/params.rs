@@ -1,10 +1,11 @@
-//! The parameter layout of a GPT-2 model: names, shapes, initialisation and decay groups.
+//! The parameter layout of a model of either family: names, shapes, initialisation and decay
+//! groups.
 //!
 //! Names follow nanoGPT (`h.{l}.attn.c_attn.weight`, ...) and every matmul weight is stored
 //! `[out, in]` like PyTorch's `nn.Linear`, so safetensors files and the PyTorch fixture script
 //! (scripts/make_fixture.py) agree on names and shapes with no transposes.
 
-use crate::config::ModelConfig;
+use crate::config::{LlamaShape, ModelConfig};
 use crate::rng::Rng;
 
 /// How a tensor is initialised (GPT-2 / nanoGPT recipe).
@@ -49,19 +50,42 @@ pub struct LayerIdx {
     pub fc_proj_b: usize,
 }
 
-/// Every parameter in order, plus index helpers.
+/// Indices into the parameter list for one Llama-family block. `qkv_w` is q, k and v stacked
+/// (`[(NH + 2 NKV) * hs, C]`, Hugging Face's `q_proj`, `k_proj`, `v_proj` one after the other)
+/// and `gate_up_w` is `gate_proj` over `up_proj` (`[2 I, C]`), so that each is one matmul.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaLayerIdx {
+    pub ln1_w: usize,
+    pub qkv_w: usize,
+    /// Qwen2's q/k/v biases, stacked like the weight.
+    pub qkv_b: Option<usize>,
+    pub o_w: usize,
+    pub ln2_w: usize,
+    pub gate_up_w: usize,
+    pub down_w: usize,
+}
+
+/// Every parameter in order, plus index helpers. GPT-2 fills `layers`, `wpe` and `lnf_b`; the
+/// Llama family fills `llama_layers` and, with an untied head, `lm_head`.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     pub specs: Vec<ParamSpec>,
+    /// Token embedding `[VP, C]`; also the output head when `lm_head` is `None`.
     pub wte: usize,
-    pub wpe: usize,
+    pub wpe: Option<usize>,
     pub layers: Vec<LayerIdx>,
+    pub llama_layers: Vec<LlamaLayerIdx>,
     pub lnf_w: usize,
-    pub lnf_b: usize,
+    pub lnf_b: Option<usize>,
+    /// An untied output head `[VP, C]`.
+    pub lm_head: Option<usize>,
 }
 
 impl ParamLayout {
     pub fn new(cfg: &ModelConfig) -> Self {
+        if let Some(shape) = cfg.llama() {
+            return Self::llama(cfg, shape);
+        }
         let c = cfg.n_embd;
         let std = 0.02f32;
         // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
@@ -93,11 +117,63 @@ impl ParamLayout {
         Self {
             specs,
             wte,
-            wpe,
+            wpe: Some(wpe),
             layers,
+            llama_layers: Vec::new(),
             lnf_w,
-            lnf_b,
+            lnf_b: Some(lnf_b),
+            lm_head: None,
         }
+    }
+
+    /// The Llama-family layout, named as Hugging Face names the tensors (with the fused
+    /// `qkv_proj` and `gate_up_proj`); normal(0.02) matrices, as `initializer_range` does.
+    fn llama(cfg: &ModelConfig, shape: &LlamaShape) -> Self {
+        let (c, std) = (cfg.n_embd, 0.02f32);
+        let (qkv, mlp) = (cfg.qkv_width(), shape.intermediate_size);
+        let mut specs = SpecList::default();
+        let wte = specs.matrix(
+            "model.embed_tokens.weight".into(),
+            cfg.padded_vocab_size,
+            c,
+            std,
+        );
+        let mut llama_layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let ln1_w = specs.vector(p("input_layernorm.weight"), c, Init::Ones);
+            let qkv_w = specs.matrix(p("self_attn.qkv_proj.weight"), qkv, c, std);
+            let qkv_b = shape
+                .qkv_bias
+                .then(|| specs.vector(p("self_attn.qkv_proj.bias"), qkv, Init::Zeros));
+            llama_layers.push(LlamaLayerIdx {
+                ln1_w,
+                qkv_w,
+                qkv_b,
+                o_w: specs.matrix(p("self_attn.o_proj.weight"), c, c, std),
+                ln2_w: specs.vector(p("post_attention_layernorm.weight"), c, Init::Ones),
+                gate_up_w: specs.matrix(p("mlp.gate_up_proj.weight"), 2 * mlp, c, std),
+                down_w: specs.matrix(p("mlp.down_proj.weight"), c, mlp, std),
+            });
+        }
+        let lnf_w = specs.vector("model.norm.weight".into(), c, Init::Ones);
+        let lm_head = (!shape.tie_embeddings)
+            .then(|| specs.matrix("lm_head.weight".into(), cfg.padded_vocab_size, c, std));
+        Self {
+            specs: specs.0,
+            wte,
+            wpe: None,
+            layers: Vec::new(),
+            llama_layers,
+            lnf_w,
+            lnf_b: None,
+            lm_head,
+        }
+    }
+
+    /// The output head's weight `[VP, C]`: `lm_head` where untied, else the token embedding.
+    pub fn head(&self) -> usize {
+        self.lm_head.unwrap_or(self.wte)
     }
 
     pub fn num_params(&self) -> usize {
@@ -117,7 +193,7 @@ impl ParamLayout {
                     Init::Zeros => vec![0.0; s.numel()],
                     Init::Ones => vec![1.0; s.numel()],
                 };
-                if i == self.wte {
+                if i == self.wte || Some(i) == self.lm_head {
                     v[cfg.vocab_size * cfg.n_embd..].fill(0.0);
                 }
                 v

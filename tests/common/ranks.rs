@@ -33,6 +33,7 @@ pub fn tiny(vocab: usize, t: usize, seed: u64) -> Gpt<Be> {
         n_head: 2,
         n_embd: 16,
         max_seq_len: t,
+        family: Default::default(),
     };
     Gpt::init(&CpuBackend, &cfg, seed).unwrap()
 }

@@ -4,6 +4,10 @@
 //! names what differs; CLI flags override the file. The model shape lives in [`ModelConfig`],
 //! which is also written next to every checkpoint as `config.json`.
 
+mod family;
+
+pub use family::{Family, LlamaShape, RopeScaling};
+
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -40,10 +44,13 @@ pub const PRESETS: &[&str] = &[
     "gpt2-350m",
     "gpt2-774m",
     "gpt2-1558m",
+    "llama-tiny",
+    "smollm2-135m",
+    "llama-3.2-1b",
 ];
 
-/// Shape of a GPT-2 style model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Shape of a model of either family ([`Family`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Real vocabulary size (token ids are `< vocab_size`).
     pub vocab_size: usize,
@@ -52,8 +59,12 @@ pub struct ModelConfig {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
-    /// Longest sequence (rows of the position embedding).
+    /// Longest sequence (GPT-2: rows of the position embedding; Llama: the longest the run
+    /// takes, RoPE itself has no table).
     pub max_seq_len: usize,
+    /// The architecture family and its own settings (absent in older checkpoints: GPT-2).
+    #[serde(default)]
+    pub family: Family,
 }
 
 /// Rounds `v` up to a multiple of 64.
@@ -64,6 +75,10 @@ pub fn pad_vocab(v: usize) -> usize {
 impl ModelConfig {
     /// A named preset for a tokenizer of `vocab_size` tokens.
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self, ConfigError> {
+        if let Some(cfg) = llama_preset(name, vocab_size) {
+            cfg.validate()?;
+            return Ok(cfg);
+        }
         let (n_layer, n_head, n_embd, max_seq_len) = match name {
             // Seconds per step on two CPU cores.
             "tiny" => (4, 4, 128, 256),
@@ -84,6 +99,7 @@ impl ModelConfig {
             n_head,
             n_embd,
             max_seq_len,
+            family: Family::Gpt2,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -91,6 +107,38 @@ impl ModelConfig {
 
     pub fn head_size(&self) -> usize {
         self.n_embd / self.n_head
+    }
+
+    /// The Llama-family settings, `None` for GPT-2.
+    pub fn llama(&self) -> Option<&LlamaShape> {
+        match &self.family {
+            Family::Gpt2 => None,
+            Family::Llama(s) => Some(s),
+        }
+    }
+
+    /// Key/value heads (`n_head` for GPT-2).
+    pub fn n_kv_head(&self) -> usize {
+        self.llama().map_or(self.n_head, |s| s.n_kv_head)
+    }
+
+    /// Width of one position's fused `q | k | v` row: `(n_head + 2 n_kv_head) * head_size`.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_head + 2 * self.n_kv_head()) * self.head_size()
+    }
+
+    /// Width of the MLP's hidden layer (GPT-2: `4 C`).
+    pub fn mlp_width(&self) -> usize {
+        self.llama()
+            .map_or(4 * self.n_embd, |s| s.intermediate_size)
+    }
+
+    /// The family's name as configs and messages spell it.
+    pub fn family_name(&self) -> &'static str {
+        match self.family {
+            Family::Gpt2 => "gpt2",
+            Family::Llama(_) => "llama",
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -104,6 +152,25 @@ impl ModelConfig {
                 self.n_embd, self.n_head
             ));
         }
+        if let Some(l) = self.llama() {
+            if l.n_kv_head == 0 || !self.n_head.is_multiple_of(l.n_kv_head) {
+                return bad(format!(
+                    "n_kv_head {} must divide n_head {}",
+                    l.n_kv_head, self.n_head
+                ));
+            }
+            if !self.head_size().is_multiple_of(2) {
+                return bad(format!(
+                    "head size {} must be even for rotary embeddings",
+                    self.head_size()
+                ));
+            }
+            if l.intermediate_size == 0 || l.rope_theta <= 0.0 || l.rms_eps <= 0.0 {
+                return bad(format!(
+                    "intermediate_size, rope_theta and rms_eps must be positive: {l:?}"
+                ));
+            }
+        }
         if self.padded_vocab_size < self.vocab_size {
             return bad(format!(
                 "padded_vocab_size {} < vocab_size {}",
@@ -116,6 +183,17 @@ impl ModelConfig {
     /// Parameters counted the usual way: every weight, the tied head once, padding rows included.
     pub fn num_params(&self) -> usize {
         let (c, l) = (self.n_embd, self.n_layer);
+        if let Some(s) = self.llama() {
+            let qkv = self.qkv_width();
+            let bias = if s.qkv_bias { qkv } else { 0 };
+            let per_layer = 2 * c + qkv * c + bias + c * c + 3 * c * s.intermediate_size;
+            let head = if s.tie_embeddings {
+                0
+            } else {
+                self.padded_vocab_size * c
+            };
+            return self.padded_vocab_size * c + head + l * per_layer + c;
+        }
         let per_layer = 2 * c
             + (3 * c * c + 3 * c)
             + (c * c + c)
@@ -128,9 +206,59 @@ impl ModelConfig {
     /// Training FLOPs per token: `6 N + 12 L C T` with `N` excluding the position embedding
     /// (PaLM appendix B; the convention of docs/PERF.md).
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let n = (self.num_params() - self.max_seq_len * self.n_embd) as f64;
+        let positions = match self.family {
+            Family::Gpt2 => self.max_seq_len * self.n_embd,
+            Family::Llama(_) => 0,
+        };
+        let n = (self.num_params() - positions) as f64;
         6.0 * n + 12.0 * (self.n_layer * self.n_embd * seq_len) as f64
     }
+}
+
+/// The Llama-family presets (random init): a CPU-sized one and the shapes of SmolLM2-135M and
+/// Llama-3.2-1B.
+fn llama_preset(name: &str, vocab_size: usize) -> Option<ModelConfig> {
+    let (n_layer, n_head, n_embd, max_seq_len, shape) = match name {
+        "llama-tiny" => (4, 4, 128, 256, LlamaShape::new(2, 384)),
+        "smollm2-135m" => (
+            30,
+            9,
+            576,
+            2048,
+            LlamaShape {
+                rope_theta: 100_000.0,
+                tie_embeddings: true,
+                ..LlamaShape::new(3, 1536)
+            },
+        ),
+        "llama-3.2-1b" => (
+            16,
+            32,
+            2048,
+            8192,
+            LlamaShape {
+                rope_theta: 500_000.0,
+                rope_scaling: Some(RopeScaling {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                }),
+                tie_embeddings: true,
+                ..LlamaShape::new(8, 8192)
+            },
+        ),
+        _ => return None,
+    };
+    Some(ModelConfig {
+        vocab_size,
+        padded_vocab_size: pad_vocab(vocab_size),
+        n_layer,
+        n_head,
+        n_embd,
+        max_seq_len,
+        family: Family::Llama(shape),
+    })
 }
 
 /// Everything a training run needs besides the data and the tokenizer.
