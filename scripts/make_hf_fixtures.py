@@ -24,18 +24,22 @@ What it writes:
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import struct
 import sys
+import types
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from tokenizers import processors, trainers  # noqa: E402
@@ -245,47 +249,160 @@ def randomize(model, seed):
                 p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5)
 
 
+def rmsnorm_f64(self, x):
+    """The library's RMSNorm without its float32 round trip (it computes in float32 even in a
+    float64 model); the reference wants float64 throughout except RoPE's cos/sin."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def load_reference_model(d, f64_norms):
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64, attn_implementation="sdpa")
+    model.eval()
+    if f64_norms:
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = types.MethodType(rmsnorm_f64, m)
+    return model
+
+
+def read_weights(d):
+    w = {}
+    for fn in sorted(os.listdir(d)):
+        if fn.startswith("model") and fn.endswith(".safetensors"):
+            with safe_open(os.path.join(d, fn), "pt") as f:
+                for k in f.keys():
+                    w[k] = f.get_tensor(k).to(torch.float64)
+    return w
+
+
+def rope_inv_freq_f32(cfg, hs):
+    """RoPE inverse frequencies in float32, step by step as topcoat's
+    `LlamaShape::rope_inv_freq` computes them (numpy float32 scalars)."""
+    rope = cfg.rope_parameters
+    base = np.float32(rope["rope_theta"])
+    freqs = [np.float32(1.0) / base ** (np.float32(2 * i) / np.float32(hs)) for i in range(hs // 2)]
+    if rope.get("rope_type") == "llama3":
+        factor, low, high = (np.float32(rope[k]) for k in
+                             ("factor", "low_freq_factor", "high_freq_factor"))
+        old = np.float32(rope["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        out = []
+        for f in freqs:
+            wavelen = np.float32(2.0) * np.float32(math.pi) / f
+            if wavelen > low_wavelen:
+                f = f / factor
+            elif wavelen >= high_wavelen:
+                smooth = (old / wavelen - low) / (high - low)
+                f = (np.float32(1.0) - smooth) * f / factor + smooth * f
+            out.append(np.float32(f))
+        freqs = out
+    return torch.tensor(np.array(freqs, dtype=np.float32))
+
+
+def plain_llama_logits(d, cfg, ids):
+    """The Llama-family forward written out in plain float64 torch from the stored tensors, in
+    topcoat's layout (q|k|v and gate|up fused), RoPE angles and cos/sin in float32."""
+    w = read_weights(d)
+    C, NH, NKV = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hs, eps, B, T = C // NH, cfg.rms_norm_eps, ids.shape[0], ids.shape[1]
+
+    def norm(x, wt):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wt
+
+    inv = rope_inv_freq_f32(cfg, hs)
+    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).double()
+    sin = torch.cat([ang.sin(), ang.sin()], -1).double()
+
+    def rope(x):  # [B, heads, T, hs], rotate-half
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    x = w["model.embed_tokens.weight"][ids]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for l in range(cfg.num_hidden_layers):
+        p = "model.layers.%d." % l
+        a = p + "self_attn."
+        qkv_w = torch.cat([w[a + n + "_proj.weight"] for n in "qkv"], 0)
+        h = norm(x, w[p + "input_layernorm.weight"])
+        qkv = h @ qkv_w.T
+        if a + "q_proj.bias" in w:
+            qkv = qkv + torch.cat([w[a + n + "_proj.bias"] for n in "qkv"], 0)
+        q, k, v = qkv.split([NH * hs, NKV * hs, NKV * hs], -1)
+        q = rope(q.view(B, T, NH, hs).transpose(1, 2))
+        k = rope(k.view(B, T, NKV, hs).transpose(1, 2))
+        v = v.view(B, T, NKV, hs).transpose(1, 2)
+        kv_of = torch.arange(NH) // (NH // NKV)
+        att = (q @ k[:, kv_of].transpose(-1, -2)) / math.sqrt(hs)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = (att @ v[:, kv_of]).transpose(1, 2).reshape(B, T, C)
+        x = x + y @ w[a + "o_proj.weight"].T
+        m = p + "mlp."
+        gate_up = torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]], 0)
+        gu = norm(x, w[p + "post_attention_layernorm.weight"]) @ gate_up.T
+        g, u = gu.chunk(2, -1)
+        x = x + (torch.nn.functional.silu(g) * u) @ w[m + "down_proj.weight"].T
+    x = norm(x, w["model.norm.weight"])
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return x @ head.T
+
+
 def reference(d, vocab, seed, expect_theta=None):
     """float64 logits, loss and greedy tokens of the model as read back from `d`."""
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64)
-    model.eval()
+    model = load_reference_model(d, f64_norms=True)
+    cfg = model.config
     if expect_theta is not None:  # the legacy config's top-level rope_theta was read
-        assert model.config.rope_parameters["rope_theta"] == expect_theta, model.config
+        assert cfg.rope_parameters["rope_theta"] == expect_theta, cfg
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g, dtype=torch.int64)
     with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-        logits, loss = out.logits, out.loss
+        logits = model(input_ids=ids).logits
         assert logits.dtype == torch.float64 and logits.shape == (BATCH, SEQ, vocab)
-        # The library upcasts logits to float32 inside its loss (even from float64), so `loss`
-        # is the same mean cross entropy of the shifted labels computed in float64, and
-        # `loss_hf` the library's own value, which agrees to float32 precision.
-        ce = torch.nn.functional.cross_entropy(
+        loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        assert ce.dtype == torch.float64
-        assert abs(ce.item() - loss.item()) < 1e-6 * abs(ce.item()), (ce.item(), loss.item())
+        assert loss.dtype == torch.float64
+        if cfg.model_type != "gpt2":
+            # topcoat's float32 inverse frequencies are the library's, bit for bit.
+            hs = cfg.hidden_size // cfg.num_attention_heads
+            lib = model.model.rotary_emb.inv_freq.to(torch.float32)
+            assert torch.equal(lib, rope_inv_freq_f32(cfg, hs)), (d, lib)
+            plain = plain_llama_logits(d, cfg, ids)
+            err = ((plain - logits).abs().max() / logits.abs().max()).item()
+            assert err < 1e-12, (d, err)
+        # The library as it ships: RMSNorm in float32, loss upcast to float32.
+        stock = load_reference_model(d, f64_norms=False)
+        out = stock(input_ids=ids, labels=ids)
+        stock_err = ((out.logits - logits).abs().max() / logits.abs().max()).item()
+        assert stock_err < 1e-5, (d, stock_err)
+        print("%s: stock library logits differ by %.1e (max abs / max abs)"
+              % (os.path.basename(d), stock_err), file=sys.stderr)
+        loss_hf = out.loss
+        assert abs(loss_hf.item() - loss.item()) < 1e-6 * loss.item(), (loss_hf, loss)
         prompt = ids[:1, :PROMPT]
-        gen = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            pad_token_id=0,
-        )
-        greedy = gen[0, PROMPT:]
+        greedy = None
+        for mdl in (model, stock):
+            gen = mdl.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=0,
+            )
+            assert greedy is None or torch.equal(gen[0, PROMPT:], greedy), (greedy, gen)
+            greedy = gen[0, PROMPT:]
         # Plain argmax without a cache must agree (and min_new_tokens must not have fired).
         seq = prompt
         for _ in range(NEW_TOKENS):
             nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-        assert torch.equal(seq[0, PROMPT:], greedy), (seq, gen)
+        assert torch.equal(seq[0, PROMPT:], greedy), (seq, greedy)
     save_file(
         {
             "input_ids": ids.clone(),
             "logits": logits.contiguous(),
-            "loss": ce.reshape(1).contiguous(),
-            "loss_hf": loss.reshape(1).to(torch.float64).contiguous(),
+            "loss": loss.reshape(1).contiguous(),
+            "loss_hf": loss_hf.reshape(1).to(torch.float64).contiguous(),
             "prompt_ids": prompt[0].clone(),
             "greedy": greedy.clone(),
         },
