@@ -198,12 +198,15 @@ def tokenizer_fixtures(tok, texts):
     h = hashlib.sha256()
     lengths = []
     first = []
+    non_ascii = []
     for i, text in enumerate(texts):
         ids = tok.encode(text, add_special_tokens=False).ids
         h.update(struct.pack("<%dI" % len(ids), *ids))
         lengths.append(len(ids))
         if i < 20:
             first.append({"text": text, "ids": ids})
+        if any(ord(c) > 127 for c in text):
+            non_ascii.append({"line": i, "text": text, "ids": ids})
     write_json(
         os.path.join(d, "corpus_ids.json"),
         {
@@ -213,6 +216,7 @@ def tokenizer_fixtures(tok, texts):
             "sha256": h.hexdigest(),
             "line_lengths": lengths,
             "first_lines": first,
+            "non_ascii_lines": non_ascii,
             "vocab_size": tok.get_vocab_size(),
             "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
         },
@@ -580,8 +584,13 @@ def chat_fixtures():
             mask = [
                 int(e > s and any(a <= s and e <= b for a, b in spans)) for s, e in offsets
             ]
+            # Every span starts and ends on a token boundary here, so the mask covers exactly
+            # the spans' characters, whichever boundary rule a reader uses.
+            covered = {c for (s, e), m in zip(offsets, mask) if m for c in range(s, e)}
+            assert covered == {c for a, b in spans for c in range(a, b)}, (name, cname)
             bo = byte_offsets(text)
             prompt_text = render(tk, msgs[:-1], True)
+            assert ids[: len(token_ids(tk, msgs[:-1], True))] == token_ids(tk, msgs[:-1], True)
             convs.append({
                 "name": cname,
                 "messages": msgs,
