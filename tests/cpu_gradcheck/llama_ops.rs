@@ -137,8 +137,8 @@ fn naive_rope(qkv: &[f64], f: &[f32], positions: &[usize]) -> Vec<f64> {
     let mut out = qkv.to_vec();
     for (r, &p) in positions.iter().enumerate() {
         for head in 0..R_NH + R_NKV {
-            for i in 0..half {
-                let a = p as f32 * f[i];
+            for (i, &fi) in f[..half].iter().enumerate() {
+                let a = p as f32 * fi;
                 let (cos, sin) = (a.cos() as f64, a.sin() as f64);
                 let lo = r * R_W + head * R_HS + i;
                 let hi = lo + half;
