@@ -23,7 +23,7 @@ pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
 pub use memory::{MemoryPlan, OutOfMemory, PlanOptions};
 pub use packing::Packing;
-pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
+pub use params::{Init, LayerIdx, LlamaLayerIdx, ParamLayout, ParamSpec};
 pub use reward::{RewardHead, RewardModel, RewardPass};
 
 use crate::backend::{Backend, BackendError, Role};
