@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::Backend;
 use topcoat::config::{Family, LlamaShape, ModelConfig, RopeScaling};
-use topcoat::model::{Gpt, GradHook, KvCache, Packing};
+use topcoat::model::{Gpt, GradHook, KvCache, Packing, ParamLayout};
 use topcoat::rng::Rng;
 
 /// Fourth-order central differences of the f32 model's mean loss along a unit direction `u`,
@@ -60,7 +60,7 @@ fn random_values(be: &CpuBackend, cfg: &ModelConfig, seed: u64) -> Vec<Vec<f32>>
     let mut rng = Rng::new(seed ^ 0x5EED);
     let mut values = model.param_values(be).unwrap();
     for (spec, v) in model.layout.specs.iter().zip(&mut values) {
-        let keep = if spec.shape[0] == cfg.padded_vocab_size {
+        let keep = if spec.shape == [cfg.padded_vocab_size, cfg.n_embd] {
             cfg.vocab_size * cfg.n_embd
         } else {
             v.len()
@@ -346,6 +346,92 @@ fn llama_3_2_1b_has_its_parameter_count() {
     );
 }
 
+// ---- every backend against the CPU -----------------------------------------------------------
+
+/// A device's whole Llama model against the CPU's, from the same bf16-exact values: the loss,
+/// every gradient tensor and all of them at once after a packed training pass, and the
+/// logits of cached decoding. Looser than one op's tolerance: bf16 rounding compounds over
+/// the layers (tests/cuda_parity/model.rs uses the same bounds for GPT-2).
+const MODEL_TENSOR_TOL: f64 = 5e-2;
+const MODEL_TOL: f64 = 2e-2;
+
+fn matches_the_cpu<B: Backend>(be: &B) {
+    let cpu = CpuBackend::new();
+    let mut cfg = tiny(2, false, true);
+    cfg.vocab_size = 100;
+    cfg.padded_vocab_size = 128;
+    cfg.n_embd = 64;
+    cfg.max_seq_len = 40;
+    let bf16 = |x: f32| f32::from_bits((x.to_bits() + 0x8000) & 0xffff_0000);
+    let values: Vec<Vec<f32>> = random_values(&cpu, &cfg, 31)
+        .into_iter()
+        .map(|v| v.into_iter().map(bf16).collect())
+        .collect();
+    let mut rng = Rng::new(32);
+    let (b, t) = (2, 37);
+    let inputs = random_ids(&mut rng, b * t, cfg.vocab_size);
+    let targets = random_ids(&mut rng, b * t, cfg.vocab_size);
+    let packing = Packing::from_lengths(&[vec![20, 17], vec![30]], t).unwrap();
+    fn pass<B: Backend>(
+        be: &B,
+        cfg: &ModelConfig,
+        values: &[Vec<f32>],
+        io: (&[i32], &[i32], &Packing),
+    ) -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let (inputs, targets, packing) = io;
+        let (b, t) = (packing.rows(), packing.row_len());
+        let mut m = Gpt::from_values(be, cfg, values.to_vec()).unwrap();
+        m.zero_grad(be).unwrap();
+        let loss = m
+            .forward_backward_with(be, inputs, targets, Some(packing), b, t, 1.0)
+            .unwrap();
+        let grads = m.grad_values(be).unwrap();
+        let mut logits = Vec::new();
+        let mut cache = KvCache::new(be, cfg, b).unwrap();
+        let prompt: Vec<i32> = (0..b)
+            .flat_map(|r| inputs[r * t..r * t + 9].to_vec())
+            .collect();
+        m.extend(be, &mut cache, &prompt, 9).unwrap();
+        for step in 0..4 {
+            let next: Vec<i32> = (0..b).map(|r| inputs[r * t + 9 + step]).collect();
+            m.extend(be, &mut cache, &next, 1).unwrap();
+            logits.push(
+                (0..b)
+                    .flat_map(|r| cache.logits_row(be, r).unwrap())
+                    .collect(),
+            );
+        }
+        (loss.mean, grads, logits)
+    }
+    let io = (&inputs[..], &targets[..], &packing);
+    let want = pass(&cpu, &cfg, &values, io);
+    let got = pass(be, &cfg, &values, io);
+    let e = ((got.0 - want.0) / want.0).abs() as f64;
+    assert!(
+        e <= MODEL_TOL,
+        "loss {} vs {} (rel err {e:.2e})",
+        got.0,
+        want.0
+    );
+    let names: Vec<String> = ParamLayout::new(&cfg)
+        .specs
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    for (k, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+        let e = rel_err(g, w);
+        assert!(e <= MODEL_TENSOR_TOL, "{}: rel err {e:.2e}", names[k]);
+    }
+    let e = rel_err(&got.1.concat(), &want.1.concat());
+    assert!(e <= MODEL_TOL, "all gradients: rel err {e:.2e}");
+    for (step, (g, w)) in got.2.iter().zip(&want.2).enumerate() {
+        let e = rel_err(g, w);
+        assert!(e <= MODEL_TOL, "decode step {step} logits: rel err {e:.2e}");
+    }
+}
+
+backend_tests!(matches_the_cpu => llama_model_matches_the_cpu_cpu, llama_model_matches_the_cpu_cuda);
+
 // ---- the CLI, end to end on a llama-tiny checkpoint -----------------------------------------
 
 /// Each step record's loss.
@@ -576,5 +662,68 @@ fn every_stage_and_command_runs_on_a_llama_checkpoint() {
     assert!(
         loss < 0.5 * l[0] && loss > 0.0,
         "eval loss {loss} vs pretrain {l:?}"
+    );
+}
+
+/// Two launched data-parallel ranks (each Llama layer's gradients summed as the backward pass
+/// reports them) give one process's losses and final weights bit for bit.
+#[test]
+fn launched_llama_ranks_equal_one_process_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_small_corpus(dir.path());
+    let (data, p) = (dir.path().join("data"), |n: &str| dir.path().join(n));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "pretrain",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(out),
+            "--device",
+            "cpu",
+            "--preset",
+            "llama-tiny",
+            "--n-layer",
+            "2",
+            "--n-head",
+            "8",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--total-batch-tokens",
+            "64",
+            "--val-every",
+            "0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    ok(&args(&p("one")));
+    let mut launch = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--".into(),
+        env!("CARGO_BIN_EXE_topcoat").into(),
+    ];
+    launch.extend(args(&p("dp")));
+    ok(&launch);
+    let one = losses(&p("one"));
+    assert_eq!(one.len(), 3);
+    assert_eq!(losses(&p("dp")), one);
+    let weights = |out: &Path| {
+        let dir = topcoat::train::checkpoint::latest(out).unwrap().unwrap();
+        std::fs::read(dir.join("model.safetensors")).unwrap()
+    };
+    assert!(weights(&p("dp")) == weights(&p("one")));
+    // --n-head 8 over the preset's 2 KV heads: 8 heads of 16 in the checkpoint.
+    let info = ok(&["info", &s(&p("one"))]);
+    assert!(
+        info.contains("8 heads") && info.contains("2 KV heads of 16"),
+        "{info}"
     );
 }
