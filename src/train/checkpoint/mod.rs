@@ -279,10 +279,17 @@ pub fn check_config(dir: &Path, found: &ModelConfig, wanted: &ModelConfig) -> Re
             format!("{name} is {f} in the checkpoint but {w} in the requested model")
         })
         .collect();
-    if found.family != wanted.family {
+    if found.family_name() != wanted.family_name() {
         diffs.push(format!(
-            "family is {:?} in the checkpoint but {:?} in the requested model",
-            found.family, wanted.family
+            "family is {} in the checkpoint but {} in the requested model",
+            found.family_name(),
+            wanted.family_name()
+        ));
+    } else if found.family != wanted.family {
+        diffs.push(format!(
+            "the llama settings are {:?} in the checkpoint but {:?} in the requested model",
+            found.llama(),
+            wanted.llama()
         ));
     }
     if diffs.is_empty() {
