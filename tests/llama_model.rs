@@ -254,6 +254,48 @@ fn kv_cache_decoding_equals_the_full_forward() {
     }
 }
 
+/// A cache past its first allocation (1024 positions per row) grows, keeping what it holds:
+/// the logits after the growth are still the full forward's.
+#[test]
+fn a_kv_cache_grows_past_its_first_allocation() {
+    let be = CpuBackend::new();
+    let mut cfg = tiny(2, false, false);
+    cfg.max_seq_len = 1500;
+    let mut model = Gpt::from_values(&be, &cfg, random_values(&be, &cfg, 41)).unwrap();
+    let (b, t) = (2, 1030);
+    let ids = random_ids(&mut Rng::new(42), b * t, cfg.vocab_size);
+    model.forward(&be, &ids, b, t).unwrap();
+    let mut cache = KvCache::new(&be, &cfg, b).unwrap();
+    assert_eq!(cache.capacity(), 1500);
+    let mut at = 0;
+    for step in [1000, 20, 9, 1] {
+        let chunk: Vec<i32> = (0..b)
+            .flat_map(|r| ids[r * t + at..r * t + at + step].to_vec())
+            .collect();
+        model.extend(&be, &mut cache, &chunk, step).unwrap();
+        at += step;
+        for r in 0..b {
+            let want = model.logits_at(&be, r, at - 1).unwrap();
+            let e = rel_err(&cache.logits_row(&be, r).unwrap(), &want);
+            assert!(
+                e <= F32_TOL,
+                "row {r}, position {}: rel err {e:.2e}",
+                at - 1
+            );
+        }
+    }
+    assert_eq!(cache.len(), t);
+    let e = model
+        .extend(&be, &mut cache, &vec![1; b * 471], 471)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("exceed the model's max_seq_len 1500"),
+        "{e}"
+    );
+    assert_eq!(cache.len(), t);
+}
+
 /// Records the buckets the backward pass reports.
 struct Record(std::sync::Arc<std::sync::Mutex<Vec<Vec<usize>>>>);
 

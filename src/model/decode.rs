@@ -1,7 +1,10 @@
 //! Generation with a key/value cache: the forward pass over new tokens only.
 //!
 //! A [`KvCache`] holds, per layer, the keys and values of every position seen so far for `B`
-//! rows (`[B*Tmax*C]` each, `Tmax = max_seq_len`), all rows at the same length. [`Gpt::extend`]
+//! rows (`[B*Tmax*C]` each), all rows at the same length. `Tmax` starts at
+//! `min(max_seq_len, 1024)` and doubles (up to `max_seq_len`) when a call needs more, the kept
+//! positions copied over: an imported model's context can be 131072 positions, which no
+//! sampling of a few hundred tokens should pay for up front. [`Gpt::extend`]
 //! runs `Tn` new tokens per row through the network at positions `len .. len+Tn` (explicit
 //! positions into the encoder), each block's attention reading the cache through
 //! [`Backend::attention_cached_forward`]; only the last new position of each row goes through
@@ -85,6 +88,8 @@ pub(super) struct StepShape {
     pub(super) b: usize,
     pub(super) tn: usize,
     pub(super) past: usize,
+    /// Positions per row the cache holds (its row stride).
+    pub(super) tmax: usize,
 }
 
 impl StepShape {
@@ -94,11 +99,16 @@ impl StepShape {
     }
 }
 
+/// Positions per row a new cache holds before it first grows (or `max_seq_len`, if less).
+const INITIAL_POSITIONS: usize = 1024;
+
 /// Keys and values of every position seen so far, for `B` rows, plus the logits of the last.
 pub struct KvCache<B: Backend> {
     cfg: ModelConfig,
     b: usize,
     len: usize,
+    /// Positions per row allocated (`Tmax`, at most `max_seq_len`).
+    rows: usize,
     /// Per layer, `[B*Tmax*NKV*hs]` (GPT-2: `[B*Tmax*C]`).
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
@@ -114,7 +124,7 @@ impl<B: Backend> KvCache<B> {
         if b == 0 {
             return Err(ModelError::Invalid("a KV cache needs B >= 1 rows".into()));
         }
-        let (c, tmax) = (cfg.n_embd, cfg.max_seq_len);
+        let (c, tmax) = (cfg.n_embd, cfg.max_seq_len.min(INITIAL_POSITIONS));
         let kv = cfg.n_kv_head() * cfg.head_size();
         let z = |len: usize| be.zeros(len, Role::Activation);
         let mut k = Vec::with_capacity(cfg.n_layer);
@@ -127,6 +137,7 @@ impl<B: Backend> KvCache<B> {
             cfg: cfg.clone(),
             b,
             len: 0,
+            rows: tmax,
             k,
             v,
             step: None,
@@ -157,6 +168,32 @@ impl<B: Backend> KvCache<B> {
     /// Most positions per row (the model's `max_seq_len`).
     pub fn capacity(&self) -> usize {
         self.cfg.max_seq_len
+    }
+
+    /// Makes room for `need` positions per row (at most `max_seq_len`, checked by the caller):
+    /// doubles `Tmax` (or more, to `need`), copying each row's kept positions through the host
+    /// (lossless on every backend: a stored value read as f32 and written back is unchanged).
+    fn reserve(&mut self, be: &B, need: usize) -> Result<()> {
+        if need <= self.rows {
+            return Ok(());
+        }
+        let new = need.max(2 * self.rows).min(self.cfg.max_seq_len);
+        let kv = self.cfg.n_kv_head() * self.cfg.head_size();
+        let keep = self.len * kv;
+        // Every new buffer first, so that a failure leaves the cache as it was.
+        let mut grown = Vec::with_capacity(2 * self.k.len());
+        for buf in self.k.iter().chain(&self.v) {
+            let mut host = vec![0f32; self.b * new * kv];
+            for r in 0..self.b {
+                let row = be.download_range(buf, r * self.rows * kv, keep)?;
+                host[r * new * kv..][..keep].copy_from_slice(&row);
+            }
+            grown.push(be.upload(&host, Role::Activation)?);
+        }
+        self.v = grown.split_off(self.k.len());
+        self.k = grown;
+        self.rows = new;
+        Ok(())
     }
 
     /// Keeps the first `len` positions (no-op if it holds fewer). The logits are stale until
@@ -201,10 +238,12 @@ impl<B: Backend> Gpt<B> {
     /// outside the vocabulary or `len + Tn` exceeds `max_seq_len`.
     pub fn extend(&self, be: &B, cache: &mut KvCache<B>, ids: &[i32], tn: usize) -> Result<()> {
         self.check_extend(cache, ids, tn)?;
+        cache.reserve(be, cache.len + tn)?;
         let shape = StepShape {
             b: cache.b,
             tn,
             past: cache.len,
+            tmax: cache.rows,
         };
         if !matches!(&cache.step, Some(s) if s.tn == tn) {
             cache.step = None;
@@ -308,7 +347,7 @@ impl<B: Backend> Gpt<B> {
             sh.b,
             sh.tn,
             sh.past,
-            self.cfg.max_seq_len,
+            sh.tmax,
             c,
             nh,
         )?;

@@ -25,7 +25,7 @@ impl<B: Backend> Gpt<B> {
     ) -> Result<()> {
         let d = self.llama_dims(sh.b, sh.tn);
         let (lay, p) = (&self.layout, &self.params);
-        let (n, c, tmax) = (sh.n(), d.c, self.cfg.max_seq_len);
+        let (n, c, tmax) = (sh.n(), d.c, sh.tmax);
         let rope = self
             .rope
             .as_ref()
