@@ -375,5 +375,8 @@ fn build_model<B: Backend>(
         run.recompute,
         be.name()
     ));
+    if let Some(line) = super::plan::family_line(cfg) {
+        progress(line.trim_start());
+    }
     Ok(model)
 }

@@ -381,6 +381,16 @@ impl RunConfig {
                 cfg.n_embd, cfg.n_head
             )));
         }
+        // A Llama preset keeps its KV heads: the query heads must come in whole groups.
+        if let Some(kv) = cfg.llama().map(|l| l.n_kv_head) {
+            if !cfg.n_head.is_multiple_of(kv) {
+                return Err(ConfigError::Invalid(format!(
+                    "n_head (--n-head) {} is not a multiple of the {} preset's {kv} key/value \
+                     heads",
+                    cfg.n_head, self.preset
+                )));
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -1,7 +1,10 @@
 //! Generation with a key/value cache: the forward pass over new tokens only.
 //!
 //! A [`KvCache`] holds, per layer, the keys and values of every position seen so far for `B`
-//! rows (`[B*Tmax*C]` each, `Tmax = max_seq_len`), all rows at the same length. [`Gpt::extend`]
+//! rows (`[B*Tmax*C]` each), all rows at the same length. `Tmax` starts at
+//! `min(max_seq_len, 1024)` and doubles (up to `max_seq_len`) when a call needs more, the kept
+//! positions copied over: an imported model's context can be 131072 positions, which no
+//! sampling of a few hundred tokens should pay for up front. [`Gpt::extend`]
 //! runs `Tn` new tokens per row through the network at positions `len .. len+Tn` (explicit
 //! positions into the encoder), each block's attention reading the cache through
 //! [`Backend::attention_cached_forward`]; only the last new position of each row goes through
@@ -9,6 +12,10 @@
 //! `Tn` = its length (prefill), each generated token one call with `Tn = 1` (a decode step).
 //! The arithmetic per position is that of [`Gpt::forward`], so greedy decoding with the cache
 //! picks the same tokens as rerunning the whole context (tests/generate.rs).
+//!
+//! The Llama family (llama/decode.rs) runs the same steps with its own block: RoPE at
+//! positions `len ..`, grouped-query attention over caches of `NKV` heads (`[B*Tmax*NKV*hs]`
+//! each), RMSNorm and SwiGLU; the cache, the head and the sampling are shared.
 //!
 //! [`KvCache::truncate`] rolls the cache back to a shorter prefix (the rows past it are
 //! overwritten by the next call), which is how a chat keeps a conversation's common prefix.
@@ -18,71 +25,91 @@ use crate::backend::{Backend, Role, SampleParams};
 use crate::config::ModelConfig;
 
 /// Scratch activations of one `extend` call for `N = B*Tn` rows, reused layer after layer.
-struct StepActs<B: Backend> {
-    tn: usize,
+/// (Llama: `qkv` is `[N*qkv_width]`, `fch` the gate | up projections `[N*2I]`, `fch_gelu`
+/// their SwiGLU `[N*I]`, `rstd` fp32 `Stat` and `mean` unused.)
+pub(super) struct StepActs<B: Backend> {
+    pub(super) tn: usize,
     /// `[N*C]` residual stream entering the block, and after its attention half.
-    resid: B::Buf,
-    resid2: B::Buf,
+    pub(super) resid: B::Buf,
+    pub(super) resid2: B::Buf,
     /// `[N*C]` layernorm output (ln1, then ln2) and its statistics `[N]`.
-    ln: B::Buf,
-    mean: B::Buf,
-    rstd: B::Buf,
-    qkv: B::Buf,
-    atty: B::Buf,
-    proj: B::Buf,
-    fch: B::Buf,
-    fch_gelu: B::Buf,
+    pub(super) ln: B::Buf,
+    pub(super) mean: B::Buf,
+    pub(super) rstd: B::Buf,
+    pub(super) qkv: B::Buf,
+    pub(super) atty: B::Buf,
+    pub(super) proj: B::Buf,
+    pub(super) fch: B::Buf,
+    pub(super) fch_gelu: B::Buf,
 }
 
 impl<B: Backend> StepActs<B> {
     fn new(be: &B, cfg: &ModelConfig, b: usize, tn: usize) -> Result<Self> {
-        let (n, c) = (b * tn, cfg.n_embd);
+        let (n, c, mlp) = (b * tn, cfg.n_embd, cfg.mlp_width());
         let z = |len: usize| be.zeros(len, Role::Activation);
+        let fch = if cfg.llama().is_some() { 2 * mlp } else { mlp };
         Ok(Self {
             tn,
             resid: z(n * c)?,
             resid2: z(n * c)?,
             ln: z(n * c)?,
             mean: z(n)?,
-            rstd: z(n)?,
-            qkv: z(n * 3 * c)?,
+            rstd: be.zeros(n, stat_role(cfg))?,
+            qkv: z(n * cfg.qkv_width())?,
             atty: z(n * c)?,
             proj: z(n * c)?,
-            fch: z(n * 4 * c)?,
-            fch_gelu: z(n * 4 * c)?,
+            fch: z(n * fch)?,
+            fch_gelu: z(n * mlp)?,
         })
     }
 }
 
-/// `[B*C]` each row's last new position: its residual, its final layernorm and statistics `[B]`.
-struct LastPosition<B: Backend> {
-    resid: B::Buf,
-    lnf: B::Buf,
-    mean: B::Buf,
-    rstd: B::Buf,
+/// The role of a norm's saved statistics: GPT-2's layernorm keeps them as activations, the
+/// Llama family's RMSNorm its `rstd` in fp32 (`Stat`).
+fn stat_role(cfg: &ModelConfig) -> Role {
+    if cfg.llama().is_some() {
+        Role::Stat
+    } else {
+        Role::Activation
+    }
+}
+
+/// `[B*C]` each row's last new position: its residual, its final norm and statistics `[B]`.
+pub(super) struct LastPosition<B: Backend> {
+    pub(super) resid: B::Buf,
+    pub(super) lnf: B::Buf,
+    pub(super) mean: B::Buf,
+    pub(super) rstd: B::Buf,
 }
 
 /// The shape of one `extend` call: `b` rows of `tn` new tokens after `past` cached ones.
 #[derive(Clone, Copy)]
-struct StepShape {
-    b: usize,
-    tn: usize,
-    past: usize,
+pub(super) struct StepShape {
+    pub(super) b: usize,
+    pub(super) tn: usize,
+    pub(super) past: usize,
+    /// Positions per row the cache holds (its row stride).
+    pub(super) tmax: usize,
 }
 
 impl StepShape {
     /// Positions run (`N = B*Tn`).
-    fn n(self) -> usize {
+    pub(super) fn n(self) -> usize {
         self.b * self.tn
     }
 }
+
+/// Positions per row a new cache holds before it first grows (or `max_seq_len`, if less).
+const INITIAL_POSITIONS: usize = 1024;
 
 /// Keys and values of every position seen so far, for `B` rows, plus the logits of the last.
 pub struct KvCache<B: Backend> {
     cfg: ModelConfig,
     b: usize,
     len: usize,
-    /// Per layer, `[B*Tmax*C]`.
+    /// Positions per row allocated (`Tmax`, at most `max_seq_len`).
+    rows: usize,
+    /// Per layer, `[B*Tmax*NKV*hs]` (GPT-2: `[B*Tmax*C]`).
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
     step: Option<StepActs<B>>,
@@ -97,18 +124,20 @@ impl<B: Backend> KvCache<B> {
         if b == 0 {
             return Err(ModelError::Invalid("a KV cache needs B >= 1 rows".into()));
         }
-        let (c, tmax) = (cfg.n_embd, cfg.max_seq_len);
+        let (c, tmax) = (cfg.n_embd, cfg.max_seq_len.min(INITIAL_POSITIONS));
+        let kv = cfg.n_kv_head() * cfg.head_size();
         let z = |len: usize| be.zeros(len, Role::Activation);
         let mut k = Vec::with_capacity(cfg.n_layer);
         let mut v = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
-            k.push(z(b * tmax * c)?);
-            v.push(z(b * tmax * c)?);
+            k.push(z(b * tmax * kv)?);
+            v.push(z(b * tmax * kv)?);
         }
         Ok(Self {
             cfg: cfg.clone(),
             b,
             len: 0,
+            rows: tmax,
             k,
             v,
             step: None,
@@ -116,7 +145,7 @@ impl<B: Backend> KvCache<B> {
                 resid: z(b * c)?,
                 lnf: z(b * c)?,
                 mean: z(b)?,
-                rstd: z(b)?,
+                rstd: be.zeros(b, stat_role(cfg))?,
             },
             logits: z(b * cfg.padded_vocab_size)?,
         })
@@ -139,6 +168,32 @@ impl<B: Backend> KvCache<B> {
     /// Most positions per row (the model's `max_seq_len`).
     pub fn capacity(&self) -> usize {
         self.cfg.max_seq_len
+    }
+
+    /// Makes room for `need` positions per row (at most `max_seq_len`, checked by the caller):
+    /// doubles `Tmax` (or more, to `need`), copying each row's kept positions through the host
+    /// (lossless on every backend: a stored value read as f32 and written back is unchanged).
+    fn reserve(&mut self, be: &B, need: usize) -> Result<()> {
+        if need <= self.rows {
+            return Ok(());
+        }
+        let new = need.max(2 * self.rows).min(self.cfg.max_seq_len);
+        let kv = self.cfg.n_kv_head() * self.cfg.head_size();
+        let keep = self.len * kv;
+        // Every new buffer first, so that a failure leaves the cache as it was.
+        let mut grown = Vec::with_capacity(2 * self.k.len());
+        for buf in self.k.iter().chain(&self.v) {
+            let mut host = vec![0f32; self.b * new * kv];
+            for r in 0..self.b {
+                let row = be.download_range(buf, r * self.rows * kv, keep)?;
+                host[r * new * kv..][..keep].copy_from_slice(&row);
+            }
+            grown.push(be.upload(&host, Role::Activation)?);
+        }
+        self.v = grown.split_off(self.k.len());
+        self.k = grown;
+        self.rows = new;
+        Ok(())
     }
 
     /// Keeps the first `len` positions (no-op if it holds fewer). The logits are stale until
@@ -183,20 +238,27 @@ impl<B: Backend> Gpt<B> {
     /// outside the vocabulary or `len + Tn` exceeds `max_seq_len`.
     pub fn extend(&self, be: &B, cache: &mut KvCache<B>, ids: &[i32], tn: usize) -> Result<()> {
         self.check_extend(cache, ids, tn)?;
+        cache.reserve(be, cache.len + tn)?;
         let shape = StepShape {
             b: cache.b,
             tn,
             past: cache.len,
+            tmax: cache.rows,
         };
         if !matches!(&cache.step, Some(s) if s.tn == tn) {
             cache.step = None;
             cache.step = Some(StepActs::new(be, &self.cfg, shape.b, tn)?);
         }
         let s = cache.step.as_mut().expect("allocated above");
-        self.embed_new(be, s, ids, shape)?;
-        for l in 0..self.layout.layers.len() {
-            self.block_step(be, s, &mut cache.k[l], &mut cache.v[l], l, shape)?;
-            self.close_block(be, s, &mut cache.last, l, shape)?;
+        if self.cfg.llama().is_some() {
+            let (k, v, last) = (&mut cache.k, &mut cache.v, &mut cache.last);
+            self.llama_extend(be, s, k, v, last, ids, shape)?;
+        } else {
+            self.embed_new(be, s, ids, shape)?;
+            for l in 0..self.layout.layers.len() {
+                self.block_step(be, s, &mut cache.k[l], &mut cache.v[l], l, shape)?;
+                self.close_block(be, s, &mut cache.last, l, shape)?;
+            }
         }
         self.head_step(be, s, &mut cache.last, &mut cache.logits, shape)?;
         cache.len = shape.past + tn;
@@ -285,7 +347,7 @@ impl<B: Backend> Gpt<B> {
             sh.b,
             sh.tn,
             sh.past,
-            self.cfg.max_seq_len,
+            sh.tmax,
             c,
             nh,
         )?;
@@ -368,8 +430,8 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
-    /// The tied head on each row's last new position. With Tn > 1 only those B rows go on:
-    /// copy them out (B*C numbers through the host, once per prompt), then ln_f.
+    /// The head on each row's last new position. With Tn > 1 only those B rows go on: copy
+    /// them out (B*C numbers through the host, once per prompt), then the final norm.
     fn head_step(
         &self,
         be: &B,
@@ -386,19 +448,24 @@ impl<B: Backend> Gpt<B> {
                 rows.extend(be.download_range(&s.resid, (bb * tn + tn - 1) * c, c)?);
             }
             be.write(&mut last.resid, &rows)?;
-            be.layernorm_forward(
-                &mut last.lnf,
-                &mut last.mean,
-                &mut last.rstd,
-                &last.resid,
-                &p[lay.lnf_w],
-                &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
-                b,
-                c,
-            )?;
+            if let Some(shape) = self.cfg.llama() {
+                let (lnf, rstd, eps) = (&mut last.lnf, &mut last.rstd, shape.rms_eps as f32);
+                be.rmsnorm_forward(lnf, rstd, &last.resid, &p[lay.lnf_w], b, c, eps)?;
+            } else {
+                be.layernorm_forward(
+                    &mut last.lnf,
+                    &mut last.mean,
+                    &mut last.rstd,
+                    &last.resid,
+                    &p[lay.lnf_w],
+                    &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
+                    b,
+                    c,
+                )?;
+            }
         }
         let vp = self.cfg.padded_vocab_size;
-        be.matmul_forward(logits, &last.lnf, &p[lay.wte], None, b, c, vp)?;
+        be.matmul_forward(logits, &last.lnf, &p[lay.head()], None, b, c, vp)?;
         Ok(())
     }
 }
