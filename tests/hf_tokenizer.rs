@@ -159,6 +159,8 @@ fn chat_template_text_ids_and_assistant_mask() {
     let r = render(&tok, &conv).unwrap();
     assert_eq!(r.ids, tok.encode(text));
     assert_eq!(r.ids.len(), r.loss_mask.len());
+    // The reply's space tokens are in, although this tokenizer's post-processor (GPT-2's
+    // `trim_offsets: true`) would trim their offsets to nothing.
     assert_eq!(
         masked_runs(&tok, &r.ids, &r.loss_mask),
         ["Hello there<|im_end|>\n", "Ünïcödé ✓ the end<|im_end|>\n"]
@@ -432,4 +434,140 @@ fn prepare_sft_with_a_hf_model_directory() {
         t.contains("tokenizer_config.json: chat template: cannot mask"),
         "{t}"
     );
+}
+
+// ---- The reference library's own outputs (tests/fixtures/hf, see its README) ----
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Every line of the embedded corpus encodes to the reference tokenizer's ids: the count, the
+/// per-line lengths, the SHA-256 of all ids (u32 little-endian) and, in full, the first lines
+/// and every line with a non-ASCII character.
+#[test]
+fn fixture_tokenizer_ids_equal_the_reference_on_the_whole_corpus() {
+    use sha2::{Digest, Sha256};
+    let want = read_json(&fixtures().join("tokenizer/corpus_ids.json"));
+    let tok = Tokenizer::load(fixtures().join("tokenizer/tokenizer.json")).unwrap();
+    assert_eq!(tok.kind(), TokenizerKind::Hf);
+    assert_eq!(
+        tok.vocab_size() as u64,
+        want["vocab_size"].as_u64().unwrap()
+    );
+    for (name, id) in want["special_tokens"].as_object().unwrap() {
+        assert_eq!(
+            tok.encode(name),
+            vec![id.as_u64().unwrap() as u32],
+            "{name}"
+        );
+    }
+    assert_eq!(tok.eot(), 413, "no config: <|endoftext|>");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join(want["corpus"].as_str().unwrap());
+    let texts: Vec<String> = std::fs::read_to_string(corpus)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(texts.len() as u64, want["lines"].as_u64().unwrap());
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect();
+    let lengths: Vec<u32> = ids.iter().map(|l| l.len() as u32).collect();
+    assert_eq!(lengths, u32s(&want["line_lengths"]));
+    let mut hash = Sha256::new();
+    let mut count = 0u64;
+    for &id in ids.iter().flatten() {
+        hash.update(id.to_le_bytes());
+        count += 1;
+    }
+    assert_eq!(count, want["count"].as_u64().unwrap());
+    let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, want["sha256"].as_str().unwrap());
+    for (i, l) in want["first_lines"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(l["text"].as_str().unwrap(), texts[i]);
+        assert_eq!(ids[i], u32s(&l["ids"]), "line {i}");
+    }
+    let non_ascii = want["non_ascii_lines"].as_array().unwrap();
+    assert!(!non_ascii.is_empty());
+    for l in non_ascii {
+        let i = l["line"].as_u64().unwrap() as usize;
+        assert_eq!(l["text"].as_str().unwrap(), texts[i]);
+        assert_eq!(ids[i], u32s(&l["ids"]), "line {i}");
+        assert_eq!(tok.decode(&ids[i]), texts[i], "line {i} decodes back");
+    }
+}
+
+/// Llama 3's and Qwen2.5's templates render every fixture conversation as
+/// `apply_chat_template` does (with and without the generation prompt), to the same ids, with
+/// exactly the reference's assistant-only mask.
+#[test]
+fn fixture_chat_templates_equal_apply_chat_template() {
+    for (file, eos, end_of_turn) in [("llama.json", 419, 419), ("qwen2.json", 415, 415)] {
+        let fx = read_json(&fixtures().join("chat").join(file));
+        let dir = fixtures().join(fx["model_dir"].as_str().unwrap());
+        let tok = hf_tok(&dir);
+        assert_eq!((tok.eot(), tok.end_of_turn()), (eos, end_of_turn), "{file}");
+        let template = tok.chat_template().unwrap();
+        let convs = fx["conversations"].as_array().unwrap();
+        assert!(convs.len() >= 6, "{file}");
+        for c in convs {
+            let name = format!("{file}: {}", c["name"].as_str().unwrap());
+            let messages: Vec<Message> = c["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    msg(
+                        Role::parse(m["role"].as_str().unwrap()).unwrap(),
+                        m["content"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            let tokens = tok.template_tokens();
+            let text = template.render(&messages, false, &tokens).unwrap();
+            assert_eq!(text, c["text"].as_str().unwrap(), "{name}");
+            let prompt = &messages[..messages.len() - 1];
+            let prompt_text = template.render(prompt, true, &tokens).unwrap();
+            assert_eq!(prompt_text, c["prompt_text"].as_str().unwrap(), "{name}");
+            let r = render(&tok, &messages).unwrap();
+            assert_eq!(r.ids, u32s(&c["ids"]), "{name}");
+            let mask: Vec<bool> = u32s(&c["mask"]).iter().map(|&m| m == 1).collect();
+            assert_eq!(r.loss_mask, mask, "{name}");
+            assert_eq!(
+                render_prompt(&tok, prompt).unwrap(),
+                u32s(&c["prompt_ids"]),
+                "{name}"
+            );
+            let texts: Vec<String> = c["assistant_texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect();
+            // Every reply whose text is more than its end-of-turn marker is one masked run.
+            let runs = masked_runs(&tok, &r.ids, &r.loss_mask);
+            assert_eq!(runs.len(), texts.len(), "{name}: {runs:?}");
+            for (run, t) in runs.iter().zip(&texts) {
+                assert!(
+                    t.ends_with(run.as_str()) || run == t,
+                    "{name}: {run:?} vs {t:?}"
+                );
+            }
+        }
+    }
 }
