@@ -40,6 +40,9 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
         "  model: {} layers, {} heads, d={}, max_seq_len {}",
         cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_seq_len
     );
+    if let Some(line) = super::plan::family_line(&cfg) {
+        let _ = writeln!(s, "{line}");
+    }
     let _ = writeln!(
         s,
         "  vocab: {} (padded {})",

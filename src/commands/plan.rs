@@ -45,6 +45,9 @@ pub fn describe(
         "model: {name}, {} layers, {} heads, d={}, context {}, vocab {} (padded {})",
         cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size
     );
+    if let Some(line) = family_line(cfg) {
+        let _ = writeln!(s, "{line}");
+    }
     let n = cfg.num_params();
     let _ = writeln!(s, "  parameters: {n} ({:.2} M)", n as f64 / 1e6);
     let _ = writeln!(
@@ -94,6 +97,29 @@ pub fn describe(
         ranks.join(", ")
     );
     s
+}
+
+/// The Llama family's own settings on one line (`None` for GPT-2, which has none):
+/// `  family: llama, 8 KV heads of 64, SwiGLU 8192, RoPE theta 500000 (llama3 scaling x32),
+/// RMSNorm eps 1e-5, tied head`.
+pub fn family_line(cfg: &ModelConfig) -> Option<String> {
+    let l = cfg.llama()?;
+    let scaling = l
+        .rope_scaling
+        .as_ref()
+        .map(|r| format!(" (llama3 scaling x{})", r.factor))
+        .unwrap_or_default();
+    Some(format!(
+        "  family: llama, {} KV heads of {}, SwiGLU {}, RoPE theta {}{scaling}, RMSNorm eps {:e}, \
+         {} head{}",
+        l.n_kv_head,
+        cfg.head_size(),
+        l.intermediate_size,
+        l.rope_theta,
+        l.rms_eps,
+        if l.tie_embeddings { "tied" } else { "untied" },
+        if l.qkv_bias { ", q/k/v biases" } else { "" },
+    ))
 }
 
 /// `bytes` in GiB with two decimals, or MiB below 0.1 GiB.

@@ -6,7 +6,13 @@
 //! pre-activation `fch`), level 2 also keeps no layernorm output `ln1`/`ln2` per layer (the
 //! backward recomputes it from the stored residual stream; the saved mean/rstd are rewritten
 //! with the same values).
+//!
+//! A Llama-family model keeps its blocks' buffers in [`Activations::llama`]
+//! (`super::llama::LlamaLayerActs`) and leaves `layers` empty; the buffers around the blocks
+//! (embedding, final norm, logits, losses) are shared by both families. Its recompute levels
+//! are the same with SwiGLU for GELU and RMSNorm for layernorm ([`Shared::swiglu`]).
 
+use super::llama::LlamaLayerActs;
 use crate::backend::{Backend, Result, Role};
 use crate::config::ModelConfig;
 
@@ -47,6 +53,8 @@ pub struct Shared<B: Backend> {
     pub gelu: Option<B::Buf>,
     /// `[N*C]` at recompute 2.
     pub ln: Option<B::Buf>,
+    /// Llama family: `[N*I]` SwiGLU output at recompute >= 1 (`gelu` is then `None`).
+    pub swiglu: Option<B::Buf>,
 }
 
 /// The layer's own buffer when it keeps one, else the shared one.
@@ -75,7 +83,12 @@ pub struct Activations<B: Backend> {
     pub shared: Shared<B>,
     /// `[N*C]` token + position embedding (the residual stream entering block 0).
     pub encoded: B::Buf,
+    /// GPT-2 blocks (empty for the Llama family).
     pub layers: Vec<LayerActs<B>>,
+    /// Llama-family blocks (empty for GPT-2).
+    pub llama: Vec<LlamaLayerActs<B>>,
+    /// `[N*C]` final norm output (GPT-2's ln_f, Llama's RMSNorm) and its statistics `[N]`
+    /// (Llama: `lnf_rstd` alone, fp32 `Stat`; `lnf_mean` unused).
     pub lnf: B::Buf,
     pub lnf_mean: B::Buf,
     pub lnf_rstd: B::Buf,
@@ -92,15 +105,21 @@ pub struct GradScratch<B: Backend> {
     pub dresidual: B::Buf,
     pub dln: B::Buf,
     pub datty: B::Buf,
+    /// `[N*qkv_width]` (GPT-2: `[N*3C]`).
     pub dqkv: B::Buf,
     /// `[N*4C]` gradient on the GELU's input (`matmul_gelu_backward` goes straight there
-    /// from the fc_proj output gradient).
+    /// from the fc_proj output gradient); Llama: `[N*2I]` on the SwiGLU's input `gate_up`.
     pub dfch: B::Buf,
+    /// Llama: `[N*I]` gradient on the SwiGLU output (`None` for GPT-2).
+    pub dswiglu: Option<B::Buf>,
 }
 
 impl<B: Backend> Activations<B> {
     /// The buffers of a `(b, t)` pass at `recompute` level 0, 1 or 2.
     pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, recompute: u8) -> Result<Self> {
+        if cfg.llama().is_some() {
+            return Self::new_llama(be, cfg, b, t, recompute);
+        }
         let (n, c) = (b * t, cfg.n_embd);
         let z = |len: usize| be.zeros(len, Role::Activation);
         // A buffer each layer keeps unless recompute is at least `level`.
@@ -110,6 +129,7 @@ impl<B: Backend> Activations<B> {
         let shared = Shared {
             gelu: (recompute >= 1).then(|| z(n * 4 * c)).transpose()?,
             ln: (recompute >= 2).then(|| z(n * c)).transpose()?,
+            swiglu: None,
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
@@ -138,6 +158,7 @@ impl<B: Backend> Activations<B> {
             shared,
             encoded: z(n * c)?,
             layers,
+            llama: Vec::new(),
             lnf: z(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
@@ -152,7 +173,12 @@ impl<B: Backend> Activations<B> {
     /// the fp32 `lse` statistics and `losses` are not activations of that role).
     pub fn activation_elements(&self, be: &B) -> usize {
         let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
-        let mut n = len(&self.shared.gelu) + len(&self.shared.ln);
+        let mut n = len(&self.shared.gelu) + len(&self.shared.ln) + len(&self.shared.swiglu);
+        n += self
+            .llama
+            .iter()
+            .map(|l| l.activation_elements(be))
+            .sum::<usize>();
         n += [
             &self.encoded,
             &self.lnf,
@@ -163,6 +189,9 @@ impl<B: Backend> Activations<B> {
         .iter()
         .map(|x| be.len(x))
         .sum::<usize>();
+        if !self.llama.is_empty() {
+            n -= be.len(&self.lnf_rstd); // fp32 `Stat` for the Llama family
+        }
         for l in &self.layers {
             n += len(&l.ln1) + len(&l.ln2) + len(&l.fch_gelu);
             n += [
@@ -190,12 +219,15 @@ impl<B: Backend> GradScratch<B> {
     pub fn new(be: &B, cfg: &ModelConfig, n: usize) -> Result<Self> {
         let c = cfg.n_embd;
         let z = |len: usize| be.zeros(len, Role::Activation);
+        let llama = cfg.llama().is_some();
+        let mlp = cfg.mlp_width();
         Ok(Self {
             dresidual: z(n * c)?,
             dln: z(n * c)?,
             datty: z(n * c)?,
-            dqkv: z(n * 3 * c)?,
-            dfch: z(n * 4 * c)?,
+            dqkv: z(n * cfg.qkv_width())?,
+            dfch: z(n * if llama { 2 * mlp } else { mlp })?,
+            dswiglu: llama.then(|| z(n * mlp)).transpose()?,
         })
     }
 }

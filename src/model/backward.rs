@@ -27,14 +27,15 @@ impl<B: Backend> Gpt<B> {
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
         let s = self.scratch.as_mut().expect("allocated above");
-        // Head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf.
+        // Head: dlnf = dlogits @ head, dhead += dlogits^T @ lnf (head: the tied wte, or the
+        // Llama family's untied lm_head).
         be.matmul_backward(
             &mut s.dln,
-            &mut self.grads[lay.wte],
+            &mut self.grads[lay.head()],
             None,
             &acts.logits,
             &acts.lnf,
-            &self.params[lay.wte],
+            &self.params[lay.head()],
             n,
             c,
             vp,
@@ -51,6 +52,12 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .rev()
             .map(|w| layer_bucket(w).to_vec())
+            .chain(
+                lay.llama_layers
+                    .iter()
+                    .rev()
+                    .map(super::llama::layer_bucket),
+            )
             .collect();
         buckets.push(rest_bucket(lay, self.grads.len()));
         buckets
@@ -73,6 +80,9 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<()> {
+        if self.cfg.llama().is_some() {
+            return self.llama_backward_trunk(be, inputs, b, t);
+        }
         let lay = &self.layout;
         let Activations {
             encoded,
@@ -305,14 +315,19 @@ fn layer_bucket(w: &LayerIdx) -> [usize; 12] {
     ]
 }
 
-/// Every parameter index below `n` outside the layers: embeddings, final layernorm, any head.
-fn rest_bucket(lay: &super::ParamLayout, n: usize) -> Vec<usize> {
-    let in_layers: Vec<usize> = lay.layers.iter().flat_map(layer_bucket).collect();
+/// Every parameter index below `n` outside the layers: embeddings, final norm, any head.
+pub(super) fn rest_bucket(lay: &super::ParamLayout, n: usize) -> Vec<usize> {
+    let in_layers: Vec<usize> = lay
+        .layers
+        .iter()
+        .flat_map(layer_bucket)
+        .chain(lay.llama_layers.iter().flat_map(super::llama::layer_bucket))
+        .collect();
     (0..n).filter(|i| !in_layers.contains(i)).collect()
 }
 
 /// Two distinct mutable elements of a slice (`i != j`).
-fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+pub(super) fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     assert_ne!(i, j, "two_mut needs distinct indices");
     if i < j {
         let (lo, hi) = v.split_at_mut(j);

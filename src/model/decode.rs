@@ -10,6 +10,10 @@
 //! The arithmetic per position is that of [`Gpt::forward`], so greedy decoding with the cache
 //! picks the same tokens as rerunning the whole context (tests/generate.rs).
 //!
+//! The Llama family (llama/decode.rs) runs the same steps with its own block: RoPE at
+//! positions `len ..`, grouped-query attention over caches of `NKV` heads (`[B*Tmax*NKV*hs]`
+//! each), RMSNorm and SwiGLU; the cache, the head and the sampling are shared.
+//!
 //! [`KvCache::truncate`] rolls the cache back to a shorter prefix (the rows past it are
 //! overwritten by the next call), which is how a chat keeps a conversation's common prefix.
 
@@ -18,61 +22,74 @@ use crate::backend::{Backend, Role, SampleParams};
 use crate::config::ModelConfig;
 
 /// Scratch activations of one `extend` call for `N = B*Tn` rows, reused layer after layer.
-struct StepActs<B: Backend> {
-    tn: usize,
+/// (Llama: `qkv` is `[N*qkv_width]`, `fch` the gate | up projections `[N*2I]`, `fch_gelu`
+/// their SwiGLU `[N*I]`, `rstd` fp32 `Stat` and `mean` unused.)
+pub(super) struct StepActs<B: Backend> {
+    pub(super) tn: usize,
     /// `[N*C]` residual stream entering the block, and after its attention half.
-    resid: B::Buf,
-    resid2: B::Buf,
+    pub(super) resid: B::Buf,
+    pub(super) resid2: B::Buf,
     /// `[N*C]` layernorm output (ln1, then ln2) and its statistics `[N]`.
-    ln: B::Buf,
-    mean: B::Buf,
-    rstd: B::Buf,
-    qkv: B::Buf,
-    atty: B::Buf,
-    proj: B::Buf,
-    fch: B::Buf,
-    fch_gelu: B::Buf,
+    pub(super) ln: B::Buf,
+    pub(super) mean: B::Buf,
+    pub(super) rstd: B::Buf,
+    pub(super) qkv: B::Buf,
+    pub(super) atty: B::Buf,
+    pub(super) proj: B::Buf,
+    pub(super) fch: B::Buf,
+    pub(super) fch_gelu: B::Buf,
 }
 
 impl<B: Backend> StepActs<B> {
     fn new(be: &B, cfg: &ModelConfig, b: usize, tn: usize) -> Result<Self> {
-        let (n, c) = (b * tn, cfg.n_embd);
+        let (n, c, mlp) = (b * tn, cfg.n_embd, cfg.mlp_width());
         let z = |len: usize| be.zeros(len, Role::Activation);
+        let fch = if cfg.llama().is_some() { 2 * mlp } else { mlp };
         Ok(Self {
             tn,
             resid: z(n * c)?,
             resid2: z(n * c)?,
             ln: z(n * c)?,
             mean: z(n)?,
-            rstd: z(n)?,
-            qkv: z(n * 3 * c)?,
+            rstd: be.zeros(n, stat_role(cfg))?,
+            qkv: z(n * cfg.qkv_width())?,
             atty: z(n * c)?,
             proj: z(n * c)?,
-            fch: z(n * 4 * c)?,
-            fch_gelu: z(n * 4 * c)?,
+            fch: z(n * fch)?,
+            fch_gelu: z(n * mlp)?,
         })
     }
 }
 
-/// `[B*C]` each row's last new position: its residual, its final layernorm and statistics `[B]`.
-struct LastPosition<B: Backend> {
-    resid: B::Buf,
-    lnf: B::Buf,
-    mean: B::Buf,
-    rstd: B::Buf,
+/// The role of a norm's saved statistics: GPT-2's layernorm keeps them as activations, the
+/// Llama family's RMSNorm its `rstd` in fp32 (`Stat`).
+fn stat_role(cfg: &ModelConfig) -> Role {
+    if cfg.llama().is_some() {
+        Role::Stat
+    } else {
+        Role::Activation
+    }
+}
+
+/// `[B*C]` each row's last new position: its residual, its final norm and statistics `[B]`.
+pub(super) struct LastPosition<B: Backend> {
+    pub(super) resid: B::Buf,
+    pub(super) lnf: B::Buf,
+    pub(super) mean: B::Buf,
+    pub(super) rstd: B::Buf,
 }
 
 /// The shape of one `extend` call: `b` rows of `tn` new tokens after `past` cached ones.
 #[derive(Clone, Copy)]
-struct StepShape {
-    b: usize,
-    tn: usize,
-    past: usize,
+pub(super) struct StepShape {
+    pub(super) b: usize,
+    pub(super) tn: usize,
+    pub(super) past: usize,
 }
 
 impl StepShape {
     /// Positions run (`N = B*Tn`).
-    fn n(self) -> usize {
+    pub(super) fn n(self) -> usize {
         self.b * self.tn
     }
 }
@@ -82,7 +99,7 @@ pub struct KvCache<B: Backend> {
     cfg: ModelConfig,
     b: usize,
     len: usize,
-    /// Per layer, `[B*Tmax*C]`.
+    /// Per layer, `[B*Tmax*NKV*hs]` (GPT-2: `[B*Tmax*C]`).
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
     step: Option<StepActs<B>>,
@@ -98,12 +115,13 @@ impl<B: Backend> KvCache<B> {
             return Err(ModelError::Invalid("a KV cache needs B >= 1 rows".into()));
         }
         let (c, tmax) = (cfg.n_embd, cfg.max_seq_len);
+        let kv = cfg.n_kv_head() * cfg.head_size();
         let z = |len: usize| be.zeros(len, Role::Activation);
         let mut k = Vec::with_capacity(cfg.n_layer);
         let mut v = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
-            k.push(z(b * tmax * c)?);
-            v.push(z(b * tmax * c)?);
+            k.push(z(b * tmax * kv)?);
+            v.push(z(b * tmax * kv)?);
         }
         Ok(Self {
             cfg: cfg.clone(),
@@ -116,7 +134,7 @@ impl<B: Backend> KvCache<B> {
                 resid: z(b * c)?,
                 lnf: z(b * c)?,
                 mean: z(b)?,
-                rstd: z(b)?,
+                rstd: be.zeros(b, stat_role(cfg))?,
             },
             logits: z(b * cfg.padded_vocab_size)?,
         })
@@ -193,10 +211,15 @@ impl<B: Backend> Gpt<B> {
             cache.step = Some(StepActs::new(be, &self.cfg, shape.b, tn)?);
         }
         let s = cache.step.as_mut().expect("allocated above");
-        self.embed_new(be, s, ids, shape)?;
-        for l in 0..self.layout.layers.len() {
-            self.block_step(be, s, &mut cache.k[l], &mut cache.v[l], l, shape)?;
-            self.close_block(be, s, &mut cache.last, l, shape)?;
+        if self.cfg.llama().is_some() {
+            let (k, v, last) = (&mut cache.k, &mut cache.v, &mut cache.last);
+            self.llama_extend(be, s, k, v, last, ids, shape)?;
+        } else {
+            self.embed_new(be, s, ids, shape)?;
+            for l in 0..self.layout.layers.len() {
+                self.block_step(be, s, &mut cache.k[l], &mut cache.v[l], l, shape)?;
+                self.close_block(be, s, &mut cache.last, l, shape)?;
+            }
         }
         self.head_step(be, s, &mut cache.last, &mut cache.logits, shape)?;
         cache.len = shape.past + tn;
@@ -368,8 +391,8 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
-    /// The tied head on each row's last new position. With Tn > 1 only those B rows go on:
-    /// copy them out (B*C numbers through the host, once per prompt), then ln_f.
+    /// The head on each row's last new position. With Tn > 1 only those B rows go on: copy
+    /// them out (B*C numbers through the host, once per prompt), then the final norm.
     fn head_step(
         &self,
         be: &B,
@@ -386,19 +409,24 @@ impl<B: Backend> Gpt<B> {
                 rows.extend(be.download_range(&s.resid, (bb * tn + tn - 1) * c, c)?);
             }
             be.write(&mut last.resid, &rows)?;
-            be.layernorm_forward(
-                &mut last.lnf,
-                &mut last.mean,
-                &mut last.rstd,
-                &last.resid,
-                &p[lay.lnf_w],
-                &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
-                b,
-                c,
-            )?;
+            if let Some(shape) = self.cfg.llama() {
+                let (lnf, rstd, eps) = (&mut last.lnf, &mut last.rstd, shape.rms_eps as f32);
+                be.rmsnorm_forward(lnf, rstd, &last.resid, &p[lay.lnf_w], b, c, eps)?;
+            } else {
+                be.layernorm_forward(
+                    &mut last.lnf,
+                    &mut last.mean,
+                    &mut last.rstd,
+                    &last.resid,
+                    &p[lay.lnf_w],
+                    &p[lay.lnf_b.expect("GPT-2 layernorms have biases")],
+                    b,
+                    c,
+                )?;
+            }
         }
         let vp = self.cfg.padded_vocab_size;
-        be.matmul_forward(logits, &last.lnf, &p[lay.wte], None, b, c, vp)?;
+        be.matmul_forward(logits, &last.lnf, &p[lay.head()], None, b, c, vp)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The forward pass (embeddings, blocks, ln_f, the tied head) and the loss.
+//! The forward pass (embeddings, blocks, ln_f, the head) and the loss, for both families: the
+//! Llama family's trunk is llama/forward.rs, the head and the loss are shared.
 
 use super::activations::{pick, Activations, LayerActs, Shared};
 use super::packing::PackedIds;
@@ -21,16 +22,16 @@ impl<B: Backend> Gpt<B> {
         self.head_forward(be, b * t)
     }
 
-    /// The tied head on the last forward's `n` positions: logits = lnf @ wte^T over all padded
-    /// rows.
+    /// The head on the last forward's `n` positions: logits = lnf @ head^T over all padded
+    /// rows (head: the tied `wte`, or the Llama family's untied `lm_head`).
     fn head_forward(&mut self, be: &B, n: usize) -> Result<()> {
         let (c, vp) = (self.cfg.n_embd, self.cfg.padded_vocab_size);
         let acts = self
             .acts
             .as_mut()
             .expect("allocated by forward_hidden_with");
-        let wte = &self.params[self.layout.wte];
-        be.matmul_forward(&mut acts.logits, &acts.lnf, wte, None, n, c, vp)?;
+        let head = &self.params[self.layout.head()];
+        be.matmul_forward(&mut acts.logits, &acts.lnf, head, None, n, c, vp)?;
         Ok(())
     }
 
@@ -56,6 +57,9 @@ impl<B: Backend> Gpt<B> {
         self.ensure_acts(be, b, t)?;
         let ids = be.upload_ids(inputs)?;
         self.packing = packing.map(|p| PackedIds::upload(be, p)).transpose()?;
+        if self.cfg.llama().is_some() {
+            return self.llama_forward_trunk(be, &ids, b, t);
+        }
         let pos = self.packing.as_ref().map(|p| &p.positions);
         let starts = self.packing.as_ref().map(|p| &p.starts);
         let cfg = &self.cfg;

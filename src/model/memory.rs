@@ -154,6 +154,9 @@ fn activation_bytes(
     level: u8,
     w: &impl Fn(Role) -> u128,
 ) -> u128 {
+    if cfg.llama().is_some() {
+        return llama_activation_bytes(cfg, b, t, level, w);
+    }
     let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
     let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
     let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
@@ -184,6 +187,45 @@ fn activation_bytes(
             act,
             sum(&[prod(&[12 + shared_nc, nc]), prod(&[2, n]), prod(&[n, vp])]),
         ]),
+        prod(&[w(Role::State), n]),
+    ]);
+    sum(&[prod(&[l, per_layer]), rest])
+}
+
+/// [`activation_bytes`] of the Llama family (model/llama/activations.rs `LlamaLayerActs`,
+/// `Activations::new_llama`, and `GradScratch`).
+fn llama_activation_bytes(
+    cfg: &ModelConfig,
+    b: usize,
+    t: usize,
+    level: u8,
+    w: &impl Fn(Role) -> u128,
+) -> u128 {
+    let n = b as u128 * t as u128;
+    let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
+    let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let (qkv, i) = (cfg.qkv_width() as u128, cfg.mlp_width() as u128);
+    let (act, stat) = (w(Role::Activation), w(Role::Stat));
+    // Per block: atty, attproj, residual2, down, residual3 (5 C), ln1 and ln2 (2 C, dropped
+    // at level 2), qkv (qkv_width), gate_up (2 I), swiglu (I, dropped from level 1); in fp32
+    // the two RMSNorm rstd [N] and the attention's log-sum-exps [N NH].
+    let ln = if level >= 2 { 0 } else { 2 * c };
+    let swiglu = if level >= 1 { 0 } else { i };
+    let per_layer = sum(&[
+        prod(&[act, n, sum(&[5 * c, ln, qkv, 2 * i, swiglu])]),
+        prod(&[stat, n, 2 + nh]),
+    ]);
+    // Shared by every layer: the SwiGLU output (I) from level 1, an RMSNorm output (C) at
+    // level 2. Around the blocks: encoded and lnf (2 C), lnf_mean [N] (unused by RMSNorm),
+    // the logits (VP); lnf_rstd [N] fp32, losses [N] fp32. The backward's scratch: dresidual,
+    // dln, datty (3 C), dqkv (qkv_width), dgate_up (2 I), dswiglu (I).
+    let shared = sum(&[
+        if level >= 1 { i } else { 0 },
+        if level >= 2 { c } else { 0 },
+    ]);
+    let rest = sum(&[
+        prod(&[act, n, sum(&[shared, 2 * c, 1, vp, 3 * c, qkv, 3 * i])]),
+        prod(&[stat, n]),
         prod(&[w(Role::State), n]),
     ]);
     sum(&[prod(&[l, per_layer]), rest])
@@ -251,6 +293,45 @@ mod tests {
         assert_eq!(plan.weights, 4 * cfg.num_params() as u128);
         assert_eq!(plan.moments, 2 * plan.grads);
         assert_eq!(plan.master, 0);
+    }
+
+    /// The same for the Llama family (grouped KV heads, untied head, q/k/v biases), with the
+    /// fp32 statistics by role: each level drops what it says.
+    #[test]
+    fn llama_activations_match_the_allocation() {
+        use crate::config::{Family, LlamaShape};
+        let mut cfg = ModelConfig::preset("llama-tiny", 300).unwrap();
+        cfg.family = Family::Llama(LlamaShape {
+            qkv_bias: true,
+            ..LlamaShape::new(2, 96)
+        });
+        let be = CpuBackend::new();
+        let (b, t) = (3, 17);
+        let (n, c, i) = (b * t, cfg.n_embd, 96);
+        let stat_bytes = |r: Role| if r == Role::Stat { 8 } else { 4 };
+        let mut acts_at = Vec::new();
+        for level in 0..=2 {
+            let acts = Activations::new(&be, &cfg, b, t, level).unwrap();
+            let stats: usize = acts
+                .llama
+                .iter()
+                .map(|l| be.len(&l.lse) + be.len(&l.ln1_rstd) + be.len(&l.ln2_rstd))
+                .sum::<usize>()
+                + be.len(&acts.lnf_rstd);
+            let scratch = 3 * n * c + n * cfg.qkv_width() + 3 * n * i;
+            let elems = acts.activation_elements(&be) + scratch;
+            let opts = PlanOptions {
+                recompute: level,
+                ..PlanOptions::default()
+            };
+            let plan = MemoryPlan::training_with(&cfg, b, t, opts, stat_bytes);
+            let want = 4 * (elems + be.len(&acts.losses)) + 8 * stats;
+            assert_eq!(plan.activations, want as u128, "level {level}");
+            acts_at.push(plan.activations);
+        }
+        let (l, nc, ni) = (cfg.n_layer as u128, (n * c) as u128, (n * i) as u128);
+        assert_eq!(acts_at[0] - acts_at[1], 4 * ni * (l - 1));
+        assert_eq!(acts_at[1] - acts_at[2], 4 * (2 * nc * l - nc));
     }
 
     /// A batch no machine holds is refused with the sizes named, without overflowing.

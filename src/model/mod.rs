@@ -1,14 +1,18 @@
-//! GPT-2: parameter layout, activations, and forward/backward written once against `Backend`.
+//! The model of either family: parameter layout, activations, and forward/backward written
+//! once against `Backend`.
 //!
-//! Learned positions, pre-LN blocks, a GELU (tanh) MLP, tied input/output embeddings, and a
-//! vocabulary padded to a multiple of 64 whose padded logits never take part in the loss.
-//! Optionally a reward head (reward.rs) on the final hidden state (hidden.rs).
+//! GPT-2: learned positions, pre-LN blocks, a GELU (tanh) MLP, tied input/output embeddings.
+//! The Llama family (llama/): RMSNorm, RoPE, grouped-query attention, a SwiGLU MLP, a tied or
+//! untied head. Both have a vocabulary padded to a multiple of 64 whose padded logits never
+//! take part in the loss, and optionally a reward head (reward.rs) on the final hidden state
+//! (hidden.rs).
 
 pub mod activations;
 mod backward;
 pub mod decode;
 pub mod forward;
 mod hidden;
+mod llama;
 mod logprobs;
 pub mod memory;
 pub mod packing;
@@ -19,7 +23,7 @@ pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
 pub use memory::{MemoryPlan, OutOfMemory, PlanOptions};
 pub use packing::Packing;
-pub use params::{Init, LayerIdx, ParamLayout, ParamSpec};
+pub use params::{Init, LayerIdx, LlamaLayerIdx, ParamLayout, ParamSpec};
 pub use reward::{RewardHead, RewardModel, RewardPass};
 
 use crate::backend::{Backend, BackendError, Role};
@@ -40,8 +44,8 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
-/// A GPT-2 model living on backend `B`: parameters, their gradients, and activation buffers
-/// sized for the last batch shape seen.
+/// A model of either family (`cfg.family`: GPT-2 or Llama) living on backend `B`: parameters,
+/// their gradients, and activation buffers sized for the last batch shape seen.
 pub struct Gpt<B: Backend> {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
@@ -55,6 +59,8 @@ pub struct Gpt<B: Backend> {
     recompute: u8,
     /// Told by the backward pass each time a bucket of parameter gradients is final.
     grad_hook: Option<Box<dyn GradHook<B>>>,
+    /// Llama family: the RoPE inverse frequencies `[hs/2]` (fp32 `State`), uploaded once.
+    rope: Option<B::Buf>,
 }
 
 /// What the backward pass tells as it goes: data parallelism starts summing a bucket of
@@ -67,7 +73,8 @@ pub trait GradHook<B: Backend> {
 }
 
 impl<B: Backend> Gpt<B> {
-    /// A model with GPT-2 initialisation drawn from `seed`.
+    /// A model with its family's initialisation (GPT-2's, or normal(0.02) matrices for the
+    /// Llama family) drawn from `seed`.
     pub fn init(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
         let layout = ParamLayout::new(cfg);
         let values = layout.init_values(cfg, &mut Rng::new(seed));
@@ -101,6 +108,10 @@ impl<B: Backend> Gpt<B> {
             params.push(be.upload(v, Role::Param)?);
             grads.push(be.zeros(v.len(), Role::Grad)?);
         }
+        let rope = cfg
+            .llama()
+            .map(|s| be.upload(&s.rope_inv_freq(cfg.head_size()), Role::State))
+            .transpose()?;
         Ok(Self {
             cfg: cfg.clone(),
             layout,
@@ -111,12 +122,14 @@ impl<B: Backend> Gpt<B> {
             packing: None,
             grad_hook: None,
             recompute: 0,
+            rope,
         })
     }
 
     /// Activation recompute, llm.c's levels: 0 keeps every activation for the backward pass,
     /// 1 keeps no GELU output (recomputed from the kept pre-activation), 2 also no layernorm
-    /// output (recomputed from the kept residual stream). Gradients are the same bit for bit;
+    /// output (recomputed from the kept residual stream). The Llama family's are the same with
+    /// SwiGLU (from the kept gate/up projections) and RMSNorm. Gradients are the same bit for bit;
     /// the activation memory is [`MemoryPlan`]'s. Takes effect at the next forward pass.
     pub fn set_recompute(&mut self, level: u8) -> Result<()> {
         if level > 2 {

@@ -272,13 +272,19 @@ pub fn check_config(dir: &Path, found: &ModelConfig, wanted: &ModelConfig) -> Re
         ("n_embd", found.n_embd, wanted.n_embd),
         ("max_seq_len", found.max_seq_len, wanted.max_seq_len),
     ];
-    let diffs: Vec<String> = fields
+    let mut diffs: Vec<String> = fields
         .iter()
         .filter(|(_, f, w)| f != w)
         .map(|(name, f, w)| {
             format!("{name} is {f} in the checkpoint but {w} in the requested model")
         })
         .collect();
+    if found.family != wanted.family {
+        diffs.push(format!(
+            "family is {:?} in the checkpoint but {:?} in the requested model",
+            found.family, wanted.family
+        ));
+    }
     if diffs.is_empty() {
         Ok(())
     } else {
