@@ -115,4 +115,6 @@ fn assert_shape_err(r: Result<(), BackendError>, want_what: &str) {
 mod attention_grads;
 mod contract;
 mod encoder_norm_mlp;
+mod gqa_attention;
+mod llama_ops;
 mod loss_and_optimizer;

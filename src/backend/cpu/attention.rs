@@ -6,9 +6,13 @@
 //! `b` attends keys `j` with `starts[b, i] <= j <= i` (`starts[b, i]` is where the example
 //! holding position `i` begins); without it, keys `0 <= j <= i` (plain causal).
 //!
-//! Layout: `qkv [B, T, 3C]` holds `q | k | v` per position, head `h` owning columns
-//! `h*hs .. (h+1)*hs` of each; `out [B, T, C]` heads concatenated; `lse [B, NH, T]`.
-//! Each `(b, h)` pair is independent and runs as one rayon task. Within it the products are
+//! Layout (grouped-query attention, Ainslie et al. 2023): `qkv [B, T, W]` with
+//! `W = (NH + 2 NKV) hs` holds per position `NH` query heads, then `NKV` key heads, then `NKV`
+//! value heads, each `hs` wide; query head `h` reads key/value head `h / (NH / NKV)`. With
+//! `NKV = NH` this is the multi-head layout `q | k | v`, each `C` wide. `out [B, T, C]` heads
+//! concatenated; `lse [B, NH, T]`. Each `(b, h)` pair (query heads) is independent and runs as
+//! one rayon task; a key/value head's gradient is the sum of its group's query heads' parts,
+//! added in head order. Within it the products are
 //! GEMMs on the calling thread (`q k^T`, `P v`, and in backward `P^T dout`, `dout v^T`,
 //! `dS k`, `dS^T q`), read straight out of `qkv` through strided views; the softmax and its
 //! gradient are plain row loops over a local `T x T` buffer. The products skip the blocks of
@@ -30,7 +34,8 @@ fn dot<F: Float>(a: &[F], b: &[F]) -> F {
     a.iter().zip(b).fold(F::zero(), |s, (&x, &y)| s + x * y)
 }
 
-/// Strided views of one `(b, h)` pair's `q`, `k`, `v` inside `qkv [B, T, 3C]`.
+/// Strided views of one query head's `q` and its key/value head's `k`, `v` inside
+/// `qkv [B, T, W]`.
 struct Head<'a, F> {
     /// `q [T, hs]`.
     q: View<'a, F>,
@@ -44,18 +49,58 @@ struct Head<'a, F> {
     vt: View<'a, F>,
 }
 
+/// Where the heads sit in a `qkv` row: `NH` query heads of `hs`, then `NKV` key heads, then
+/// `NKV` value heads.
+#[derive(Clone, Copy)]
+pub(super) struct Heads {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+}
+
+impl Heads {
+    pub fn new(c: usize, nh: usize, nkv: usize) -> Self {
+        Heads {
+            nh,
+            nkv,
+            hs: c / nh,
+        }
+    }
+    /// Row width `W = (NH + 2 NKV) hs`.
+    pub fn width(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hs
+    }
+    /// The key/value head query head `h` reads.
+    pub fn kv_of(&self, h: usize) -> usize {
+        h / (self.nh / self.nkv)
+    }
+    /// Column of query head `h`.
+    pub fn q(&self, h: usize) -> usize {
+        h * self.hs
+    }
+    /// Column of key head `g`.
+    pub fn k(&self, g: usize) -> usize {
+        (self.nh + g) * self.hs
+    }
+    /// Column of value head `g`.
+    pub fn v(&self, g: usize) -> usize {
+        (self.nh + self.nkv + g) * self.hs
+    }
+}
+
 impl<'a, F> Head<'a, F> {
-    fn new(qkv: &'a [F], bb: usize, h: usize, t: usize, c: usize, hs: usize) -> Self {
-        let c3 = 3 * c;
-        let at = |part: usize| &qkv[bb * t * c3 + part * c + h * hs..];
-        let rows = |part: usize| View::rows(at(part), c3);
-        let cols = |part: usize| View::cols(at(part), c3);
+    fn new(qkv: &'a [F], bb: usize, h: usize, t: usize, heads: Heads) -> Self {
+        let w = heads.width();
+        let g = heads.kv_of(h);
+        let at = |col: usize| &qkv[bb * t * w + col..];
+        let rows = |col: usize| View::rows(at(col), w);
+        let cols = |col: usize| View::cols(at(col), w);
         Head {
-            q: rows(0),
-            k: rows(1),
-            kt: cols(1),
-            v: rows(2),
-            vt: cols(2),
+            q: rows(heads.q(h)),
+            k: rows(heads.k(g)),
+            kt: cols(heads.k(g)),
+            v: rows(heads.v(g)),
+            vt: cols(heads.v(g)),
         }
     }
 }
@@ -173,10 +218,7 @@ fn causal_times<F: Float>(
     }
 }
 
-/// Forward: `out = softmax(q k^T / sqrt(hs) + mask) v`; `lse[b,h,t]` is the log-sum-exp of the
-/// scaled scores of row `t` over its keys (`starts[b,t] <= j <= t`, or `j <= t` without
-/// `starts`). `starts`, when given, holds `B*T` values with `starts[b,t] <= t`
-/// (the backend checks the stricter contiguous-examples rule of `shapes::attention_starts`).
+/// Multi-head attention: [`attention_gqa_forward`] with `NKV = NH` (`qkv [B, T, 3C]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Float>(
     out: &mut [F],
@@ -188,14 +230,35 @@ pub fn attention_forward<F: Float>(
     c: usize,
     nh: usize,
 ) {
-    let hs = c / nh;
+    attention_gqa_forward(out, lse, qkv, starts, b, t, c, nh, nh)
+}
+
+/// Forward: `out = softmax(q k^T / sqrt(hs) + mask) v`; `lse[b,h,t]` is the log-sum-exp of the
+/// scaled scores of row `t` over its keys (`starts[b,t] <= j <= t`, or `j <= t` without
+/// `starts`). `starts`, when given, holds `B*T` values with `starts[b,t] <= t`
+/// (the backend checks the stricter contiguous-examples rule of `shapes::attention_starts`).
+/// `NKV` divides `NH` (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gqa_forward<F: Float>(
+    out: &mut [F],
+    lse: &mut [F],
+    qkv: &[F],
+    starts: Option<&[i32]>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) {
+    let heads = Heads::new(c, nh, nkv);
+    let hs = heads.hs;
     let scale = F::of(1.0 / (hs as f64).sqrt());
     // Per (b, h): (out rows [T*hs], lse [T]).
     let per_head: Vec<(Vec<F>, Vec<F>)> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
             let bb = bh / nh;
-            let head = Head::new(qkv, bb, bh % nh, t, c, hs);
+            let head = Head::new(qkv, bb, bh % nh, t, heads);
             let mask = Mask {
                 starts: starts.map(|s| &s[bb * t..][..t]),
             };
@@ -244,10 +307,7 @@ pub fn attention_forward<F: Float>(
         });
 }
 
-/// Backward: writes `dq, dk, dv` into `dqkv` (overwrites). With `P_ij = exp(s_ij - lse_i)`
-/// recomputed from `s_ij = q_i . k_j / sqrt(hs)` (0 where masked) and `D_i = sum_j dP_ij P_ij
-/// = dout_i . out_i`: `dv = P^T dout`, `dP = dout v^T`, `dS_ij = P_ij (dP_ij - D_i)`,
-/// `dq = dS k / sqrt(hs)`, `dk = dS^T q / sqrt(hs)`. `starts` as in the forward.
+/// Multi-head attention: [`attention_gqa_backward`] with `NKV = NH` (`dqkv [B, T, 3C]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Float>(
     dqkv: &mut [F],
@@ -261,15 +321,38 @@ pub fn attention_backward<F: Float>(
     c: usize,
     nh: usize,
 ) {
-    let hs = c / nh;
+    attention_gqa_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh, nh)
+}
+
+/// Backward: writes `dq, dk, dv` into `dqkv` (overwrites). With `P_ij = exp(s_ij - lse_i)`
+/// recomputed from `s_ij = q_i . k_j / sqrt(hs)` (0 where masked) and `D_i = sum_j dP_ij P_ij
+/// = dout_i . out_i`: `dv = P^T dout`, `dP = dout v^T`, `dS_ij = P_ij (dP_ij - D_i)`,
+/// `dq = dS k / sqrt(hs)`, `dk = dS^T q / sqrt(hs)`, per query head; a key/value head's `dk`,
+/// `dv` sum those of its group's query heads in head order. `starts` as in the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gqa_backward<F: Float>(
+    dqkv: &mut [F],
+    dout: &[F],
+    qkv: &[F],
+    out: &[F],
+    lse: &[F],
+    starts: Option<&[i32]>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) {
+    let heads = Heads::new(c, nh, nkv);
+    let hs = heads.hs;
     let scale = F::of(1.0 / (hs as f64).sqrt());
-    let c3 = 3 * c;
+    let w = heads.width();
     // Per (b, h): [dq | dk | dv], each T*hs.
     let per_head: Vec<Vec<F>> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
             let (bb, h) = (bh / nh, bh % nh);
-            let head = Head::new(qkv, bb, h, t, c, hs);
+            let head = Head::new(qkv, bb, h, t, heads);
             let mask = Mask {
                 starts: starts.map(|s| &s[bb * t..][..t]),
             };
@@ -311,16 +394,28 @@ pub fn attention_backward<F: Float>(
             g
         })
         .collect();
-    dqkv[..b * t * c3]
-        .par_chunks_mut((t * c3).max(1))
+    // Query heads copy their dq; the first query head of a group copies its dk, dv into the
+    // key/value head's columns and the others add theirs, in head order.
+    dqkv[..b * t * w]
+        .par_chunks_mut((t * w).max(1))
         .enumerate()
         .for_each(|(bb, dqkv_b)| {
             for h in 0..nh {
                 let g = &per_head[bb * nh + h];
+                let kv = heads.kv_of(h);
+                let first = h == 0 || heads.kv_of(h - 1) != kv;
+                let cols = [heads.q(h), heads.k(kv), heads.v(kv)];
                 for (part, src) in g.chunks(t * hs).enumerate() {
                     for i in 0..t {
-                        let dst = &mut dqkv_b[i * c3 + part * c + h * hs..][..hs];
-                        dst.copy_from_slice(&src[i * hs..][..hs]);
+                        let dst = &mut dqkv_b[i * w + cols[part]..][..hs];
+                        let src = &src[i * hs..][..hs];
+                        if part == 0 || first {
+                            dst.copy_from_slice(src);
+                        } else {
+                            for (d, &s) in dst.iter_mut().zip(src) {
+                                *d += s;
+                            }
+                        }
                     }
                 }
             }

@@ -1,7 +1,8 @@
 //! The block-causal products against plain loops over every `(i, j)`, in f64, at a `T`
 //! spanning several blocks with a short last one (the integration tests use a short `T`),
 //! plain causal and with examples packed into rows (starts that skip whole blocks, cross
-//! block boundaries, and single-token examples).
+//! block boundaries, and single-token examples), and grouped key/value heads against repeated
+//! ones.
 
 use super::*;
 
@@ -139,4 +140,52 @@ fn packed_attention_matches_row_loops_across_blocks() {
     }
     crate::backend::shapes::attention_starts("test", Some(&starts), B, T).unwrap();
     check(Some(&starts), 3);
+}
+
+/// Multi-query attention (`NKV = 1`) at a `T` spanning several blocks, plain and packed in
+/// examples of 50 tokens: the same as multi-head attention on the key/value head repeated for
+/// every query head, whose key/value gradients sum into the shared head.
+#[test]
+fn grouped_kv_heads_match_repeated_heads_across_blocks() {
+    let hs = C / NH;
+    let w = (NH + 2) * hs;
+    let qkv = values(B * T * w, 5);
+    let dout = values(B * T * C, 6);
+    let mha: Vec<f64> = qkv
+        .chunks(w)
+        .flat_map(|row| {
+            let (q, kv) = row.split_at(C);
+            let (k, v) = kv.split_at(hs);
+            let mut r = q.to_vec();
+            (0..NH).for_each(|_| r.extend_from_slice(k));
+            (0..NH).for_each(|_| r.extend_from_slice(v));
+            r
+        })
+        .collect();
+    let packed: Vec<i32> = (0..B * T).map(|k| (k % T - k % T % 50) as i32).collect();
+    for starts in [None, Some(&packed[..])] {
+        let (mut out, mut lse) = (vec![f64::NAN; B * T * C], vec![f64::NAN; B * NH * T]);
+        attention_gqa_forward(&mut out, &mut lse, &qkv, starts, B, T, C, NH, 1);
+        let (mut out_m, mut lse_m) = (vec![f64::NAN; B * T * C], vec![f64::NAN; B * NH * T]);
+        attention_forward(&mut out_m, &mut lse_m, &mha, starts, B, T, C, NH);
+        assert_close("out", &out, &out_m);
+        assert_close("lse", &lse, &lse_m);
+        let mut g = vec![f64::NAN; B * T * w];
+        attention_gqa_backward(&mut g, &dout, &qkv, &out, &lse, starts, B, T, C, NH, 1);
+        let mut g_m = vec![f64::NAN; B * T * 3 * C];
+        attention_backward(&mut g_m, &dout, &mha, &out, &lse, starts, B, T, C, NH);
+        let want: Vec<f64> = g_m
+            .chunks(3 * C)
+            .flat_map(|row| {
+                let mut r = row[..C].to_vec();
+                for part in 1..3 {
+                    r.extend(
+                        (0..hs).map(|d| (0..NH).map(|h| row[part * C + h * hs + d]).sum::<f64>()),
+                    );
+                }
+                r
+            })
+            .collect();
+        assert_close("dqkv", &g, &want);
+    }
 }

@@ -47,7 +47,7 @@ pub fn encoder_forward<F: Float>(
 ///
 /// Deterministic: each table row sums its positions in increasing position order (a counting
 /// sort groups them first); rows are independent, so they run in parallel.
-fn scatter_add_rows<F: Float>(table: &mut [F], dout: &[F], keys: &[usize], c: usize) {
+pub(super) fn scatter_add_rows<F: Float>(table: &mut [F], dout: &[F], keys: &[usize], c: usize) {
     let rows = table.len() / c;
     // Positions with key k are order[start[k]..start[k+1]].
     let mut start = vec![0usize; rows + 1];

@@ -13,6 +13,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod decode;
+pub mod embedding;
 pub mod encoder;
 pub mod float;
 pub mod gelu;
@@ -20,7 +21,10 @@ pub mod layernorm;
 pub mod matmul;
 mod ops;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
 pub mod sample;
+pub mod swiglu;
 
 pub use float::Float;
 

@@ -2,8 +2,8 @@
 //! (`backend/shapes.rs`), then calls the f32 function of the kernel family file of its name.
 
 use super::{
-    adamw, attention, cross_entropy, decode, encoder, gelu, layernorm, matmul, residual, sample,
-    CpuBackend,
+    adamw, attention, cross_entropy, decode, embedding, encoder, gelu, layernorm, matmul, residual,
+    rmsnorm, rope, sample, swiglu, CpuBackend,
 };
 use crate::backend::{
     check_len, shapes, AdamWStep, Backend, BackendError, LossGrad, Result, Role, SampleParams,
@@ -252,7 +252,7 @@ impl Backend for CpuBackend {
         shapes::attention_forward(out, lse, qkv, b, t, c, nh)?;
         let starts = starts.map(Vec::as_slice);
         shapes::attention_starts(op, starts, b, t)?;
-        attention::attention_forward(out, lse, qkv, starts, b, t, c, nh);
+        attention::attention_gqa_forward(out, lse, qkv, starts, b, t, c, nh, nh);
         Ok(())
     }
 
@@ -273,7 +273,187 @@ impl Backend for CpuBackend {
         shapes::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)?;
         let starts = starts.map(Vec::as_slice);
         shapes::attention_starts(op, starts, b, t)?;
-        attention::attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh);
+        attention::attention_gqa_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh, nh);
+        Ok(())
+    }
+
+    fn attention_gqa_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let op = "attention_gqa_forward";
+        shapes::attention_gqa_forward(out, lse, qkv, b, t, c, nh, nkv)?;
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        attention::attention_gqa_forward(out, lse, qkv, starts, b, t, c, nh, nkv);
+        Ok(())
+    }
+
+    fn attention_gqa_backward(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        starts: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let op = "attention_gqa_backward";
+        shapes::attention_gqa_backward(dqkv, dout, qkv, out, lse, b, t, c, nh, nkv)?;
+        let starts = starts.map(Vec::as_slice);
+        shapes::attention_starts(op, starts, b, t)?;
+        let s = starts;
+        attention::attention_gqa_backward(dqkv, dout, qkv, out, lse, s, b, t, c, nh, nkv);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &Vec<i32>,
+        wte: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::embedding_forward(out, ids, wte, b, t, c)?;
+        embedding::embedding_forward(out, ids, wte, b, t, c);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        ids: &Vec<i32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::embedding_backward(dwte, dout, ids, b, t, c)?;
+        embedding::embedding_backward(dwte, dout, ids, b, t, c);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        shapes::rmsnorm_forward(out, rstd, inp, weight, n, c, eps)?;
+        rmsnorm::rmsnorm_forward(out, rstd, inp, weight, n, c, eps);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        shapes::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, n, c)?;
+        rmsnorm::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, n, c);
+        Ok(())
+    }
+
+    /// The residual add and the RMSNorm of its result in one pass per row.
+    fn residual_rmsnorm_forward(
+        &self,
+        residual: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        weight: &Vec<f32>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        shapes::residual_rmsnorm_forward(residual, out, rstd, a, b, weight, n, c, eps)?;
+        rmsnorm::residual_rmsnorm_forward(residual, out, rstd, a, b, weight, n, c, eps);
+        Ok(())
+    }
+
+    fn rope_forward(
+        &self,
+        qkv: &mut Vec<f32>,
+        inv_freq: &Vec<f32>,
+        pos: Option<&Vec<i32>>,
+        past: usize,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let pos = pos.map(Vec::as_slice);
+        shapes::rope_forward(qkv, inv_freq, pos, b, t, nh, nkv, hs)?;
+        rope::rope_forward(qkv, inv_freq, pos, past, b, t, nh, nkv, hs);
+        Ok(())
+    }
+
+    fn rope_backward(
+        &self,
+        dqkv: &mut Vec<f32>,
+        inv_freq: &Vec<f32>,
+        pos: Option<&Vec<i32>>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let pos = pos.map(Vec::as_slice);
+        shapes::rope_backward(dqkv, inv_freq, pos, b, t, nh, nkv, hs)?;
+        rope::rope_backward(dqkv, inv_freq, pos, b, t, nh, nkv, hs);
+        Ok(())
+    }
+
+    fn swiglu_forward(
+        &self,
+        out: &mut Vec<f32>,
+        gate_up: &Vec<f32>,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        shapes::swiglu_forward(out, gate_up, n, i)?;
+        swiglu::swiglu_forward(out, gate_up, n, i);
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate_up: &Vec<f32>,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        shapes::swiglu_backward(dgate_up, dout, gate_up, n, i)?;
+        swiglu::swiglu_backward(dgate_up, dout, gate_up, n, i);
         Ok(())
     }
 
@@ -349,7 +529,28 @@ impl Backend for CpuBackend {
         nh: usize,
     ) -> Result<()> {
         shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
-        decode::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh);
+        let (kc, vc) = (k_cache, v_cache);
+        decode::attention_gqa_cached_forward(out, qkv, kc, vc, b, tn, past, tmax, c, nh, nh);
+        Ok(())
+    }
+
+    fn attention_gqa_cached_forward(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let (kc, vc) = (k_cache, v_cache);
+        shapes::attention_gqa_cached_forward(out, qkv, kc, vc, b, tn, past, tmax, c, nh, nkv)?;
+        decode::attention_gqa_cached_forward(out, qkv, kc, vc, b, tn, past, tmax, c, nh, nkv);
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 //! the buffer or argument. A rule takes the op's buffers themselves (anything with a [`Len`]),
 //! so each check is one call. Backend-specific limits (a kernel's maximum head size, 32-bit
 //! grid sizes) stay with the backend. The rules over heads, positions and the vocabulary
-//! (attention, sampling, the cross-entropy) are in `sequence.rs`.
+//! (attention, sampling, the cross-entropy) are in `sequence.rs`; those of the Llama family's
+//! embedding, RMSNorm, RoPE and SwiGLU in `llama.rs`.
 
 use super::{check_len, AdamWStep, Backend, BackendError, Result};
 
@@ -387,3 +388,6 @@ fn matmul_backward_for<L: Len + ?Sized>(
 
 mod sequence;
 pub use sequence::*;
+
+mod llama;
+pub use llama::*;

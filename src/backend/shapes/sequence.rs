@@ -1,5 +1,5 @@
-//! Shape rules of the ops over sequences and the vocabulary: attention (training and the
-//! KV-cache decode), token sampling and the cross-entropy.
+//! Shape rules of the ops over sequences and the vocabulary: attention, multi-head and with
+//! grouped KV heads (training and the KV-cache decode), token sampling and the cross-entropy.
 
 use super::{elementwise, invalid, Len};
 use crate::backend::{check_len, BackendError, Result, SampleParams};
@@ -15,6 +15,19 @@ pub fn attention_heads(op: &'static str, c: usize, nh: usize) -> Result<()> {
     Ok(())
 }
 
+/// Grouped-query attention needs `NH > 0` heads that divide `C` and `NKV > 0` key/value
+/// heads that divide `NH`. Returns the width `(NH + 2 NKV) hs` of a `qkv` row.
+pub fn attention_gqa_heads(op: &'static str, c: usize, nh: usize, nkv: usize) -> Result<usize> {
+    attention_heads(op, c, nh)?;
+    if nkv == 0 || !nh.is_multiple_of(nkv) {
+        return Err(invalid(
+            op,
+            format!("NH = {nh} query heads are not a multiple of NKV = {nkv} key/value heads"),
+        ));
+    }
+    Ok((nh + 2 * nkv) * (c / nh))
+}
+
 /// Checks for `attention_forward`: heads, then `out [B*T*C]`, `lse [B*NH*T]`, `qkv [B*T*3C]`.
 pub fn attention_forward<L: Len + ?Sized>(
     out: &L,
@@ -25,7 +38,25 @@ pub fn attention_forward<L: Len + ?Sized>(
     c: usize,
     nh: usize,
 ) -> Result<()> {
-    attention_for("attention_forward", out, lse, qkv, b, t, c, nh)
+    attention_for("attention_forward", out, lse, qkv, b, t, c, nh, nh)?;
+    Ok(())
+}
+
+/// Checks for `attention_gqa_forward`: heads ([`attention_gqa_heads`]), then `out [B*T*C]`,
+/// `lse [B*NH*T]`, `qkv [B*T*(NH+2*NKV)*hs]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gqa_forward<L: Len + ?Sized>(
+    out: &L,
+    lse: &L,
+    qkv: &L,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
+    attention_for("attention_gqa_forward", out, lse, qkv, b, t, c, nh, nkv)?;
+    Ok(())
 }
 
 /// Checks for `attention_backward`: those of `attention_forward` on its buffers, then
@@ -43,12 +74,49 @@ pub fn attention_backward<L: Len + ?Sized>(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_backward";
-    attention_for(op, out, lse, qkv, b, t, c, nh)?;
-    check_len(op, "dqkv", b * t * 3 * c, dqkv.len())?;
+    attention_backward_for(op, dqkv, dout, qkv, out, lse, b, t, c, nh, nh)
+}
+
+/// Checks for `attention_gqa_backward`: those of `attention_gqa_forward` on its buffers, then
+/// `dqkv [B*T*(NH+2*NKV)*hs]`, `dout [B*T*C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gqa_backward<L: Len + ?Sized>(
+    dqkv: &L,
+    dout: &L,
+    qkv: &L,
+    out: &L,
+    lse: &L,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
+    let op = "attention_gqa_backward";
+    attention_backward_for(op, dqkv, dout, qkv, out, lse, b, t, c, nh, nkv)
+}
+
+/// The attention backward rule under `op`'s name.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_for<L: Len + ?Sized>(
+    op: &'static str,
+    dqkv: &L,
+    dout: &L,
+    qkv: &L,
+    out: &L,
+    lse: &L,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
+    let w = attention_for(op, out, lse, qkv, b, t, c, nh, nkv)?;
+    check_len(op, "dqkv", b * t * w, dqkv.len())?;
     check_len(op, "dout", b * t * c, dout.len())
 }
 
-/// The attention forward rule under `op`'s name.
+/// The attention forward rule under `op`'s name; returns the `qkv` row width.
 #[allow(clippy::too_many_arguments)]
 fn attention_for<L: Len + ?Sized>(
     op: &'static str,
@@ -59,11 +127,13 @@ fn attention_for<L: Len + ?Sized>(
     t: usize,
     c: usize,
     nh: usize,
-) -> Result<()> {
-    attention_heads(op, c, nh)?;
+    nkv: usize,
+) -> Result<usize> {
+    let w = attention_gqa_heads(op, c, nh, nkv)?;
     check_len(op, "out", b * t * c, out.len())?;
     check_len(op, "lse", b * nh * t, lse.len())?;
-    check_len(op, "qkv", b * t * 3 * c, qkv.len())
+    check_len(op, "qkv", b * t * w, qkv.len())?;
+    Ok(w)
 }
 
 /// The optional `starts [B*T]` of attention over packed rows: each row is cut into contiguous
@@ -113,7 +183,48 @@ pub fn attention_cached_forward<L: Len + ?Sized>(
     nh: usize,
 ) -> Result<()> {
     let op = "attention_cached_forward";
-    attention_heads(op, c, nh)?;
+    let caches = [k_cache, v_cache];
+    cached_for(op, out, qkv, caches, b, tn, past, tmax, c, nh, nh)
+}
+
+/// Checks for `attention_gqa_cached_forward`: heads ([`attention_gqa_heads`]),
+/// `past + Tn <= Tmax`, and lengths `out [B*Tn*C]`, `qkv [B*Tn*(NH+2*NKV)*hs]`, `k_cache`,
+/// `v_cache` `[B*Tmax*NKV*hs]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_gqa_cached_forward<L: Len + ?Sized>(
+    out: &L,
+    qkv: &L,
+    k_cache: &L,
+    v_cache: &L,
+    b: usize,
+    tn: usize,
+    past: usize,
+    tmax: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
+    let op = "attention_gqa_cached_forward";
+    let caches = [k_cache, v_cache];
+    cached_for(op, out, qkv, caches, b, tn, past, tmax, c, nh, nkv)
+}
+
+/// The cached attention rule under `op`'s name.
+#[allow(clippy::too_many_arguments)]
+fn cached_for<L: Len + ?Sized>(
+    op: &'static str,
+    out: &L,
+    qkv: &L,
+    [k_cache, v_cache]: [&L; 2],
+    b: usize,
+    tn: usize,
+    past: usize,
+    tmax: usize,
+    c: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<()> {
+    let w = attention_gqa_heads(op, c, nh, nkv)?;
     if past + tn > tmax {
         return Err(BackendError::Invalid {
             op,
@@ -121,9 +232,9 @@ pub fn attention_cached_forward<L: Len + ?Sized>(
         });
     }
     check_len(op, "out", b * tn * c, out.len())?;
-    check_len(op, "qkv", b * tn * 3 * c, qkv.len())?;
+    check_len(op, "qkv", b * tn * w, qkv.len())?;
     let caches = [("k_cache", k_cache), ("v_cache", v_cache)];
-    elementwise(op, &caches, b * tmax * c)
+    elementwise(op, &caches, b * tmax * nkv * (c / nh))
 }
 
 /// A logits row holds `VP` columns of which the first `V` are real: `0 < V <= VP`.
