@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::Backend;
 use topcoat::config::{Family, LlamaShape, ModelConfig, RopeScaling};
-use topcoat::model::{GradHook, Gpt, KvCache, Packing};
+use topcoat::model::{Gpt, GradHook, KvCache, Packing};
 use topcoat::rng::Rng;
 
 /// Fourth-order central differences of the f32 model's mean loss along a unit direction `u`,
@@ -118,7 +118,10 @@ fn check_gradient(cfg: &ModelConfig, seed: u64) {
             - (loss_at(k, &dir, h2) - loss_at(k, &dir, -h2)))
             / (12.0 * h);
         let err = (fd - gnorm).abs() / gnorm;
-        println!("{}: |g| {gnorm:.4e}, fd {fd:.4e}, rel err {err:.1e}", names[k]);
+        println!(
+            "{}: |g| {gnorm:.4e}, fd {fd:.4e}, rel err {err:.1e}",
+            names[k]
+        );
         assert!(
             err <= FD_TOL,
             "{}: analytic {gnorm} vs finite differences {fd} (rel err {err:.2e})",
@@ -194,7 +197,11 @@ fn packed_rows_equal_each_example_alone() {
             begin += len;
         }
     }
-    assert!((loss.sum - sum).abs() <= 1e-5 * sum, "{} vs {sum}", loss.sum);
+    assert!(
+        (loss.sum - sum).abs() <= 1e-5 * sum,
+        "{} vs {sum}",
+        loss.sum
+    );
     let (gp, ga) = (
         packed.grad_values(&be).unwrap(),
         alone.grad_values(&be).unwrap(),
@@ -202,7 +209,10 @@ fn packed_rows_equal_each_example_alone() {
     for (k, (p, a)) in gp.iter().zip(&ga).enumerate() {
         let e = rel_err(p, a);
         let name = &packed.layout.specs[k].name;
-        assert!(e <= 1e-4, "{name}: packed vs alone gradient rel err {e:.2e}");
+        assert!(
+            e <= 1e-4,
+            "{name}: packed vs alone gradient rel err {e:.2e}"
+        );
     }
 }
 
@@ -218,7 +228,11 @@ fn kv_cache_decoding_equals_the_full_forward() {
         let ids = random_ids(&mut Rng::new(12), b * t, cfg.vocab_size);
         model.forward(&be, &ids, b, t).unwrap();
         let full: Vec<Vec<Vec<f32>>> = (0..b)
-            .map(|r| (0..t).map(|p| model.logits_at(&be, r, p).unwrap()).collect())
+            .map(|r| {
+                (0..t)
+                    .map(|p| model.logits_at(&be, r, p).unwrap())
+                    .collect()
+            })
             .collect();
         // Steps of 4 (prefill), 1, 1, 3, then 1 each.
         let mut cache = KvCache::new(&be, &cfg, b).unwrap();
@@ -320,11 +334,15 @@ fn llama_3_2_1b_has_its_parameter_count() {
     ]);
     assert!(out.contains("parameters: 1235814400 (1235.81 M)"), "{out}");
     assert!(
-        out.contains("family: llama, 8 KV heads of 64, SwiGLU 8192, RoPE theta 500000 (llama3 scaling x32)")
-            && out.contains("tied head"),
+        out.contains(
+            "family: llama, 8 KV heads of 64, SwiGLU 8192, RoPE theta 500000 (llama3 scaling x32)"
+        ) && out.contains("tied head"),
         "{out}"
     );
-    assert!(out.contains("activations") && out.contains("recompute 1:"), "{out}");
+    assert!(
+        out.contains("activations") && out.contains("recompute 1:"),
+        "{out}"
+    );
 }
 
 // ---- the CLI, end to end on a llama-tiny checkpoint -----------------------------------------
@@ -385,7 +403,10 @@ fn every_stage_and_command_runs_on_a_llama_checkpoint() {
             "2",
         ],
     );
-    assert!(out.contains("family: llama") || out.contains("model:"), "{out}");
+    assert!(
+        out.contains("family: llama") || out.contains("model:"),
+        "{out}"
+    );
     let l = losses(&p("base"));
     assert_eq!(l.len(), 12);
     assert!(l[11] < 0.8 * l[0], "pretrain loss did not fall: {l:?}");
@@ -501,7 +522,14 @@ fn every_stage_and_command_runs_on_a_llama_checkpoint() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
         .args(["chat", "--checkpoint"])
         .arg(p("sft"))
-        .args(["--device", "cpu", "--temperature", "0", "--max-new-tokens", "5"])
+        .args([
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

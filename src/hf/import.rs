@@ -43,6 +43,66 @@ pub struct ImportSummary {
     pub out: PathBuf,
 }
 
+/// A Hugging Face model read into topcoat's layout, before any tokenizer is attached.
+pub struct HfImport {
+    pub arch: Arch,
+    /// The topcoat shape (vocabulary as `config.json` gives it).
+    pub cfg: ModelConfig,
+    /// Every tensor in [`ParamLayout`] order, padded rows zero.
+    pub values: Vec<Vec<f32>>,
+    /// Hugging Face tensors read, and the bytes and number of files holding them.
+    pub tensors: usize,
+    pub bytes: u64,
+    pub files: usize,
+    /// Tensors skipped: buffers, a tied duplicate head.
+    pub skipped: Vec<String>,
+}
+
+/// Reads the model in `dir` (config.json and the weights) into topcoat's layout.
+pub fn read_model(dir: &Path, progress: &dyn Fn(&str)) -> Result<HfImport> {
+    let HfModel { arch, cfg } = config::read(&config::path_in(dir))?;
+    let weights = HfWeights::open(dir)?;
+    progress(&format!(
+        "{}: {} ({} layers, width {}, vocabulary {}), {} tensors in {} file(s), {:.1} MB",
+        dir.display(),
+        arch.class(),
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.vocab_size,
+        weights.names().count(),
+        weights.files().len(),
+        weights.total_bytes() as f64 / 1e6
+    ));
+    let prefix = match arch {
+        Arch::Gpt2 if weights.names().any(|n| n == "transformer.wte.weight") => "transformer.",
+        _ => "",
+    };
+    let maps = names::mappings(&cfg, cfg.vocab_size, prefix);
+    let (values, read) = read_all(&cfg, &maps, &weights, progress)?;
+    let skipped = check_leftovers(&cfg, &maps, &weights, &read, &values)?;
+    Ok(HfImport {
+        arch,
+        cfg,
+        values,
+        tensors: read.len(),
+        bytes: weights.total_bytes(),
+        files: weights.files().len(),
+        skipped,
+    })
+}
+
+/// Gives `m` `vocab_size` vocabulary rows (more than it has): the new rows of the embedding
+/// and of an untied head are zero, inside the padding or beyond it.
+fn grow_vocab(m: &mut HfImport, vocab_size: usize) {
+    let layout = ParamLayout::new(&m.cfg);
+    let c = m.cfg.n_embd;
+    m.cfg.vocab_size = vocab_size;
+    m.cfg.padded_vocab_size = pad_vocab(vocab_size).max(m.cfg.padded_vocab_size);
+    for i in [Some(layout.wte), layout.lm_head].into_iter().flatten() {
+        m.values[i].resize(m.cfg.padded_vocab_size * c, 0.0);
+    }
+}
+
 /// Imports the model in `dir` as checkpoint directory `out`, which must not exist.
 pub fn import_hf(
     dir: &Path,
@@ -55,45 +115,32 @@ pub fn import_hf(
             path: out.to_path_buf(),
         });
     }
-    let HfModel { arch, cfg: hf_cfg } = config::read(&config::path_in(dir))?;
+    // Refuse a directory without a tokenizer before reading gigabytes of weights.
+    if !opts.gpt2_tokenizer && !dir.join("tokenizer.json").is_file() {
+        return Err(HfError::NoTokenizer {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let mut m = read_model(dir, progress)?;
     let tokenizer = tokenizer(dir, opts)?;
     // A tokenizer with more ids than the model's rows (topcoat's GPT-2 tokenizer adds four
-    // chat tokens to GPT-2's 50257) gets zero rows for them, inside or beyond the padding.
-    let mut cfg = hf_cfg.clone();
-    let added_rows = tokenizer.vocab_size().saturating_sub(cfg.vocab_size);
+    // chat tokens to GPT-2's 50257) gets zero rows for them.
+    let added_rows = tokenizer.vocab_size().saturating_sub(m.cfg.vocab_size);
     if added_rows > 0 {
-        cfg.vocab_size = tokenizer.vocab_size();
-        cfg.padded_vocab_size = pad_vocab(cfg.vocab_size).max(cfg.padded_vocab_size);
+        grow_vocab(&mut m, tokenizer.vocab_size());
     }
-    let weights = HfWeights::open(dir)?;
-    progress(&format!(
-        "{}: {} ({} layers, width {}, vocabulary {}), {} tensors in {} file(s), {:.1} MB",
-        dir.display(),
-        arch.class(),
-        cfg.n_layer,
-        cfg.n_embd,
-        hf_cfg.vocab_size,
-        weights.names().count(),
-        weights.files().len(),
-        weights.total_bytes() as f64 / 1e6
-    ));
-    let prefix = match arch {
-        Arch::Gpt2 if weights.names().any(|n| n == "transformer.wte.weight") => "transformer.",
-        _ => "",
-    };
-    let maps = names::mappings(&cfg, hf_cfg.vocab_size, prefix);
-    let (values, read) = read_all(&cfg, &maps, &weights, progress)?;
-    let skipped = check_leftovers(&cfg, &maps, &weights, &read, &values)?;
     let be = CpuBackend::new();
-    let model = Gpt::from_values(&be, &cfg, values)?;
-    checkpoint::save(&be, out, &model, &tokenizer, None)?;
+    let model = Gpt::from_values(&be, &m.cfg, std::mem::take(&mut m.values))?;
+    // The writer syncs the parent directory: a bare relative name has an empty one.
+    let dest = std::path::absolute(out).map_err(super::io_err(out))?;
+    checkpoint::save(&be, &dest, &model, &tokenizer, None)?;
     Ok(ImportSummary {
-        arch,
-        cfg,
-        tensors: read.len(),
-        bytes: weights.total_bytes(),
-        files: weights.files().len(),
-        skipped,
+        arch: m.arch,
+        cfg: m.cfg,
+        tensors: m.tensors,
+        bytes: m.bytes,
+        files: m.files,
+        skipped: m.skipped,
         added_rows,
         out: out.to_path_buf(),
     })

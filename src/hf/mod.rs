@@ -16,7 +16,7 @@ mod read;
 
 pub use config::{Arch, HfModel, SUPPORTED};
 pub use export::{export_hf, ExportOptions, ExportSummary};
-pub use import::{import_hf, ImportOptions, ImportSummary};
+pub use import::{import_hf, read_model, HfImport, ImportOptions, ImportSummary};
 pub use read::HfWeights;
 
 use crate::data::DataError;
