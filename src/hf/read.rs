@@ -165,7 +165,7 @@ impl HfWeights {
         let bytes = &f.map[f.data_start + start..f.data_start + end];
         let n: usize = info.shape.iter().product();
         Ok(match info.dtype {
-            Dtype::F32 => convert::<4>(bytes, n, |b| f32::from_le_bytes(b)),
+            Dtype::F32 => convert::<4>(bytes, n, f32::from_le_bytes),
             Dtype::BF16 => convert::<2>(bytes, n, |b| half::bf16::from_le_bytes(b).to_f32()),
             Dtype::F16 => convert::<2>(bytes, n, |b| half::f16::from_le_bytes(b).to_f32()),
             other => {
