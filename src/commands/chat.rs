@@ -9,6 +9,12 @@
 //! is prefilled. When the next turn would not fit (its message plus `max_new_tokens` past the
 //! model's context), the oldest turns are dropped (the system message stays) and the
 //! conversation is prefilled again. Blank lines are skipped; end of input ends the chat.
+//!
+//! A checkpoint whose tokenizer has its own chat template (a Hugging Face model's) renders the
+//! whole conversation with it for every turn (the replies kept as text), as such templates need
+//! not render turn by turn; the KV cache still keeps the prefix the new render shares with the
+//! old. A reply ends at the template's end-of-turn token (e.g. `<|im_end|>`, `<|eot_id|>`) or
+//! the end-of-text token.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
@@ -64,16 +70,17 @@ fn chat_on<B: Backend>(
     let dir = resolve_checkpoint(ckpt)?;
     let tok = checkpoint::load_tokenizer(&dir)?;
     let model = checkpoint::load_model(be, &dir, None)?;
-    let end = tok.special("<|end|>").ok_or_else(|| {
-        CommandError::invalid(format!(
-            "{}: the tokenizer has no <|end|> token",
-            dir.display()
-        ))
-    })?;
+    let end = tok.end_of_turn();
     let cap = model.cfg.max_seq_len;
-    let system: Vec<u32> = match &opts.system {
-        Some(s) => render(&tok, &[Message::new(Role::System, s.as_str())]).ids,
-        None => Vec::new(),
+    let system_msg: Vec<Message> = opts
+        .system
+        .iter()
+        .map(|s| Message::new(Role::System, s.as_str()))
+        .collect();
+    let system: Vec<u32> = match tok.chat_template() {
+        Some(_) if !system_msg.is_empty() => render_prompt(&tok, &system_msg)?,
+        Some(_) => Vec::new(),
+        None => render(&tok, &system_msg)?.ids,
     };
     if system.len() + 2 >= cap {
         return Err(CommandError::arg(
@@ -104,6 +111,7 @@ fn chat_on<B: Backend>(
         cap,
         max_new_tokens: opts.max_new_tokens,
         system,
+        system_msg,
         turns: VecDeque::new(),
     };
     let stdout_err = || io_err("<stdout>");
@@ -143,8 +151,18 @@ struct Conversation<'a, B: Backend> {
     max_new_tokens: usize,
     /// The rendered system message (empty without one).
     system: Vec<u32>,
-    /// Each earlier turn: the user message and the reply, closed by `<|end|>`.
-    turns: VecDeque<Vec<u32>>,
+    /// The system message (for a tokenizer's own template).
+    system_msg: Vec<Message>,
+    /// Each earlier turn.
+    turns: VecDeque<Turn>,
+}
+
+/// One earlier turn: the user message and the reply as text, and (topcoat's template) its
+/// tokens, the reply's as sampled, closed by `<|end|>`.
+struct Turn {
+    user: String,
+    reply: String,
+    ids: Vec<u32>,
 }
 
 impl<B: Backend> Conversation<'_, B> {
@@ -158,40 +176,63 @@ impl<B: Backend> Conversation<'_, B> {
         note: &dyn Fn(&str),
     ) -> Result<bool, CommandError> {
         let cap = self.cap;
-        let user = render_prompt(self.tok, &[Message::new(Role::User, text)]);
-        if self.system.len() + user.len() >= cap {
+        let user = render_prompt(self.tok, &[Message::new(Role::User, text)])?;
+        let alone = match self.tok.chat_template() {
+            Some(_) => self.context(text, 0)?.len(),
+            None => self.system.len() + user.len(),
+        };
+        if alone >= cap {
             note(&format!(
                 "message on line {n} skipped: it is {} tokens, and with the system message it \
                  does not fit the model's context of {cap} tokens",
-                user.len()
+                alone.saturating_sub(self.system.len())
             ));
             return Ok(false);
         }
-        let held = |turns: &VecDeque<Vec<u32>>| turns.iter().map(Vec::len).sum::<usize>();
+        let mut context = self.context(text, self.turns.len())?;
         let mut dropped = 0;
-        while !self.turns.is_empty()
-            && self.system.len() + held(&self.turns) + user.len() + self.max_new_tokens > cap
-        {
+        while !self.turns.is_empty() && context.len() + self.max_new_tokens > cap {
             self.turns.pop_front();
             dropped += 1;
+            context = self.context(text, self.turns.len())?;
         }
         if dropped > 0 {
             note(&format!(
                 "dropped the {dropped} oldest turn(s) to fit the context of {cap} tokens"
             ));
         }
-        let mut context = self.system.clone();
-        for t in &self.turns {
-            context.extend_from_slice(t);
-        }
-        context.extend_from_slice(&user);
         self.session.set_context(&context)?;
         let reply = self.stream_reply(out, note)?;
-        let mut turn = user;
-        turn.extend_from_slice(&reply);
-        turn.push(self.end);
-        self.turns.push_back(turn);
+        let mut ids = user;
+        ids.extend_from_slice(&reply);
+        ids.push(self.end);
+        self.turns.push_back(Turn {
+            user: text.to_string(),
+            reply: self.tok.decode(&reply),
+            ids,
+        });
         Ok(true)
+    }
+
+    /// The context for a new user message `text` after the last `keep` turns: the system
+    /// message, those turns, the message and what opens the reply.
+    fn context(&self, text: &str, keep: usize) -> Result<Vec<u32>, CommandError> {
+        let kept = self.turns.iter().skip(self.turns.len() - keep);
+        if self.tok.chat_template().is_none() {
+            let mut context = self.system.clone();
+            for t in kept {
+                context.extend_from_slice(&t.ids);
+            }
+            context.extend(render_prompt(self.tok, &[Message::new(Role::User, text)])?);
+            return Ok(context);
+        }
+        let mut messages = self.system_msg.clone();
+        for t in kept {
+            messages.push(Message::new(Role::User, t.user.as_str()));
+            messages.push(Message::new(Role::Assistant, t.reply.as_str()));
+        }
+        messages.push(Message::new(Role::User, text));
+        Ok(render_prompt(self.tok, &messages)?)
     }
 
     /// Samples a reply after the context set, writing its text to `out` as it is decoded.

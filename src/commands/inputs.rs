@@ -46,8 +46,9 @@ pub fn data_tokenizer(dir: &Path) -> Result<Tokenizer, DataError> {
 }
 
 /// `--tokenizer`: `gpt2` (GPT-2's BPE), `bpe` (train a byte-level BPE on the inputs: only
-/// `prepare` of raw text can), or a path: a `tokenizer.json`, or a checkpoint, run or prepared
-/// data directory (its tokenizer).
+/// `prepare` of raw text can), or a path: a `tokenizer.json` (topcoat's, or a Hugging Face one,
+/// read with the `tokenizer_config.json` beside it), a Hugging Face model directory, or a
+/// checkpoint, run or prepared data directory (its tokenizer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerArg {
     Gpt2,
@@ -95,8 +96,8 @@ impl TokenizerArg {
     }
 }
 
-/// A `tokenizer.json`, or the tokenizer of a prepared data directory, a checkpoint or a run
-/// directory.
+/// A `tokenizer.json` (topcoat's or Hugging Face's), or the tokenizer of a Hugging Face model
+/// directory, a prepared data directory, a checkpoint or a run directory.
 fn load_tokenizer_at(path: &Path) -> Result<Tokenizer, TrainError> {
     if path.is_file() {
         return Ok(Tokenizer::load(path)?);

@@ -75,7 +75,7 @@ pub fn read_prompts(path: &Path, tok: &Tokenizer) -> std::result::Result<Vec<Vec
         if prompt.is_empty() {
             return Err(bad("field \"prompt\" is empty".into()));
         }
-        out.push(render_prompt(tok, &[Message::new(Role::User, prompt)]));
+        out.push(render_prompt(tok, &[Message::new(Role::User, prompt)])?);
     }
     if out.is_empty() {
         return Err(DataError::InvalidArgument(format!(
@@ -128,7 +128,7 @@ impl Stage for RlStage {
             t: run.seq_len,
             // This rank's micro-batches per step: a rollout slot each.
             accum: crate::train::local_accum(run, run.world_size)?,
-            stop: tok.special("<|end|>"),
+            stop: Some(tok.end_of_turn()),
             pad: tok.eot(),
         };
         rl_cfg.check().map_err(ConfigError::Invalid)?;

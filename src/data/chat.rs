@@ -10,6 +10,16 @@
 //! training, the target `ids[i]` counts when `loss_mask[i]` is true.
 //!
 //! Generation: [`render_prompt`] renders the messages, then `<|assistant|>`; sample until `<|end|>`.
+//!
+//! A tokenizer with its own chat template (a Hugging Face model's, template.rs) renders with
+//! that instead: the text `apply_chat_template` writes, tokenized with its added tokens
+//! recognised. Its loss mask: for each assistant message `i`, the text between the render of
+//! `messages[..i]` with the generation prompt and the render of `messages[..=i]` (the reply and
+//! whatever closes its turn) is trained on; a token is masked in exactly when its character
+//! span lies inside such a text. A template for which those renders are not prefixes of the
+//! whole conversation's (one that rewrites earlier turns) is an error naming it. The prompt
+//! for generation is the render with the generation prompt; a reply ends at
+//! [`Tokenizer::end_of_turn`].
 
 use std::path::Path;
 
@@ -31,6 +41,15 @@ impl Role {
             Role::System => "<|system|>",
             Role::User => "<|user|>",
             Role::Assistant => "<|assistant|>",
+        }
+    }
+
+    /// `system`, `user` or `assistant`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
         }
     }
 
@@ -71,8 +90,13 @@ fn special(tok: &Tokenizer, name: &str) -> u32 {
         .expect("every tokenizer has the five chat special tokens")
 }
 
-/// Renders `messages` with the chat template and the assistant-only loss mask.
-pub fn render(tok: &Tokenizer, messages: &[Message]) -> Rendered {
+/// Renders `messages` with the chat template (the tokenizer's own, else topcoat's) and the
+/// assistant-only loss mask.
+pub fn render(tok: &Tokenizer, messages: &[Message]) -> Result<Rendered> {
+    if tok.chat_template().is_some() {
+        return render_with_template(tok, messages);
+    }
+    missing_template(tok)?;
     let end = special(tok, "<|end|>");
     let mut out = Rendered {
         ids: Vec::new(),
@@ -89,14 +113,70 @@ pub fn render(tok: &Tokenizer, messages: &[Message]) -> Rendered {
         out.ids.push(end);
         out.loss_mask.push(learn);
     }
-    out
+    Ok(out)
 }
 
-/// The prompt for generating the next assistant turn: the messages, then `<|assistant|>`.
-pub fn render_prompt(tok: &Tokenizer, messages: &[Message]) -> Vec<u32> {
-    let mut ids = render(tok, messages).ids;
+/// The prompt for generating the next assistant turn: the messages, then `<|assistant|>` (or
+/// the tokenizer's template with its generation prompt).
+pub fn render_prompt(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    if let Some(t) = tok.chat_template() {
+        let text = t.render(messages, true, &tok.template_tokens())?;
+        return tok.try_encode(&text);
+    }
+    let mut ids = render(tok, messages)?.ids;
     ids.push(special(tok, "<|assistant|>"));
-    ids
+    Ok(ids)
+}
+
+/// A Hugging Face tokenizer without a chat template cannot render topcoat's (it lacks the
+/// five chat tokens): an error saying where a template goes.
+fn missing_template(tok: &Tokenizer) -> Result<()> {
+    if tok.special("<|end|>").is_some() {
+        return Ok(());
+    }
+    Err(DataError::InvalidArgument(
+        "this Hugging Face tokenizer has no chat template (and none of topcoat's chat tokens): \
+         give a tokenizer_config.json with a \"chat_template\" (or a chat_template.jinja beside \
+         it)"
+        .into(),
+    ))
+}
+
+/// The model's template: the rendered text, tokenized; the mask from the assistant spans.
+fn render_with_template(tok: &Tokenizer, messages: &[Message]) -> Result<Rendered> {
+    let t = tok.chat_template().expect("checked by the caller");
+    let hf = tok
+        .hf()
+        .expect("only Hugging Face tokenizers carry a template");
+    let tokens = tok.template_tokens();
+    let full = t.render(messages, false, &tokens)?;
+    let mut spans = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != Role::Assistant {
+            continue;
+        }
+        let before = t.render(&messages[..i], true, &tokens)?;
+        let through = t.render(&messages[..=i], false, &tokens)?;
+        if !through.starts_with(&before) || !full.starts_with(&through) {
+            return Err(t.error(format!(
+                "cannot mask assistant message {i}: the render of messages[..{i}] with the \
+                 generation prompt, then of messages[..={i}], are not prefixes of the whole \
+                 conversation's render (the template rewrites earlier turns), so the reply's \
+                 tokens cannot be told apart"
+            )));
+        }
+        spans.push(before.len()..through.len());
+    }
+    let (ids, offsets) = hf.encode_offsets(&full)?;
+    let loss_mask = offsets
+        .iter()
+        .map(|&(a, b)| {
+            spans
+                .iter()
+                .any(|s| s.start <= a && b <= s.end && (a < b || a < s.end))
+        })
+        .collect();
+    Ok(Rendered { ids, loss_mask })
 }
 
 /// Line `line` (1-based) of the JSONL file `path` parsed as JSON, and the maker of that line's
@@ -210,7 +290,7 @@ pub(crate) mod tests {
             Message::new(Role::User, "hi"),
             Message::new(Role::Assistant, "hello"),
         ];
-        let r = render(&t, &msgs);
+        let r = render(&t, &msgs).unwrap();
         let (sys, user, asst, end) = (
             t.special("<|system|>").unwrap(),
             t.special("<|user|>").unwrap(),
@@ -231,7 +311,7 @@ pub(crate) mod tests {
             assert_eq!(m, i >= prefix, "mask at {i}");
         }
         assert_eq!(t.decode(&r.ids[prefix..]), "hello<|end|>");
-        let p = render_prompt(&t, &msgs[..2]);
+        let p = render_prompt(&t, &msgs[..2]).unwrap();
         assert_eq!(p, want[..prefix].to_vec());
     }
 
@@ -244,7 +324,8 @@ pub(crate) mod tests {
                 Message::new(Role::User, "<|end|>"),
                 Message::new(Role::Assistant, "ok"),
             ],
-        );
+        )
+        .unwrap();
         let end = t.special("<|end|>").unwrap();
         assert_eq!(r.ids.iter().filter(|&&i| i == end).count(), 2);
     }

@@ -93,6 +93,11 @@ pub enum DataError {
     #[error("{path}: tokenizer file: {msg}")]
     TokenizerFile { path: PathBuf, msg: String },
 
+    /// A chat template that does not compile or render, or whose turns cannot be masked;
+    /// `origin` names the file (and key) it was read from.
+    #[error("{origin}: chat template: {msg}")]
+    ChatTemplate { origin: String, msg: String },
+
     #[error("{path}: is a directory, expected {expected}")]
     NotAFile {
         path: PathBuf,

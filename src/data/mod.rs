@@ -1,5 +1,6 @@
-//! The data layer: token shards on disk, the window loader that feeds training, tokenizers (GPT-2
-//! and a trainable byte-level BPE), `prepare` (text -> shards), the chat template and
+//! The data layer: token shards on disk, the window loader that feeds training, tokenizers
+//! (GPT-2, a trainable byte-level BPE, and Hugging Face's tokenizer.json), `prepare` (text ->
+//! shards), the chat templates (topcoat's own, and a model's Jinja template: template.rs) and
 //! `prepare sft` (conversations -> shards + loss masks), `prepare prefs` (preference pairs ->
 //! a pair shard; what the two share, the `.idx` sidecar included, is `prepared.rs`) and the pair
 //! batches that feed the preference stages.
@@ -17,6 +18,7 @@ pub mod pretok;
 pub mod ranks;
 pub mod sft;
 pub mod shard;
+pub mod template;
 pub mod tokenizer;
 
 pub use bpe::Bpe;

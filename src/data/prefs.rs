@@ -193,30 +193,30 @@ pub fn read_preferences(path: &Path) -> Result<Vec<Preference>> {
     read_jsonl(path, parse_pref_line)
 }
 
-fn render_side(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> PairSeq {
-    let response_start = render(tok, prompt).ids.len();
+fn render_side(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> Result<PairSeq> {
+    let response_start = render(tok, prompt)?.ids.len();
     let mut all = prompt.to_vec();
     all.extend_from_slice(response);
-    let r = render(tok, &all);
+    let r = render(tok, &all)?;
     let mask = r
         .loss_mask
         .iter()
         .enumerate()
         .map(|(i, &m)| m && i >= response_start)
         .collect();
-    PairSeq {
+    Ok(PairSeq {
         ids: r.ids,
         response_start,
         mask,
-    }
+    })
 }
 
 /// Renders both sides of a pair with the chat template.
-pub fn render_pair(tok: &Tokenizer, p: &Preference) -> RenderedPair {
-    RenderedPair {
-        chosen: render_side(tok, &p.prompt, &p.chosen),
-        rejected: render_side(tok, &p.prompt, &p.rejected),
-    }
+pub fn render_pair(tok: &Tokenizer, p: &Preference) -> Result<RenderedPair> {
+    Ok(RenderedPair {
+        chosen: render_side(tok, &p.prompt, &p.chosen)?,
+        rejected: render_side(tok, &p.prompt, &p.rejected)?,
+    })
 }
 
 /// Renders, filters, splits and writes the pairs of `input` (see the module header).
@@ -233,7 +233,7 @@ pub fn prepare_prefs(
     };
     let mut kept = Vec::with_capacity(prefs.len());
     for p in &prefs {
-        let r = render_pair(tok, p);
+        let r = render_pair(tok, p)?;
         let longer = r.chosen.ids.len().max(r.rejected.ids.len());
         s.longest = s.longest.max(longer);
         if longer > opts.max_len {
@@ -306,17 +306,18 @@ mod tests {
             r#"{"prompt": "hi", "chosen": "hello", "rejected": "how"}"#,
         )
         .unwrap();
-        let r = render_pair(&t, &p);
+        let r = render_pair(&t, &p).unwrap();
         let want = render(
             &t,
             &[
                 Message::new(Role::User, "hi"),
                 Message::new(Role::Assistant, "hello"),
             ],
-        );
+        )
+        .unwrap();
         assert_eq!(r.chosen.ids, want.ids);
         let start = r.chosen.response_start;
-        assert_eq!(start, render(&t, &p.prompt).ids.len());
+        assert_eq!(start, render(&t, &p.prompt).unwrap().ids.len());
         assert_eq!(r.chosen.ids[start], t.special("<|assistant|>").unwrap());
         assert_eq!(*r.chosen.ids.last().unwrap(), t.special("<|end|>").unwrap());
         assert_eq!(r.chosen.ids[..start], r.rejected.ids[..start]);
@@ -339,7 +340,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.prompt.len(), 4);
-        let r = render_pair(&t, &p);
+        let r = render_pair(&t, &p).unwrap();
         let start = r.rejected.response_start;
         assert!(r.rejected.mask[..start].iter().all(|&m| !m));
         let user = t.special("<|user|>").unwrap();

@@ -87,7 +87,7 @@ pub fn prepare_sft(
     };
     let mut examples = Vec::with_capacity(convs.len());
     for c in &convs {
-        let mut r = render(tok, c);
+        let mut r = render(tok, c)?;
         if r.ids.len() > opts.max_len {
             r.ids.truncate(opts.max_len);
             r.loss_mask.truncate(opts.max_len);

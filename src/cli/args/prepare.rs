@@ -31,8 +31,9 @@ pub struct PrepareTextArgs {
     /// Output directory for train_*.bin, val_*.bin and tokenizer.json.
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
-    /// gpt2, bpe (train a byte-level BPE on the inputs), a tokenizer.json, or a checkpoint,
-    /// run or prepared data directory (its tokenizer).
+    /// gpt2, bpe (train a byte-level BPE on the inputs), a tokenizer.json (topcoat's or
+    /// Hugging Face's), a Hugging Face model directory, or a checkpoint, run or prepared data
+    /// directory (its tokenizer).
     #[arg(long, default_value = "gpt2")]
     pub tokenizer: TokenizerArg,
     /// Vocabulary size when training a BPE.
@@ -57,7 +58,9 @@ pub struct PrepareChatArgs {
     /// tokenizer.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// The tokenizer of the model to train: gpt2, a tokenizer.json, or a checkpoint, run or
+    /// The tokenizer of the model to train: gpt2, a tokenizer.json (topcoat's or Hugging
+    /// Face's), a Hugging Face model directory (tokenizer.json, and tokenizer_config.json with
+    /// its chat template, which then renders the conversations), or a checkpoint, run or
     /// prepared data directory (its tokenizer).
     #[arg(long)]
     pub tokenizer: TokenizerArg,

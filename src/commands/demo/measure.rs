@@ -55,18 +55,19 @@ pub struct Asked {
 }
 
 /// The prompt ids of `question` in `style`.
-pub fn prompt_ids(tok: &Tokenizer, question: &str, style: Style) -> Vec<u32> {
-    match style {
+pub fn prompt_ids(tok: &Tokenizer, question: &str, style: Style) -> Result<Vec<u32>> {
+    Ok(match style {
         Style::Plain => tok.encode(&format!("{question}\n")),
-        Style::Chat => render_prompt(tok, &[Message::new(Role::User, question)]),
-    }
+        Style::Chat => render_prompt(tok, &[Message::new(Role::User, question)])
+            .map_err(|e| crate::model::ModelError::Invalid(e.to_string()))?,
+    })
 }
 
 /// The tokens that end a reply in `style`.
 pub fn stops(tok: &Tokenizer, style: Style) -> Vec<u32> {
     let mut s = vec![tok.eot()];
     if style == Style::Chat {
-        s.extend(tok.special("<|end|>"));
+        s.push(tok.end_of_turn());
     }
     s
 }
@@ -86,7 +87,7 @@ pub fn ask<B: Backend>(
     let prompts: Vec<Vec<u32>> = questions
         .iter()
         .map(|q| prompt_ids(tok, q, style))
-        .collect();
+        .collect::<Result<_>>()?;
     let stop = stops(tok, style);
     let mut ids = generate_many(be, model, &prompts, max_new, &stop, params, rng, BATCH_ROWS)?;
     for r in &mut ids {

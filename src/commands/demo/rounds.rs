@@ -74,19 +74,19 @@ impl Evaluation {
         let heldout_pairs: Vec<RenderedPair> = read_preferences(&pairs_path)?
             .iter()
             .map(|p| render_pair(&tok, p))
-            .collect();
+            .collect::<std::result::Result<_, _>>()?;
         let heldout_kinds = read_pair_field(&pairs_path, "kind")?;
         let probe_path = src.file("eval_probe.jsonl");
         let probe_pairs = read_preferences(&probe_path)?
             .iter()
             .map(|p| render_pair(&tok, p))
-            .collect();
+            .collect::<std::result::Result<_, _>>()?;
         let probe_groups = read_pair_field(&probe_path, "group")?;
         let train_pairs = read_preferences(&src.file("prefs.jsonl"))?
             .iter()
             .take(heldout_pairs.len())
             .map(|p| render_pair(&tok, p))
-            .collect();
+            .collect::<std::result::Result<_, _>>()?;
         Ok(Self {
             tok,
             questions,

@@ -109,9 +109,7 @@ fn eval_generate_on<B: Backend>(
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
     let model = checkpoint::load_model(be, &ckpt, None)?;
-    let end = tok.special("<|end|>").ok_or_else(|| {
-        CommandError::invalid(format!("{}: the tokenizer has no <|end|>", ckpt.display()))
-    })?;
+    let end = tok.end_of_turn();
     let eot = tok.eot();
     note(&format!(
         "eval generate: {} on {} ({} prompts), {} on {}{}",
@@ -142,7 +140,7 @@ fn eval_generate_on<B: Backend>(
     let mut rng = Rng::new(job.seed);
     let mut examples = Vec::with_capacity(prompts.len());
     for p in prompts.iter().skip(first).step_by(step) {
-        let ids = render_prompt(&tok, &p.messages);
+        let ids = render_prompt(&tok, &p.messages)?;
         session.set_context(&ids[prompt_start(ids.len(), cap)..])?;
         let (reply, stop) = reply(
             &mut session,

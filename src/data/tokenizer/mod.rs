@@ -1,19 +1,28 @@
 //! `Tokenizer`: GPT-2's BPE (tiktoken-rs `r50k_base`, offline) or a byte-level BPE trained by
-//! topcoat, with topcoat's five special tokens; saved as `tokenizer.json` (docs/FORMATS.md).
+//! topcoat, with topcoat's five special tokens; or a Hugging Face `tokenizer.json` with its
+//! chat template (hf.rs). Saved as topcoat's `tokenizer.json` (docs/FORMATS.md), which holds a
+//! Hugging Face tokenizer whole, so a checkpoint or dataset stays self-contained.
 //!
 //! Special tokens, in this order: `<|endoftext|>`, `<|system|>`, `<|user|>`, `<|assistant|>`,
 //! `<|end|>`. GPT-2: `<|endoftext|>` = 50256 as in OpenAI's vocabulary, the chat tokens
 //! 50257..=50260 (vocab size 50261). Bpe: ids `0..256` are bytes, then one id per merge, then the
 //! five specials last. `encode` treats text as ordinary text: a special token's string in the text
-//! is encoded as plain characters, never as the special id.
+//! is encoded as plain characters, never as the special id. A Hugging Face tokenizer has none
+//! of the five (its chat tokens are its template's); `special` is `None` for it.
 
+mod hf;
+
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tiktoken_rs::CoreBPE;
 
 use super::bpe::Bpe;
 use super::error::{DataError, Result};
+use super::template::{ChatTemplate, TemplateTokens};
+use hf::{HfExtras, HfTokenizer};
 
 /// The special tokens, in id order.
 pub const SPECIAL_TOKENS: [&str; 5] = [
@@ -32,19 +41,20 @@ pub const GPT2_EOT: u32 = 50256;
 pub enum TokenizerKind {
     Gpt2,
     Bpe,
+    /// A Hugging Face `tokenizer.json` (the `tokenizers` crate).
+    Hf,
 }
 
 #[derive(Clone)]
 enum Inner {
     Gpt2(&'static CoreBPE),
     Bpe(Bpe),
+    Hf(Arc<HfTokenizer>),
 }
 
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Inner,
-    /// Id of `SPECIAL_TOKENS[0]`; the others follow (GPT-2: 50256, then 50257..).
-    first_special: u32,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -58,7 +68,7 @@ impl std::fmt::Debug for Tokenizer {
 
 /// `tokenizer.json`.
 #[derive(Serialize, Deserialize)]
-struct TokenizerFile {
+struct TokenizerFile<'a> {
     format: String,
     version: u32,
     kind: TokenizerKind,
@@ -66,6 +76,15 @@ struct TokenizerFile {
     special_tokens: Vec<SpecialEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     merges: Option<Vec<[u32; 2]>>,
+    /// Kind hf: the Hugging Face `tokenizer.json`, whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hf: Option<Cow<'a, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chat_template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bos_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eos_token: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,16 +101,109 @@ impl Tokenizer {
     pub fn gpt2() -> Self {
         Self {
             inner: Inner::Gpt2(tiktoken_rs::r50k_base_singleton()),
-            first_special: GPT2_EOT,
         }
     }
 
     /// Wraps a trained BPE; the specials take the ids after its merges.
     pub fn from_bpe(bpe: Bpe) -> Self {
-        let first_special = bpe.num_tokens() as u32;
         Self {
             inner: Inner::Bpe(bpe),
-            first_special,
+        }
+    }
+
+    /// A Hugging Face tokenizer: `tokenizer.json`, and `tokenizer_config.json` where given
+    /// (its `chat_template`, a string or the list form's "default", else a
+    /// `chat_template.jinja` beside it; `bos_token`; `eos_token`, strings or `{"content": ..}`).
+    /// Without an `eos_token` a usual end-of-text string in the vocabulary is taken.
+    pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
+        Ok(Self::from_hf(HfTokenizer::from_files(
+            tokenizer_json,
+            tokenizer_config,
+        )?))
+    }
+
+    /// A Hugging Face tokenizer from `tokenizer.json`'s content; `origin` names it in errors.
+    pub fn from_hf_json(
+        json: serde_json::Value,
+        origin: &Path,
+        chat_template: Option<&str>,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self> {
+        let extras = HfExtras {
+            chat_template: chat_template.map(str::to_string),
+            template_origin: origin.display().to_string(),
+            bos_token: bos_token.map(str::to_string),
+            eos_token: eos_token.map(str::to_string),
+        };
+        Ok(Self::from_hf(HfTokenizer::new(json, origin, extras)?))
+    }
+
+    fn from_hf(hf: HfTokenizer) -> Self {
+        Self {
+            inner: Inner::Hf(Arc::new(hf)),
+        }
+    }
+
+    /// Writes a Hugging Face tokenizer as `tokenizer.json` and `tokenizer_config.json` (chat
+    /// template, bos, eos) into `dir`; other kinds have no such files (an error saying so).
+    pub fn write_hf_files(&self, dir: &Path) -> Result<()> {
+        match &self.inner {
+            Inner::Hf(h) => hf::write_files(h, dir),
+            _ => Err(DataError::InvalidArgument(format!(
+                "a {} tokenizer has no Hugging Face tokenizer.json to write into {}",
+                self.kind_name(),
+                dir.display()
+            ))),
+        }
+    }
+
+    /// The Hugging Face tokenizer, if this is one.
+    pub(crate) fn hf(&self) -> Option<&HfTokenizer> {
+        match &self.inner {
+            Inner::Hf(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The model's own chat template (Hugging Face tokenizers that have one); `None` means
+    /// topcoat's template (chat.rs).
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.hf().and_then(|h| h.template.as_ref())
+    }
+
+    /// The `bos_token` / `eos_token` strings a chat template may print.
+    pub fn template_tokens(&self) -> TemplateTokens {
+        self.hf().map(|h| h.tokens.clone()).unwrap_or_default()
+    }
+
+    /// The id that closes an assistant reply, where generation stops: `<|end|>` for topcoat's
+    /// template; for a Hugging Face tokenizer the first special token its template writes
+    /// after a reply (`<|im_end|>`, `<|eot_id|>`), else its end-of-text id.
+    pub fn end_of_turn(&self) -> u32 {
+        match &self.inner {
+            Inner::Hf(h) => h.end_of_turn,
+            _ => self
+                .special("<|end|>")
+                .expect("topcoat's tokenizers have <|end|>"),
+        }
+    }
+
+    /// `gpt2`, `bpe` or `hf`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind() {
+            TokenizerKind::Gpt2 => "gpt2",
+            TokenizerKind::Bpe => "bpe",
+            TokenizerKind::Hf => "hf",
+        }
+    }
+
+    /// Id of `SPECIAL_TOKENS[0]` (GPT-2: 50256, then 50257..; BPE: after its merges).
+    fn first_special(&self) -> Option<u32> {
+        match &self.inner {
+            Inner::Gpt2(_) => Some(GPT2_EOT),
+            Inner::Bpe(bpe) => Some(bpe.num_tokens() as u32),
+            Inner::Hf(_) => None,
         }
     }
 
@@ -117,47 +229,80 @@ impl Tokenizer {
         match self.inner {
             Inner::Gpt2(_) => TokenizerKind::Gpt2,
             Inner::Bpe(_) => TokenizerKind::Bpe,
+            Inner::Hf(_) => TokenizerKind::Hf,
         }
     }
 
-    /// Number of ids, specials included.
+    /// Number of ids, specials included (a Hugging Face tokenizer's added tokens too).
     pub fn vocab_size(&self) -> usize {
-        self.first_special as usize + SPECIAL_TOKENS.len()
+        match (&self.inner, self.first_special()) {
+            (Inner::Hf(h), _) => h.vocab_size,
+            (_, Some(first)) => first as usize + SPECIAL_TOKENS.len(),
+            (_, None) => unreachable!("only hf tokenizers lack topcoat's specials"),
+        }
     }
 
-    /// The `<|endoftext|>` id.
+    /// The end-of-text id: `<|endoftext|>`, or a Hugging Face tokenizer's `eos_token`.
     pub fn eot(&self) -> u32 {
-        self.first_special
+        match &self.inner {
+            Inner::Hf(h) => h.eos_id,
+            _ => self
+                .first_special()
+                .expect("topcoat's tokenizers have specials"),
+        }
     }
 
-    /// Id of a special token by its string, e.g. `special("<|user|>")`.
+    /// Id of a special token by its string, e.g. `special("<|user|>")`; always `None` for a
+    /// Hugging Face tokenizer (see [`Tokenizer::end_of_turn`] and the chat renderer).
     pub fn special(&self, name: &str) -> Option<u32> {
+        let first = self.first_special()?;
         SPECIAL_TOKENS
             .iter()
             .position(|&s| s == name)
-            .map(|i| self.first_special + i as u32)
+            .map(|i| first + i as u32)
     }
 
-    /// `(name, id)` for every special token.
+    /// `(name, id)` for every one of topcoat's special tokens (none for Hugging Face's).
     pub fn special_tokens(&self) -> Vec<(&'static str, u32)> {
+        let Some(first) = self.first_special() else {
+            return Vec::new();
+        };
         SPECIAL_TOKENS
             .iter()
             .enumerate()
-            .map(|(i, &s)| (s, self.first_special + i as u32))
+            .map(|(i, &s)| (s, first + i as u32))
             .collect()
     }
 
-    /// Encodes ordinary text; special-token strings are encoded as plain text.
+    /// Encodes ordinary text; special-token strings are encoded as plain text, except by a
+    /// Hugging Face tokenizer, which recognises its added tokens in the text as its reference
+    /// library does (and adds no bos/eos of its post-processor).
+    ///
+    /// # Panics
+    /// Only if a Hugging Face tokenizer's model fails ([`Tokenizer::try_encode`] returns that).
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        match &self.inner {
+        self.try_encode(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Tokenizer::encode`], with a Hugging Face tokenizer's failure (e.g. an unknown
+    /// character and no `unk_token` in its vocabulary) as an error.
+    pub fn try_encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(match &self.inner {
             Inner::Gpt2(core) => core.encode_ordinary(text),
             Inner::Bpe(bpe) => bpe.encode(text),
-        }
+            Inner::Hf(h) => h.encode(text)?,
+        })
     }
 
     /// Decodes ids to text: special ids become their strings, invalid UTF-8 and unknown ids
     /// become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
+        let first_special = match &self.inner {
+            Inner::Hf(h) => return h.decode(ids),
+            _ => self
+                .first_special()
+                .expect("topcoat's tokenizers have specials"),
+        };
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         let mut run_start = 0;
         let flush = |bytes: &mut Vec<u8>, run: &[u32]| {
@@ -184,10 +329,11 @@ impl Tokenizer {
                         }
                     }
                 }
+                Inner::Hf(_) => unreachable!("decoded above"),
             }
         };
         for (i, &id) in ids.iter().enumerate() {
-            let special = id.checked_sub(self.first_special).map(|k| k as usize);
+            let special = id.checked_sub(first_special).map(|k| k as usize);
             match special {
                 Some(k) if k < SPECIAL_TOKENS.len() => {
                     flush(&mut bytes, &ids[run_start..i]);
@@ -211,11 +357,17 @@ impl Tokenizer {
     /// whitespace or key order. Lower-case hex, 64 digits.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let json = serde_json::to_vec(&self.file()).expect("a tokenizer file serializes");
-        Sha256::digest(&json)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let compute = || {
+            let json = serde_json::to_vec(&self.file()).expect("a tokenizer file serializes");
+            Sha256::digest(&json)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        match &self.inner {
+            Inner::Hf(h) => h.fingerprint.get_or_init(compute).clone(),
+            _ => compute(),
+        }
     }
 
     /// The first 12 hex digits of [`Tokenizer::fingerprint`], for messages.
@@ -224,7 +376,8 @@ impl Tokenizer {
     }
 
     /// The `tokenizer.json` content of this tokenizer.
-    fn file(&self) -> TokenizerFile {
+    fn file(&self) -> TokenizerFile<'_> {
+        let hf = self.hf();
         TokenizerFile {
             format: FILE_FORMAT.into(),
             version: FILE_VERSION,
@@ -239,9 +392,13 @@ impl Tokenizer {
                 })
                 .collect(),
             merges: match &self.inner {
-                Inner::Gpt2(_) => None,
+                Inner::Gpt2(_) | Inner::Hf(_) => None,
                 Inner::Bpe(bpe) => Some(bpe.merges().iter().map(|&(a, b)| [a, b]).collect()),
             },
+            hf: hf.map(|h| Cow::Borrowed(&h.json)),
+            chat_template: hf.and_then(|h| Some(h.template.as_ref()?.source().to_string())),
+            bos_token: hf.and_then(|h| h.tokens.bos_token.clone()),
+            eos_token: hf.and_then(|h| h.tokens.eos_token.clone()),
         }
     }
 
@@ -260,7 +417,9 @@ impl Tokenizer {
         })
     }
 
-    /// Reads a `tokenizer.json` written by [`Tokenizer::save`], checking it for consistency.
+    /// Reads a `tokenizer.json` written by [`Tokenizer::save`], checking it for consistency;
+    /// or a Hugging Face `tokenizer.json` (no `"format"` key, a `"model"`), with the
+    /// `tokenizer_config.json` beside it when there is one.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bad = |msg: String| DataError::TokenizerFile {
@@ -268,8 +427,19 @@ impl Tokenizer {
             msg,
         };
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "read", e))?;
-        let file: TokenizerFile =
+        let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        if value.get("format").is_none() && value.get("model").is_some() {
+            let config = path.with_file_name("tokenizer_config.json");
+            let config = config.is_file().then_some(config);
+            let extras = match &config {
+                Some(c) => hf::read_config(c)?,
+                None => HfExtras::default(),
+            };
+            return Ok(Self::from_hf(HfTokenizer::new(value, path, extras)?));
+        }
+        let file: TokenizerFile =
+            serde_json::from_value(value).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         if file.format != FILE_FORMAT {
             return Err(bad(format!(
                 "format is {:?}, expected {FILE_FORMAT:?}",
@@ -282,7 +452,35 @@ impl Tokenizer {
                 file.version
             )));
         }
+        if file.kind != TokenizerKind::Hf
+            && (file.hf.is_some()
+                || file.chat_template.is_some()
+                || file.bos_token.is_some()
+                || file.eos_token.is_some())
+        {
+            return Err(bad(format!(
+                "kind {:?} must not have \"hf\", \"chat_template\", \"bos_token\" or \
+                 \"eos_token\"",
+                file.kind
+            )));
+        }
         let tok = match (file.kind, file.merges) {
+            (TokenizerKind::Hf, Some(_)) => {
+                return Err(bad("kind hf must not have \"merges\"".into()))
+            }
+            (TokenizerKind::Hf, None) => {
+                let json = file
+                    .hf
+                    .ok_or_else(|| bad("kind hf needs \"hf\" (the tokenizer.json)".into()))?
+                    .into_owned();
+                let extras = HfExtras {
+                    chat_template: file.chat_template,
+                    template_origin: format!("{} (\"chat_template\")", path.display()),
+                    bos_token: file.bos_token,
+                    eos_token: file.eos_token,
+                };
+                Self::from_hf(HfTokenizer::new(json, path, extras)?)
+            }
             (TokenizerKind::Gpt2, None) => Self::gpt2(),
             (TokenizerKind::Gpt2, Some(_)) => {
                 return Err(bad("kind gpt2 must not have \"merges\"".into()))
