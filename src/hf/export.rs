@@ -150,9 +150,35 @@ pub fn export_hf(
 /// Writes the tokenizer files the run's tokenizer has in Hugging Face's format; returns the
 /// special ids for the configs and what was done, in a sentence.
 fn tokenizer_files(tok: &Tokenizer, staging: &Staging) -> Result<(SpecialIds, String)> {
-    let _ = staging;
     let eot = tok.eot();
-    let (ids, note) = match tok.kind() {
+    Ok(match tok.kind() {
+        TokenizerKind::Hf => {
+            tok.write_hf_files(&staging.path)?;
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                let p = staging.path.join(f);
+                std::fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&p))?;
+            }
+            // The bos token is a string in tokenizer_config.json; its id is what it encodes to.
+            let bos = tok.template_tokens().bos_token.and_then(|b| {
+                match tok.try_encode(&b).ok()?.as_slice() {
+                    [id] => Some(*id),
+                    _ => None,
+                }
+            });
+            let note = match tok.chat_template() {
+                Some(_) => "tokenizer.json and tokenizer_config.json with its chat template",
+                None => "tokenizer.json and tokenizer_config.json (no chat template)",
+            };
+            (
+                SpecialIds {
+                    bos,
+                    eos: Some(eot),
+                },
+                note.to_string(),
+            )
+        }
         TokenizerKind::Gpt2 => (
             SpecialIds {
                 bos: Some(eot),
@@ -173,8 +199,7 @@ fn tokenizer_files(tok: &Tokenizer, staging: &Staging) -> Result<(SpecialIds, St
              topcoat to encode its text"
                 .to_string(),
         ),
-    };
-    Ok((ids, note))
+    })
 }
 
 fn pretty(v: &serde_json::Value) -> Vec<u8> {

@@ -158,22 +158,10 @@ fn tokenizer(dir: &Path, opts: &ImportOptions) -> Result<Tokenizer> {
         });
     }
     let cfg = dir.join("tokenizer_config.json");
-    Ok(hf_tokenizer_shim(
+    Ok(Tokenizer::from_hf_files(
         &json,
         cfg.is_file().then_some(cfg.as_path()),
     )?)
-}
-
-/// Reads a Hugging Face `tokenizer.json`; until that reader lands, a named refusal.
-fn hf_tokenizer_shim(
-    json: &Path,
-    _config: Option<&Path>,
-) -> std::result::Result<Tokenizer, crate::data::DataError> {
-    Err(crate::data::DataError::TokenizerFile {
-        path: json.to_path_buf(),
-        msg: "Hugging Face tokenizer.json is not read by this build yet; pass --tokenizer gpt2"
-            .into(),
-    })
 }
 
 /// Reads and assembles every topcoat tensor, in layout order; returns them and the names of
