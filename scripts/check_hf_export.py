@@ -16,7 +16,12 @@ Usage (from the repository root, after `cargo build --release`):
 
     /work/main/.venv-ref/bin/python scripts/check_hf_export.py [--topcoat target/release/topcoat]
 
-Prints one line per fixture and exits non-zero on any mismatch.
+Then a trained model: the Llama fixture imported, fine-tuned with `topcoat sft` for 20 steps,
+exported; `topcoat eval loss` of the SFT checkpoint on the first two 32-token windows of a
+prepared text equals the loss transformers computes on the same tokens with the export
+(`eval loss` prints 4 decimals: TRAINED_LOSS_TOL absolute).
+
+Prints one line per check and exits non-zero on any mismatch.
 """
 
 import argparse
@@ -25,12 +30,17 @@ import subprocess
 import sys
 import tempfile
 
+import json
+import re
+
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 LOGIT_TOL = 1e-5
 LOSS_TOL = 1e-6
+TRAINED_LOSS_TOL = 2e-4
 FIXTURES = {
     "gpt2": "f32",
     "llama": "f32",
@@ -102,6 +112,43 @@ def check(topcoat, fixture, dtype, tmp):
     return not problems
 
 
+def check_trained(topcoat, fixtures, tmp):
+    """SFT from an imported model, exported: the reference library's loss is topcoat's."""
+    d = os.path.join(tmp, "trained")
+    os.makedirs(d)
+    run([topcoat, "import", "hf", os.path.join(fixtures, "llama"), "--out", f"{d}/run"])
+    with open(f"{d}/chats.jsonl", "w") as f:
+        for i in range(40):
+            msgs = [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    run([topcoat, "prepare", "sft", f"{d}/chats.jsonl", "--out", f"{d}/sft-data",
+         "--tokenizer", f"{d}/run"])
+    run([topcoat, "sft", "--init", f"{d}/run", "--data", f"{d}/sft-data", "--out", f"{d}/sft",
+         "--max-steps", "20", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3"])
+    run([topcoat, "export", "hf", f"{d}/sft", "--out", f"{d}/sft-hf"])
+    with open(f"{d}/text.txt", "w") as f:
+        for doc in ["README.md", "docs/FORMATS.md"]:
+            f.write(open(doc, encoding="utf-8").read())
+    run([topcoat, "prepare", f"{d}/text.txt", "--out", f"{d}/text", "--tokenizer", f"{d}/sft"])
+    out = run([topcoat, "eval", "loss", "--checkpoint", f"{d}/sft", "--data", f"{d}/text",
+               "--split", "train", "--batch-size", "1", "--seq-len", "32", "--max-batches", "2"])
+    ours = float(re.findall(r"\| train \| 2 \| 64 \| ([0-9.]+) \|", out)[0])
+    shard = sorted(f for f in os.listdir(f"{d}/text") if f.startswith("train_"))[0]
+    ids = np.fromfile(f"{d}/text/{shard}", dtype=np.uint16, offset=1024)[:65].astype(np.int64)
+    ids = torch.tensor(ids)
+    model = AutoModelForCausalLM.from_pretrained(f"{d}/sft-hf", dtype=torch.float64).eval()
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in (ids[:33], ids[32:65])]
+    theirs = sum(losses) / 2
+    good = abs(ours - theirs) <= TRAINED_LOSS_TOL
+    print(f"llama after 20 sft steps: topcoat eval loss {ours:.4f}, reference {theirs:.6f}: "
+          f"{'ok' if good else 'FAIL'}")
+    return good
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--topcoat", default="target/release/topcoat")
@@ -113,6 +160,7 @@ def main():
             fixture = os.path.join(a.fixtures, name)
             for d in sorted({"f32", dtype}):
                 good &= check(a.topcoat, fixture, d, tmp)
+        good &= check_trained(a.topcoat, a.fixtures, tmp)
     sys.exit(0 if good else 1)
 
 
