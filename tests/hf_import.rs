@@ -389,3 +389,68 @@ fn gpt2_tokenizer_flag_grows_the_vocabulary_with_zero_rows() {
         "{again}"
     );
 }
+
+/// GPT-2 as the oldest uploads store it: no `transformer.` prefix, the causal-mask buffers
+/// `attn.bias` / `attn.masked_bias`, and the tied head saved as `lm_head.weight`. It imports
+/// to the same checkpoint weights as the fixture, naming what it skipped; a saved head that
+/// differs from the embedding is refused.
+#[test]
+fn old_gpt2_layout_imports_and_a_differing_tied_head_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let old = |name: &str, head_delta: f32| {
+        broken(t, "gpt2", name, |d| {
+            rewrite(&d.join("model.safetensors"), |l| {
+                for x in l.iter_mut() {
+                    x.0 = x.0.trim_start_matches("transformer.").to_string();
+                }
+                let mut head = l.iter().find(|x| x.0 == "wte.weight").unwrap().clone();
+                head.0 = "lm_head.weight".into();
+                let first = f32::from_le_bytes(head.3[..4].try_into().unwrap()) + head_delta;
+                head.3[..4].copy_from_slice(&first.to_le_bytes());
+                l.push(head);
+                for layer in 0..2 {
+                    for buf in ["attn.bias", "attn.masked_bias"] {
+                        let data: Vec<u8> =
+                            (0..16u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+                        l.push((
+                            format!("h.{layer}.{buf}"),
+                            Dtype::F32,
+                            vec![1, 1, 4, 4],
+                            data,
+                        ));
+                    }
+                }
+            })
+        })
+    };
+    let fresh = t.join("fresh");
+    ok(&["import", "hf", &s(&fixture("gpt2")), "--out", &s(&fresh)]);
+    let run = t.join("old-run");
+    let text = ok(&["import", "hf", &s(&old("old", 0.0)), "--out", &s(&run)]);
+    for skipped in ["lm_head.weight", "h.0.attn.bias", "h.1.attn.masked_bias"] {
+        assert!(
+            text.contains(&format!("skipped {skipped} ")),
+            "{skipped}: {text}"
+        );
+    }
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(
+        weights(&run) == weights(&fresh),
+        "the old layout gives other weights"
+    );
+    let e = fails(&[
+        "import",
+        "hf",
+        &s(&old("differs", 0.5)),
+        "--out",
+        &s(&t.join("x")),
+    ]);
+    assert!(
+        e.contains(
+            "unexpected tensor lm_head.weight: config.json ties the output head to wte.weight \
+             (tie_word_embeddings), but this head differs from it"
+        ),
+        "{e}"
+    );
+}
