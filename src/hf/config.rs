@@ -4,12 +4,12 @@
 //! rather than imported into a model that would give other logits.
 //!
 //! Both spellings transformers has written are read: RoPE as `rope_theta` + `rope_scaling`
-//! (4.x) or as one `rope_parameters` object (5.x); export writes both, and `dtype` beside
-//! `torch_dtype`, so that either version loads the directory.
+//! (4.x) or as one `rope_parameters` object (5.x). The reverse, the exported `config.json`,
+//! is export.rs's [`to_json`](super::export::to_json).
 
-use super::{HfDtype, HfError, Result};
+use super::{HfError, Result};
 use crate::config::{pad_vocab, Family, LlamaShape, ModelConfig, RopeScaling};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// What `import hf` reads, as error messages list it.
@@ -430,82 +430,6 @@ fn rope(k: &Keys) -> Result<(f64, Option<RopeScaling>)> {
     }
 }
 
-/// Token ids the exported config and generation config name.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SpecialIds {
-    pub bos: Option<u32>,
-    pub eos: Option<u32>,
-}
-
-/// The `config.json` of `cfg` exported as `arch` with tensors of `dtype`.
-pub fn to_json(arch: Arch, cfg: &ModelConfig, dtype: HfDtype, ids: &SpecialIds) -> Value {
-    let mut v = match (arch, cfg.llama()) {
-        (Arch::Gpt2, _) | (_, None) => json!({
-            "activation_function": "gelu_new",
-            "n_embd": cfg.n_embd,
-            "n_head": cfg.n_head,
-            "n_inner": null,
-            "n_layer": cfg.n_layer,
-            "n_positions": cfg.max_seq_len,
-            "layer_norm_epsilon": crate::backend::cpu::layernorm::EPS,
-            "scale_attn_weights": true,
-            "tie_word_embeddings": true,
-        }),
-        (_, Some(s)) => {
-            let mut params = json!({"rope_theta": s.rope_theta, "rope_type": "default"});
-            let scaling = s.rope_scaling.as_ref().map(|r| {
-                json!({
-                    "rope_type": "llama3",
-                    "factor": r.factor,
-                    "low_freq_factor": r.low_freq_factor,
-                    "high_freq_factor": r.high_freq_factor,
-                    "original_max_position_embeddings": r.original_max_position_embeddings,
-                })
-            });
-            if let (Some(Value::Object(sc)), Value::Object(p)) = (&scaling, &mut params) {
-                p.extend(sc.clone());
-            }
-            let mut v = json!({
-                "hidden_act": "silu",
-                "hidden_size": cfg.n_embd,
-                "head_dim": cfg.head_size(),
-                "intermediate_size": s.intermediate_size,
-                "max_position_embeddings": cfg.max_seq_len,
-                "num_attention_heads": cfg.n_head,
-                "num_hidden_layers": cfg.n_layer,
-                "num_key_value_heads": s.n_kv_head,
-                "rms_norm_eps": s.rms_eps,
-                "rope_parameters": params,
-                "rope_theta": s.rope_theta,
-                "rope_scaling": scaling,
-                "tie_word_embeddings": s.tie_embeddings,
-            });
-            let extra = match arch {
-                Arch::Qwen2 => json!({"use_sliding_window": false, "sliding_window": null}),
-                Arch::Mistral => json!({"sliding_window": null}),
-                _ => json!({"attention_bias": false, "mlp_bias": false}),
-            };
-            if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
-                m.extend(e);
-            }
-            v
-        }
-    };
-    if let Value::Object(m) = &mut v {
-        m.extend([
-            ("architectures".into(), json!([arch.class()])),
-            ("model_type".into(), json!(arch.model_type())),
-            ("vocab_size".into(), json!(cfg.vocab_size)),
-            ("dtype".into(), json!(dtype.torch_name())),
-            ("torch_dtype".into(), json!(dtype.torch_name())),
-            ("bos_token_id".into(), json!(ids.bos)),
-            ("eos_token_id".into(), json!(ids.eos)),
-            ("use_cache".into(), json!(true)),
-        ]);
-    }
-    v
-}
-
 /// `config.json` in `dir`.
 pub fn path_in(dir: &Path) -> PathBuf {
     dir.join("config.json")
@@ -514,6 +438,9 @@ pub fn path_in(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hf::export::{to_json, SpecialIds};
+    use crate::hf::HfDtype;
+    use serde_json::json;
 
     fn llama_json() -> Value {
         json!({

@@ -9,7 +9,7 @@
 //! `MistralForCausalLM` without a sliding window; everything else is refused by name.
 
 mod config;
-mod export;
+pub(crate) mod export;
 mod import;
 mod names;
 mod read;
