@@ -488,7 +488,8 @@ fn generate_replies_are_greedy_chat_replies_scored_exact_and_normalised() {
                 stop: Some(end),
             };
             let ids =
-                generate::generate(&be, &model, &render_prompt(&tok, m), &opts, |_| {}).unwrap();
+                generate::generate(&be, &model, &render_prompt(&tok, m).unwrap(), &opts, |_| {})
+                    .unwrap();
             let cut = ids
                 .iter()
                 .position(|&t| t == end || t == tok.eot())

@@ -487,11 +487,12 @@ fn chat_streams_replies_and_keeps_the_conversation() {
             Message::new(Role::System, system),
             Message::new(Role::User, q1),
         ],
-    );
+    )
+    .unwrap();
     let r1 = reference_reply(&mut model, &tok, &context, max_new);
     context.extend_from_slice(&r1);
     context.push(end);
-    context.extend(render_prompt(&tok, &[Message::new(Role::User, q2)]));
+    context.extend(render_prompt(&tok, &[Message::new(Role::User, q2)]).unwrap());
     let r2 = reference_reply(&mut model, &tok, &context, max_new);
     assert!(
         !r1.is_empty() || !r2.is_empty(),

@@ -153,7 +153,7 @@ fn pair_shard_round_trips_and_rejects_damage() {
     let lines: Vec<_> = text
         .lines()
         .enumerate()
-        .map(|(i, l)| render_pair(&tok, &parse_pref_line(&path, i + 1, l).unwrap()))
+        .map(|(i, l)| render_pair(&tok, &parse_pref_line(&path, i + 1, l).unwrap()).unwrap())
         .collect();
     let train = PairSplit::open(&opts.out, "prefs_train", tok.vocab_size()).unwrap();
     let val = PairSplit::open(&opts.out, "prefs_val", tok.vocab_size()).unwrap();
@@ -189,7 +189,8 @@ fn pair_shard_round_trips_and_rejects_damage() {
             Message::new(Role::System, "Be brief."),
             Message::new(Role::User, "Name a pet."),
         ],
-    );
+    )
+    .unwrap();
     assert_eq!(multi.response_start, prompt.ids.len());
     assert_eq!(multi.ids[..multi.response_start], prompt.ids[..]);
 

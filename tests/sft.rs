@@ -38,7 +38,8 @@ fn only_assistant_targets_reach_loss_and_gradient() {
             Message::new(Role::User, "What is the capital of France?"),
             Message::new(Role::Assistant, "Paris."),
         ],
-    );
+    )
+    .unwrap();
     let t = 64;
     assert!(r.ids.len() <= t + 1, "{} tokens", r.ids.len());
     let cfg = ModelConfig {

@@ -15,11 +15,11 @@
 //! that instead: the text `apply_chat_template` writes, tokenized with its added tokens
 //! recognised. Its loss mask: for each assistant message `i`, the text between the render of
 //! `messages[..i]` with the generation prompt and the render of `messages[..=i]` (the reply and
-//! whatever closes its turn) is trained on; a token is masked in exactly when its character
-//! span lies inside such a text. A template for which those renders are not prefixes of the
-//! whole conversation's (one that rewrites earlier turns) is an error naming it. The prompt
-//! for generation is the render with the generation prompt; a reply ends at
-//! [`Tokenizer::end_of_turn`].
+//! whatever closes its turn) is trained on; a token is masked in exactly when its byte span
+//! in the text (untrimmed, see tokenizer/hf.rs) is not empty and lies inside such a text. A
+//! template for which those renders are not prefixes of the whole conversation's (one that
+//! rewrites earlier turns) is an error naming it. The prompt for generation is the render with
+//! the generation prompt; a reply ends at [`Tokenizer::end_of_turn`].
 
 use std::path::Path;
 
@@ -170,11 +170,7 @@ fn render_with_template(tok: &Tokenizer, messages: &[Message]) -> Result<Rendere
     let (ids, offsets) = hf.encode_offsets(&full)?;
     let loss_mask = offsets
         .iter()
-        .map(|&(a, b)| {
-            spans
-                .iter()
-                .any(|s| s.start <= a && b <= s.end && (a < b || a < s.end))
-        })
+        .map(|&(a, b)| spans.iter().any(|s| a < b && s.start <= a && b <= s.end))
         .collect();
     Ok(Rendered { ids, loss_mask })
 }

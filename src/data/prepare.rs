@@ -412,8 +412,8 @@ pub fn prepare(
      -> Result<()> {
         let encoded: Vec<Vec<u32>> = group
             .par_iter()
-            .map(|(d, _, _)| tokenizer.encode(d))
-            .collect();
+            .map(|(d, _, _)| tokenizer.try_encode(d))
+            .collect::<Result<_>>()?;
         for (mut ids, (_, src_bytes, file)) in encoded.into_iter().zip(group.drain(..)) {
             ids.push(eot);
             let split = if is_val(docs_done, file) {

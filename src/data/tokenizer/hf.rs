@@ -7,6 +7,10 @@
 //! end-of-text id ([`HfTokenizer::eos_id`]) is `eos_token`'s; the end of an assistant turn is
 //! the first special token the template writes after a reply (`<|im_end|>`, `<|eot_id|>`), or
 //! the end-of-text token.
+//!
+//! Offsets (for the chat loss mask) are byte ranges of the text, untrimmed: the
+//! post-processor is not run (without added special tokens it changes no id), nor the file's
+//! truncation or padding.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -55,8 +59,16 @@ impl HfTokenizer {
             path: path.to_path_buf(),
             msg,
         };
-        let tk: tokenizers::Tokenizer = serde_json::from_value(json.clone())
+        let mut tk: tokenizers::Tokenizer = serde_json::from_value(json.clone())
             .map_err(|e| bad(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        // Without special tokens added the post-processor only trims whitespace off offsets
+        // (GPT-2's ByteLevel `trim_offsets`), which would leave a reply's space tokens empty
+        // and out of the loss mask; the ids are the same without it. A file's truncation or
+        // padding is for its model's callers, not for encoding a corpus.
+        tk.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+        tk.with_padding(None);
+        tk.with_truncation(None)
+            .map_err(|e| bad(format!("cannot turn truncation off: {e}")))?;
         let vocab = tk.get_vocab(true);
         let vocab_size = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
         if vocab_size == 0 {
