@@ -454,3 +454,62 @@ fn old_gpt2_layout_imports_and_a_differing_tied_head_is_refused() {
         "{e}"
     );
 }
+
+/// Export of runs the Hugging Face format cannot hold as they are: a run with topcoat's GPT-2
+/// tokenizer exports its weights (all 50261 rows) and says plainly that no tokenizer files
+/// are written; a reward model (its scalar head) and an existing --out are refused, leaving
+/// nothing behind.
+#[test]
+fn export_says_what_it_cannot_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let dir = broken(t, "gpt2", "gpt2", |d| {
+        std::fs::remove_file(d.join("tokenizer.json")).unwrap()
+    });
+    let run = t.join("run");
+    ok(&[
+        "import",
+        "hf",
+        &s(&dir),
+        "--out",
+        &s(&run),
+        "--tokenizer",
+        "gpt2",
+    ]);
+    let out = t.join("out");
+    let text = ok(&["export", "hf", &s(&run), "--out", &s(&out)]);
+    assert!(
+        text.contains(
+            "tokenizer: the run uses topcoat's GPT-2 tokenizer: no tokenizer files are written"
+        ),
+        "{text}"
+    );
+    assert!(!out.join("tokenizer.json").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 50261);
+    assert_eq!(cfg["eos_token_id"], 50256);
+    assert_eq!(
+        tensors_of(&out)["transformer.wte.weight"].1,
+        vec![50261, 64]
+    );
+    let again = fails(&["export", "hf", &s(&run), "--out", &s(&out)]);
+    assert!(
+        again.contains("out: already exists; choose a new --out"),
+        "{again}"
+    );
+
+    let be = CpuBackend::new();
+    let mut model = topcoat::train::checkpoint::load_model(&be, &run, None).unwrap();
+    model.init_reward_head(&be, 1).unwrap();
+    let tok = topcoat::train::checkpoint::load_tokenizer(&run).unwrap();
+    let reward = t.join("reward");
+    topcoat::train::checkpoint::save(&be, &reward, &model, &tok, None).unwrap();
+    let refused = t.join("refused");
+    let e = fails(&["export", "hf", &s(&reward), "--out", &s(&refused)]);
+    assert!(
+        e.contains("unexpected tensor reward_head.weight: a reward model's scalar head"),
+        "{e}"
+    );
+    assert!(!refused.exists() && !t.join(".refused.tmp").exists());
+}
