@@ -91,6 +91,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(&a),
         Command::Report(a) => report(&a),
         Command::Launch(a) => launch(a, cli.threads),
+        Command::Import(ImportCmd::Hf(a)) => import_hf(&a),
+        Command::Export(ExportCmd::Hf(a)) => export_hf(&a),
     }
 }
 
@@ -431,5 +433,47 @@ fn report(a: &ReportArgs) -> Result<()> {
         note(&format!("note: {n}"));
     }
     println!("{}: {} plots, {} bytes", s.path.display(), s.plots, s.bytes);
+    Ok(())
+}
+
+fn import_hf(a: &ImportHfArgs) -> Result<()> {
+    let gpt2 = a.tokenizer.as_deref() == Some("gpt2");
+    let s = commands::hf::import(&a.dir, &a.out, gpt2, &note)?;
+    for name in &s.skipped {
+        note(&format!(
+            "skipped {name} (a buffer or a tied copy of the embedding)"
+        ));
+    }
+    if s.added_rows > 0 {
+        note(&format!(
+            "the tokenizer has {} ids, {} more than the model's vocabulary: their embedding \
+             rows start at zero",
+            s.cfg.vocab_size, s.added_rows
+        ));
+    }
+    println!(
+        "{}: {} as a {} checkpoint ({} tensors from {} file(s), {:.1} M parameters); use it \
+         as --init or --checkpoint",
+        s.out.display(),
+        s.arch.class(),
+        s.cfg.family_name(),
+        s.tensors,
+        s.files,
+        s.cfg.num_params() as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn export_hf(a: &ExportHfArgs) -> Result<()> {
+    let s = commands::hf::export(&a.run, &a.out, a.dtype, &note)?;
+    note(&format!("tokenizer: {}", s.tokenizer_note));
+    println!(
+        "{}: {} ({} tensors, {:.1} MB): {}",
+        s.out.display(),
+        s.arch.class(),
+        s.tensors,
+        s.bytes as f64 / 1e6,
+        s.files.join(", ")
+    );
     Ok(())
 }

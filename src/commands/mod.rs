@@ -8,6 +8,7 @@ pub mod chat;
 pub mod demo;
 pub mod dpo;
 pub mod eval;
+pub mod hf;
 pub mod info;
 pub mod inputs;
 pub mod launch;
@@ -38,6 +39,8 @@ pub enum CommandError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Report(#[from] report::ReportError),
+    #[error(transparent)]
+    Hf(#[from] crate::hf::HfError),
 }
 
 impl CommandError {

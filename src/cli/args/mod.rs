@@ -5,12 +5,14 @@
 //! older spellings stay as hidden aliases so existing scripts still run.
 
 mod generate;
+mod hf;
 mod launch;
 mod prepare;
 mod tools;
 mod train;
 
 pub use generate::*;
+pub use hf::*;
 pub use launch::*;
 pub use prepare::*;
 pub use tools::*;
@@ -92,6 +94,12 @@ pub enum Command {
     /// Start N ranks of a data-parallel job on this node with torchrun's variables
     /// (`launch --nproc-per-node 2 -- pretrain ...`); one failing rank stops them all.
     Launch(LaunchArgs),
+    /// Read a model from another format: `import hf DIR --out RUN`.
+    #[command(subcommand)]
+    Import(ImportCmd),
+    /// Write a checkpoint in another format: `export hf RUN --out DIR`.
+    #[command(subcommand)]
+    Export(ExportCmd),
 }
 
 /// Most `--threads`: far past any machine's cores, far below what would exhaust the process's

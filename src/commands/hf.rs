@@ -1,0 +1,44 @@
+//! `import hf` and `export hf` as library calls: resolve what the user named, then
+//! [`crate::hf`] does the work on the CPU (no device is opened: it is a file conversion).
+
+use super::inputs::resolve_checkpoint;
+use super::CommandError;
+use crate::hf::{self, ExportOptions, ExportSummary, HfDtype, ImportOptions, ImportSummary};
+use std::path::Path;
+
+/// `import hf DIR --out RUN [--tokenizer gpt2]`.
+pub fn import(
+    dir: &Path,
+    out: &Path,
+    gpt2_tokenizer: bool,
+    progress: &dyn Fn(&str),
+) -> Result<ImportSummary, CommandError> {
+    if !dir.is_dir() {
+        return Err(CommandError::arg(
+            "DIR",
+            format!(
+                "{}: not a directory (expected a Hugging Face model directory)",
+                dir.display()
+            ),
+        ));
+    }
+    let opts = ImportOptions { gpt2_tokenizer };
+    Ok(hf::import_hf(dir, out, &opts, progress)?)
+}
+
+/// `export hf RUN --out DIR [--dtype f32|bf16|f16]`: RUN is a checkpoint or a run directory
+/// (its newest checkpoint).
+pub fn export(
+    run: &Path,
+    out: &Path,
+    dtype: HfDtype,
+    progress: &dyn Fn(&str),
+) -> Result<ExportSummary, CommandError> {
+    let ckpt = resolve_checkpoint(run)?;
+    Ok(hf::export_hf(
+        &ckpt,
+        out,
+        &ExportOptions { dtype },
+        progress,
+    )?)
+}
