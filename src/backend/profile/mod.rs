@@ -110,4 +110,36 @@ mod tests {
         be.reset();
         assert!(be.tally().is_empty());
     }
+
+    /// The shorthand-forwarded ops (llama.rs) reach the inner backend with their arguments in
+    /// order and book their napkin math under their own names.
+    #[test]
+    fn books_the_llama_family_ops() {
+        let cpu = CpuBackend::new();
+        let be = Profiled::new(&cpu);
+        // SwiGLU over one row of I = 2: out = silu(gate) * up.
+        let gate_up = be.upload(&[1.0, -2.0, 3.0, 0.5], Role::Activation).unwrap();
+        let mut out = be.zeros(2, Role::Activation).unwrap();
+        be.swiglu_forward(&mut out, &gate_up, 1, 2).unwrap();
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        let got = be.download(&out).unwrap();
+        assert!((got[0] - silu(1.0) * 3.0).abs() < 1e-6, "{got:?}");
+        assert!((got[1] - silu(-2.0) * 0.5).abs() < 1e-6, "{got:?}");
+        // GQA forward, T = 1 (the output is the value head): NH = 2, NKV = 1, hs = 2.
+        let qkv = [0.3, -0.1, 0.7, 0.2, 0.5, 0.9, 1.5, -2.5];
+        let qkv = be.upload(&qkv, Role::Activation).unwrap();
+        let (mut o, mut lse) = (
+            be.zeros(4, Role::Activation).unwrap(),
+            be.zeros(2, Role::Stat).unwrap(),
+        );
+        be.attention_gqa_forward(&mut o, &mut lse, &qkv, None, 1, 1, 4, 2, 1)
+            .unwrap();
+        assert_eq!(be.download(&o).unwrap(), vec![1.5, -2.5, 1.5, -2.5]);
+        let tally = be.tally();
+        assert_eq!(tally["swiglu_forward"].bytes, 3.0 * 2.0 * 4.0);
+        // qkv (8) read and out (4) written; 2 B T^2 C FLOPs.
+        assert_eq!(tally["attention_gqa_forward"].bytes, 12.0 * 4.0);
+        assert_eq!(tally["attention_gqa_forward"].flops, 8.0);
+        assert_eq!(tally.len(), 2);
+    }
 }
