@@ -1,13 +1,14 @@
 // attention_mma.cu: causal attention on the tensor cores, forward and backward, head sizes 32
 // and 64 (every preset's). src/backend/cuda/attention.rs picks these kernels when the head size
 // fits and the plain CUDA-core kernels of attention.cu otherwise; both implement the same
-// Backend::attention_forward / attention_backward (twin: src/backend/cpu/attention.rs).
+// Backend::attention_gqa_forward / attention_gqa_backward (and so the multi-head ops, NKV = NH;
+// twin: src/backend/cpu/attention.rs).
 //
 // Layout: qkv [B, T, (NH + 2 NKV) HS] bf16 (NH query heads | NKV key heads | NKV value heads per
 // position, HeadCols in common.cuh; [B, T, 3C] when NKV = NH), out and dout [B, T, C] bf16, lse
-// [B, NH, T] fp32 (natural log). Query head h reads key/value head h / (NH / NKV). `starts` (nullable, [B*T]
-// int32, nondecreasing along a row) restricts query i to keys starts[i] <= j <= i, so packed
-// examples never see each other; null means plain causal.
+// [B, NH, T] fp32 (natural log). Query head h reads key/value head h / (NH / NKV). `starts`
+// (nullable, [B*T] int32, nondecreasing along a row) restricts query i to keys
+// starts[i] <= j <= i, so packed examples never see each other; null means plain causal.
 //
 // Scheme (FlashAttention-2, Dao 2023): a block of 4 warps owns 64 rows; each warp owns 16 and
 // holds them as mma.sync m16n8k16 fragments (bf16 operands, fp32 accumulators). Tiles of 64

@@ -11,11 +11,13 @@
 //
 // Precision: the angle is computed in fp32 as the specification says (p * inv_freq[i], exactly
 // the CPU's and Hugging Face's f32 product), then its sine and cosine in fp64. build.rs compiles
-// with --use_fast_math, which turns sinf/cosf into the __sinf/__cosf intrinsics: their error
-// grows with |a| (no range reduction), and angles reach T * 1 rad (8192 rad at T = 8192,
-// 131072 rad at Llama 3's 128K context). fp64 sincos keeps its full range reduction under
-// fast-math and costs nothing here: one sincos per (position, frequency), shared by all the
-// position's NH + NKV heads through shared memory.
+// with --use_fast_math, which turns sinf/cosf into the __sinf/__cosf intrinsics: they reduce
+// the angle through the fp32 product a / (2 pi), and angles reach T * 1 rad (8192 rad at
+// T = 8192, 131072 rad at Llama 3's 128K context, where that product keeps 9 fractional bits
+// of a turn: errors of several 1e-3 rad, more than a bf16 step). fp64 sincos keeps its full
+// range reduction under fast-math and costs little here: one sincos per (position,
+// frequency), shared by all the position's NH + NKV heads through shared memory. (Its slow
+// path for huge arguments is why ptxas reports a 40-byte stack frame; no spills.)
 //
 // One block per token row: its first hs/2 threads fill the cos/sin table, then the block
 // strides over the (NH + NKV) * hs/2 pairs, consecutive threads on consecutive i (coalesced).

@@ -168,7 +168,8 @@ parity_tests!(rope => rope_cpu, rope_cuda);
 
 /// Angles up to ~131072 rad (position 131071 at inv_freq 1, Llama 3's context): with each
 /// pair set to (1, 0) the op writes (cos a, sin a), which must be within one bf16 step (2^-8)
-/// of the f64 cosine and sine of the f32 angle; a fast-math `__cosf` is off by ~1e-2 there.
+/// of the f64 cosine and sine of the f32 angle (a fast-math `__cosf`, reducing through the fp32
+/// product a / 2 pi, would be off by several 1e-3 at the far end).
 fn rope_far_angles<B: Backend>(be: &B) {
     let (nh, nkv, hs) = (1, 1, 8);
     let w = (nh + 2 * nkv) * hs;

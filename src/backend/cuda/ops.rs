@@ -1,7 +1,7 @@
 //! The [`Backend`] impl of [`CudaBackend`]: buffer housekeeping (allocation, copies, zeroing
 //! in the precision each [`Role`] takes, in `buffer.rs`) and every op forwarded to the launcher
-//! in the file named after its kernel family. Multi-head attention (training and cached) runs the grouped-query
-//! kernels with NKV = NH: one kernel path serves both families.
+//! in the file named after its kernel family. Multi-head attention (training and cached) runs
+//! the grouped-query kernels with NKV = NH: one kernel path serves both families.
 
 use super::{
     accumulate, adamw, attention, cross_entropy, decode, driver_error, encoder, gelu, global_norm,
