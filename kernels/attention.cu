@@ -1,9 +1,11 @@
 // attention.cu: causal multi-head self-attention, forward and backward, flash-attention style.
 //
-// Twin of Backend::attention_forward / attention_backward and src/backend/cpu/attention.rs.
+// Twin of Backend::attention_gqa_forward / attention_gqa_backward (and so of the multi-head
+// attention_forward / attention_backward, NKV = NH) and src/backend/cpu/attention.rs.
 // The CUDA-core fallback for head sizes the tensor-core kernels (attention_mma.cu) don't take.
-// Layout: qkv [B, T, 3C] bf16 (q | k | v per position, head h owns columns h*hs .. (h+1)*hs),
-// out [B, T, C] bf16, lse [B, NH, T] fp32.
+// Layout: qkv [B, T, (NH + 2 NKV) hs] bf16 (NH query heads | NKV key heads | NKV value heads per
+// position, see HeadCols in common.cuh; [B, T, 3C] when NKV = NH), out [B, T, C] bf16, lse
+// [B, NH, T] fp32. Query head h reads key/value head h / (NH / NKV).
 // Head size hs = C / NH, at most ATT_MAX_HS = 128. Arithmetic and accumulation in fp32.
 // Packed rows: with starts [B, T] (non-null; examples are contiguous segments, so starts is
 // non-decreasing along a row, checked by the launcher) query i attends keys starts[i] <= j <= i;
@@ -22,7 +24,9 @@
 //         lse += log(sum_j exp(s_ij - lse)) (a no-op up to rounding for the forward's own lse).
 //   dq:   per query row, over key tiles: P = exp(s - lse), dP = dout_i . v_j,
 //         dS = P (dP - D_i), dq_i = scale * sum_j dS_ij k_j.
-//   dkv:  per key row, over query tiles: dv_j = sum_i P_ij dout_i, dk_j = scale * sum_i dS_ij q_i.
+//   dkv:  per key row of one key/value head, over the query heads of its group (in order) and
+//         their query tiles: dv_j = sum_h sum_i P_ij dout_i, dk_j = scale * sum_h sum_i dS_ij q_i.
+//         The group's sum stays in registers, so grouped heads need no atomics either.
 //
 // Napkin math (GPT-2 small: B=64, NH=12, T=1024, hs=64): forward FLOPs ~ 4 * B*NH*T^2/2 * hs
 // = 103 GFLOP (causal half); backward recomputes the scores twice (prep, dq, dkv: 3x QK^T) plus
@@ -37,16 +41,14 @@
 #define ATT_TILE 32
 #define ATT_DPL (ATT_MAX_HS / WARP_SIZE)  // dims per lane
 
-// Loads rows [j0, j0 + ATT_TILE) of one head's k (part = 1), v (part = 2) or q (part = 0) into
+// Loads rows [j0, j0 + ATT_TILE) of the hs columns from `col` of a qkv row (width w) into
 // dst[ATT_TILE][ld] as fp32; rows past T are zero. Every thread of the block calls it.
-__device__ __forceinline__ void load_tile(float* dst, int ld, const __nv_bfloat16* qkv, int part,
-                                          int bb, int h, int j0, int t, int c, int hs) {
-    const int c3 = 3 * c;
+__device__ __forceinline__ void load_tile(float* dst, int ld, const __nv_bfloat16* qkv, int col,
+                                          int w, int bb, int j0, int t, int hs) {
     for (int idx = threadIdx.x; idx < ATT_TILE * hs; idx += blockDim.x) {
         const int jj = idx / hs, d = idx % hs;
         const int j = j0 + jj;
-        dst[jj * ld + d] =
-            j < t ? bf16_to_f32(qkv[((size_t)bb * t + j) * c3 + part * c + h * hs + d]) : 0.0f;
+        dst[jj * ld + d] = j < t ? bf16_to_f32(qkv[((size_t)bb * t + j) * w + col + d]) : 0.0f;
     }
 }
 
@@ -75,19 +77,20 @@ __device__ __forceinline__ float dot_hs(const float* a, const float* b, int hs) 
 extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_forward_bf16(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
                            const __nv_bfloat16* __restrict__ qkv,
-                           const int* __restrict__ starts, int t, int c, int nh, float scale) {
+                           const int* __restrict__ starts, int t, int c, int nh, int nkv,
+                           float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float k_s[ATT_TILE][ATT_MAX_HS + 1];
     __shared__ float v_s[ATT_TILE][ATT_MAX_HS];
     const int hs = c / nh;
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const HeadCols hc = head_cols(h, c, nh, nkv);
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * ATT_ROWS;
     const int i = row0 + warp;
     const bool active = i < t;
     for (int d = lane; d < hs; d += WARP_SIZE) {
-        q_s[warp][d] =
-            active ? bf16_to_f32(qkv[((size_t)bb * t + i) * 3 * c + h * hs + d]) : 0.0f;
+        q_s[warp][d] = active ? bf16_to_f32(qkv[((size_t)bb * t + i) * hc.w + hc.q + d]) : 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
     float o[ATT_DPL];
@@ -98,8 +101,8 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
     for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();  // previous tile consumed (and q_s written, on the first pass)
-        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
-        load_tile(&v_s[0][0], ATT_MAX_HS, qkv, 2, bb, h, j0, t, c, hs);
+        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, hc.k, hc.w, bb, j0, t, hs);
+        load_tile(&v_s[0][0], ATT_MAX_HS, qkv, hc.v, hc.w, bb, j0, t, hs);
         __syncthreads();
         if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
@@ -138,20 +141,20 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
                                  const __nv_bfloat16* __restrict__ out,
                                  const __nv_bfloat16* __restrict__ qkv,
                                  const float* __restrict__ lse,
-                                 const int* __restrict__ starts, int t, int c, int nh,
+                                 const int* __restrict__ starts, int t, int c, int nh, int nkv,
                                  float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float k_s[ATT_TILE][ATT_MAX_HS + 1];
     const int hs = c / nh;
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const HeadCols hc = head_cols(h, c, nh, nkv);
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * ATT_ROWS;
     const int i = row0 + warp;
     const bool active = i < t;
     float dsum = 0.0f;
     for (int d = lane; d < hs; d += WARP_SIZE) {
-        q_s[warp][d] =
-            active ? bf16_to_f32(qkv[((size_t)bb * t + i) * 3 * c + h * hs + d]) : 0.0f;
+        q_s[warp][d] = active ? bf16_to_f32(qkv[((size_t)bb * t + i) * hc.w + hc.q + d]) : 0.0f;
         if (active) {
             const size_t idx = ((size_t)bb * t + i) * c + h * hs + d;
             dsum += bf16_to_f32(dout[idx]) * bf16_to_f32(out[idx]);
@@ -165,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
     for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();
-        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
+        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, hc.k, hc.w, bb, j0, t, hs);
         __syncthreads();
         if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
@@ -183,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     attention_backward_dq_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restrict__ stats,
                                const __nv_bfloat16* __restrict__ dout,
                                const __nv_bfloat16* __restrict__ qkv,
-                               const int* __restrict__ starts, int t, int c, int nh,
+                               const int* __restrict__ starts, int t, int c, int nh, int nkv,
                                float scale) {
     __shared__ float q_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float do_s[ATT_ROWS][ATT_MAX_HS];
@@ -191,13 +194,13 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     __shared__ float v_s[ATT_TILE][ATT_MAX_HS + 1];
     const int hs = c / nh;
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const HeadCols hc = head_cols(h, c, nh, nkv);
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * ATT_ROWS;
     const int i = row0 + warp;
     const bool active = i < t;
     for (int d = lane; d < hs; d += WARP_SIZE) {
-        q_s[warp][d] =
-            active ? bf16_to_f32(qkv[((size_t)bb * t + i) * 3 * c + h * hs + d]) : 0.0f;
+        q_s[warp][d] = active ? bf16_to_f32(qkv[((size_t)bb * t + i) * hc.w + hc.q + d]) : 0.0f;
         do_s[warp][d] = active ? bf16_to_f32(dout[((size_t)bb * t + i) * c + h * hs + d]) : 0.0f;
     }
     const float row_lse = active ? stats[((size_t)bh * t + i) * 2] : 0.0f;
@@ -210,8 +213,8 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     const int j_begin = key_start(starts, bb, row0, t) / ATT_TILE * ATT_TILE;
     for (int j0 = j_begin; j0 <= last_row; j0 += ATT_TILE) {
         __syncthreads();
-        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, 1, bb, h, j0, t, c, hs);
-        load_tile(&v_s[0][0], ATT_MAX_HS + 1, qkv, 2, bb, h, j0, t, c, hs);
+        load_tile(&k_s[0][0], ATT_MAX_HS + 1, qkv, hc.k, hc.w, bb, j0, t, hs);
+        load_tile(&v_s[0][0], ATT_MAX_HS + 1, qkv, hc.v, hc.w, bb, j0, t, hs);
         __syncthreads();
         if (!active || j0 > i || j0 + ATT_TILE <= first) continue;
         const int j = j0 + lane;
@@ -235,19 +238,22 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     for (int r = 0; r < ATT_DPL; r++) {
         const int d = lane + r * WARP_SIZE;
         if (d < hs) {
-            const size_t idx = ((size_t)bb * t + i) * 3 * c + h * hs + d;
-            dqkv[idx] = f32_to_bf16(dq[r]);
+            dqkv[((size_t)bb * t + i) * hc.w + hc.q + d] = f32_to_bf16(dq[r]);
         }
     }
 }
 
-// Backward dk, dv: one warp per key row j, query tiles (i >= j) in shared memory. With starts,
-// the walk stops at the first tile whose first query starts after the block's last key.
-extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
+// Backward dk, dv: one warp per key row j of key/value head kvh (grid (ceil(T / ATT_ROWS),
+// B * NKV)). The block walks the query heads of kvh's group in order and, for each, the query
+// tiles (i >= j) in shared memory; dk and dv sum over all of them in registers. With starts,
+// a head's walk stops at the first tile whose first query starts after the block's last key.
+// (ptxas picks 48 registers from the shared memory's 5 blocks per SM and spills the group
+// loop's state; 4 blocks per SM give it 64.)
+extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE, 4)
     attention_backward_dkv_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restrict__ stats,
                                 const __nv_bfloat16* __restrict__ dout,
                                 const __nv_bfloat16* __restrict__ qkv,
-                                const int* __restrict__ starts, int t, int c, int nh,
+                                const int* __restrict__ starts, int t, int c, int nh, int nkv,
                                 float scale) {
     __shared__ float k_s[ATT_ROWS][ATT_MAX_HS];
     __shared__ float v_s[ATT_ROWS][ATT_MAX_HS];
@@ -256,48 +262,53 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     __shared__ float lse_t[ATT_TILE];
     __shared__ float d_t[ATT_TILE];
     const int hs = c / nh;
-    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const int group = nh / nkv;
+    const int bkv = blockIdx.y, bb = bkv / nkv, kvh = bkv % nkv;
+    const HeadCols kc = head_cols(kvh * group, c, nh, nkv);  // k and v columns of head kvh
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int row0 = blockIdx.x * ATT_ROWS;
     const int j = row0 + warp;
     const bool active = j < t;
     for (int d = lane; d < hs; d += WARP_SIZE) {
-        const size_t base = ((size_t)bb * t + j) * 3 * c + h * hs + d;
-        k_s[warp][d] = active ? bf16_to_f32(qkv[base + c]) : 0.0f;
-        v_s[warp][d] = active ? bf16_to_f32(qkv[base + 2 * c]) : 0.0f;
+        const size_t base = ((size_t)bb * t + j) * kc.w + d;
+        k_s[warp][d] = active ? bf16_to_f32(qkv[base + kc.k]) : 0.0f;
+        v_s[warp][d] = active ? bf16_to_f32(qkv[base + kc.v]) : 0.0f;
     }
     float dk[ATT_DPL], dv[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) dk[r] = dv[r] = 0.0f;
     const int last_key = min(t - 1, row0 + ATT_ROWS - 1);
-    for (int i0 = (row0 / ATT_TILE) * ATT_TILE;
-         i0 < t && key_start(starts, bb, i0, t) <= last_key; i0 += ATT_TILE) {
-        __syncthreads();
-        load_tile(&q_t[0][0], ATT_MAX_HS + 1, qkv, 0, bb, h, i0, t, c, hs);
-        load_tile_c(&do_t[0][0], ATT_MAX_HS + 1, dout, bb, h, i0, t, c, hs);
-        if (threadIdx.x < ATT_TILE) {
-            const int i = i0 + threadIdx.x;
-            lse_t[threadIdx.x] = i < t ? stats[((size_t)bh * t + i) * 2] : 0.0f;
-            d_t[threadIdx.x] = i < t ? stats[((size_t)bh * t + i) * 2 + 1] : 0.0f;
-        }
-        __syncthreads();
-        if (!active || i0 + ATT_TILE <= j || key_start(starts, bb, i0, t) > j) continue;
-        const int i = i0 + lane;
-        float p = 0.0f, ds = 0.0f;
-        if (i < t && i >= j && key_start(starts, bb, i, t) <= j) {
-            p = expf(dot_hs(q_t[lane], k_s[warp], hs) * scale - lse_t[lane]);
-            const float dp = dot_hs(do_t[lane], v_s[warp], hs);
-            ds = p * (dp - d_t[lane]) * scale;
-        }
-        for (int ii = 0; ii < ATT_TILE; ii++) {
-            const float pi = __shfl_sync(0xffffffffu, p, ii);
-            const float dsi = __shfl_sync(0xffffffffu, ds, ii);
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        const size_t bh = (size_t)bb * nh + h;
+        for (int i0 = (row0 / ATT_TILE) * ATT_TILE;
+             i0 < t && key_start(starts, bb, i0, t) <= last_key; i0 += ATT_TILE) {
+            __syncthreads();
+            load_tile(&q_t[0][0], ATT_MAX_HS + 1, qkv, h * hs, kc.w, bb, i0, t, hs);
+            load_tile_c(&do_t[0][0], ATT_MAX_HS + 1, dout, bb, h, i0, t, c, hs);
+            if (threadIdx.x < ATT_TILE) {
+                const int i = i0 + threadIdx.x;
+                lse_t[threadIdx.x] = i < t ? stats[(bh * t + i) * 2] : 0.0f;
+                d_t[threadIdx.x] = i < t ? stats[(bh * t + i) * 2 + 1] : 0.0f;
+            }
+            __syncthreads();
+            if (!active || i0 + ATT_TILE <= j || key_start(starts, bb, i0, t) > j) continue;
+            const int i = i0 + lane;
+            float p = 0.0f, ds = 0.0f;
+            if (i < t && i >= j && key_start(starts, bb, i, t) <= j) {
+                p = expf(dot_hs(q_t[lane], k_s[warp], hs) * scale - lse_t[lane]);
+                const float dp = dot_hs(do_t[lane], v_s[warp], hs);
+                ds = p * (dp - d_t[lane]) * scale;
+            }
+            for (int ii = 0; ii < ATT_TILE; ii++) {
+                const float pi = __shfl_sync(0xffffffffu, p, ii);
+                const float dsi = __shfl_sync(0xffffffffu, ds, ii);
 #pragma unroll
-            for (int r = 0; r < ATT_DPL; r++) {
-                const int d = lane + r * WARP_SIZE;
-                if (d < hs) {
-                    dv[r] += pi * do_t[ii][d];
-                    dk[r] += dsi * q_t[ii][d];
+                for (int r = 0; r < ATT_DPL; r++) {
+                    const int d = lane + r * WARP_SIZE;
+                    if (d < hs) {
+                        dv[r] += pi * do_t[ii][d];
+                        dk[r] += dsi * q_t[ii][d];
+                    }
                 }
             }
         }
@@ -307,9 +318,9 @@ extern "C" __global__ void __launch_bounds__(ATT_ROWS * WARP_SIZE)
     for (int r = 0; r < ATT_DPL; r++) {
         const int d = lane + r * WARP_SIZE;
         if (d < hs) {
-            const size_t base = ((size_t)bb * t + j) * 3 * c + h * hs + d;
-            dqkv[base + c] = f32_to_bf16(dk[r]);
-            dqkv[base + 2 * c] = f32_to_bf16(dv[r]);
+            const size_t base = ((size_t)bb * t + j) * kc.w + d;
+            dqkv[base + kc.k] = f32_to_bf16(dk[r]);
+            dqkv[base + kc.v] = f32_to_bf16(dv[r]);
         }
     }
 }

@@ -1,12 +1,14 @@
 // attention_mma.cu: causal attention on the tensor cores, forward and backward, head sizes 32
 // and 64 (every preset's). src/backend/cuda/attention.rs picks these kernels when the head size
 // fits and the plain CUDA-core kernels of attention.cu otherwise; both implement the same
-// Backend::attention_forward / attention_backward (twin: src/backend/cpu/attention.rs).
+// Backend::attention_gqa_forward / attention_gqa_backward (and so the multi-head ops, NKV = NH;
+// twin: src/backend/cpu/attention.rs).
 //
-// Layout: qkv [B, T, 3C] bf16 (q | k | v per position, head h owns columns h*HS .. (h+1)*HS),
-// out and dout [B, T, C] bf16, lse [B, NH, T] fp32 (natural log). `starts` (nullable, [B*T]
-// int32, nondecreasing along a row) restricts query i to keys starts[i] <= j <= i, so packed
-// examples never see each other; null means plain causal.
+// Layout: qkv [B, T, (NH + 2 NKV) HS] bf16 (NH query heads | NKV key heads | NKV value heads per
+// position, HeadCols in common.cuh; [B, T, 3C] when NKV = NH), out and dout [B, T, C] bf16, lse
+// [B, NH, T] fp32 (natural log). Query head h reads key/value head h / (NH / NKV). `starts`
+// (nullable, [B*T] int32, nondecreasing along a row) restricts query i to keys
+// starts[i] <= j <= i, so packed examples never see each other; null means plain causal.
 //
 // Scheme (FlashAttention-2, Dao 2023): a block of 4 warps owns 64 rows; each warp owns 16 and
 // holds them as mma.sync m16n8k16 fragments (bf16 operands, fp32 accumulators). Tiles of 64
@@ -15,9 +17,10 @@
 //   forward: S = Q K^T, running max and sum, O += P V; saves lse.
 //   backward: prep D_i = dout_i . out_i; dq kernel (one block per query tile, loops over key
 //   tiles): S, P = exp(S - lse), dP = dout V^T, dS = P (dP - D), dq = scale dS K;
-//   dkv kernel (one block per key tile, loops over query tiles): S^T, P^T, dv = P^T dout,
-//   dP^T = V dout^T, dS^T, dk = scale dS^T Q. No float atomics: every output element is
-//   written by one thread, so results are deterministic.
+//   dkv kernel (one block per key tile of one key/value head, loops over the query heads of
+//   its group in order and over their query tiles): S^T, P^T, dv = P^T dout, dP^T = V dout^T,
+//   dS^T, dk = scale dS^T Q, summed over the group in the accumulators. No float atomics:
+//   every output element is written by one thread, so results are deterministic.
 //
 // Pipelining: the inner tiles are double-buffered. While the warps compute on one tile,
 // cp.async copies the next one into the other half of shared memory, so each tile's
@@ -46,7 +49,7 @@ __device__ __forceinline__ void forward_mma(__nv_bfloat16* __restrict__ out,
                                              float* __restrict__ lse,
                                              const __nv_bfloat16* __restrict__ qkv,
                                              const int* __restrict__ starts, int t, int c, int nh,
-                                             float scale) {
+                                             int nkv, float scale) {
     constexpr int TILE = SMEM_TILE(HS);
     __shared__ __align__(16) __nv_bfloat16 q_s[TILE];
     __shared__ __align__(16) __nv_bfloat16 k_s[2 * TILE];
@@ -56,8 +59,12 @@ __device__ __forceinline__ void forward_mma(__nv_bfloat16* __restrict__ out,
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane >> 2, tq = lane & 3;
     const int r = warp * 16 + g;
-    const size_t c3 = 3 * (size_t)c;
-    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
+    // HeadCols with HS known at compile time: the row width, query head h's columns (base) and
+    // its key head's, k_off further; the value head is NKV * HS further again. Written so the
+    // live registers are those of the multi-head kernel (128: four blocks per SM at HS = 64).
+    const size_t w = c + 2 * nkv * HS;
+    const __nv_bfloat16* base = qkv + (size_t)bb * t * w + h * HS;  // query head h
+    const int k_off = c + (h / (nh / nkv) - h) * HS;                 // its key head from base
     const int i_a = q0 + r, i_b = q0 + r + 8;
     const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
     const int start_a = row_starts ? row_starts[min(i_a, t - 1)] : 0;
@@ -68,9 +75,9 @@ __device__ __forceinline__ void forward_mma(__nv_bfloat16* __restrict__ out,
     const float sl2 = scale * LOG2E;
 
     // Q and the first K/V tile in flight, as one group.
-    load_tile_async<HS>(q_s, base, c3, q0, t);
-    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
-    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    load_tile_async<HS>(q_s, base, w, q0, t);
+    load_tile_async<HS>(k_s, base + k_off, w, j_first, t);
+    load_tile_async<HS>(v_s, base + k_off + nkv * HS, w, j_first, t);
     cp_async_commit();
 
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
@@ -79,8 +86,9 @@ __device__ __forceinline__ void forward_mma(__nv_bfloat16* __restrict__ out,
     int stage = 0;
     for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
         if (j0 + MMA_TILE <= last_key) {
-            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
-            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + k_off, w, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + k_off + nkv * HS, w,
+                                j0 + MMA_TILE, t);
         }
         cp_async_commit();   // possibly empty: keeps "all but the newest group" = this stage
         cp_async_wait<1>();
@@ -124,7 +132,7 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
                                                  const __nv_bfloat16* __restrict__ dout,
                                                  const __nv_bfloat16* __restrict__ qkv,
                                                  const int* __restrict__ starts, int t, int c,
-                                                 int nh, float scale, __nv_bfloat16* q_s,
+                                                 int nh, int nkv, float scale, __nv_bfloat16* q_s,
                                                  __nv_bfloat16* do_s, __nv_bfloat16* k_s,
                                                  __nv_bfloat16* v_s) {
     constexpr int TILE = SMEM_TILE(HS);
@@ -133,8 +141,10 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane >> 2, tq = lane & 3;
     const int r = warp * 16 + g;
-    const size_t c3 = 3 * (size_t)c;
-    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
+    // Columns as in the forward: query head h at base, its key head k_off further.
+    const size_t w = c + 2 * nkv * HS;
+    const __nv_bfloat16* base = qkv + (size_t)bb * t * w + h * HS;
+    const int k_off = c + (h / (nh / nkv) - h) * HS;
     const int i_a = q0 + r, i_b = q0 + r + 8;
     const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
     const int start_a = row_starts ? row_starts[min(i_a, t - 1)] : 0;
@@ -150,10 +160,10 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
     const float d_b = i_b < t ? dvec[(size_t)bh * t + i_b] : 0.0f;
 
     // Q, dout and the first K/V tile in flight, as one group.
-    load_tile_async<HS>(q_s, base, c3, q0, t);
+    load_tile_async<HS>(q_s, base, w, q0, t);
     load_tile_async<HS>(do_s, dout + (size_t)bb * t * c + h * HS, c, q0, t);
-    load_tile_async<HS>(k_s, base + c, c3, j_first, t);
-    load_tile_async<HS>(v_s, base + 2 * c, c3, j_first, t);
+    load_tile_async<HS>(k_s, base + k_off, w, j_first, t);
+    load_tile_async<HS>(v_s, base + k_off + nkv * HS, w, j_first, t);
     cp_async_commit();
 
     float dq[HS / 8][4];
@@ -161,8 +171,9 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
     int stage = 0;
     for (int j0 = j_first; j0 <= last_key; j0 += MMA_TILE, stage ^= 1) {
         if (j0 + MMA_TILE <= last_key) {
-            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + c, c3, j0 + MMA_TILE, t);
-            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + 2 * c, c3, j0 + MMA_TILE, t);
+            load_tile_async<HS>(k_s + (stage ^ 1) * TILE, base + k_off, w, j0 + MMA_TILE, t);
+            load_tile_async<HS>(v_s + (stage ^ 1) * TILE, base + k_off + nkv * HS, w,
+                                j0 + MMA_TILE, t);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -175,13 +186,16 @@ __device__ __forceinline__ void backward_dq_mma(__nv_bfloat16* __restrict__ dqkv
         times_tile<HS>(dq, p, ks, lane);
         __syncthreads();
     }
-    if (i_a < t) store_row<HS>(dqkv + ((size_t)bb * t + i_a) * c3 + h * HS, dq, 0, scale, tq);
-    if (i_b < t) store_row<HS>(dqkv + ((size_t)bb * t + i_b) * c3 + h * HS, dq, 1, scale, tq);
+    if (i_a < t) store_row<HS>(dqkv + ((size_t)bb * t + i_a) * w + h * HS, dq, 0, scale, tq);
+    if (i_b < t) store_row<HS>(dqkv + ((size_t)bb * t + i_b) * w + h * HS, dq, 1, scale, tq);
 }
 
-// ---- backward, dk and dv: one block per 64 key rows, over the query tiles that see them --------
-// Shared memory (dynamic, from the entry point): k_s, v_s one tile each, q_s, do_s two stages;
-// the per-query statistics of both stages are static.
+// ---- backward, dk and dv: one block per 64 key rows of one key/value head -----------------------
+// The block walks the query heads of its group in order and, for each, the query tiles that see
+// its keys; the walk is one sequence of (head, tile) steps, so the next step's tiles load while
+// this one computes, across head boundaries too. Shared memory (dynamic, from the entry point):
+// k_s, v_s one tile each, q_s, do_s two stages; the per-query statistics of both stages are
+// static.
 template <int HS>
 __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqkv,
                                                   const float* __restrict__ lse,
@@ -189,59 +203,70 @@ __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqk
                                                   const __nv_bfloat16* __restrict__ dout,
                                                   const __nv_bfloat16* __restrict__ qkv,
                                                   const int* __restrict__ starts, int t, int c,
-                                                  int nh, float scale, __nv_bfloat16* k_s,
-                                                  __nv_bfloat16* v_s, __nv_bfloat16* q_s,
-                                                  __nv_bfloat16* do_s) {
+                                                  int nh, int nkv, float scale,
+                                                  __nv_bfloat16* k_s, __nv_bfloat16* v_s,
+                                                  __nv_bfloat16* q_s, __nv_bfloat16* do_s) {
     constexpr int TILE = SMEM_TILE(HS);
     __shared__ float lse_s[2][MMA_TILE], d_s[2][MMA_TILE];
     __shared__ int start_s[2][MMA_TILE];
-    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    const int group = nh / nkv;
+    const int bkv = blockIdx.y, bb = bkv / nkv, kvh = bkv % nkv;
+    const int h_first = kvh * group, h_end = h_first + group;  // the group's query heads
     const int k0 = blockIdx.x * MMA_ROWS;  // the first key tiles see the most queries
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane >> 2, tq = lane & 3;
     const int r = warp * 16 + g;
-    const size_t c3 = 3 * (size_t)c;
-    const __nv_bfloat16* base = qkv + (size_t)bb * t * c3 + h * HS;
-    const __nv_bfloat16* dout_base = dout + (size_t)bb * t * c + h * HS;
+    const HeadCols kc = head_cols(h_first, c, nh, nkv);  // k and v columns of head kvh
+    const size_t w = kc.w;
+    const __nv_bfloat16* row0 = qkv + (size_t)bb * t * w;
+    const __nv_bfloat16* dout_row0 = dout + (size_t)bb * t * c;
     const int j_a = k0 + r, j_b = k0 + r + 8;
     const int* row_starts = starts ? starts + (size_t)bb * t : nullptr;
     const int last_key = min(k0 + MMA_ROWS, t) - 1;
     const float sl2 = scale * LOG2E;
-    // Query x of the tile at i0, for thread x < 64: its lse (base 2, +inf past T), D, start.
-    auto row_stats = [&](int i0, float& l, float& d, int& st) {
+    // Query x of head h's tile at i0, for thread x < 64: its lse (base 2, +inf past T), D, start.
+    auto row_stats = [&](int h, int i0, float& l, float& d, int& st) {
         const int i = i0 + (int)threadIdx.x;
-        l = i < t ? lse[(size_t)bh * t + i] * LOG2E : INFINITY;
-        d = i < t ? dvec[(size_t)bh * t + i] : 0.0f;
+        const size_t bh = (size_t)bb * nh + h;
+        l = i < t ? lse[bh * t + i] * LOG2E : INFINITY;
+        d = i < t ? dvec[bh * t + i] : 0.0f;
         st = (row_starts && i < t) ? row_starts[i] : 0;
+    };
+    auto load_q_do = [&](int stage, int h, int i0) {
+        load_tile_async<HS>(q_s + stage * TILE, row0 + h * HS, w, i0, t);
+        load_tile_async<HS>(do_s + stage * TILE, dout_row0 + h * HS, c, i0, t);
     };
 
     // K, V and the first query tile in flight, as one group.
-    load_tile_async<HS>(k_s, base + c, c3, k0, t);
-    load_tile_async<HS>(v_s, base + 2 * c, c3, k0, t);
-    // The first query tile (i0 = k0) always sees these keys: query k0 sees key k0.
-    load_tile_async<HS>(q_s, base, c3, k0, t);
-    load_tile_async<HS>(do_s, dout_base, c, k0, t);
+    load_tile_async<HS>(k_s, row0 + kc.k, w, k0, t);
+    load_tile_async<HS>(v_s, row0 + kc.v, w, k0, t);
+    // A head's first query tile (i0 = k0) always sees these keys: query k0 sees key k0.
+    load_q_do(0, h_first, k0);
     cp_async_commit();
     if (threadIdx.x < MMA_TILE) {
-        row_stats(k0, lse_s[0][threadIdx.x], d_s[0][threadIdx.x], start_s[0][threadIdx.x]);
+        row_stats(h_first, k0, lse_s[0][threadIdx.x], d_s[0][threadIdx.x], start_s[0][threadIdx.x]);
     }
 
     float dk[HS / 8][4], dv[HS / 8][4];
     zero_acc(dk);
     zero_acc(dv);
     int stage = 0;
-    for (int i0 = k0; i0 < t; i0 += MMA_TILE, stage ^= 1) {
-        // Starts never decrease along a row: once a tile's first query starts past these keys,
-        // no later query sees them either.
-        const int next = i0 + MMA_TILE;
-        const bool more = next < t && !(row_starts && row_starts[next] > last_key);
+    for (int h = h_first, i0 = k0;; stage ^= 1) {
+        // The next step: this head's next tile, unless it is past T or (starts never decrease
+        // along a row) its first query starts past these keys, and then no later tile of the
+        // head sees them either: the next head's first tile.
+        int next_h = h, next = i0 + MMA_TILE;
+        if (next >= t || (row_starts && row_starts[next] > last_key)) {
+            next_h = h + 1;
+            next = k0;
+        }
+        const bool more = next_h < h_end;
         float next_lse = 0.0f, next_d = 0.0f;
         int next_start = 0;
         if (more) {
-            load_tile_async<HS>(q_s + (stage ^ 1) * TILE, base, c3, next, t);
-            load_tile_async<HS>(do_s + (stage ^ 1) * TILE, dout_base, c, next, t);
+            load_q_do(stage ^ 1, next_h, next);
             // Plain loads: they land while this tile is computed, stored below.
-            if (threadIdx.x < MMA_TILE) row_stats(next, next_lse, next_d, next_start);
+            if (threadIdx.x < MMA_TILE) row_stats(next_h, next, next_lse, next_d, next_start);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -264,16 +289,18 @@ __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqk
         }
         __syncthreads();
         if (!more) break;
+        h = next_h;
+        i0 = next;
     }
     if (j_a < t) {
-        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_a) * c3 + h * HS;
-        store_row<HS>(row + c, dk, 0, scale, tq);
-        store_row<HS>(row + 2 * c, dv, 0, 1.0f, tq);
+        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_a) * w;
+        store_row<HS>(row + kc.k, dk, 0, scale, tq);
+        store_row<HS>(row + kc.v, dv, 0, 1.0f, tq);
     }
     if (j_b < t) {
-        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_b) * c3 + h * HS;
-        store_row<HS>(row + c, dk, 1, scale, tq);
-        store_row<HS>(row + 2 * c, dv, 1, 1.0f, tq);
+        __nv_bfloat16* row = dqkv + ((size_t)bb * t + j_b) * w;
+        store_row<HS>(row + kc.k, dk, 1, scale, tq);
+        store_row<HS>(row + kc.v, dv, 1, 1.0f, tq);
     }
 }
 
@@ -285,27 +312,27 @@ extern __shared__ __align__(16) unsigned char mma_smem[];
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
         attention_forward_mma##HS##_bf16(__nv_bfloat16* out, float* lse,                           \
                                           const __nv_bfloat16* qkv, const int* starts, int t,      \
-                                          int c, int nh, float scale) {                            \
-        forward_mma<HS>(out, lse, qkv, starts, t, c, nh, scale);                                   \
+                                          int c, int nh, int nkv, float scale) {                   \
+        forward_mma<HS>(out, lse, qkv, starts, t, c, nh, nkv, scale);                              \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
         attention_backward_dq_mma##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,                \
                                               const float* dvec, const __nv_bfloat16* dout,        \
                                               const __nv_bfloat16* qkv, const int* starts,         \
-                                              int t, int c, int nh, float scale) {                 \
+                                              int t, int c, int nh, int nkv, float scale) {        \
         constexpr int TILE = SMEM_TILE(HS);                                                        \
         __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(mma_smem);                           \
-        backward_dq_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, q_s,              \
+        backward_dq_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, nkv, scale, q_s,         \
                              q_s + TILE, q_s + 2 * TILE, q_s + 4 * TILE);                          \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                      \
         attention_backward_dkv_mma##HS##_bf16(__nv_bfloat16* dqkv, const float* lse,               \
                                                const float* dvec, const __nv_bfloat16* dout,       \
                                                const __nv_bfloat16* qkv, const int* starts,        \
-                                               int t, int c, int nh, float scale) {                \
+                                               int t, int c, int nh, int nkv, float scale) {       \
         constexpr int TILE = SMEM_TILE(HS);                                                        \
         __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(mma_smem);                           \
-        backward_dkv_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, scale, k_s,             \
+        backward_dkv_mma<HS>(dqkv, lse, dvec, dout, qkv, starts, t, c, nh, nkv, scale, k_s,        \
                               k_s + TILE, k_s + 2 * TILE, k_s + 4 * TILE);                         \
     }
 

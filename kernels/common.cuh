@@ -69,3 +69,19 @@ __device__ __forceinline__ float block_reduce_max(float x, float* scratch) {
     __syncthreads();
     return x;
 }
+
+// ---- attention's qkv layout (attention.cu, attention_mma.cu, decode.cu) -----------------------
+// A qkv row holds NH query heads, then NKV key heads, then NKV value heads, hs = C / NH columns
+// each: width w = (NH + 2 NKV) hs (3C when NKV = NH). Query head h reads key/value head
+// h / (NH / NKV) (grouped-query attention; NKV = 1 is multi-query).
+struct HeadCols {
+    int w;  // row width
+    int q;  // first column of query head h
+    int k;  // first column of its key head
+    int v;  // first column of its value head
+};
+
+__device__ __forceinline__ HeadCols head_cols(int h, int c, int nh, int nkv) {
+    const int hs = c / nh, kvh = h / (nh / nkv);
+    return {c + 2 * nkv * hs, h * hs, c + kvh * hs, c + (nkv + kvh) * hs};
+}

@@ -1,12 +1,14 @@
 // decode.cu: causal attention of Tn new positions over a key/value cache, for generation.
 //
-// Twin of Backend::attention_cached_forward and src/backend/cpu/decode.rs.
-// Layout: qkv [B, Tn, 3C] bf16 (q | k | v per new position, head h owns columns h*hs ..
-// (h+1)*hs), k_cache and v_cache [B, Tmax, C] bf16, out [B, Tn, C] bf16. Head size
-// hs = C / NH, at most DEC_MAX_HS = 128. Arithmetic and accumulation in fp32.
+// Twin of Backend::attention_gqa_cached_forward (and so of attention_cached_forward, NKV = NH)
+// and src/backend/cpu/decode.rs.
+// Layout: qkv [B, Tn, (NH + 2 NKV) hs] bf16 (NH query heads | NKV key heads | NKV value heads
+// per new position, HeadCols in common.cuh; [B, Tn, 3C] when NKV = NH), k_cache and v_cache
+// [B, Tmax, NKV hs] bf16, out [B, Tn, C] bf16. Query head h reads key/value head h / (NH / NKV).
+// Head size hs = C / NH, at most DEC_MAX_HS = 128. Arithmetic and accumulation in fp32.
 //
 // Two kernels in stream order:
-//   append: copies the new k and v rows into cache rows past .. past+Tn (grid-stride).
+//   append: copies the new k and v heads into cache rows past .. past+Tn (grid-stride).
 //   attention: one block per (new position i, b*NH + h); its DEC_WARPS warps split the
 //     L = past + i + 1 keys into tiles of 32 (warp w takes tiles w, w + DEC_WARPS, ...). Each
 //     lane holds the query dims lane, lane+32, lane+64, lane+96 in registers; per key the warp
@@ -29,21 +31,25 @@
 #define DEC_TILE 32
 #define DEC_DPL (DEC_MAX_HS / WARP_SIZE)  // dims per lane
 
-// Grid-stride over B * Tn * C: k_cache[b, past + i, :] = qkv[b, i, C:2C], v likewise.
+// Grid-stride over B * Tn * ckv (ckv = NKV hs): k_cache[b, past + i, :] = the key heads of
+// qkv[b, i, :] (columns C .. C + ckv), v_cache likewise (the next ckv columns).
 extern "C" __global__ void decode_kv_append_bf16(__nv_bfloat16* __restrict__ k_cache,
                                                  __nv_bfloat16* __restrict__ v_cache,
                                                  const __nv_bfloat16* __restrict__ qkv, int b,
-                                                 int tn, int past, int tmax, int c) {
-    const size_t total = (size_t)b * tn * c;
+                                                 int tn, int past, int tmax, int c, int nh,
+                                                 int nkv) {
+    const int ckv = nkv * (c / nh);
+    const size_t w = (size_t)c + 2 * ckv;
+    const size_t total = (size_t)b * tn * ckv;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = idx / c;  // b * tn + i
-        const int d = (int)(idx % c);
+        const size_t row = idx / ckv;  // b * tn + i
+        const int d = (int)(idx % ckv);
         const int bb = (int)(row / tn), i = (int)(row % tn);
-        const size_t src = row * 3 * c + c + d;
-        const size_t dst = ((size_t)bb * tmax + past + i) * c + d;
+        const size_t src = row * w + c + d;
+        const size_t dst = ((size_t)bb * tmax + past + i) * ckv + d;
         k_cache[dst] = qkv[src];
-        v_cache[dst] = qkv[src + c];
+        v_cache[dst] = qkv[src + ckv];
     }
 }
 
@@ -52,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP_SIZE)
     decode_attention_bf16(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ qkv,
                           const __nv_bfloat16* __restrict__ k_cache,
                           const __nv_bfloat16* __restrict__ v_cache, int tn, int past, int tmax,
-                          int c, int nh, float scale) {
+                          int c, int nh, int nkv, float scale) {
     __shared__ float o_s[DEC_WARPS][DEC_MAX_HS];
     __shared__ float m_s[DEC_WARPS];
     __shared__ float l_s[DEC_WARPS];
@@ -61,9 +67,12 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP_SIZE)
     const int bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int keys = past + i + 1;
-    const __nv_bfloat16* q = qkv + ((size_t)bb * tn + i) * 3 * c + h * hs;
-    const __nv_bfloat16* kbase = k_cache + (size_t)bb * tmax * c + h * hs;
-    const __nv_bfloat16* vbase = v_cache + (size_t)bb * tmax * c + h * hs;
+    const HeadCols hc = head_cols(h, c, nh, nkv);
+    const int ckv = nkv * hs;                // a cache row
+    const int kv_col = hc.k - c;             // head h's key/value head within a cache row
+    const __nv_bfloat16* q = qkv + ((size_t)bb * tn + i) * hc.w + hc.q;
+    const __nv_bfloat16* kbase = k_cache + (size_t)bb * tmax * ckv + kv_col;
+    const __nv_bfloat16* vbase = v_cache + (size_t)bb * tmax * ckv + kv_col;
     float qr[DEC_DPL], o[DEC_DPL];
 #pragma unroll
     for (int r = 0; r < DEC_DPL; r++) {
@@ -76,7 +85,7 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP_SIZE)
         const int n_in = min(DEC_TILE, keys - j0);  // warp-uniform
         float s_mine = -INFINITY;
         for (int jj = 0; jj < n_in; jj++) {
-            const __nv_bfloat16* kr = kbase + (size_t)(j0 + jj) * c;
+            const __nv_bfloat16* kr = kbase + (size_t)(j0 + jj) * ckv;
             float part = 0.0f;
 #pragma unroll
             for (int r = 0; r < DEC_DPL; r++) {
@@ -95,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP_SIZE)
         for (int r = 0; r < DEC_DPL; r++) o[r] *= alpha;
         for (int jj = 0; jj < n_in; jj++) {
             const float pj = __shfl_sync(0xffffffffu, p, jj);
-            const __nv_bfloat16* vr = vbase + (size_t)(j0 + jj) * c;
+            const __nv_bfloat16* vr = vbase + (size_t)(j0 + jj) * ckv;
 #pragma unroll
             for (int r = 0; r < DEC_DPL; r++) {
                 const int d = lane + r * WARP_SIZE;

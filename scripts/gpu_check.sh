@@ -5,6 +5,8 @@
 # it whose validation accuracy must reach 1, the reduced demo (`topcoat demo --quick`), the
 # per-kernel benchmark,
 # and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024;
+# the Llama family: its ops' parity (llama_ops, gqa_attention), their `bench --kernels` rows, and
+# `topcoat bench` beside `bench_torch.py --arch llama` on llama-3.2-1b at B=8, T=2048 (ratio);
 # then the scale-out steps: NCCL at world size 1 vs no collective, two ranks on one GPU through
 # the host collective vs one rank, and gpt2-1558m with --recompute 2 (tokens/s, MFU).
 # Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
@@ -110,6 +112,47 @@ if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then
   tail -n 6 "$logs/bench_torch.log"
 fi
 
+# The Llama family: its ops' parity on their own (also in the full run above), the per-op rows
+# of llama-3.2-1b (rmsnorm, rope, swiglu, attention_gqa), then topcoat beside PyTorch at T=2048
+# (B=8, or B=4 where B=8 does not fit), tokens/s ratio in the table.
+timeout 100 dist/cuda_parity --test-threads=1 --nocapture llama_ops gqa_attention \
+  >"$logs/parity_llama.log" 2>&1
+parity_llama="$(status $?) ($(grep -E "^test result" "$logs/parity_llama.log" | tail -n 1))"
+llama() {
+  timeout 200 dist/topcoat bench --device cuda --preset llama-3.2-1b --vocab-size 128256 \
+    --seq-len 2048 "$@"
+}
+llama --kernels --batch-size 8 --steps 2 --warmup 1 >"$logs/bench_kernels_llama.log" 2>&1
+grep -E "^\| (op|rmsnorm|residual_rmsnorm|rope|swiglu|attention_gqa|embedding|total)" \
+  "$logs/bench_kernels_llama.log"
+llama_b=8
+llama --batch-size 8 --steps 8 --warmup 3 --peak-tflops "$peak" >"$logs/bench_llama.log" 2>&1 ||
+  { llama_b=4; llama --batch-size 4 --steps 8 --warmup 3 --peak-tflops "$peak" >"$logs/bench_llama.log" 2>&1; }
+llama_st=$(status $?)
+tail -n 4 "$logs/bench_llama.log"
+llama_torch="skipped"
+llama_ratio="n/a"
+if [ -z "${GPU_CHECK_SKIP_TORCH:-}" ]; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 dist/bench_torch.py --arch llama --preset llama-3.2-1b \
+    --vocab-size 128256 --batch-size "$llama_b" --seq-len 2048 --steps 12 --peak-tflops "$peak" \
+    >"$logs/bench_torch_llama.log" 2>&1
+  llama_torch="$(tail -n 1 "$logs/bench_torch_llama.log") ($(status $?))"
+  tail -n 4 "$logs/bench_torch_llama.log"
+  # tokens/s: column 2 of topcoat's table row, column 3 of PyTorch's (after the leading "|").
+  llama_ratio=$(python3 - "$logs/bench_llama.log" "$logs/bench_torch_llama.log" <<'PY'
+import sys
+def field(path, i):
+    rows = [l for l in open(path) if l.startswith("|")]
+    return float(rows[-1].split("|")[i].replace(",", ""))
+try:
+    print(f"{field(sys.argv[1], 2) / field(sys.argv[2], 3):.2f}x")
+except Exception as e:
+    print(f"n/a ({e})")
+PY
+)
+fi
+echo "== llama-3.2-1b ($((SECONDS - t0)) s): $llama_st, topcoat/PyTorch tokens/s $llama_ratio"
+
 # Scale-out (docs/DISTRIBUTED.md): (a) NCCL at world size 1 equals the run without a collective,
 # bit for bit; (b) two ranks on this one GPU through the host collective (NCCL refuses two ranks
 # on one GPU) equal one rank with the same global batch; (c) gpt2-1558m with --recompute 2.
@@ -191,6 +234,10 @@ echo "| topcoat demo --quick on cuda | $demo: $(grep -Eo "demo finished in [0-9]
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, GELU epilogue off | $(tail -n 1 "$logs/bench_topcoat_gelu_off.log") |"
 echo "| PyTorch torch.compile, same config | $torch_line |"
+echo "| CUDA parity, Llama ops and grouped-query attention | $parity_llama |"
+echo "| topcoat bench llama-3.2-1b B=$llama_b T=2048 | $llama_st: $(tail -n 1 "$logs/bench_llama.log") |"
+echo "| PyTorch torch.compile --arch llama, same config | $llama_torch |"
+echo "| llama-3.2-1b tokens/s, topcoat / PyTorch (target >= 1.2x) | $llama_ratio |"
 echo "| pretrain 20 steps, no collective | $dp_solo |"
 echo "| same, --collective nccl at world size 1 (bitwise expected) | $dp_nccl1 |"
 echo "| same, 2 ranks on 1 GPU, --collective host (tolerance 1e-2) | $dp_host2 |"

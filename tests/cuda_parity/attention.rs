@@ -6,7 +6,7 @@ use super::*;
 /// Naive bf16 attention forward on the host: f64 scores and softmax, probabilities rounded to
 /// bf16, the weighted sum in f64, the output rounded to bf16 (q, k, v are bf16 already).
 /// Query `i` of row `bb` attends keys `starts[bb*t + i] ..= i` (0 ..= i without `starts`).
-fn naive_bf16_attention(
+pub(super) fn naive_bf16_attention(
     qkv: &[f32],
     starts: Option<&[i32]>,
     b: usize,

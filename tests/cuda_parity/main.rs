@@ -1,9 +1,11 @@
 //! Every Backend op on the backend under test against the f32 CPU reference, forward and
-//! backward, on fresh random inputs at several shapes (including sizes that are not multiples
-//! of any block or tile size). Forward outputs are poisoned with NaN first, gradient outputs
-//! pre-filled with random values (parameter gradients and layernorm's `dinp` accumulate, other
-//! activation gradients are overwritten), so untouched or wrongly kept elements show. On the CPU backend these compare the backend with itself (they still run
-//! every op); on CUDA they are the parity tests of DESIGN.md convention 3.
+//! backward (the Llama family's ops in `llama_ops.rs` and `gqa_attention.rs`), on fresh random
+//! inputs at several shapes (including sizes that are not multiples of any block or tile size).
+//! Forward outputs are poisoned with NaN first, gradient outputs pre-filled with random values
+//! (parameter gradients and the norms' `dinp` accumulate, other activation gradients are
+//! overwritten), so untouched or wrongly kept elements show. On the CPU backend these compare
+//! the backend with itself (they still run every op); on CUDA they are the parity tests of
+//! DESIGN.md convention 3.
 //!
 //! The CUDA backend opens with the [`CudaOptions`] that `TOPCOAT_ATTENTION` (`mma` or
 //! `cuda-cores`) and `TOPCOAT_GELU_EPILOGUE` (`on` or `off`) name, the defaults when unset, so
@@ -101,6 +103,8 @@ fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize, one_in: u64)
 }
 
 mod attention;
+mod gqa_attention;
+mod llama_ops;
 mod model;
 mod ops;
 mod sampling;

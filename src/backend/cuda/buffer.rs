@@ -1,10 +1,13 @@
 //! Device buffers of the CUDA backend: [`CudaBuf`] (precision by [`Role`], see the module
-//! header of `cuda/mod.rs`) with the typed views the launchers take, and [`CudaIds`].
+//! header of `cuda/mod.rs`) with the typed views the launchers take, [`CudaIds`], and the
+//! allocation and copies behind the Backend impl's `zeros`, `upload`, `write` and
+//! `download_range`.
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::super::{shapes, BackendError, Result, Role};
+use super::super::{check_len, shapes, BackendError, Result, Role};
+use super::{driver_error, fill, to_bf16, CudaBackend};
 
 pub(super) enum Mem {
     Bf16(CudaSlice<bf16>),
@@ -42,6 +45,15 @@ impl CudaBuf {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Drops the fp32 master of a parameter: the buffer keeps its role and its bf16 working
+    /// copy (`Mem::Bf16`), which kernels read, `download` widens and `write` rounds into.
+    pub(super) fn release_master(&mut self) {
+        if let Mem::Param { work, .. } = &self.mem {
+            let work = work.clone();
+            self.mem = Mem::Bf16(work);
+        }
     }
 
     pub(super) fn dtype_error(&self, op: &'static str, what: &str, want: &str) -> BackendError {
@@ -102,4 +114,87 @@ impl CudaBuf {
 pub struct CudaIds {
     pub(super) dev: CudaSlice<i32>,
     pub(super) host: Vec<i32>,
+}
+
+impl CudaBackend {
+    pub(super) fn zeros_buf(&self, len: usize, role: Role) -> Result<CudaBuf> {
+        let mem = match role {
+            Role::Param => Mem::Param {
+                work: self.alloc_bf16(len)?,
+                master: self.alloc_f32(len)?,
+            },
+            Role::Activation => Mem::Bf16(self.alloc_bf16(len)?),
+            Role::Grad | Role::State | Role::Stat => Mem::F32(self.alloc_f32(len)?),
+        };
+        Ok(CudaBuf { role, mem })
+    }
+
+    pub(super) fn upload_buf(&self, host: &[f32], role: Role) -> Result<CudaBuf> {
+        let mem = match role {
+            Role::Param => Mem::Param {
+                work: self.htod(&to_bf16(host))?,
+                master: self.htod(host)?,
+            },
+            Role::Activation => Mem::Bf16(self.htod(&to_bf16(host))?),
+            Role::Grad | Role::State | Role::Stat => Mem::F32(self.htod(host)?),
+        };
+        Ok(CudaBuf { role, mem })
+    }
+
+    pub(super) fn write_buf(&self, buf: &mut CudaBuf, host: &[f32]) -> Result<()> {
+        check_len("write", "host", buf.len(), host.len())?;
+        let copy = |e| driver_error("copying to the device", e);
+        match &mut buf.mem {
+            Mem::Bf16(x) => self.stream.memcpy_htod(&to_bf16(host), x).map_err(copy),
+            Mem::F32(x) => self.stream.memcpy_htod(host, x).map_err(copy),
+            Mem::Param { work, master } => {
+                self.stream
+                    .memcpy_htod(&to_bf16(host), work)
+                    .map_err(copy)?;
+                self.stream.memcpy_htod(host, master).map_err(copy)
+            }
+        }
+    }
+
+    /// A parameter downloads its fp32 master copy.
+    pub(super) fn download_buf(
+        &self,
+        buf: &CudaBuf,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let end = offset.saturating_add(len);
+        if end > buf.len() {
+            return Err(BackendError::Shape {
+                op: "download_range",
+                what: "buf",
+                expected: end,
+                found: buf.len(),
+            });
+        }
+        let copy = |e| driver_error("copying from the device", e);
+        match &buf.mem {
+            Mem::Bf16(x) => {
+                let host = self
+                    .stream
+                    .clone_dtoh(&x.slice(offset..end))
+                    .map_err(copy)?;
+                Ok(host.into_iter().map(f32::from).collect())
+            }
+            Mem::F32(x) | Mem::Param { master: x, .. } => {
+                self.stream.clone_dtoh(&x.slice(offset..end)).map_err(copy)
+            }
+        }
+    }
+
+    pub(super) fn fill_zero_buf(&self, buf: &mut CudaBuf) -> Result<()> {
+        match &mut buf.mem {
+            Mem::Bf16(x) => fill::zero(self, x),
+            Mem::F32(x) => fill::zero(self, x),
+            Mem::Param { work, master } => {
+                fill::zero(self, work)?;
+                fill::zero(self, master)
+            }
+        }
+    }
 }

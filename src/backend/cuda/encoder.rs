@@ -1,11 +1,12 @@
 //! Launchers for `kernels/encoder.cu`: token + position embedding, forward and backward,
-//! with implicit (`t`) or explicit (`pos[b,t]`) positions.
+//! with implicit (`t`) or explicit (`pos[b,t]`) positions; and the token embedding alone
+//! (`embedding_forward/backward`, the Llama family), whose backward is the encoder's dwte walk.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::kernels::encoder::{
-    ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_FORWARD_BF16,
-    ENCODER_FORWARD_POS_BF16,
+    ENCODER_BACKWARD_WPE_F32, ENCODER_BACKWARD_WTE_F32, ENCODER_EMBEDDING_FORWARD_BF16,
+    ENCODER_FORWARD_BF16, ENCODER_FORWARD_POS_BF16,
 };
 use super::{as_i32, grid_stride, CudaBackend, CudaBuf, CudaIds, Result};
 use crate::backend::shapes;
@@ -103,7 +104,7 @@ fn scatter_rows(
     let kernel = ENCODER_BACKWARD_WTE_F32;
     let cfg = LaunchConfig {
         grid_dim: (tokens.len() as u32, 1, 1),
-        block_dim: (c.next_multiple_of(32).min(256) as u32, 1, 1),
+        block_dim: (row_threads(c), 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: one block per bucket; bucket k's positions order[start[k]..start[k+1]] index
@@ -144,4 +145,61 @@ pub(super) fn backward(
     // the first T*C elements of dwpe; arguments match (float*, bf16*, int, int, int).
     unsafe { launch!(be, kernel, grid_stride(t * c, 256), dpe, dy, &b_, &t_, &c_) }?;
     Ok(())
+}
+
+/// Threads per block of the row kernels: C rounded up to a warp, at most 256.
+fn row_threads(c: usize) -> u32 {
+    c.next_multiple_of(32).min(256) as u32
+}
+
+/// `out[b,t,:] = wte[ids[b,t],:]`: one block per position.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn embedding_forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    ids: &CudaIds,
+    wte: &CudaBuf,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "embedding_forward";
+    shapes::embedding_forward(out, &ids.host, wte, b, t, c)?;
+    check_i32(op, b, t, c)?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let o = out.bf16_mut(op, "out")?;
+    let te = wte.bf16(op, "wte")?;
+    let c_ = c as i32;
+    let cfg = LaunchConfig {
+        grid_dim: ((b * t) as u32, 1, 1),
+        block_dim: (row_threads(c), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let kernel = ENCODER_EMBEDDING_FORWARD_BF16;
+    // SAFETY: one block per position p < B*T; out holds B*T*C bf16, ids B*T ints each in
+    // [0, V) (checked on the host copy), wte V*C bf16; arguments match (bf16*, const int*,
+    // const bf16*, int).
+    unsafe { launch!(be, kernel, cfg, o, &ids.dev, te, &c_) }?;
+    Ok(())
+}
+
+/// `dwte[ids[b,t],:] += dout[b,t,:]`: the encoder's per-token bucket walk (positions in order).
+pub(super) fn embedding_backward(
+    be: &CudaBackend,
+    dwte: &mut CudaBuf,
+    dout: &CudaBuf,
+    ids: &CudaIds,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let op = "embedding_backward";
+    let vocab = shapes::embedding_backward(dwte, dout, &ids.host, b, t, c)?;
+    check_i32(op, b, t, c)?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    scatter_rows(be, op, "dwte", dwte, dout, &ids.host, vocab, c)
 }

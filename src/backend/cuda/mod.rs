@@ -62,7 +62,10 @@ pub mod nccl_lib;
 mod ops;
 mod options;
 mod residual;
+mod rmsnorm;
+mod rope;
 mod sample;
+mod swiglu;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,13 +1,14 @@
 //! The [`Backend`] impl of [`CudaBackend`]: buffer housekeeping (allocation, copies, zeroing
-//! in the precision each [`Role`] takes) and every op forwarded to the launcher in the file named
-//! after its kernel family.
+//! in the precision each [`Role`] takes, in `buffer.rs`) and every op forwarded to the launcher
+//! in the file named after its kernel family. Multi-head attention (training and cached) runs
+//! the grouped-query kernels with NKV = NH: one kernel path serves both families.
 
 use super::{
-    accumulate, adamw, attention, check_len, cross_entropy, decode, driver_error, encoder, fill,
-    gelu, global_norm, layernorm, matmul, matmul_gelu, residual, sample, to_bf16, AdamWStep,
-    BackendError, CudaBackend, CudaBuf, CudaIds, Mem, Result,
+    accumulate, adamw, attention, cross_entropy, decode, driver_error, encoder, gelu, global_norm,
+    layernorm, matmul, matmul_gelu, residual, rmsnorm, rope, sample, swiglu, AdamWStep,
+    CudaBackend, CudaBuf, CudaIds, Result,
 };
-use crate::backend::{Backend, LossGrad, Role, SampleParams};
+use crate::backend::{shapes, Backend, LossGrad, Role, SampleParams};
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
@@ -45,93 +46,34 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, len: usize, role: Role) -> Result<CudaBuf> {
-        let mem = match role {
-            Role::Param => Mem::Param {
-                work: self.alloc_bf16(len)?,
-                master: self.alloc_f32(len)?,
-            },
-            Role::Activation => Mem::Bf16(self.alloc_bf16(len)?),
-            Role::Grad | Role::State | Role::Stat => Mem::F32(self.alloc_f32(len)?),
-        };
-        Ok(CudaBuf { role, mem })
+        self.zeros_buf(len, role)
     }
 
     fn upload(&self, host: &[f32], role: Role) -> Result<CudaBuf> {
-        let mem = match role {
-            Role::Param => Mem::Param {
-                work: self.htod(&to_bf16(host))?,
-                master: self.htod(host)?,
-            },
-            Role::Activation => Mem::Bf16(self.htod(&to_bf16(host))?),
-            Role::Grad | Role::State | Role::Stat => Mem::F32(self.htod(host)?),
-        };
-        Ok(CudaBuf { role, mem })
+        self.upload_buf(host, role)
     }
 
     fn write(&self, buf: &mut CudaBuf, host: &[f32]) -> Result<()> {
-        check_len("write", "host", buf.len(), host.len())?;
-        let copy = |e| driver_error("copying to the device", e);
-        match &mut buf.mem {
-            Mem::Bf16(x) => self.stream.memcpy_htod(&to_bf16(host), x).map_err(copy),
-            Mem::F32(x) => self.stream.memcpy_htod(host, x).map_err(copy),
-            Mem::Param { work, master } => {
-                self.stream
-                    .memcpy_htod(&to_bf16(host), work)
-                    .map_err(copy)?;
-                self.stream.memcpy_htod(host, master).map_err(copy)
-            }
-        }
+        self.write_buf(buf, host)
     }
 
     /// A parameter downloads its fp32 master copy.
     fn download_range(&self, buf: &CudaBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
-        let end = offset.saturating_add(len);
-        if end > buf.len() {
-            return Err(BackendError::Shape {
-                op: "download_range",
-                what: "buf",
-                expected: end,
-                found: buf.len(),
-            });
-        }
-        let copy = |e| driver_error("copying from the device", e);
-        match &buf.mem {
-            Mem::Bf16(x) => {
-                let host = self
-                    .stream
-                    .clone_dtoh(&x.slice(offset..end))
-                    .map_err(copy)?;
-                Ok(host.into_iter().map(f32::from).collect())
-            }
-            Mem::F32(x) | Mem::Param { master: x, .. } => {
-                self.stream.clone_dtoh(&x.slice(offset..end)).map_err(copy)
-            }
-        }
+        self.download_buf(buf, offset, len)
     }
 
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
 
-    /// Drops the fp32 master of a parameter: the buffer keeps its role and its bf16 working
-    /// copy (`Mem::Bf16`), which kernels read, `download` widens and `write` rounds into.
+    /// Drops the fp32 master of a parameter (see `buffer.rs`).
     fn release_master(&self, buf: &mut CudaBuf) -> Result<()> {
-        if let Mem::Param { work, .. } = &buf.mem {
-            let work = work.clone();
-            buf.mem = Mem::Bf16(work);
-        }
+        buf.release_master();
         Ok(())
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf) -> Result<()> {
-        match &mut buf.mem {
-            Mem::Bf16(x) => fill::zero(self, x),
-            Mem::F32(x) => fill::zero(self, x),
-            Mem::Param { work, master } => {
-                fill::zero(self, work)?;
-                fill::zero(self, master)
-            }
-        }
+        self.fill_zero_buf(buf)
     }
 
     fn upload_ids(&self, host: &[i32]) -> Result<CudaIds> {
@@ -316,7 +258,9 @@ impl Backend for CudaBackend {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::forward(self, out, lse, qkv, starts, b, t, c, nh)
+        shapes::attention_forward(out, lse, qkv, b, t, c, nh)?;
+        let op = "attention_forward";
+        attention::forward(self, op, out, lse, qkv, starts, b, t, c, nh, nh)
     }
 
     fn attention_backward(
@@ -332,7 +276,161 @@ impl Backend for CudaBackend {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        attention::backward(self, dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
+        shapes::attention_backward(dqkv, dout, qkv, out, lse, b, t, c, nh)?;
+        let op = "attention_backward";
+        attention::backward(self, op, dqkv, dout, qkv, out, lse, starts, b, t, c, nh, nh)
+    }
+
+    fn attention_gqa_forward(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        qkv: &CudaBuf,
+        starts: Option<&CudaIds>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let op = "attention_gqa_forward";
+        attention::forward(self, op, out, lse, qkv, starts, b, t, c, nh, nkv)
+    }
+
+    fn attention_gqa_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        starts: Option<&CudaIds>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let op = "attention_gqa_backward";
+        attention::backward(
+            self, op, dqkv, dout, qkv, out, lse, starts, b, t, c, nh, nkv,
+        )
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        ids: &CudaIds,
+        wte: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        encoder::embedding_forward(self, out, ids, wte, b, t, c)
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dout: &CudaBuf,
+        ids: &CudaIds,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        encoder::embedding_backward(self, dwte, dout, ids, b, t, c)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        rmsnorm::forward(self, out, rstd, inp, weight, n, c, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        rmsnorm::backward(self, dinp, dweight, dout, inp, weight, rstd, n, c)
+    }
+
+    fn residual_rmsnorm_forward(
+        &self,
+        residual: &mut CudaBuf,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        rmsnorm::residual_rmsnorm_forward(self, residual, out, rstd, a, b, weight, n, c, eps)
+    }
+
+    fn rope_forward(
+        &self,
+        qkv: &mut CudaBuf,
+        inv_freq: &CudaBuf,
+        pos: Option<&CudaIds>,
+        past: usize,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        rope::forward(self, qkv, inv_freq, pos, past, b, t, nh, nkv, hs)
+    }
+
+    fn rope_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        inv_freq: &CudaBuf,
+        pos: Option<&CudaIds>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Result<()> {
+        rope::backward(self, dqkv, inv_freq, pos, b, t, nh, nkv, hs)
+    }
+
+    fn swiglu_forward(
+        &self,
+        out: &mut CudaBuf,
+        gate_up: &CudaBuf,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        swiglu::forward(self, out, gate_up, n, i)
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate_up: &CudaBuf,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        swiglu::backward(self, dgate_up, dout, gate_up, n, i)
     }
 
     fn cross_entropy(
@@ -380,7 +478,29 @@ impl Backend for CudaBackend {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        decode::attention_cached_forward(self, out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)
+        shapes::attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)?;
+        let op = "attention_cached_forward";
+        let (kc, vc) = (k_cache, v_cache);
+        decode::attention_cached_forward(self, op, out, qkv, kc, vc, b, tn, past, tmax, c, nh, nh)
+    }
+
+    fn attention_gqa_cached_forward(
+        &self,
+        out: &mut CudaBuf,
+        qkv: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        b: usize,
+        tn: usize,
+        past: usize,
+        tmax: usize,
+        c: usize,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<()> {
+        let op = "attention_gqa_cached_forward";
+        let (kc, vc) = (k_cache, v_cache);
+        decode::attention_cached_forward(self, op, out, qkv, kc, vc, b, tn, past, tmax, c, nh, nkv)
     }
 
     fn sample_tokens(

@@ -1,81 +1,9 @@
-//! Per-op profiling: [`Profiled`] wraps any [`Backend`], waits for each op to finish, and adds
-//! its wall time, bytes moved and FLOPs to a per-op tally. `topcoat bench --kernels` runs real
-//! training steps through it, so every kernel family is timed at the model's own shapes.
-//!
-//! Bytes are the fewest an op must move through device memory (each input read once, each
-//! output written once; read-modify-write counted twice), with the backend's element sizes
-//! (bf16 activations on CUDA); FLOPs count only the matrix products (2 per multiply-add;
-//! causal attention at half the square). Waiting after every op adds launch gaps the plain
-//! step does not have: the tally's total exceeds the unprofiled step time by that much.
+//! The [`Backend`] impl of [`Profiled`]: every op forwarded to the wrapped backend through
+//! [`Profiled::timed`], with its napkin math: the fewest bytes it must move and the FLOPs of its
+//! matrix products (see the module header of `profile/mod.rs`).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::Instant;
-
+use super::{attention_flops, llama, Profiled};
 use crate::backend::{AdamWStep, Backend, LossGrad, Result, Role, SampleParams};
-
-/// What one op family cost over the profiled steps.
-#[derive(Clone, Debug, Default)]
-pub struct OpTally {
-    pub calls: usize,
-    pub seconds: f64,
-    pub bytes: f64,
-    pub flops: f64,
-}
-
-/// A backend that times every op it forwards to `inner`.
-pub struct Profiled<'a, B: Backend> {
-    inner: &'a B,
-    tally: Mutex<BTreeMap<&'static str, OpTally>>,
-}
-
-impl<'a, B: Backend> Profiled<'a, B> {
-    pub fn new(inner: &'a B) -> Self {
-        Self {
-            inner,
-            tally: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// The tally so far, by op name.
-    pub fn tally(&self) -> BTreeMap<&'static str, OpTally> {
-        self.tally.lock().unwrap().clone()
-    }
-
-    /// Forgets everything timed so far (e.g. the warm-up steps).
-    pub fn reset(&self) {
-        self.tally.lock().unwrap().clear();
-    }
-
-    /// Runs `op`, waits for the device, and books the time under `name`.
-    fn timed<T>(
-        &self,
-        name: &'static str,
-        bytes: f64,
-        flops: f64,
-        op: impl FnOnce() -> Result<T>,
-    ) -> Result<T> {
-        let start = Instant::now();
-        let out = op()?;
-        self.inner.synchronize()?;
-        let seconds = start.elapsed().as_secs_f64();
-        let mut tally = self.tally.lock().unwrap();
-        let entry = tally.entry(name).or_default();
-        entry.calls += 1;
-        entry.seconds += seconds;
-        entry.bytes += bytes;
-        entry.flops += flops;
-        Ok(out)
-    }
-
-    /// Bytes per activation element and per gradient element.
-    fn act(&self) -> f64 {
-        self.inner.element_bytes(Role::Activation) as f64
-    }
-    fn grad(&self) -> f64 {
-        self.inner.element_bytes(Role::Grad) as f64
-    }
-}
 
 impl<B: Backend> Backend for Profiled<'_, B> {
     type Buf = B::Buf;
@@ -368,6 +296,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         })
     }
 
+    // The grouped-query attention and the Llama family's ops, in the `timed!` shorthand.
+    llama_ops!();
+
     fn cross_entropy(
         &self,
         losses: &mut Self::Buf,
@@ -445,35 +376,5 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let n: usize = bufs.iter().map(|b| self.inner.len(b)).sum();
         let bytes = n as f64 * self.grad();
         self.timed("global_norm", bytes, 0.0, || self.inner.global_norm(bufs))
-    }
-}
-
-/// Causal attention forward: `QK^T` and `PV`, each `2 * B * T^2 * C` FLOPs, halved by the mask.
-fn attention_flops(b: usize, t: usize, c: usize) -> f64 {
-    2.0 * (b * t * t * c) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-
-    #[test]
-    fn books_every_call_under_its_op() {
-        let cpu = CpuBackend::new();
-        let be = Profiled::new(&cpu);
-        let x = be.upload(&[1.0, -2.0, 3.0, 0.5], Role::Activation).unwrap();
-        let mut y = be.zeros(4, Role::Activation).unwrap();
-        be.gelu_forward(&mut y, &x, 4).unwrap();
-        be.gelu_forward(&mut y, &x, 4).unwrap();
-        be.residual_forward(&mut y, &x, &x, 4).unwrap();
-        assert_eq!(be.download(&y).unwrap(), vec![2.0, -4.0, 6.0, 1.0]);
-        let tally = be.tally();
-        assert_eq!(tally["gelu_forward"].calls, 2);
-        assert_eq!(tally["gelu_forward"].bytes, 2.0 * 2.0 * 4.0 * 4.0);
-        assert_eq!(tally["residual_forward"].calls, 1);
-        assert_eq!(tally.len(), 2);
-        be.reset();
-        assert!(be.tally().is_empty());
     }
 }
