@@ -314,12 +314,7 @@ pub trait Backend: Send + Sync {
         c: usize,
         nh: usize,
         nkv: usize,
-    ) -> Result<()> {
-        if nkv != nh {
-            return Err(unsupported(self, "attention_gqa_forward"));
-        }
-        self.attention_forward(out, lse, qkv, starts, b, t, c, nh)
-    }
+    ) -> Result<()>;
     /// The backward of [`Backend::attention_gqa_forward`]: writes `dqkv [B*T*(NH+2*NKV)*hs]`
     /// (overwrites); a key/value head's gradient sums over the query heads of its group.
     #[allow(clippy::too_many_arguments)]
@@ -336,12 +331,7 @@ pub trait Backend: Send + Sync {
         c: usize,
         nh: usize,
         nkv: usize,
-    ) -> Result<()> {
-        if nkv != nh {
-            return Err(unsupported(self, "attention_gqa_backward"));
-        }
-        self.attention_backward(dqkv, dout, qkv, out, lse, starts, b, t, c, nh)
-    }
+    ) -> Result<()>;
 
     // ---- Llama family: token embedding, RMSNorm, rotary embedding, SwiGLU --------------------
     /// `out[b,t,:] = wte[ids[b,t],:]`: the token embedding alone (the Llama family has no
@@ -355,10 +345,7 @@ pub trait Backend: Send + Sync {
         b: usize,
         t: usize,
         c: usize,
-    ) -> Result<()> {
-        let _ = (out, ids, wte, b, t, c);
-        Err(unsupported(self, "embedding_forward"))
-    }
+    ) -> Result<()>;
     /// `dwte[ids[b,t],:] += dout[b,t,:]`, rows summed in position order.
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
@@ -369,10 +356,7 @@ pub trait Backend: Send + Sync {
         b: usize,
         t: usize,
         c: usize,
-    ) -> Result<()> {
-        let _ = (dwte, dout, ids, b, t, c);
-        Err(unsupported(self, "embedding_backward"))
-    }
+    ) -> Result<()>;
     /// Per row of `inp [N*C]`: `out = x * rstd * weight` with `rstd = 1/sqrt(mean(x^2) + eps)`
     /// (Zhang & Sennrich 2019; Hugging Face's `LlamaRMSNorm`); saves `rstd [N]` (fp32 `Stat`).
     #[allow(clippy::too_many_arguments)]
@@ -385,10 +369,7 @@ pub trait Backend: Send + Sync {
         n: usize,
         c: usize,
         eps: f32,
-    ) -> Result<()> {
-        let _ = (out, rstd, inp, weight, n, c, eps);
-        Err(unsupported(self, "rmsnorm_forward"))
-    }
+    ) -> Result<()>;
     /// **Accumulates** `dinp [N*C]` (the residual stream's gradient, as `layernorm_backward`)
     /// and `dweight [C]` from `dout [N*C]`, given the forward's `inp` and `rstd`.
     #[allow(clippy::too_many_arguments)]
@@ -402,10 +383,7 @@ pub trait Backend: Send + Sync {
         rstd: &Self::Buf,
         n: usize,
         c: usize,
-    ) -> Result<()> {
-        let _ = (dinp, dweight, dout, inp, weight, rstd, n, c);
-        Err(unsupported(self, "rmsnorm_backward"))
-    }
+    ) -> Result<()>;
     /// Residual add fused with the RMSNorm that follows it: `residual = a + b`, then
     /// `out = rmsnorm(residual)`. Shapes as in `rmsnorm_forward`.
     #[allow(clippy::too_many_arguments)]
@@ -443,10 +421,7 @@ pub trait Backend: Send + Sync {
         nh: usize,
         nkv: usize,
         hs: usize,
-    ) -> Result<()> {
-        let _ = (qkv, inv_freq, pos, past, b, t, nh, nkv, hs);
-        Err(unsupported(self, "rope_forward"))
-    }
+    ) -> Result<()>;
     /// The backward of `rope_forward` (with `past = 0`): rotates the query and key gradients
     /// of `dqkv` in place by the opposite angles (the transpose); value gradients untouched.
     #[allow(clippy::too_many_arguments)]
@@ -460,10 +435,7 @@ pub trait Backend: Send + Sync {
         nh: usize,
         nkv: usize,
         hs: usize,
-    ) -> Result<()> {
-        let _ = (dqkv, inv_freq, pos, b, t, nh, nkv, hs);
-        Err(unsupported(self, "rope_backward"))
-    }
+    ) -> Result<()>;
     /// SwiGLU (Shazeer 2020): `out [N*I] = silu(gate) * up`, where each row of
     /// `gate_up [N*2I]` holds `gate` (first `I` columns) then `up`; `silu(x) = x / (1 + e^-x)`.
     fn swiglu_forward(
@@ -472,10 +444,7 @@ pub trait Backend: Send + Sync {
         gate_up: &Self::Buf,
         n: usize,
         i: usize,
-    ) -> Result<()> {
-        let _ = (out, gate_up, n, i);
-        Err(unsupported(self, "swiglu_forward"))
-    }
+    ) -> Result<()>;
     /// Writes `dgate_up [N*2I]` (overwrites) from `dout [N*I]` and the forward's `gate_up`.
     fn swiglu_backward(
         &self,
@@ -484,10 +453,7 @@ pub trait Backend: Send + Sync {
         gate_up: &Self::Buf,
         n: usize,
         i: usize,
-    ) -> Result<()> {
-        let _ = (dgate_up, dout, gate_up, n, i);
-        Err(unsupported(self, "swiglu_backward"))
-    }
+    ) -> Result<()>;
 
     // ---- fused softmax + cross-entropy ------------------------------------------------------
     /// For each of `N` rows of `logits [N*VP]` (only the first `V` columns are real; the padded
@@ -565,12 +531,7 @@ pub trait Backend: Send + Sync {
         c: usize,
         nh: usize,
         nkv: usize,
-    ) -> Result<()> {
-        if nkv != nh {
-            return Err(unsupported(self, "attention_gqa_cached_forward"));
-        }
-        self.attention_cached_forward(out, qkv, k_cache, v_cache, b, tn, past, tmax, c, nh)
-    }
+    ) -> Result<()>;
     /// Draws one token from each of `N` rows of `logits [N*VP]` (first `V` columns real) per
     /// [`SampleParams`], using `uniforms[i]` in `[0, 1)` as row `i`'s random number, so that
     /// backends given the same logits and uniforms draw the same tokens. The rule is spelt out
@@ -585,12 +546,4 @@ pub trait Backend: Send + Sync {
         params: &SampleParams,
         uniforms: &[f32],
     ) -> Result<Vec<u32>>;
-}
-
-/// The error of an op this backend does not implement.
-fn unsupported<B: Backend + ?Sized>(be: &B, op: &'static str) -> BackendError {
-    BackendError::Invalid {
-        op,
-        msg: format!("not implemented on {}", be.name()),
-    }
 }
