@@ -679,3 +679,32 @@ fn chat_renders_with_the_models_template_and_stops_at_its_end_of_turn() {
     };
     assert_eq!(out, format!("{}\n{}\n", streamed(&r1), streamed(&r2)));
 }
+
+/// A preference pair rendered with a model's template ends with the end-of-turn token that
+/// closes the reply (what a reward model reads and RL stops at), as topcoat's own ends with
+/// `<|end|>`: ChatML's newline after `<|im_end|>` is dropped.
+#[test]
+fn preference_pairs_end_at_the_templates_end_of_turn() {
+    use topcoat::data::prefs::{parse_pref_line, render_pair};
+    let tok = hf_tok(&fixtures().join("qwen2"));
+    let line = r#"{"prompt": "Name a pet.", "chosen": "A cat.", "rejected": "A rock."}"#;
+    let p = parse_pref_line(Path::new("p.jsonl"), 1, line).unwrap();
+    let r = render_pair(&tok, &p).unwrap();
+    let user = msg(Role::User, "Name a pet.");
+    let full = render(&tok, &[user.clone(), msg(Role::Assistant, "A cat.")]).unwrap();
+    let n = full.ids.len();
+    assert_eq!(tok.decode(&full.ids[n - 1..]), "\n");
+    assert_eq!(r.chosen.ids, full.ids[..n - 1]);
+    assert_eq!(*r.chosen.ids.last().unwrap(), tok.end_of_turn());
+    let prompt = render(&tok, &[user]).unwrap();
+    assert_eq!(r.chosen.response_start, prompt.ids.len());
+    assert_eq!(r.chosen.ids[..r.chosen.response_start], prompt.ids[..]);
+    assert_eq!(
+        masked_runs(&tok, &r.chosen.ids, &r.chosen.mask),
+        ["A cat.<|im_end|>"]
+    );
+    assert_eq!(
+        masked_runs(&tok, &r.rejected.ids, &r.rejected.mask),
+        ["A rock.<|im_end|>"]
+    );
+}
