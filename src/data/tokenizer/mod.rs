@@ -1,7 +1,8 @@
 //! `Tokenizer`: GPT-2's BPE (tiktoken-rs `r50k_base`, offline) or a byte-level BPE trained by
 //! topcoat, with topcoat's five special tokens; or a Hugging Face `tokenizer.json` with its
-//! chat template (hf.rs). Saved as topcoat's `tokenizer.json` (file.rs, docs/FORMATS.md), which holds a
-//! Hugging Face tokenizer whole, so a checkpoint or dataset stays self-contained.
+//! chat template (hf.rs). Saved as topcoat's `tokenizer.json` (file.rs, docs/FORMATS.md),
+//! which holds a Hugging Face tokenizer whole, so a checkpoint or dataset stays
+//! self-contained.
 //!
 //! Special tokens, in this order: `<|endoftext|>`, `<|system|>`, `<|user|>`, `<|assistant|>`,
 //! `<|end|>`. GPT-2: `<|endoftext|>` = 50256 as in OpenAI's vocabulary, the chat tokens
