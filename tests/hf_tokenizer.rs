@@ -1,116 +1,18 @@
-//! Hugging Face tokenizers and chat templates: a tokenizer.json (a byte-level BPE written here)
-//! with its tokenizer_config.json (a ChatML template), the ids, the rendered text, the
-//! assistant-only loss mask, the named errors, the round trip through topcoat's own
-//! tokenizer.json and `prepare sft --tokenizer HF_DIR`.
+//! Hugging Face tokenizers and chat templates: a tokenizer.json (a byte-level BPE written in
+//! hf_common) with its tokenizer_config.json (a ChatML template), the ids, the rendered text,
+//! the assistant-only loss mask, the named errors, the round trip through topcoat's own
+//! tokenizer.json and `prepare sft --tokenizer HF_DIR`; and against the reference library's
+//! fixtures (tests/fixtures/hf): the corpus ids, and Llama 3's and Qwen2.5's templates.
 
 mod common;
+mod hf_common;
 use common::cli::{fails, ok, s};
+use hf_common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use topcoat::data::chat::{render, render_prompt, Message, Role};
 use topcoat::data::{SftSplit, Tokenizer, TokenizerKind};
-
-/// SmolLM2's (ChatML) template.
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// GPT-2's byte-to-character map (printable stand-ins for every byte).
-fn byte_chars() -> Vec<char> {
-    let mut direct: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut map = vec!['\0'; 256];
-    for &b in &direct {
-        map[b as usize] = char::from_u32(b).unwrap();
-    }
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !direct.contains(&b) {
-            map[b as usize] = char::from_u32(256 + n).unwrap();
-            n += 1;
-            direct.push(b);
-        }
-    }
-    map
-}
-
-/// A byte-level BPE tokenizer.json: ids 0..256 the bytes, three merges ("he", "Ġt", "Ġthe"),
-/// then `<|endoftext|>` 259, `<|im_start|>` 260, `<|im_end|>` 261.
-fn tokenizer_json() -> serde_json::Value {
-    let chars = byte_chars();
-    let mut vocab = serde_json::Map::new();
-    for (b, c) in chars.iter().enumerate() {
-        vocab.insert(c.to_string(), b.into());
-    }
-    for (i, t) in ["he", "Ġt", "Ġthe"].iter().enumerate() {
-        vocab.insert(t.to_string(), (256 + i).into());
-    }
-    let added: Vec<serde_json::Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            serde_json::json!({"id": 259 + i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-        "trim_offsets": true, "use_regex": true});
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": vocab,
-            "merges": [["h", "e"], ["Ġ", "t"], ["Ġt", "he"]]}
-    })
-}
-
-/// A Hugging Face model directory's tokenizer files in `dir`, with `template`.
-fn write_hf_dir(dir: &Path, template: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    let config = serde_json::json!({
-        "chat_template": template,
-        "bos_token": null,
-        "eos_token": {"content": "<|endoftext|>", "lstrip": false, "normalized": false,
-            "rstrip": false, "single_word": false, "special": true},
-        "tokenizer_class": "GPT2Tokenizer"
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    dir.to_path_buf()
-}
-
-fn hf_tok(dir: &Path) -> Tokenizer {
-    Tokenizer::from_hf_files(
-        &dir.join("tokenizer.json"),
-        Some(&dir.join("tokenizer_config.json")),
-    )
-    .unwrap()
-}
-
-fn msg(role: Role, content: &str) -> Message {
-    Message::new(role, content)
-}
-
-/// The text of each maximal run of masked-in tokens.
-fn masked_runs(tok: &Tokenizer, ids: &[u32], mask: &[bool]) -> Vec<String> {
-    let mut runs = Vec::new();
-    let mut run = Vec::new();
-    for (&id, &m) in ids.iter().zip(mask) {
-        if m {
-            run.push(id);
-        } else if !run.is_empty() {
-            runs.push(tok.decode(&run));
-            run.clear();
-        }
-    }
-    if !run.is_empty() {
-        runs.push(tok.decode(&run));
-    }
-    runs
-}
 
 #[test]
 fn ids_specials_and_decoding() {
@@ -436,24 +338,6 @@ fn prepare_sft_with_a_hf_model_directory() {
     );
 }
 
-// ---- The reference library's own outputs (tests/fixtures/hf, see its README) ----
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// Every line of the embedded corpus encodes to the reference tokenizer's ids: the count, the
 /// per-line lengths, the SHA-256 of all ids (u32 little-endian) and, in full, the first lines
 /// and every line with a non-ASCII character.
@@ -570,141 +454,4 @@ fn fixture_chat_templates_equal_apply_chat_template() {
             }
         }
     }
-}
-
-/// `topcoat chat` on a checkpoint with a Hugging Face tokenizer renders the whole conversation
-/// with the model's template each turn (replies kept as text) and stops at the template's end
-/// of turn: its replies equal greedy decoding without a cache on those renders.
-#[test]
-fn chat_renders_with_the_models_template_and_stops_at_its_end_of_turn() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    use topcoat::backend::cpu::CpuBackend;
-    use topcoat::config::{pad_vocab, ModelConfig};
-    use topcoat::generate::{generate_uncached, SampleOptions, TextStream};
-    use topcoat::model::{Gpt, Init, ParamLayout};
-    use topcoat::rng::Rng;
-    use topcoat::train::checkpoint;
-
-    let be = CpuBackend::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let tok = hf_tok(&fixtures().join("qwen2"));
-    let cfg = ModelConfig {
-        vocab_size: tok.vocab_size(),
-        padded_vocab_size: pad_vocab(tok.vocab_size()),
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 32,
-        max_seq_len: 256,
-        family: Default::default(),
-    };
-    let mut rng = Rng::new(5);
-    let values = ParamLayout::new(&cfg)
-        .specs
-        .iter()
-        .map(|s| {
-            (0..s.numel())
-                .map(|_| match s.init {
-                    Init::Normal(_) => 0.2 * rng.normal(),
-                    Init::Zeros => 0.1 * rng.normal(),
-                    Init::Ones => 1.0 + 0.1 * rng.normal(),
-                })
-                .collect()
-        })
-        .collect();
-    let mut model = Gpt::from_values(&be, &cfg, values).unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    checkpoint::save(&be, &ckpt, &model, &tok, None).unwrap();
-
-    let (system, q1, q2, max_new) = ("Be brief.", "What is a cat?", "And a dog?", 6);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args([
-            "chat",
-            "--checkpoint",
-            &s(&ckpt),
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-        ])
-        .args(["--system", system, "--max-new-tokens", &max_new.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{q1}\n{q2}\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-
-    let end = tok.end_of_turn();
-    let mut reply = |messages: &[Message]| {
-        let context = render_prompt(&tok, messages).unwrap();
-        let opts = SampleOptions {
-            max_tokens: max_new,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            ..Default::default()
-        };
-        let ids = generate_uncached(&be, &mut model, &context, &opts, |_| {}).unwrap();
-        let cut = ids
-            .iter()
-            .position(|&t| t == end || t == tok.eot())
-            .unwrap_or(ids.len());
-        ids[..cut].to_vec()
-    };
-    let mut conv = vec![msg(Role::System, system), msg(Role::User, q1)];
-    let r1 = reply(&conv);
-    conv.push(msg(Role::Assistant, &tok.decode(&r1)));
-    conv.push(msg(Role::User, q2));
-    let r2 = reply(&conv);
-    assert!(
-        !r1.is_empty() || !r2.is_empty(),
-        "both replies empty: a weak test"
-    );
-    let streamed = |ids: &[u32]| {
-        let mut st = TextStream::new(&tok);
-        ids.iter().map(|&t| st.push(t)).collect::<String>()
-    };
-    assert_eq!(out, format!("{}\n{}\n", streamed(&r1), streamed(&r2)));
-}
-
-/// A preference pair rendered with a model's template ends with the end-of-turn token that
-/// closes the reply (what a reward model reads and RL stops at), as topcoat's own ends with
-/// `<|end|>`: ChatML's newline after `<|im_end|>` is dropped.
-#[test]
-fn preference_pairs_end_at_the_templates_end_of_turn() {
-    use topcoat::data::prefs::{parse_pref_line, render_pair};
-    let tok = hf_tok(&fixtures().join("qwen2"));
-    let line = r#"{"prompt": "Name a pet.", "chosen": "A cat.", "rejected": "A rock."}"#;
-    let p = parse_pref_line(Path::new("p.jsonl"), 1, line).unwrap();
-    let r = render_pair(&tok, &p).unwrap();
-    let user = msg(Role::User, "Name a pet.");
-    let full = render(&tok, &[user.clone(), msg(Role::Assistant, "A cat.")]).unwrap();
-    let n = full.ids.len();
-    assert_eq!(tok.decode(&full.ids[n - 1..]), "\n");
-    assert_eq!(r.chosen.ids, full.ids[..n - 1]);
-    assert_eq!(*r.chosen.ids.last().unwrap(), tok.end_of_turn());
-    let prompt = render(&tok, &[user]).unwrap();
-    assert_eq!(r.chosen.response_start, prompt.ids.len());
-    assert_eq!(r.chosen.ids[..r.chosen.response_start], prompt.ids[..]);
-    assert_eq!(
-        masked_runs(&tok, &r.chosen.ids, &r.chosen.mask),
-        ["A cat.<|im_end|>"]
-    );
-    assert_eq!(
-        masked_runs(&tok, &r.rejected.ids, &r.rejected.mask),
-        ["A rock.<|im_end|>"]
-    );
 }
