@@ -306,9 +306,9 @@ fn prepare_sft_with_a_hf_model_directory() {
     let split = SftSplit::open(&out, "sft_train", tok.vocab_size()).unwrap();
     assert_eq!(split.len(), 2);
     let mut runs = Vec::new();
-    for i in 0..2 {
+    for (i, conv) in convs.iter().enumerate() {
         let (ids, mask) = split.example(i);
-        let r = render(&tok, &convs[i]).unwrap();
+        let r = render(&tok, conv).unwrap();
         assert_eq!((ids, mask), (&r.ids[..], &r.loss_mask[..]), "example {i}");
         runs.extend(masked_runs(&tok, ids, mask));
     }
