@@ -247,14 +247,6 @@ fn round_trip_through_topcoats_tokenizer_json_and_hf_files() {
     let again = hf_tok(&out);
     assert_eq!(again.fingerprint(), tok.fingerprint());
     assert_eq!(render(&again, &conv).unwrap(), want);
-    let e = Tokenizer::gpt2()
-        .write_hf_files(&out)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("a gpt2 tokenizer has no Hugging Face tokenizer.json"),
-        "{e}"
-    );
 
     // Another template is another tokenizer.
     let other = hf_tok(&write_hf_dir(&tmp.path().join("other"), "{{ messages }}"));
@@ -453,5 +445,56 @@ fn fixture_chat_templates_equal_apply_chat_template() {
                 );
             }
         }
+    }
+}
+
+/// topcoat's own tokenizers go out as Hugging Face files (what `export hf` writes) that give
+/// the same ids on the corpus and the same conversation ids and mask through the Jinja form of
+/// topcoat's template.
+#[test]
+fn topcoats_own_tokenizers_go_out_as_hf_files_with_the_same_ids() {
+    let corpus = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/corpus.jsonl"),
+    )
+    .unwrap();
+    let mut texts: Vec<String> = corpus
+        .lines()
+        .take(300)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    texts.push("naïve café: 地球人 🌍🙂  \n\n\t x's they'll 12345 ---".into());
+    let bpe = Tokenizer::train_bpe(texts.iter().map(String::as_str), 600, |_, _| {}).unwrap();
+    let conv = [
+        msg(Role::System, "Be brief."),
+        msg(Role::User, "What is an earthman?"),
+        msg(Role::Assistant, "An inhabitant of the earth."),
+        msg(Role::User, "Thanks!"),
+        msg(Role::Assistant, "You're welcome."),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for tok in [bpe, Tokenizer::gpt2()] {
+        let dir = tmp.path().join(tok.kind_name());
+        tok.write_hf_files(&dir).unwrap();
+        let hf = hf_tok(&dir);
+        assert_eq!(hf.vocab_size(), tok.vocab_size());
+        assert_eq!((hf.eot(), hf.end_of_turn()), (tok.eot(), tok.end_of_turn()));
+        let mut n = 0;
+        for t in &texts {
+            let ids = tok.encode(t);
+            assert_eq!(hf.encode(t), ids, "{}: {t:?}", tok.kind_name());
+            assert_eq!(hf.decode(&ids), tok.decode(&ids));
+            n += ids.len();
+        }
+        assert!(n > 10_000, "{n} ids");
+        assert_eq!(render(&hf, &conv).unwrap(), render(&tok, &conv).unwrap());
+        assert_eq!(
+            render_prompt(&hf, &conv[..2]).unwrap(),
+            render_prompt(&tok, &conv[..2]).unwrap()
+        );
     }
 }

@@ -13,6 +13,7 @@
 
 mod file;
 mod hf;
+mod to_hf;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -116,17 +117,22 @@ impl Tokenizer {
         }
     }
 
-    /// Writes a Hugging Face tokenizer as `tokenizer.json` and `tokenizer_config.json` (chat
-    /// template, bos, eos) into `dir`; other kinds have no such files (an error saying so).
+    /// Writes the tokenizer as Hugging Face's `tokenizer.json` and `tokenizer_config.json`
+    /// (chat template, bos, eos) into `dir`: a Hugging Face tokenizer as it was read; `gpt2`
+    /// and `bpe` converted (to_hf.rs), with topcoat's template and `<|endoftext|>` as bos and
+    /// eos.
     pub fn write_hf_files(&self, dir: &Path) -> Result<()> {
-        match &self.inner {
-            Inner::Hf(h) => hf::write_files(h, dir),
-            _ => Err(DataError::InvalidArgument(format!(
-                "a {} tokenizer has no Hugging Face tokenizer.json to write into {}",
-                self.kind_name(),
-                dir.display()
-            ))),
+        if let Inner::Hf(h) = &self.inner {
+            return hf::write_files(h, dir);
         }
+        let extras = HfExtras {
+            chat_template: Some(to_hf::TOPCOAT_TEMPLATE.into()),
+            template_origin: "topcoat's chat template".into(),
+            bos_token: Some(SPECIAL_TOKENS[0].into()),
+            eos_token: Some(SPECIAL_TOKENS[0].into()),
+        };
+        let h = HfTokenizer::new(to_hf::hf_json(self)?, &dir.join("tokenizer.json"), extras)?;
+        hf::write_files(&h, dir)
     }
 
     /// The Hugging Face tokenizer, if this is one.
