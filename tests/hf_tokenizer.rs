@@ -1,116 +1,18 @@
-//! Hugging Face tokenizers and chat templates: a tokenizer.json (a byte-level BPE written here)
-//! with its tokenizer_config.json (a ChatML template), the ids, the rendered text, the
-//! assistant-only loss mask, the named errors, the round trip through topcoat's own
-//! tokenizer.json and `prepare sft --tokenizer HF_DIR`.
+//! Hugging Face tokenizers and chat templates: a tokenizer.json (a byte-level BPE written in
+//! hf_common) with its tokenizer_config.json (a ChatML template), the ids, the rendered text,
+//! the assistant-only loss mask, the named errors, the round trip through topcoat's own
+//! tokenizer.json and `prepare sft --tokenizer HF_DIR`; and against the reference library's
+//! fixtures (tests/fixtures/hf): the corpus ids, and Llama 3's and Qwen2.5's templates.
 
 mod common;
+mod hf_common;
 use common::cli::{fails, ok, s};
+use hf_common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use topcoat::data::chat::{render, render_prompt, Message, Role};
 use topcoat::data::{SftSplit, Tokenizer, TokenizerKind};
-
-/// SmolLM2's (ChatML) template.
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// GPT-2's byte-to-character map (printable stand-ins for every byte).
-fn byte_chars() -> Vec<char> {
-    let mut direct: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut map = vec!['\0'; 256];
-    for &b in &direct {
-        map[b as usize] = char::from_u32(b).unwrap();
-    }
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !direct.contains(&b) {
-            map[b as usize] = char::from_u32(256 + n).unwrap();
-            n += 1;
-            direct.push(b);
-        }
-    }
-    map
-}
-
-/// A byte-level BPE tokenizer.json: ids 0..256 the bytes, three merges ("he", "Ġt", "Ġthe"),
-/// then `<|endoftext|>` 259, `<|im_start|>` 260, `<|im_end|>` 261.
-fn tokenizer_json() -> serde_json::Value {
-    let chars = byte_chars();
-    let mut vocab = serde_json::Map::new();
-    for (b, c) in chars.iter().enumerate() {
-        vocab.insert(c.to_string(), b.into());
-    }
-    for (i, t) in ["he", "Ġt", "Ġthe"].iter().enumerate() {
-        vocab.insert(t.to_string(), (256 + i).into());
-    }
-    let added: Vec<serde_json::Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            serde_json::json!({"id": 259 + i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-        "trim_offsets": true, "use_regex": true});
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": vocab,
-            "merges": [["h", "e"], ["Ġ", "t"], ["Ġt", "he"]]}
-    })
-}
-
-/// A Hugging Face model directory's tokenizer files in `dir`, with `template`.
-fn write_hf_dir(dir: &Path, template: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    let config = serde_json::json!({
-        "chat_template": template,
-        "bos_token": null,
-        "eos_token": {"content": "<|endoftext|>", "lstrip": false, "normalized": false,
-            "rstrip": false, "single_word": false, "special": true},
-        "tokenizer_class": "GPT2Tokenizer"
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    dir.to_path_buf()
-}
-
-fn hf_tok(dir: &Path) -> Tokenizer {
-    Tokenizer::from_hf_files(
-        &dir.join("tokenizer.json"),
-        Some(&dir.join("tokenizer_config.json")),
-    )
-    .unwrap()
-}
-
-fn msg(role: Role, content: &str) -> Message {
-    Message::new(role, content)
-}
-
-/// The text of each maximal run of masked-in tokens.
-fn masked_runs(tok: &Tokenizer, ids: &[u32], mask: &[bool]) -> Vec<String> {
-    let mut runs = Vec::new();
-    let mut run = Vec::new();
-    for (&id, &m) in ids.iter().zip(mask) {
-        if m {
-            run.push(id);
-        } else if !run.is_empty() {
-            runs.push(tok.decode(&run));
-            run.clear();
-        }
-    }
-    if !run.is_empty() {
-        runs.push(tok.decode(&run));
-    }
-    runs
-}
 
 #[test]
 fn ids_specials_and_decoding() {
@@ -345,14 +247,6 @@ fn round_trip_through_topcoats_tokenizer_json_and_hf_files() {
     let again = hf_tok(&out);
     assert_eq!(again.fingerprint(), tok.fingerprint());
     assert_eq!(render(&again, &conv).unwrap(), want);
-    let e = Tokenizer::gpt2()
-        .write_hf_files(&out)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("a gpt2 tokenizer has no Hugging Face tokenizer.json"),
-        "{e}"
-    );
 
     // Another template is another tokenizer.
     let other = hf_tok(&write_hf_dir(&tmp.path().join("other"), "{{ messages }}"));
@@ -404,9 +298,9 @@ fn prepare_sft_with_a_hf_model_directory() {
     let split = SftSplit::open(&out, "sft_train", tok.vocab_size()).unwrap();
     assert_eq!(split.len(), 2);
     let mut runs = Vec::new();
-    for i in 0..2 {
+    for (i, conv) in convs.iter().enumerate() {
         let (ids, mask) = split.example(i);
-        let r = render(&tok, &convs[i]).unwrap();
+        let r = render(&tok, conv).unwrap();
         assert_eq!((ids, mask), (&r.ids[..], &r.loss_mask[..]), "example {i}");
         runs.extend(masked_runs(&tok, ids, mask));
     }
@@ -434,24 +328,6 @@ fn prepare_sft_with_a_hf_model_directory() {
         t.contains("tokenizer_config.json: chat template: cannot mask"),
         "{t}"
     );
-}
-
-// ---- The reference library's own outputs (tests/fixtures/hf, see its README) ----
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// Every line of the embedded corpus encodes to the reference tokenizer's ids: the count, the
@@ -572,110 +448,53 @@ fn fixture_chat_templates_equal_apply_chat_template() {
     }
 }
 
-/// `topcoat chat` on a checkpoint with a Hugging Face tokenizer renders the whole conversation
-/// with the model's template each turn (replies kept as text) and stops at the template's end
-/// of turn: its replies equal greedy decoding without a cache on those renders.
+/// topcoat's own tokenizers go out as Hugging Face files (what `export hf` writes) that give
+/// the same ids on the corpus and the same conversation ids and mask through the Jinja form of
+/// topcoat's template.
 #[test]
-fn chat_renders_with_the_models_template_and_stops_at_its_end_of_turn() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    use topcoat::backend::cpu::CpuBackend;
-    use topcoat::config::{pad_vocab, ModelConfig};
-    use topcoat::generate::{generate_uncached, SampleOptions, TextStream};
-    use topcoat::model::{Gpt, Init, ParamLayout};
-    use topcoat::rng::Rng;
-    use topcoat::train::checkpoint;
-
-    let be = CpuBackend::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let tok = hf_tok(&fixtures().join("qwen2"));
-    let cfg = ModelConfig {
-        vocab_size: tok.vocab_size(),
-        padded_vocab_size: pad_vocab(tok.vocab_size()),
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 32,
-        max_seq_len: 256,
-        family: Default::default(),
-    };
-    let mut rng = Rng::new(5);
-    let values = ParamLayout::new(&cfg)
-        .specs
-        .iter()
-        .map(|s| {
-            (0..s.numel())
-                .map(|_| match s.init {
-                    Init::Normal(_) => 0.2 * rng.normal(),
-                    Init::Zeros => 0.1 * rng.normal(),
-                    Init::Ones => 1.0 + 0.1 * rng.normal(),
-                })
-                .collect()
+fn topcoats_own_tokenizers_go_out_as_hf_files_with_the_same_ids() {
+    let corpus = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpus/corpus.jsonl"),
+    )
+    .unwrap();
+    let mut texts: Vec<String> = corpus
+        .lines()
+        .take(300)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
         })
         .collect();
-    let mut model = Gpt::from_values(&be, &cfg, values).unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    checkpoint::save(&be, &ckpt, &model, &tok, None).unwrap();
-
-    let (system, q1, q2, max_new) = ("Be brief.", "What is a cat?", "And a dog?", 6);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_topcoat"))
-        .args([
-            "chat",
-            "--checkpoint",
-            &s(&ckpt),
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-        ])
-        .args(["--system", system, "--max-new-tokens", &max_new.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{q1}\n{q2}\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-
-    let end = tok.end_of_turn();
-    let mut reply = |messages: &[Message]| {
-        let context = render_prompt(&tok, messages).unwrap();
-        let opts = SampleOptions {
-            max_tokens: max_new,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            ..Default::default()
-        };
-        let ids = generate_uncached(&be, &mut model, &context, &opts, |_| {}).unwrap();
-        let cut = ids
-            .iter()
-            .position(|&t| t == end || t == tok.eot())
-            .unwrap_or(ids.len());
-        ids[..cut].to_vec()
-    };
-    let mut conv = vec![msg(Role::System, system), msg(Role::User, q1)];
-    let r1 = reply(&conv);
-    conv.push(msg(Role::Assistant, &tok.decode(&r1)));
-    conv.push(msg(Role::User, q2));
-    let r2 = reply(&conv);
-    assert!(
-        !r1.is_empty() || !r2.is_empty(),
-        "both replies empty: a weak test"
-    );
-    let streamed = |ids: &[u32]| {
-        let mut st = TextStream::new(&tok);
-        ids.iter().map(|&t| st.push(t)).collect::<String>()
-    };
-    assert_eq!(out, format!("{}\n{}\n", streamed(&r1), streamed(&r2)));
+    texts.push("naïve café: 地球人 🌍🙂  \n\n\t x's they'll 12345 ---".into());
+    let bpe = Tokenizer::train_bpe(texts.iter().map(String::as_str), 600, |_, _| {}).unwrap();
+    let conv = [
+        msg(Role::System, "Be brief."),
+        msg(Role::User, "What is an earthman?"),
+        msg(Role::Assistant, "An inhabitant of the earth."),
+        msg(Role::User, "Thanks!"),
+        msg(Role::Assistant, "You're welcome."),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for tok in [bpe, Tokenizer::gpt2()] {
+        let dir = tmp.path().join(tok.kind_name());
+        tok.write_hf_files(&dir).unwrap();
+        let hf = hf_tok(&dir);
+        assert_eq!(hf.vocab_size(), tok.vocab_size());
+        assert_eq!((hf.eot(), hf.end_of_turn()), (tok.eot(), tok.end_of_turn()));
+        let mut n = 0;
+        for t in &texts {
+            let ids = tok.encode(t);
+            assert_eq!(hf.encode(t), ids, "{}: {t:?}", tok.kind_name());
+            assert_eq!(hf.decode(&ids), tok.decode(&ids));
+            n += ids.len();
+        }
+        assert!(n > 10_000, "{n} ids");
+        assert_eq!(render(&hf, &conv).unwrap(), render(&tok, &conv).unwrap());
+        assert_eq!(
+            render_prompt(&hf, &conv[..2]).unwrap(),
+            render_prompt(&tok, &conv[..2]).unwrap()
+        );
+    }
 }

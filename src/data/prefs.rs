@@ -12,7 +12,9 @@
 //! Rendering: each side is the chat template over prompt ++ response (chat.rs); the response
 //! starts right after the rendered prompt, and the sequence ends with the `<|end|>` closing the
 //! last assistant turn (the token a reward model reads). The mask is the chat template's
-//! assistant-only loss mask, restricted to the response.
+//! assistant-only loss mask, restricted to the response. With a model's own template the
+//! sequence likewise ends with the end-of-turn token closing the last reply (what RL stops
+//! at): text the template writes after it (ChatML's newline) is dropped.
 //!
 //! Length rule: nothing is ever cut (cutting a response would move the token the reward is read
 //! at; cutting a prompt changes what is being judged). A pair whose chosen or rejected sequence
@@ -197,7 +199,16 @@ fn render_side(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> Res
     let response_start = render(tok, prompt)?.ids.len();
     let mut all = prompt.to_vec();
     all.extend_from_slice(response);
-    let r = render(tok, &all)?;
+    let mut r = render(tok, &all)?;
+    if tok.chat_template().is_some() {
+        let end = tok.end_of_turn();
+        if let Some(last) = r.ids.iter().rposition(|&t| t == end) {
+            if last >= response_start {
+                r.ids.truncate(last + 1);
+                r.loss_mask.truncate(last + 1);
+            }
+        }
+    }
     let mask = r
         .loss_mask
         .iter()

@@ -28,6 +28,9 @@ const EOS_GUESSES: [&str; 5] = [
     "<|im_end|>",
 ];
 
+/// A token's byte range `[start, end)` in the encoded text.
+pub(crate) type Span = (usize, usize);
+
 pub(crate) struct HfTokenizer {
     tk: tokenizers::Tokenizer,
     /// `tokenizer.json` as read: what is saved and written back.
@@ -138,7 +141,7 @@ impl HfTokenizer {
     }
 
     /// Ids and, per id, its byte range in `text`.
-    pub(crate) fn encode_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub(crate) fn encode_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
         let enc = self
             .tk
             .encode(text, false)
