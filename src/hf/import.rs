@@ -115,7 +115,9 @@ pub fn import_hf(
             path: out.to_path_buf(),
         });
     }
-    // Refuse a directory without a tokenizer before reading gigabytes of weights.
+    // Refuse a directory that is not a model, or has no tokenizer, before reading gigabytes
+    // of weights.
+    config::read(&config::path_in(dir))?;
     if !opts.gpt2_tokenizer && !dir.join("tokenizer.json").is_file() {
         return Err(HfError::NoTokenizer {
             dir: dir.to_path_buf(),
