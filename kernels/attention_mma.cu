@@ -225,11 +225,13 @@ __device__ __forceinline__ void backward_dkv_mma(__nv_bfloat16* __restrict__ dqk
     const int last_key = min(k0 + MMA_ROWS, t) - 1;
     const float sl2 = scale * LOG2E;
     // Query x of head h's tile at i0, for thread x < 64: its lse (base 2, +inf past T), D, start.
+    // (Row (bb*NH + h)*T + i of lse and dvec, written from blockIdx.y: 170 registers where
+    // recomputing bb*NH + h took 220.)
     auto row_stats = [&](int h, int i0, float& l, float& d, int& st) {
         const int i = i0 + (int)threadIdx.x;
-        const size_t bh = (size_t)bb * nh + h;
-        l = i < t ? lse[bh * t + i] * LOG2E : INFINITY;
-        d = i < t ? dvec[bh * t + i] : 0.0f;
+        const size_t at = ((size_t)bkv * group + (h - h_first)) * t + i;
+        l = i < t ? lse[at] * LOG2E : INFINITY;
+        d = i < t ? dvec[at] : 0.0f;
         st = (row_starts && i < t) ? row_starts[i] : 0;
     };
     auto load_q_do = [&](int stage, int h, int i0) {
