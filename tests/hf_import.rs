@@ -455,10 +455,9 @@ fn old_gpt2_layout_imports_and_a_differing_tied_head_is_refused() {
     );
 }
 
-/// Export of runs the Hugging Face format cannot hold as they are: a run with topcoat's GPT-2
-/// tokenizer exports its weights (all 50261 rows) and says plainly that no tokenizer files
-/// are written; a reward model (its scalar head) and an existing --out are refused, leaving
-/// nothing behind.
+/// Export of a run with topcoat's GPT-2 tokenizer: its weights (all 50261 rows) and the
+/// tokenizer converted to Hugging Face's files, giving the same ids; a reward model (its
+/// scalar head) and an existing --out are refused, leaving nothing behind.
 #[test]
 fn export_says_what_it_cannot_write() {
     let tmp = tempfile::tempdir().unwrap();
@@ -479,12 +478,19 @@ fn export_says_what_it_cannot_write() {
     let out = t.join("out");
     let text = ok(&["export", "hf", &s(&run), "--out", &s(&out)]);
     assert!(
-        text.contains(
-            "tokenizer: the run uses topcoat's GPT-2 tokenizer: no tokenizer files are written"
-        ),
+        text.contains("tokenizer: topcoat's GPT-2 tokenizer converted to tokenizer.json"),
         "{text}"
     );
-    assert!(!out.join("tokenizer.json").exists());
+    let exported = topcoat::data::tokenizer::Tokenizer::from_hf_files(
+        &out.join("tokenizer.json"),
+        Some(&out.join("tokenizer_config.json")),
+    )
+    .unwrap();
+    let text = "Exported, the tokenizer still encodes the same: 12 caf\u{e9}s!";
+    assert_eq!(
+        exported.encode(text),
+        topcoat::data::tokenizer::Tokenizer::gpt2().encode(text)
+    );
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["vocab_size"], 50261);

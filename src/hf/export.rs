@@ -151,56 +151,47 @@ pub fn export_hf(
 /// Writes the tokenizer files the run's tokenizer has in Hugging Face's format; returns the
 /// special ids for the configs and what was done, in a sentence.
 fn tokenizer_files(tok: &Tokenizer, staging: &Staging) -> Result<(SpecialIds, String)> {
+    // topcoat's own GPT-2 and BPE tokenizers are converted (byte-level BPE with their
+    // merges, the five specials as added tokens, topcoat's chat template in Jinja).
+    tok.write_hf_files(&staging.path)?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let p = staging.path.join(f);
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
+    }
     let eot = tok.eot();
-    Ok(match tok.kind() {
-        TokenizerKind::Hf => {
-            tok.write_hf_files(&staging.path)?;
-            for f in ["tokenizer.json", "tokenizer_config.json"] {
-                let p = staging.path.join(f);
-                std::fs::File::open(&p)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(&p))?;
-            }
-            // The bos token is a string in tokenizer_config.json; its id is what it encodes to.
-            let bos = tok.template_tokens().bos_token.and_then(|b| {
-                match tok.try_encode(&b).ok()?.as_slice() {
-                    [id] => Some(*id),
-                    _ => None,
-                }
-            });
-            let note = match tok.chat_template() {
-                Some(_) => "tokenizer.json and tokenizer_config.json with its chat template",
-                None => "tokenizer.json and tokenizer_config.json (no chat template)",
-            };
-            (
-                SpecialIds {
-                    bos,
-                    eos: Some(eot),
-                },
-                note.to_string(),
-            )
+    let note = match tok.kind() {
+        TokenizerKind::Hf => match tok.chat_template() {
+            Some(_) => "tokenizer.json and tokenizer_config.json with its chat template",
+            None => "tokenizer.json and tokenizer_config.json (no chat template)",
+        },
+        TokenizerKind::Gpt2 => {
+            "topcoat's GPT-2 tokenizer converted to tokenizer.json (GPT-2's merges, topcoat's \
+             chat tokens as added tokens) and tokenizer_config.json with topcoat's chat template"
         }
-        TokenizerKind::Gpt2 => (
-            SpecialIds {
-                bos: Some(eot),
-                eos: Some(eot),
-            },
-            "the run uses topcoat's GPT-2 tokenizer: no tokenizer files are written; its ids \
-             0..=50256 are those of Hugging Face's `gpt2` tokenizer (AutoTokenizer \
-             \"openai-community/gpt2\"), topcoat's four chat tokens 50257..=50260 are not in it"
-                .to_string(),
-        ),
-        TokenizerKind::Bpe => (
-            SpecialIds {
-                bos: None,
-                eos: Some(eot),
-            },
-            "the run uses a byte-level BPE trained by topcoat, which has no Hugging Face \
-             tokenizer.json: no tokenizer files are written, and the exported model needs \
-             topcoat to encode its text"
-                .to_string(),
-        ),
-    })
+        TokenizerKind::Bpe => {
+            "topcoat's byte-level BPE converted to tokenizer.json and tokenizer_config.json \
+             with topcoat's chat template"
+        }
+    };
+    // The bos token is a string in tokenizer_config.json; its id is what it encodes to.
+    let bos = match tok.kind() {
+        TokenizerKind::Hf => tok.template_tokens().bos_token.and_then(|b| {
+            match tok.try_encode(&b).ok()?.as_slice() {
+                [id] => Some(*id),
+                _ => None,
+            }
+        }),
+        TokenizerKind::Gpt2 | TokenizerKind::Bpe => Some(eot),
+    };
+    Ok((
+        SpecialIds {
+            bos,
+            eos: Some(eot),
+        },
+        note.to_string(),
+    ))
 }
 
 /// Token ids the exported config and generation config name.
