@@ -2,7 +2,8 @@
 # The one GPU check (run on the GPU machine from the repository root, with dist/ from
 # scripts/gpu_dist.sh): every CUDA parity test, the whole-model CUDA-vs-CPU training test, a
 # short pretraining run on the GPU whose validation loss must fall, a reward-model run from
-# it whose validation accuracy must reach 1, the reduced demo (`topcoat demo --quick`), the
+# it whose validation accuracy must reach 1, an imported Hugging Face Llama fine-tuned with
+# sft --init (scripts/hf_sft_check.sh), the reduced demo (`topcoat demo --quick`), the
 # per-kernel benchmark,
 # and `topcoat bench` beside scripts/bench_torch.py (torch.compile) on gpt2-124m at B=64, T=1024;
 # the Llama family: its ops' parity (llama_ops, gqa_attention), their `bench --kernels` rows, and
@@ -74,6 +75,14 @@ reward=$(status $?)
 rm_acc=$(grep -Eo "val accuracy [0-9.]+" "$logs/reward.log" | sed -n '1p;$p' | paste -sd' ' || true)
 
 echo "== reward ($((SECONDS - t0)) s): $reward, $rm_acc"
+
+# A downloaded model fine-tuned on the GPU: import of the committed Llama fixture (GQA, Llama 3
+# RoPE scaling, sharded safetensors), prepare sft with its chat template, sft --init on cuda,
+# export hf; the validation loss must fall.
+TOPCOAT=dist/topcoat WORK="$run/hf_sft" timeout 90 bash scripts/hf_sft_check.sh cuda \
+  >"$logs/hf_sft.log" 2>&1
+hf_sft="$(status $?): $(tail -n 1 "$logs/hf_sft.log")"
+echo "== import hf + sft --init ($((SECONDS - t0)) s): $hf_sft"
 
 # The reduced demo on the GPU (all five stages, the `small` preset); its card and page are kept.
 timeout 120 dist/topcoat demo --quick --device cuda --out "$run/demo" >"$logs/demo.log" 2>&1
@@ -230,6 +239,7 @@ echo "| CUDA vs CPU, 10 training steps | $training |"
 echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
 echo "| sample (cpu) from the cuda checkpoint | $sample |"
 echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm_acc:-no result} |"
+echo "| import hf (Llama fixture) + sft --init on cuda, 40 steps | $hf_sft |"
 echo "| topcoat demo --quick on cuda | $demo: $(grep -Eo "demo finished in [0-9]+ s" "$logs/demo.log" || echo "no result") |"
 echo "| topcoat bench gpt2-124m B=64 T=1024 | $bench: $(tail -n 1 "$logs/bench_topcoat.log") |"
 echo "| same, GELU epilogue off | $(tail -n 1 "$logs/bench_topcoat_gelu_off.log") |"
