@@ -519,3 +519,30 @@ fn export_says_what_it_cannot_write() {
     );
     assert!(!refused.exists() && !t.join(".refused.tmp").exists());
 }
+
+/// The wrong directory, as a tired user gives it: a topcoat run or checkpoint (its own
+/// `config.json`), an empty directory, a shard file; each refused by name, nothing written.
+#[test]
+fn a_directory_that_is_not_a_hugging_face_model_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let run = t.join("run");
+    ok(&["import", "hf", &s(&fixture("llama")), "--out", &s(&run)]);
+    let again = t.join("again");
+    let e = fails(&["import", "hf", &s(&run), "--out", &s(&again)]);
+    assert!(
+        e.contains("run: a topcoat checkpoint or run, not a Hugging Face model directory"),
+        "{e}"
+    );
+    let empty = t.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = fails(&["import", "hf", &s(&empty), "--out", &s(&again)]);
+    assert!(
+        e.contains("empty: no config.json, so not a Hugging Face model directory"),
+        "{e}"
+    );
+    let shard = fixture("llama").join("model-00001-of-00003.safetensors");
+    let e = fails(&["import", "hf", &s(&shard), "--out", &s(&again)]);
+    assert!(e.contains("not a directory"), "{e}");
+    assert!(!again.exists());
+}

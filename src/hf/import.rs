@@ -60,6 +60,7 @@ pub struct HfImport {
 
 /// Reads the model in `dir` (config.json and the weights) into topcoat's layout.
 pub fn read_model(dir: &Path, progress: &dyn Fn(&str)) -> Result<HfImport> {
+    check_is_model(dir)?;
     let HfModel { arch, cfg } = config::read(&config::path_in(dir))?;
     let weights = HfWeights::open(dir)?;
     progress(&format!(
@@ -117,6 +118,7 @@ pub fn import_hf(
     }
     // Refuse a directory that is not a model, or has no tokenizer, before reading gigabytes
     // of weights.
+    check_is_model(dir)?;
     config::read(&config::path_in(dir))?;
     if !opts.gpt2_tokenizer && !dir.join("tokenizer.json").is_file() {
         return Err(HfError::NoTokenizer {
@@ -244,4 +246,30 @@ fn check_leftovers(
         });
     }
     Ok(skipped)
+}
+
+/// A named error for a directory that is no Hugging Face model: one without `config.json`,
+/// or a topcoat checkpoint or run (its `config.json` is topcoat's own; a tired user's likely
+/// mix-up), pointed at `--init`, which takes it as it is.
+fn check_is_model(dir: &Path) -> Result<()> {
+    let topcoat = dir.join("manifest.json").is_file()
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("ckpt_"))
+        });
+    if topcoat {
+        return Err(HfError::NotAModel {
+            dir: dir.to_path_buf(),
+            what: "a topcoat checkpoint or run, not a Hugging Face model directory: give it to \
+                   --init or --checkpoint as it is",
+        });
+    }
+    if !config::path_in(dir).is_file() {
+        return Err(HfError::NotAModel {
+            dir: dir.to_path_buf(),
+            what: "no config.json, so not a Hugging Face model directory",
+        });
+    }
+    Ok(())
 }

@@ -106,6 +106,8 @@ pub enum HfError {
         .dir.display()
     )]
     NoTokenizer { dir: PathBuf },
+    #[error("{}: {what}", .dir.display())]
+    NotAModel { dir: PathBuf, what: &'static str },
     #[error("{}: already exists; choose a new --out or remove it", .path.display())]
     OutputExists { path: PathBuf },
     #[error(transparent)]
