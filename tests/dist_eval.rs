@@ -42,6 +42,7 @@ fn wide_model(vocab: usize, seed: u64) -> Gpt<CpuBackend> {
         n_embd: 32,
         max_seq_len: 64,
         family: Default::default(),
+        lora: None,
     };
     let be = CpuBackend;
     let wide = Gpt::init(&be, &cfg, seed)

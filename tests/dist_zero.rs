@@ -78,6 +78,7 @@ fn cfg() -> ModelConfig {
         n_embd: 16,
         max_seq_len: 16,
         family: Default::default(),
+        lora: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn tiny_cfg() -> ModelConfig {
         n_embd: 16,
         max_seq_len: 16,
         family: Default::default(),
+        lora: None,
     }
 }
 
@@ -246,6 +247,7 @@ fn toy() -> Toy {
         n_embd: 32,
         max_seq_len: 32,
         family: Default::default(),
+        lora: None,
     };
     let be = CpuBackend;
     let model = Gpt::init(&be, &cfg, 21).unwrap();

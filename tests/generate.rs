@@ -34,6 +34,7 @@ fn tiny_cfg(vocab: usize, max_seq_len: usize) -> ModelConfig {
         n_embd: 32,
         max_seq_len,
         family: Default::default(),
+        lora: None,
     }
 }
 
@@ -47,7 +48,7 @@ fn random_model(be: &CpuBackend, cfg: &ModelConfig, seed: u64) -> Gpt<CpuBackend
         .map(|s| {
             (0..s.numel())
                 .map(|_| match s.init {
-                    Init::Normal(_) => 0.2 * rng.normal(),
+                    Init::Normal(_) | Init::Uniform(_) => 0.2 * rng.normal(),
                     Init::Zeros => 0.1 * rng.normal(),
                     Init::Ones => 1.0 + 0.1 * rng.normal(),
                 })

@@ -35,6 +35,7 @@ fn chat_renders_with_the_models_template_and_stops_at_its_end_of_turn() {
         n_embd: 32,
         max_seq_len: 256,
         family: Default::default(),
+        lora: None,
     };
     let mut rng = Rng::new(5);
     let values = ParamLayout::new(&cfg)
@@ -43,7 +44,7 @@ fn chat_renders_with_the_models_template_and_stops_at_its_end_of_turn() {
         .map(|s| {
             (0..s.numel())
                 .map(|_| match s.init {
-                    Init::Normal(_) => 0.2 * rng.normal(),
+                    Init::Normal(_) | Init::Uniform(_) => 0.2 * rng.normal(),
                     Init::Zeros => 0.1 * rng.normal(),
                     Init::Ones => 1.0 + 0.1 * rng.normal(),
                 })

@@ -47,6 +47,7 @@ fn tiny(nkv: usize, tie: bool, bias: bool) -> ModelConfig {
             }),
             ..LlamaShape::new(nkv, 24)
         }),
+        lora: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn random_config(rng: &mut Rng) -> ModelConfig {
         n_embd: n_head * 8 * (1 + rng.below(2) as usize),
         max_seq_len: 32,
         family: Default::default(),
+        lora: None,
     }
 }
 
@@ -502,6 +503,7 @@ fn recompute_on_cuda() {
         n_embd: 64,
         max_seq_len: 64,
         family: Default::default(),
+        lora: None,
     };
     let (b, t) = (4, 64);
     let batches: Vec<_> = (0..2)

@@ -17,6 +17,7 @@ fn tiny_model_overfits_one_batch() {
         n_embd: 32,
         max_seq_len: 16,
         family: Default::default(),
+        lora: None,
     };
     let (b, t) = (2, 16);
     let mut rng = Rng::new(11);

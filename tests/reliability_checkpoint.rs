@@ -41,6 +41,7 @@ fn tiny_cfg(vocab: usize) -> ModelConfig {
         n_embd: 16,
         max_seq_len: 16,
         family: Default::default(),
+        lora: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn tiny_cfg(vocab: usize, t: usize) -> ModelConfig {
         n_embd: 32,
         max_seq_len: t,
         family: Default::default(),
+        lora: None,
     }
 }
 

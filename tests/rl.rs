@@ -40,6 +40,7 @@ fn tiny_cfg() -> ModelConfig {
         n_embd: 32,
         max_seq_len: T,
         family: Default::default(),
+        lora: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
         n_embd: 32,
         max_seq_len: 32,
         family: Default::default(),
+        lora: None,
     };
     let be = CpuBackend;
     let mut model = Gpt::init(&be, &cfg, 21).unwrap();

@@ -50,6 +50,7 @@ fn only_assistant_targets_reach_loss_and_gradient() {
         n_embd: 32,
         max_seq_len: t,
         family: Default::default(),
+        lora: None,
     };
     let be = CpuBackend;
     let mut model = Gpt::init(&be, &cfg, 5).unwrap();

@@ -34,6 +34,7 @@ fn config() -> ModelConfig {
         n_embd: 32,
         max_seq_len: 48,
         family: Default::default(),
+        lora: None,
     }
 }
 
@@ -307,6 +308,7 @@ fn sft_stage_packs_whole_examples_in_order_and_validates_the_same() {
         n_embd: 32,
         max_seq_len: t,
         family: Default::default(),
+        lora: None,
     };
     let mut model = Gpt::init(&be, &cfg, 3).unwrap();
     let p_plain = plain.validate(&be, &mut model).unwrap().unwrap();

@@ -59,6 +59,7 @@ fn loss_and_gradients_match_pytorch() {
         n_embd: 32,
         max_seq_len: 16,
         family: Default::default(),
+        lora: None,
     };
     let (b, t) = (2, 12);
     let layout = ParamLayout::new(&cfg);

@@ -5,9 +5,11 @@
 //! which is also written next to every checkpoint as `config.json`.
 
 mod family;
+mod lora;
 mod presets;
 
 pub use family::{Family, LlamaShape, RopeScaling};
+pub use lora::{LoraConfig, LoraTarget};
 pub use presets::PRESETS;
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +56,9 @@ pub struct ModelConfig {
     /// The architecture family and its own settings (absent in older checkpoints: GPT-2).
     #[serde(default)]
     pub family: Family,
+    /// Low-rank adapters beside the projections (a LoRA run's model; `None`: full weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// Rounds `v` up to a multiple of 64.
@@ -133,6 +138,9 @@ impl ModelConfig {
                 "padded_vocab_size {} < vocab_size {}",
                 self.padded_vocab_size, self.vocab_size
             ));
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate(self)?;
         }
         Ok(())
     }

@@ -45,6 +45,7 @@ impl ModelConfig {
             n_embd,
             max_seq_len,
             family: Family::Gpt2,
+            lora: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -94,5 +95,6 @@ fn llama_preset(name: &str, vocab_size: usize) -> Option<ModelConfig> {
         n_embd,
         max_seq_len,
         family: Family::Llama(shape),
+        lora: None,
     })
 }

@@ -273,6 +273,7 @@ fn gpt2(k: &Keys) -> Result<ModelConfig> {
         n_embd,
         max_seq_len: n_positions,
         family: Family::Gpt2,
+        lora: None,
     })
 }
 
@@ -334,6 +335,7 @@ fn llama(k: &Keys, arch: Arch) -> Result<ModelConfig> {
         n_embd,
         max_seq_len,
         family: Family::Llama(shape),
+        lora: None,
     })
 }
 

@@ -5,7 +5,7 @@
 //! `[out, in]` like PyTorch's `nn.Linear`, so safetensors files and the PyTorch fixture script
 //! (scripts/make_fixture.py) agree on names and shapes with no transposes.
 
-use crate::config::{LlamaShape, ModelConfig};
+use crate::config::{LlamaShape, LoraConfig, LoraTarget, ModelConfig};
 use crate::rng::Rng;
 
 /// How a tensor is initialised (GPT-2 / nanoGPT recipe).
@@ -15,6 +15,8 @@ pub enum Init {
     Normal(f32),
     Zeros,
     Ones,
+    /// Uniform in `[-bound, bound]` (LoRA's `A`: PEFT's Kaiming-uniform, bound `1/sqrt(in)`).
+    Uniform(f32),
 }
 
 /// One named parameter tensor.
@@ -25,6 +27,9 @@ pub struct ParamSpec {
     pub init: Init,
     /// Weight decay applies to matrices (matmul weights and embeddings), not biases or norms.
     pub decay: bool,
+    /// Trained (true) or frozen (false: a LoRA run's base weights, which keep one working
+    /// copy and have no gradient, master copy or optimizer moments).
+    pub trainable: bool,
 }
 
 impl ParamSpec {
@@ -65,6 +70,26 @@ pub struct LlamaLayerIdx {
     pub down_w: usize,
 }
 
+/// One LoRA adapter (config/lora.rs): `A [rank, in]` and `B [width, rank]` beside the
+/// projection whose weight is tensor `base` (`[out, in]`), adding to its output's columns
+/// `col .. col + width` (a slice of a fused projection, or all of it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraSlot {
+    pub layer: usize,
+    pub target: LoraTarget,
+    /// The base projection's weight tensor.
+    pub base: usize,
+    /// The projection's input width (`in`) and full output width (`out`).
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// The columns of the output this adapter adds to.
+    pub col: usize,
+    pub width: usize,
+    /// Tensor indices of `A` and `B`.
+    pub a: usize,
+    pub b: usize,
+}
+
 /// Every parameter in order, plus index helpers. GPT-2 fills `layers`, `wpe` and `lnf_b`; the
 /// Llama family fills `llama_layers` and, with an untied head, `lm_head`.
 #[derive(Clone, Debug)]
@@ -79,10 +104,22 @@ pub struct ParamLayout {
     pub lnf_b: Option<usize>,
     /// An untied output head `[VP, C]`.
     pub lm_head: Option<usize>,
+    /// A LoRA model's adapters (`cfg.lora`), by layer then target in layout order; their
+    /// tensors follow every base tensor, and the base tensors are then frozen.
+    pub lora: Vec<LoraSlot>,
 }
 
 impl ParamLayout {
     pub fn new(cfg: &ModelConfig) -> Self {
+        let mut layout = Self::base(cfg);
+        if let Some(lora) = &cfg.lora {
+            layout.add_lora(cfg, lora);
+        }
+        layout
+    }
+
+    /// The layout without adapters.
+    fn base(cfg: &ModelConfig) -> Self {
         if let Some(shape) = cfg.llama() {
             return Self::llama(cfg, shape);
         }
@@ -123,6 +160,7 @@ impl ParamLayout {
             lnf_w,
             lnf_b: Some(lnf_b),
             lm_head: None,
+            lora: Vec::new(),
         }
     }
 
@@ -168,7 +206,106 @@ impl ParamLayout {
             lnf_w,
             lnf_b: None,
             lm_head,
+            lora: Vec::new(),
         }
+    }
+
+    /// Freezes every tensor so far and appends adapters per `lora`, layer by layer, each
+    /// target in layout order: `A` uniform in `±1/sqrt(in)` (PEFT's default init), `B` zero.
+    /// Names are the base module's with `.lora_A.weight` / `.lora_B.weight` (Hugging Face's
+    /// module names: `model.layers.0.self_attn.q_proj.lora_A.weight`, GPT-2's
+    /// `h.0.attn.c_attn.lora_A.weight`).
+    fn add_lora(&mut self, cfg: &ModelConfig, lora: &LoraConfig) {
+        for s in &mut self.specs {
+            s.trainable = false;
+        }
+        let mut specs = SpecList(std::mem::take(&mut self.specs));
+        let r = lora.rank;
+        for layer in 0..cfg.n_layer {
+            for &target in &lora.targets {
+                let (module, base, col, width) = self.lora_site(cfg, layer, target);
+                let shape = &specs.0[base].shape;
+                let (out_dim, in_dim) = (shape[0], shape[1]);
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let a = specs.push(
+                    format!("{module}.lora_A.weight"),
+                    vec![r, in_dim],
+                    Init::Uniform(bound),
+                    true,
+                );
+                let b = specs.push(
+                    format!("{module}.lora_B.weight"),
+                    vec![width, r],
+                    Init::Zeros,
+                    true,
+                );
+                self.lora.push(LoraSlot {
+                    layer,
+                    target,
+                    base,
+                    in_dim,
+                    out_dim,
+                    col,
+                    width,
+                    a,
+                    b,
+                });
+            }
+        }
+        self.specs = specs.0;
+    }
+
+    /// Where `target` of `layer` sits: its module name, the base weight's index, and the
+    /// columns of that weight's output it covers.
+    fn lora_site(
+        &self,
+        cfg: &ModelConfig,
+        layer: usize,
+        target: LoraTarget,
+    ) -> (String, usize, usize, usize) {
+        let c = cfg.n_embd;
+        if let Some(shape) = cfg.llama() {
+            let w = &self.llama_layers[layer];
+            let (q, kv, i) = (
+                c,
+                shape.n_kv_head * cfg.head_size(),
+                shape.intermediate_size,
+            );
+            let p = |s: &str| format!("model.layers.{layer}.{s}");
+            return match target {
+                LoraTarget::Q => (p("self_attn.q_proj"), w.qkv_w, 0, q),
+                LoraTarget::K => (p("self_attn.k_proj"), w.qkv_w, q, kv),
+                LoraTarget::V => (p("self_attn.v_proj"), w.qkv_w, q + kv, kv),
+                LoraTarget::O => (p("self_attn.o_proj"), w.o_w, 0, c),
+                LoraTarget::Gate => (p("mlp.gate_proj"), w.gate_up_w, 0, i),
+                LoraTarget::Up => (p("mlp.up_proj"), w.gate_up_w, i, i),
+                LoraTarget::Down => (p("mlp.down_proj"), w.down_w, 0, c),
+                LoraTarget::Qkv => unreachable!("validated: not a llama target"),
+            };
+        }
+        let w = &self.layers[layer];
+        let p = |s: &str| format!("h.{layer}.{s}");
+        match target {
+            LoraTarget::Qkv => (p("attn.c_attn"), w.qkv_w, 0, 3 * c),
+            LoraTarget::O => (p("attn.c_proj"), w.attn_proj_w, 0, c),
+            LoraTarget::Up => (p("mlp.c_fc"), w.fc_w, 0, 4 * c),
+            LoraTarget::Down => (p("mlp.c_proj"), w.fc_proj_w, 0, c),
+            _ => unreachable!("validated: not a gpt2 target"),
+        }
+    }
+
+    /// How many tensors the model has without its adapters (the base's tensors come first).
+    pub fn num_base_tensors(&self) -> usize {
+        self.lora.first().map_or(self.specs.len(), |s| s.a)
+    }
+
+    /// Elements of the trained tensors.
+    pub fn num_trainable(&self) -> usize {
+        self.specs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(ParamSpec::numel)
+            .sum()
     }
 
     /// The output head's weight `[VP, C]`: `lm_head` where untied, else the token embedding.
@@ -192,6 +329,9 @@ impl ParamLayout {
                     Init::Normal(std) => (0..s.numel()).map(|_| rng.normal() * std).collect(),
                     Init::Zeros => vec![0.0; s.numel()],
                     Init::Ones => vec![1.0; s.numel()],
+                    Init::Uniform(bound) => (0..s.numel())
+                        .map(|_| (2.0 * rng.next_f32() - 1.0) * bound)
+                        .collect(),
                 };
                 if i == self.wte || Some(i) == self.lm_head {
                     v[cfg.vocab_size * cfg.n_embd..].fill(0.0);
@@ -223,6 +363,7 @@ impl SpecList {
             shape,
             init,
             decay,
+            trainable: true,
         });
         self.0.len() - 1
     }

@@ -35,12 +35,14 @@ pub fn head_specs(c: usize) -> [ParamSpec; 2] {
             shape: vec![1, c],
             init: Init::Normal(1.0 / (c as f32).sqrt()),
             decay: true,
+            trainable: true,
         },
         ParamSpec {
             name: HEAD_BIAS.into(),
             shape: vec![1],
             init: Init::Zeros,
             decay: false,
+            trainable: true,
         },
     ]
 }

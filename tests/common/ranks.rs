@@ -34,6 +34,7 @@ pub fn tiny(vocab: usize, t: usize, seed: u64) -> Gpt<Be> {
         n_embd: 16,
         max_seq_len: t,
         family: Default::default(),
+        lora: None,
     };
     Gpt::init(&CpuBackend, &cfg, seed).unwrap()
 }

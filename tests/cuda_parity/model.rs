@@ -22,6 +22,7 @@ fn reward_model<B: Backend>(be: &B) {
         n_embd: 64,
         max_seq_len: 40,
         family: Default::default(),
+        lora: None,
     };
     let (pairs, t) = (3, 37);
     let values: Vec<Vec<f32>> = Gpt::init(&cpu, &cfg, 10)
@@ -126,6 +127,7 @@ fn packed_model<B: Backend>(be: &B) {
         n_embd: 64,
         max_seq_len: 48,
         family: Default::default(),
+        lora: None,
     };
     let mut rng = Rng::new(9);
     let ((ui, ut), packed) = sft_batches(&mut rng, cfg.vocab_size);
