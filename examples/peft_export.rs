@@ -7,7 +7,8 @@
 //! (TARGETS as `--lora-targets` takes them: `all`, `q,k,v,o`, GPT-2's `o` or `down`, ...).
 //! Writes `OUT/adapter/` (the PEFT directory) and `OUT/logits.safetensors`: `input_ids` I64
 //! [2, 12] (seeded random ids), `logits` F32 [2, 12, vocab] (the adapters merged into the
-//! base in f64 by `model::lora::merged`, then topcoat's f32 CPU forward).
+//! base in f64 by `model::lora::merged`, then topcoat's f32 CPU forward) and `logits_live`
+//! (the adapter forward, nothing merged).
 
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
@@ -54,17 +55,25 @@ fn main() -> anyhow::Result<()> {
     let be = CpuBackend::new();
     let mut values = base.values;
     values.extend(adapters);
-    let (merged_cfg, merged) = lora::merged(&cfg, values);
-    let mut model = Gpt::from_values(&be, &merged_cfg, merged)?;
-    model.forward(&be, &ids, b, t)?;
-    let mut logits = Vec::with_capacity(b * t * v);
-    for row in 0..b {
-        for pos in 0..t {
-            logits.extend(model.logits_at(&be, row, pos)?);
+    let logits = |model: &mut Gpt<CpuBackend>| -> anyhow::Result<Vec<u8>> {
+        model.forward(&be, &ids, b, t)?;
+        let mut out = Vec::with_capacity(4 * b * t * v);
+        for row in 0..b {
+            for pos in 0..t {
+                out.extend(
+                    model
+                        .logits_at(&be, row, pos)?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes()),
+                );
+            }
         }
-    }
+        Ok(out)
+    };
+    let live = logits(&mut Gpt::from_values(&be, &cfg, values.clone())?)?;
+    let (merged_cfg, merged) = lora::merged(&cfg, values);
+    let merged = logits(&mut Gpt::from_values(&be, &merged_cfg, merged)?)?;
     let id_bytes: Vec<u8> = ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
-    let logit_bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
     let views = vec![
         (
             "input_ids",
@@ -72,7 +81,11 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "logits",
-            TensorView::new(Dtype::F32, vec![b, t, v], &logit_bytes)?,
+            TensorView::new(Dtype::F32, vec![b, t, v], &merged)?,
+        ),
+        (
+            "logits_live",
+            TensorView::new(Dtype::F32, vec![b, t, v], &live)?,
         ),
     ];
     std::fs::write(

@@ -1,7 +1,8 @@
 //! PEFT adapter directories (src/hf/peft.rs) on the committed fixtures written by PEFT itself
 //! (tests/fixtures/hf/peft_llama and peft_gpt2, by scripts/make_hf_fixtures.py): the base
 //! model imported, the adapter read and merged gives the PeftModel's float64 logits within
-//! the hf_import tests' f32 tolerance, its loss and its greedy tokens; what topcoat writes reads
+//! the hf_import tests' f32 tolerance, its loss and its greedy tokens, and so does the live
+//! adapter forward (not merged); what topcoat writes reads
 //! back bit for bit, with PEFT's names; every adapter topcoat cannot compute is a named error.
 
 mod common;
@@ -160,6 +161,50 @@ fn peft_adapters_merged_give_the_peft_model_logits_loss_and_greedy_tokens() {
             model.extend(&be, &mut cache, &[next as i32], 1).unwrap();
         }
         assert_eq!(greedy, r.greedy, "{name}: greedy tokens");
+    }
+}
+
+/// The live adapter forward (the LoRA model's tensors as they are: the base frozen, PEFT's
+/// adapters beside its projections, nothing merged) gives the PeftModel's logits, and its
+/// greedy tokens through the KV cache; with the adapters switched off, the base fixture's
+/// reference logits.
+#[test]
+fn peft_adapters_live_give_the_peft_model_logits_and_greedy_tokens() {
+    let be = CpuBackend::new();
+    for (name, base_name, _) in ADAPTERS {
+        let r = reference(&fixture(name));
+        let base_ref = reference(&fixture(base_name));
+        let base = hf::read_model(&fixture(base_name), &|_| {}).unwrap();
+        let (lora_cfg, adapters) = hf::read_adapter(&fixture(name), &base.cfg).unwrap();
+        let mut cfg = base.cfg.clone();
+        cfg.lora = Some(lora_cfg);
+        let mut values = base.values;
+        values.extend(adapters);
+        let mut model = Gpt::from_values(&be, &cfg, values).unwrap();
+        let v = cfg.vocab_size;
+        let rel = logits_error(&be, &mut model, &r, v);
+        println!("{name}: live adapter logits max error {rel:.2e}");
+        assert!(rel <= LOGIT_TOL_F32, "{name}: live logits off by {rel:.3e}");
+
+        let mut cache = KvCache::new(&be, &cfg, 1).unwrap();
+        model
+            .extend(&be, &mut cache, &r.prompt, r.prompt.len())
+            .unwrap();
+        let mut greedy = Vec::new();
+        for _ in 0..r.greedy.len() {
+            let next = argmax(&cache.logits_row(&be, 0).unwrap());
+            greedy.push(next);
+            model.extend(&be, &mut cache, &[next as i32], 1).unwrap();
+        }
+        assert_eq!(greedy, r.greedy, "{name}: live greedy tokens");
+
+        model.set_adapters_enabled(false);
+        let off = logits_error(&be, &mut model, &base_ref, v);
+        println!("{name}: adapters off, base logits max error {off:.2e}");
+        assert!(
+            off <= LOGIT_TOL_F32,
+            "{name}: adapters off: off by {off:.3e}"
+        );
     }
 }
 
