@@ -216,8 +216,15 @@ pub fn advise(q: &FitQuery, bytes: &dyn Fn(Role) -> usize, available: u128) -> A
         };
     }
     let least = step.min(q.units.max(1));
+    let flags = together((least < q.units).then_some(least));
+    // With no flag left to try, the run as asked is the smallest there is.
+    let flags = if flags.is_empty() {
+        format!("{} {least}", q.batch.flag)
+    } else {
+        flags
+    };
     Advice::Nothing {
-        flags: together((least < q.units).then_some(least)),
+        flags,
         plan: q.plan_of(cfg, least, opts, bytes),
     }
 }
@@ -357,10 +364,18 @@ mod tests {
             ..q.clone()
         };
         let nothing = advise(&pretrain, &cuda_bytes, room);
-        assert!(matches!(nothing, Advice::Nothing { .. }), "{nothing:?}");
-        assert!(nothing
-            .sentence(&pretrain.batch)
-            .starts_with("nothing fits"));
+        assert_eq!(
+            nothing,
+            Advice::Nothing {
+                flags: "--batch-size 1".into(),
+                plan: full
+            }
+        );
+        let said = nothing.sentence(&pretrain.batch);
+        assert!(
+            said.starts_with("nothing fits: even --batch-size 1 needs about"),
+            "{said}"
+        );
         // Less room than the LoRA model's frozen base: nothing fits, even with everything.
         let tiny_room = lora.frozen / 2;
         let Advice::Nothing { flags, plan } = advise(&q, &cuda_bytes, tiny_room) else {
