@@ -181,7 +181,9 @@ fn activation_bytes_follow_the_plan() {
         // and the attention statistics (N NH per layer), none of them Activation buffers
         // of the forward pass.
         let other = 10 * n * c + n + l * n * cfg.n_head;
-        assert_eq!(plan.activations, 4 * (got + other) as u128, "level {level}");
+        // One logit chunk holds every row at this size (the logits are counted apart).
+        let acts = plan.activations + plan.logits;
+        assert_eq!(acts, 4 * (got + other) as u128, "level {level}");
         elems.push(got);
     }
     assert_eq!(elems[0] - elems[1], 4 * n * c * (l - 1));
@@ -221,11 +223,13 @@ fn gpt2_1558m_plan_by_hand() {
     assert_eq!(p.grads, 4 * params);
     assert_eq!(p.moments, 8 * params);
     // Per layer: 18 NC + 4 N bf16, N x 25 log-sum-exps fp32; then encoded, ln_f and the
-    // scratch (12 NC), ln_f's statistics (2 N) and the logits (N VP) in bf16, losses fp32.
-    let rest = 2 * (12 * nc + 2 * n + n * vp) + 4 * n;
+    // scratch (12 NC), ln_f's statistics (2 N) in bf16, losses fp32. The logits apart: one
+    // chunk of the chunked classifier, 2^26 / VP = 1334 rows of VP in bf16.
+    let rest = 2 * (12 * nc + 2 * n) + 4 * n;
     let per_layer = |kept_nc: u128| 2 * (kept_nc * nc + 4 * n) + 4 * n * 25;
     assert_eq!(p.activations, l * per_layer(18) + rest);
-    assert_eq!(p.activations, 23_830_528_000); // 22.2 GiB
+    assert_eq!(p.activations, 23_830_528_000 - 2 * n * vp); // 21.4 GiB
+    assert_eq!(p.logits, 2 * 1334 * vp);
     assert_eq!(
         plan_at(1, 0, 1).activations,
         l * per_layer(14) + rest + 2 * 4 * nc
@@ -272,9 +276,11 @@ fn info_prints_the_plan_of_a_configuration() {
         // 6 (N - 1024 C) + 12 L C T.
         "FLOPs per token: 1.028e10",
         "B=8, T=1024, recompute 0:",
-        "weights       2.90 GiB",
-        "activations  22.19 GiB (recompute 1: 17.60 GiB, saves 4.59 GiB; recompute 2: 15.28 \
-         GiB, saves 6.91 GiB)",
+        "trainable weights    2.90 GiB (1557686400 parameters)",
+        // The logits apart: one chunk of 1334 rows of the classifier.
+        "activations         21.43 GiB (recompute 1: 16.84 GiB, saves 4.59 GiB; recompute 2: \
+         14.52 GiB, saves 6.91 GiB)",
+        "logits               0.12 GiB (1334 of 8192 rows x 50304 per chunk)",
         "per rank with ZeRO-1 (--zero 1; master and moments sharded): 2 ranks",
     ] {
         assert!(out.contains(want), "{want:?} not in\n{out}");
@@ -303,7 +309,7 @@ fn info_prints_the_plan_of_a_configuration() {
         "{out}"
     );
     assert!(out.contains("T=128, recompute 2:"), "{out}");
-    assert!(out.contains("    master        0.00 GiB"), "{out}");
+    assert!(out.contains("    fp32 master          0.00 GiB"), "{out}");
 }
 
 /// A shape that cannot be is refused naming the flags (and TOML keys) and the values, from

@@ -49,6 +49,14 @@ pub trait Backend: Send + Sync {
     fn memory_available(&self) -> Option<u64> {
         None
     }
+    /// The most bytes this process has held so far, where the backend can tell: the figure a
+    /// run's and a bench's measured peak reports beside the memory plan. CPU: the kernel's
+    /// `VmHWM` (the process's resident high-water mark). CUDA: the device's used memory
+    /// (total minus free: this process's buffers, context and cuBLASLt workspace on a card of
+    /// its own) sampled after every allocation and every synchronize.
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
     /// Bytes per element a buffer of this role takes (4 on the f32 CPU backend).
     fn element_bytes(&self, role: Role) -> usize {
         let _ = role;

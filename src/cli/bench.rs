@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use topcoat::backend::cuda::CudaOptions;
 use topcoat::backend::profile::OpTally;
+use topcoat::commands;
 use topcoat::commands::bench::{self, BenchJob, BenchStage};
 use topcoat::config::{ModelConfig, RunConfig};
 use topcoat::runtime::{Runtime, RuntimeOptions};
@@ -33,7 +34,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         ..RunConfig::default()
     };
     a.shape.apply(&mut run);
-    let cfg = run.model_config(a.vocab_size)?;
+    let mut cfg = run.model_config(a.vocab_size)?;
+    a.lora.apply(&mut cfg)?;
     if a.generate {
         return generation(&rt, a, &cfg);
     }
@@ -81,8 +83,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         );
     }
     let r = &report.result;
-    let memory = r
-        .peak_memory_bytes
+    let peak = report.peak_memory.or(r.peak_memory_bytes.map(|m| m as u64));
+    let memory = peak
         .map(|m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64))
         .unwrap_or_else(|| "n/a".into());
     println!("| median step ms | tokens/s | model TFLOP/s | MFU | peak memory |");
@@ -96,6 +98,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         r.tokens_per_s,
         100.0 * tflops / report.peak_tflops
     );
+    println!("{}", commands::plan::peak_line(peak, &report.plan));
     Ok(())
 }
 

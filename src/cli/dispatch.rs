@@ -29,7 +29,7 @@ pub fn run(cli: Cli) -> Result<()> {
     // Only the commands that compute get a thread pool: `info` and `report` read files.
     let computes = !matches!(
         cli.command,
-        Command::Info { .. } | Command::Report(_) | Command::Launch(_)
+        Command::Info { .. } | Command::Plan(_) | Command::Report(_) | Command::Launch(_)
     );
     if let (Some(n), true) = (cli.threads, computes) {
         rayon::ThreadPoolBuilder::new()
@@ -87,6 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat(&a),
         Command::Eval(cmd) => eval(&cmd),
         Command::Info(a) => info(&a),
+        Command::Plan(a) => plan(&a),
         Command::Bench(a) => super::bench::bench(&a),
         Command::Demo(a) => demo(&a),
         Command::Report(a) => report(&a),
@@ -261,18 +262,24 @@ fn pretrain(a: &PretrainArgs) -> Result<()> {
     })
 }
 
-/// `info PATH` describes a file or directory; `info` alone, a model configuration.
+/// `info PATH` describes a file or directory; `info` alone, a model configuration (`plan`).
 fn info(a: &InfoArgs) -> Result<()> {
     if let Some(path) = &a.path {
         print!("{}", commands::info::info(path)?);
         return Ok(());
     }
+    plan(&a.plan)
+}
+
+/// `plan`: the memory plan of a model and run shape, against --memory-gib when given.
+fn plan(a: &PlanArgs) -> Result<()> {
     let mut run = RunConfig {
         preset: a.preset.clone(),
         ..RunConfig::default()
     };
     a.shape.apply(&mut run);
-    let cfg = run.model_config(a.vocab_size)?;
+    let mut cfg = run.model_config(a.vocab_size)?;
+    a.lora.apply(&mut cfg)?;
     let t = a.seq_len.unwrap_or(cfg.max_seq_len);
     if t == 0 || t > cfg.max_seq_len || a.batch_size == 0 {
         anyhow::bail!(
@@ -282,15 +289,42 @@ fn info(a: &InfoArgs) -> Result<()> {
             cfg.max_seq_len
         );
     }
-    let bytes = commands::plan::storage_bytes(&a.backend).expect("clap checks --backend");
-    let storage = match a.backend.as_str() {
-        "cpu" => "cpu storage: f32 everywhere",
-        _ => "cuda storage: bf16 weights and activations, fp32 master, gradients and moments",
+    let available = match a.memory_gib {
+        Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
+        Some(g) => anyhow::bail!("--memory-gib {g}: must be a positive number of GiB"),
+        None => None,
     };
+    let bytes = commands::plan::storage_bytes(&a.backend).expect("clap checks --backend");
+    let storage = format!(
+        "{} storage: {}",
+        a.backend,
+        commands::plan::storage_name(&bytes)
+    );
     let name = shape_name(&run);
+    let shape = (a.batch_size, t);
     let text =
-        commands::plan::describe(&name, &cfg, (a.batch_size, t), a.recompute, &bytes, storage);
+        commands::plan::describe(&name, &cfg, shape, a.recompute, &bytes, &storage, available);
     print!("{text}");
+    if available.is_some() {
+        let query = topcoat::model::FitQuery {
+            cfg: &cfg,
+            units: a.batch_size,
+            seq_len: t,
+            opts: topcoat::model::PlanOptions {
+                recompute: a.recompute,
+                ..Default::default()
+            },
+            batch: topcoat::model::BatchFlag::ROWS_LORA,
+        };
+        let memory = format!("{} GiB", a.memory_gib.unwrap_or_default());
+        match query.check(&bytes, &memory, available) {
+            Ok(_) => println!("  fits in {memory}"),
+            Err(e) => {
+                let advice = e.advice.clone().unwrap_or_default();
+                println!("  does not fit in {memory}: {advice}");
+            }
+        }
+    }
     Ok(())
 }
 

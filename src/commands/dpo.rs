@@ -8,6 +8,7 @@
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
+use crate::model::BatchFlag;
 use crate::stages::dpo::reference::RefLogps;
 use crate::stages::dpo::{rank_micro_batches, Dpo, DpoLoss};
 use crate::train::checkpoint;
@@ -39,6 +40,14 @@ impl Stage for DpoStage {
             batch_size: 4,
             weight_decay: 0.0,
             ..tuning_defaults(1e-4)
+        }
+    }
+
+    /// Pairs: two rows each.
+    fn batch_flag(&self) -> BatchFlag {
+        BatchFlag {
+            rows_per_unit: 2,
+            ..BatchFlag::ROWS_LORA
         }
     }
 

@@ -8,40 +8,59 @@ use super::inputs::check_resume_tokenizer;
 use super::stage::StageContext;
 use super::CommandError;
 use crate::backend::Backend;
-use crate::model::{MemoryPlan, ModelError, PlanOptions};
+use crate::config::ModelConfig;
+use crate::model::{BatchFlag, FitQuery, MemoryPlan, ModelError, PlanOptions};
 use std::path::Path;
 
-/// Refuses a run that cannot work, naming why; `data` is the stage's prepared data directory.
+/// Refuses a run that cannot work, naming why; `data` is the stage's prepared data directory,
+/// `batch` how the stage counts `--batch-size`. Returns the memory plan the run fits in.
 pub fn check<B: Backend>(
     be: &B,
     ctx: &StageContext,
     data: Option<&Path>,
-) -> Result<(), CommandError> {
+    batch: BatchFlag,
+) -> Result<MemoryPlan, CommandError> {
     ctx.run.validate()?;
     let opts = PlanOptions {
         recompute: ctx.run.recompute,
         zero: ctx.run.zero,
         world_size: ctx.run.world_size,
     };
-    check_memory(be, ctx.run.batch_size, ctx.run.seq_len, opts, &ctx.model)?;
+    let plan = check_memory(
+        be,
+        &ctx.model,
+        ctx.run.batch_size,
+        ctx.run.seq_len,
+        opts,
+        batch,
+    )?;
     if ctx.resume {
         // A fresh model's tokenizer is the data's; a fine-tuned one's is the --init checkpoint's.
         let data = data.filter(|_| ctx.checkpoint.is_none());
         check_resume_tokenizer(ctx.out, &ctx.tokenizer, data)?;
     }
-    Ok(())
+    Ok(plan)
 }
 
-/// Refuses training `model` on `b x t` micro-batches (at the recompute level and ZeRO stage
-/// of `opts`) when the memory plan needs more than the device has free.
+/// Refuses training `model` on micro-batches of `units` of `batch` (rows, pairs, prompts) of
+/// `t` tokens (at the recompute level and ZeRO stage of `opts`) when the memory plan needs
+/// more than the device has free, naming the flag that would make it fit (`model::fit`).
 pub fn check_memory<B: Backend>(
     be: &B,
-    b: usize,
+    model: &ModelConfig,
+    units: usize,
     t: usize,
     opts: PlanOptions,
-    model: &crate::config::ModelConfig,
-) -> Result<(), CommandError> {
-    MemoryPlan::training_with(model, b, t, opts, |r| be.element_bytes(r))
-        .check(&be.name(), be.memory_available())
+    batch: BatchFlag,
+) -> Result<MemoryPlan, CommandError> {
+    let query = FitQuery {
+        cfg: model,
+        units,
+        seq_len: t,
+        opts,
+        batch,
+    };
+    query
+        .check(&|r| be.element_bytes(r), &be.name(), be.memory_available())
         .map_err(|e| CommandError::from(ModelError::from(e)))
 }

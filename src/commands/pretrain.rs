@@ -6,6 +6,7 @@ use super::prepare::prepare_embedded;
 use super::stage::{Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
+use crate::model::BatchFlag;
 use crate::stages::pretrain::Pretrain;
 use crate::train::TrainError;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,11 @@ impl Stage for PretrainStage {
 
     fn defaults() -> RunConfig {
         RunConfig::default()
+    }
+
+    /// Rows, and no LoRA: pretraining trains every weight.
+    fn batch_flag(&self) -> BatchFlag {
+        BatchFlag::ROWS
     }
 
     fn init(&self) -> Init<'_> {

@@ -4,6 +4,7 @@
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
+use crate::model::BatchFlag;
 use crate::stages::reward::Reward;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,14 @@ impl Stage for RewardStage {
     /// A lower peak rate than SFT, one short pass.
     fn defaults() -> RunConfig {
         tuning_defaults(3e-4)
+    }
+
+    /// Rows, two per pair: an even count.
+    fn batch_flag(&self) -> BatchFlag {
+        BatchFlag {
+            step: 2,
+            ..BatchFlag::ROWS_LORA
+        }
     }
 
     fn init(&self) -> Init<'_> {

@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::config::{ConfigError, RunConfig};
 use crate::data::chat::{render_prompt, Message, Role};
 use crate::data::{DataError, Tokenizer};
+use crate::model::BatchFlag;
 use crate::model::RewardModel;
 use crate::stages::rl::{ModelScorer, Rl, RlConfig};
 use crate::train::checkpoint;
@@ -97,6 +98,14 @@ impl Stage for RlStage {
             weight_decay: 0.0,
             val_every: 0,
             ..tuning_defaults(1e-5)
+        }
+    }
+
+    /// Prompts, each sampled `--k` times.
+    fn batch_flag(&self) -> BatchFlag {
+        BatchFlag {
+            rows_per_unit: self.k.max(1),
+            ..BatchFlag::ROWS_LORA
         }
     }
 

@@ -10,8 +10,10 @@
 //!    overrides that differ from the checkpoint's), or, for a fresh model, the data's
 //!    tokenizer and the preset with the shape overrides ([`RunConfig::model_config`]);
 //! 3. the preflight (`preflight.rs`): the run config's values, the memory plan against the
-//!    device, and on `--resume` the checkpoint's tokenizer against the data's; then refuse data
-//!    prepared with a different tokenizer, naming the command that prepares it;
+//!    device (printed as a budget; a run that does not fit is refused with the flag that
+//!    would make it fit), and on `--resume` the checkpoint's tokenizer against the data's;
+//!    then refuse data prepared with a different tokenizer, naming the command that
+//!    prepares it;
 //! 4. refuse a `seq_len` past the model's context;
 //! 5. rank 0 alone: lock the run directory (`train::run_dir`; held until the loop returns) and
 //!    refuse a fresh run over an earlier one unless `overwrite`;
@@ -19,7 +21,8 @@
 //!    rank 0 deletes the earlier run's files; the other ranks wait until rank 0 has done its
 //!    set-up, and a failure there reaches them through the collective;
 //! 7. build the model (fresh, from the checkpoint, or with a reward head), set its activation
-//!    recompute level, and run the shared loop (`train::train`).
+//!    recompute level, and run the shared loop (`train::train`); then print the measured
+//!    peak memory beside the plan's total.
 //!
 //! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
 //! arguments, and one line where the binary lists the commands.
@@ -30,7 +33,7 @@ use crate::backend::Backend;
 use crate::config::{ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
 use crate::dist::{Collective, DistError, RankInfo};
-use crate::model::Gpt;
+use crate::model::{BatchFlag, Gpt};
 use crate::runtime::Runtime;
 use crate::stages::PreparedData;
 use crate::train::run_dir::{self, RunDirLock};
@@ -111,6 +114,12 @@ pub trait Stage {
     /// The prepared data this stage reads and the command that prepares it (`prepare sft`),
     /// checked against the model's tokenizer; `None` when it reads none that way.
     fn data(&self) -> Option<(&Path, &'static str)>;
+
+    /// How the stage counts `--batch-size` (rows per unit, its step) and whether it takes
+    /// `--lora-rank`: the memory plan's rows and the flag its advice names.
+    fn batch_flag(&self) -> BatchFlag {
+        BatchFlag::ROWS_LORA
+    }
 
     /// Opens the objective (its data, and any models it holds on `be`), printing what it found.
     fn open<B: Backend + 'static>(
@@ -207,7 +216,12 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     let quiet = |_: &str| {};
     let progress: &dyn Fn(&str) = if writer { progress } else { &quiet };
     let ctx = resolve(job, run)?;
-    super::preflight::check(be, &ctx, job.stage.data().map(|(dir, _)| dir))?;
+    let data = job.stage.data().map(|(dir, _)| dir);
+    let plan = super::preflight::check(be, &ctx, data, job.stage.batch_flag())?;
+    let bytes = |r| be.element_bytes(r);
+    let storage = super::plan::storage_name(&bytes);
+    let budget = super::plan::budget(&ctx.model, &plan, &storage, be.memory_available());
+    progress(budget.trim_end());
     if let Some((data, prepared_by)) = job.stage.data() {
         if let Some(ckpt) = &ctx.checkpoint {
             check_tokenizers(
@@ -281,14 +295,9 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
         keep_checkpoints: job.keep_checkpoints,
         quiet: job.quiet,
     };
-    Ok(train::train(
-        be,
-        comm,
-        &mut model,
-        &mut objective,
-        &ctx.tokenizer,
-        &opts,
-    )?)
+    let summary = train::train(be, comm, &mut model, &mut objective, &ctx.tokenizer, &opts)?;
+    progress(&super::plan::peak_line(be.peak_memory(), &plan));
+    Ok(summary)
 }
 
 /// Step 2 of the module header: the checkpoint, tokenizer and model shape.

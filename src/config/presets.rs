@@ -1,6 +1,6 @@
 //! The named model presets: GPT-2 sizes (`tiny` to `gpt2-1558m`, llm.c's d12 to d48) and the
-//! Llama family's (`llama-tiny`, and the shapes of SmolLM2-135M and Llama-3.2-1B), each for
-//! the vocabulary of the tokenizer it will train with.
+//! Llama family's (`llama-tiny`, and the shapes of SmolLM2-135M, Llama-3.2-1B and
+//! Llama-3.1-8B), each for the vocabulary of the tokenizer it will train with.
 
 use super::{pad_vocab, ConfigError, Family, LlamaShape, ModelConfig, RopeScaling};
 
@@ -15,6 +15,7 @@ pub const PRESETS: &[&str] = &[
     "llama-tiny",
     "smollm2-135m",
     "llama-3.2-1b",
+    "llama-3.1-8b",
 ];
 
 impl ModelConfig {
@@ -52,8 +53,8 @@ impl ModelConfig {
     }
 }
 
-/// The Llama-family presets (random init): a CPU-sized one and the shapes of SmolLM2-135M and
-/// Llama-3.2-1B.
+/// The Llama-family presets (random init): a CPU-sized one and the shapes of SmolLM2-135M,
+/// Llama-3.2-1B and Llama-3.1-8B.
 fn llama_preset(name: &str, vocab_size: usize) -> Option<ModelConfig> {
     let (n_layer, n_head, n_embd, max_seq_len, shape) = match name {
         "llama-tiny" => (4, 4, 128, 256, LlamaShape::new(2, 384)),
@@ -83,6 +84,24 @@ fn llama_preset(name: &str, vocab_size: usize) -> Option<ModelConfig> {
                 }),
                 tie_embeddings: true,
                 ..LlamaShape::new(8, 8192)
+            },
+        ),
+        // Llama-3.1-8B: 8,030,261,248 parameters with its 128,256-token vocabulary.
+        "llama-3.1-8b" => (
+            32,
+            32,
+            4096,
+            8192,
+            LlamaShape {
+                rope_theta: 500_000.0,
+                rope_scaling: Some(RopeScaling {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                }),
+                tie_embeddings: false,
+                ..LlamaShape::new(8, 14336)
             },
         ),
         _ => return None,

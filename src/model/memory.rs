@@ -1,34 +1,52 @@
 //! The memory plan: how many bytes a training run of one model shape and batch shape needs
-//! (weights, gradients, optimizer moments, activations), checked against what the device has
-//! before anything is allocated, so that a batch too large for the machine is a named error
-//! rather than an allocator abort minutes later.
+//! (frozen and trained weights, master copy, gradients, optimizer moments, activations,
+//! logits, LoRA's own activations), checked against what the device has before anything is
+//! allocated, so that a batch too large for the machine is a named error rather than an
+//! allocator abort minutes later. The weights' rows come from the model's [`ParamLayout`]
+//! (frozen or trained per tensor), so the plan of a LoRA model counts what is allocated.
+//! What would make a run fit is `fit.rs`.
 //!
 //! All arithmetic is in `u128`: no batch or sequence length a user can type overflows it.
 
+use super::head::logit_chunk_rows;
+use super::ParamLayout;
 use crate::backend::Role;
 use crate::config::ModelConfig;
 use thiserror::Error;
 
-/// The run does not fit: what it needs, by part, and what the device has.
+/// The run does not fit: what it needs, by part, what the device has, and what would fit.
 #[derive(Debug, Error)]
 #[error(
     "the run needs about {need} (weights, gradients and optimizer {fixed}; activations {acts} at \
-     batch_size {b} x seq_len {t}) but {device} has {have} available; lower --batch-size (or \
-     --seq-len), and use --total-batch-tokens to keep the tokens per step{hint}",
+     batch_size {b} x seq_len {t}) but {device} has {have} available; {what}",
     need = gib(plan.total()),
-    fixed = gib(plan.weights + plan.master + plan.grads + plan.moments),
-    acts = gib(plan.activations),
+    fixed = gib(plan.fixed()),
+    acts = gib(plan.activation_total()),
     b = plan.batch_size,
     t = plan.seq_len,
     have = gib(*available),
-    hint = if plan.recompute < 2 { "; or raise --recompute (1 or 2)" } else { "" },
+    what = advice.clone().unwrap_or_else(|| generic_hint(plan.recompute)),
 )]
 pub struct OutOfMemory {
     pub plan: MemoryPlan,
     pub device: String,
     pub available: u128,
+    /// What would fit, by the same arithmetic (`fit::advise`), when the caller knows the
+    /// command's flags; else a generic hint is printed.
+    pub advice: Option<String>,
 }
 
+fn generic_hint(recompute: u8) -> String {
+    let hint = if recompute < 2 {
+        "; or raise --recompute (1 or 2)"
+    } else {
+        ""
+    };
+    format!(
+        "lower --batch-size (or --seq-len), and use --total-batch-tokens to keep the tokens per \
+         step{hint}"
+    )
+}
 /// What besides the shapes decides a plan: the activation recompute level and ZeRO-1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
@@ -52,21 +70,38 @@ impl Default for PlanOptions {
 /// Bytes one rank needs, by part (each `u128`, so never overflowing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
+    /// Rows of a micro-batch (what the model sees: a DPO pair is two rows).
     pub batch_size: usize,
     pub seq_len: usize,
     pub recompute: u8,
     pub zero: u8,
     pub world_size: usize,
-    /// The parameters' working copy.
+    /// Elements of the frozen and of the trained tensors (a full fine-tune freezes none).
+    pub frozen_params: u128,
+    pub trainable_params: u128,
+    /// The frozen tensors' one working copy (a LoRA model's base): no master, moments or
+    /// gradients.
+    pub frozen: u128,
+    /// The trained tensors' working copy.
     pub weights: u128,
-    /// The fp32 master copy where the working copy is narrower (CUDA's bf16), else 0; this
-    /// rank's shard under ZeRO-1.
+    /// The fp32 master copy of the trained tensors where the working copy is narrower (CUDA's
+    /// bf16), else 0; this rank's shard under ZeRO-1.
     pub master: u128,
-    /// AdamW's two moments (this rank's shard under ZeRO-1).
+    /// AdamW's two moments of the trained tensors (this rank's shard under ZeRO-1).
     pub moments: u128,
+    /// Gradients of the trained tensors.
     pub grads: u128,
-    /// The forward pass's saved activations, the logits and the backward's scratch.
+    /// The forward pass's saved activations and the backward's scratch at `recompute`
+    /// (without the logits and LoRA's own, below).
     pub activations: u128,
+    /// [`Self::activations`] at recompute 0, 1 and 2.
+    pub activations_at: [u128; 3],
+    /// The logits buffer: one chunk of rows of the chunked classifier (`model/head.rs`).
+    pub logits: u128,
+    /// LoRA: each adapter's `x A^T` (`N x rank`) saved for the backward pass.
+    pub lora_kept: u128,
+    /// LoRA: one adapter's scratch, reused by all (`N x (max width + max in + rank)`).
+    pub lora_scratch: u128,
 }
 
 impl MemoryPlan {
@@ -86,32 +121,46 @@ impl MemoryPlan {
         bytes: impl Fn(Role) -> usize,
     ) -> Self {
         let w = |role: Role| bytes(role) as u128;
-        let params = cfg.num_params() as u128;
-        // Under ZeRO-1 each rank holds ceil(params / W) elements of the sharded state.
+        // The layout is what `Gpt` allocates: LoRA's adapters appended, the base frozen.
+        let layout = ParamLayout::new(cfg);
+        let all = layout.num_params() as u128;
+        let trainable = layout.num_trainable() as u128;
+        // Under ZeRO-1 each rank holds ceil(trainable / W) elements of the sharded state.
         let sharded = if opts.zero >= 1 {
-            params.div_ceil(opts.world_size.max(1) as u128)
+            trainable.div_ceil(opts.world_size.max(1) as u128)
         } else {
-            params
+            trainable
         };
         // A narrow working copy (CUDA's bf16) comes with an fp32 master copy (DESIGN.md).
         let master = if w(Role::Param) < 4 { 4 } else { 0 };
+        let activations_at = [0, 1, 2].map(|level| activation_bytes(cfg, b, t, level, &w));
+        let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
+        let (lora_kept, lora_scratch) = lora_bytes(cfg, &layout, n, w(Role::Activation));
         Self {
             batch_size: b,
             seq_len: t,
             recompute: opts.recompute,
             zero: opts.zero,
             world_size: opts.world_size,
-            weights: params * w(Role::Param),
+            frozen_params: all - trainable,
+            trainable_params: trainable,
+            frozen: (all - trainable) * w(Role::Param),
+            weights: trainable * w(Role::Param),
             master: sharded * master,
             moments: 2 * sharded * w(Role::State),
-            grads: params * w(Role::Grad),
-            activations: activation_bytes(cfg, b, t, opts.recompute, &w),
+            grads: trainable * w(Role::Grad),
+            activations: activations_at[usize::from(opts.recompute.min(2))],
+            activations_at,
+            logits: logit_bytes(cfg, b, t, w(Role::Activation)),
+            lora_kept,
+            lora_scratch,
         }
     }
 
     /// The same shape's activations alone (a model whose weights already live on the device).
     pub fn activations_only(self) -> Self {
         Self {
+            frozen: 0,
             weights: 0,
             master: 0,
             moments: 0,
@@ -120,20 +169,36 @@ impl MemoryPlan {
         }
     }
 
-    pub fn total(&self) -> u128 {
+    /// The weights, their master copy, gradients and moments: what the batch shape does not
+    /// change.
+    pub fn fixed(&self) -> u128 {
         sum(&[
+            self.frozen,
             self.weights,
             self.master,
             self.moments,
             self.grads,
-            self.activations,
         ])
+    }
+
+    /// Everything the batch shape decides: activations, logits and LoRA's activations.
+    pub fn activation_total(&self) -> u128 {
+        sum(&[
+            self.activations,
+            self.logits,
+            self.lora_kept,
+            self.lora_scratch,
+        ])
+    }
+
+    pub fn total(&self) -> u128 {
+        sum(&[self.fixed(), self.activation_total()])
     }
 
     /// Refuses the plan when it needs more than `available` bytes (`None`: the device cannot
     /// tell, and only a plan past the address space is refused). `device` names it.
     pub fn check(&self, device: &str, available: Option<u64>) -> Result<(), Box<OutOfMemory>> {
-        let available = available.map_or(usize::MAX as u128, u128::from);
+        let available = available_bytes(available);
         if self.total() <= available {
             return Ok(());
         }
@@ -141,8 +206,38 @@ impl MemoryPlan {
             plan: *self,
             device: device.to_string(),
             available,
+            advice: None,
         }))
     }
+}
+
+/// What a device that cannot tell its free memory is taken to have: the address space.
+pub fn available_bytes(available: Option<u64>) -> u128 {
+    available.map_or(usize::MAX as u128, u128::from)
+}
+
+/// The logits buffer of a `b x t` pass: the chunked classifier holds `logit_chunk_rows` rows
+/// of the padded vocabulary at a time.
+fn logit_bytes(cfg: &ModelConfig, b: usize, t: usize, act: u128) -> u128 {
+    let vp = cfg.padded_vocab_size;
+    let rows = logit_chunk_rows(b.saturating_mul(t), vp) as u128;
+    prod(&[act, rows, vp as u128])
+}
+
+/// LoRA's activations over `n` positions: per adapter its `x A^T` (`n x rank`), kept for the
+/// backward pass; and one scratch set every adapter reuses in turn: the adapter's output
+/// (`n x` the widest slice), its dropped input (`n x` the widest input) and `n x rank`.
+fn lora_bytes(cfg: &ModelConfig, layout: &ParamLayout, n: u128, act: u128) -> (u128, u128) {
+    let Some(lora) = &cfg.lora else {
+        return (0, 0);
+    };
+    let r = lora.rank as u128;
+    let slots = layout.lora.len() as u128;
+    let widest = layout.lora.iter().map(|s| s.width).max().unwrap_or(0) as u128;
+    let widest_in = layout.lora.iter().map(|s| s.in_dim).max().unwrap_or(0) as u128;
+    let kept = prod(&[act, slots, n, r]);
+    let scratch = prod(&[act, n, sum(&[widest, widest_in, r])]);
+    (kept, scratch)
 }
 
 /// Activation bytes of a `b x t` pass at recompute `level` (activations.rs `Activations` and
@@ -159,7 +254,7 @@ fn activation_bytes(
     }
     let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
     let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
-    let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let nh = cfg.n_head as u128;
     let (act, nc) = (w(Role::Activation), prod(&[n, c]));
     // Per block (`LayerActs`): ln1, atty, attproj, residual2, ln2, fcproj, residual3 (7 NC),
     // qkv (3 NC), fch and fch_gelu (8 NC): 18 NC; level 1 drops fch_gelu (4 NC), level 2 also
@@ -180,13 +275,10 @@ fn activation_bytes(
         1 => 4,
         _ => 5,
     };
-    // encoded, lnf (2 NC), lnf statistics (2 N), the logits (N VP); losses [N] in fp32;
-    // the backward's scratch (`GradScratch`: 3 NC + 3 NC + 4 NC).
+    // encoded, lnf (2 NC), lnf statistics (2 N); losses [N] in fp32; the backward's
+    // scratch (`GradScratch`: 3 NC + 3 NC + 4 NC). The logits are `logit_bytes`.
     let rest = sum(&[
-        prod(&[
-            act,
-            sum(&[prod(&[12 + shared_nc, nc]), prod(&[2, n]), prod(&[n, vp])]),
-        ]),
+        prod(&[act, sum(&[prod(&[12 + shared_nc, nc]), prod(&[2, n])])]),
         prod(&[w(Role::State), n]),
     ]);
     sum(&[prod(&[l, per_layer]), rest])
@@ -203,7 +295,7 @@ fn llama_activation_bytes(
 ) -> u128 {
     let n = b as u128 * t as u128;
     let (c, l) = (cfg.n_embd as u128, cfg.n_layer as u128);
-    let (nh, vp) = (cfg.n_head as u128, cfg.padded_vocab_size as u128);
+    let nh = cfg.n_head as u128;
     let (qkv, i) = (cfg.qkv_width() as u128, cfg.mlp_width() as u128);
     let (act, stat) = (w(Role::Activation), w(Role::Stat));
     // Per block: atty, attproj, residual2, down, residual3 (5 C), ln1 and ln2 (2 C, dropped
@@ -216,15 +308,15 @@ fn llama_activation_bytes(
         prod(&[stat, n, 2 + nh]),
     ]);
     // Shared by every layer: the SwiGLU output (I) from level 1, an RMSNorm output (C) at
-    // level 2. Around the blocks: encoded and lnf (2 C), lnf_mean [N] (unused by RMSNorm),
-    // the logits (VP); lnf_rstd [N] fp32, losses [N] fp32. The backward's scratch: dresidual,
-    // dln, datty (3 C), dqkv (qkv_width), dgate_up (2 I), dswiglu (I).
+    // level 2. Around the blocks: encoded and lnf (2 C), lnf_mean [N] (unused by RMSNorm);
+    // lnf_rstd [N] fp32, losses [N] fp32. The backward's scratch: dresidual, dln, datty
+    // (3 C), dqkv (qkv_width), dgate_up (2 I), dswiglu (I). The logits are `logit_bytes`.
     let shared = sum(&[
         if level >= 1 { i } else { 0 },
         if level >= 2 { c } else { 0 },
     ]);
     let rest = sum(&[
-        prod(&[act, n, sum(&[shared, 2 * c, 1, vp, 3 * c, qkv, 3 * i])]),
+        prod(&[act, n, sum(&[shared, 2 * c, 1, 3 * c, qkv, 3 * i])]),
         prod(&[stat, n]),
         prod(&[w(Role::State), n]),
     ]);
@@ -241,7 +333,7 @@ fn sum(xs: &[u128]) -> u128 {
 }
 
 /// `bytes` in GiB with one decimal, or as bytes below 0.1 GiB.
-fn gib(bytes: u128) -> String {
+pub(crate) fn gib(bytes: u128) -> String {
     let g = bytes as f64 / (1u64 << 30) as f64;
     if g >= 0.1 {
         format!("{g:.1} GiB")
@@ -282,7 +374,14 @@ mod tests {
                 ..PlanOptions::default()
             };
             let plan = MemoryPlan::training_with(&cfg, b, t, opts, cpu_bytes);
-            assert_eq!(plan.activations, 4 * elems as u128, "level {level}");
+            // At this size one logit chunk holds every row: the logits are N x VP.
+            assert_eq!(plan.logits, 4 * (n * cfg.padded_vocab_size) as u128);
+            assert_eq!(
+                plan.activations + plan.logits,
+                4 * elems as u128,
+                "level {level}"
+            );
+            assert_eq!(plan.activations_at[level as usize], plan.activations);
             bytes.push(plan.activations);
         }
         // Level 1: 4 NC per layer, less one shared 4 NC; level 2: 2 NC more, less a shared NC.
@@ -326,12 +425,112 @@ mod tests {
             };
             let plan = MemoryPlan::training_with(&cfg, b, t, opts, stat_bytes);
             let want = 4 * (elems + be.len(&acts.losses)) + 8 * stats;
-            assert_eq!(plan.activations, want as u128, "level {level}");
+            assert_eq!(
+                plan.activations + plan.logits,
+                want as u128,
+                "level {level}"
+            );
             acts_at.push(plan.activations);
         }
         let (l, nc, ni) = (cfg.n_layer as u128, (n * c) as u128, (n * i) as u128);
         assert_eq!(acts_at[0] - acts_at[1], 4 * ni * (l - 1));
         assert_eq!(acts_at[1] - acts_at[2], 4 * (2 * nc * l - nc));
+    }
+
+    fn cuda_bytes(r: Role) -> usize {
+        match r {
+            Role::Param | Role::Activation => 2,
+            _ => 4,
+        }
+    }
+
+    fn with_lora(mut cfg: ModelConfig, rank: usize, targets: &str) -> ModelConfig {
+        let targets = crate::config::LoraTarget::parse_list(targets, &cfg).unwrap();
+        cfg.lora = Some(crate::config::LoraConfig {
+            rank,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets,
+        });
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    /// A Llama model with adapters on q, v and down, rank 4, by hand: per layer q adds
+    /// `4 x 128 + 128 x 4`, v (two KV heads of 32) `4 x 128 + 64 x 4`, down `4 x 384 + 128 x 4`;
+    /// the base is frozen (one bf16 copy), and master, moments and gradients count the
+    /// adapters alone. LoRA's activations: `N x 4` kept per adapter, and one scratch of
+    /// `N x (128 + 384 + 4)` (the widest output slice, the widest input, the rank).
+    #[test]
+    fn lora_rows_by_hand_llama() {
+        let base = ModelConfig::preset("llama-tiny", 300).unwrap();
+        let cfg = with_lora(base.clone(), 4, "q,v,down");
+        let (b, t) = (3usize, 17usize);
+        let n = (b * t) as u128;
+        let p = MemoryPlan::training_with(&cfg, b, t, PlanOptions::default(), cuda_bytes);
+        let full = MemoryPlan::training_with(&base, b, t, PlanOptions::default(), cuda_bytes);
+        let per_layer = (4 * 128 + 128 * 4) + (4 * 128 + 64 * 4) + (4 * 384 + 128 * 4);
+        assert_eq!(per_layer, 3840);
+        let trained = 4 * per_layer as u128;
+        let base_params = base.num_params() as u128;
+        assert_eq!(
+            (p.trainable_params, p.frozen_params),
+            (trained, base_params)
+        );
+        assert_eq!(p.frozen, 2 * base_params);
+        assert_eq!(p.weights, 2 * trained);
+        assert_eq!(p.master, 4 * trained);
+        assert_eq!(p.moments, 8 * trained);
+        assert_eq!(p.grads, 4 * trained);
+        assert_eq!(p.lora_kept, 2 * (4 * 3) * n * 4);
+        assert_eq!(p.lora_scratch, 2 * n * (128 + 384 + 4));
+        // The base's activations and logits are the full model's.
+        assert_eq!(p.activations_at, full.activations_at);
+        assert_eq!(p.logits, full.logits);
+        assert_eq!(
+            p.total(),
+            p.fixed() + p.activations + p.logits + p.lora_kept + p.lora_scratch
+        );
+        // A full fine-tune freezes nothing and has no LoRA rows.
+        assert_eq!((full.frozen, full.frozen_params), (0, 0));
+        assert_eq!((full.lora_kept, full.lora_scratch), (0, 0));
+        assert_eq!(full.grads, 4 * base_params);
+    }
+
+    /// GPT-2's fused `c_attn` is one adapter of width 3C; `c_fc`'s input is C, `c_proj`'s 4C.
+    /// With f32 storage (the CPU) there is no master copy, and the frozen base still has no
+    /// gradients or moments.
+    #[test]
+    fn lora_rows_by_hand_gpt2() {
+        let base = ModelConfig::preset("tiny", 300).unwrap();
+        let cfg = with_lora(base.clone(), 8, "all");
+        let c = 128u128;
+        let (b, t) = (2usize, 9usize);
+        let n = (b * t) as u128;
+        let p = MemoryPlan::training(&cfg, b, t, cpu_bytes);
+        // qkv (C -> 3C), o (C -> C), up (C -> 4C), down (4C -> C): A r x in, B width x r.
+        let per_layer = 8 * (c + 3 * c) + 8 * (c + c) + 8 * (c + 4 * c) + 8 * (4 * c + c);
+        let trained = 4 * per_layer;
+        assert_eq!(p.trainable_params, trained);
+        assert_eq!(p.frozen, 4 * base.num_params() as u128);
+        assert_eq!((p.weights, p.master), (4 * trained, 0));
+        assert_eq!((p.grads, p.moments), (4 * trained, 8 * trained));
+        assert_eq!(p.lora_kept, 4 * (4 * 4) * n * 8);
+        assert_eq!(p.lora_scratch, 4 * n * (4 * c + 4 * c + 8));
+    }
+
+    /// The logits buffer is one chunk of the chunked classifier: all rows while they fit in
+    /// `LOGIT_CHUNK_ELEMENTS`, then as many rows as fit.
+    #[test]
+    fn logits_are_one_chunk() {
+        let cfg = ModelConfig::preset("llama-3.2-1b", 128256).unwrap();
+        let vp = cfg.padded_vocab_size as u128;
+        let small = MemoryPlan::training(&cfg, 1, 64, cuda_bytes);
+        assert_eq!(small.logits, 2 * 64 * vp);
+        let big = MemoryPlan::training(&cfg, 8, 2048, cuda_bytes);
+        let rows = (crate::model::head::LOGIT_CHUNK_ELEMENTS as u128) / vp;
+        assert!(rows < 8 * 2048);
+        assert_eq!(big.logits, 2 * rows * vp);
     }
 
     /// A batch no machine holds is refused with the sizes named, without overflowing.

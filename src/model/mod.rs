@@ -10,6 +10,7 @@
 pub mod activations;
 mod backward;
 pub mod decode;
+pub mod fit;
 pub mod forward;
 pub mod head;
 mod hidden;
@@ -23,6 +24,7 @@ pub mod reward;
 
 pub use activations::{Activations, GradScratch};
 pub use decode::KvCache;
+pub use fit::{advise, Advice, BatchFlag, FitQuery};
 pub use memory::{MemoryPlan, OutOfMemory, PlanOptions};
 pub use packing::Packing;
 pub use params::{Init, LayerIdx, LlamaLayerIdx, LoraSlot, ParamLayout, ParamSpec};

@@ -46,9 +46,20 @@ fn mem_available() -> Option<u64> {
     parse_mem_available(&text)
 }
 
+/// The process's resident high-water mark (`VmHWM` of /proc/self/status) in bytes.
+fn peak_resident() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_kib_field(&text, "VmHWM:")
+}
+
 /// `MemAvailable:   123456 kB` in bytes.
 fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    parse_kib_field(meminfo, "MemAvailable:")
+}
+
+/// A `Key:   123456 kB` line of a /proc file, in bytes.
+fn parse_kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let mut words = line.split_whitespace().skip(1);
     let kib: u64 = words.next()?.parse().ok()?;
     match words.next() {
@@ -65,5 +76,22 @@ mod mem_tests {
         assert_eq!(super::parse_mem_available(text), Some(2048 * 1024));
         assert_eq!(super::parse_mem_available("MemTotal: 5 kB\n"), None);
         assert_eq!(super::parse_mem_available("MemAvailable: x kB\n"), None);
+        let status = "Name:\ttopcoat\nVmPeak:\t  9000 kB\nVmHWM:\t    3072 kB\n";
+        assert_eq!(super::parse_kib_field(status, "VmHWM:"), Some(3072 * 1024));
+    }
+
+    /// The high-water mark counts a buffer this process touched, and stays up after it is
+    /// freed (within the kernel's per-thread RSS batching, a few pages).
+    #[test]
+    fn peak_resident_follows_an_allocation() {
+        let size = 256usize << 20;
+        let big = vec![1u8; size];
+        let touched: usize = big.iter().step_by(4096).map(|&b| b as usize).sum();
+        assert_eq!(touched, size / 4096);
+        let during = super::peak_resident().expect("VmHWM on Linux");
+        drop(big);
+        let after = super::peak_resident().unwrap();
+        assert!(during >= size as u64, "{during}");
+        assert!(after + (1 << 20) >= during, "{during} -> {after}");
     }
 }

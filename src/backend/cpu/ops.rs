@@ -17,6 +17,10 @@ impl Backend for CpuBackend {
         super::mem_available()
     }
 
+    fn peak_memory(&self) -> Option<u64> {
+        super::peak_resident()
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }

@@ -69,6 +69,7 @@ mod sample;
 mod swiglu;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
@@ -138,6 +139,10 @@ pub struct CudaBackend {
     functions: HashMap<&'static str, CudaFunction>,
     blas: blas::Blas,
     options: CudaOptions,
+    /// The most device memory seen in use (total minus free), sampled after every allocation
+    /// and synchronize: `Backend::peak_memory`. Usage only rises at an allocation, so the
+    /// samples catch every peak of this process's own buffers.
+    peak: AtomicU64,
 }
 
 impl CudaBackend {
@@ -188,6 +193,7 @@ impl CudaBackend {
             functions,
             blas,
             options,
+            peak: AtomicU64::new(0),
         })
     }
 
@@ -211,21 +217,45 @@ impl CudaBackend {
     }
 
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream
+        let x = self
+            .stream
             .alloc_zeros::<f32>(len)
-            .map_err(|e| driver_error("allocating device memory", e))
+            .map_err(|e| driver_error("allocating device memory", e))?;
+        self.note_memory();
+        Ok(x)
     }
 
     fn alloc_bf16(&self, len: usize) -> Result<CudaSlice<bf16>> {
-        self.stream
+        let x = self
+            .stream
             .alloc_zeros::<bf16>(len)
-            .map_err(|e| driver_error("allocating device memory", e))
+            .map_err(|e| driver_error("allocating device memory", e))?;
+        self.note_memory();
+        Ok(x)
     }
 
     fn htod<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
+        let x = self
+            .stream
             .clone_htod(host)
-            .map_err(|e| driver_error("copying to the device", e))
+            .map_err(|e| driver_error("copying to the device", e))?;
+        self.note_memory();
+        Ok(x)
+    }
+
+    /// Samples the device's used memory into the high-water mark (one `cuMemGetInfo`, a
+    /// host-side query that does not wait for the stream).
+    fn note_memory(&self) {
+        if let Ok((free, total)) = self.ctx.mem_get_info() {
+            let used = total.saturating_sub(free) as u64;
+            self.peak.fetch_max(used, Ordering::Relaxed);
+        }
+    }
+
+    /// The high-water mark of [`Self::note_memory`], sampled once more now.
+    pub(super) fn peak_memory_seen(&self) -> u64 {
+        self.note_memory();
+        self.peak.load(Ordering::Relaxed)
     }
 }
 

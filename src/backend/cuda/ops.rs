@@ -22,7 +22,13 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(|e| driver_error("synchronizing the stream", e))
+            .map_err(|e| driver_error("synchronizing the stream", e))?;
+        self.note_memory();
+        Ok(())
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        Some(self.peak_memory_seen())
     }
 
     /// Device-wide: total minus free memory (this process's buffers, cuBLASLt's workspace

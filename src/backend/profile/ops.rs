@@ -21,6 +21,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn memory_available(&self) -> Option<u64> {
         self.inner.memory_available()
     }
+    fn peak_memory(&self) -> Option<u64> {
+        self.inner.peak_memory()
+    }
     fn element_bytes(&self, role: Role) -> usize {
         self.inner.element_bytes(role)
     }

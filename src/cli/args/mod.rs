@@ -79,6 +79,10 @@ pub enum Command {
     /// Describe a token shard, a prepared data directory, a checkpoint or a run directory; or,
     /// without a path, a model configuration: parameters, FLOPs per token, the memory plan.
     Info(InfoArgs),
+    /// The memory plan of a model and run shape (frozen and trainable weights, master,
+    /// moments, gradients, activations at each recompute level, logits, LoRA), against
+    /// --memory-gib with the flag that would make it fit.
+    Plan(PlanArgs),
     /// Time training steps of a preset on random tokens (--generate: generation speed).
     Bench(BenchArgs),
     /// Chat with a checkpoint: one message per line on stdin, replies streamed to stdout.

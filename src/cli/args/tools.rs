@@ -1,4 +1,4 @@
-//! Flags of `bench`, `info`, `demo` and `report`.
+//! Flags of `bench`, `info`, `plan`, `demo` and `report`.
 
 use super::{parse_recompute, DeviceArgs, ShapeArgs};
 use clap::Args;
@@ -60,19 +60,28 @@ pub struct BenchArgs {
     /// Activation recompute of the timed steps: 0, 1 (the GELU) or 2 (also the layernorms).
     #[arg(long, default_value_t = 0, value_parser = parse_recompute)]
     pub recompute: u8,
+    #[command(flatten)]
+    pub lora: PlanLoraArgs,
 }
 
 #[derive(Args)]
 pub struct InfoArgs {
     /// A token shard (.bin), a prepared data directory, a checkpoint or a run directory;
-    /// without it, the model configuration of the flags below is described.
+    /// without it, the model configuration of the flags below is described (as `plan`).
     pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+/// The model and run shape whose memory plan `plan` (and `info` without a path) prints.
+#[derive(Args)]
+pub struct PlanArgs {
     /// Model preset, with the shape flags below.
     #[arg(long, default_value = "gpt2-124m")]
     pub preset: String,
     #[command(flatten)]
     pub shape: ShapeArgs,
-    /// Vocabulary size (50257: GPT-2).
+    /// Vocabulary size (50257: GPT-2; 128256: Llama 3).
     #[arg(long, default_value_t = 50257)]
     pub vocab_size: usize,
     /// Micro-batch rows of the memory plan.
@@ -88,6 +97,47 @@ pub struct InfoArgs {
     /// master, gradients and moments) or cpu (f32 everywhere).
     #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
     pub backend: String,
+    #[command(flatten)]
+    pub lora: PlanLoraArgs,
+    /// Device memory in GiB to check the plan against (e.g. 24 for an RTX 4090): says
+    /// whether it fits and, if not, the flag that would make it fit.
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
+}
+
+/// LoRA adapters in a plan or a bench (the training stages' flags of the same names).
+#[derive(Args, Clone, Default)]
+pub struct PlanLoraArgs {
+    /// LoRA adapters of this rank on the --lora-targets projections, the base frozen.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA's alpha (the adapters' output scaled by alpha / rank); default 2 x --lora-rank.
+    #[arg(long, requires = "lora_rank")]
+    pub lora_alpha: Option<f32>,
+    /// Projections with adapters: q,k,v,o,gate,up,down (GPT-2: q,k,v together, or qkv; o,
+    /// up, down), or all.
+    #[arg(long, default_value = "all", requires = "lora_rank")]
+    pub lora_targets: String,
+}
+
+impl PlanLoraArgs {
+    /// Sets the adapters on `cfg` (none without --lora-rank), validated against its family.
+    pub fn apply(
+        &self,
+        cfg: &mut topcoat::config::ModelConfig,
+    ) -> Result<(), topcoat::config::ConfigError> {
+        let Some(rank) = self.lora_rank else {
+            return Ok(());
+        };
+        let targets = topcoat::config::LoraTarget::parse_list(&self.lora_targets, cfg)?;
+        cfg.lora = Some(topcoat::config::LoraConfig {
+            rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * rank as f32),
+            dropout: 0.0,
+            targets,
+        });
+        cfg.validate()
+    }
 }
 
 #[derive(Args)]

@@ -15,6 +15,7 @@ use super::CommandError;
 use crate::backend::profile::{OpTally, Profiled};
 use crate::backend::{Backend, Role};
 use crate::config::ModelConfig;
+use crate::model::{BatchFlag, MemoryPlan};
 use crate::runtime::Runtime;
 use std::collections::BTreeMap;
 
@@ -64,15 +65,18 @@ impl BenchJob {
         Ok(())
     }
 
-    /// [`Self::check`], and the memory plan against what `be`'s device has free.
-    fn check_on<B: Backend>(&self, be: &B) -> Result<()> {
+    /// [`Self::check`], and the memory plan against what `be`'s device has free (refused
+    /// with the flag that would make it fit); the plan.
+    fn check_on<B: Backend>(&self, be: &B) -> Result<MemoryPlan> {
         self.check()?;
         let (b, t) = (self.batch_size, self.seq_len);
         let opts = crate::model::PlanOptions {
             recompute: self.recompute,
             ..Default::default()
         };
-        crate::commands::preflight::check_memory(be, b, t, opts, &self.model)
+        // bench takes --lora-rank: a full model's advice may name it.
+        let batch = BatchFlag::ROWS_LORA;
+        crate::commands::preflight::check_memory(be, &self.model, b, t, opts, batch)
     }
 }
 
@@ -82,7 +86,10 @@ pub fn plan_text(rt: &Runtime, job: &BenchJob, name: &str, storage: &str) -> Str
     crate::on_backend!(rt, be => {
         let bytes = |r| be.element_bytes(r);
         let shape = (job.batch_size, job.seq_len);
-        crate::commands::plan::describe(name, &job.model, shape, job.recompute, &bytes, storage)
+        let free = be.memory_available();
+        let storage = format!("{storage}: {}", crate::commands::plan::storage_name(&bytes));
+        let storage = storage.as_str();
+        crate::commands::plan::describe(name, &job.model, shape, job.recompute, &bytes, storage, free)
     })
 }
 
@@ -92,6 +99,10 @@ pub struct StepReport {
     /// Peak dense TFLOP/s for MFU: given, or measured (with the matmul size used).
     pub peak_tflops: f64,
     pub measured_peak_n: Option<usize>,
+    /// The memory plan of the timed steps, and the most memory the process held by their end
+    /// (`Backend::peak_memory`; `None` where the backend cannot tell).
+    pub plan: MemoryPlan,
+    pub peak_memory: Option<u64>,
 }
 
 /// The step benchmark; `peak_tflops <= 0` measures the backend's own matmul peak.
@@ -111,7 +122,7 @@ fn steps_on<B: Backend>(
     peak_tflops: f64,
     on_step: impl FnMut(usize, f64),
 ) -> Result<StepReport> {
-    job.check_on(be)?;
+    let plan = job.check_on(be)?;
     let (b, t) = (job.batch_size, job.seq_len);
     let result = bench_train(
         be,
@@ -123,11 +134,15 @@ fn steps_on<B: Backend>(
         job.optimizer,
         on_step,
     )?;
+    // Before the matmul peak is measured: its buffers are no part of a training step.
+    let peak_memory = be.peak_memory();
     if peak_tflops > 0.0 {
         return Ok(StepReport {
             result,
             peak_tflops,
             measured_peak_n: None,
+            plan,
+            peak_memory,
         });
     }
     // Large enough to fill an H100; a CPU gets a size it finishes in about a second.
@@ -140,6 +155,8 @@ fn steps_on<B: Backend>(
         result,
         peak_tflops: measure_matmul_tflops(be, n)?,
         measured_peak_n: Some(n),
+        plan,
+        peak_memory,
     })
 }
 
