@@ -132,3 +132,71 @@ fn every_family_holds_every_listed_arch() {
         );
     }
 }
+
+/// Runs `topcoat args...` with `TOPCOAT_KERNELS` set to `kernels` (or unset).
+fn topcoat(args: &[&str], kernels: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_topcoat"));
+    cmd.args(args).env_remove("TOPCOAT_KERNELS");
+    if let Some(k) = kernels {
+        cmd.env("TOPCOAT_KERNELS", k);
+    }
+    cmd.output().expect("running topcoat")
+}
+
+/// `info` ends with what the build holds and what the card here runs (or why there is none).
+#[test]
+fn info_names_the_kernel_code_and_the_device() {
+    let out = topcoat(&["info", "--n-layer", "2"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let want = if BUILT_WITH_NVCC {
+        "kernels: nvcc 13.0, SASS for sm_80, sm_86, sm_89, sm_90, sm_120; PTX for compute_80\n"
+    } else {
+        "kernels: none (built without nvcc: CPU only)\n"
+    };
+    if BUILT_WITH_NVCC && !NVCC_VERSION.starts_with("13.0") {
+        println!("skipped the kernels line: nvcc {NVCC_VERSION}");
+    } else {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    let device = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cuda device: "))
+        .unwrap_or_else(|| panic!("no device line in\n{text}"));
+    println!("cuda device: {device}");
+    match topcoat::backend::cuda::probe() {
+        Ok(info) => {
+            assert!(device.starts_with(&info.to_string()), "{device}");
+            assert!(device.contains("compute capability"), "{device}");
+            assert!(device.contains(", kernels: "), "{device}");
+        }
+        Err(e) => assert_eq!(device, format!("none ({e})")),
+    }
+    // The generic variants, named as such where a card has SASS that would otherwise run.
+    let out = topcoat(&["info", "--n-layer", "2"], Some("generic"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    if let Ok(info) = topcoat::backend::cuda::probe() {
+        if info.compute_capability.0 != 10 && info.compute_capability.0 != 11 {
+            let line = "kernels: PTX JIT from compute_80, generic variants (TOPCOAT_KERNELS)";
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+    }
+}
+
+/// A `TOPCOAT_KERNELS` it does not know is refused by name before anything is printed.
+#[test]
+fn an_unknown_topcoat_kernels_is_named() {
+    let out = topcoat(&["info", "--n-layer", "2"], Some("hopper"));
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown TOPCOAT_KERNELS `hopper`: expected auto or generic"),
+        "{err}"
+    );
+}

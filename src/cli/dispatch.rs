@@ -300,8 +300,9 @@ fn info(a: &InfoArgs) -> Result<()> {
     let name = shape_name(&run);
     let text =
         commands::plan::describe(&name, &cfg, (a.batch_size, t), a.recompute, &bytes, storage);
+    let kernels = kernels_from_env()?;
     print!("{text}");
-    print!("{}", commands::info::kernels_text(kernels_from_env()?));
+    print!("{}", commands::info::kernels_text(kernels));
     Ok(())
 }
 
