@@ -42,7 +42,9 @@ TOPCOAT_GELU_EPILOGUE=off timeout 60 dist/cuda_parity --test-threads=1 --nocaptu
 parity_gelu_off=$(status $?)
 # Every parity test again on the code pre-Hopper cards run: TOPCOAT_KERNELS=generic loads only
 # the compute_80 PTX (src/backend/cuda/arch.rs), which the driver JIT-compiles for this card.
-TOPCOAT_KERNELS=generic timeout 150 dist/cuda_parity --test-threads=1 --nocapture \
+# Each test opens the backend, so the JIT results must be cached: a cache folder of our own.
+CUDA_CACHE_PATH="${TMPDIR:-/tmp}/topcoat_jit_cache" TOPCOAT_KERNELS=generic \
+  timeout 150 dist/cuda_parity --test-threads=1 --nocapture \
   >"$logs/parity_generic.log" 2>&1
 parity_generic="$(status $?) ($(grep -E "^test result" "$logs/parity_generic.log" | tail -n 1); \
 $(grep -m 1 -Eo "kernels: .*" "$logs/parity_generic.log" || echo "no kernel line"))"
