@@ -2,17 +2,24 @@
 //!
 //! nvcc is looked up in order: `$NVCC`, `<repo>/.nvcc/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc`
 //! (made by `scripts/install_nvcc.sh`), `nvcc` on `PATH`, `/usr/local/cuda/bin/nvcc`.
-//! Each `kernels/<family>.cu` becomes `OUT_DIR/<family>.fatbin` holding sm_90 SASS plus
-//! compute_90 PTX (PTX only from nvcc 13.0: newer PTX does not JIT on driver 580).
+//! Each `kernels/<family>.cu` becomes `OUT_DIR/<family>.fatbin` holding SASS for every card in
+//! [`SASS_ARCHS`] (sm_80 A100; sm_86 RTX 30xx, A6000; sm_89 RTX 40xx, L40S; sm_90 H100/H200;
+//! sm_120 RTX 50xx) plus compute_80 PTX, which any newer card (sm_100, sm_103, sm_110, ...) JITs.
+//! One nvcc per file with two front-end passes: compute_90 for the sm_90 SASS (the code the
+//! Hopper benchmarks measured), compute_80 for everything else, so the pre-Hopper SASS and the
+//! PTX come from one and the same PTX (`TOPCOAT_KERNELS=generic` runs that PTX on a Hopper card).
+//! PTX only from nvcc 13.0: PTX ISA 9.0 JITs on driver 580, newer PTX does not.
 //!
 //! `OUT_DIR/kernels.rs` (included by `src/backend/cuda/kernels.rs`) names every kernel: build.rs
 //! reads each `kernels/<family>.cu` for its `extern "C" __global__` functions (written out or
 //! made by a one-parameter macro such as `ATTENTION_MMA_KERNELS(32)`) and emits, per family, a
 //! `pub mod <family>` holding one `Kernel` constant per function (`LAYERNORM_FORWARD_BF16` for
 //! `layernorm_forward_bf16`), `KERNELS` (all of them) and `MODULE` (the family, its fatbin and
-//! its kernels), then `MODULES`, every family. With nvcc the names read are checked against the
-//! entry functions ptxas compiled. `ptxas -v` register, shared memory and spill figures go to
-//! `OUT_DIR/ptxas_report.txt`, and any spill becomes a cargo warning.
+//! its kernels), then `MODULES`, every family, and what the fatbins were asked to hold
+//! (`SASS_ARCHS`, `PTX_ARCHS`, `NVCC_VERSION`). With nvcc the names read are checked against the
+//! entry functions ptxas compiled, for every arch. `ptxas -v` register, shared memory and spill
+//! figures go to `OUT_DIR/ptxas_report.txt`, one line per kernel and arch, and a spill in any
+//! arch becomes a cargo warning.
 //!
 //! Without nvcc the build succeeds CPU-only, with a warning: the same constants, every fatbin
 //! empty. A kernel that does not compile fails the build. See docs/BUILD.md.
@@ -22,6 +29,14 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
+
+/// The cards the fatbins hold machine code for, oldest first.
+const SASS_ARCHS: [u32; 5] = [80, 86, 89, 90, 120];
+/// The SASS compiled from the compute_90 front end (the rest come from compute_80).
+const HOPPER: u32 = 90;
+/// The PTX every fatbin carries for cards newer than those above (JIT by the driver).
+const PTX_ARCH: u32 = 80;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(topcoat_kernels)");
@@ -54,32 +69,88 @@ fn main() {
     println!("cargo:rerun-if-changed={}", nvcc.display());
 
     let version = nvcc_version(&nvcc);
-    let code = if version.starts_with("13.0") {
-        "[sm_90,compute_90]"
+    let known = nvcc_gpu_codes(&nvcc);
+    let sass: Vec<u32> = SASS_ARCHS
+        .into_iter()
+        .filter(|a| {
+            let ok = known.contains(&format!("sm_{a}"));
+            if !ok {
+                println!("cargo:warning=nvcc {version} cannot compile for sm_{a}: no SASS for it");
+            }
+            ok
+        })
+        .collect();
+    let ptx: Vec<u32> = if version.starts_with("13.0") {
+        vec![PTX_ARCH]
     } else {
-        println!("cargo:warning=nvcc {version} is not 13.0: embedding sm_90 SASS only, no PTX (PTX newer than 13.0 does not JIT on driver 580)");
-        "sm_90"
+        println!("cargo:warning=nvcc {version} is not 13.0: embedding SASS only, no PTX (PTX newer than 13.0 does not JIT on driver 580)");
+        Vec::new()
     };
+    let gencode = gencode_args(&sass, &ptx);
 
     // One nvcc per file, in parallel; results come back in sorted order.
+    let started = Instant::now();
     let results: Result<Vec<(String, PathBuf, String)>, String> = std::thread::scope(|s| {
         let handles: Vec<_> = sources
             .iter()
-            .map(|src| s.spawn(|| compile(&nvcc, code, &kdir, src, &out)))
+            .map(|src| s.spawn(|| compile(&nvcc, &gencode, &kdir, src, &out)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let results = results.unwrap_or_else(|err| panic!("{err}"));
+    let seconds = started.elapsed().as_secs_f64();
 
-    let mut report = format!("# ptxas -v, nvcc {version}, -gencode arch=compute_90,code={code}\n");
+    let mut report = format!(
+        "# ptxas -v, nvcc {version}, {}\n# {} files compiled in {seconds:.1} s (wall, in parallel)\n",
+        gencode.join(" "),
+        sources.len()
+    );
     for ((family, _, log), read) in results.iter().zip(&families) {
         let compiled = ptxas_summary(family, log, &mut report);
-        check_entries(read, compiled);
+        check_entries(read, &sass, compiled);
     }
     fs::write(out.join("ptxas_report.txt"), report).unwrap();
     let fatbins: Vec<PathBuf> = results.into_iter().map(|(_, p, _)| p).collect();
-    write_table(&out, &families, Some(&fatbins));
+    let built = Built {
+        fatbins,
+        sass,
+        ptx,
+        version,
+    };
+    write_table(&out, &families, Some(&built));
     println!("cargo:rustc-cfg=topcoat_kernels");
+}
+
+/// The `-gencode` arguments: the sm_90 SASS from the compute_90 front end, every other SASS
+/// and the PTX from compute_80 (one front-end pass each).
+fn gencode_args(sass: &[u32], ptx: &[u32]) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut generic: Vec<String> = sass
+        .iter()
+        .filter(|&&a| a != HOPPER)
+        .map(|a| format!("sm_{a}"))
+        .collect();
+    generic.extend(ptx.iter().map(|a| format!("compute_{a}")));
+    if !generic.is_empty() {
+        args.push("-gencode".into());
+        args.push(format!(
+            "arch=compute_{PTX_ARCH},code=[{}]",
+            generic.join(",")
+        ));
+    }
+    if sass.contains(&HOPPER) {
+        args.push("-gencode".into());
+        args.push(format!("arch=compute_{HOPPER},code=sm_{HOPPER}"));
+    }
+    args
+}
+
+/// What an nvcc build put in the fatbins.
+struct Built {
+    fatbins: Vec<PathBuf>,
+    sass: Vec<u32>,
+    ptx: Vec<u32>,
+    version: String,
 }
 
 /// The first nvcc that exists, in the order given in the header.
@@ -126,11 +197,23 @@ fn nvcc_version(nvcc: &Path) -> String {
         .to_string()
 }
 
+/// The real architectures nvcc can compile for (`nvcc --list-gpu-code`: `sm_80`, ...).
+fn nvcc_gpu_codes(nvcc: &Path) -> Vec<String> {
+    let out = Command::new(nvcc)
+        .arg("--list-gpu-code")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} --list-gpu-code: {e}", nvcc.display()));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Compiles one `.cu` file into (family, fatbin path, nvcc output holding the ptxas log), or
 /// nvcc's error output.
 fn compile(
     nvcc: &Path,
-    code: &str,
+    gencode: &[String],
     kdir: &Path,
     src: &Path,
     out: &Path,
@@ -138,7 +221,7 @@ fn compile(
     let family = src.file_stem().unwrap().to_string_lossy().into_owned();
     let fatbin = out.join(format!("{family}.fatbin"));
     let output = Command::new(nvcc)
-        .args(["-gencode", &format!("arch=compute_90,code={code}")])
+        .args(gencode)
         .args([
             "-O3",
             "--use_fast_math",
@@ -166,16 +249,23 @@ fn compile(
     Ok((family, fatbin, log))
 }
 
-/// Appends one line per kernel to `report`; warns on any spill. Returns the entry functions
-/// ptxas compiled.
-fn ptxas_summary(family: &str, log: &str, report: &mut String) -> Vec<String> {
-    let mut kernel = String::from("?");
+/// Appends one line per kernel and arch to `report` (`<family> <kernel> sm_80: Used ...`);
+/// warns on any spill, naming the arch. Returns the `(kernel, arch)` pairs ptxas compiled.
+fn ptxas_summary(family: &str, log: &str, report: &mut String) -> Vec<(String, u32)> {
+    let mut at = String::from("?");
     let mut entries = Vec::new();
     for line in log.lines() {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix("ptxas info    : Compiling entry function '") {
-            kernel = rest.split('\'').next().unwrap_or("?").to_string();
-            entries.push(kernel.clone());
+            // "<name>' for 'sm_80'"
+            let mut parts = rest.split('\'');
+            let kernel = parts.next().unwrap_or("?").to_string();
+            let arch = parts.nth(1).unwrap_or("sm_?").to_string();
+            let number = arch.trim_start_matches("sm_").parse().unwrap_or_else(|_| {
+                panic!("kernels/{family}.cu: ptxas compiled {kernel} for an arch it did not name: {line}")
+            });
+            at = format!("{kernel} {arch}");
+            entries.push((kernel, number));
         } else if line.contains("bytes spill stores") {
             let spills: Vec<u64> = line
                 .split(',')
@@ -184,12 +274,12 @@ fn ptxas_summary(family: &str, log: &str, report: &mut String) -> Vec<String> {
                 .collect();
             if spills.iter().any(|&b| b != 0) {
                 println!(
-                    "cargo:warning=register spill in kernel {kernel} (kernels/{family}.cu): {line}"
+                    "cargo:warning=register spill in kernel {at} (kernels/{family}.cu): {line}"
                 );
             }
-            writeln!(report, "{family} {kernel}: {line}").unwrap();
+            writeln!(report, "{family} {at}: {line}").unwrap();
         } else if let Some(rest) = line.strip_prefix("ptxas info    : Used ") {
-            writeln!(report, "{family} {kernel}: Used {rest}").unwrap();
+            writeln!(report, "{family} {at}: Used {rest}").unwrap();
         }
     }
     entries
@@ -329,27 +419,35 @@ fn check_unique(families: &[Family]) {
     }
 }
 
-/// The names read from the source must be exactly the entry functions ptxas compiled.
-fn check_entries(family: &Family, mut compiled: Vec<String>) {
+/// The names read from the source must be exactly the entry functions ptxas compiled, for
+/// every arch in `sass`.
+fn check_entries(family: &Family, sass: &[u32], compiled: Vec<(String, u32)>) {
     let mut read = family.kernels.clone();
     read.sort();
-    compiled.sort();
-    assert_eq!(
-        read, compiled,
-        "kernels/{}.cu: the kernel names build.rs read (left) differ from those ptxas compiled (right)",
-        family.name
-    );
+    for &arch in sass {
+        let mut names: Vec<String> = compiled
+            .iter()
+            .filter(|(_, a)| *a == arch)
+            .map(|(k, _)| k.clone())
+            .collect();
+        names.sort();
+        assert_eq!(
+            read, names,
+            "kernels/{}.cu: the kernel names build.rs read (left) differ from those ptxas compiled for sm_{arch} (right)",
+            family.name
+        );
+    }
 }
 
 /// Writes `OUT_DIR/kernels.rs`: per family a module of `Kernel` constants, `KERNELS` and
-/// `MODULE` (with the fatbin from `fatbins`, or empty bytes in a CPU-only build), then
-/// `MODULES`.
-fn write_table(out: &Path, families: &[Family], fatbins: Option<&[PathBuf]>) {
+/// `MODULE` (with its fatbin from `built`, or empty bytes in a CPU-only build), then
+/// `MODULES`, `SASS_ARCHS`, `PTX_ARCHS` and `NVCC_VERSION`.
+fn write_table(out: &Path, families: &[Family], built: Option<&Built>) {
     let mut rs = String::from("// Written by build.rs from kernels/*.cu: do not edit.\n");
     for (i, family) in families.iter().enumerate() {
         let name = &family.name;
-        let bytes = match fatbins {
-            Some(paths) => format!("include_bytes!({:?})", paths[i].display().to_string()),
+        let bytes = match built {
+            Some(b) => format!("include_bytes!({:?})", b.fatbins[i].display().to_string()),
             None => "&[]".to_string(),
         };
         writeln!(rs, "\n/// The kernels of `kernels/{name}.cu`.").unwrap();
@@ -398,5 +496,27 @@ fn write_table(out: &Path, families: &[Family], fatbins: Option<&[PathBuf]>) {
         .collect();
     writeln!(rs, "\n/// Every family, sorted by name.").unwrap();
     writeln!(rs, "pub const MODULES: &[Module] = &[{}];", all.join(", ")).unwrap();
+    let (sass, ptx, version) = match built {
+        Some(b) => (b.sass.clone(), b.ptx.clone(), b.version.as_str()),
+        None => (Vec::new(), Vec::new(), ""),
+    };
+    writeln!(
+        rs,
+        "\n/// The SASS archs every fatbin was compiled for (`80` = sm_80; empty without nvcc)."
+    )
+    .unwrap();
+    writeln!(rs, "pub const SASS_ARCHS: &[u32] = &{sass:?};").unwrap();
+    writeln!(
+        rs,
+        "/// The PTX every fatbin carries for newer cards (`80` = compute_80; empty without nvcc)."
+    )
+    .unwrap();
+    writeln!(rs, "pub const PTX_ARCHS: &[u32] = &{ptx:?};").unwrap();
+    writeln!(
+        rs,
+        "/// The nvcc release that built the fatbins (`13.0`; empty without nvcc)."
+    )
+    .unwrap();
+    writeln!(rs, "pub const NVCC_VERSION: &str = {version:?};").unwrap();
     fs::write(out.join("kernels.rs"), rs).unwrap();
 }

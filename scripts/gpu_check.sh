@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check (run on the GPU machine from the repository root, with dist/ from
-# scripts/gpu_dist.sh): every CUDA parity test, the whole-model CUDA-vs-CPU training test, a
+# scripts/gpu_dist.sh): every CUDA parity test (again with TOPCOAT_KERNELS=generic: the
+# compute_80 PTX that pre-Hopper cards run, JIT-compiled here), the whole-model CUDA-vs-CPU training test, a
 # short pretraining run on the GPU whose validation loss must fall, a reward-model run from
 # it whose validation accuracy must reach 1, an imported Hugging Face Llama fine-tuned with
 # sft --init (scripts/hf_sft_check.sh), the reduced demo (`topcoat demo --quick`), the
@@ -39,6 +40,14 @@ parity_cuda_cores=$(status $?)
 TOPCOAT_GELU_EPILOGUE=off timeout 60 dist/cuda_parity --test-threads=1 --nocapture matmul_gelu \
   >"$logs/parity_gelu_off.log" 2>&1
 parity_gelu_off=$(status $?)
+# Every parity test again on the code pre-Hopper cards run: TOPCOAT_KERNELS=generic loads only
+# the compute_80 PTX (src/backend/cuda/arch.rs), which the driver JIT-compiles for this card.
+# Each test opens the backend, so the JIT results must be cached: a cache folder of our own.
+CUDA_CACHE_PATH="${TMPDIR:-/tmp}/topcoat_jit_cache" TOPCOAT_KERNELS=generic \
+  timeout 150 dist/cuda_parity --test-threads=1 --nocapture \
+  >"$logs/parity_generic.log" 2>&1
+parity_generic="$(status $?) ($(grep -E "^test result" "$logs/parity_generic.log" | tail -n 1); \
+$(grep -m 1 -Eo "kernels: .*" "$logs/parity_generic.log" || echo "no kernel line"))"
 echo "== parity + training tests ($((SECONDS - t0)) s): $parity / $training"
 # What failed, briefly: the failing tests' names and their panic lines.
 grep -hE "^test .*FAILED|panicked at|rel err .*>|skipped" "$logs"/parity*.log "$logs/training.log" | head -n 40
@@ -235,8 +244,10 @@ echo "| --- | --- |"
 echo "| CUDA parity tests | $parity ($parity_counts) |"
 echo "| CUDA attention parity, cuda-cores kernels | $parity_cuda_cores |"
 echo "| CUDA matmul+GELU parity, epilogue off | $parity_gelu_off |"
+echo "| CUDA parity, TOPCOAT_KERNELS=generic (compute_80 PTX JIT) | $parity_generic |"
 echo "| CUDA vs CPU, 10 training steps | $training |"
 echo "| pretrain tiny on cuda, 60 steps | $pretrain: $val |"
+echo "| its device line | $(grep -m 1 -Eo "device: .*" "$logs/pretrain.log" || echo "none") |"
 echo "| sample (cpu) from the cuda checkpoint | $sample |"
 echo "| reward tiny on cuda, 40 steps (val accuracy first, last) | $reward: ${rm_acc:-no result} |"
 echo "| import hf (Llama fixture) + sft --init on cuda, 40 steps | $hf_sft |"

@@ -182,7 +182,8 @@ impl Runtime {
             (_, CollectiveRequest::Host) => host_collective::<CudaBackend>(&plan)?,
             (_, CollectiveRequest::Auto | CollectiveRequest::Nccl) => nccl_collective(&be, &plan)?,
         };
-        let description = describe(&format!("cuda: {info}{why}"), &rank, comm.engine());
+        let device = format!("cuda: {info}, kernels: {}{why}", be.kernel_code());
+        let description = describe(&device, &rank, comm.engine());
         Ok(Self {
             opened: Opened::Cuda(be, comm),
             rank,
@@ -232,7 +233,8 @@ impl Runtime {
         &self.rank
     }
 
-    /// What was opened and why, e.g. `cuda: NVIDIA H200 (sm_90, 140 GiB) (found by --device auto)`.
+    /// What was opened and why, e.g. `cuda: NVIDIA H200 (compute capability 9.0, 140 GiB),
+    /// kernels: sm_90 SASS (found by --device auto)`.
     pub fn description(&self) -> &str {
         &self.description
     }

@@ -18,6 +18,9 @@ pub enum BackendError {
     Invalid { op: &'static str, msg: String },
     #[error("device error: {0}")]
     Device(String),
+    /// The card cannot run this build's kernels (too old, or no code for it).
+    #[error("device error: {0}")]
+    Arch(#[from] super::cuda::ArchError),
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;

@@ -21,6 +21,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--attention: {e}"))?,
         gelu_epilogue: a.gelu_epilogue == "on",
+        kernels: super::dispatch::kernels_from_env()?,
     };
     let rt = Runtime::open(&RuntimeOptions {
         device: a.device.device,

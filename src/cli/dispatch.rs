@@ -5,6 +5,7 @@ use super::args::*;
 use super::print::{self, note, PrepareProgress};
 use anyhow::{Context, Result};
 use std::io::{IsTerminal, Write};
+use topcoat::backend::cuda::KernelVariants;
 use topcoat::commands::chat::ChatOptions;
 use topcoat::commands::demo::DemoJob;
 use topcoat::commands::dpo::DpoStage;
@@ -126,11 +127,20 @@ fn launch(a: LaunchArgs, threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Opens the runtime for `--device` and says what it chose and why.
-fn open_runtime(opts: RuntimeOptions) -> Result<Runtime> {
+/// Opens the runtime for `--device` (with the kernel code `TOPCOAT_KERNELS` names) and says
+/// what it chose and why.
+fn open_runtime(mut opts: RuntimeOptions) -> Result<Runtime> {
+    opts.cuda.kernels = kernels_from_env()?;
     let rt = Runtime::open(&opts)?;
     note(&format!("device: {}", rt.description()));
     Ok(rt)
+}
+
+/// `TOPCOAT_KERNELS` (`auto`, the default, or `generic`: the compute_80 PTX on any card), read
+/// here so that the library reads no environment.
+pub fn kernels_from_env() -> Result<KernelVariants> {
+    let value = std::env::var("TOPCOAT_KERNELS").ok();
+    Ok(KernelVariants::from_env_value(value.as_deref())?)
 }
 
 fn device(d: &DeviceArgs) -> RuntimeOptions {
@@ -304,6 +314,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let shape = (a.batch_size, t);
     let text =
         commands::plan::describe(&name, &cfg, shape, a.recompute, &bytes, &storage, available);
+    let kernels = kernels_from_env()?;
     print!("{text}");
     if available.is_some() {
         let query = topcoat::model::FitQuery {
@@ -325,6 +336,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
             }
         }
     }
+    print!("{}", commands::info::kernels_text(kernels));
     Ok(())
 }
 

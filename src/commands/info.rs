@@ -1,7 +1,10 @@
 //! `info` as a library call: a human-readable description of a token shard, a prepared data
-//! directory, a checkpoint, or a run directory (its newest checkpoint).
+//! directory, a checkpoint, or a run directory (its newest checkpoint); and [`kernels_text`],
+//! the kernel code this build holds and the code the CUDA card here would run.
 
 use super::inputs::resolve_checkpoint;
+use crate::backend::cuda::kernels::{MODULES, NVCC_VERSION};
+use crate::backend::cuda::{self, arch, BuildCode, KernelVariants};
 use crate::data::{DataError, Shard};
 use crate::train::{checkpoint, io_err, TrainError};
 use std::fmt::Write as _;
@@ -71,6 +74,28 @@ pub fn info(path: &Path) -> Result<String, TrainError> {
         );
     }
     Ok(s)
+}
+
+/// Two lines: the code the embedded fatbins hold, and the CUDA device here (its name, compute
+/// capability, memory, and the code it would run with `variants`), or why there is none.
+pub fn kernels_text(variants: KernelVariants) -> String {
+    let build = BuildCode::of(MODULES);
+    let mut s = match &build {
+        Ok(code) => format!("kernels: nvcc {NVCC_VERSION}, {code}\n"),
+        Err(_) if !cuda::BUILT_WITH_NVCC => "kernels: none (built without nvcc: CPU only)\n".into(),
+        Err(e) => format!("kernels: {e}\n"),
+    };
+    let device = match cuda::probe() {
+        Err(e) => format!("none ({e})"),
+        Ok(info) => match build
+            .and_then(|code| arch::choose(&info.name, info.compute_capability, &code, variants))
+        {
+            Ok(code) => format!("{info}, kernels: {code}"),
+            Err(e) => format!("{info}: {e}"),
+        },
+    };
+    let _ = writeln!(s, "cuda device: {device}");
+    s
 }
 
 /// The line that describes a tokenizer: its kind, size, end-of-text id and fingerprint.

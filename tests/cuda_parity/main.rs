@@ -8,8 +8,9 @@
 //! DESIGN.md convention 3.
 //!
 //! The CUDA backend opens with the [`CudaOptions`] that `TOPCOAT_ATTENTION` (`mma` or
-//! `cuda-cores`) and `TOPCOAT_GELU_EPILOGUE` (`on` or `off`) name, the defaults when unset, so
-//! one test binary checks every A/B alternative (scripts/gpu_check.sh).
+//! `cuda-cores`), `TOPCOAT_GELU_EPILOGUE` (`on` or `off`) and `TOPCOAT_KERNELS` (`auto` or
+//! `generic`: the compute_80 PTX JIT-compiled, the code pre-Hopper cards run) name, the
+//! defaults when unset, so one test binary checks every A/B alternative (scripts/gpu_check.sh).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -66,11 +67,45 @@ fn cuda_options() -> CudaOptions {
         Ok("off") => opts.gelu_epilogue = false,
         Ok(other) => panic!("TOPCOAT_GELU_EPILOGUE={other}: expected on or off"),
     }
+    let kernels = std::env::var("TOPCOAT_KERNELS").ok();
+    opts.kernels = topcoat::backend::cuda::KernelVariants::from_env_value(kernels.as_deref())
+        .unwrap_or_else(|e| panic!("{e}"));
     opts
 }
 
+/// Opens device 0 and says, once per test, which code it runs (`sm_90 SASS`, or the generic
+/// PTX with `TOPCOAT_KERNELS=generic`).
 fn open_cuda() -> topcoat::backend::Result<CudaBackend> {
-    CudaBackend::with_options(0, cuda_options())
+    let be = CudaBackend::with_options(0, cuda_options())?;
+    println!("kernels: {}", be.kernel_code());
+    Ok(be)
+}
+
+/// The code the backend loaded is the one `TOPCOAT_KERNELS` asks for: with `generic`, the
+/// compute_80 PTX (so the parity tests of this run check the pre-Hopper code), else SASS on
+/// every card this build has SASS for.
+#[test]
+fn kernel_code_follows_topcoat_kernels_cuda() {
+    use topcoat::backend::cuda::{KernelCode, KernelVariants};
+    let be = match open_cuda() {
+        Ok(be) => be,
+        Err(e) => return println!("skipped: no CUDA device ({e})"),
+    };
+    let code = be.kernel_code();
+    let name = topcoat::backend::Backend::name(&be);
+    assert!(name.contains(&format!("kernels: {code}")), "{name}");
+    match cuda_options().kernels {
+        KernelVariants::Generic => assert!(
+            matches!(code, KernelCode::PtxJit { compute: 80, .. }),
+            "{code}"
+        ),
+        KernelVariants::Auto => {
+            let (major, _) = be.info().compute_capability;
+            if [8, 9, 12].contains(&major) {
+                assert!(matches!(code, KernelCode::Sass { .. }), "{code}");
+            }
+        }
+    }
 }
 
 fn nan(n: usize) -> Vec<f32> {

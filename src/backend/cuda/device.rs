@@ -1,10 +1,12 @@
 //! Finding the device: [`probe`] (a missing driver, GPU or kernel build becomes a
-//! [`BackendError::Device`], never a panic) and driver-error formatting.
+//! [`BackendError::Device`], never a panic; a card older than sm_80 is
+//! [`ArchError::TooOld`]) and driver-error formatting.
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::CudaContext;
 
 use super::super::{BackendError, Result};
+use super::arch::{ArchError, MIN_COMPUTE_CAPABILITY};
 use super::kernels::{Kernel, MODULES};
 
 /// True when build.rs found nvcc and compiled `kernels/*.cu` into this build.
@@ -26,7 +28,7 @@ impl std::fmt::Display for DeviceInfo {
         let (major, minor) = self.compute_capability;
         write!(
             f,
-            "{} (sm_{major}{minor}, {:.0} GiB)",
+            "{} (compute capability {major}.{minor}, {:.0} GiB)",
             self.name,
             self.total_mem_bytes as f64 / (1u64 << 30) as f64
         )
@@ -50,12 +52,20 @@ pub fn probe() -> Result<DeviceInfo> {
         ));
     }
     // A driver older than the symbols cudarc expects also panics; report it as an error.
-    std::panic::catch_unwind(open_device_0).unwrap_or_else(|_| {
+    let info = std::panic::catch_unwind(open_device_0).unwrap_or_else(|_| {
         Err(BackendError::Device(
             "the CUDA driver is missing a function topcoat needs (driver older than CUDA 13?)"
                 .into(),
         ))
-    })
+    })?;
+    if info.compute_capability < MIN_COMPUTE_CAPABILITY {
+        return Err(ArchError::TooOld {
+            name: info.name,
+            cc: info.compute_capability,
+        }
+        .into());
+    }
+    Ok(info)
 }
 
 fn open_device_0() -> Result<DeviceInfo> {
@@ -101,7 +111,8 @@ mod tests {
         }
     }
 
-    /// On a machine with no GPU, probe must fail cleanly; where a GPU is present it reports sm_90.
+    /// On a machine with no GPU, probe must fail cleanly; where a GPU is present it is sm_80 or
+    /// newer.
     #[test]
     fn probe_without_gpu_is_an_error_not_a_panic() {
         match probe() {
@@ -114,10 +125,14 @@ mod tests {
                     "unexpected probe error: {msg}"
                 );
             }
+            Err(BackendError::Arch(e)) => println!("probe: {e}"),
             Err(other) => panic!("probe returned a non-device error: {other}"),
             Ok(info) => {
                 println!("probe: {info:?}");
-                assert!(info.compute_capability.0 >= 9, "{info:?}");
+                assert!(
+                    info.compute_capability >= MIN_COMPUTE_CAPABILITY,
+                    "{info:?}"
+                );
             }
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! Each family module holds one [`Kernel`] per function (the name in capitals), `KERNELS` (all
 //! of them, in source order) and `MODULE` (the [`Module`]: family, fatbin, kernels); [`MODULES`]
-//! lists every family. A build without nvcc has the same names and empty fatbins.
+//! lists every family, and [`SASS_ARCHS`], [`PTX_ARCHS`] and [`NVCC_VERSION`] say what build.rs
+//! asked nvcc for. A build without nvcc has the same names, empty fatbins and empty lists.
 
 /// One kernel function: the family (`kernels/<module>.cu`) it is compiled in and its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,8 +20,9 @@ impl std::fmt::Display for Kernel {
     }
 }
 
-/// One kernel family: `kernels/<family>.cu` compiled into a fatbin (sm_90 SASS + PTX), empty in
-/// a build without nvcc, and the kernels it holds.
+/// One kernel family: `kernels/<family>.cu` compiled into a fatbin (SASS for sm_80, sm_86,
+/// sm_89, sm_90 and sm_120, plus compute_80 PTX), empty in a build without nvcc, and the kernels
+/// it holds.
 #[derive(Clone, Copy, Debug)]
 pub struct Module {
     pub family: &'static str,

@@ -1,10 +1,12 @@
 //! The CUDA backend: buffers, the loaded kernel functions and the [`Backend`] impl (finding the
 //! device and the embedded kernels lives in `device.rs`).
 //!
-//! `build.rs` compiles every `kernels/<family>.cu` into a fatbin (sm_90 SASS + compute_90 PTX)
-//! and embeds it; [`kernels`] names every module and kernel function (a launcher names its
-//! kernel, e.g. `kernels::layernorm::LAYERNORM_FORWARD_BF16`). A build without nvcc has the
-//! same names, no fatbins, and is CPU-only.
+//! `build.rs` compiles every `kernels/<family>.cu` into a fatbin (SASS for sm_80, sm_86, sm_89,
+//! sm_90 and sm_120, plus compute_80 PTX) and embeds it; [`kernels`] names every module and
+//! kernel function (a launcher names its kernel, e.g. `kernels::layernorm::LAYERNORM_FORWARD_BF16`).
+//! A build without nvcc has the same names, no fatbins, and is CPU-only. [`arch`] says which of
+//! the fatbin's code the card runs ([`KernelCode`], named by `Backend::name` and the device
+//! line), [`fatbin`] reads the container.
 //! The CUDA driver is opened at run time (cudarc `dynamic-loading`), so [`probe`] turns a
 //! missing driver, a missing GPU or a CPU-only build into a [`BackendError::Device`], never a panic.
 //!
@@ -42,6 +44,7 @@ macro_rules! launch {
 
 mod accumulate;
 mod adamw;
+pub mod arch;
 mod attention;
 mod blas;
 mod buffer;
@@ -50,6 +53,7 @@ mod decode;
 mod device;
 mod elementwise;
 mod encoder;
+pub mod fatbin;
 mod fill;
 mod gelu;
 mod global_norm;
@@ -76,6 +80,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use half::bf16;
 
 use super::{check_len, AdamWStep, BackendError, Result};
+pub use arch::{ArchError, BuildCode, KernelCode, KernelVariants};
 use buffer::Mem;
 pub use buffer::{CudaBuf, CudaIds};
 use device::{driver_error, launch_error};
@@ -143,6 +148,8 @@ pub struct CudaBackend {
     /// and synchronize: `Backend::peak_memory`. Usage only rises at an allocation, so the
     /// samples catch every peak of this process's own buffers.
     peak: AtomicU64,
+    /// The code loaded from the fatbins for this card.
+    code: KernelCode,
 }
 
 impl CudaBackend {
@@ -175,7 +182,9 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("creating a stream", e))?;
-        let functions = load_functions(&ctx)?;
+        let build = BuildCode::of(MODULES)?;
+        let code = arch::choose(&info.name, info.compute_capability, &build, options.kernels)?;
+        let functions = load_functions(&ctx, code)?;
         for &(kernel, bytes) in attention::DYNAMIC_SMEM {
             let f = lookup(&functions, kernel)?;
             use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
@@ -194,7 +203,13 @@ impl CudaBackend {
             blas,
             options,
             peak: AtomicU64::new(0),
+            code,
         })
+    }
+
+    /// The code the card runs (`sm_90 SASS`, `PTX JIT from compute_80`, ...).
+    pub fn kernel_code(&self) -> KernelCode {
+        self.code
     }
 
     /// The options it was opened with.
@@ -261,7 +276,12 @@ impl CudaBackend {
 
 /// Loads every module of [`MODULES`] and every function in it: a fatbin missing from this
 /// build or a function missing from its fatbin is an error here, not at the first launch.
-fn load_functions(ctx: &Arc<CudaContext>) -> Result<HashMap<&'static str, CudaFunction>> {
+/// `code` forced to PTX loads each fatbin's PTX alone (the driver JITs it; SASS it would
+/// otherwise pick is left out); else the whole fatbin, from which the driver picks.
+fn load_functions(
+    ctx: &Arc<CudaContext>,
+    code: KernelCode,
+) -> Result<HashMap<&'static str, CudaFunction>> {
     let mut functions = HashMap::new();
     for m in MODULES {
         let family = m.family;
@@ -270,8 +290,17 @@ fn load_functions(ctx: &Arc<CudaContext>) -> Result<HashMap<&'static str, CudaFu
                 "kernels/{family}.cu is not in this build"
             )));
         }
+        let image = match code {
+            KernelCode::PtxJit { forced: true, .. } => fatbin::Fatbin::parse(m.fatbin)
+                .ok()
+                .and_then(|f| f.ptx_only())
+                .ok_or_else(|| {
+                    BackendError::Device(format!("kernels/{family}.cu: its fatbin holds no PTX"))
+                })?,
+            _ => m.fatbin.to_vec(),
+        };
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(m.fatbin.to_vec()))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))
             .map_err(|e| driver_error(&format!("loading kernels/{family}.cu"), e))?;
         for k in m.kernels {
             let f = module

@@ -16,7 +16,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         let label = self.options.label();
-        format!("cuda:{} {}{label}", self.ordinal, self.info)
+        format!(
+            "cuda:{} {}, kernels: {}{label}",
+            self.ordinal, self.info, self.code
+        )
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+pub use super::arch::KernelVariants;
+
 /// Which attention kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernels {
@@ -71,6 +73,9 @@ pub struct CudaOptions {
     /// the unfused path (matmul, then the kernels of `kernels/gelu.cu`), which computes the
     /// same thing.
     pub gelu_epilogue: bool,
+    /// Which code loads (default: what the driver picks for the card; `generic` forces the
+    /// compute_80 PTX, see `arch.rs`). The CLI and the parity tests read `TOPCOAT_KERNELS`.
+    pub kernels: KernelVariants,
 }
 
 impl Default for CudaOptions {
@@ -78,12 +83,14 @@ impl Default for CudaOptions {
         Self {
             attention: AttentionKernels::Mma,
             gelu_epilogue: true,
+            kernels: KernelVariants::Auto,
         }
     }
 }
 
 impl CudaOptions {
-    /// How `Backend::name` mentions the non-default choices ("" for the defaults).
+    /// How `Backend::name` mentions the non-default choices ("" for the defaults); the
+    /// kernel code (`kernels`) is named there on its own.
     pub(super) fn label(&self) -> String {
         let mut label = String::new();
         if self.attention != AttentionKernels::Mma {
@@ -119,10 +126,12 @@ mod tests {
         let d = CudaOptions::default();
         assert_eq!(d.attention, AttentionKernels::Mma);
         assert!(d.gelu_epilogue);
+        assert_eq!(d.kernels, KernelVariants::Auto);
         assert_eq!(d.label(), "");
         let ab = CudaOptions {
             attention: AttentionKernels::CudaCores,
             gelu_epilogue: false,
+            kernels: KernelVariants::Generic,
         };
         assert_eq!(ab.label(), ", attention cuda-cores, GELU epilogue off");
     }
