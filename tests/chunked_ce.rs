@@ -12,7 +12,7 @@ use common::rel_err;
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::backend::Backend;
 use topcoat::config::{Family, LlamaShape, ModelConfig};
-use topcoat::model::head::{logit_chunk_rows, LOGIT_CHUNK_ELEMENTS};
+use topcoat::model::head::{logit_chunk_rows, logit_staging_elements, LOGIT_CHUNK_ELEMENTS};
 use topcoat::model::{Gpt, Packing};
 use topcoat::rng::Rng;
 
@@ -297,6 +297,7 @@ fn a_large_vocabulary_is_chunked_by_default() {
     let (n, vp, c) = (b * t, cfg.padded_vocab_size, cfg.n_embd);
     assert!(n * vp > LOGIT_CHUNK_ELEMENTS);
     assert_eq!(logit_chunk_rows(n, vp), 262);
+    assert_eq!(logit_staging_elements(n, c, vp), 2 * 262 * c);
     let mut rng = Rng::new(9);
     let inputs = ids(&mut rng, n, cfg.vocab_size);
     let mut targets = ids(&mut rng, n, cfg.vocab_size);

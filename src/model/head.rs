@@ -39,6 +39,18 @@ pub fn logit_chunk_rows(n: usize, vp: usize) -> usize {
     n.div_ceil(n.div_ceil(fit))
 }
 
+/// `Activation` elements of a chunked head's staging beside its logits (a chunk's rows of `lnf`
+/// and `dlnf`, `2 * rows * C`; 0 with one chunk), for `n` positions of width `c` over a padded
+/// vocabulary `vp` at the default chunk rule; plus `rows` fp32 losses, not counted here.
+pub fn logit_staging_elements(n: usize, c: usize, vp: usize) -> usize {
+    let rows = logit_chunk_rows(n, vp);
+    if rows < n {
+        2 * rows * c
+    } else {
+        0
+    }
+}
+
 /// The gradient a loss pass asks of the head, with host-side per-row weights (each chunk
 /// uploads its own rows of them).
 #[derive(Clone, Copy, Debug)]
@@ -309,6 +321,8 @@ mod tests {
         assert_eq!(logit_chunk_rows(1000, vp), 250);
         // A vocabulary wider than the limit still runs one row at a time.
         assert_eq!(logit_chunk_rows(7, LOGIT_CHUNK_ELEMENTS * 2), 1);
+        assert_eq!(logit_staging_elements(2048, 2048, 128256), 2 * 512 * 2048);
+        assert_eq!(logit_staging_elements(100, 768, 50304), 0);
         for n in 1..2000 {
             for vp in [64, 50304, 128256, 152064] {
                 let r = logit_chunk_rows(n, vp);
