@@ -227,7 +227,7 @@ impl<B: Backend> Gpt<B> {
                 be.cross_entropy(losses, logits, &tgt, n, v, vp, loss_grad)?;
                 if grad.is_some() {
                     let s = self.scratch.as_mut().expect("allocated above");
-                    let dhead = &mut self.grads[hi];
+                    let dhead = self.grads[hi].as_mut(); // None: a frozen head (LoRA)
                     be.matmul_backward(&mut s.dln, dhead, None, logits, lnf, head, n, c, vp)?;
                 }
                 continue;
@@ -240,7 +240,7 @@ impl<B: Backend> Gpt<B> {
             be.copy_range(losses, r0, &st.losses, 0, take)?;
             if grad.is_some() {
                 let s = self.scratch.as_mut().expect("allocated above");
-                let dhead = &mut self.grads[hi];
+                let dhead = self.grads[hi].as_mut(); // None: a frozen head (LoRA)
                 be.matmul_backward(
                     &mut st.dlnf,
                     dhead,

@@ -52,7 +52,9 @@ pub struct Gpt<B: Backend> {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub params: Vec<B::Buf>,
-    pub grads: Vec<B::Buf>,
+    /// Per tensor, its gradient; `None` for a frozen tensor (`ParamSpec::trainable` false: a
+    /// LoRA model's base), which has no gradient, master copy or optimizer moments.
+    pub grads: Vec<Option<B::Buf>>,
     acts: Option<Activations<B>>,
     scratch: Option<GradScratch<B>>,
     /// The packing of the last forward pass, on the device (`None`: one sequence per row).
@@ -65,6 +67,8 @@ pub struct Gpt<B: Backend> {
     rope: Option<B::Buf>,
     /// Rows per chunk of the LM head forced by [`Gpt::set_logit_chunk_rows`] (head.rs).
     logit_chunk: Option<usize>,
+    /// LoRA: the adapters' switch and dropout seed (unused without adapters).
+    lora_switch: lora::LoraSwitch,
 }
 
 /// What the backward pass tells as it goes: data parallelism starts summing a bucket of
@@ -73,7 +77,8 @@ pub trait GradHook<B: Backend> {
     /// The gradients `grads[i]` for every `i` in `bucket` are final for this backward pass:
     /// each layer's, last to first, then the rest (embeddings, final layernorm, any head),
     /// whose tied `wte` gradient is final only at the very end.
-    fn ready(&mut self, be: &B, grads: &mut [B::Buf], bucket: &[usize]) -> Result<()>;
+    /// Buckets hold trained tensors only (every `grads[i]` of a bucket is `Some`).
+    fn ready(&mut self, be: &B, grads: &mut [Option<B::Buf>], bucket: &[usize]) -> Result<()>;
 }
 
 impl<B: Backend> Gpt<B> {
@@ -109,8 +114,15 @@ impl<B: Backend> Gpt<B> {
                     spec.shape
                 )));
             }
-            params.push(be.upload(v, Role::Param)?);
-            grads.push(be.zeros(v.len(), Role::Grad)?);
+            let mut p = be.upload(v, Role::Param)?;
+            if spec.trainable {
+                grads.push(Some(be.zeros(v.len(), Role::Grad)?));
+            } else {
+                // Frozen: the working copy alone (bf16 on CUDA), no gradient.
+                be.release_master(&mut p)?;
+                grads.push(None);
+            }
+            params.push(p);
         }
         let rope = cfg
             .llama()
@@ -128,6 +140,7 @@ impl<B: Backend> Gpt<B> {
             recompute: 0,
             rope,
             logit_chunk: None,
+            lora_switch: lora::LoraSwitch::default(),
         })
     }
 
@@ -165,9 +178,13 @@ impl<B: Backend> Gpt<B> {
         download_all(be, &self.params)
     }
 
-    /// Downloads every gradient tensor, in layout order.
+    /// Downloads every gradient tensor, in layout order (an empty `Vec` for a frozen tensor).
     pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        download_all(be, &self.grads)
+        self.grads
+            .iter()
+            .map(|g| g.as_ref().map_or(Ok(Vec::new()), |g| be.download(g)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
     }
 
     /// Sets (or, with `None`, clears) the hook the backward pass tells when a bucket of
@@ -180,15 +197,15 @@ impl<B: Backend> Gpt<B> {
     }
 
     pub fn zero_grad(&mut self, be: &B) -> Result<()> {
-        for g in &mut self.grads {
+        for g in self.grads.iter_mut().flatten() {
             be.fill_zero(g)?;
         }
         Ok(())
     }
 
-    /// Global L2 norm of all gradients.
+    /// Global L2 norm of all gradients (the trained tensors').
     pub fn grad_norm(&self, be: &B) -> Result<f32> {
-        let refs: Vec<&B::Buf> = self.grads.iter().collect();
+        let refs: Vec<&B::Buf> = self.grads.iter().flatten().collect();
         Ok(be.global_norm(&refs)?)
     }
 

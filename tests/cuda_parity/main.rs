@@ -106,6 +106,7 @@ mod attention;
 mod chunked_ce;
 mod gqa_attention;
 mod llama_ops;
+mod lora_ops;
 mod model;
 mod ops;
 mod sampling;

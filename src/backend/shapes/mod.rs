@@ -55,7 +55,7 @@ pub fn copy_range<L: Len + ?Sized>(
 ) -> Result<()> {
     let op = "copy_range";
     for (what, buf, offset) in [("src", src, src_offset), ("dst", dst, dst_offset)] {
-        let end = offset.checked_add(len).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(len);
         if end > buf.len() {
             return Err(BackendError::Shape {
                 op,
@@ -283,8 +283,8 @@ fn layernorm_for<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
-    dbias: &L,
+    dweight: Option<&L>,
+    dbias: Option<&L>,
     dout: &L,
     inp: &L,
     weight: &L,
@@ -295,11 +295,9 @@ pub fn layernorm_backward<L: Len + ?Sized>(
 ) -> Result<()> {
     let op = "layernorm_backward";
     elementwise(op, &[("dinp", dinp), ("dout", dout), ("inp", inp)], n * c)?;
-    elementwise(
-        op,
-        &[("dweight", dweight), ("dbias", dbias), ("weight", weight)],
-        c,
-    )?;
+    elementwise(op, &[("weight", weight)], c)?;
+    dweight.map_or(Ok(()), |x| check_len(op, "dweight", c, x.len()))?;
+    dbias.map_or(Ok(()), |x| check_len(op, "dbias", c, x.len()))?;
     elementwise(op, &[("mean", mean), ("rstd", rstd)], n)
 }
 
@@ -356,7 +354,7 @@ fn matmul_forward_for<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -373,7 +371,7 @@ pub fn matmul_backward<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_gelu_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -393,7 +391,7 @@ pub fn matmul_gelu_backward<L: Len + ?Sized>(
 fn matmul_backward_for<L: Len + ?Sized>(
     op: &'static str,
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -403,7 +401,7 @@ fn matmul_backward_for<L: Len + ?Sized>(
     oc: usize,
 ) -> Result<()> {
     check_len(op, "dinp", n * c, dinp.len())?;
-    check_len(op, "dweight", oc * c, dweight.len())?;
+    dweight.map_or(Ok(()), |x| check_len(op, "dweight", oc * c, x.len()))?;
     dbias.map_or(Ok(()), |x| check_len(op, "dbias", oc, x.len()))?;
     check_len(op, "dout", n * oc, dout.len())?;
     check_len(op, "inp", n * c, inp.len())?;
@@ -415,3 +413,6 @@ pub use sequence::*;
 
 mod llama;
 pub use llama::*;
+
+mod lora;
+pub use lora::*;

@@ -109,6 +109,7 @@ impl<B: Backend> Activations<B> {
             logits,
             head,
             losses: be.zeros(n, Role::State)?,
+            lora: super::super::activations::lora_acts(be, cfg, n)?,
         })
     }
 }
