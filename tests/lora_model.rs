@@ -436,3 +436,44 @@ fn with_lora_refuses_a_wrong_base() {
         .to_string();
     assert!(err.contains("`qkv`"), "{err}");
 }
+
+#[test]
+fn a_reward_head_trains_in_full_beside_the_adapters() {
+    let be = CpuBackend::new();
+    for (name, cfg) in families() {
+        let (b, t) = (2, 6);
+        let inputs = ids(&mut Rng::new(71), b * t, cfg.vocab_size);
+        let base = base_values(&be, &cfg, 72);
+        let mut model = Gpt::with_lora(&be, &cfg, base, adapters(&cfg, "all", 0.0), 73).unwrap();
+        randomize_adapters(&be, &mut model, 74);
+        let head = model.init_reward_head(&be, 75).unwrap();
+        model.zero_grad(&be).unwrap();
+        let pass = model.reward_forward(&be, &inputs, b, t, &[5, 3]).unwrap();
+        model
+            .reward_backward(&be, &inputs, &pass, &[1.0, -0.5])
+            .unwrap();
+        let grads = model.grad_values(&be).unwrap();
+        for idx in [head.weight, head.bias] {
+            assert!(
+                grads[idx].iter().any(|&x| x != 0.0),
+                "{name}: head grad {idx}"
+            );
+        }
+        for s in &model.layout.lora {
+            assert!(grads[s.b].iter().any(|&x| x != 0.0), "{name}: adapter grad");
+        }
+        let n_base = model.layout.num_base_tensors();
+        assert!(
+            grads[..n_base].iter().all(Vec::is_empty),
+            "{name}: frozen base"
+        );
+        let buckets = model.grad_buckets();
+        assert_eq!(
+            buckets.last().unwrap(),
+            &vec![head.weight, head.bias],
+            "{name}"
+        );
+        let opt = AdamW::new(&be, &Solo::new(), &mut model, 0).unwrap();
+        assert!(opt.m[head.weight].is_some() && opt.m[0].is_none(), "{name}");
+    }
+}

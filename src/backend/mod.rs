@@ -89,6 +89,19 @@ pub trait Backend: Send + Sync {
     }
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `dst[dst_offset .. dst_offset+len] = src[src_offset .. src_offset+len]`, between two
+    /// buffers of one precision (CUDA: both bf16, the source an activation or a parameter's
+    /// working copy, the destination an activation; or both fp32). Moves rows of a batch in
+    /// and out of the chunked LM head (`model/head.rs`). Ranges past either end are a
+    /// [`BackendError::Shape`].
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_offset: usize,
+        src: &Self::Buf,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()>;
     /// Uploads token ids or targets.
     fn upload_ids(&self, host: &[i32]) -> Result<Self::Ids>;
     /// Number of ids in `ids`.

@@ -12,6 +12,7 @@
 //! (embedding, final norm, logits, losses) are shared by both families. Its recompute levels
 //! are the same with SwiGLU for GELU and RMSNorm for layernorm ([`Shared::swiglu`]).
 
+use super::head::{logit_chunk_rows, HeadState};
 use super::llama::LlamaLayerActs;
 use super::lora::{LoraActs, LoraGrads};
 use super::ParamLayout;
@@ -94,8 +95,11 @@ pub struct Activations<B: Backend> {
     pub lnf: B::Buf,
     pub lnf_mean: B::Buf,
     pub lnf_rstd: B::Buf,
-    /// `[N*VP]` logits; after a training forward, overwritten by their gradient.
+    /// `[rows*VP]` logits of one chunk of rows (all `N` after [`super::Gpt::forward`]; see
+    /// head.rs); after a pass with a gradient, overwritten by their gradient.
     pub logits: B::Buf,
+    /// What `logits` holds, and the staging buffers of a chunked head.
+    pub head: HeadState<B>,
     /// `[N]` per-position loss (0 where the target is masked); fp32 on every backend (`State`),
     /// since stages sum it (sequence log-probabilities) and bf16 would round each term.
     pub losses: B::Buf,
@@ -156,6 +160,8 @@ impl<B: Backend> Activations<B> {
             ln: (recompute >= 2).then(|| z(n * c)).transpose()?,
             swiglu: None,
         };
+        let rows = logit_chunk_rows(n, cfg.padded_vocab_size);
+        let (logits, head) = HeadState::alloc(be, cfg, n, rows)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             layers.push(LayerActs {
@@ -187,7 +193,8 @@ impl<B: Backend> Activations<B> {
             lnf: z(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: z(n)?,
-            logits: z(n * cfg.padded_vocab_size)?,
+            logits,
+            head,
             losses: be.zeros(n, Role::State)?,
             lora: lora_acts(be, cfg, n)?,
         })
@@ -195,11 +202,13 @@ impl<B: Backend> Activations<B> {
 }
 
 impl<B: Backend> Activations<B> {
-    /// Elements of every `Activation`-role buffer (the shared ones and the logits included;
-    /// the fp32 `lse` statistics and `losses` are not activations of that role).
+    /// Elements of every `Activation`-role buffer (the shared ones, the logits and a chunked
+    /// head's staging included; the fp32 `lse` statistics and `losses` are not activations of
+    /// that role).
     pub fn activation_elements(&self, be: &B) -> usize {
         let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
         let mut n = len(&self.shared.gelu) + len(&self.shared.ln) + len(&self.shared.swiglu);
+        n += self.head.activation_elements(be);
         n += self.lora.as_ref().map_or(0, |l| l.activation_elements(be));
         n += self
             .llama

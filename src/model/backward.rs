@@ -1,5 +1,7 @@
-//! The backward pass: from the logits gradient left by the loss (the LM head, [`Gpt::backward`])
-//! or from a gradient on the final hidden state ([`Gpt::backward_trunk`]) down to the embeddings.
+//! The backward pass, from a gradient on the final hidden state ([`Gpt::backward_trunk`]) down
+//! to the embeddings. The LM head's own backward runs with the loss (head.rs), which leaves
+//! that gradient in the scratch `dln`; a reward head or any other leaves it there through
+//! `backward_hidden` (hidden.rs).
 //!
 //! Backend backward ops overwrite the activation gradients they produce (no scratch buffer
 //! needs zeroing) and accumulate into parameter gradients; layernorm's backward accumulates
@@ -17,33 +19,6 @@ use super::{Gpt, GradScratch, LayerIdx, ModelError, ParamLayout, Result};
 use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
-    /// Accumulates parameter gradients, given that the last call was a loss pass with a
-    /// gradient scale (the logits buffer then holds dlogits), with that pass's packing.
-    pub(super) fn backward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
-        let (n, c, vp) = (b * t, self.cfg.n_embd, self.cfg.padded_vocab_size);
-        self.ensure_scratch(be, n)?;
-        let lay = &self.layout;
-        let acts = self
-            .acts
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("backward before forward".into()))?;
-        let s = self.scratch.as_mut().expect("allocated above");
-        // Head: dlnf = dlogits @ head, dhead += dlogits^T @ lnf (head: the tied wte, or the
-        // Llama family's untied lm_head).
-        be.matmul_backward(
-            &mut s.dln,
-            self.grads[lay.head()].as_mut(),
-            None,
-            &acts.logits,
-            &acts.lnf,
-            &self.params[lay.head()],
-            n,
-            c,
-            vp,
-        )?;
-        self.backward_trunk(be, inputs, b, t)
-    }
-
     /// The gradient buckets in the order the backward pass reports them to the grad hook:
     /// each layer's, last to first, then the rest; trained tensors only (a LoRA model's
     /// layer buckets hold its adapters), empty buckets left out.

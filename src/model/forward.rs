@@ -2,10 +2,11 @@
 //! Llama family's trunk is llama/forward.rs, the head and the loss are shared.
 
 use super::activations::{pick, Activations, LayerActs, Shared};
+use super::head::HeadGrad;
 use super::lora::{self, LoraPass};
 use super::packing::PackedIds;
-use super::{Gpt, LayerIdx, ModelError, Packing, ParamLayout, Result};
-use crate::backend::{Backend, LossGrad};
+use super::{Gpt, LayerIdx, Packing, ParamLayout, Result};
+use crate::backend::Backend;
 
 /// A batch's loss: the mean over its unmasked targets, and what went into it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -21,19 +22,6 @@ impl<B: Backend> Gpt<B> {
     pub fn forward(&mut self, be: &B, inputs: &[i32], b: usize, t: usize) -> Result<()> {
         self.forward_hidden_with(be, inputs, None, b, t)?;
         self.head_forward(be, b * t)
-    }
-
-    /// The head on the last forward's `n` positions: logits = lnf @ head^T over all padded
-    /// rows (head: the tied `wte`, or the Llama family's untied `lm_head`).
-    fn head_forward(&mut self, be: &B, n: usize) -> Result<()> {
-        let (c, vp) = (self.cfg.n_embd, self.cfg.padded_vocab_size);
-        let acts = self
-            .acts
-            .as_mut()
-            .expect("allocated by forward_hidden_with");
-        let head = &self.params[self.layout.head()];
-        be.matmul_forward(&mut acts.logits, &acts.lnf, head, None, n, c, vp)?;
-        Ok(())
     }
 
     /// Runs the network on `inputs [B*T]` up to the final hidden state, the output of `ln_f`
@@ -188,14 +176,17 @@ impl<B: Backend> Gpt<B> {
             self.grad_pass(|m| m.targets_pass(be, inputs, targets, packing, b, t, scale))?;
         let loss = self.mean_loss(be, tokens)?;
         if tokens > 0 {
-            self.backward(be, inputs, b, t)?;
+            // The head's backward ran with the loss, chunk by chunk (head.rs).
+            self.backward_trunk(be, inputs, b, t)?;
         }
         Ok(loss)
     }
 
-    /// Checks `targets`, runs the forward pass to the logits and the loss op over them, with the
-    /// gradient of `loss_scale * mean loss` written over the logits when a scale is given. The
-    /// per-position losses are left in the activations; returns the unmasked target count.
+    /// Checks `targets`, runs the forward pass and the head with the loss over its output
+    /// (head.rs: in chunks of rows), with the gradient of `loss_scale * mean loss` taken back
+    /// to the final hidden state (the scratch `dln`) and into the head's gradient when a scale
+    /// is given and a target is unmasked. The per-position losses are left in the
+    /// activations; returns the unmasked target count.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn targets_pass(
         &mut self,
@@ -209,30 +200,13 @@ impl<B: Backend> Gpt<B> {
     ) -> Result<usize> {
         self.check_ids("targets", targets, b, t, true)?;
         self.forward_hidden_with(be, inputs, packing, b, t)?;
-        self.head_forward(be, b * t)?;
         let tokens = targets.iter().filter(|&&x| x >= 0).count();
-        let dloss = loss_scale.map(|s| if tokens > 0 { s / tokens as f32 } else { 0.0 });
-        self.loss_op(be, targets, b * t, LossGrad::uniform(dloss))?;
+        let grad = match loss_scale {
+            Some(s) if tokens > 0 => HeadGrad::Uniform(s / tokens as f32),
+            _ => HeadGrad::None,
+        };
+        self.head_loss(be, targets, b * t, grad)?;
         Ok(tokens)
-    }
-
-    /// The fused cross-entropy of the last logits against `targets` over `n` positions: the
-    /// per-position losses, and `grad` written over the logits.
-    pub(super) fn loss_op(
-        &mut self,
-        be: &B,
-        targets: &[i32],
-        n: usize,
-        grad: LossGrad<'_, B::Buf>,
-    ) -> Result<()> {
-        let tgt = be.upload_ids(targets)?;
-        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size);
-        let acts = self
-            .acts
-            .as_mut()
-            .ok_or_else(|| ModelError::Invalid("no activations".into()))?;
-        be.cross_entropy(&mut acts.losses, &mut acts.logits, &tgt, n, v, vp, grad)?;
-        Ok(())
     }
 
     /// The last loss op's sum over its `tokens` unmasked positions, and their mean.

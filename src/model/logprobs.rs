@@ -6,15 +6,17 @@
 //! the logits as per-row weights `-c_r` on every position of row `r` (`LossGrad::PerRow`), then
 //! runs the ordinary backward. The coefficients usually depend on the log-probabilities of the
 //! same forward (DPO's sigmoid), so [`Gpt::sequence_logps_step`] asks for them in between: one
-//! forward, the loss op twice (once to read the log-probabilities with the logits kept, once to
-//! write the weighted gradient over them), one backward.
+//! forward, the head's loss twice (once to read the log-probabilities with the logits kept, once
+//! to write the weighted gradient over them; a head run in chunks of rows recomputes the
+//! logits of every chunk but the one it kept), one backward.
 //!
 //! [`Gpt::token_logps`] and [`Gpt::token_logps_step`] are the same per position: one
 //! log-probability and one coefficient per (row, position), for objectives with per-token
 //! weights (the RL stage's clipped policy ratio).
 
+use super::head::HeadGrad;
 use super::{Gpt, ModelError, Result};
-use crate::backend::{Backend, LossGrad, Role};
+use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
     /// Forward pass on `inputs [B*T]` and the log-probability of each row's unmasked `targets`
@@ -123,8 +125,9 @@ impl<B: Backend> Gpt<B> {
         Ok(logps)
     }
 
-    /// The loss op again over the kept logits with per-position gradient `weights`, then the
-    /// backward, skipped when it would add nothing (no unmasked target or all weights 0).
+    /// The head's loss again with per-position gradient `weights` (over the kept logits where
+    /// the buffer still holds them, else recomputed chunk by chunk), then the backward; both
+    /// skipped when they would add nothing (no unmasked target or all weights 0).
     fn weighted_backward(
         &mut self,
         be: &B,
@@ -134,11 +137,9 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<()> {
-        let any_weight = weights.iter().any(|&w| w != 0.0);
-        let weights = be.upload(weights, Role::State)?;
-        self.loss_op(be, targets, b * t, LossGrad::PerRow(&weights))?;
-        if targets.iter().any(|&x| x >= 0) && any_weight {
-            self.backward(be, inputs, b, t)?;
+        if targets.iter().any(|&x| x >= 0) && weights.iter().any(|&w| w != 0.0) {
+            self.head_loss(be, targets, b * t, HeadGrad::PerRow(weights))?;
+            self.backward_trunk(be, inputs, b, t)?;
         }
         Ok(())
     }

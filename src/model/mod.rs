@@ -67,6 +67,8 @@ pub struct Gpt<B: Backend> {
     grad_hook: Option<Box<dyn GradHook<B>>>,
     /// Llama family: the RoPE inverse frequencies `[hs/2]` (fp32 `State`), uploaded once.
     rope: Option<B::Buf>,
+    /// Rows per chunk of the LM head forced by [`Gpt::set_logit_chunk_rows`] (head.rs).
+    logit_chunk: Option<usize>,
     /// LoRA: the adapters' switch and dropout seed (unused without adapters).
     lora_switch: lora::LoraSwitch,
 }
@@ -139,6 +141,7 @@ impl<B: Backend> Gpt<B> {
             grad_hook: None,
             recompute: 0,
             rope,
+            logit_chunk: None,
             lora_switch: lora::LoraSwitch::default(),
         })
     }
@@ -233,6 +236,8 @@ impl<B: Backend> Gpt<B> {
                 .check(&be.name(), be.memory_available())?;
             self.acts = Some(Activations::new(be, &self.cfg, b, t, level)?);
         }
+        // A new forward pass: whatever the logits buffer holds is stale.
+        self.acts.as_mut().expect("allocated above").head.fresh = false;
         Ok(())
     }
 
@@ -267,17 +272,6 @@ impl<B: Backend> Gpt<B> {
             )));
         }
         Ok(())
-    }
-
-    /// Logits row of position `(row, pos)` of the last forward, the real vocabulary only.
-    pub fn logits_at(&self, be: &B, row: usize, pos: usize) -> Result<Vec<f32>> {
-        let acts = self
-            .acts
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("no forward pass yet".into()))?;
-        let vp = self.cfg.padded_vocab_size;
-        let offset = (row * acts.t + pos) * vp;
-        Ok(be.download_range(&acts.logits, offset, self.cfg.vocab_size)?)
     }
 
     /// Per-position losses of the last forward with targets (`[B*T]`, 0 where masked).

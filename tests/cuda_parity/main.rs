@@ -138,6 +138,7 @@ fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize, one_in: u64)
 }
 
 mod attention;
+mod chunked_ce;
 mod gqa_attention;
 mod llama_ops;
 mod lora_ops;

@@ -61,6 +61,19 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_offset: usize,
+        src: &Vec<f32>,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        shapes::copy_range(dst, dst_offset, src, src_offset, len)?;
+        dst[dst_offset..dst_offset + len].copy_from_slice(&src[src_offset..src_offset + len]);
+        Ok(())
+    }
+
     fn upload_ids(&self, host: &[i32]) -> Result<Vec<i32>> {
         Ok(host.to_vec())
     }

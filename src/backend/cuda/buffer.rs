@@ -187,6 +187,34 @@ impl CudaBackend {
         }
     }
 
+    /// `Backend::copy_range`: one device-to-device copy on the stream, bf16 to bf16 (the
+    /// source an activation or a parameter's working copy) or fp32 to fp32.
+    pub(super) fn copy_range_buf(
+        &self,
+        dst: &mut CudaBuf,
+        dst_offset: usize,
+        src: &CudaBuf,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let op = "copy_range";
+        shapes::copy_range(dst, dst_offset, src, src_offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let copy = |e| driver_error("copying on the device", e);
+        let (s, d) = (src_offset..src_offset + len, dst_offset..dst_offset + len);
+        if matches!(src.mem, Mem::F32(_)) {
+            let x = src.f32(op, "src")?.slice(s);
+            let mut y = dst.f32_mut(op, "dst")?.slice_mut(d);
+            self.stream.memcpy_dtod(&x, &mut y).map_err(copy)
+        } else {
+            let x = src.bf16(op, "src")?.slice(s);
+            let mut y = dst.bf16_mut(op, "dst")?.slice_mut(d);
+            self.stream.memcpy_dtod(&x, &mut y).map_err(copy)
+        }
+    }
+
     pub(super) fn fill_zero_buf(&self, buf: &mut CudaBuf) -> Result<()> {
         match &mut buf.mem {
             Mem::Bf16(x) => fill::zero(self, x),

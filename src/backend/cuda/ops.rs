@@ -85,6 +85,17 @@ impl Backend for CudaBackend {
         self.fill_zero_buf(buf)
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut CudaBuf,
+        dst_offset: usize,
+        src: &CudaBuf,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.copy_range_buf(dst, dst_offset, src, src_offset, len)
+    }
+
     fn upload_ids(&self, host: &[i32]) -> Result<CudaIds> {
         Ok(CudaIds {
             dev: self.htod(host)?,

@@ -51,6 +51,19 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let bytes = self.inner.len(buf) as f64 * self.grad();
         self.timed("fill_zero", bytes, 0.0, || self.inner.fill_zero(buf))
     }
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_offset: usize,
+        src: &Self::Buf,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let bytes = 2.0 * len as f64 * self.act();
+        self.timed("copy_range", bytes, 0.0, || {
+            self.inner.copy_range(dst, dst_offset, src, src_offset, len)
+        })
+    }
     fn upload_ids(&self, host: &[i32]) -> Result<Self::Ids> {
         self.inner.upload_ids(host)
     }

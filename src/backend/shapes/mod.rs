@@ -44,6 +44,30 @@ pub(super) fn invalid(op: &'static str, msg: String) -> BackendError {
     BackendError::Invalid { op, msg }
 }
 
+/// Ranges for `copy_range`: `src_offset + len <= len(src)` and `dst_offset + len <= len(dst)`
+/// (the ends as `expected`, so an overflowing sum is an error too).
+pub fn copy_range<L: Len + ?Sized>(
+    dst: &L,
+    dst_offset: usize,
+    src: &L,
+    src_offset: usize,
+    len: usize,
+) -> Result<()> {
+    let op = "copy_range";
+    for (what, buf, offset) in [("src", src, src_offset), ("dst", dst, dst_offset)] {
+        let end = offset.saturating_add(len);
+        if end > buf.len() {
+            return Err(BackendError::Shape {
+                op,
+                what,
+                expected: end,
+                found: buf.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Lengths for `encoder_forward`: `out [B*T*C]`, `ids [B*T]` each in `[0, V)`, `wte [V*C]`,
 /// `wpe [Tmax*C]`, and `T <= Tmax` without `pos`, else `pos [B*T]` each in `[0, Tmax)`.
 /// Returns `(V, Tmax)`.

@@ -5,6 +5,7 @@
 //! RMSNorm output (recomputed from the kept residual stream into [`Shared::ln`]).
 
 use super::super::activations::{Activations, Shared};
+use super::super::head::{logit_chunk_rows, HeadState};
 use crate::backend::{Backend, Result, Role};
 use crate::config::ModelConfig;
 
@@ -74,6 +75,8 @@ impl<B: Backend> Activations<B> {
             ln: (recompute >= 2).then(|| z(n * c)).transpose()?,
             swiglu: (recompute >= 1).then(|| z(n * i)).transpose()?,
         };
+        let rows = logit_chunk_rows(n, cfg.padded_vocab_size);
+        let (logits, head) = HeadState::alloc(be, cfg, n, rows)?;
         let mut llama = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             llama.push(LlamaLayerActs {
@@ -103,7 +106,8 @@ impl<B: Backend> Activations<B> {
             lnf: z(n * c)?,
             lnf_mean: z(n)?,
             lnf_rstd: stat(n)?,
-            logits: z(n * cfg.padded_vocab_size)?,
+            logits,
+            head,
             losses: be.zeros(n, Role::State)?,
             lora: super::super::activations::lora_acts(be, cfg, n)?,
         })
