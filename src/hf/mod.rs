@@ -12,6 +12,7 @@ mod config;
 pub(crate) mod export;
 mod import;
 mod names;
+pub mod peft;
 mod read;
 
 pub use config::{Arch, HfModel, SUPPORTED};

@@ -27,6 +27,15 @@ fn gather<B: Backend>(
     let writer = comm.rank() == 0;
     let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
     for (i, spec) in model.layout.specs.iter().enumerate() {
+        // A frozen tensor (a LoRA run's base) is the same on every rank and has no moments.
+        if !spec.trainable {
+            if writer {
+                w.push(be.download(&model.params[i])?);
+                m.push(Vec::new());
+                v.push(Vec::new());
+            }
+            continue;
+        }
         // Under zero 0 every rank holds everything: rank 0 writes its own.
         let owner = if opt.zero == 0 { 0 } else { opt.owner[i] };
         let local = |slot: &Option<B::Buf>| -> Result<Vec<f32>> {
