@@ -2,7 +2,7 @@
 """Write the Hugging Face fixtures under tests/fixtures/hf/ with the reference library.
 
 Run:  TOKENIZERS_PARALLELISM=false python3 scripts/make_hf_fixtures.py
-      (needs torch, transformers, tokenizers, safetensors; CPU only, no network)
+      (needs torch, transformers, tokenizers, safetensors, peft; CPU only, no network)
 Every file is committed; neither CI nor `cargo test` needs Python. The output is byte for byte
 the same on every run with the same library versions (fixed seeds, deterministic torch, sorted
 JSON keys); tests/fixtures/hf/README.md says what each file holds and which versions wrote them.
@@ -18,6 +18,10 @@ What it writes:
   the reference library's float64 logits, loss and greedy tokens, computed from the model as
   `from_pretrained` reads it back from the directory (so the stored weights are exactly what
   the reference saw, after rounding to bf16/f16 where the model is stored so).
+- peft_llama/, peft_gpt2/: LoRA adapters (r=4, lora_alpha=8, random non-zero A and B) on every
+  projection of llama/ and gpt2/, written by PEFT's `save_pretrained`, with
+  reference.safetensors: the PeftModel's float64 logits, loss and greedy tokens on the base
+  fixture's input ids.
 - chat/llama.json, chat/qwen2.json: `apply_chat_template` renders, ids, assistant spans and the
   assistant-only loss mask for a set of conversations.
 """
@@ -44,6 +48,8 @@ from safetensors.torch import save_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from tokenizers import processors, trainers  # noqa: E402
 import transformers  # noqa: E402
+import peft  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -303,10 +309,10 @@ def rope_inv_freq_f32(cfg, hs):
     return torch.tensor(np.array(freqs, dtype=np.float32))
 
 
-def plain_llama_logits(d, cfg, ids):
-    """The Llama-family forward written out in plain float64 torch from the stored tensors, in
-    topcoat's layout (q|k|v and gate|up fused), RoPE angles and cos/sin in float32."""
-    w = read_weights(d)
+def plain_llama_logits(d, cfg, ids, w=None):
+    """The Llama-family forward written out in plain float64 torch from the stored tensors (or
+    `w`), in topcoat's layout (q|k|v and gate|up fused), RoPE angles and cos/sin in float32."""
+    w = read_weights(d) if w is None else w
     C, NH, NKV = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     hs, eps, B, T = C // NH, cfg.rms_norm_eps, ids.shape[0], ids.shape[1]
 
@@ -499,6 +505,150 @@ def models_fixtures(tok):
         torch.float32, 5000, tok, plain_tok)
 
 
+# --------------------------------------------------------------------- PEFT
+
+PEFT_RANK, PEFT_ALPHA = 4, 8
+PEFT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # GPT-2's two c_proj modules told apart by their parent.
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+}
+
+
+def randomize_lora(model, seed):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's own init range), B ~ N(0, 0.2^2) instead of
+    PEFT's zeros, so the adapters change the logits by about their own size (the script
+    prints by how much)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                bound = p.shape[1] ** -0.5
+                p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+
+
+def merged_weights(base, d):
+    """The base's stored tensors with every adapter in d merged, in float64, written out from
+    the files: W += (alpha / r) * B @ A, transposed for GPT-2's [in, out] Conv1D weights."""
+    w = read_weights(os.path.join(OUT, base))
+    prefix, scale = "base_model.model.", PEFT_ALPHA / PEFT_RANK
+    with safe_open(os.path.join(d, "adapter_model.safetensors"), "pt") as f:
+        ad = {k: f.get_tensor(k).to(torch.float64) for k in f.keys()}
+    for k in sorted(ad):
+        if k.endswith(".lora_A.weight"):
+            module = k[len(prefix):-len(".lora_A.weight")]
+            delta = scale * ad[prefix + module + ".lora_B.weight"] @ ad[k]
+            w[module + ".weight"] += delta.T if base == "gpt2" else delta
+    assert len(ad) == 2 * len(PEFT_TARGETS[base]) * LAYERS, sorted(ad)
+    return w
+
+
+def peft_reference(d, base):
+    """float64 logits, loss and greedy tokens of the PeftModel of the base model and the
+    adapter as read back from d, on the base fixture's input ids."""
+    base_dir = os.path.join(OUT, base)
+    with safe_open(os.path.join(base_dir, "reference.safetensors"), "pt") as f:
+        ids, base_logits = f.get_tensor("input_ids"), f.get_tensor("logits")
+    model = PeftModel.from_pretrained(load_reference_model(base_dir, f64_norms=True), d)
+    model.eval()
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora and all(p.dtype == torch.float64 for p in lora)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert logits.dtype == torch.float64 and logits.shape == (BATCH, SEQ, vocab)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        moved = ((logits - base_logits).abs().max() / base_logits.abs().max()).item()
+        assert moved > 0.1, (d, moved)
+        # The same logits from the base model with the adapters merged into its tensors, from
+        # the files alone (for the Llama family also through the plain forward).
+        w = merged_weights(base, d)
+        merged = load_reference_model(base_dir, f64_norms=True)
+        missing, unexpected = merged.load_state_dict(w, strict=False)
+        assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+        err = ((merged(input_ids=ids).logits - logits).abs().max() / logits.abs().max()).item()
+        assert err < 1e-12, (d, err)
+        if base != "gpt2":
+            plain = plain_llama_logits(base_dir, merged.config, ids, w)
+            err = ((plain - logits).abs().max() / logits.abs().max()).item()
+            assert err < 1e-12, (d, err)
+        stock = PeftModel.from_pretrained(load_reference_model(base_dir, f64_norms=False), d)
+        stock.eval()
+        out = stock(input_ids=ids, labels=ids)
+        stock_err = ((out.logits - logits).abs().max() / logits.abs().max()).item()
+        assert stock_err < 1e-5, (d, stock_err)
+        print("%s: the adapters move the logits by %.2f of their size; stock library differs "
+              "by %.1e" % (os.path.basename(d), moved, stock_err), file=sys.stderr)
+        loss_hf = out.loss
+        assert abs(loss_hf.item() - loss.item()) < 1e-6 * loss.item(), (loss_hf, loss)
+        prompt = ids[:1, :PROMPT]
+        greedy = None
+        for mdl in (model, stock):
+            gen = mdl.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=0,
+            )
+            assert greedy is None or torch.equal(gen[0, PROMPT:], greedy), (greedy, gen)
+            greedy = gen[0, PROMPT:]
+        seq = prompt
+        for _ in range(NEW_TOKENS):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert torch.equal(seq[0, PROMPT:], greedy), (seq, greedy)
+    save_file(
+        {
+            "input_ids": ids.clone(),
+            "logits": logits.contiguous(),
+            "loss": loss.reshape(1).contiguous(),
+            "loss_hf": loss_hf.reshape(1).to(torch.float64).contiguous(),
+            "prompt_ids": prompt[0].clone(),
+            "greedy": greedy.clone(),
+        },
+        os.path.join(d, "reference.safetensors"),
+        metadata={"written_by": "peft %s, transformers %s, torch %s" % (
+            peft.__version__, transformers.__version__, torch.__version__.split("+")[0])},
+    )
+
+
+def peft_fixture(name, base, dropout, seed):
+    d = os.path.join(OUT, name)
+    gpt2 = base == "gpt2"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(OUT, base), dtype=torch.float32)
+    # What PEFT records as base_model_name_or_path (the absolute path would vary by machine).
+    model.name_or_path = "tests/fixtures/hf/" + base
+    config = LoraConfig(r=PEFT_RANK, lora_alpha=PEFT_ALPHA, lora_dropout=dropout,
+                        target_modules=PEFT_TARGETS[base], fan_in_fan_out=gpt2,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    randomize_lora(model, seed)
+    model.save_pretrained(d)
+    # The model card is 5 KB of placeholders.
+    os.remove(os.path.join(d, "README.md"))
+    # PEFT keeps target_modules as a set and writes it in hash order, which varies by run:
+    # rewrite the file as PEFT writes it (indent 2, sorted keys) with the list sorted.
+    path = os.path.join(d, "adapter_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    assert sorted(cfg["target_modules"]) == sorted(PEFT_TARGETS[base]), cfg
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    with open(path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True))
+    peft_reference(d, base)
+
+
+def peft_fixtures():
+    peft_fixture("peft_llama", "llama", 0.1, 6000)
+    peft_fixture("peft_gpt2", "gpt2", 0.0, 7000)
+
+
 # --------------------------------------------------------------------- chat
 
 CONVERSATIONS = [
@@ -625,6 +775,7 @@ def main():
     tok = train_tokenizer(texts)
     tokenizer_fixtures(tok, texts)
     models_fixtures(tok)
+    peft_fixtures()
     chat_fixtures()
     total = 0
     for dirpath, _, files in sorted(os.walk(OUT)):

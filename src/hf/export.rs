@@ -316,14 +316,14 @@ pub fn to_json(arch: Arch, cfg: &ModelConfig, dtype: HfDtype, ids: &SpecialIds) 
     v
 }
 
-fn pretty(v: &serde_json::Value) -> Vec<u8> {
+pub(super) fn pretty(v: &serde_json::Value) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("JSON values serialize");
     s.push(b'\n');
     s
 }
 
 /// `v` as little-endian bytes of `dtype` (round to nearest even, as torch converts).
-fn encode(v: &[f32], dtype: HfDtype) -> Vec<u8> {
+pub(super) fn encode(v: &[f32], dtype: HfDtype) -> Vec<u8> {
     match dtype {
         HfDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         HfDtype::Bf16 => v
@@ -339,14 +339,14 @@ fn encode(v: &[f32], dtype: HfDtype) -> Vec<u8> {
 
 /// The output directory being assembled in `.NAME.tmp` beside it; removed when dropped
 /// uncommitted.
-struct Staging {
+pub(super) struct Staging {
     path: PathBuf,
     dest: PathBuf,
     committed: bool,
 }
 
 impl Staging {
-    fn new(dest: &Path) -> Result<Self> {
+    pub(super) fn new(dest: &Path) -> Result<Self> {
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -366,13 +366,13 @@ impl Staging {
         })
     }
 
-    fn write(&self, file: &str, bytes: &[u8]) -> Result<()> {
+    pub(super) fn write(&self, file: &str, bytes: &[u8]) -> Result<()> {
         let p = self.path.join(file);
         checkpoint::write_synced(&p, bytes).map_err(io_err(&p))
     }
 
     /// Syncs the directory and renames it into place; returns the files in it.
-    fn commit(mut self) -> Result<Vec<String>> {
+    pub(super) fn commit(mut self) -> Result<Vec<String>> {
         let mut files: Vec<String> = std::fs::read_dir(&self.path)
             .map_err(io_err(&self.path))?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))

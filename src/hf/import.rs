@@ -249,8 +249,9 @@ fn check_leftovers(
 }
 
 /// A named error for a directory that is no Hugging Face model: one without `config.json`,
-/// or a topcoat checkpoint or run (its `config.json` is topcoat's own; a tired user's likely
-/// mix-up), pointed at `--init`, which takes it as it is.
+/// a PEFT adapter (pointed at `--adapter`), or a topcoat checkpoint or run (its `config.json`
+/// is topcoat's own; a tired user's likely mix-up), pointed at `--init`, which takes it as
+/// it is.
 fn check_is_model(dir: &Path) -> Result<()> {
     let topcoat = dir.join("manifest.json").is_file()
         || std::fs::read_dir(dir).is_ok_and(|entries| {
@@ -263,6 +264,13 @@ fn check_is_model(dir: &Path) -> Result<()> {
             dir: dir.to_path_buf(),
             what: "a topcoat checkpoint or run, not a Hugging Face model directory: give it to \
                    --init or --checkpoint as it is",
+        });
+    }
+    if dir.join(super::peft::ADAPTER_CONFIG).is_file() {
+        return Err(HfError::NotAModel {
+            dir: dir.to_path_buf(),
+            what: "a PEFT adapter directory (adapter_config.json), not a model: import its base \
+                   model with `import hf`, give that to --init and this directory to --adapter",
         });
     }
     if !config::path_in(dir).is_file() {

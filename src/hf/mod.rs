@@ -3,7 +3,8 @@
 //! safetensors files, single or sharded, in f32, bf16 or f16 (read.rs), the tensor names and
 //! the fusing, transposing and vocabulary padding between the two layouts (names.rs), and the
 //! two directions: a Hugging Face directory into a topcoat checkpoint (import.rs) and back
-//! (export.rs).
+//! (export.rs). PEFT's LoRA adapter directories are read and written by peft.rs (which
+//! modules a PEFT config targets: peft_targets.rs).
 //!
 //! Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` and
 //! `MistralForCausalLM` without a sliding window; everything else is refused by name.
@@ -13,11 +14,13 @@ pub(crate) mod export;
 mod import;
 mod names;
 pub mod peft;
+mod peft_targets;
 mod read;
 
 pub use config::{Arch, HfModel, SUPPORTED};
 pub use export::{export_hf, ExportOptions, ExportSummary};
 pub use import::{import_hf, read_model, HfImport, ImportOptions, ImportSummary};
+pub use peft::{read_adapter, write_adapter, write_adapter_with_base};
 pub use read::HfWeights;
 
 use crate::data::DataError;
@@ -109,6 +112,24 @@ pub enum HfError {
     NoTokenizer { dir: PathBuf },
     #[error("{}: {what}", .dir.display())]
     NotAModel { dir: PathBuf, what: &'static str },
+    /// A directory given as a PEFT adapter that is none (what it is instead, where known).
+    #[error("{}: {what}", .dir.display())]
+    NotAnAdapter { dir: PathBuf, what: String },
+    /// A PEFT adapter whose tensors name the other family's modules.
+    #[error(
+        "{}: tensor {tensor} is an adapter on a {found} model's module, but the base model is \
+         a {expected}",
+        .file.display()
+    )]
+    AdapterBaseMismatch {
+        file: PathBuf,
+        tensor: String,
+        found: &'static str,
+        expected: String,
+    },
+    /// Adapters handed to the writer that do not fit the model's layout.
+    #[error("{}: cannot write the adapter: {what}", .dir.display())]
+    BadAdapterInput { dir: PathBuf, what: String },
     #[error("{}: already exists; choose a new --out or remove it", .path.display())]
     OutputExists { path: PathBuf },
     #[error(transparent)]

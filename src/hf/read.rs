@@ -40,13 +40,7 @@ impl HfWeights {
         let single = dir.join(SINGLE);
         let index_path = dir.join(INDEX);
         if single.is_file() {
-            let file = open_file(&single)?;
-            let index = file.meta.tensors().into_keys().map(|n| (n, 0)).collect();
-            return Ok(Self {
-                source: single,
-                files: vec![file],
-                index,
-            });
+            return Self::open_single(&single);
         }
         if !index_path.is_file() {
             return Err(HfError::NoWeights {
@@ -100,6 +94,17 @@ impl HfWeights {
         Ok(Self {
             source: index_path,
             files,
+            index,
+        })
+    }
+
+    /// Opens one safetensors file by its path (a PEFT adapter's `adapter_model.safetensors`).
+    pub(crate) fn open_single(path: &Path) -> Result<Self> {
+        let file = open_file(path)?;
+        let index = file.meta.tensors().into_keys().map(|n| (n, 0)).collect();
+        Ok(Self {
+            source: path.to_path_buf(),
+            files: vec![file],
             index,
         })
     }
