@@ -98,7 +98,7 @@ fn prefs_data(dir: &Path, base: &Path) -> PathBuf {
 }
 
 /// `stage --out OUT` on the CPU with `extra`, which must succeed; its output.
-fn run(stage: &str, out: &Path, extra: &[&str]) -> String {
+fn run<S: AsRef<str>>(stage: &str, out: &Path, extra: &[S]) -> String {
     let mut a = vec![
         stage.to_string(),
         "--out".into(),
@@ -106,7 +106,7 @@ fn run(stage: &str, out: &Path, extra: &[&str]) -> String {
         "--device".into(),
         "cpu".into(),
     ];
-    a.extend(extra.iter().map(|x| x.to_string()));
+    a.extend(extra.iter().map(|x| x.as_ref().to_string()));
     ok(&a)
 }
 
@@ -339,14 +339,13 @@ fn a_lora_sft_run_resumes_bit_for_bit() {
         a.extend(LORA.iter().map(|x| x.to_string()));
         a
     };
-    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().to_owned();
     let straight = dir.path().join("straight");
-    run("sft", &straight, &strs(&args("4")));
+    run("sft", &straight, &args("4"));
     let resumed = dir.path().join("resumed");
-    run("sft", &resumed, &strs(&args("2")));
+    run("sft", &resumed, &args("2"));
     let mut again = args("4");
     again.push("--resume".into());
-    let log = run("sft", &resumed, &strs(&again));
+    let log = run("sft", &resumed, &again);
     assert!(log.contains("resuming from"), "{log}");
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let (a, b) = (
@@ -379,7 +378,6 @@ fn preference_stages_with_lora_use_the_base_as_reference_and_train_the_reward_he
         .map(String::from)
         .collect()
     };
-    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().to_owned();
 
     // DPO: at step 0 (B = 0) the policy is its reference: loss ln 2, implicit rewards 0.
     let dpo = dir.path().join("dpo");
@@ -397,7 +395,7 @@ fn preference_stages_with_lora_use_the_base_as_reference_and_train_the_reward_he
         ]
         .map(String::from),
     );
-    let log = run("dpo", &dpo, &strs(&a));
+    let log = run("dpo", &dpo, &a);
     assert!(
         log.contains("the policy with its LoRA adapters off"),
         "{log}"
@@ -444,7 +442,7 @@ fn preference_stages_with_lora_use_the_base_as_reference_and_train_the_reward_he
         ]
         .map(String::from),
     );
-    let log = run("reward", &reward, &strs(&a));
+    let log = run("reward", &reward, &a);
     assert!(log.contains("a new reward head (trained in full)"), "{log}");
     let ckpt = newest(&reward);
     let moments = tensors(&ckpt.join("optimizer.safetensors"));
@@ -480,7 +478,7 @@ fn preference_stages_with_lora_use_the_base_as_reference_and_train_the_reward_he
         ]
         .map(String::from),
     );
-    let log = run("rl", &rl, &strs(&a));
+    let log = run("rl", &rl, &a);
     assert!(
         log.contains("reference the policy with its LoRA adapters off"),
         "{log}"
