@@ -529,6 +529,7 @@ fn generate_replies_are_greedy_chat_replies_scored_exact_and_normalised() {
         top_p: 1.0,
         seed: 42,
         out: Some(out.clone()),
+        adapter: None,
     };
     let r = eval_generate(&Runtime::cpu(), &job, &|_| {}).unwrap();
     print!("{}", r.table());

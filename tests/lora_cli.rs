@@ -267,7 +267,8 @@ fn sft_with_lora_trains_adapters_only_and_its_files_serve_every_command() {
         .collect();
     let mut have: Vec<String> = moments.keys().cloned().collect();
     let mut want = want;
-    (have.sort(), want.sort());
+    have.sort();
+    want.sort();
     assert_eq!(
         have, want,
         "the optimizer state holds the adapters' moments only"

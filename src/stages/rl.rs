@@ -172,6 +172,7 @@ struct Stats {
 }
 
 /// The model the KL leash pulls toward.
+#[allow(clippy::large_enum_variant)] // one per run: boxing the model gains nothing
 pub enum RlReference<B: Backend> {
     /// A frozen model held beside the policy (the `--init` checkpoint loaded again).
     Model(Gpt<B>),

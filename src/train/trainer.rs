@@ -563,9 +563,9 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
     }
 }
 
-/// The LoRA dropout seed of micro-batch `micro` (this rank's `k`-th of `accum`: `rank * accum
-/// + k`) of 0-based step `step` in a run seeded `seed`: a function of those alone, so a
-/// resumed run repeats the masks.
+/// The LoRA dropout seed of micro-batch `micro` (this rank's `k`-th of `accum` is micro-batch
+/// `rank * accum + k`) of 0-based step `step` in a run seeded `seed`: a function of those
+/// alone, so a resumed run repeats the masks.
 pub fn lora_dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
     let base = Rng::new(seed ^ 0x6c6f_7261_5f64_726f).next_u64();
     Rng::new(
