@@ -140,7 +140,16 @@ fn main() {
         2 * L + 1,
         time_ms(|| {
             be.layernorm_backward(
-                &mut dln, &mut dlw, &mut dlb, &dx, &x, &lw, &mean, &rstd, N, C,
+                &mut dln,
+                Some(&mut dlw),
+                Some(&mut dlb),
+                &dx,
+                &x,
+                &lw,
+                &mean,
+                &rstd,
+                N,
+                C,
             )
             .unwrap()
         }),
@@ -175,7 +184,7 @@ fn main() {
             calls,
             time_ms(|| {
                 let db_opt = if has_bias { Some(&mut db) } else { None };
-                be.matmul_backward(&mut dinp, &mut dw, db_opt, &dout, &inp, &w, N, ic, oc)
+                be.matmul_backward(&mut dinp, Some(&mut dw), db_opt, &dout, &inp, &w, N, ic, oc)
                     .unwrap()
             }),
         );

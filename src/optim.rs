@@ -7,6 +7,9 @@
 //! the tensors it owns only; after its update each owner broadcasts its tensors to the others.
 //! The gradients are summed on every rank beforehand, so the update of a tensor is the one
 //! zero 0 computes, and the weights are bit-identical to zero 0 on every rank.
+//!
+//! Frozen tensors (a LoRA model's base, `ParamSpec::trainable` false) take no part: no
+//! moments, no owner, no update, no broadcast; ZeRO-1 shares out the trained tensors only.
 
 use crate::backend::{AdamWStep, Backend, Role};
 use crate::config::RunConfig;
@@ -60,39 +63,56 @@ pub fn state_bytes_per_tensor<B: Backend>(be: &B, numel: usize) -> u64 {
 /// count.
 pub struct AdamW<B: Backend> {
     /// Per tensor, in layout order: its moments where this rank owns it, `None` elsewhere
-    /// (zero 1 only; zero 0 owns every tensor).
+    /// (zero 1 only; zero 0 owns every trained tensor) and for frozen tensors.
     pub m: Vec<Option<B::Buf>>,
     pub v: Vec<Option<B::Buf>>,
     /// Updates applied so far.
     pub step: u64,
     /// The ZeRO stage (0 or 1).
     pub zero: u8,
-    /// Owner rank of each tensor (all this rank's under zero 0).
+    /// Owner rank of each tensor (all this rank's under zero 0); [`FROZEN`] for a frozen one.
     pub owner: Vec<usize>,
     /// This rank.
     pub rank: usize,
-    /// Elements per tensor, in layout order.
+    /// Elements per tensor, in layout order (0 for a frozen tensor: no state).
     numels: Vec<usize>,
 }
+
+/// The owner of a frozen tensor: no rank.
+pub const FROZEN: usize = usize::MAX;
 
 impl<B: Backend> AdamW<B> {
     /// Zeroed moments for every tensor (`zero` 0) or for the tensors this rank owns (`zero`
     /// 1, which also releases the fp32 master copies of the others: [`Backend::release_master`]).
     /// Every rank calls it with the same model layout.
     pub fn new(be: &B, comm: &dyn Collective<B>, model: &mut Gpt<B>, zero: u8) -> Result<Self> {
-        let numels: Vec<usize> = model.layout.specs.iter().map(|s| s.numel()).collect();
+        let specs = &model.layout.specs;
+        let numels: Vec<usize> = specs
+            .iter()
+            .map(|s| if s.trainable { s.numel() } else { 0 })
+            .collect();
+        let trained: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].trainable).collect();
         let rank = comm.rank();
-        let owner = if zero >= 1 {
-            shard_owners(&numels, comm.world_size())
+        let mut owner = vec![FROZEN; numels.len()];
+        let shares = if zero >= 1 {
+            let sizes: Vec<usize> = trained.iter().map(|&i| numels[i]).collect();
+            shard_owners(&sizes, comm.world_size())
         } else {
-            vec![rank; numels.len()]
+            vec![rank; trained.len()]
         };
+        for (&i, o) in trained.iter().zip(shares) {
+            owner[i] = o;
+        }
         let (mut m, mut v) = (
             Vec::with_capacity(numels.len()),
             Vec::with_capacity(numels.len()),
         );
         for (i, &n) in numels.iter().enumerate() {
-            if owner[i] == rank {
+            if owner[i] == FROZEN {
+                // Its master copy went at upload (Gpt::from_values).
+                m.push(None);
+                v.push(None);
+            } else if owner[i] == rank {
                 m.push(Some(be.zeros(n, Role::State)?));
                 v.push(Some(be.zeros(n, Role::State)?));
             } else {
@@ -145,7 +165,14 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 grad_scale,
             };
-            be.adamw(&mut model.params[i], &model.grads[i], m, v, &hp)?;
+            let g =
+                model.grads[i]
+                    .as_ref()
+                    .ok_or_else(|| crate::backend::BackendError::Invalid {
+                        op: "adamw",
+                        msg: format!("tensor {} has moments but no gradient", spec.name),
+                    })?;
+            be.adamw(&mut model.params[i], g, m, v, &hp)?;
         }
         if self.zero >= 1 && comm.world_size() > 1 {
             for root in 0..comm.world_size() {
@@ -180,6 +207,7 @@ impl<B: Backend> AdamW<B> {
     pub fn full_state_bytes(&self, be: &B) -> u64 {
         self.numels
             .iter()
+            .filter(|&&n| n > 0)
             .map(|&n| state_bytes_per_tensor(be, n))
             .sum()
     }

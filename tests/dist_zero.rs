@@ -101,7 +101,7 @@ fn steps(
 ) {
     for step in from..to {
         let mut rng = Rng::new(1000 + step);
-        for g in model.grads.iter_mut() {
+        for g in model.grads.iter_mut().flatten() {
             let n = be.len(g);
             be.write(g, &randn(&mut rng, n, 0.5)).unwrap();
         }

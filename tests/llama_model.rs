@@ -304,7 +304,7 @@ impl GradHook<CpuBackend> for Record {
     fn ready(
         &mut self,
         _: &CpuBackend,
-        _: &mut [<CpuBackend as Backend>::Buf],
+        _: &mut [Option<<CpuBackend as Backend>::Buf>],
         bucket: &[usize],
     ) -> topcoat::model::Result<()> {
         self.0.lock().unwrap().push(bucket.to_vec());

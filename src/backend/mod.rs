@@ -138,8 +138,8 @@ pub trait Backend: Send + Sync {
     fn layernorm_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
-        dbias: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
+        dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
         weight: &Self::Buf,
@@ -208,7 +208,7 @@ pub trait Backend: Send + Sync {
     fn matmul_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
@@ -246,7 +246,7 @@ pub trait Backend: Send + Sync {
     fn matmul_gelu_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
@@ -376,7 +376,7 @@ pub trait Backend: Send + Sync {
     fn rmsnorm_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
         weight: &Self::Buf,
@@ -453,6 +453,57 @@ pub trait Backend: Send + Sync {
         gate_up: &Self::Buf,
         n: usize,
         i: usize,
+    ) -> Result<()>;
+
+    // ---- LoRA: adapter outputs into column slices, seeded dropout ---------------------------
+    /// `y[:, col..col+W] += alpha * x` for `y [N*OC]`, `x [N*W]` (`col + W <= OC`): an
+    /// adapter's output added into its slice of a (possibly fused) projection's output, or an
+    /// input gradient added into another (`col = 0`, `W = OC`, `alpha = 1`).
+    #[allow(clippy::too_many_arguments)]
+    fn add_columns(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()>;
+    /// `out [N*W] = alpha * y[:, col..col+W]` (overwrites): an adapter's slice of an output
+    /// gradient, scaled.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_columns(
+        &self,
+        out: &mut Self::Buf,
+        y: &Self::Buf,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()>;
+    /// Dropout over `n` elements (overwrites `out`): element `i` is kept, times `1/(1-p)`, iff
+    /// the counter-based hash of `(seed, i)` is at least `p` (the rule is spelt out in
+    /// `cpu/lora.rs`), so every backend draws the same mask bit for bit and the backward
+    /// recomputes it from the seed instead of storing it. `p` in `[0, 1)`.
+    fn dropout_forward(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()>;
+    /// The backward of [`Backend::dropout_forward`] with the same `p` and `seed`:
+    /// `dinp = mask * dout / (1 - p)` (overwrites).
+    fn dropout_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        n: usize,
+        p: f32,
+        seed: u64,
     ) -> Result<()>;
 
     // ---- fused softmax + cross-entropy ------------------------------------------------------

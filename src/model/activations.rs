@@ -13,6 +13,8 @@
 //! are the same with SwiGLU for GELU and RMSNorm for layernorm ([`Shared::swiglu`]).
 
 use super::llama::LlamaLayerActs;
+use super::lora::{LoraActs, LoraGrads};
+use super::ParamLayout;
 use crate::backend::{Backend, Result, Role};
 use crate::config::ModelConfig;
 
@@ -97,6 +99,23 @@ pub struct Activations<B: Backend> {
     /// `[N]` per-position loss (0 where the target is masked); fp32 on every backend (`State`),
     /// since stages sum it (sequence log-probabilities) and bf16 would round each term.
     pub losses: B::Buf,
+    /// A LoRA model's adapter activations (model/lora/pass.rs): per adapter `u [N*r]`, plus
+    /// one scratch `[N*width]` per distinct adapter output width and, with dropout, one
+    /// `[N*in]` per distinct input width. `None` without adapters.
+    pub lora: Option<LoraActs<B>>,
+}
+
+/// The adapter activations of a `n`-row pass of `cfg` (`None` without adapters).
+pub(super) fn lora_acts<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    n: usize,
+) -> Result<Option<LoraActs<B>>> {
+    let Some(lora) = &cfg.lora else {
+        return Ok(None);
+    };
+    let slots = ParamLayout::new(cfg).lora;
+    LoraActs::new(be, cfg, &slots, n, lora.dropout > 0.0).map(Some)
 }
 
 /// Gradient scratch for the backward pass (one set, reused by every block).
@@ -112,6 +131,12 @@ pub struct GradScratch<B: Backend> {
     pub dfch: B::Buf,
     /// Llama: `[N*I]` gradient on the SwiGLU output (`None` for GPT-2).
     pub dswiglu: Option<B::Buf>,
+    /// A LoRA model's adapter gradient scratch: `du [N*r]`, one `[N*in]` per distinct adapter
+    /// input width, and GPT-2 with a `down` adapter `[N*4C]` (model/lora/pass.rs).
+    pub lora: Option<LoraGrads<B>>,
+    /// GPT-2 with a LoRA `down` adapter: `[N*4C]`, the gradient on the GELU's output (the
+    /// adapter's input gradient joins the base's before the GELU's backward).
+    pub dgelu: Option<B::Buf>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -164,6 +189,7 @@ impl<B: Backend> Activations<B> {
             lnf_rstd: z(n)?,
             logits: z(n * cfg.padded_vocab_size)?,
             losses: be.zeros(n, Role::State)?,
+            lora: lora_acts(be, cfg, n)?,
         })
     }
 }
@@ -174,6 +200,7 @@ impl<B: Backend> Activations<B> {
     pub fn activation_elements(&self, be: &B) -> usize {
         let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
         let mut n = len(&self.shared.gelu) + len(&self.shared.ln) + len(&self.shared.swiglu);
+        n += self.lora.as_ref().map_or(0, |l| l.activation_elements(be));
         n += self
             .llama
             .iter()
@@ -228,6 +255,18 @@ impl<B: Backend> GradScratch<B> {
             dqkv: z(n * cfg.qkv_width())?,
             dfch: z(n * if llama { 2 * mlp } else { mlp })?,
             dswiglu: llama.then(|| z(n * mlp)).transpose()?,
+            lora: cfg
+                .lora
+                .is_some()
+                .then(|| LoraGrads::new(be, cfg, &ParamLayout::new(cfg).lora, n))
+                .transpose()?,
+            dgelu: (!llama
+                && cfg
+                    .lora
+                    .as_ref()
+                    .is_some_and(|l| l.targets.contains(&crate::config::LoraTarget::Down)))
+            .then(|| z(n * mlp))
+            .transpose()?,
         })
     }
 }

@@ -12,7 +12,8 @@
 //! each with the op the forward used, so the gradients are the same bit for bit.
 
 use super::activations::{pick_ref, Activations, LayerActs};
-use super::{Gpt, GradScratch, LayerIdx, ModelError, Result};
+use super::lora::{self, LoraPass};
+use super::{Gpt, GradScratch, LayerIdx, ModelError, ParamLayout, Result};
 use crate::backend::Backend;
 
 impl<B: Backend> Gpt<B> {
@@ -31,7 +32,7 @@ impl<B: Backend> Gpt<B> {
         // Llama family's untied lm_head).
         be.matmul_backward(
             &mut s.dln,
-            &mut self.grads[lay.head()],
+            self.grads[lay.head()].as_mut(),
             None,
             &acts.logits,
             &acts.lnf,
@@ -44,22 +45,17 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The gradient buckets in the order the backward pass reports them to the grad hook:
-    /// each layer's, last to first, then the rest.
+    /// each layer's, last to first, then the rest; trained tensors only (a LoRA model's
+    /// layer buckets hold its adapters), empty buckets left out.
     pub fn grad_buckets(&self) -> Vec<Vec<usize>> {
         let lay = &self.layout;
-        let mut buckets: Vec<Vec<usize>> = lay
-            .layers
-            .iter()
+        let n_layer = lay.layers.len() + lay.llama_layers.len();
+        let mut buckets: Vec<Vec<usize>> = (0..n_layer)
             .rev()
-            .map(|w| layer_bucket(w).to_vec())
-            .chain(
-                lay.llama_layers
-                    .iter()
-                    .rev()
-                    .map(super::llama::layer_bucket),
-            )
+            .map(|l| layer_grads(lay, &self.grads, l))
             .collect();
-        buckets.push(rest_bucket(lay, self.grads.len()));
+        buckets.push(rest_bucket(lay, &self.grads));
+        buckets.retain(|b| !b.is_empty());
         buckets
     }
 
@@ -90,6 +86,7 @@ impl<B: Backend> Gpt<B> {
             shared,
             lnf_mean,
             lnf_rstd,
+            lora: lora_acts,
             ..
         } = self
             .acts
@@ -99,6 +96,7 @@ impl<B: Backend> Gpt<B> {
             .scratch
             .as_mut()
             .ok_or_else(|| ModelError::Invalid("backward_trunk before ensure_scratch".into()))?;
+        let lora = lora::backward_pass(&self.cfg, lay, &self.params, lora_acts.as_mut());
         let mut pass = TrunkPass {
             be,
             p: &self.params,
@@ -106,6 +104,7 @@ impl<B: Backend> Gpt<B> {
             s: scratch,
             n: b * t,
             c: self.cfg.n_embd,
+            lora,
         };
         let last = layers.last().expect("at least one layer");
         pass.be.fill_zero(&mut pass.s.dresidual)?;
@@ -139,7 +138,7 @@ impl<B: Backend> Gpt<B> {
             }
             let gelu = pick_ref::<B>(&a.fch_gelu, &shared.gelu);
             let ln2 = pick_ref::<B>(&a.ln2, &shared.ln);
-            pass.mlp(w, a, gelu, ln2)?;
+            pass.mlp((l, w), a, gelu, ln2)?;
             if a.ln1.is_none() {
                 let ln = shared.ln.as_mut().expect("allocated at recompute 2");
                 let (mean, rstd) = (&mut a.ln1_mean, &mut a.ln1_rstd);
@@ -147,11 +146,9 @@ impl<B: Backend> Gpt<B> {
                 be.layernorm_forward(ln, mean, rstd, resid_in, lw, lb, n, c)?;
             }
             let ln1 = pick_ref::<B>(&a.ln1, &shared.ln);
-            pass.attention(w, a, ln1, starts, b, t, self.cfg.n_head)?;
+            pass.attention((l, w), a, ln1, starts, b, t, self.cfg.n_head)?;
             pass.layernorm(w.ln1_w, w.ln1_b, resid_in, &a.ln1_mean, &a.ln1_rstd)?;
-            if let Some(hook) = self.grad_hook.as_mut() {
-                hook.ready(be, pass.g, &layer_bucket(w))?;
-            }
+            tell(&mut self.grad_hook, be, pass.g, layer_grads(lay, pass.g, l))?;
         }
         let ids = be.upload_ids(inputs)?;
         let pos = self.packing.as_ref().map(|p| &p.positions);
@@ -160,10 +157,11 @@ impl<B: Backend> Gpt<B> {
             lay.wte,
             lay.wpe.expect("GPT-2 has position embeddings"),
         );
-        be.encoder_backward(gte, gpe, &pass.s.dresidual, &ids, pos, b, t, pass.c)?;
-        if let Some(hook) = self.grad_hook.as_mut() {
-            hook.ready(be, pass.g, &rest_bucket(lay, pass.g.len()))?;
+        // Frozen embeddings (a LoRA model's) have no gradient to scatter into.
+        if let (Some(gte), Some(gpe)) = (gte, gpe) {
+            be.encoder_backward(gte, gpe, &pass.s.dresidual, &ids, pos, b, t, pass.c)?;
         }
+        tell(&mut self.grad_hook, be, pass.g, rest_bucket(lay, pass.g))?;
         Ok(())
     }
 }
@@ -173,10 +171,12 @@ impl<B: Backend> Gpt<B> {
 struct TrunkPass<'a, B: Backend> {
     be: &'a B,
     p: &'a [B::Buf],
-    g: &'a mut [B::Buf],
+    g: &'a mut [Option<B::Buf>],
     s: &'a mut GradScratch<B>,
     n: usize,
     c: usize,
+    /// The adapters, as the forward ran them (`None`: none, or switched off).
+    lora: Option<LoraPass<'a, B>>,
 }
 
 impl<B: Backend> TrunkPass<'_, B> {
@@ -194,8 +194,8 @@ impl<B: Backend> TrunkPass<'_, B> {
         let s = &mut *self.s;
         self.be.layernorm_backward(
             &mut s.dresidual,
-            gw,
-            gb,
+            gw.as_mut(),
+            gb.as_mut(),
             &s.dln,
             input,
             &self.p[w_idx],
@@ -209,36 +209,52 @@ impl<B: Backend> TrunkPass<'_, B> {
 
     /// The MLP branch, residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))), down to the
     /// residual-stream gradient; the fc_proj backward carries its input gradient on through
-    /// the GELU to dfch.
+    /// the GELU to dfch (unfused where a `down` adapter's input gradient must join first).
     /// `gelu` and `ln2` are the layer's GELU and ln_2 outputs (kept or recomputed).
-    fn mlp(&mut self, w: &LayerIdx, a: &LayerActs<B>, gelu: &B::Buf, ln2: &B::Buf) -> Result<()> {
+    fn mlp(
+        &mut self,
+        (l, w): (usize, &LayerIdx),
+        a: &LayerActs<B>,
+        gelu: &B::Buf,
+        ln2: &B::Buf,
+    ) -> Result<()> {
         let (be, p, n, c) = (self.be, self.p, self.n, self.c);
         let (gw, gb) = two_mut(self.g, w.fc_proj_w, w.fc_proj_b);
-        let s = &mut *self.s;
-        be.matmul_gelu_backward(
-            &mut s.dfch,
-            gw,
-            Some(gb),
-            &s.dresidual,
-            gelu,
-            &p[w.fc_proj_w],
-            &a.fch,
-            n,
-            4 * c,
-            c,
-        )?;
+        let GradScratch {
+            dresidual,
+            dln,
+            dfch,
+            lora: gl,
+            dgelu,
+            ..
+        } = &mut *self.s;
+        let (fc_proj, lora) = (&p[w.fc_proj_w], &mut self.lora);
+        if LoraPass::has(lora, l, w.fc_proj_w) {
+            let dgelu = dgelu.as_mut().expect("allocated with a down adapter");
+            let (gw, gb) = (gw.as_mut(), gb.as_mut());
+            be.matmul_backward(dgelu, gw, gb, dresidual, gelu, fc_proj, n, 4 * c, c)?;
+            let gl = gl.as_mut();
+            LoraPass::backward(
+                lora,
+                be,
+                gl,
+                self.g,
+                l,
+                w.fc_proj_w,
+                gelu,
+                dresidual,
+                dgelu,
+                n,
+            )?;
+            be.gelu_backward(dfch, &a.fch, dgelu, n * 4 * c)?;
+        } else {
+            let (gw, gb) = (gw.as_mut(), gb.as_mut());
+            be.matmul_gelu_backward(dfch, gw, gb, dresidual, gelu, fc_proj, &a.fch, n, 4 * c, c)?;
+        }
         let (gw, gb) = two_mut(self.g, w.fc_w, w.fc_b);
-        be.matmul_backward(
-            &mut s.dln,
-            gw,
-            Some(gb),
-            &s.dfch,
-            ln2,
-            &p[w.fc_w],
-            n,
-            c,
-            4 * c,
-        )?;
+        let (gw, gb) = (gw.as_mut(), gb.as_mut());
+        be.matmul_backward(dln, gw, gb, dfch, ln2, &p[w.fc_w], n, c, 4 * c)?;
+        LoraPass::backward(lora, be, gl.as_mut(), self.g, l, w.fc_w, ln2, dfch, dln, n)?;
         self.layernorm(w.ln2_w, w.ln2_b, &a.residual2, &a.ln2_mean, &a.ln2_rstd)
     }
 
@@ -247,7 +263,7 @@ impl<B: Backend> TrunkPass<'_, B> {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
-        w: &LayerIdx,
+        (l, w): (usize, &LayerIdx),
         a: &LayerActs<B>,
         ln1: &B::Buf,
         starts: Option<&B::Ids>,
@@ -256,45 +272,66 @@ impl<B: Backend> TrunkPass<'_, B> {
         nh: usize,
     ) -> Result<()> {
         let (be, p, n, c) = (self.be, self.p, self.n, self.c);
+        let GradScratch {
+            dresidual,
+            dln,
+            datty,
+            dqkv,
+            lora: gl,
+            ..
+        } = &mut *self.s;
+        let lora = &mut self.lora;
         let (gw, gb) = two_mut(self.g, w.attn_proj_w, w.attn_proj_b);
-        let s = &mut *self.s;
-        be.matmul_backward(
-            &mut s.datty,
-            gw,
-            Some(gb),
-            &s.dresidual,
+        let (gw, gb) = (gw.as_mut(), gb.as_mut());
+        let proj = &p[w.attn_proj_w];
+        be.matmul_backward(datty, gw, gb, dresidual, &a.atty, proj, n, c, c)?;
+        let wi = w.attn_proj_w;
+        LoraPass::backward(
+            lora,
+            be,
+            gl.as_mut(),
+            self.g,
+            l,
+            wi,
             &a.atty,
-            &p[w.attn_proj_w],
+            dresidual,
+            datty,
             n,
-            c,
-            c,
         )?;
-        be.attention_backward(
-            &mut s.dqkv,
-            &s.datty,
-            &a.qkv,
-            &a.atty,
-            &a.lse,
-            starts,
-            b,
-            t,
-            c,
-            nh,
-        )?;
+        be.attention_backward(dqkv, datty, &a.qkv, &a.atty, &a.lse, starts, b, t, c, nh)?;
         let (gw, gb) = two_mut(self.g, w.qkv_w, w.qkv_b);
-        be.matmul_backward(
-            &mut s.dln,
-            gw,
-            Some(gb),
-            &s.dqkv,
-            ln1,
-            &p[w.qkv_w],
-            n,
-            c,
-            3 * c,
-        )?;
+        let (gw, gb) = (gw.as_mut(), gb.as_mut());
+        be.matmul_backward(dln, gw, gb, dqkv, ln1, &p[w.qkv_w], n, c, 3 * c)?;
+        LoraPass::backward(lora, be, gl.as_mut(), self.g, l, w.qkv_w, ln1, dqkv, dln, n)?;
         Ok(())
     }
+}
+
+/// Tells the hook (if any) that `bucket` is final, unless it is empty (a frozen layer).
+pub(super) fn tell<B: Backend>(
+    hook: &mut Option<Box<dyn super::GradHook<B>>>,
+    be: &B,
+    g: &mut [Option<B::Buf>],
+    bucket: Vec<usize>,
+) -> Result<()> {
+    match hook.as_mut() {
+        Some(h) if !bucket.is_empty() => h.ready(be, g, &bucket),
+        _ => Ok(()),
+    }
+}
+
+/// Layer `l`'s trained tensors, one gradient bucket: its own (GPT-2 or Llama) and its
+/// adapters' (a LoRA model's base is frozen, so there only the adapters).
+pub(super) fn layer_grads<T>(lay: &ParamLayout, g: &[Option<T>], l: usize) -> Vec<usize> {
+    let own = match lay.layers.get(l) {
+        Some(w) => layer_bucket(w).to_vec(),
+        None => super::llama::layer_bucket(&lay.llama_layers[l]),
+    };
+    let adapters = lay.lora.iter().filter(|s| s.layer == l);
+    own.into_iter()
+        .chain(adapters.flat_map(|s| [s.a, s.b]))
+        .filter(|&i| g[i].is_some())
+        .collect()
 }
 
 /// A layer's parameter indices: one gradient bucket.
@@ -315,15 +352,19 @@ fn layer_bucket(w: &LayerIdx) -> [usize; 12] {
     ]
 }
 
-/// Every parameter index below `n` outside the layers: embeddings, final norm, any head.
-pub(super) fn rest_bucket(lay: &super::ParamLayout, n: usize) -> Vec<usize> {
+/// Every trained tensor outside the layers and their adapters: embeddings, final norm, any
+/// head (a reward head included).
+pub(super) fn rest_bucket<T>(lay: &ParamLayout, g: &[Option<T>]) -> Vec<usize> {
     let in_layers: Vec<usize> = lay
         .layers
         .iter()
         .flat_map(layer_bucket)
         .chain(lay.llama_layers.iter().flat_map(super::llama::layer_bucket))
+        .chain(lay.lora.iter().flat_map(|s| [s.a, s.b]))
         .collect();
-    (0..n).filter(|i| !in_layers.contains(i)).collect()
+    (0..g.len())
+        .filter(|&i| g[i].is_some() && !in_layers.contains(&i))
+        .collect()
 }
 
 /// Two distinct mutable elements of a slice (`i != j`).

@@ -20,6 +20,7 @@
 //! [`KvCache::truncate`] rolls the cache back to a shorter prefix (the rows past it are
 //! overwritten by the next call), which is how a chat keeps a conversation's common prefix.
 
+use super::lora::{self, LoraActs, LoraPass};
 use super::{Gpt, ModelError, Result};
 use crate::backend::{Backend, Role, SampleParams};
 use crate::config::ModelConfig;
@@ -41,6 +42,8 @@ pub(super) struct StepActs<B: Backend> {
     pub(super) proj: B::Buf,
     pub(super) fch: B::Buf,
     pub(super) fch_gelu: B::Buf,
+    /// A LoRA model's adapter buffers for `N` rows (no dropout: decoding trains nothing).
+    pub(super) lora: Option<LoraActs<B>>,
 }
 
 impl<B: Backend> StepActs<B> {
@@ -60,6 +63,14 @@ impl<B: Backend> StepActs<B> {
             proj: z(n * c)?,
             fch: z(n * fch)?,
             fch_gelu: z(n * mlp)?,
+            lora: cfg
+                .lora
+                .is_some()
+                .then(|| {
+                    let slots = super::ParamLayout::new(cfg).lora;
+                    LoraActs::new(be, cfg, &slots, n, false)
+                })
+                .transpose()?,
         })
     }
 }
@@ -96,6 +107,18 @@ impl StepShape {
     /// Positions run (`N = B*Tn`).
     pub(super) fn n(self) -> usize {
         self.b * self.tn
+    }
+}
+
+impl<B: Backend> Gpt<B> {
+    /// The adapters of a decode step over `acts` (as the model's switch says; never dropout).
+    pub(super) fn step_adapters<'a>(
+        &'a self,
+        acts: Option<&'a mut LoraActs<B>>,
+    ) -> Option<LoraPass<'a, B>> {
+        let mut switch = self.lora_switch;
+        switch.grad_pass = false;
+        lora::forward_pass(&self.cfg, &self.layout, &self.params, switch, acts)
     }
 }
 
@@ -330,6 +353,7 @@ impl<B: Backend> Gpt<B> {
     ) -> Result<()> {
         let (p, w) = (&self.params, &self.layout.layers[l]);
         let (n, c, nh) = (sh.n(), self.cfg.n_embd, self.cfg.n_head);
+        let mut lora = self.step_adapters(s.lora.as_mut());
         be.matmul_forward(
             &mut s.qkv,
             &s.ln,
@@ -339,6 +363,7 @@ impl<B: Backend> Gpt<B> {
             c,
             3 * c,
         )?;
+        LoraPass::forward(&mut lora, be, l, w.qkv_w, &s.ln, &mut s.qkv, n)?;
         be.attention_cached_forward(
             &mut s.atty,
             &s.qkv,
@@ -360,6 +385,7 @@ impl<B: Backend> Gpt<B> {
             c,
             c,
         )?;
+        LoraPass::forward(&mut lora, be, l, w.attn_proj_w, &s.atty, &mut s.proj, n)?;
         be.residual_layernorm_forward(
             &mut s.resid2,
             &mut s.ln,
@@ -373,7 +399,14 @@ impl<B: Backend> Gpt<B> {
             c,
         )?;
         let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
-        be.matmul_gelu_forward(&mut s.fch_gelu, &mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
+        if LoraPass::has(&lora, l, w.fc_w) {
+            // The adapter adds before the GELU, as in the training forward.
+            be.matmul_forward(&mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
+            LoraPass::forward(&mut lora, be, l, w.fc_w, &s.ln, &mut s.fch, n)?;
+            be.gelu_forward(&mut s.fch_gelu, &s.fch, n * 4 * c)?;
+        } else {
+            be.matmul_gelu_forward(&mut s.fch_gelu, &mut s.fch, &s.ln, fc_w, fc_b, n, c, 4 * c)?;
+        }
         be.matmul_forward(
             &mut s.proj,
             &s.fch_gelu,
@@ -383,6 +416,7 @@ impl<B: Backend> Gpt<B> {
             4 * c,
             c,
         )?;
+        LoraPass::forward(&mut lora, be, l, w.fc_proj_w, &s.fch_gelu, &mut s.proj, n)?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! Llama family's trunk is llama/forward.rs, the head and the loss are shared.
 
 use super::activations::{pick, Activations, LayerActs, Shared};
+use super::lora::{self, LoraPass};
 use super::packing::PackedIds;
 use super::{Gpt, LayerIdx, ModelError, Packing, ParamLayout, Result};
 use crate::backend::{Backend, LossGrad};
@@ -67,9 +68,9 @@ impl<B: Backend> Gpt<B> {
         let lay = &self.layout;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
-
         let dims = BlockDims { b, t, c, nh };
         embed_forward(be, p, lay, acts, &ids, pos, dims)?;
+        let mut lora = lora::forward_pass(cfg, lay, p, self.lora_switch, acts.lora.as_mut());
         let n_layer = acts.layers.len();
         for l in 0..n_layer {
             let w = &lay.layers[l];
@@ -80,7 +81,18 @@ impl<B: Backend> Gpt<B> {
             } else {
                 &done[l - 1].residual3
             };
-            block_forward(be, p, w, cur, &mut acts.shared, resid_in, starts, dims)?;
+            let shared = &mut acts.shared;
+            block_forward(
+                be,
+                p,
+                (l, w),
+                cur,
+                shared,
+                resid_in,
+                starts,
+                dims,
+                &mut lora,
+            )?;
             // The residual add after the MLP is fused with the next layernorm: the next
             // block's ln_1, or ln_f after the last block.
             let (out, mean, rstd, lw, lb) = match later.first_mut() {
@@ -172,7 +184,8 @@ impl<B: Backend> Gpt<B> {
         loss_scale: f32,
     ) -> Result<Loss> {
         let scale = Some(loss_scale);
-        let tokens = self.targets_pass(be, inputs, targets, packing, b, t, scale)?;
+        let tokens =
+            self.grad_pass(|m| m.targets_pass(be, inputs, targets, packing, b, t, scale))?;
         let loss = self.mean_loss(be, tokens)?;
         if tokens > 0 {
             self.backward(be, inputs, b, t)?;
@@ -284,6 +297,8 @@ fn embed_forward<B: Backend>(
 /// attention half with its residual add fused into ln_2, then the MLP. The MLP's residual add
 /// is left to the caller, which fuses it with the layernorm that follows.
 ///
+/// Each targeted projection's adapters (`lora`) add into its output right after it.
+///
 /// Under recompute the layernorm and GELU outputs go to the `shared` buffers. From
 /// recompute level 1 the GELU runs as its own op after the matmul, the op the backward
 /// recomputes it with, so that both see the same bits on every backend (CUDA's fused
@@ -292,12 +307,13 @@ fn embed_forward<B: Backend>(
 fn block_forward<B: Backend>(
     be: &B,
     p: &[B::Buf],
-    w: &LayerIdx,
+    (l, w): (usize, &LayerIdx),
     cur: &mut LayerActs<B>,
     shared: &mut Shared<B>,
     resid_in: &B::Buf,
     starts: Option<&B::Ids>,
     dims: BlockDims,
+    lora: &mut Option<LoraPass<B>>,
 ) -> Result<()> {
     let BlockDims { b, t, c, nh } = dims;
     let n = b * t;
@@ -311,6 +327,7 @@ fn block_forward<B: Backend>(
         c,
         3 * c,
     )?;
+    LoraPass::forward(lora, be, l, w.qkv_w, ln1, &mut cur.qkv, n)?;
     be.attention_forward(&mut cur.atty, &mut cur.lse, &cur.qkv, starts, b, t, c, nh)?;
     be.matmul_forward(
         &mut cur.attproj,
@@ -321,6 +338,7 @@ fn block_forward<B: Backend>(
         c,
         c,
     )?;
+    LoraPass::forward(lora, be, l, w.attn_proj_w, &cur.atty, &mut cur.attproj, n)?;
     let ln2 = pick::<B>(&mut cur.ln2, &mut shared.ln);
     be.residual_layernorm_forward(
         &mut cur.residual2,
@@ -335,13 +353,15 @@ fn block_forward<B: Backend>(
         c,
     )?;
     let ln2: &B::Buf = ln2;
-    let fused = cur.fch_gelu.is_some();
+    // An adapter on c_fc adds before the GELU: the unfused ops then.
+    let fused = cur.fch_gelu.is_some() && !LoraPass::has(lora, l, w.fc_w);
     let gelu = pick::<B>(&mut cur.fch_gelu, &mut shared.gelu);
     let (fc_w, fc_b) = (&p[w.fc_w], Some(&p[w.fc_b]));
     if fused {
         be.matmul_gelu_forward(gelu, &mut cur.fch, ln2, fc_w, fc_b, n, c, 4 * c)?;
     } else {
         be.matmul_forward(&mut cur.fch, ln2, fc_w, fc_b, n, c, 4 * c)?;
+        LoraPass::forward(lora, be, l, w.fc_w, ln2, &mut cur.fch, n)?;
         be.gelu_forward(gelu, &cur.fch, n * 4 * c)?;
     }
     let gelu: &B::Buf = gelu;
@@ -354,5 +374,6 @@ fn block_forward<B: Backend>(
         4 * c,
         c,
     )?;
+    LoraPass::forward(lora, be, l, w.fc_proj_w, gelu, &mut cur.fcproj, n)?;
     Ok(())
 }

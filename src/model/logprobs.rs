@@ -50,7 +50,7 @@ impl<B: Backend> Gpt<B> {
         t: usize,
         coefficients: impl FnOnce(&[f64]) -> Vec<f32>,
     ) -> Result<Vec<f64>> {
-        let logps = self.sequence_logps(be, inputs, targets, b, t)?;
+        let logps = self.grad_pass(|m| m.sequence_logps(be, inputs, targets, b, t))?;
         let coef = coefficients(&logps);
         if coef.len() != b {
             return Err(ModelError::Invalid(format!(
@@ -100,7 +100,7 @@ impl<B: Backend> Gpt<B> {
         t: usize,
         coefficients: impl FnOnce(&[f32]) -> Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let logps = self.token_logps(be, inputs, targets, b, t)?;
+        let logps = self.grad_pass(|m| m.token_logps(be, inputs, targets, b, t))?;
         let coef = coefficients(&logps);
         if coef.len() != b * t {
             return Err(ModelError::Invalid(format!(

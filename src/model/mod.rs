@@ -52,7 +52,9 @@ pub struct Gpt<B: Backend> {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub params: Vec<B::Buf>,
-    pub grads: Vec<B::Buf>,
+    /// Per tensor, its gradient; `None` for a frozen tensor (`ParamSpec::trainable` false: a
+    /// LoRA model's base), which has no gradient, master copy or optimizer moments.
+    pub grads: Vec<Option<B::Buf>>,
     acts: Option<Activations<B>>,
     scratch: Option<GradScratch<B>>,
     /// The packing of the last forward pass, on the device (`None`: one sequence per row).
@@ -63,6 +65,8 @@ pub struct Gpt<B: Backend> {
     grad_hook: Option<Box<dyn GradHook<B>>>,
     /// Llama family: the RoPE inverse frequencies `[hs/2]` (fp32 `State`), uploaded once.
     rope: Option<B::Buf>,
+    /// LoRA: the adapters' switch and dropout seed (unused without adapters).
+    lora_switch: lora::LoraSwitch,
 }
 
 /// What the backward pass tells as it goes: data parallelism starts summing a bucket of
@@ -71,7 +75,8 @@ pub trait GradHook<B: Backend> {
     /// The gradients `grads[i]` for every `i` in `bucket` are final for this backward pass:
     /// each layer's, last to first, then the rest (embeddings, final layernorm, any head),
     /// whose tied `wte` gradient is final only at the very end.
-    fn ready(&mut self, be: &B, grads: &mut [B::Buf], bucket: &[usize]) -> Result<()>;
+    /// Buckets hold trained tensors only (every `grads[i]` of a bucket is `Some`).
+    fn ready(&mut self, be: &B, grads: &mut [Option<B::Buf>], bucket: &[usize]) -> Result<()>;
 }
 
 impl<B: Backend> Gpt<B> {
@@ -107,8 +112,15 @@ impl<B: Backend> Gpt<B> {
                     spec.shape
                 )));
             }
-            params.push(be.upload(v, Role::Param)?);
-            grads.push(be.zeros(v.len(), Role::Grad)?);
+            let mut p = be.upload(v, Role::Param)?;
+            if spec.trainable {
+                grads.push(Some(be.zeros(v.len(), Role::Grad)?));
+            } else {
+                // Frozen: the working copy alone (bf16 on CUDA), no gradient.
+                be.release_master(&mut p)?;
+                grads.push(None);
+            }
+            params.push(p);
         }
         let rope = cfg
             .llama()
@@ -125,6 +137,7 @@ impl<B: Backend> Gpt<B> {
             grad_hook: None,
             recompute: 0,
             rope,
+            lora_switch: lora::LoraSwitch::default(),
         })
     }
 
@@ -162,9 +175,13 @@ impl<B: Backend> Gpt<B> {
         download_all(be, &self.params)
     }
 
-    /// Downloads every gradient tensor, in layout order.
+    /// Downloads every gradient tensor, in layout order (an empty `Vec` for a frozen tensor).
     pub fn grad_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
-        download_all(be, &self.grads)
+        self.grads
+            .iter()
+            .map(|g| g.as_ref().map_or(Ok(Vec::new()), |g| be.download(g)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
     }
 
     /// Sets (or, with `None`, clears) the hook the backward pass tells when a bucket of
@@ -177,15 +194,15 @@ impl<B: Backend> Gpt<B> {
     }
 
     pub fn zero_grad(&mut self, be: &B) -> Result<()> {
-        for g in &mut self.grads {
+        for g in self.grads.iter_mut().flatten() {
             be.fill_zero(g)?;
         }
         Ok(())
     }
 
-    /// Global L2 norm of all gradients.
+    /// Global L2 norm of all gradients (the trained tensors').
     pub fn grad_norm(&self, be: &B) -> Result<f32> {
-        let refs: Vec<&B::Buf> = self.grads.iter().collect();
+        let refs: Vec<&B::Buf> = self.grads.iter().flatten().collect();
         Ok(be.global_norm(&refs)?)
     }
 

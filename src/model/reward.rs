@@ -133,7 +133,7 @@ impl<B: Backend> Gpt<B> {
         }
         for (spec, values) in head_specs(c).into_iter().zip([weight, &[bias]]) {
             self.params.push(be.upload(values, Role::Param)?);
-            self.grads.push(be.zeros(values.len(), Role::Grad)?);
+            self.grads.push(Some(be.zeros(values.len(), Role::Grad)?));
             self.layout.specs.push(spec);
         }
         self.require_head()
@@ -220,9 +220,13 @@ impl<B: Backend> Gpt<B> {
             (head.weight, grads.dweight.as_slice()),
             (head.bias, &[grads.dbias]),
         ] {
-            let mut g = be.download(&self.grads[idx])?;
+            // The head always trains (in full, even on a LoRA model).
+            let buf = self.grads[idx]
+                .as_mut()
+                .expect("the reward head is trained");
+            let mut g = be.download(buf)?;
             g.iter_mut().zip(add).for_each(|(x, &d)| *x += d);
-            be.write(&mut self.grads[idx], &g)?;
+            be.write(buf, &g)?;
         }
         let c = self.cfg.n_embd;
         let mut dhidden = vec![0.0f32; pass.b * pass.t * c];

@@ -18,8 +18,9 @@ use std::rc::Rc;
 /// What the hook shares with the loop.
 struct State<B: Backend> {
     comm: Rc<dyn Collective<B>>,
-    /// The sum of the step's earlier micro-batches' gradients (`None` with one micro-batch).
-    acc: Option<Vec<B::Buf>>,
+    /// The sum of the step's earlier micro-batches' gradients (`None` with one micro-batch);
+    /// like the model's, `None` per frozen tensor.
+    acc: Option<Vec<Option<B::Buf>>>,
     /// Which parameters' all-reduce has started this step.
     reduced: Vec<bool>,
     /// The collective's error, kept typed (the hook can only return a model error).
@@ -28,7 +29,7 @@ struct State<B: Backend> {
 
 impl<B: Backend> State<B> {
     /// Adds bucket `bucket` of `grads` into the accumulator (if any) and starts its all-reduce.
-    fn ready(&mut self, be: &B, grads: &mut [B::Buf], bucket: &[usize]) -> Result<()> {
+    fn ready(&mut self, be: &B, grads: &mut [Option<B::Buf>], bucket: &[usize]) -> Result<()> {
         if let Some(&i) = bucket.iter().find(|&&i| self.reduced[i]) {
             return Err(ModelError::Invalid(format!(
                 "gradient {i} was reported final twice in one step: the objective ran more than \
@@ -39,13 +40,19 @@ impl<B: Backend> State<B> {
         let target = match &mut self.acc {
             Some(acc) => {
                 for &i in bucket {
-                    be.accumulate(&mut acc[i], &grads[i])?;
+                    if let (Some(a), Some(g)) = (acc[i].as_mut(), grads[i].as_ref()) {
+                        be.accumulate(a, g)?;
+                    }
                 }
                 acc.as_mut_slice()
             }
             None => grads,
         };
-        let mut bufs = pick_mut(target, bucket);
+        // Buckets hold trained tensors only (GradHook), each with its gradient.
+        let mut bufs: Vec<&mut B::Buf> = pick_mut(target, bucket)
+            .into_iter()
+            .map(|g| g.as_mut().expect("a bucket holds trained tensors"))
+            .collect();
         self.comm.all_reduce_sum(be, &mut bufs)?;
         for &i in bucket {
             self.reduced[i] = true;
@@ -61,7 +68,7 @@ impl<B: Backend> GradHook<B> for Hook<B> {
     fn ready(
         &mut self,
         be: &B,
-        grads: &mut [B::Buf],
+        grads: &mut [Option<B::Buf>],
         bucket: &[usize],
     ) -> crate::model::Result<()> {
         let mut s = self.0.borrow_mut();
@@ -120,7 +127,8 @@ impl<B: Backend + 'static> GradSync<B> {
             let mut s = self.state.borrow_mut();
             match &mut s.acc {
                 Some(acc) if k > 0 => {
-                    for (a, g) in acc.iter_mut().zip(&model.grads) {
+                    let pairs = acc.iter_mut().zip(&model.grads);
+                    for (a, g) in pairs.filter_map(|(a, g)| a.as_mut().zip(g.as_ref())) {
                         be.accumulate(a, g)?;
                     }
                 }
@@ -130,7 +138,8 @@ impl<B: Backend + 'static> GradSync<B> {
                         let zeros = model
                             .grads
                             .iter()
-                            .map(|g| be.zeros(be.len(g), Role::Grad))
+                            .map(|g| g.as_ref().map(|g| be.zeros(be.len(g), Role::Grad)))
+                            .map(Option::transpose)
                             .collect::<std::result::Result<Vec<_>, _>>()?;
                         *acc = Some(zeros);
                     }

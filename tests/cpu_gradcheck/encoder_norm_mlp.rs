@@ -163,8 +163,8 @@ fn layernorm_backward_matches_finite_differences() {
     let (mut gi, mut gw, mut gb) = (vec![0.0f32; N * C], vec![0.0f32; C], vec![0.0f32; C]);
     be.layernorm_backward(
         &mut gi,
-        &mut gw,
-        &mut gb,
+        Some(&mut gw),
+        Some(&mut gb),
         &to32(&dout),
         &inp32,
         &w32,
@@ -215,7 +215,7 @@ fn matmul_backward_matches_finite_differences() {
     let (mut dinp, mut dw, mut db) = (vec![0.0; N * C], vec![0.0; OC * C], vec![0.0; OC]);
     matmul::matmul_backward(
         &mut dinp,
-        &mut dw,
+        Some(&mut dw),
         Some(&mut db),
         &dout,
         &inp,
@@ -239,7 +239,7 @@ fn matmul_backward_matches_finite_differences() {
     let (mut a_inp, mut a_w, mut a_b) = (p_inp.clone(), p_w.clone(), p_b.clone());
     matmul::matmul_backward(
         &mut a_inp,
-        &mut a_w,
+        Some(&mut a_w),
         Some(&mut a_b),
         &dout,
         &inp,
@@ -270,7 +270,7 @@ fn matmul_backward_matches_finite_differences() {
     let (mut gi, mut gw, mut gb) = (vec![0.0f32; N * C], vec![0.0f32; OC * C], vec![0.0f32; OC]);
     be.matmul_backward(
         &mut gi,
-        &mut gw,
+        Some(&mut gw),
         Some(&mut gb),
         &to32(&dout),
         &x32,
@@ -284,8 +284,18 @@ fn matmul_backward_matches_finite_differences() {
     assert_close("matmul dweight (f32)", &to64(&gw), &fd_w, F32_TOL);
     assert_close("matmul dbias (f32)", &to64(&gb), &fd_b, F32_TOL);
     let (mut gi2, mut gw2) = (vec![0.0f32; N * C], vec![0.0f32; OC * C]);
-    be.matmul_backward(&mut gi2, &mut gw2, None, &to32(&dout), &x32, &w32, N, C, OC)
-        .unwrap();
+    be.matmul_backward(
+        &mut gi2,
+        Some(&mut gw2),
+        None,
+        &to32(&dout),
+        &x32,
+        &w32,
+        N,
+        C,
+        OC,
+    )
+    .unwrap();
     assert_eq!(
         gi, gi2,
         "dinp must not depend on whether dbias is requested"
@@ -378,7 +388,7 @@ fn matmul_gelu_matches_finite_differences() {
     let (mut gw, mut gb) = (to32(&p_w), to32(&p_b));
     be.matmul_gelu_backward(
         &mut dpre,
-        &mut gw,
+        Some(&mut gw),
         Some(&mut gb),
         &to32(&dout),
         &inp32,
@@ -409,7 +419,7 @@ fn matmul_gelu_matches_finite_differences() {
     let short = vec![0.0f32; N * C - 1];
     match be.matmul_gelu_backward(
         &mut dpre,
-        &mut gw,
+        Some(&mut gw),
         None,
         &to32(&dout),
         &inp32,

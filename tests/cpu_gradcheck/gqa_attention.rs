@@ -441,7 +441,7 @@ fn run_llama_ops(threads: usize) -> Vec<Vec<f32>> {
         be.rmsnorm_forward(&mut xn, &mut rstd, &x, &norm_w, n, c, 1e-5)
             .unwrap();
         let (mut dxn, mut dnw) = (vec![0.0; n * c], vec![0.0; c]);
-        be.rmsnorm_backward(&mut dxn, &mut dnw, &dx, &x, &norm_w, &rstd, n, c)
+        be.rmsnorm_backward(&mut dxn, Some(&mut dnw), &dx, &x, &norm_w, &rstd, n, c)
             .unwrap();
         let starts: Vec<i32> = (0..n).map(|k| (k % t - k % t % 30) as i32).collect();
         let pos: Vec<i32> = (0..n).map(|k| (k % t % 30) as i32).collect();

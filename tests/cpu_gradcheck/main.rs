@@ -117,4 +117,5 @@ mod contract;
 mod encoder_norm_mlp;
 mod gqa_attention;
 mod llama_ops;
+mod lora_ops;
 mod loss_and_optimizer;

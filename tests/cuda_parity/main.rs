@@ -105,6 +105,7 @@ fn packed_positions(rng: &mut Rng, b: usize, t: usize, tmax: usize, one_in: u64)
 mod attention;
 mod gqa_attention;
 mod llama_ops;
+mod lora_ops;
 mod model;
 mod ops;
 mod sampling;

@@ -110,12 +110,30 @@ fn layernorm<B: Backend>(be: &B) {
         let mut gdinp = up(be, &dinp, Role::Activation);
         let (mut gdw, mut gdb) = (up(be, &dw, Role::Grad), up(be, &db, Role::Grad));
         cpu.layernorm_backward(
-            &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+            &mut dinp,
+            Some(&mut dw),
+            Some(&mut db),
+            &dout,
+            &inp,
+            &w,
+            &mean,
+            &rstd,
+            n,
+            c,
         )
         .unwrap();
         let gdout = up(be, &dout, Role::Activation);
         be.layernorm_backward(
-            &mut gdinp, &mut gdw, &mut gdb, &gdout, &ginp, &gw, &gmean, &grstd, n, c,
+            &mut gdinp,
+            Some(&mut gdw),
+            Some(&mut gdb),
+            &gdout,
+            &ginp,
+            &gw,
+            &gmean,
+            &grstd,
+            n,
+            c,
         )
         .unwrap();
         assert_close(
@@ -180,7 +198,7 @@ fn matmul<B: Backend>(be: &B) {
         let (mut gdw, mut gdb) = (up(be, &dw, Role::Grad), up(be, &db, Role::Grad));
         cpu.matmul_backward(
             &mut dinp,
-            &mut dw,
+            Some(&mut dw),
             with_bias.then_some(&mut db),
             &dout,
             &inp,
@@ -193,7 +211,7 @@ fn matmul<B: Backend>(be: &B) {
         let gdout = up(be, &dout, Role::Activation);
         be.matmul_backward(
             &mut gdinp,
-            &mut gdw,
+            Some(&mut gdw),
             with_bias.then_some(&mut gdb),
             &gdout,
             &ginp,
@@ -259,7 +277,7 @@ fn matmul_gelu<B: Backend>(be: &B) {
         let (mut gdw, mut gdb) = (up(be, &dw, Role::Grad), up(be, &db, Role::Grad));
         cpu.matmul_gelu_backward(
             &mut dx,
-            &mut dw,
+            Some(&mut dw),
             with_bias.then_some(&mut db),
             &dout,
             &gelu_x,
@@ -277,7 +295,7 @@ fn matmul_gelu<B: Backend>(be: &B) {
         let gx = up(be, &x, Role::Activation);
         be.matmul_gelu_backward(
             &mut gdx,
-            &mut gdw,
+            Some(&mut gdw),
             with_bias.then_some(&mut gdb),
             &gdout,
             &ggelu_x,

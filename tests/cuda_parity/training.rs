@@ -132,7 +132,7 @@ fn shape_errors<B: Backend>(be: &B) {
         other => panic!("matmul_gelu_forward with a short pre: {other:?}"),
     }
     let mut dw = be.zeros(c * c, Role::Grad).unwrap();
-    match be.matmul_gelu_backward(&mut out, &mut dw, None, &x, &x, &wm, &short, n, c, c) {
+    match be.matmul_gelu_backward(&mut out, Some(&mut dw), None, &x, &x, &wm, &short, n, c, c) {
         Err(BackendError::Shape { what: "pre", .. }) => {}
         other => panic!("matmul_gelu_backward with a short pre: {other:?}"),
     }

@@ -183,7 +183,7 @@ pub fn matmul_forward<F: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<F: Float>(
     dinp: &mut [F],
-    dweight: &mut [F],
+    dweight: Option<&mut [F]>,
     dbias: Option<&mut [F]>,
     dout: &[F],
     inp: &[F],
@@ -196,9 +196,11 @@ pub fn matmul_backward<F: Float>(
     let w = View::rows(&weight[..oc * c], c);
     gemm(n, c, oc, &mut dinp[..n * c], false, dout_v, w);
     // dout^T (OC x N): element (o, i) = dout[i * OC + o].
-    let dout_t = View::cols(&dout[..n * oc], oc);
-    let x = View::rows(&inp[..n * c], c);
-    gemm(oc, c, n, &mut dweight[..oc * c], true, dout_t, x);
+    if let Some(dweight) = dweight {
+        let dout_t = View::cols(&dout[..n * oc], oc);
+        let x = View::rows(&inp[..n * c], c);
+        gemm(oc, c, n, &mut dweight[..oc * c], true, dout_t, x);
+    }
     if let Some(dbias) = dbias {
         for (g, s) in dbias[..oc].iter_mut().zip(sum_rows_f64(dout, n, oc)) {
             *g += F::of(s);

@@ -18,6 +18,7 @@ pub mod encoder;
 pub mod float;
 pub mod gelu;
 pub mod layernorm;
+pub mod lora;
 pub mod matmul;
 mod ops;
 pub mod residual;

@@ -2,8 +2,8 @@
 //! (`backend/shapes.rs`), then calls the f32 function of the kernel family file of its name.
 
 use super::{
-    adamw, attention, cross_entropy, decode, embedding, encoder, gelu, layernorm, matmul, residual,
-    rmsnorm, rope, sample, swiglu, CpuBackend,
+    adamw, attention, cross_entropy, decode, embedding, encoder, gelu, layernorm, lora, matmul,
+    residual, rmsnorm, rope, sample, swiglu, CpuBackend,
 };
 use crate::backend::{
     check_len, shapes, AdamWStep, Backend, BackendError, LossGrad, Result, Role, SampleParams,
@@ -118,8 +118,8 @@ impl Backend for CpuBackend {
     fn layernorm_backward(
         &self,
         dinp: &mut Vec<f32>,
-        dweight: &mut Vec<f32>,
-        dbias: &mut Vec<f32>,
+        dweight: Option<&mut Vec<f32>>,
+        dbias: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         inp: &Vec<f32>,
         weight: &Vec<f32>,
@@ -128,8 +128,13 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        shapes::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?;
-        layernorm::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c);
+        let (dw, db) = (dweight.as_deref(), dbias.as_deref());
+        shapes::layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd, n, c)?;
+        // A frozen weight (LoRA's base) has no gradient: the sums go to scratch.
+        let (mut sw, mut sb) = (Vec::new(), Vec::new());
+        let dw = dweight.unwrap_or_else(|| scratch(&mut sw, c));
+        let db = dbias.unwrap_or_else(|| scratch(&mut sb, c));
+        layernorm::layernorm_backward(dinp, dw, db, dout, inp, weight, mean, rstd, n, c);
         Ok(())
     }
 
@@ -201,7 +206,7 @@ impl Backend for CpuBackend {
     fn matmul_backward(
         &self,
         dinp: &mut Vec<f32>,
-        dweight: &mut Vec<f32>,
+        dweight: Option<&mut Vec<f32>>,
         dbias: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         inp: &Vec<f32>,
@@ -210,7 +215,9 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        shapes::matmul_backward(dinp, dweight, dbias.as_deref(), dout, inp, weight, n, c, oc)?;
+        let (dw, db) = (dweight.as_deref(), dbias.as_deref());
+        shapes::matmul_backward(dinp, dw, db, dout, inp, weight, n, c, oc)?;
+        let dweight = dweight.map(|w| w.as_mut_slice());
         let dbias = dbias.map(|b| b.as_mut_slice());
         matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
         Ok(())
@@ -219,7 +226,7 @@ impl Backend for CpuBackend {
     fn matmul_gelu_backward(
         &self,
         dinp: &mut Vec<f32>,
-        dweight: &mut Vec<f32>,
+        dweight: Option<&mut Vec<f32>>,
         dbias: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         inp: &Vec<f32>,
@@ -229,8 +236,9 @@ impl Backend for CpuBackend {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let db = dbias.as_deref();
-        shapes::matmul_gelu_backward(dinp, dweight, db, dout, inp, weight, pre, n, c, oc)?;
+        let (dw, db) = (dweight.as_deref(), dbias.as_deref());
+        shapes::matmul_gelu_backward(dinp, dw, db, dout, inp, weight, pre, n, c, oc)?;
+        let dweight = dweight.map(|w| w.as_mut_slice());
         let dbias = dbias.map(|b| b.as_mut_slice());
         matmul::matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc);
         gelu::gelu_backward_in_place(dinp, pre, n * c);
@@ -348,6 +356,62 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add_columns(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        shapes::add_columns(y, x, n, oc, col, w, alpha)?;
+        lora::add_columns(y, x, n, oc, col, w, alpha);
+        Ok(())
+    }
+
+    fn copy_columns(
+        &self,
+        out: &mut Vec<f32>,
+        y: &Vec<f32>,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        shapes::copy_columns(out, y, n, oc, col, w, alpha)?;
+        lora::copy_columns(out, y, n, oc, col, w, alpha);
+        Ok(())
+    }
+
+    fn dropout_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        shapes::dropout("dropout_forward", ["out", "inp"], out, inp, n, p)?;
+        lora::dropout_forward(out, inp, n, p, lora::dropout_scale(p), seed);
+        Ok(())
+    }
+
+    fn dropout_backward(
+        &self,
+        dinp: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        shapes::dropout("dropout_backward", ["dinp", "dout"], dinp, dout, n, p)?;
+        lora::dropout_forward(dinp, dout, n, p, lora::dropout_scale(p), seed);
+        Ok(())
+    }
+
     fn rmsnorm_forward(
         &self,
         out: &mut Vec<f32>,
@@ -366,7 +430,7 @@ impl Backend for CpuBackend {
     fn rmsnorm_backward(
         &self,
         dinp: &mut Vec<f32>,
-        dweight: &mut Vec<f32>,
+        dweight: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         inp: &Vec<f32>,
         weight: &Vec<f32>,
@@ -374,8 +438,10 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        shapes::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, n, c)?;
-        rmsnorm::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, n, c);
+        shapes::rmsnorm_backward(dinp, dweight.as_deref(), dout, inp, weight, rstd, n, c)?;
+        let mut sw = Vec::new();
+        let dw = dweight.unwrap_or_else(|| scratch(&mut sw, c));
+        rmsnorm::rmsnorm_backward(dinp, dw, dout, inp, weight, rstd, n, c);
         Ok(())
     }
 
@@ -566,4 +632,11 @@ impl Backend for CpuBackend {
         shapes::sample_tokens(logits, n, v, vp, params, uniforms)?;
         Ok(sample::sample_tokens(logits, n, v, vp, params, uniforms))
     }
+}
+
+/// A zeroed scratch of `c` elements in `buf`, for a frozen weight's discarded gradient sums
+/// (the CPU kernels compute them with the input gradient in one pass).
+fn scratch(buf: &mut Vec<f32>, c: usize) -> &mut Vec<f32> {
+    buf.resize(c, 0.0);
+    buf
 }

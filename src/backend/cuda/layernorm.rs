@@ -97,8 +97,8 @@ pub(super) fn residual_layernorm_forward(
 pub(super) fn backward(
     be: &CudaBackend,
     dinp: &mut CudaBuf,
-    dweight: &mut CudaBuf,
-    dbias: &mut CudaBuf,
+    dweight: Option<&mut CudaBuf>,
+    dbias: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     inp: &CudaBuf,
     weight: &CudaBuf,
@@ -108,13 +108,13 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "layernorm_backward";
-    shapes::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c)?;
+    let (dwr, dbr) = (dweight.as_deref(), dbias.as_deref());
+    shapes::layernorm_backward(dinp, dwr, dbr, dout, inp, weight, mean, rstd, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 || c == 0 {
         return Ok(());
     }
     let dx = dinp.bf16_mut(op, "dinp")?;
-    let (dw, db) = (dweight.f32_mut(op, "dweight")?, dbias.f32_mut(op, "dbias")?);
     let (dy, x, w) = (
         dout.bf16(op, "dout")?,
         inp.bf16(op, "inp")?,
@@ -127,6 +127,11 @@ pub(super) fn backward(
     let kernel = LAYERNORM_BACKWARD_DINP_BF16;
     // SAFETY: dinp/dout/inp hold N*C bf16, weight C, stats 2N floats; one warp per row.
     unsafe { launch!(be, kernel, rows_cfg(n), dx, &mut stats, dy, x, w, &n_, &c_) }?;
+    // Frozen weights (LoRA's base): no parameter gradient to sum.
+    let (Some(dweight), Some(dbias)) = (dweight, dbias) else {
+        return Ok(());
+    };
+    let (dw, db) = (dweight.f32_mut(op, "dweight")?, dbias.f32_mut(op, "dbias")?);
 
     let kernel = LAYERNORM_BACKWARD_PARTIAL_BF16;
     let chunk_rows = CHUNK_ROWS as i32;

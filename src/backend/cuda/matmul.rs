@@ -111,7 +111,7 @@ pub(super) fn forward_with(
 pub(super) fn backward(
     be: &CudaBackend,
     dinp: &mut CudaBuf,
-    dweight: &mut CudaBuf,
+    dweight: Option<&mut CudaBuf>,
     dbias: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     inp: &CudaBuf,
@@ -121,7 +121,17 @@ pub(super) fn backward(
     oc: usize,
 ) -> Result<()> {
     let op = "matmul_backward";
-    shapes::matmul_backward(dinp, dweight, dbias.as_deref(), dout, inp, weight, n, c, oc)?;
+    shapes::matmul_backward(
+        dinp,
+        dweight.as_deref(),
+        dbias.as_deref(),
+        dout,
+        inp,
+        weight,
+        n,
+        c,
+        oc,
+    )?;
     input_grad(be, op, dinp, dout, weight, None, n, c, oc)?;
     weight_grads(be, op, dweight, dbias, dout, inp, n, c, oc)
 }
@@ -181,12 +191,12 @@ pub(super) fn input_grad(
 }
 
 /// Accumulates `dweight += dout^T @ inp` and `dbias += sum_rows(dout)` (lengths checked by the
-/// caller).
+/// caller); a frozen weight (`None`) skips its GEMM.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn weight_grads(
     be: &CudaBackend,
     op: &'static str,
-    dweight: &mut CudaBuf,
+    dweight: Option<&mut CudaBuf>,
     dbias: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     inp: &CudaBuf,
@@ -199,7 +209,7 @@ pub(super) fn weight_grads(
         return Ok(());
     }
     let s = &be.stream;
-    {
+    if let Some(dweight) = dweight {
         let (dy, _gdy) = dout.bf16(op, "dout")?.device_ptr(s);
         let (x, _gx) = inp.bf16(op, "inp")?.device_ptr(s);
         let (dw, _gdw) = dweight.f32_mut(op, "dweight")?.device_ptr_mut(s);

@@ -47,7 +47,7 @@ pub(super) fn forward(
 pub(super) fn backward(
     be: &CudaBackend,
     dinp: &mut CudaBuf,
-    dweight: &mut CudaBuf,
+    dweight: Option<&mut CudaBuf>,
     dbias: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     inp: &CudaBuf,
@@ -60,7 +60,7 @@ pub(super) fn backward(
     let op = "matmul_gelu_backward";
     shapes::matmul_gelu_backward(
         dinp,
-        dweight,
+        dweight.as_deref(),
         dbias.as_deref(),
         dout,
         inp,

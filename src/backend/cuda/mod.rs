@@ -55,6 +55,7 @@ mod gelu;
 mod global_norm;
 pub mod kernels;
 mod layernorm;
+mod lora;
 mod matmul;
 mod matmul_gelu;
 mod nccl;

@@ -5,7 +5,7 @@
 
 use super::{
     accumulate, adamw, attention, cross_entropy, decode, driver_error, encoder, gelu, global_norm,
-    layernorm, matmul, matmul_gelu, residual, rmsnorm, rope, sample, swiglu, AdamWStep,
+    layernorm, lora, matmul, matmul_gelu, residual, rmsnorm, rope, sample, swiglu, AdamWStep,
     CudaBackend, CudaBuf, CudaIds, Result,
 };
 use crate::backend::{shapes, Backend, LossGrad, Role, SampleParams};
@@ -132,8 +132,8 @@ impl Backend for CudaBackend {
     fn layernorm_backward(
         &self,
         dinp: &mut CudaBuf,
-        dweight: &mut CudaBuf,
-        dbias: &mut CudaBuf,
+        dweight: Option<&mut CudaBuf>,
+        dbias: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
         weight: &CudaBuf,
@@ -175,6 +175,56 @@ impl Backend for CudaBackend {
         residual::forward(self, out, a, b, n)
     }
 
+    fn add_columns(
+        &self,
+        y: &mut CudaBuf,
+        x: &CudaBuf,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        lora::add_columns(self, y, x, n, oc, col, w, alpha)
+    }
+
+    fn copy_columns(
+        &self,
+        out: &mut CudaBuf,
+        y: &CudaBuf,
+        n: usize,
+        oc: usize,
+        col: usize,
+        w: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        lora::copy_columns(self, out, y, n, oc, col, w, alpha)
+    }
+
+    fn dropout_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        let names = ["out", "inp"];
+        lora::dropout(self, "dropout_forward", names, out, inp, n, p, seed)
+    }
+
+    fn dropout_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        let names = ["dinp", "dout"];
+        lora::dropout(self, "dropout_backward", names, dinp, dout, n, p, seed)
+    }
+
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, n: usize) -> Result<()> {
         gelu::forward(self, out, inp, n)
     }
@@ -205,7 +255,7 @@ impl Backend for CudaBackend {
     fn matmul_backward(
         &self,
         dinp: &mut CudaBuf,
-        dweight: &mut CudaBuf,
+        dweight: Option<&mut CudaBuf>,
         dbias: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
@@ -234,7 +284,7 @@ impl Backend for CudaBackend {
     fn matmul_gelu_backward(
         &self,
         dinp: &mut CudaBuf,
-        dweight: &mut CudaBuf,
+        dweight: Option<&mut CudaBuf>,
         dbias: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
@@ -357,7 +407,7 @@ impl Backend for CudaBackend {
     fn rmsnorm_backward(
         &self,
         dinp: &mut CudaBuf,
-        dweight: &mut CudaBuf,
+        dweight: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
         weight: &CudaBuf,

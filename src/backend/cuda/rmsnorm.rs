@@ -87,7 +87,7 @@ pub(super) fn residual_rmsnorm_forward(
 pub(super) fn backward(
     be: &CudaBackend,
     dinp: &mut CudaBuf,
-    dweight: &mut CudaBuf,
+    dweight: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     inp: &CudaBuf,
     weight: &CudaBuf,
@@ -96,13 +96,12 @@ pub(super) fn backward(
     c: usize,
 ) -> Result<()> {
     let op = "rmsnorm_backward";
-    shapes::rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, n, c)?;
+    shapes::rmsnorm_backward(dinp, dweight.as_deref(), dout, inp, weight, rstd, n, c)?;
     let (n_, c_) = (as_i32(op, "N", n)?, as_i32(op, "C", c)?);
     if n == 0 || c == 0 {
         return Ok(());
     }
     let dx = dinp.bf16_mut(op, "dinp")?;
-    let dw = dweight.f32_mut(op, "dweight")?;
     let (dy, x, w) = (
         dout.bf16(op, "dout")?,
         inp.bf16(op, "inp")?,
@@ -115,6 +114,11 @@ pub(super) fn backward(
     let kernel = RMSNORM_BACKWARD_DINP_BF16;
     // SAFETY: dinp/dout/inp hold N*C bf16, weight C bf16, rstd N fp32; one warp per row.
     unsafe { launch!(be, kernel, rows_cfg(n), dx, dy, x, w, s, &n_, &c_) }?;
+    // A frozen weight (LoRA's base): no parameter gradient to sum.
+    let Some(dweight) = dweight else {
+        return Ok(());
+    };
+    let dw = dweight.f32_mut(op, "dweight")?;
 
     let kernel = RMSNORM_BACKWARD_PARTIAL_BF16;
     let chunk_rows = CHUNK_ROWS as i32;

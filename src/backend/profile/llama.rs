@@ -81,7 +81,7 @@ macro_rules! llama_ops {
         }
         timed! {
             /// dout and inp read, dinp read and written.
-            rmsnorm_backward(dinp: &mut Self::Buf, dweight: &mut Self::Buf, dout: &Self::Buf,
+            rmsnorm_backward(dinp: &mut Self::Buf, dweight: Option<&mut Self::Buf>, dout: &Self::Buf,
                 inp: &Self::Buf, weight: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize)
             |act, _| (4.0 * (n * c) as f64 * act, 0.0)
         }

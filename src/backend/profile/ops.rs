@@ -112,8 +112,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn layernorm_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
-        dbias: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
+        dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
         weight: &Self::Buf,
@@ -200,7 +200,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn matmul_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
@@ -238,7 +238,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn matmul_gelu_backward(
         &self,
         dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
+        dweight: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
@@ -298,6 +298,30 @@ impl<B: Backend> Backend for Profiled<'_, B> {
 
     // The grouped-query attention and the Llama family's ops, in the `timed!` shorthand.
     llama_ops!();
+
+    // LoRA's column-slice and dropout ops (memory bound, no matrix products).
+    timed! {
+        /// The slice of y read and written, x read.
+        add_columns(y: &mut Self::Buf, x: &Self::Buf, n: usize, oc: usize, col: usize,
+            w: usize, alpha: f32)
+        |act, _| { let _ = (oc, col, alpha); (3.0 * (n * w) as f64 * act, 0.0) }
+    }
+    timed! {
+        /// The slice of y read, out written.
+        copy_columns(out: &mut Self::Buf, y: &Self::Buf, n: usize, oc: usize, col: usize,
+            w: usize, alpha: f32)
+        |act, _| { let _ = (oc, col, alpha); (2.0 * (n * w) as f64 * act, 0.0) }
+    }
+    timed! {
+        /// inp read, out written (the mask is recomputed, never stored).
+        dropout_forward(out: &mut Self::Buf, inp: &Self::Buf, n: usize, p: f32, seed: u64)
+        |act, _| { let _ = (p, seed); (2.0 * n as f64 * act, 0.0) }
+    }
+    timed! {
+        /// dout read, dinp written.
+        dropout_backward(dinp: &mut Self::Buf, dout: &Self::Buf, n: usize, p: f32, seed: u64)
+        |act, _| { let _ = (p, seed); (2.0 * n as f64 * act, 0.0) }
+    }
 
     fn cross_entropy(
         &self,

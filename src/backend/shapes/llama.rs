@@ -135,7 +135,7 @@ fn rmsnorm_for<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dout: &L,
     inp: &L,
     weight: &L,
@@ -148,7 +148,8 @@ pub fn rmsnorm_backward<L: Len + ?Sized>(
         return Err(invalid(op, "C must be positive".into()));
     }
     elementwise(op, &[("dinp", dinp), ("dout", dout), ("inp", inp)], n * c)?;
-    elementwise(op, &[("dweight", dweight), ("weight", weight)], c)?;
+    elementwise(op, &[("weight", weight)], c)?;
+    dweight.map_or(Ok(()), |x| check_len(op, "dweight", c, x.len()))?;
     check_len(op, "rstd", n, rstd.len())
 }
 

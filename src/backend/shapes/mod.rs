@@ -259,8 +259,8 @@ fn layernorm_for<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
-    dbias: &L,
+    dweight: Option<&L>,
+    dbias: Option<&L>,
     dout: &L,
     inp: &L,
     weight: &L,
@@ -271,11 +271,9 @@ pub fn layernorm_backward<L: Len + ?Sized>(
 ) -> Result<()> {
     let op = "layernorm_backward";
     elementwise(op, &[("dinp", dinp), ("dout", dout), ("inp", inp)], n * c)?;
-    elementwise(
-        op,
-        &[("dweight", dweight), ("dbias", dbias), ("weight", weight)],
-        c,
-    )?;
+    elementwise(op, &[("weight", weight)], c)?;
+    dweight.map_or(Ok(()), |x| check_len(op, "dweight", c, x.len()))?;
+    dbias.map_or(Ok(()), |x| check_len(op, "dbias", c, x.len()))?;
     elementwise(op, &[("mean", mean), ("rstd", rstd)], n)
 }
 
@@ -332,7 +330,7 @@ fn matmul_forward_for<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -349,7 +347,7 @@ pub fn matmul_backward<L: Len + ?Sized>(
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_gelu_backward<L: Len + ?Sized>(
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -369,7 +367,7 @@ pub fn matmul_gelu_backward<L: Len + ?Sized>(
 fn matmul_backward_for<L: Len + ?Sized>(
     op: &'static str,
     dinp: &L,
-    dweight: &L,
+    dweight: Option<&L>,
     dbias: Option<&L>,
     dout: &L,
     inp: &L,
@@ -379,7 +377,7 @@ fn matmul_backward_for<L: Len + ?Sized>(
     oc: usize,
 ) -> Result<()> {
     check_len(op, "dinp", n * c, dinp.len())?;
-    check_len(op, "dweight", oc * c, dweight.len())?;
+    dweight.map_or(Ok(()), |x| check_len(op, "dweight", oc * c, x.len()))?;
     dbias.map_or(Ok(()), |x| check_len(op, "dbias", oc, x.len()))?;
     check_len(op, "dout", n * oc, dout.len())?;
     check_len(op, "inp", n * c, inp.len())?;
@@ -391,3 +389,6 @@ pub use sequence::*;
 
 mod llama;
 pub use llama::*;
+
+mod lora;
+pub use lora::*;

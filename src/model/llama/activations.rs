@@ -105,6 +105,7 @@ impl<B: Backend> Activations<B> {
             lnf_rstd: stat(n)?,
             logits: z(n * cfg.padded_vocab_size)?,
             losses: be.zeros(n, Role::State)?,
+            lora: super::super::activations::lora_acts(be, cfg, n)?,
         })
     }
 }

@@ -10,7 +10,8 @@
 //! recomputes its SwiGLU output (level 1) and norm outputs (level 2) with the forward's ops.
 
 use super::super::activations::pick_ref;
-use super::super::backward::two_mut;
+use super::super::backward::{layer_grads, rest_bucket, tell, two_mut};
+use super::super::lora::{self, LoraPass};
 use super::super::params::LlamaLayerIdx;
 use super::super::{Activations, Gpt, GradScratch, ModelError, Result};
 use super::forward::Dims;
@@ -43,6 +44,7 @@ impl<B: Backend> Gpt<B> {
             llama,
             shared,
             lnf_rstd,
+            lora: lora_acts,
             ..
         } = self
             .acts
@@ -52,11 +54,13 @@ impl<B: Backend> Gpt<B> {
             .scratch
             .as_mut()
             .ok_or_else(|| ModelError::Invalid("backward_trunk before ensure_scratch".into()))?;
+        let lora = lora::backward_pass(&self.cfg, lay, &self.params, lora_acts.as_mut());
         let mut pass = Pass {
             be,
             p: &self.params,
             g: &mut self.grads,
             s,
+            lora,
             rope: self
                 .rope
                 .as_ref()
@@ -89,28 +93,23 @@ impl<B: Backend> Gpt<B> {
             }
             let act = pick_ref::<B>(&a.swiglu, &shared.swiglu);
             let ln2 = pick_ref::<B>(&a.ln2, &shared.ln);
-            pass.mlp(w, a, act, ln2)?;
+            pass.mlp((l, w), a, act, ln2)?;
             if a.ln1.is_none() {
                 let ln = shared.ln.as_mut().expect("allocated at recompute 2");
                 let (rstd, lw) = (&mut a.ln1_rstd, &p[w.ln1_w]);
                 be.rmsnorm_forward(ln, rstd, resid_in, lw, n, c, d.eps)?;
             }
             let ln1 = pick_ref::<B>(&a.ln1, &shared.ln);
-            pass.attention(w, a, ln1)?;
+            pass.attention((l, w), a, ln1)?;
             pass.rmsnorm(w.ln1_w, resid_in, &a.ln1_rstd)?;
-            if let Some(hook) = self.grad_hook.as_mut() {
-                hook.ready(be, pass.g, &layer_bucket(w))?;
-            }
+            tell(&mut self.grad_hook, be, pass.g, layer_grads(lay, pass.g, l))?;
         }
-        let ids = be.upload_ids(inputs)?;
-        be.embedding_backward(&mut pass.g[lay.wte], &pass.s.dresidual, &ids, b, t, c)?;
-        if let Some(hook) = self.grad_hook.as_mut() {
-            hook.ready(
-                be,
-                pass.g,
-                &super::super::backward::rest_bucket(lay, pass.g.len()),
-            )?;
+        // A frozen embedding (a LoRA model's) has no gradient to scatter into.
+        if let Some(gte) = pass.g[lay.wte].as_mut() {
+            let ids = be.upload_ids(inputs)?;
+            be.embedding_backward(gte, &pass.s.dresidual, &ids, b, t, c)?;
         }
+        tell(&mut self.grad_hook, be, pass.g, rest_bucket(lay, pass.g))?;
         Ok(())
     }
 }
@@ -119,8 +118,10 @@ impl<B: Backend> Gpt<B> {
 struct Pass<'a, B: Backend> {
     be: &'a B,
     p: &'a [B::Buf],
-    g: &'a mut [B::Buf],
+    g: &'a mut [Option<B::Buf>],
     s: &'a mut GradScratch<B>,
+    /// The adapters, as the forward ran them (`None`: none, or switched off).
+    lora: Option<LoraPass<'a, B>>,
     rope: &'a B::Buf,
     pos: Option<&'a B::Ids>,
     starts: Option<&'a B::Ids>,
@@ -134,7 +135,7 @@ impl<B: Backend> Pass<'_, B> {
         let s = &mut *self.s;
         self.be.rmsnorm_backward(
             &mut s.dresidual,
-            &mut self.g[w_idx],
+            self.g[w_idx].as_mut(),
             &s.dln,
             input,
             &self.p[w_idx],
@@ -147,65 +148,84 @@ impl<B: Backend> Pass<'_, B> {
 
     /// The MLP branch, residual3 = residual2 + down(swiglu(gate_up(ln2(residual2)))), down to
     /// the residual-stream gradient. `act` and `ln2` are the layer's SwiGLU and norm outputs
-    /// (kept or recomputed).
+    /// (kept or recomputed). Each projection's adapters follow its own backward.
     fn mlp(
         &mut self,
-        w: &LlamaLayerIdx,
+        (l, w): (usize, &LlamaLayerIdx),
         a: &LlamaLayerActs<B>,
         act: &B::Buf,
         ln2: &B::Buf,
     ) -> Result<()> {
         let (be, p, d) = (self.be, self.p, self.d);
         let (n, c, i) = (d.n(), d.c, d.i);
-        let s = &mut *self.s;
-        let dswiglu = s.dswiglu.as_mut().expect("allocated for the Llama family");
-        let dres = &s.dresidual;
-        be.matmul_backward(
+        let GradScratch {
+            dresidual,
+            dln,
+            dfch,
             dswiglu,
-            &mut self.g[w.down_w],
-            None,
-            dres,
+            lora: gl,
+            ..
+        } = &mut *self.s;
+        let (g, lora) = (&mut *self.g, &mut self.lora);
+        let dswiglu = dswiglu.as_mut().expect("allocated for the Llama family");
+        let (dw, wd) = (g[w.down_w].as_mut(), &p[w.down_w]);
+        be.matmul_backward(dswiglu, dw, None, dresidual, act, wd, n, i, c)?;
+        LoraPass::backward(
+            lora,
+            be,
+            gl.as_mut(),
+            g,
+            l,
+            w.down_w,
             act,
-            &p[w.down_w],
+            dresidual,
+            dswiglu,
             n,
-            i,
-            c,
         )?;
-        be.swiglu_backward(&mut s.dfch, dswiglu, &a.gate_up, n, i)?;
-        be.matmul_backward(
-            &mut s.dln,
-            &mut self.g[w.gate_up_w],
-            None,
-            &s.dfch,
-            ln2,
-            &p[w.gate_up_w],
-            n,
-            c,
-            2 * i,
-        )?;
+        be.swiglu_backward(dfch, dswiglu, &a.gate_up, n, i)?;
+        let (dw, wgu) = (g[w.gate_up_w].as_mut(), &p[w.gate_up_w]);
+        be.matmul_backward(dln, dw, None, dfch, ln2, wgu, n, c, 2 * i)?;
+        LoraPass::backward(lora, be, gl.as_mut(), g, l, w.gate_up_w, ln2, dfch, dln, n)?;
         self.rmsnorm(w.ln2_w, &a.residual2, &a.ln2_rstd)
     }
 
     /// The attention branch, residual2 = x + o(attention(rope(qkv(ln1(x))))), down to `dln`
-    /// (the gradient on the input norm's output `ln1`).
-    fn attention(&mut self, w: &LlamaLayerIdx, a: &LlamaLayerActs<B>, ln1: &B::Buf) -> Result<()> {
+    /// (the gradient on the input norm's output `ln1`). The q/k/v adapters see the gradient
+    /// before RoPE, where the forward added them.
+    fn attention(
+        &mut self,
+        (l, w): (usize, &LlamaLayerIdx),
+        a: &LlamaLayerActs<B>,
+        ln1: &B::Buf,
+    ) -> Result<()> {
         let (be, p, d) = (self.be, self.p, self.d);
         let (n, c) = (d.n(), d.c);
-        let s = &mut *self.s;
-        be.matmul_backward(
-            &mut s.datty,
-            &mut self.g[w.o_w],
-            None,
-            &s.dresidual,
+        let GradScratch {
+            dresidual,
+            dln,
+            datty,
+            dqkv,
+            lora: gl,
+            ..
+        } = &mut *self.s;
+        let (g, lora) = (&mut *self.g, &mut self.lora);
+        let (dw, wo) = (g[w.o_w].as_mut(), &p[w.o_w]);
+        be.matmul_backward(datty, dw, None, dresidual, &a.atty, wo, n, c, c)?;
+        LoraPass::backward(
+            lora,
+            be,
+            gl.as_mut(),
+            g,
+            l,
+            w.o_w,
             &a.atty,
-            &p[w.o_w],
+            dresidual,
+            datty,
             n,
-            c,
-            c,
         )?;
         be.attention_gqa_backward(
-            &mut s.dqkv,
-            &s.datty,
+            dqkv,
+            datty,
             &a.qkv,
             &a.atty,
             &a.lse,
@@ -216,24 +236,16 @@ impl<B: Backend> Pass<'_, B> {
             d.nh,
             d.nkv,
         )?;
-        be.rope_backward(
-            &mut s.dqkv,
-            self.rope,
-            self.pos,
-            d.b,
-            d.t,
-            d.nh,
-            d.nkv,
-            d.hs,
-        )?;
+        be.rope_backward(dqkv, self.rope, self.pos, d.b, d.t, d.nh, d.nkv, d.hs)?;
         let (gw, gb) = match w.qkv_b {
             Some(bi) => {
-                let (gw, gb) = two_mut(self.g, w.qkv_w, bi);
-                (gw, Some(gb))
+                let (gw, gb) = two_mut(g, w.qkv_w, bi);
+                (gw.as_mut(), gb.as_mut())
             }
-            None => (&mut self.g[w.qkv_w], None),
+            None => (g[w.qkv_w].as_mut(), None),
         };
-        be.matmul_backward(&mut s.dln, gw, gb, &s.dqkv, ln1, &p[w.qkv_w], n, c, d.qkv)?;
+        be.matmul_backward(dln, gw, gb, dqkv, ln1, &p[w.qkv_w], n, c, d.qkv)?;
+        LoraPass::backward(lora, be, gl.as_mut(), g, l, w.qkv_w, ln1, dqkv, dln, n)?;
         Ok(())
     }
 }

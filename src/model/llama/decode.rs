@@ -7,6 +7,7 @@
 //! (llama/forward.rs), so cached decoding gives the full forward's logits.
 
 use super::super::decode::{LastPosition, StepActs, StepShape};
+use super::super::lora::LoraPass;
 use super::super::{Gpt, Result};
 use crate::backend::Backend;
 
@@ -34,9 +35,11 @@ impl<B: Backend> Gpt<B> {
         be.embedding_forward(&mut s.resid, &gids, &p[lay.wte], sh.b, sh.tn, c)?;
         let w0 = &lay.llama_layers[0];
         be.rmsnorm_forward(&mut s.ln, &mut s.rstd, &s.resid, &p[w0.ln1_w], n, c, d.eps)?;
+        let mut lora = self.step_adapters(s.lora.as_mut());
         for (l, w) in lay.llama_layers.iter().enumerate() {
             let bias = w.qkv_b.map(|i| &p[i]);
             be.matmul_forward(&mut s.qkv, &s.ln, &p[w.qkv_w], bias, n, c, d.qkv)?;
+            LoraPass::forward(&mut lora, be, l, w.qkv_w, &s.ln, &mut s.qkv, n)?;
             be.rope_forward(
                 &mut s.qkv, rope, None, sh.past, sh.b, sh.tn, d.nh, d.nkv, d.hs,
             )?;
@@ -54,6 +57,7 @@ impl<B: Backend> Gpt<B> {
                 d.nkv,
             )?;
             be.matmul_forward(&mut s.proj, &s.atty, &p[w.o_w], None, n, c, c)?;
+            LoraPass::forward(&mut lora, be, l, w.o_w, &s.atty, &mut s.proj, n)?;
             be.residual_rmsnorm_forward(
                 &mut s.resid2,
                 &mut s.ln,
@@ -66,8 +70,10 @@ impl<B: Backend> Gpt<B> {
                 d.eps,
             )?;
             be.matmul_forward(&mut s.fch, &s.ln, &p[w.gate_up_w], None, n, c, 2 * d.i)?;
+            LoraPass::forward(&mut lora, be, l, w.gate_up_w, &s.ln, &mut s.fch, n)?;
             be.swiglu_forward(&mut s.fch_gelu, &s.fch, n, d.i)?;
             be.matmul_forward(&mut s.proj, &s.fch_gelu, &p[w.down_w], None, n, d.i, c)?;
+            LoraPass::forward(&mut lora, be, l, w.down_w, &s.fch_gelu, &mut s.proj, n)?;
             // The residual add, fused with the next RMSNorm: the next block's input norm, or
             // the final norm when every new position goes to the head (Tn = 1).
             if let Some(nw) = lay.llama_layers.get(l + 1) {

@@ -3,6 +3,7 @@
 //! as GPT-2 fuses its residual adds with layernorm.
 
 use super::super::activations::{pick, Activations, Shared};
+use super::super::lora::{self, LoraPass};
 use super::super::params::LlamaLayerIdx;
 use super::super::{Gpt, Result};
 use super::LlamaLayerActs;
@@ -66,6 +67,8 @@ impl<B: Backend> Gpt<B> {
             .expect("a Llama-family model has its RoPE table");
         let (lay, p) = (&self.layout, &self.params);
         let acts = self.acts.as_mut().expect("allocated by ensure_acts");
+        let switch = self.lora_switch;
+        let mut lora = lora::forward_pass(&self.cfg, lay, p, switch, acts.lora.as_mut());
         be.embedding_forward(&mut acts.encoded, ids, &p[lay.wte], b, t, c)?;
         let first = &mut acts.llama[0];
         be.rmsnorm_forward(
@@ -96,13 +99,14 @@ impl<B: Backend> Gpt<B> {
             let block = Block {
                 be,
                 p,
+                l,
                 w: &lay.llama_layers[l],
                 rope,
                 pos,
                 starts,
                 d,
             };
-            block.forward(cur, shared, resid_in)?;
+            block.forward(cur, shared, resid_in, &mut lora)?;
             // The block's last residual add, fused with the next RMSNorm: the next block's
             // input norm, or the final norm after the last block.
             let (out, rstd, nw) = match later.first_mut() {
@@ -133,6 +137,7 @@ impl<B: Backend> Gpt<B> {
 struct Block<'a, B: Backend> {
     be: &'a B,
     p: &'a [B::Buf],
+    l: usize,
     w: &'a LlamaLayerIdx,
     rope: &'a B::Buf,
     pos: Option<&'a B::Ids>,
@@ -143,18 +148,21 @@ struct Block<'a, B: Backend> {
 impl<B: Backend> Block<'_, B> {
     /// The block on `cur.ln1` (its input norm of `resid_in`) up to the MLP's output
     /// `cur.down`; the last residual add is the caller's. Under recompute the norm and SwiGLU
-    /// outputs go to the `shared` buffers.
+    /// outputs go to the `shared` buffers. Each targeted projection's adapters (`lora`) add
+    /// into its output right after it (q, k, v before RoPE).
     fn forward(
         &self,
         cur: &mut LlamaLayerActs<B>,
         shared: &mut Shared<B>,
         resid_in: &B::Buf,
+        lora: &mut Option<LoraPass<B>>,
     ) -> Result<()> {
-        let (be, p, w, d) = (self.be, self.p, self.w, self.d);
+        let (be, p, w, d, l) = (self.be, self.p, self.w, self.d, self.l);
         let (n, c) = (d.n(), d.c);
         let ln1 = pick::<B>(&mut cur.ln1, &mut shared.ln);
         let bias = w.qkv_b.map(|i| &p[i]);
         be.matmul_forward(&mut cur.qkv, ln1, &p[w.qkv_w], bias, n, c, d.qkv)?;
+        LoraPass::forward(lora, be, l, w.qkv_w, ln1, &mut cur.qkv, n)?;
         be.rope_forward(
             &mut cur.qkv,
             self.rope,
@@ -178,6 +186,7 @@ impl<B: Backend> Block<'_, B> {
             d.nkv,
         )?;
         be.matmul_forward(&mut cur.attproj, &cur.atty, &p[w.o_w], None, n, c, c)?;
+        LoraPass::forward(lora, be, l, w.o_w, &cur.atty, &mut cur.attproj, n)?;
         let ln2 = pick::<B>(&mut cur.ln2, &mut shared.ln);
         be.residual_rmsnorm_forward(
             &mut cur.residual2,
@@ -192,10 +201,12 @@ impl<B: Backend> Block<'_, B> {
         )?;
         let ln2: &B::Buf = ln2;
         be.matmul_forward(&mut cur.gate_up, ln2, &p[w.gate_up_w], None, n, c, 2 * d.i)?;
+        LoraPass::forward(lora, be, l, w.gate_up_w, ln2, &mut cur.gate_up, n)?;
         let act = pick::<B>(&mut cur.swiglu, &mut shared.swiglu);
         be.swiglu_forward(act, &cur.gate_up, n, d.i)?;
         let act: &B::Buf = act;
         be.matmul_forward(&mut cur.down, act, &p[w.down_w], None, n, d.i, c)?;
+        LoraPass::forward(lora, be, l, w.down_w, act, &mut cur.down, n)?;
         Ok(())
     }
 }
