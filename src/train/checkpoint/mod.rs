@@ -415,8 +415,20 @@ fn read_training(
     let path = dir.join("optimizer.safetensors");
     let bytes = manifest.read_verified(dir, "optimizer.safetensors")?;
     let st = parse_safetensors(&path, &bytes)?;
-    let m = tensors_of(&path, &st, specs, "m.")?;
-    let v = tensors_of(&path, &st, specs, "v.")?;
+    // Moments exist for the trained tensors only; a frozen one's are empty.
+    let trained: Vec<ParamSpec> = specs.iter().filter(|s| s.trainable).cloned().collect();
+    let spread = |t: Tensors| -> Tensors {
+        let mut t = t.into_iter();
+        specs
+            .iter()
+            .map(|s| match s.trainable {
+                true => t.next().expect("one per trained tensor"),
+                false => Vec::new(),
+            })
+            .collect()
+    };
+    let m = spread(tensors_of(&path, &st, &trained, "m.")?);
+    let v = spread(tensors_of(&path, &st, &trained, "v.")?);
     Ok((m, v, state))
 }
 
