@@ -83,3 +83,113 @@ fn dropout<B: Backend>(be: &B) {
 }
 
 parity_tests!(dropout => dropout_cpu, dropout_cuda);
+
+/// A whole LoRA model (bf16 frozen base, adapters on every projection, dropout on) against
+/// the f32 CPU reference: one training pass's loss and adapter gradients, and the logits with
+/// the adapters switched off.
+const LORA_MODEL_TOL: f64 = 2e-2;
+const LORA_TENSOR_TOL: f64 = 5e-2;
+
+fn lora_model<B: Backend>(be: &B) {
+    use topcoat::config::{Family, LlamaShape, LoraConfig, LoraTarget, ModelConfig};
+    use topcoat::model::Gpt;
+    let gpt2 = ModelConfig {
+        vocab_size: 61,
+        padded_vocab_size: 64,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 64,
+        max_seq_len: 48,
+        family: Family::default(),
+        lora: None,
+    };
+    let llama = ModelConfig {
+        family: Family::Llama(LlamaShape::new(1, 96)),
+        ..gpt2.clone()
+    };
+    for cfg in [gpt2, llama] {
+        let mut rng = Rng::new(91);
+        let (b, t) = (3, 40);
+        let inputs = ids_for(&mut rng, b * t, cfg.vocab_size);
+        let targets = ids_for(&mut rng, b * t, cfg.vocab_size);
+        let base = Gpt::init(&CpuBackend, &cfg, 5)
+            .unwrap()
+            .param_values(&CpuBackend)
+            .unwrap();
+        let lora = LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: LoraTarget::all_for(&cfg),
+        };
+        // Adapters with B moved off zero (bf16-exact values, so both backends see them).
+        let mut values = Gpt::with_lora(&CpuBackend, &cfg, base, lora.clone(), 6)
+            .unwrap()
+            .param_values(&CpuBackend)
+            .unwrap();
+        let mut lcfg = cfg.clone();
+        lcfg.lora = Some(lora);
+        let slots = topcoat::model::ParamLayout::new(&lcfg).lora;
+        for s in &slots {
+            for idx in [s.a, s.b] {
+                values[idx] = randn(&mut rng, values[idx].len(), 0.1);
+            }
+        }
+        let run = |be: &B| -> (f64, Vec<Vec<f32>>, Vec<f32>) {
+            let mut m = Gpt::from_values(be, &lcfg, values.clone()).unwrap();
+            m.set_lora_dropout_seed(17);
+            m.zero_grad(be).unwrap();
+            let loss = m
+                .forward_backward(be, &inputs, &targets, b, t, 1.0)
+                .unwrap();
+            m.set_adapters_enabled(false);
+            m.forward(be, &inputs, b, t).unwrap();
+            (
+                loss.sum,
+                m.grad_values(be).unwrap(),
+                m.logits_at(be, 1, t - 1).unwrap(),
+            )
+        };
+        let cpu = CpuBackend::new();
+        let (wl, wg, wlog) = run_cpu(&cpu, &lcfg, &values, &inputs, &targets, b, t);
+        let (gl, gg, glog) = run(be);
+        assert_close("lora loss", &[gl as f32], &[wl as f32], LORA_MODEL_TOL);
+        assert_close("lora off logits", &glog, &wlog, LORA_MODEL_TOL);
+        for s in &slots {
+            for idx in [s.a, s.b] {
+                let what = format!("lora grad {idx}");
+                assert_close(&what, &gg[idx], &wg[idx], LORA_TENSOR_TOL);
+                assert!(gg[idx].iter().any(|&x| x != 0.0), "{what}");
+            }
+        }
+        assert!(
+            gg[..slots[0].a].iter().all(Vec::is_empty),
+            "frozen: no grads"
+        );
+    }
+}
+
+/// `lora_model`'s pass on the CPU reference.
+fn run_cpu(
+    cpu: &CpuBackend,
+    cfg: &topcoat::config::ModelConfig,
+    values: &[Vec<f32>],
+    inputs: &[i32],
+    targets: &[i32],
+    b: usize,
+    t: usize,
+) -> (f64, Vec<Vec<f32>>, Vec<f32>) {
+    let mut m = topcoat::model::Gpt::from_values(cpu, cfg, values.to_vec()).unwrap();
+    m.set_lora_dropout_seed(17);
+    m.zero_grad(cpu).unwrap();
+    let loss = m.forward_backward(cpu, inputs, targets, b, t, 1.0).unwrap();
+    m.set_adapters_enabled(false);
+    m.forward(cpu, inputs, b, t).unwrap();
+    (
+        loss.sum,
+        m.grad_values(cpu).unwrap(),
+        m.logits_at(cpu, 1, t - 1).unwrap(),
+    )
+}
+
+parity_tests!(lora_model => lora_model_cpu, lora_model_cuda);

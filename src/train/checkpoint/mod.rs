@@ -450,14 +450,14 @@ fn read_training(
     let path = dir.join("optimizer.safetensors");
     let bytes = manifest.read_verified(dir, "optimizer.safetensors")?;
     let st = parse_safetensors(&path, &bytes)?;
-    // Frozen tensors (a LoRA run's base) have no moments: an empty entry keeps layout order.
+    // Moments exist for the trained tensors only; a frozen one's are empty.
     let trained: Vec<ParamSpec> = specs.iter().filter(|s| s.trainable).cloned().collect();
-    let spread = |read: Tensors| -> Tensors {
-        let mut read = read.into_iter();
+    let spread = |t: Tensors| -> Tensors {
+        let mut t = t.into_iter();
         specs
             .iter()
             .map(|s| match s.trainable {
-                true => read.next().expect("one per trained tensor"),
+                true => t.next().expect("one per trained tensor"),
                 false => Vec::new(),
             })
             .collect()

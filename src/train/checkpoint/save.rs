@@ -135,9 +135,9 @@ pub fn save_with<B: Backend>(
                 bufs.iter()
                     .enumerate()
                     .map(|(i, b)| match b {
-                        // A frozen tensor (a LoRA run's base) has no moments.
-                        _ if !model.layout.specs[i].trainable => Ok(Vec::new()),
                         Some(b) => Ok(be.download(b)?),
+                        // A frozen tensor (a LoRA model's base) has no moments.
+                        None if !model.layout.specs[i].trainable => Ok(Vec::new()),
                         None => Err(ckpt_err(
                             dest,
                             format!(
@@ -256,7 +256,7 @@ pub(super) fn write_checkpoint(
         refuse_non_finite(dest, "first moment of", specs, &m)?;
         refuse_non_finite(dest, "second moment of", specs, &v)?;
         let mut tensors = Vec::with_capacity(2 * specs.len());
-        // Only trained tensors have moments (a LoRA run's frozen base has none).
+        // Moments of the trained tensors only (a LoRA model's frozen base has none).
         for (s, data) in specs.iter().zip(&m).filter(|(s, _)| s.trainable) {
             tensors.push((format!("m.{}", s.name), s.shape.clone(), data.as_slice()));
         }
