@@ -46,10 +46,11 @@ fn base_of(cfg: &ModelConfig) -> ModelConfig {
     base
 }
 
-/// A JSON number for an f32 setting, as its shortest decimal (`0.1`, not `0.100000001...`),
-/// whole numbers as integers (PEFT writes `"lora_alpha": 8`).
-fn number(x: f32) -> Value {
-    if x.fract() == 0.0 && x.abs() < 1e9 {
+/// A JSON number for an f32 setting, as its shortest decimal (`0.1`, not `0.100000001...`);
+/// a whole number as an integer where `int` (PEFT writes `"lora_alpha": 8`, `"lora_dropout":
+/// 0.0`).
+fn number(x: f32, int: bool) -> Value {
+    if int && x.fract() == 0.0 && x.abs() < 1e9 {
         json!(x as i64)
     } else {
         json!(x.to_string().parse::<f64>().unwrap_or(x as f64))
@@ -143,9 +144,9 @@ pub fn write_adapter_with_base(
         "init_lora_weights": true,
         "layers_pattern": null,
         "layers_to_transform": null,
-        "lora_alpha": number(lora.alpha),
+        "lora_alpha": number(lora.alpha, true),
         "lora_bias": false,
-        "lora_dropout": number(lora.dropout),
+        "lora_dropout": number(lora.dropout, false),
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": lora.rank,
