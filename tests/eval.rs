@@ -220,6 +220,7 @@ fn eval_loss_equals_the_trainers_validation_loss() {
         batch_size: b,
         seq_len: Some(t),
         max_batches: None,
+        adapter: None,
     };
     let r = eval_loss(&Runtime::cpu(), &job, &|_| {}).unwrap();
     println!("{}trainer: {trainer_val}", r.table());
@@ -299,6 +300,7 @@ fn pairs_job(ckpt: &Path, reference: Option<&Path>, data: &Path) -> EvalPairsJob
         split: "val".into(),
         batch_size: 4,
         seq_len: None,
+        adapter: None,
     }
 }
 
@@ -527,6 +529,7 @@ fn generate_replies_are_greedy_chat_replies_scored_exact_and_normalised() {
         top_p: 1.0,
         seed: 42,
         out: Some(out.clone()),
+        adapter: None,
     };
     let r = eval_generate(&Runtime::cpu(), &job, &|_| {}).unwrap();
     print!("{}", r.table());

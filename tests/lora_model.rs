@@ -477,3 +477,59 @@ fn a_reward_head_trains_in_full_beside_the_adapters() {
         assert!(opt.m[head.weight].is_some() && opt.m[0].is_none(), "{name}");
     }
 }
+
+#[test]
+fn a_lora_training_checkpoint_saves_and_resumes_the_adapters_moments_only() {
+    use topcoat::data::Tokenizer;
+    use topcoat::train::checkpoint::{self, TrainState};
+    let be = CpuBackend::new();
+    let text = "A cat is a small animal. A dog is a loyal animal. ".repeat(30);
+    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap();
+    let v = tok.vocab_size();
+    let cfg = ModelConfig {
+        vocab_size: v,
+        padded_vocab_size: v.div_ceil(64) * 64,
+        ..llama()
+    };
+    let base = base_values(&be, &cfg, 81);
+    let mut model = Gpt::with_lora(&be, &cfg, base, adapters(&cfg, "q,v,down", 0.1), 82).unwrap();
+    let mut opt = AdamW::new(&be, &Solo::new(), &mut model, 0).unwrap();
+    let run = RunConfig::default();
+    let (b, t) = (2, 8);
+    let mut rng = Rng::new(83);
+    for step in 0..2 {
+        let (x, y) = (ids(&mut rng, b * t, v), ids(&mut rng, b * t, v));
+        model.zero_grad(&be).unwrap();
+        model.set_lora_dropout_seed(step);
+        model.forward_backward(&be, &x, &y, b, t, 1.0).unwrap();
+        opt.update(&be, &Solo::new(), &mut model, &run, 1e-2, 1.0)
+            .unwrap();
+    }
+    let state = TrainState {
+        step: 2,
+        rng: Rng::new(5),
+        data: serde_json::json!({"tokens": 32}),
+        run,
+        tokens_seen: 32,
+        elapsed_s: 1.0,
+        stage: "sft".into(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = checkpoint::dir_for(tmp.path(), 2);
+    checkpoint::save(&be, &dir, &model, &tok, Some((&opt, &state))).unwrap();
+    let (again, opt2, st) = checkpoint::resume(&be, &dir, &model.cfg, "sft").unwrap();
+    assert_eq!(st.step, 2);
+    assert_eq!(again.cfg.lora, model.cfg.lora);
+    assert_eq!(
+        again.param_values(&be).unwrap(),
+        model.param_values(&be).unwrap()
+    );
+    for i in 0..model.layout.specs.len() {
+        let trained = model.layout.specs[i].trainable;
+        assert_eq!(opt2.m[i].is_some(), trained, "tensor {i}");
+        if trained {
+            let m = |o: &AdamW<CpuBackend>| o.m[i].clone().unwrap();
+            assert_eq!(m(&opt2), m(&opt), "m of tensor {i}");
+        }
+    }
+}

@@ -53,18 +53,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain(&a),
         Command::Sft(a) => train(&a.flags, a.out, false, |run| {
             run.pack |= a.pack;
+            a.lora.apply(run);
             Ok(SftStage {
                 init: a.init,
                 data: a.data,
             })
         }),
-        Command::Reward(a) => train(&a.flags, a.out, false, |_| {
+        Command::Reward(a) => train(&a.flags, a.out, false, |run| {
+            a.lora.apply(run);
             Ok(RewardStage {
                 init: a.init,
                 data: a.data,
             })
         }),
-        Command::Dpo(a) => train(&a.flags, a.out, false, |_| {
+        Command::Dpo(a) => train(&a.flags, a.out, false, |run| {
+            a.lora.apply(run);
             Ok(DpoStage {
                 init: a.init,
                 data: a.data,
@@ -72,7 +75,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 loss: a.loss,
             })
         }),
-        Command::Rl(a) => train(&a.flags, a.out, false, |_| {
+        Command::Rl(a) => train(&a.flags, a.out, false, |run| {
+            a.lora.apply(run);
             Ok(RlStage {
                 init: a.init,
                 reward: a.reward,
@@ -367,10 +371,17 @@ fn sample(a: &SampleArgs) -> Result<()> {
     };
     let rt = open_runtime(device(&a.device))?;
     print!("{}", a.prompt);
-    commands::sample::sample(&rt, &a.checkpoint, &a.prompt, &opts, |text| {
-        print!("{text}");
-        let _ = std::io::stdout().flush();
-    })?;
+    commands::sample::sample(
+        &rt,
+        &a.checkpoint,
+        a.adapter.as_deref(),
+        &a.prompt,
+        &opts,
+        |text| {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        },
+    )?;
     println!();
     Ok(())
 }
@@ -384,6 +395,7 @@ fn chat(a: &ChatArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         seed: a.seed,
         show_prompt: std::io::stdin().is_terminal(),
+        adapter: a.adapter.clone(),
     };
     let rt = open_runtime(device(&a.device))?;
     let stdin = std::io::stdin();
@@ -418,6 +430,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
                 max_batches: a.max_batches,
+                adapter: a.adapter.clone(),
             };
             eval::eval_loss(&rt, &job, &note)?.table()
         }
@@ -430,6 +443,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 split: a.split.clone(),
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
+                adapter: a.adapter.clone(),
             };
             eval::eval_pairs(&rt, &job, &note)?.table()
         }
@@ -443,6 +457,7 @@ fn eval(cmd: &EvalCmd) -> Result<()> {
                 top_p: a.top_p,
                 seed: a.seed,
                 out: a.out.clone(),
+                adapter: a.adapter.clone(),
             };
             eval::eval_generate(&rt, &job, &note)?.table()
         }
@@ -511,7 +526,20 @@ fn import_hf(a: &ImportHfArgs) -> Result<()> {
 }
 
 fn export_hf(a: &ExportHfArgs) -> Result<()> {
-    let s = commands::hf::export(&a.run, &a.out, a.dtype, &note)?;
+    let s = commands::hf::export(&a.run, &a.out, a.dtype, a.merge, &note)?;
+    if s.kind == "adapter" {
+        println!(
+            "{}: a PEFT LoRA adapter for a {} base ({} tensors, {:.1} MB): {}; \
+             PeftModel.from_pretrained loads it over the base (export hf --merge writes the \
+             merged full model)",
+            s.out.display(),
+            s.arch.class(),
+            s.tensors,
+            s.bytes as f64 / 1e6,
+            s.files.join(", ")
+        );
+        return Ok(());
+    }
     note(&format!("tokenizer: {}", s.tokenizer_note));
     println!(
         "{}: {} ({} tensors, {:.1} MB): {}",

@@ -43,6 +43,8 @@ pub struct ChatOptions {
     pub seed: u64,
     /// Write `> ` before reading each message (for a terminal).
     pub show_prompt: bool,
+    /// A PEFT adapter directory merged into the checkpoint (`--adapter`).
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// Runs a chat on the runtime's backend, reading messages from `input` and writing replies
@@ -69,7 +71,7 @@ fn chat_on<B: Backend>(
 ) -> Result<usize, CommandError> {
     let dir = resolve_checkpoint(ckpt)?;
     let tok = checkpoint::load_tokenizer(&dir)?;
-    let model = checkpoint::load_model(be, &dir, None)?;
+    let model = super::adapter::load_model_with_adapter(be, &dir, opts.adapter.as_deref())?;
     let end = tok.end_of_turn();
     let cap = model.cfg.max_seq_len;
     let system_msg: Vec<Message> = opts

@@ -3,12 +3,15 @@
 //! `--init` checkpoint loaded as the frozen reference, the log-probabilities of the train pairs
 //! this rank draws in the run and of its val pairs computed and stored in the run directory
 //! (`ref_logps.bin`, by rank 0), the reference dropped; a resumed run reuses the stored ones
-//! when they match the data, computing only those it needs and the file lacks.
+//! when they match the data, computing only those it needs and the file lacks. A LoRA run
+//! loads no second model: its reference is the policy with its adapters switched off (the
+//! frozen `--init` weights), so the pass runs once the policy is built ([`Stage::with_model`]).
 
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::model::BatchFlag;
+use crate::model::Gpt;
 use crate::stages::dpo::reference::RefLogps;
 use crate::stages::dpo::{rank_micro_batches, Dpo, DpoLoss};
 use crate::train::checkpoint;
@@ -78,19 +81,40 @@ impl Stage for DpoStage {
             self.loss,
             self.beta
         ));
-        let reference = reference_logps(be, ctx, &objective, progress)?;
-        objective.set_reference(reference)?;
+        if ctx.model.lora.is_none() {
+            let reference = reference_logps(be, ctx, &objective, None, progress)?;
+            objective.set_reference(reference)?;
+        }
         Ok(objective)
+    }
+
+    /// A LoRA run's reference pass: the policy with its adapters off.
+    fn with_model<B: Backend + 'static>(
+        &self,
+        be: &B,
+        ctx: &StageContext,
+        objective: &mut Dpo,
+        model: &mut Gpt<B>,
+        progress: &dyn Fn(&str),
+    ) -> Result<()> {
+        if ctx.model.lora.is_some() {
+            let reference = reference_logps(be, ctx, objective, Some(model), progress)?;
+            objective.set_reference(reference)?;
+        }
+        Ok(())
     }
 }
 
 /// The reference log-probabilities of the pairs this rank draws in the run (and its validation
 /// pairs): the stored ones when resuming and they match the data, with any this rank needs and
-/// the file lacks computed afresh (rank 0 stores the table before training starts).
+/// the file lacks computed afresh (rank 0 stores the table before training starts). With
+/// `policy` (a LoRA run's), the reference is that model with its adapters off; without, the
+/// `--init` checkpoint, loaded for the pass alone.
 fn reference_logps<B: Backend>(
     be: &B,
     ctx: &StageContext,
     objective: &Dpo,
+    policy: Option<&mut Gpt<B>>,
     progress: &dyn Fn(&str),
 ) -> Result<RefLogps> {
     let path = RefLogps::path(ctx.out);
@@ -121,11 +145,23 @@ fn reference_logps<B: Backend>(
     }
     let started = std::time::Instant::now();
     let ckpt = ctx.starting_checkpoint()?;
-    // The reference lives only for this pass: its memory is free again before the policy loads.
-    {
-        let mut reference = checkpoint::load_model(be, ckpt, None)?;
-        objective.fill_reference(be, &mut reference, &mut table, &missing)?;
-    }
+    let source = match policy {
+        Some(model) => {
+            let was = model.adapters_enabled();
+            model.set_adapters_enabled(false);
+            let filled = objective.fill_reference(be, model, &mut table, &missing);
+            model.set_adapters_enabled(was);
+            filled?;
+            format!("{} (the policy with its LoRA adapters off)", ckpt.display())
+        }
+        None => {
+            // The reference lives only for this pass: its memory is free again before the
+            // policy loads.
+            let mut reference = checkpoint::load_model(be, ckpt, None)?;
+            objective.fill_reference(be, &mut reference, &mut table, &missing)?;
+            ckpt.display().to_string()
+        }
+    };
     if ctx.run.rank == 0 {
         table.save(ctx.out)?;
     }
@@ -135,7 +171,7 @@ fn reference_logps<B: Backend>(
         ctx.run.world_size,
         missing.0.len(),
         missing.1.len(),
-        ckpt.display(),
+        source,
         started.elapsed().as_secs_f64(),
         path.display()
     ));

@@ -26,19 +26,31 @@ pub fn import(
     Ok(hf::import_hf(dir, out, &opts, progress)?)
 }
 
-/// `export hf RUN --out DIR [--dtype f32|bf16|f16]`: RUN is a checkpoint or a run directory
-/// (its newest checkpoint).
+/// `export hf RUN --out DIR [--dtype f32|bf16|f16] [--merge]`: RUN is a checkpoint or a run
+/// directory (its newest checkpoint). A LoRA run's exports as a PEFT adapter directory, or
+/// with `merge` as the merged full model; `merge` on any other run is an error.
 pub fn export(
     run: &Path,
     out: &Path,
     dtype: HfDtype,
+    merge: bool,
     progress: &dyn Fn(&str),
 ) -> Result<ExportSummary, CommandError> {
     let ckpt = resolve_checkpoint(run)?;
+    if merge && crate::train::checkpoint::load_config(&ckpt)?.lora.is_none() {
+        return Err(CommandError::arg(
+            "--merge",
+            format!(
+                "{} is not a LoRA run's checkpoint (its config.json has no \"lora\"), so \
+                 there are no adapters to merge; drop --merge",
+                ckpt.display()
+            ),
+        ));
+    }
     Ok(hf::export_hf(
         &ckpt,
         out,
-        &ExportOptions { dtype },
+        &ExportOptions { dtype, merge },
         progress,
     )?)
 }

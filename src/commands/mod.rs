@@ -3,6 +3,7 @@
 //! returns what the binary prints; it prints nothing itself but progress lines through the
 //! callback it is given. The training commands share one stage runner (`stage.rs`).
 
+pub mod adapter;
 pub mod bench;
 pub mod chat;
 pub mod demo;

@@ -1,7 +1,8 @@
 //! `rl` as a library call: on-policy RL of an SFT checkpoint against a reward model with a KL
 //! leash (`stages/rl.rs`), on the shared stage runner. The policy's start (`--init`) is loaded
 //! twice (the policy the loop trains, and the frozen reference held beside it), with the reward
-//! model (`--reward`), on one backend; the three must share a tokenizer.
+//! model (`--reward`), on one backend; the three must share a tokenizer. A LoRA run loads it
+//! once: the reference is the policy with its adapters off.
 //!
 //! Prompts file: JSON Lines, one `{"prompt": "text"}` per line (blank lines skipped), rendered as
 //! one user turn followed by `<|assistant|>` (data/chat.rs); completions stop at `<|end|>`.
@@ -14,7 +15,7 @@ use crate::data::chat::{render_prompt, Message, Role};
 use crate::data::{DataError, Tokenizer};
 use crate::model::BatchFlag;
 use crate::model::RewardModel;
-use crate::stages::rl::{ModelScorer, Rl, RlConfig};
+use crate::stages::rl::{ModelScorer, Rl, RlConfig, RlReference};
 use crate::train::checkpoint;
 use std::path::{Path, PathBuf};
 
@@ -141,7 +142,10 @@ impl Stage for RlStage {
             pad: tok.eot(),
         };
         rl_cfg.check().map_err(ConfigError::Invalid)?;
-        let reference = checkpoint::load_model(be, ckpt, None)?;
+        let reference = match ctx.model.lora {
+            Some(_) => RlReference::AdaptersOff,
+            None => RlReference::Model(checkpoint::load_model(be, ckpt, None)?),
+        };
         let reward_model = RewardModel::new(checkpoint::load_model(be, &reward, None)?)
             .map_err(|e| ConfigError::Invalid(format!("--reward {}: {e}", reward.display())))?;
         let scorer = ModelScorer {
@@ -155,7 +159,7 @@ impl Stage for RlStage {
         progress(&format!(
             "rl prompts {}: {} used ({} skipped: longer than T - max_new = {}); {} prompts x k = \
              {} completions per micro-batch, kl_coef {}, clip {}, {} epochs per rollout; reward \
-             model {}",
+             model {}; reference {}",
             self.prompts.display(),
             objective.num_prompts(),
             objective.skipped(),
@@ -165,7 +169,12 @@ impl Stage for RlStage {
             c.kl_coef,
             c.clip,
             c.epochs,
-            reward.display()
+            reward.display(),
+            if ctx.model.lora.is_some() {
+                "the policy with its LoRA adapters off"
+            } else {
+                "a frozen copy of --init"
+            }
         ));
         Ok(objective)
     }

@@ -9,30 +9,33 @@ use crate::runtime::Runtime;
 use crate::train::checkpoint;
 use std::path::Path;
 
-/// Generates a continuation of `prompt` from `ckpt` (a checkpoint or run directory), streaming
-/// text to `on_text` as it is decoded; returns the whole continuation. It stops at
-/// end-of-text unless `opts.stop` names another token.
+/// Generates a continuation of `prompt` from `ckpt` (a checkpoint or run directory; with
+/// `adapter`, a PEFT adapter merged into it), streaming text to `on_text` as it is decoded;
+/// returns the whole continuation. It stops at end-of-text unless `opts.stop` names another
+/// token.
 pub fn sample(
     rt: &Runtime,
     ckpt: &Path,
+    adapter: Option<&Path>,
     prompt: &str,
     opts: &SampleOptions,
     on_text: impl FnMut(&str),
 ) -> Result<String, CommandError> {
     check_sampling(opts.temperature, opts.top_p, opts.max_tokens)?;
-    crate::on_backend!(rt, be => sample_on(be, ckpt, prompt, opts, on_text))
+    crate::on_backend!(rt, be => sample_on(be, ckpt, adapter, prompt, opts, on_text))
 }
 
 fn sample_on<B: Backend>(
     be: &B,
     ckpt: &Path,
+    adapter: Option<&Path>,
     prompt: &str,
     opts: &SampleOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<String, CommandError> {
     let dir = resolve_checkpoint(ckpt)?;
     let tokenizer = checkpoint::load_tokenizer(&dir)?;
-    let model = checkpoint::load_model(be, &dir, None)?;
+    let model = super::adapter::load_model_with_adapter(be, &dir, adapter)?;
     let mut ids = tokenizer.encode(prompt);
     if ids.is_empty() {
         ids.push(tokenizer.eot());

@@ -20,9 +20,11 @@
 //! 6. open the stage's objective on the backend ([`Stage::open`]), then, with `overwrite`,
 //!    rank 0 deletes the earlier run's files; the other ranks wait until rank 0 has done its
 //!    set-up, and a failure there reaches them through the collective;
-//! 7. build the model (fresh, from the checkpoint, or with a reward head), set its activation
-//!    recompute level, and run the shared loop (`train::train`); then print the measured
-//!    peak memory beside the plan's total.
+//! 7. build the model (fresh, from the checkpoint, or with a reward head; with `lora_rank`,
+//!    the checkpoint frozen with fresh adapters beside it, a reward head training in full),
+//!    set its activation recompute level, let the stage finish its set-up with the model
+//!    ([`Stage::with_model`]: DPO's reference pass with the adapters off), and run the shared
+//!    loop (`train::train`); then print the measured peak memory beside the plan's total.
 //!
 //! Adding a stage: its objective in `stages/`, a [`Stage`] impl in a command module, its CLI
 //! arguments, and one line where the binary lists the commands.
@@ -30,7 +32,7 @@
 use super::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use super::CommandError;
 use crate::backend::Backend;
-use crate::config::{ConfigError, ModelConfig, RunConfig};
+use crate::config::{lora_line, ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
 use crate::dist::{Collective, DistError, RankInfo};
 use crate::model::{BatchFlag, Gpt};
@@ -64,7 +66,8 @@ pub struct StageContext<'a> {
     pub resume: bool,
     /// The starting checkpoint, resolved (`None` for a fresh model).
     pub checkpoint: Option<PathBuf>,
-    /// The model's shape (the checkpoint's, or the preset's for the tokenizer's vocabulary).
+    /// The model's shape (the checkpoint's, or the preset's for the tokenizer's vocabulary);
+    /// with LoRA, the checkpoint's with the run's adapters (`model.lora`).
     pub model: ModelConfig,
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
@@ -128,6 +131,21 @@ pub trait Stage {
         ctx: &StageContext,
         progress: &dyn Fn(&str),
     ) -> Result<Self::Objective<B>>;
+
+    /// The stage's set-up that needs the model the loop trains, once it is built (before a
+    /// resume restores its weights): DPO's reference pass of a LoRA run, with the adapters
+    /// off. Nothing by default.
+    fn with_model<B: Backend + 'static>(
+        &self,
+        be: &B,
+        ctx: &StageContext,
+        objective: &mut Self::Objective<B>,
+        model: &mut Gpt<B>,
+        progress: &dyn Fn(&str),
+    ) -> Result<()> {
+        let _ = (be, ctx, objective, model, progress);
+        Ok(())
+    }
 }
 
 /// The fine-tuning stages' starting run config (`tiny` preset): 100 steps with 5 of warm-up,
@@ -288,6 +306,8 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
         (None, objective)
     };
     let mut model = build_model(be, &ctx, job.stage.init(), run, progress)?;
+    job.stage
+        .with_model(be, &ctx, &mut objective, &mut model, progress)?;
     let opts = TrainOptions {
         run: run.clone(),
         out_dir: job.out.clone(),
@@ -311,6 +331,14 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
         tokenizer,
     };
     Ok(match job.stage.init() {
+        Init::Fresh { .. } if run.lora_rank.is_some() => {
+            return Err(ConfigError::Invalid(format!(
+                "{}: LoRA (lora_rank / --lora-rank) trains adapters beside a frozen base model,                  and {} starts a fresh one; fine-tune a checkpoint with LoRA instead (`topcoat                  sft --init CHECKPOINT --lora-rank 16`)",
+                S::NAME,
+                S::NAME
+            ))
+            .into())
+        }
         Init::Fresh { data } => {
             let tokenizer = data_tokenizer(data)?;
             let model = run.model_config(tokenizer.vocab_size())?;
@@ -322,7 +350,7 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
                 checkpoint::refuse_reward_model(&ckpt, S::NAME)?;
             }
             let tokenizer = checkpoint::load_tokenizer(&ckpt)?;
-            let model = checkpoint::load_config(&ckpt)?;
+            let mut model = checkpoint::load_config(&ckpt)?;
             let differ = job.run.shape_mismatches(&model);
             if !differ.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -334,6 +362,18 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
                     differ.join(", ")
                 ))
                 .into());
+            }
+            if let Some(lora) = run.lora(&model)? {
+                if model.lora.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{}: --init {} is a LoRA run's checkpoint; LoRA trains adapters on a                          plain model: merge it first (`topcoat export hf {} --merge --out DIR`,                          then `topcoat import hf DIR`) or start from its base",
+                        S::NAME,
+                        ckpt.display(),
+                        ckpt.display()
+                    ))
+                    .into());
+                }
+                model.lora = Some(lora);
             }
             ctx(Some(ckpt), model, tokenizer)
         }
@@ -349,6 +389,7 @@ fn build_model<B: Backend>(
     progress: &dyn Fn(&str),
 ) -> Result<Gpt<B>> {
     let (model, source) = match (init, &ctx.checkpoint) {
+        (_, Some(dir)) if ctx.model.lora.is_some() => lora_model(be, ctx, init, dir, run)?,
         (Init::Fresh { .. }, _) | (_, None) => (
             Gpt::init(be, &ctx.model, run.seed)?,
             format!("{} preset", run.preset),
@@ -387,5 +428,45 @@ fn build_model<B: Backend>(
     if let Some(line) = super::plan::family_line(cfg) {
         progress(line.trim_start());
     }
+    if let Some(lora) = &cfg.lora {
+        let specs = &model.layout.specs;
+        let total = specs.iter().map(|s| s.numel()).sum();
+        let trained = specs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(|s| s.numel())
+            .sum();
+        progress(&lora_line(lora, trained, total));
+    }
     Ok(model)
+}
+
+/// A LoRA run's model: the checkpoint `dir`'s tensors frozen, fresh adapters beside them (A
+/// drawn from the run's seed, B zero), and for the reward stage a head that trains in full
+/// (the checkpoint's own, or a new one); with its description.
+fn lora_model<B: Backend>(
+    be: &B,
+    ctx: &StageContext,
+    init: Init,
+    dir: &Path,
+    run: &RunConfig,
+) -> Result<(Gpt<B>, String)> {
+    let lora = ctx.model.lora.clone().expect("a LoRA run");
+    let base = checkpoint::load_values(dir)?;
+    let mut model = Gpt::with_lora(be, &base.cfg, base.values, lora, run.seed ^ 0x10AA)?;
+    let mut source = format!("{} (frozen) with LoRA adapters", dir.display());
+    if let Init::CheckpointWithRewardHead(_) = init {
+        let head = match &base.reward_head {
+            Some(h) => {
+                model.add_reward_head(be, &h[0], h[1][0])?;
+                "its reward head"
+            }
+            None => {
+                model.init_reward_head(be, run.seed ^ 0x4EAD)?;
+                "a new reward head"
+            }
+        };
+        source += &format!(" and {head} (trained in full)");
+    }
+    Ok((model, source))
 }

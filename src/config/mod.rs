@@ -6,10 +6,12 @@
 
 mod family;
 mod lora;
+mod lora_run;
 mod presets;
 
 pub use family::{Family, LlamaShape, RopeScaling};
 pub use lora::{LoraConfig, LoraTarget};
+pub use lora_run::lora_line;
 pub use presets::PRESETS;
 
 use serde::{Deserialize, Serialize};
@@ -233,6 +235,15 @@ pub struct RunConfig {
     /// ZeRO stage: 0 keeps the whole optimizer state on every rank, 1 shards the AdamW moments
     /// and fp32 master weights across the data-parallel ranks.
     pub zero: u8,
+    /// LoRA (`--lora-rank`): train low-rank adapters beside a frozen base (`lora_run.rs`);
+    /// `None` trains every weight.
+    pub lora_rank: Option<usize>,
+    /// `--lora-alpha` (default `2 * lora_rank`).
+    pub lora_alpha: Option<f32>,
+    /// `--lora-dropout` on the adapters' input while training.
+    pub lora_dropout: f32,
+    /// `--lora-targets`: `all` or a list such as `q,k,v,o,gate,up,down`.
+    pub lora_targets: String,
 }
 
 impl Default for RunConfig {
@@ -265,6 +276,10 @@ impl Default for RunConfig {
             context: None,
             recompute: 0,
             zero: 0,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_dropout: 0.0,
+            lora_targets: "all".into(),
         }
     }
 }

@@ -3,12 +3,16 @@
 //! unpadded, Hugging Face's names and orientation, in `--dtype`), `generation_config.json`,
 //! and the tokenizer where the run has a Hugging Face one.
 //!
+//! A LoRA run's checkpoint exports as its adapters in PEFT's layout (`adapter_config.json`,
+//! `adapter_model.safetensors`: what `PeftModel.from_pretrained` loads over the base), or, with
+//! `merge`, as the full model with the adapters merged into the base weights
+//! ([`crate::model::lora::merged`]).
+//!
 //! The directory is assembled in `.DIR.tmp` beside `DIR`, every file fsynced, then renamed
 //! into place: a failure leaves no `DIR` and no temporary directory.
 
 use super::config::Arch;
 use super::{io_err, names, HfDtype, HfError, Result};
-use crate::backend::cpu::CpuBackend;
 use crate::config::ModelConfig;
 use crate::data::{Tokenizer, TokenizerKind};
 use crate::model::reward;
@@ -23,12 +27,15 @@ use std::path::{Path, PathBuf};
 pub struct ExportOptions {
     /// Element type of the written tensors (default f32: the checkpoint's values exactly).
     pub dtype: HfDtype,
+    /// A LoRA checkpoint: write the full model with the adapters merged in, not the adapters.
+    pub merge: bool,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
         Self {
             dtype: HfDtype::F32,
+            merge: false,
         }
     }
 }
@@ -45,6 +52,9 @@ pub struct ExportSummary {
     /// What became of the tokenizer, in a sentence.
     pub tokenizer_note: String,
     pub out: PathBuf,
+    /// What was written: `model` (a full model, merged or not) or `adapter` (a LoRA run's
+    /// adapters in PEFT's layout).
+    pub kind: &'static str,
 }
 
 /// Exports checkpoint directory `ckpt` as Hugging Face directory `out`, which must not exist.
@@ -59,9 +69,8 @@ pub fn export_hf(
             path: out.to_path_buf(),
         });
     }
-    let be = CpuBackend::new();
-    let model = checkpoint::load_model(&be, ckpt, None)?;
-    if model.reward_head().is_some() {
+    let host = checkpoint::load_values(ckpt)?;
+    if host.reward_head.is_some() {
         return Err(HfError::UnexpectedTensor {
             file: ckpt.join("model.safetensors"),
             tensor: reward::HEAD_WEIGHT.into(),
@@ -71,9 +80,10 @@ pub fn export_hf(
         });
     }
     let tokenizer = checkpoint::load_tokenizer(ckpt)?;
-    let cfg = model.cfg.clone();
-    let values = model.param_values(&be)?;
-    drop(model);
+    if host.cfg.lora.is_some() && !opts.merge {
+        return export_adapter(&host.cfg, &host.values, out, progress);
+    }
+    let (cfg, values) = crate::model::lora::merged(&host.cfg, host.values);
     let arch = Arch::of_config(&cfg);
     let prefix = if arch == Arch::Gpt2 {
         "transformer."
@@ -145,6 +155,40 @@ pub fn export_hf(
         files,
         tokenizer_note,
         out: out.to_path_buf(),
+        kind: "model",
+    })
+}
+
+/// A LoRA run's adapters (`values` in `cfg`'s layout) as a PEFT adapter directory `out`.
+fn export_adapter(
+    cfg: &ModelConfig,
+    values: &[Vec<f32>],
+    out: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<ExportSummary> {
+    let adapters = checkpoint::adapter::adapters_of(cfg, values);
+    let bytes = adapters.iter().map(|a| 4 * a.len() as u64).sum();
+    progress(&format!(
+        "a LoRA run: writing its {} adapter tensors in PEFT's layout (export hf --merge writes          the full model with them merged)",
+        adapters.len()
+    ));
+    super::peft::write_adapter(out, cfg, &adapters)?;
+    let mut files: Vec<String> = std::fs::read_dir(out)
+        .map_err(io_err(out))?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    let mut base = cfg.clone();
+    base.lora = None;
+    Ok(ExportSummary {
+        arch: Arch::of_config(&base),
+        cfg: cfg.clone(),
+        tensors: adapters.len(),
+        bytes,
+        files,
+        tokenizer_note: "not written (an adapter goes with its base model's tokenizer)".into(),
+        out: out.to_path_buf(),
+        kind: "adapter",
     })
 }
 

@@ -37,7 +37,8 @@
 //!
 //! Departures: the reference model is held in memory beside the policy and the reward model
 //! (three models; DPO precomputes instead, which RL cannot since its samples are new each
-//! rollout); the KL enters as a sequence-level reward shaping (RLOO's form) rather than a
+//! rollout), except in a LoRA run, whose reference is the policy with its adapters switched
+//! off ([`RlReference::AdaptersOff`], as TRL does with PEFT models: no second copy); the KL enters as a sequence-level reward shaping (RLOO's form) rather than a
 //! per-token reward or a separate loss term; no value function, no GAE, no advantage
 //! whitening; the entropy is a sample estimate, not the full-distribution sum; prompts longer
 //! than `T - max_new` tokens are skipped; no validation pass; a resumed run samples a fresh
@@ -170,12 +171,27 @@ struct Stats {
     clipped: f64,
 }
 
+/// The model the KL leash pulls toward.
+#[allow(clippy::large_enum_variant)] // one per run: boxing the model gains nothing
+pub enum RlReference<B: Backend> {
+    /// A frozen model held beside the policy (the `--init` checkpoint loaded again).
+    Model(Gpt<B>),
+    /// The policy itself with its LoRA adapters off: the frozen base, at no extra memory.
+    AdaptersOff,
+}
+
+impl<B: Backend> From<Gpt<B>> for RlReference<B> {
+    fn from(model: Gpt<B>) -> Self {
+        Self::Model(model)
+    }
+}
+
 /// The RL objective: the policy is the model the loop trains; the reference and the scorer
 /// are held here.
 pub struct Rl<B: Backend> {
     prompts: Vec<Vec<u32>>,
     skipped: usize,
-    reference: Gpt<B>,
+    reference: RlReference<B>,
     scorer: Box<dyn Scorer<B>>,
     pub cfg: RlConfig,
     /// Micro-steps this rank has taken (its share of the stream: global micro-batches
@@ -192,7 +208,7 @@ impl<B: Backend> Rl<B> {
     /// Keeps the prompts that leave room for `max_new` tokens in `T`; errors if none does.
     pub fn new(
         prompts: Vec<Vec<u32>>,
-        reference: Gpt<B>,
+        reference: impl Into<RlReference<B>>,
         scorer: Box<dyn Scorer<B>>,
         cfg: RlConfig,
     ) -> Result<Self> {
@@ -211,7 +227,7 @@ impl<B: Backend> Rl<B> {
         Ok(Self {
             skipped: total - prompts.len(),
             prompts,
-            reference,
+            reference: reference.into(),
             scorer,
             slots: (0..cfg.accum).map(|_| None).collect(),
             cfg,
@@ -310,7 +326,16 @@ impl<B: Backend> Rl<B> {
             }
         }
         let old = model.token_logps(be, &inputs, &targets, rows, t)?;
-        let reference = self.reference.token_logps(be, &inputs, &targets, rows, t)?;
+        let reference = match &mut self.reference {
+            RlReference::Model(r) => r.token_logps(be, &inputs, &targets, rows, t)?,
+            RlReference::AdaptersOff => {
+                let was = model.adapters_enabled();
+                model.set_adapters_enabled(false);
+                let logps = model.token_logps(be, &inputs, &targets, rows, t);
+                model.set_adapters_enabled(was);
+                logps?
+            }
+        };
         let kls: Vec<f64> = (0..rows)
             .map(|r| {
                 let span = r * t..(r + 1) * t;

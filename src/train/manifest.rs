@@ -78,7 +78,13 @@ impl Manifest {
                 continue;
             }
             let path = item.path();
-            if !item.file_type().map_err(io_err(&path))?.is_file() {
+            let kind = item.file_type().map_err(io_err(&path))?;
+            // A LoRA checkpoint's PEFT copy of its adapters: a folder for sharing, not read
+            // back by topcoat's own loading (docs/FORMATS.md), so not listed.
+            if kind.is_dir() && name == super::checkpoint::ADAPTER_DIR {
+                continue;
+            }
+            if !kind.is_file() {
                 return Err(TrainError::Checkpoint {
                     path,
                     msg: "not a plain file; a checkpoint holds only files".into(),

@@ -326,6 +326,10 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
         let mut loss_sum = 0.0f64;
         let mut tokens = 0usize;
         for k in 0..accum {
+            // A mask per micro-batch that a resumed run draws again (each rank its own).
+            let micro = (self.comm.rank() * accum + k) as u64;
+            let seed = lora_dropout_seed(self.opts.run.seed, step as u64, micro);
+            self.model.set_lora_dropout_seed(seed);
             let (objective, rng) = (&mut *self.objective, &mut self.rng);
             let loss = self.sync.micro_batch(be, self.model, k, |model| {
                 objective.micro_step(be, model, rng, scale)
@@ -557,6 +561,17 @@ impl<'a, B: Backend + 'static> TrainLoop<'a, B> {
             self.run_tokens as f64 / self.summary.elapsed.as_secs_f64().max(1e-9);
         self.summary
     }
+}
+
+/// The LoRA dropout seed of micro-batch `micro` (this rank's `k`-th of `accum` is micro-batch
+/// `rank * accum + k`) of 0-based step `step` in a run seeded `seed`: a function of those
+/// alone, so a resumed run repeats the masks.
+pub fn lora_dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    let base = Rng::new(seed ^ 0x6c6f_7261_5f64_726f).next_u64();
+    Rng::new(
+        base ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
+    )
+    .next_u64()
 }
 
 /// The bytes of the files directly in `dir` (0 for what cannot be read: it is for a message).

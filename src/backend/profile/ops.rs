@@ -225,9 +225,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let bytes =
-            (n * oc + 2 * n * c + oc * c) as f64 * self.act() + 2.0 * (oc * c) as f64 * self.grad();
-        let flops = 4.0 * (n * c * oc) as f64;
+        // A frozen weight (no dweight) skips the weight-gradient GEMM: half the FLOPs.
+        let (bytes, flops) = matmul_backward_cost(self, dweight.is_some(), 2 * n * c, n, c, oc);
         self.timed("matmul_backward", bytes, flops, || {
             self.inner
                 .matmul_backward(dinp, dweight, dbias, dout, inp, weight, n, c, oc)
@@ -264,9 +263,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         c: usize,
         oc: usize,
     ) -> Result<()> {
-        let bytes =
-            (n * oc + 3 * n * c + oc * c) as f64 * self.act() + 2.0 * (oc * c) as f64 * self.grad();
-        let flops = 4.0 * (n * c * oc) as f64;
+        let (bytes, flops) = matmul_backward_cost(self, dweight.is_some(), 3 * n * c, n, c, oc);
         self.timed("matmul_gelu_backward", bytes, flops, || {
             self.inner
                 .matmul_gelu_backward(dinp, dweight, dbias, dout, inp, weight, pre, n, c, oc)
@@ -417,4 +414,26 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         let bytes = n as f64 * self.grad();
         self.timed("global_norm", bytes, 0.0, || self.inner.global_norm(bufs))
     }
+}
+
+/// Bytes and FLOPs of a matmul backward that reads `dout` and the weight and moves `nc` input
+/// and input-gradient elements: with `dweight`, the weight gradient read and written and
+/// twice the forward's FLOPs; without (a frozen weight), the input gradient's GEMM alone,
+/// which does not read the input.
+fn matmul_backward_cost<B: Backend>(
+    p: &Profiled<'_, B>,
+    dweight: bool,
+    nc: usize,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> (f64, f64) {
+    let inp = if dweight { 0 } else { n * c };
+    let mut bytes = (n * oc + nc - inp + oc * c) as f64 * p.act();
+    let mut flops = 2.0 * (n * c * oc) as f64;
+    if dweight {
+        bytes += 2.0 * (oc * c) as f64 * p.grad();
+        flops *= 2.0;
+    }
+    (bytes, flops)
 }

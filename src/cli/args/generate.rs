@@ -9,6 +9,10 @@ pub struct SampleArgs {
     /// Checkpoint directory or run directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A PEFT adapter directory (a LoRA run's checkpoint or run directory also works: its
+    /// adapter/) merged into --checkpoint, which must be the adapter's base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// Most new tokens.
@@ -34,6 +38,10 @@ pub struct ChatArgs {
     /// Checkpoint directory or run directory (its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A PEFT adapter directory (a LoRA run's checkpoint or run directory also works: its
+    /// adapter/) merged into --checkpoint, which must be the adapter's base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// A system message placed before the conversation.
     #[arg(long)]
     pub system: Option<String>,
@@ -72,6 +80,10 @@ pub struct EvalLossArgs {
     /// Checkpoint directory or run directory (its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A PEFT adapter directory (a LoRA run's checkpoint or run directory also works: its
+    /// adapter/) merged into --checkpoint, which must be the adapter's base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Directory from `topcoat prepare`.
     #[arg(long)]
     pub data: PathBuf,
@@ -96,6 +108,10 @@ pub struct EvalPairsArgs {
     /// A reward checkpoint, or a DPO policy (with --reference); or a run directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A PEFT adapter directory (a LoRA run's checkpoint or run directory also works: its
+    /// adapter/) merged into --checkpoint, which must be the adapter's base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The DPO reference (SFT) checkpoint: score implicit rewards beta * (logp - logp_ref).
     #[arg(long)]
     pub reference: Option<PathBuf>,
@@ -123,6 +139,10 @@ pub struct EvalGenerateArgs {
     /// Checkpoint directory or run directory (its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A PEFT adapter directory (a LoRA run's checkpoint or run directory also works: its
+    /// adapter/) merged into --checkpoint, which must be the adapter's base model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prompts JSONL: {"prompt": string or messages, "reference": string} or {"messages": [...]}.
     #[arg(long)]
     pub prompts: PathBuf,

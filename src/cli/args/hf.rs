@@ -42,4 +42,8 @@ pub struct ExportHfArgs {
     /// Element type of the written weights: f32 (the checkpoint's values exactly), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: HfDtype,
+    /// A LoRA run: write the full model with the adapters merged into the base weights
+    /// (without it, a LoRA run exports as a PEFT adapter directory).
+    #[arg(long)]
+    pub merge: bool,
 }

@@ -1,10 +1,50 @@
 //! Flags of the training commands: `pretrain`, `sft`, `reward`, `dpo`, `rl` (each flattens
-//! [`RunFlags`]).
+//! [`RunFlags`]; the fine-tuning stages also [`LoraArgs`]).
 
 use super::RunFlags;
 use clap::Args;
 use std::path::PathBuf;
+use topcoat::config::RunConfig;
 use topcoat::stages::dpo::DpoLoss;
+
+/// LoRA: train low-rank adapters beside the frozen `--init` model instead of every weight.
+#[derive(Args)]
+pub struct LoraArgs {
+    /// Turns LoRA on with adapters of this rank (TOML key lora_rank); the --init model stays
+    /// frozen and only the adapters train.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// The adapters' scale numerator: their output is multiplied by alpha / rank (TOML key
+    /// lora_alpha); default 2 x --lora-rank.
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Dropout on the adapters' input while training, in [0, 1) (TOML key lora_dropout);
+    /// default 0.
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// The projections that get adapters: all, or a list of q,k,v,o,gate,up,down (GPT-2: q,k,v
+    /// together, or qkv; o, up, down) (TOML key lora_targets); default all.
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+}
+
+impl LoraArgs {
+    /// Sets the LoRA keys given here on `run` (the others keep the file's or the default).
+    pub fn apply(&self, run: &mut RunConfig) {
+        if self.lora_rank.is_some() {
+            run.lora_rank = self.lora_rank;
+        }
+        if self.lora_alpha.is_some() {
+            run.lora_alpha = self.lora_alpha;
+        }
+        if let Some(p) = self.lora_dropout {
+            run.lora_dropout = p;
+        }
+        if let Some(t) = &self.lora_targets {
+            run.lora_targets = t.clone();
+        }
+    }
+}
 
 #[derive(Args)]
 pub struct PretrainArgs {
@@ -34,6 +74,8 @@ pub struct SftArgs {
     #[arg(long)]
     pub pack: bool,
     #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
     pub flags: RunFlags,
 }
 
@@ -48,6 +90,8 @@ pub struct RewardArgs {
     /// Run directory for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/reward")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     pub flags: RunFlags,
 }
@@ -70,6 +114,8 @@ pub struct DpoArgs {
     /// sigmoid (DPO) or ipo.
     #[arg(long, default_value = "sigmoid")]
     pub loss: DpoLoss,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     pub flags: RunFlags,
 }
@@ -104,6 +150,8 @@ pub struct RlArgs {
     /// Optimizer steps each rollout serves (1: plain RLOO, the clip never acts).
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     pub flags: RunFlags,
 }

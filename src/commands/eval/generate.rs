@@ -3,6 +3,7 @@
 
 use super::{across, Result};
 use crate::backend::{Backend, SampleParams};
+use crate::commands::adapter::load_model_with_adapter;
 use crate::commands::inputs::{check_sampling, resolve_checkpoint};
 use crate::commands::CommandError;
 use crate::data::chat::render_prompt;
@@ -30,6 +31,8 @@ pub struct EvalGenerateJob {
     pub seed: u64,
     /// Where to write one JSON result per prompt.
     pub out: Option<PathBuf>,
+    /// A PEFT adapter directory merged into the checkpoint (`--adapter`).
+    pub adapter: Option<PathBuf>,
 }
 
 /// One scored prompt.
@@ -108,7 +111,7 @@ fn eval_generate_on<B: Backend>(
     let prompts = read_prompts(&job.prompts)?;
     let ckpt = resolve_checkpoint(&job.checkpoint)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
-    let model = checkpoint::load_model(be, &ckpt, None)?;
+    let model = load_model_with_adapter(be, &ckpt, job.adapter.as_deref())?;
     let end = tok.end_of_turn();
     let eot = tok.eot();
     note(&format!(

@@ -3,6 +3,7 @@
 
 use super::{across, gather_items, seq_len, Result};
 use crate::backend::Backend;
+use crate::commands::adapter::load_model_with_adapter;
 use crate::commands::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use crate::data::Loader;
 use crate::dist::Collective;
@@ -26,6 +27,8 @@ pub struct EvalLossJob {
     pub seq_len: Option<usize>,
     /// At most this many batches; `None`: one full pass.
     pub max_batches: Option<usize>,
+    /// A PEFT adapter directory merged into the checkpoint (`--adapter`).
+    pub adapter: Option<PathBuf>,
 }
 
 /// What `eval loss` measured.
@@ -75,7 +78,7 @@ fn eval_loss_on<B: Backend>(
         &data_tokenizer(&job.data)?,
         "prepare",
     )?;
-    let mut model = checkpoint::load_model(be, &ckpt, None)?;
+    let mut model = load_model_with_adapter(be, &ckpt, job.adapter.as_deref())?;
     let t = seq_len(job.seq_len, model.cfg.max_seq_len)?;
     // Before the loader reads a window: a batch the device cannot hold is a named error.
     MemoryPlan::training(&model.cfg, job.batch_size, t, |r| be.element_bytes(r))

@@ -30,6 +30,8 @@ pub struct EvalPairsJob {
     pub batch_size: usize,
     /// `T`; `None`: the checkpoint's max_seq_len.
     pub seq_len: Option<usize>,
+    /// A PEFT adapter directory merged into `checkpoint` (`--adapter`; not the reference).
+    pub adapter: Option<PathBuf>,
 }
 
 /// What `eval pairs` measured.
@@ -74,11 +76,12 @@ fn load_checked<B: Backend>(
     path: &Path,
     data: &Path,
     data_tok: &Tokenizer,
+    adapter: Option<&Path>,
 ) -> Result<(PathBuf, Tokenizer, Gpt<B>)> {
     let ckpt = resolve_checkpoint(path)?;
     let tok = checkpoint::load_tokenizer(&ckpt)?;
     check_tokenizers(&ckpt, &tok, data, data_tok, "prepare prefs")?;
-    let model = checkpoint::load_model(be, &ckpt, None)?;
+    let model = crate::commands::adapter::load_model_with_adapter(be, &ckpt, adapter)?;
     Ok((ckpt, tok, model))
 }
 
@@ -92,7 +95,13 @@ fn eval_pairs_on<B: Backend>(
         return Err(CommandError::arg("--batch-size", "must be at least 1 pair"));
     }
     let data_tok = data_tokenizer(&job.data)?;
-    let (ckpt, tok, mut model) = load_checked(be, &job.checkpoint, &job.data, &data_tok)?;
+    let (ckpt, tok, mut model) = load_checked(
+        be,
+        &job.checkpoint,
+        &job.data,
+        &data_tok,
+        job.adapter.as_deref(),
+    )?;
     let mut reference = open_reference(be, job, &ckpt, &model, &data_tok)?;
     let t = seq_len(job.seq_len, model.cfg.max_seq_len)?;
     if t < 2 {
@@ -197,7 +206,7 @@ fn open_reference<B: Backend>(
             format!("{}: must be a positive number", job.beta),
         ));
     }
-    let (rdir, _, rmodel) = load_checked(be, r, &job.data, data_tok)?;
+    let (rdir, _, rmodel) = load_checked(be, r, &job.data, data_tok, None)?;
     if rmodel.cfg != model.cfg {
         return Err(CommandError::invalid(format!(
             "reference {} has another model shape than the policy {}",

@@ -18,6 +18,11 @@
 //! ([`CheckpointError::NoManifest`]): it is incomplete, or older than manifests, and either
 //! way its files cannot be verified. A resume checks the stage that wrote the run.
 //!
+//! A LoRA run's checkpoint (its `config.json` has `"lora"`) holds every tensor, the frozen
+//! base's included, so that it loads and resumes on its own; the optimizer file holds the
+//! moments of the trained tensors only (the frozen ones have none), and a copy of the adapters
+//! in PEFT's layout sits in `adapter/` ([`adapter`]), outside the manifest.
+//!
 //! A model with a reward head saves and loads it like any other parameter
 //! (`reward_head.weight`, `reward_head.bias`); such a checkpoint cannot start another stage
 //! than `reward` ([`refuse_reward_model`]).
@@ -37,8 +42,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+pub mod adapter;
 mod ranked;
 mod save;
+pub use adapter::ADAPTER_DIR;
 pub use ranked::{resume_ranked, save_ranked};
 pub use save::{remove, remove_stale, save, save_with, write_synced, WriteFile};
 
@@ -339,6 +346,34 @@ fn tensors_of(
         .collect()
 }
 
+/// A checkpoint's model on the host: its config, its tensors in layout order and, for a
+/// reward model, the head (`[weight, bias]`).
+pub struct HostModel {
+    pub cfg: ModelConfig,
+    pub values: Tensors,
+    pub reward_head: Option<Tensors>,
+}
+
+/// Reads a checkpoint's config and weights onto the host (verified against its manifest),
+/// with no backend: what a LoRA run starts from, and what export merges.
+pub fn load_values(dir: &Path) -> Result<HostModel> {
+    let manifest = manifest_of(dir)?;
+    let cfg = config_in(dir, &manifest)?;
+    let path = dir.join("model.safetensors");
+    let bytes = manifest.read_verified(dir, "model.safetensors")?;
+    let st = parse_safetensors(&path, &bytes)?;
+    let values = tensors_of(&path, &st, &ParamLayout::new(&cfg).specs, "")?;
+    let reward_head = match st.tensor(reward::HEAD_WEIGHT) {
+        Ok(_) => Some(tensors_of(&path, &st, &reward::head_specs(cfg.n_embd), "")?),
+        Err(_) => None,
+    };
+    Ok(HostModel {
+        cfg,
+        values,
+        reward_head,
+    })
+}
+
 /// Loads a checkpoint's weights onto `be`; when `wanted` is given, the checkpoint's config must
 /// match it. Every file read is checked against the manifest first.
 pub fn load_model<B: Backend>(be: &B, dir: &Path, wanted: Option<&ModelConfig>) -> Result<Gpt<B>> {
@@ -415,8 +450,20 @@ fn read_training(
     let path = dir.join("optimizer.safetensors");
     let bytes = manifest.read_verified(dir, "optimizer.safetensors")?;
     let st = parse_safetensors(&path, &bytes)?;
-    let m = tensors_of(&path, &st, specs, "m.")?;
-    let v = tensors_of(&path, &st, specs, "v.")?;
+    // Moments exist for the trained tensors only; a frozen one's are empty.
+    let trained: Vec<ParamSpec> = specs.iter().filter(|s| s.trainable).cloned().collect();
+    let spread = |t: Tensors| -> Tensors {
+        let mut t = t.into_iter();
+        specs
+            .iter()
+            .map(|s| match s.trainable {
+                true => t.next().expect("one per trained tensor"),
+                false => Vec::new(),
+            })
+            .collect()
+    };
+    let m = spread(tensors_of(&path, &st, &trained, "m.")?);
+    let v = spread(tensors_of(&path, &st, &trained, "v.")?);
     Ok((m, v, state))
 }
 
@@ -433,7 +480,8 @@ fn sharded_optimizer<B: Backend>(
 ) -> Result<AdamW<B>> {
     let mut opt = AdamW::new(be, comm, model, zero)?;
     for (slot, host) in opt.m.iter_mut().zip(&m).chain(opt.v.iter_mut().zip(&v)) {
-        if let Some(buf) = slot {
+        // A frozen tensor has no saved moments (and, in the optimizer, none to restore).
+        if let (Some(buf), false) = (slot, host.is_empty()) {
             be.write(buf, host)?;
         }
     }

@@ -27,11 +27,18 @@ fn gather<B: Backend>(
     let writer = comm.rank() == 0;
     let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
     for (i, spec) in model.layout.specs.iter().enumerate() {
-        // Under zero 0 every rank holds everything: rank 0 writes its own.
-        let owner = if opt.zero == 0 { 0 } else { opt.owner[i] };
+        // Under zero 0 every rank holds everything, and every rank holds a frozen tensor (a
+        // LoRA model's base, which has no moments): rank 0 writes its own.
+        let frozen = !spec.trainable;
+        let owner = if opt.zero == 0 || frozen {
+            0
+        } else {
+            opt.owner[i]
+        };
         let local = |slot: &Option<B::Buf>| -> Result<Vec<f32>> {
             match slot {
                 Some(b) => Ok(be.download(b)?),
+                None if frozen => Ok(Vec::new()),
                 None => unreachable!("the owner holds the moments"),
             }
         };

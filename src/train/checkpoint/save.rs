@@ -136,6 +136,8 @@ pub fn save_with<B: Backend>(
                     .enumerate()
                     .map(|(i, b)| match b {
                         Some(b) => Ok(be.download(b)?),
+                        // A frozen tensor (a LoRA model's base) has no moments.
+                        None if !model.layout.specs[i].trainable => Ok(Vec::new()),
                         None => Err(ckpt_err(
                             dest,
                             format!(
@@ -223,6 +225,9 @@ pub(super) fn write_checkpoint(
     };
 
     refuse_non_finite(dest, "weight", specs, &values)?;
+    if cfg.lora.is_some() {
+        super::adapter::write_beside(&tmp.join(super::ADAPTER_DIR), cfg, &values)?;
+    }
     let file = "model.safetensors";
     let bytes = safetensors_bytes(
         &tmp.join(file),
@@ -251,10 +256,11 @@ pub(super) fn write_checkpoint(
         refuse_non_finite(dest, "first moment of", specs, &m)?;
         refuse_non_finite(dest, "second moment of", specs, &v)?;
         let mut tensors = Vec::with_capacity(2 * specs.len());
-        for (s, data) in specs.iter().zip(&m) {
+        // Moments of the trained tensors only (a LoRA model's frozen base has none).
+        for (s, data) in specs.iter().zip(&m).filter(|(s, _)| s.trainable) {
             tensors.push((format!("m.{}", s.name), s.shape.clone(), data.as_slice()));
         }
-        for (s, data) in specs.iter().zip(&v) {
+        for (s, data) in specs.iter().zip(&v).filter(|(s, _)| s.trainable) {
             tensors.push((format!("v.{}", s.name), s.shape.clone(), data.as_slice()));
         }
         let file = "optimizer.safetensors";
