@@ -333,7 +333,9 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
     Ok(match job.stage.init() {
         Init::Fresh { .. } if run.lora_rank.is_some() => {
             return Err(ConfigError::Invalid(format!(
-                "{}: LoRA (lora_rank / --lora-rank) trains adapters beside a frozen base model,                  and {} starts a fresh one; fine-tune a checkpoint with LoRA instead (`topcoat                  sft --init CHECKPOINT --lora-rank 16`)",
+                "{}: LoRA (lora_rank / --lora-rank) trains adapters beside a frozen base model, \
+                 and {} starts a fresh one; fine-tune a checkpoint with LoRA instead \
+                 (`topcoat sft --init CHECKPOINT --lora-rank 16`)",
                 S::NAME,
                 S::NAME
             ))
