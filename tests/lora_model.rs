@@ -362,7 +362,7 @@ fn dropout_masks_repeat_with_the_seed_and_gradients_agree_across_recompute() {
         let inputs = ids(&mut rng, b * t, cfg.vocab_size);
         let targets = ids(&mut rng, b * t, cfg.vocab_size);
         let base = base_values(&be, &cfg, 42);
-        let mut grads_at = |level: u8, seed: u64, p: f32| {
+        let grads_at = |level: u8, seed: u64, p: f32| {
             let lora = adapters(&cfg, "all", p);
             let mut m = Gpt::with_lora(&be, &cfg, base.clone(), lora, 43).unwrap();
             randomize_adapters(&be, &mut m, 44);
@@ -530,6 +530,56 @@ fn a_lora_training_checkpoint_saves_and_resumes_the_adapters_moments_only() {
         if trained {
             let m = |o: &AdamW<CpuBackend>| o.m[i].clone().unwrap();
             assert_eq!(m(&opt2), m(&opt), "m of tensor {i}");
+        }
+    }
+}
+
+#[test]
+fn packed_rows_train_the_adapters_as_each_example_alone() {
+    use topcoat::model::Packing;
+    let be = CpuBackend::new();
+    for (name, cfg) in families() {
+        let t = 9;
+        let lengths = vec![vec![3, 5], vec![8]];
+        let packing = Packing::from_lengths(&lengths, t).unwrap();
+        let mut rng = Rng::new(91);
+        let inputs = ids(&mut rng, 2 * t, cfg.vocab_size);
+        let mut targets = ids(&mut rng, 2 * t, cfg.vocab_size);
+        targets[t - 1] = -1;
+        targets[2 * t - 1] = -1;
+        let tokens = targets.iter().filter(|&&x| x >= 0).count();
+        let base = base_values(&be, &cfg, 92);
+        let make = || {
+            let lora = adapters(&cfg, "all", 0.0);
+            let mut m = Gpt::with_lora(&be, &cfg, base.clone(), lora, 93).unwrap();
+            randomize_adapters(&be, &mut m, 94);
+            m.zero_grad(&be).unwrap();
+            m
+        };
+        let mut packed = make();
+        packed
+            .forward_backward_with(&be, &inputs, &targets, Some(&packing), 2, t, 1.0)
+            .unwrap();
+        let mut alone = make();
+        for (row, lens) in lengths.iter().enumerate() {
+            let mut begin = row * t;
+            for &len in lens {
+                let (x, y) = (&inputs[begin..begin + len], &targets[begin..begin + len]);
+                let n = y.iter().filter(|&&v| v >= 0).count();
+                let scale = n as f32 / tokens as f32;
+                alone.forward_backward(&be, x, y, 1, len, scale).unwrap();
+                begin += len;
+            }
+        }
+        let (gp, ga) = (
+            packed.grad_values(&be).unwrap(),
+            alone.grad_values(&be).unwrap(),
+        );
+        for s in &packed.layout.lora {
+            for idx in [s.a, s.b] {
+                let e = rel_err(&gp[idx], &ga[idx]);
+                assert!(e <= 1e-4, "{name} tensor {idx}: packed vs alone {e:.2e}");
+            }
         }
     }
 }
