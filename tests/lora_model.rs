@@ -583,3 +583,32 @@ fn packed_rows_train_the_adapters_as_each_example_alone() {
         }
     }
 }
+
+#[test]
+fn a_reward_forward_drops_only_inside_grad_pass() {
+    let be = CpuBackend::new();
+    let cfg = llama();
+    let inputs = ids(&mut Rng::new(95), 2 * 6, cfg.vocab_size);
+    let base = base_values(&be, &cfg, 96);
+    let mut model = Gpt::with_lora(&be, &cfg, base, adapters(&cfg, "all", 0.5), 97).unwrap();
+    randomize_adapters(&be, &mut model, 98);
+    model.init_reward_head(&be, 99).unwrap();
+    model.set_lora_dropout_seed(3);
+    let plain = model.reward_forward(&be, &inputs, 2, 6, &[5, 4]).unwrap();
+    let again = model.reward_forward(&be, &inputs, 2, 6, &[5, 4]).unwrap();
+    assert_eq!(plain.rewards, again.rewards);
+    let dropped = model
+        .grad_pass(|m| m.reward_forward(&be, &inputs, 2, 6, &[5, 4]))
+        .unwrap();
+    assert_ne!(
+        dropped.rewards, plain.rewards,
+        "dropout in the training pass"
+    );
+    // Its backward recomputes the same masks: the gradient is that pass's.
+    model.zero_grad(&be).unwrap();
+    model
+        .reward_backward(&be, &inputs, &dropped, &[1.0, -1.0])
+        .unwrap();
+    let g = model.grad_values(&be).unwrap();
+    assert!(g[model.layout.lora[0].b].iter().any(|&x| x != 0.0));
+}
