@@ -5,6 +5,8 @@
 //! bit-identical and holds moments for adapters only; KV-cache decoding equals the full
 //! forward; recompute levels agree bit for bit; the frozen base has no gradient buffer.
 
+mod common;
+
 use topcoat::backend::cpu::CpuBackend;
 use topcoat::config::{Family, LlamaShape, LoraConfig, LoraTarget, ModelConfig, RunConfig};
 use topcoat::dist::Solo;
@@ -362,7 +364,7 @@ fn dropout_masks_repeat_with_the_seed_and_gradients_agree_across_recompute() {
         let inputs = ids(&mut rng, b * t, cfg.vocab_size);
         let targets = ids(&mut rng, b * t, cfg.vocab_size);
         let base = base_values(&be, &cfg, 42);
-        let mut grads_at = |level: u8, seed: u64, p: f32| {
+        let grads_at = |level: u8, seed: u64, p: f32| {
             let lora = adapters(&cfg, "all", p);
             let mut m = Gpt::with_lora(&be, &cfg, base.clone(), lora, 43).unwrap();
             randomize_adapters(&be, &mut m, 44);
@@ -531,5 +533,137 @@ fn a_lora_training_checkpoint_saves_and_resumes_the_adapters_moments_only() {
             let m = |o: &AdamW<CpuBackend>| o.m[i].clone().unwrap();
             assert_eq!(m(&opt2), m(&opt), "m of tensor {i}");
         }
+    }
+}
+
+#[test]
+fn packed_rows_train_the_adapters_as_each_example_alone() {
+    use topcoat::model::Packing;
+    let be = CpuBackend::new();
+    for (name, cfg) in families() {
+        let t = 9;
+        let lengths = vec![vec![3, 5], vec![8]];
+        let packing = Packing::from_lengths(&lengths, t).unwrap();
+        let mut rng = Rng::new(91);
+        let inputs = ids(&mut rng, 2 * t, cfg.vocab_size);
+        let mut targets = ids(&mut rng, 2 * t, cfg.vocab_size);
+        targets[t - 1] = -1;
+        targets[2 * t - 1] = -1;
+        let tokens = targets.iter().filter(|&&x| x >= 0).count();
+        let base = base_values(&be, &cfg, 92);
+        let make = || {
+            let lora = adapters(&cfg, "all", 0.0);
+            let mut m = Gpt::with_lora(&be, &cfg, base.clone(), lora, 93).unwrap();
+            randomize_adapters(&be, &mut m, 94);
+            m.zero_grad(&be).unwrap();
+            m
+        };
+        let mut packed = make();
+        packed
+            .forward_backward_with(&be, &inputs, &targets, Some(&packing), 2, t, 1.0)
+            .unwrap();
+        let mut alone = make();
+        for (row, lens) in lengths.iter().enumerate() {
+            let mut begin = row * t;
+            for &len in lens {
+                let (x, y) = (&inputs[begin..begin + len], &targets[begin..begin + len]);
+                let n = y.iter().filter(|&&v| v >= 0).count();
+                let scale = n as f32 / tokens as f32;
+                alone.forward_backward(&be, x, y, 1, len, scale).unwrap();
+                begin += len;
+            }
+        }
+        let (gp, ga) = (
+            packed.grad_values(&be).unwrap(),
+            alone.grad_values(&be).unwrap(),
+        );
+        for s in &packed.layout.lora {
+            for idx in [s.a, s.b] {
+                let e = rel_err(&gp[idx], &ga[idx]);
+                assert!(e <= 1e-4, "{name} tensor {idx}: packed vs alone {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_reward_forward_drops_only_inside_grad_pass() {
+    let be = CpuBackend::new();
+    let cfg = llama();
+    let inputs = ids(&mut Rng::new(95), 2 * 6, cfg.vocab_size);
+    let base = base_values(&be, &cfg, 96);
+    let mut model = Gpt::with_lora(&be, &cfg, base, adapters(&cfg, "all", 0.5), 97).unwrap();
+    randomize_adapters(&be, &mut model, 98);
+    model.init_reward_head(&be, 99).unwrap();
+    model.set_lora_dropout_seed(3);
+    let plain = model.reward_forward(&be, &inputs, 2, 6, &[5, 4]).unwrap();
+    let again = model.reward_forward(&be, &inputs, 2, 6, &[5, 4]).unwrap();
+    assert_eq!(plain.rewards, again.rewards);
+    let dropped = model
+        .grad_pass(|m| m.reward_forward(&be, &inputs, 2, 6, &[5, 4]))
+        .unwrap();
+    assert_ne!(
+        dropped.rewards, plain.rewards,
+        "dropout in the training pass"
+    );
+    // Its backward recomputes the same masks: the gradient is that pass's.
+    model.zero_grad(&be).unwrap();
+    model
+        .reward_backward(&be, &inputs, &dropped, &[1.0, -1.0])
+        .unwrap();
+    let g = model.grad_values(&be).unwrap();
+    assert!(g[model.layout.lora[0].b].iter().any(|&x| x != 0.0));
+}
+
+/// The shared step loop with two accumulated micro-batches (the accumulator and the gradient
+/// hook over adapter tensors only), clipping and checkpoints: the frozen base comes out
+/// bit-identical and every adapter moved.
+#[test]
+fn the_training_loop_accumulates_and_steps_the_adapters_only() {
+    use topcoat::data::Tokenizer;
+    use topcoat::stages::pretrain::Pretrain;
+    use topcoat::train::{self, TrainOptions};
+    let dir = tempfile::tempdir().unwrap();
+    common::cli::prepare_small_corpus(dir.path());
+    let data = dir.path().join("data");
+    let be = CpuBackend;
+    let tok = Tokenizer::load(data.join("tokenizer.json")).unwrap();
+    let base_cfg = ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
+    let base = Gpt::init(&be, &base_cfg, 1)
+        .unwrap()
+        .param_values(&be)
+        .unwrap();
+    let lora = adapters(&base_cfg, "all", 0.1);
+    let mut model = Gpt::with_lora(&be, &base_cfg, base.clone(), lora, 2).unwrap();
+    let (b, t) = (2, 16);
+    let run = RunConfig {
+        batch_size: b,
+        seq_len: t,
+        total_batch_tokens: 2 * b * t,
+        max_steps: 3,
+        warmup_steps: 1,
+        val_every: 0,
+        checkpoint_every: 0,
+        ..RunConfig::default()
+    };
+    let mut objective = Pretrain::open(&data, b, t, 0, 0, 1, base_cfg.vocab_size, 0).unwrap();
+    let opts = TrainOptions {
+        run,
+        out_dir: dir.path().join("run"),
+        resume: false,
+        keep_checkpoints: 0,
+        quiet: true,
+    };
+    let summary =
+        train::train(&be, &train::solo(), &mut model, &mut objective, &tok, &opts).unwrap();
+    assert_eq!(summary.train_losses.len(), 3);
+    let after = model.param_values(&be).unwrap();
+    assert_eq!(after[..base.len()], base[..], "frozen base");
+    for s in &model.layout.lora {
+        assert!(
+            after[s.b].iter().any(|&x| x != 0.0),
+            "B of layer {} moved",
+            s.layer
+        );
     }
 }

@@ -97,8 +97,10 @@ impl<B: Backend> Gpt<B> {
         self.lora_switch.seed = seed;
     }
 
-    /// Runs `f` as a pass a backward follows: LoRA dropout applies in its forward.
-    pub(super) fn grad_pass<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    /// Runs `f` as a pass a backward follows: LoRA dropout applies in its forward. The
+    /// gradient entry points (`forward_backward*`, `*_logps_step`) use it themselves; a caller
+    /// pairing [`Gpt::reward_forward`] with [`Gpt::reward_backward`] wraps the forward in it.
+    pub fn grad_pass<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.lora_switch.grad_pass = true;
         let out = f(self);
         self.lora_switch.grad_pass = false;
