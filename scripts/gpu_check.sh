@@ -14,6 +14,9 @@
 # Full logs go to $OUT (or ./gpu_check_logs); failures are summarised and a short table printed last.
 #   GPU_CHECK_SKIP_TORCH=1 skips the PyTorch baseline (for a quick correctness-only pass);
 #   GPU_CHECK_FULL_DEMO=1 adds the whole demo at its GPU sizes after the table.
+#   GPU_CHECK_LORA=1 adds the LoRA rows (scripts/gpu_lora_check.sh: llama-3.2-1b LoRA r16 at
+#   8 x 2048 beside PyTorch + PEFT, its peak at --recompute 2, the llama-3.1-8b fit check; about
+#   5 minutes, so with the rest more than one 10-minute command: run that script alone for them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${OUT:-gpu_check_logs}
@@ -236,6 +239,11 @@ big_st=$(status $?)
 tail -n 6 "$logs/bench_1558m.log"
 big_mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader | head -n 1)
 echo "== gpt2-1558m ($((SECONDS - t0)) s): $big_st"
+lora_rows=""
+if [ -n "${GPU_CHECK_LORA:-}" ]; then
+  GPU_CHECK_LORA_NESTED=1 bash scripts/gpu_lora_check.sh 2>&1 | tee "$logs/lora.log" | grep -E "^== "
+  lora_rows="$logs/lora_rows.md"
+fi
 echo "== done ($((SECONDS - t0)) s)"
 
 echo
@@ -263,6 +271,7 @@ echo "| pretrain 20 steps, no collective | $dp_solo |"
 echo "| same, --collective nccl at world size 1 (bitwise expected) | $dp_nccl1 |"
 echo "| same, 2 ranks on 1 GPU, --collective host (tolerance 1e-2) | $dp_host2 |"
 echo "| gpt2-1558m --recompute 2, B=$big_b T=1024 (card $big_mem; anchor: llm.c in PERF.md) | $big_st: $(tail -n 1 "$logs/bench_1558m.log") |"
+[ -n "$lora_rows" ] && cat "$lora_rows"
 # GPU_CHECK_FULL_DEMO=1: also the whole demo at its GPU sizes (not part of the 5-minute check).
 if [ -n "${GPU_CHECK_FULL_DEMO:-}" ]; then
   timeout 100 dist/topcoat demo --device cuda --out "$run/demo_full" >"$logs/demo_full.log" 2>&1

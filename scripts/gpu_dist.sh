@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, on the development machine, everything a GPU check needs into dist/ (ignored by git):
 # the release binary and the CUDA parity tests with the kernels embedded, stripped (nvcc from the
-# pinned PyPI wheels), plus the PyTorch baseline. The GPU machine has no cargo: carry dist/.
+# pinned PyPI wheels), plus the PyTorch baselines and the peft wheel. The GPU machine has no
+# cargo: carry dist/.
 #   bash scripts/gpu_dist.sh && (on the GPU machine) bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ for line in sys.stdin:
         shutil.copy(m["executable"], "dist/" + name)
 '
 strip dist/cuda_parity dist/cuda_training
-cp scripts/bench_torch.py dist/
+cp scripts/bench_torch.py scripts/bench_peft.py dist/
+# The PEFT baseline's wheels (scripts/fetch_bench_wheels.sh), installed there by gpu_lora_check.sh.
+if compgen -G ".bench-wheels/*.whl" >/dev/null; then
+  mkdir -p dist/wheels && cp .bench-wheels/*.whl dist/wheels/
+else
+  echo "no .bench-wheels/: bench_peft.py will use the GPU image's peft (bash scripts/fetch_bench_wheels.sh)"
+fi
 du -sh dist
 ls -l dist
