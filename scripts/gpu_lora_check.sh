@@ -9,13 +9,14 @@
 #      (19.17 GiB planned, so the 12 GiB target is expected to be missed): its measured peak;
 #   3. the 8B fit check: llama-3.1-8b, LoRA r16, B=1, T=2048, --recompute 2, 3 steps: its
 #      measured peak against 24 GiB (23.00 GiB planned).
-# Expected time on an H100/H200: about 5 minutes, most of it the host-side random init of the
-# weights (one thread: ~25 s for the 1B model per run, ~2.5 min for the 8B) and PEFT's
-# torch.compile (~1 min); the timeouts below add up to 9 min 40 s (without the optional 8B PEFT row), within one 10-minute command.
+# Expected time on an H100/H200 (estimated, not yet measured): about 5 minutes, most of it the
+# host-side random init of the weights (one thread: ~25 s for the 1B model per run, ~2.5 min
+# for the 8B) and PEFT's torch.compile (~1 min). The timeouts below add up to 9 min 40 s
+# (without the optional 8B PEFT row): within one 10-minute command.
 # Run alone (`bash scripts/gpu_lora_check.sh`: prints its own table) or from gpu_check.sh with
 # GPU_CHECK_LORA=1 (its rows join that table; the two together do not fit one 10-minute command).
 #   GPU_CHECK_SKIP_TORCH=1 skips the PEFT baseline; GPU_CHECK_LORA_8B_PEFT=1 adds bench_peft.py
-#   at the 8B shape with gradient checkpointing (its peak beside topcoat's; ~1.5 min more).
+#   at the 8B shape with gradient checkpointing (its peak beside topcoat's; ~1.5 min more, a guess).
 # Rows go to $logs/lora_rows.md (for gpu_check.sh's table) and stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,9 @@ echo "== PEFT: $peft_env"
 
 # lastrow FILE: the last table row of FILE (topcoat's: step ms, tokens/s, TFLOP/s, MFU, peak).
 lastrow() { grep -E "^\|" "$1" | tail -n 1; }
-# field FILE I: column I of the last table row of FILE (after the leading "|"), as a number.
-# peak FILE: topcoat's measured peak in GiB ("peak memory: X GiB measured, ...").
+# ratio_and_peaks ratio TOPCOAT_LOG PEFT_LOG: tokens/s (topcoat's column 2, PEFT's 3) divided;
+#   peak LOG LIMIT: topcoat's "peak memory: X GiB measured" against LIMIT GiB;
+#   peft_mem LOG: PEFT's two peaks (columns 6 and 7 of its row).
 ratio_and_peaks() {
   python3 - "$@" <<'PY'
 import re, sys
