@@ -124,6 +124,13 @@ pub trait Stage {
         BatchFlag::ROWS_LORA
     }
 
+    /// The models `open` will hold beside the trained one, for the memory plan (none by
+    /// default; RL: its reward model, and its reference without LoRA).
+    fn held_models(&self, ctx: &StageContext) -> Result<Vec<super::preflight::HeldModel>> {
+        let _ = ctx;
+        Ok(Vec::new())
+    }
+
     /// Opens the objective (its data, and any models it holds on `be`), printing what it found.
     fn open<B: Backend + 'static>(
         &self,
@@ -235,7 +242,8 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     let progress: &dyn Fn(&str) = if writer { progress } else { &quiet };
     let ctx = resolve(job, run)?;
     let data = job.stage.data().map(|(dir, _)| dir);
-    let plan = super::preflight::check(be, &ctx, data, job.stage.batch_flag())?;
+    let held = job.stage.held_models(&ctx)?;
+    let plan = super::preflight::check(be, &ctx, data, job.stage.batch_flag(), &held)?;
     let bytes = |r| be.element_bytes(r);
     let storage = super::plan::storage_name(&bytes);
     let budget = super::plan::budget(&ctx.model, &plan, &storage, be.memory_available());

@@ -1,6 +1,7 @@
 //! The memory plan: how many bytes a training run of one model shape and batch shape needs
 //! (frozen and trained weights, master copy, gradients, optimizer moments, activations,
-//! logits, LoRA's own activations), checked against what the device has before anything is
+//! logits and a chunked head's staging, LoRA's own activations, and the models a stage holds
+//! beside the trained one), checked against what the device has before anything is
 //! allocated, so that a batch too large for the machine is a named error rather than an
 //! allocator abort minutes later. The weights' rows come from the model's [`ParamLayout`]
 //! (frozen or trained per tensor), so the plan of a LoRA model counts what is allocated.
@@ -9,7 +10,7 @@
 //! All arithmetic is in `u128`: no batch or sequence length a user can type overflows it.
 
 use super::head::logit_chunk_rows;
-use super::ParamLayout;
+use super::{LoraSlot, ParamLayout};
 use crate::backend::Role;
 use crate::config::ModelConfig;
 use thiserror::Error;
@@ -55,6 +56,9 @@ pub struct PlanOptions {
     /// 1: the AdamW moments and the fp32 master copy are sharded over `world_size` ranks.
     pub zero: u8,
     pub world_size: usize,
+    /// Rows per chunk of the LM head forced by `Gpt::set_logit_chunk_rows` (`None`: the
+    /// default rule, [`logit_chunk_rows`]).
+    pub logit_rows: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -63,6 +67,7 @@ impl Default for PlanOptions {
             recompute: 0,
             zero: 0,
             world_size: 1,
+            logit_rows: None,
         }
     }
 }
@@ -96,12 +101,20 @@ pub struct MemoryPlan {
     pub activations: u128,
     /// [`Self::activations`] at recompute 0, 1 and 2.
     pub activations_at: [u128; 3],
-    /// The logits buffer: one chunk of rows of the chunked classifier (`model/head.rs`).
+    /// The logits buffer: one chunk of rows of the chunked classifier (`model/head.rs`), and
+    /// when it runs in several chunks, their staging (a chunk's rows of `lnf` and `dlnf`, and
+    /// its fp32 losses).
     pub logits: u128,
     /// LoRA: each adapter's `x A^T` (`N x rank`) saved for the backward pass.
     pub lora_kept: u128,
-    /// LoRA: one adapter's scratch, reused by all (`N x (max width + max in + rank)`).
+    /// LoRA: the buffers the adapters share (model/lora/pass.rs): the forward's `t` per
+    /// distinct output width (and with dropout, `xd` per distinct input width), the
+    /// backward's `du` (`N x rank`) and `dxl` per distinct input width, and GPT-2 with a
+    /// `down` adapter the GELU's output gradient (`N x 4C`).
     pub lora_scratch: u128,
+    /// Models held beside the trained one (RL's reward model, and its reference without
+    /// LoRA): their frozen weights and forward-only activations ([`MemoryPlan::held_model`]).
+    pub held: u128,
 }
 
 impl MemoryPlan {
@@ -136,6 +149,10 @@ impl MemoryPlan {
         let activations_at = [0, 1, 2].map(|level| activation_bytes(cfg, b, t, level, &w));
         let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
         let (lora_kept, lora_scratch) = lora_bytes(cfg, &layout, n, w(Role::Activation));
+        let rows = opts.logit_rows.map_or_else(
+            || logit_chunk_rows(b.saturating_mul(t), cfg.padded_vocab_size),
+            |r| r.clamp(1, b.saturating_mul(t).max(1)),
+        );
         Self {
             batch_size: b,
             seq_len: t,
@@ -151,9 +168,44 @@ impl MemoryPlan {
             grads: trainable * w(Role::Grad),
             activations: activations_at[usize::from(opts.recompute.min(2))],
             activations_at,
-            logits: logit_bytes(cfg, b, t, w(Role::Activation)),
+            logits: logit_bytes(cfg, n, rows as u128, &w),
             lora_kept,
             lora_scratch,
+            held: 0,
+        }
+    }
+
+    /// Bytes of a model of `cfg` held beside the trained one for forward passes of `b x t`
+    /// (RL's reference and reward model): its weights frozen (one working copy, no master,
+    /// gradients or moments), its activations at recompute 0 without the backward's scratch,
+    /// and its logits at the default chunk rule.
+    pub fn held_model(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        bytes: impl Fn(Role) -> usize,
+    ) -> u128 {
+        let w = |role: Role| bytes(role) as u128;
+        let params = ParamLayout::new(cfg).num_params() as u128;
+        let n = b as u128 * t as u128;
+        let acts = activation_bytes(cfg, b, t, 0, &w).saturating_sub(scratch_bytes(cfg, n, &w));
+        let rows = logit_chunk_rows(b.saturating_mul(t), cfg.padded_vocab_size) as u128;
+        // A forward pass stages no chunk of a gradient: its logits alone, plus its staging.
+        let kept = lora_bytes(cfg, &ParamLayout::new(cfg), n, w(Role::Activation)).0;
+        sum(&[
+            prod(&[params, w(Role::Param)]),
+            acts,
+            logit_bytes(cfg, n, rows, &w),
+            kept,
+            forward_lora_scratch(cfg, &ParamLayout::new(cfg).lora, n, w(Role::Activation)),
+        ])
+    }
+
+    /// This plan with `bytes` of models held beside the trained one ([`Self::held`]).
+    pub fn with_held(self, bytes: u128) -> Self {
+        Self {
+            held: bytes,
+            ..self
         }
     }
 
@@ -165,12 +217,13 @@ impl MemoryPlan {
             master: 0,
             moments: 0,
             grads: 0,
+            held: 0,
             ..self
         }
     }
 
-    /// The weights, their master copy, gradients and moments: what the batch shape does not
-    /// change.
+    /// The weights, their master copy, gradients and moments, and the models held beside
+    /// (whose own batch shape is the stage's): what the run's micro-batch does not change.
     pub fn fixed(&self) -> u128 {
         sum(&[
             self.frozen,
@@ -178,6 +231,7 @@ impl MemoryPlan {
             self.master,
             self.moments,
             self.grads,
+            self.held,
         ])
     }
 
@@ -216,28 +270,77 @@ pub fn available_bytes(available: Option<u64>) -> u128 {
     available.map_or(usize::MAX as u128, u128::from)
 }
 
-/// The logits buffer of a `b x t` pass: the chunked classifier holds `logit_chunk_rows` rows
-/// of the padded vocabulary at a time.
-fn logit_bytes(cfg: &ModelConfig, b: usize, t: usize, act: u128) -> u128 {
-    let vp = cfg.padded_vocab_size;
-    let rows = logit_chunk_rows(b.saturating_mul(t), vp) as u128;
-    prod(&[act, rows, vp as u128])
+/// The logits buffer of an `n`-position pass run `rows` rows at a time (`model/head.rs`):
+/// `rows x VP` logits, and with several chunks their staging (`lnf` and `dlnf` rows,
+/// `logit_staging_elements`) and `rows` fp32 losses.
+fn logit_bytes(cfg: &ModelConfig, n: u128, rows: u128, w: &impl Fn(Role) -> u128) -> u128 {
+    let (c, vp) = (cfg.n_embd as u128, cfg.padded_vocab_size as u128);
+    let act = w(Role::Activation);
+    let logits = prod(&[act, rows, vp]);
+    if rows >= n {
+        return logits;
+    }
+    sum(&[
+        logits,
+        prod(&[act, 2, rows, c]),
+        prod(&[w(Role::State), rows]),
+    ])
 }
 
-/// LoRA's activations over `n` positions: per adapter its `x A^T` (`n x rank`), kept for the
-/// backward pass; and one scratch set every adapter reuses in turn: the adapter's output
-/// (`n x` the widest slice), its dropped input (`n x` the widest input) and `n x rank`.
+/// LoRA's activations over `n` positions (model/lora/pass.rs `LoraActs`, `LoraGrads` and
+/// `GradScratch::dgelu`): per adapter its `x A^T` (`n x rank`), kept for the backward pass;
+/// and the scratch all adapters share (see [`MemoryPlan::lora_scratch`]).
 fn lora_bytes(cfg: &ModelConfig, layout: &ParamLayout, n: u128, act: u128) -> (u128, u128) {
     let Some(lora) = &cfg.lora else {
         return (0, 0);
     };
     let r = lora.rank as u128;
-    let slots = layout.lora.len() as u128;
-    let widest = layout.lora.iter().map(|s| s.width).max().unwrap_or(0) as u128;
-    let widest_in = layout.lora.iter().map(|s| s.in_dim).max().unwrap_or(0) as u128;
-    let kept = prod(&[act, slots, n, r]);
-    let scratch = prod(&[act, n, sum(&[widest, widest_in, r])]);
-    (kept, scratch)
+    let slots = &layout.lora;
+    let kept = prod(&[act, slots.len() as u128, n, r]);
+    let forward = forward_lora_scratch(cfg, slots, n, act);
+    let ins = distinct_sum(slots.iter().map(|s| s.in_dim));
+    // GPT-2's `down` adapter: the gradient on the GELU's output, apart from its input's.
+    let down = cfg.llama().is_none() && lora.targets.contains(&crate::config::LoraTarget::Down);
+    let dgelu = if down { cfg.mlp_width() as u128 } else { 0 };
+    let backward = prod(&[act, n, sum(&[r, ins, dgelu])]);
+    (kept, sum(&[forward, backward]))
+}
+
+/// The forward's LoRA scratch (`LoraActs`'s pool): one buffer per distinct length among the
+/// output widths and, with dropout, the input widths.
+fn forward_lora_scratch(cfg: &ModelConfig, slots: &[LoraSlot], n: u128, act: u128) -> u128 {
+    let Some(lora) = &cfg.lora else {
+        return 0;
+    };
+    let ins = slots
+        .iter()
+        .filter(|_| lora.dropout > 0.0)
+        .map(|s| s.in_dim);
+    prod(&[
+        act,
+        n,
+        distinct_sum(slots.iter().map(|s| s.width).chain(ins)),
+    ])
+}
+
+/// The sum of the distinct values of `xs` (one pooled buffer per distinct width).
+fn distinct_sum(xs: impl Iterator<Item = usize>) -> u128 {
+    let mut v: Vec<usize> = xs.collect();
+    v.sort_unstable();
+    v.dedup();
+    v.iter().map(|&x| x as u128).sum()
+}
+
+/// The backward's scratch (`GradScratch` without LoRA's) over `n` positions: dresidual, dln,
+/// datty (3 C), dqkv, dfch (GPT-2 4C; Llama 2I) and Llama's dswiglu (I).
+fn scratch_bytes(cfg: &ModelConfig, n: u128, w: &impl Fn(Role) -> u128) -> u128 {
+    let (c, qkv, i) = (
+        cfg.n_embd as u128,
+        cfg.qkv_width() as u128,
+        cfg.mlp_width() as u128,
+    );
+    let mlp = if cfg.llama().is_some() { 3 * i } else { i };
+    prod(&[w(Role::Activation), n, sum(&[3 * c, qkv, mlp])])
 }
 
 /// Activation bytes of a `b x t` pass at recompute `level` (activations.rs `Activations` and
@@ -459,8 +562,10 @@ mod tests {
     /// A Llama model with adapters on q, v and down, rank 4, by hand: per layer q adds
     /// `4 x 128 + 128 x 4`, v (two KV heads of 32) `4 x 128 + 64 x 4`, down `4 x 384 + 128 x 4`;
     /// the base is frozen (one bf16 copy), and master, moments and gradients count the
-    /// adapters alone. LoRA's activations: `N x 4` kept per adapter, and one scratch of
-    /// `N x (128 + 384 + 4)` (the widest output slice, the widest input, the rank).
+    /// adapters alone. LoRA's activations: `N x 4` kept per adapter; the forward's scratch one
+    /// buffer per distinct width among the outputs (128, 64) and, with dropout, the inputs
+    /// (128, 384): `N x 576`; the backward's `du` (`N x 4`) and `dxl` per distinct input
+    /// (`N x (128 + 384)`).
     #[test]
     fn lora_rows_by_hand_llama() {
         let base = ModelConfig::preset("llama-tiny", 300).unwrap();
@@ -483,7 +588,7 @@ mod tests {
         assert_eq!(p.moments, 8 * trained);
         assert_eq!(p.grads, 4 * trained);
         assert_eq!(p.lora_kept, 2 * (4 * 3) * n * 4);
-        assert_eq!(p.lora_scratch, 2 * n * (128 + 384 + 4));
+        assert_eq!(p.lora_scratch, 2 * n * ((64 + 128 + 384) + (4 + 128 + 384)));
         // The base's activations and logits are the full model's.
         assert_eq!(p.activations_at, full.activations_at);
         assert_eq!(p.logits, full.logits);
@@ -499,7 +604,9 @@ mod tests {
 
     /// GPT-2's fused `c_attn` is one adapter of width 3C; `c_fc`'s input is C, `c_proj`'s 4C.
     /// With f32 storage (the CPU) there is no master copy, and the frozen base still has no
-    /// gradients or moments.
+    /// gradients or moments. LoRA's scratch: the forward's distinct widths {C, 3C, 4C} (inputs
+    /// C and 4C among them), the backward's `du`, `dxl` per distinct input {C, 4C}, and the
+    /// `down` adapter's GELU output gradient (4C).
     #[test]
     fn lora_rows_by_hand_gpt2() {
         let base = ModelConfig::preset("tiny", 300).unwrap();
@@ -516,11 +623,15 @@ mod tests {
         assert_eq!((p.weights, p.master), (4 * trained, 0));
         assert_eq!((p.grads, p.moments), (4 * trained, 8 * trained));
         assert_eq!(p.lora_kept, 4 * (4 * 4) * n * 8);
-        assert_eq!(p.lora_scratch, 4 * n * (4 * c + 4 * c + 8));
+        assert_eq!(
+            p.lora_scratch,
+            4 * n * ((c + 3 * c + 4 * c) + (8 + c + 4 * c) + 4 * c)
+        );
     }
 
     /// The logits buffer is one chunk of the chunked classifier: all rows while they fit in
-    /// `LOGIT_CHUNK_ELEMENTS`, then as many rows as fit.
+    /// `LOGIT_CHUNK_ELEMENTS`, then as many rows as fit, with the chunk's staging (its rows of
+    /// `lnf` and `dlnf`, and its fp32 losses).
     #[test]
     fn logits_are_one_chunk() {
         let cfg = ModelConfig::preset("llama-3.2-1b", 128256).unwrap();
@@ -530,7 +641,120 @@ mod tests {
         let big = MemoryPlan::training(&cfg, 8, 2048, cuda_bytes);
         let rows = (crate::model::head::LOGIT_CHUNK_ELEMENTS as u128) / vp;
         assert!(rows < 8 * 2048);
-        assert_eq!(big.logits, 2 * rows * vp);
+        let n = 8 * 2048u128;
+        let rows = n.div_ceil(n.div_ceil(rows)); // balanced chunks
+        let staging = crate::model::head::logit_staging_elements(8 * 2048, 2048, vp as usize);
+        assert_eq!(staging as u128, 2 * rows * 2048);
+        assert_eq!(big.logits, 2 * rows * vp + 2 * staging as u128 + 4 * rows);
+    }
+
+    /// Every buffer a training pass allocates, counted from the model after a
+    /// forward_backward on the CPU (4 bytes each): the activations (logits, a chunked head's
+    /// staging and LoRA's included), the fp32 statistics and losses, and the backward's scratch.
+    fn allocated_bytes(m: &crate::model::Gpt<CpuBackend>, be: &CpuBackend) -> u128 {
+        let acts = m.acts.as_ref().expect("a pass ran");
+        let mut stats = be.len(&acts.losses)
+            + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>()
+            + acts.head.stage.as_ref().map_or(0, |s| be.len(&s.losses));
+        for l in &acts.llama {
+            stats += be.len(&l.lse) + be.len(&l.ln1_rstd) + be.len(&l.ln2_rstd);
+        }
+        if !acts.llama.is_empty() {
+            stats += be.len(&acts.lnf_rstd);
+        }
+        let elems = m.activation_elements(be).unwrap() + m.scratch_elements(be).unwrap() + stats;
+        4 * elems as u128
+    }
+
+    /// The plan's activation bytes are what the model allocates, for both families, with and
+    /// without LoRA (targets with shared and distinct widths, with and without dropout), the
+    /// head in one chunk or several, at every recompute level.
+    #[test]
+    fn plan_equals_the_allocation_after_a_training_pass() {
+        use crate::model::Gpt;
+        use crate::rng::Rng;
+        let gpt2 = ModelConfig::preset("tiny", 300).unwrap();
+        let llama = ModelConfig::preset("llama-tiny", 300).unwrap();
+        let lora = |cfg: &ModelConfig, targets: &str, dropout: f32| {
+            let mut cfg = with_lora(cfg.clone(), 4, targets);
+            cfg.lora.as_mut().unwrap().dropout = dropout;
+            cfg
+        };
+        let cfgs = [
+            gpt2.clone(),
+            lora(&gpt2, "all", 0.1),
+            lora(&gpt2, "q,k,v,o", 0.0),
+            lora(&gpt2, "down", 0.0),
+            llama.clone(),
+            lora(&llama, "all", 0.0),
+            lora(&llama, "q,v,down", 0.1),
+        ];
+        let be = CpuBackend::new();
+        let (b, t) = (3, 9);
+        let mut rng = Rng::new(15);
+        let mut tokens = || -> Vec<i32> { (0..b * t).map(|_| rng.below(300) as i32).collect() };
+        for cfg in &cfgs {
+            for level in 0..=2u8 {
+                for rows in [None, Some(7)] {
+                    let mut m = Gpt::init(&be, cfg, 7).unwrap();
+                    m.set_recompute(level).unwrap();
+                    m.set_logit_chunk_rows(rows).unwrap();
+                    let (x, y) = (tokens(), tokens());
+                    m.forward_backward(&be, &x, &y, b, t, 1.0).unwrap();
+                    let opts = PlanOptions {
+                        recompute: level,
+                        logit_rows: rows,
+                        ..PlanOptions::default()
+                    };
+                    let plan = MemoryPlan::training_with(cfg, b, t, opts, cpu_bytes);
+                    let what = format!(
+                        "{} lora {:?} recompute {level} rows {rows:?}",
+                        cfg.family_name(),
+                        cfg.lora
+                    );
+                    assert_eq!(plan.activation_total(), allocated_bytes(&m, &be), "{what}");
+                }
+            }
+        }
+    }
+
+    /// RL's held models: a frozen working copy and a forward pass's buffers (no scratch, no
+    /// gradients), counted against a model frozen and run forward on the CPU.
+    #[test]
+    fn a_held_model_is_its_weights_and_forward_buffers() {
+        use crate::model::Gpt;
+        let be = CpuBackend::new();
+        let (b, t) = (2, 11);
+        for cfg in [
+            ModelConfig::preset("tiny", 300).unwrap(),
+            ModelConfig::preset("llama-tiny", 300).unwrap(),
+        ] {
+            let mut m = Gpt::init(&be, &cfg, 3).unwrap();
+            m.freeze(&be).unwrap();
+            assert!(m.grads.iter().all(Option::is_none));
+            let ids: Vec<i32> = (0..b * t).map(|i| (i * 37 % 300) as i32).collect();
+            m.token_logps(&be, &ids, &ids, b, t).unwrap();
+            assert_eq!(
+                m.scratch_elements(&be),
+                None,
+                "a forward pass allocates no scratch"
+            );
+            let acts = m.acts.as_ref().unwrap();
+            let mut stats =
+                be.len(&acts.losses) + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>();
+            for l in &acts.llama {
+                stats += be.len(&l.lse) + be.len(&l.ln1_rstd) + be.len(&l.ln2_rstd);
+            }
+            if !acts.llama.is_empty() {
+                stats += be.len(&acts.lnf_rstd);
+            }
+            let elems = m.activation_elements(&be).unwrap() + stats;
+            let weights = 4 * cfg.num_params() as u128;
+            assert_eq!(
+                MemoryPlan::held_model(&cfg, b, t, cpu_bytes),
+                weights + 4 * elems as u128
+            );
+        }
     }
 
     /// A batch no machine holds is refused with the sizes named, without overflowing.
