@@ -32,7 +32,7 @@
 use super::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use super::CommandError;
 use crate::backend::Backend;
-use crate::config::{lora_line, ConfigError, ModelConfig, RunConfig};
+use crate::config::{lora_line, resume_lora, ConfigError, LoraConfig, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
 use crate::dist::{Collective, DistError, RankInfo};
 use crate::model::{BatchFlag, Gpt};
@@ -373,20 +373,47 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
                 ))
                 .into());
             }
-            if let Some(lora) = run.lora(&model)? {
-                if model.lora.is_some() {
-                    return Err(ConfigError::Invalid(format!(
-                        "{}: --init {} is a LoRA run's checkpoint; LoRA trains adapters on a                          plain model: merge it first (`topcoat export hf {} --merge --out DIR`,                          then `topcoat import hf DIR`) or start from its base",
-                        S::NAME,
-                        ckpt.display(),
-                        ckpt.display()
-                    ))
-                    .into());
-                }
-                model.lora = Some(lora);
+            let mut lora = run.lora(&model)?;
+            if lora.is_some() && model.lora.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: --init {} is a LoRA run's checkpoint; LoRA trains adapters on a plain \
+                     model: merge it first (`topcoat export hf {} --merge --out DIR`, then \
+                     `topcoat import hf DIR`) or start from its base",
+                    S::NAME,
+                    ckpt.display(),
+                    ckpt.display()
+                ))
+                .into());
+            }
+            if job.resume {
+                lora = resumed_lora(&job.out, lora)?;
+            }
+            if lora.is_some() {
+                model.lora = lora;
             }
             ctx(Some(ckpt), model, tokenizer)
         }
+    })
+}
+
+/// The adapters a `--resume` trains: the newest checkpoint's in `out` when the run asks for
+/// none, else those asked, refused where any setting differs from the checkpoint's
+/// ([`resume_lora`]).
+fn resumed_lora(out: &Path, wanted: Option<LoraConfig>) -> Result<Option<LoraConfig>> {
+    let Some(latest) = checkpoint::latest(out)? else {
+        return Ok(wanted);
+    };
+    let saved = checkpoint::load_config(&latest)?.lora;
+    resume_lora(saved.as_ref(), wanted).map_err(|diffs| {
+        train::TrainError::Checkpoint {
+            path: latest,
+            msg: format!(
+                "cannot resume with other LoRA settings: {}; resume without the --lora-* flags \
+                 (the checkpoint's are kept) or start a new run in another --out",
+                diffs.join("; ")
+            ),
+        }
+        .into()
     })
 }
 
