@@ -378,6 +378,7 @@ fn a_lora_sft_run_resumes_bit_for_bit() {
     let log = run("sft", &resumed, &again);
     assert!(log.contains("resuming from"), "{log}");
     assert!(log.contains("LoRA r=4 alpha=8 dropout=0.05"), "{log}");
+    assert!(!log.contains("lora_rank 4 -> null"), "{log}");
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let (a, b) = (
             std::fs::read(newest(&straight).join(file)).unwrap(),

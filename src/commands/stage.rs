@@ -32,7 +32,7 @@
 use super::inputs::{check_tokenizers, data_tokenizer, resolve_checkpoint};
 use super::CommandError;
 use crate::backend::Backend;
-use crate::config::{lora_line, resume_lora, ConfigError, LoraConfig, ModelConfig, RunConfig};
+use crate::config::{lora_line, ConfigError, ModelConfig, RunConfig};
 use crate::data::Tokenizer;
 use crate::dist::{Collective, DistError, RankInfo};
 use crate::model::{BatchFlag, Gpt};
@@ -386,34 +386,13 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
                 .into());
             }
             if job.resume {
-                lora = resumed_lora(&job.out, lora)?;
+                lora = super::inputs::resumed_lora(&job.out, lora)?;
             }
             if lora.is_some() {
                 model.lora = lora;
             }
             ctx(Some(ckpt), model, tokenizer)
         }
-    })
-}
-
-/// The adapters a `--resume` trains: the newest checkpoint's in `out` when the run asks for
-/// none, else those asked, refused where any setting differs from the checkpoint's
-/// ([`resume_lora`]).
-fn resumed_lora(out: &Path, wanted: Option<LoraConfig>) -> Result<Option<LoraConfig>> {
-    let Some(latest) = checkpoint::latest(out)? else {
-        return Ok(wanted);
-    };
-    let saved = checkpoint::load_config(&latest)?.lora;
-    resume_lora(saved.as_ref(), wanted).map_err(|diffs| {
-        train::TrainError::Checkpoint {
-            path: latest,
-            msg: format!(
-                "cannot resume with other LoRA settings: {}; resume without the --lora-* flags \
-                 (the checkpoint's are kept) or start a new run in another --out",
-                diffs.join("; ")
-            ),
-        }
-        .into()
     })
 }
 
