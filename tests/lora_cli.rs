@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::cli::{fails, ok, s};
+use common::cli::{assert_unchanged, fails, ok, s, snapshot};
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -344,10 +344,41 @@ fn a_lora_sft_run_resumes_bit_for_bit() {
     run("sft", &straight, &args("4"));
     let resumed = dir.path().join("resumed");
     run("sft", &resumed, &args("2"));
-    let mut again = args("4");
+    // Other LoRA settings than the checkpoint's are refused, each named with both values,
+    // before the run directory is touched.
+    let before = snapshot(&resumed);
+    let mut other: Vec<String> = args("4").into_iter().take(16).collect();
+    other.extend(
+        [
+            "--lora-rank",
+            "8",
+            "--lora-alpha",
+            "3",
+            "--lora-dropout",
+            "0.05",
+            "--resume",
+        ]
+        .map(String::from),
+    );
+    let mut cmd = vec!["sft".to_string(), "--out".into(), s(&resumed)];
+    cmd.extend(["--device", "cpu"].map(String::from));
+    let e = fails(&[cmd.clone(), other].concat());
+    assert!(
+        e.contains("cannot resume with other LoRA settings")
+            && e.contains("lora_rank (--lora-rank) is 4 in the checkpoint but 8 in this run")
+            && e.contains("lora_alpha (--lora-alpha) is 8 in the checkpoint but 3 in this run")
+            && !e.contains("lora_dropout"),
+        "{e}"
+    );
+    assert_unchanged(&resumed, &before);
+    // None given: the checkpoint's adapters (rank, alpha, dropout, targets) carry on.
+    let mut again: Vec<String> = args("4").into_iter().take(16).collect();
+    assert!(!again.iter().any(|a| a.starts_with("--lora")), "{again:?}");
     again.push("--resume".into());
     let log = run("sft", &resumed, &again);
     assert!(log.contains("resuming from"), "{log}");
+    assert!(log.contains("LoRA r=4 alpha=8 dropout=0.05"), "{log}");
+    assert!(!log.contains("lora_rank 4 -> null"), "{log}");
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let (a, b) = (
             std::fs::read(newest(&straight).join(file)).unwrap(),

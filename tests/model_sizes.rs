@@ -214,6 +214,7 @@ fn gpt2_1558m_plan_by_hand() {
             recompute,
             zero,
             world_size,
+            logit_rows: None,
         };
         MemoryPlan::training_with(&cfg, b, t, opts, cuda)
     };
@@ -224,12 +225,16 @@ fn gpt2_1558m_plan_by_hand() {
     assert_eq!(p.moments, 8 * params);
     // Per layer: 18 NC + 4 N bf16, N x 25 log-sum-exps fp32; then encoded, ln_f and the
     // scratch (12 NC), ln_f's statistics (2 N) in bf16, losses fp32. The logits apart: one
-    // chunk of the chunked classifier, 2^26 / VP = 1334 rows of VP in bf16.
+    // chunk of the chunked classifier, 2^26 / VP = 1334 rows at most, balanced over the
+    // ceil(8192 / 1334) = 7 chunks: 1171 rows of VP in bf16, with the chunk's staging (its
+    // rows of ln_f and of their gradient, 2 x 1171 x C, bf16) and its 1171 fp32 losses.
     let rest = 2 * (12 * nc + 2 * n) + 4 * n;
     let per_layer = |kept_nc: u128| 2 * (kept_nc * nc + 4 * n) + 4 * n * 25;
     assert_eq!(p.activations, l * per_layer(18) + rest);
     assert_eq!(p.activations, 23_830_528_000 - 2 * n * vp); // 21.4 GiB
-    assert_eq!(p.logits, 2 * 1334 * vp);
+    let rows = 1171;
+    assert_eq!(rows, 8192u128.div_ceil(8192u128.div_ceil(1334)));
+    assert_eq!(p.logits, 2 * rows * vp + 2 * 2 * rows * c + 4 * rows);
     assert_eq!(
         plan_at(1, 0, 1).activations,
         l * per_layer(14) + rest + 2 * 4 * nc
@@ -277,10 +282,10 @@ fn info_prints_the_plan_of_a_configuration() {
         "FLOPs per token: 1.028e10",
         "B=8, T=1024, recompute 0:",
         "trainable weights    2.90 GiB (1557686400 parameters)",
-        // The logits apart: one chunk of 1334 rows of the classifier.
+        // The logits apart: one chunk of 1171 rows of the classifier (seven balanced chunks).
         "activations         21.43 GiB (recompute 1: 16.84 GiB, saves 4.59 GiB; recompute 2: \
          14.52 GiB, saves 6.91 GiB)",
-        "logits               0.12 GiB (1334 of 8192 rows x 50304 per chunk)",
+        "logits               0.12 GiB (1171 of 8192 rows x 50304 per chunk)",
         "per rank with ZeRO-1 (--zero 1; master and moments sharded): 2 ranks",
     ] {
         assert!(out.contains(want), "{want:?} not in\n{out}");

@@ -330,3 +330,103 @@ fn per_token_backward_matches_finite_differences_and_rows_sum_to_sequence_logps(
         );
     }
 }
+
+/// An SFT checkpoint, a reward checkpoint trained from it (same tokenizer) and a prompts file
+/// under `root`; their model's config.
+fn rl_inputs(
+    root: &Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    ModelConfig,
+) {
+    let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();
+    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap();
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        padded_vocab_size: 320,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        max_seq_len: 32,
+        family: Default::default(),
+        lora: None,
+    };
+    let be = CpuBackend;
+    let mut model = Gpt::init(&be, &cfg, 31).unwrap();
+    let init = root.join("sft");
+    checkpoint::save(&be, &init, &model, &tok, None).unwrap();
+    model.init_reward_head(&be, 32).unwrap();
+    let reward = root.join("reward");
+    checkpoint::save(&be, &reward, &model, &tok, None).unwrap();
+    let prompts = root.join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Name a fruit.\"}\n").unwrap();
+    (init, reward, prompts, cfg)
+}
+
+/// RL's memory plan counts the models it holds beside the policy: the reward model (scoring
+/// `k` completions of `T` tokens at a time, its head included) and, in a full fine-tune, the
+/// reference (reading the micro-batch's `prompts x k` rows); a LoRA run holds no reference
+/// (its policy with the adapters off). The start-of-run budget prints exactly that sum.
+#[test]
+fn rl_memory_plan_counts_the_reward_model_and_the_reference() {
+    use std::cell::RefCell;
+    use topcoat::commands::plan::gib;
+    use topcoat::commands::preflight::HeldModel;
+    let dir = tempfile::tempdir().unwrap();
+    let (init, reward, prompts, cfg) = rl_inputs(dir.path());
+    let (k, prompts_per_batch, t) = (3, 2, 32);
+    let cpu_bytes = |_| 4;
+    let reward_model = HeldModel {
+        cfg: cfg.clone(),
+        rows: k,
+        seq_len: t,
+        extra: cfg.n_embd + 1,
+    };
+    let reference = HeldModel {
+        rows: prompts_per_batch * k,
+        extra: 0,
+        ..reward_model.clone()
+    };
+    let (r_bytes, ref_bytes) = (reward_model.bytes(&cpu_bytes), reference.bytes(&cpu_bytes));
+    // The reference reads twice the rows of the reward model, without a head.
+    assert!(ref_bytes > r_bytes && r_bytes > 4 * cfg.num_params() as u128);
+    for (lora_rank, held) in [(None, r_bytes + ref_bytes), (Some(4), r_bytes)] {
+        let stage = RlStage {
+            k,
+            max_new_tokens: 4,
+            epochs: 1,
+            ..RlStage::new(init.clone(), reward.clone(), prompts.clone())
+        };
+        let job = RlJob {
+            run: RunConfig {
+                batch_size: prompts_per_batch,
+                seq_len: t,
+                max_steps: 1,
+                warmup_steps: 0,
+                val_every: 0,
+                checkpoint_every: 0,
+                lora_rank,
+                ..RlStage::defaults()
+            },
+            quiet: true,
+            ..TrainJob::new(stage, dir.path().join(format!("rl{lora_rank:?}")))
+        };
+        let lines = RefCell::new(Vec::new());
+        train(&Runtime::cpu(), &job, &|l| {
+            lines.borrow_mut().push(l.to_string())
+        })
+        .unwrap();
+        let lines = lines.into_inner();
+        let line = lines
+            .iter()
+            .flat_map(|l| l.lines())
+            .find(|l| l.contains("models held beside"))
+            .unwrap_or_else(|| panic!("no held models in the budget: {lines:?}"));
+        assert!(
+            line.ends_with(&format!(": {}", gib(held))),
+            "lora {lora_rank:?}: {line}"
+        );
+    }
+}

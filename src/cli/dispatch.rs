@@ -330,6 +330,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
                 ..Default::default()
             },
             batch: topcoat::model::BatchFlag::ROWS_LORA,
+            held: 0,
         };
         let memory = format!("{} GiB", a.memory_gib.unwrap_or_default());
         match query.check(&bytes, &memory, available) {

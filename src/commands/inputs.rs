@@ -1,9 +1,10 @@
 //! What a user names on the command line, resolved: a checkpoint or a run directory (its newest
 //! checkpoint), a prepared data directory's tokenizer, a `--tokenizer` argument (the same
 //! values for every command that takes one), and the check that a model and its data share a
-//! tokenizer.
+//! tokenizer; on `--resume`, the LoRA settings the run directory's checkpoint was trained with.
 
 use super::CommandError;
+use crate::config::{resume_lora, LoraConfig};
 use crate::data::{DataError, Tokenizer};
 use crate::train::{checkpoint, TrainError};
 use std::path::{Path, PathBuf};
@@ -210,4 +211,28 @@ pub fn check_sampling(
         return Err(CommandError::arg("--max-new-tokens", "must be at least 1"));
     }
     Ok(())
+}
+
+/// The adapters a `--resume` trains: the newest checkpoint's in `out` when the run asks for
+/// none, else those asked, refused where any setting differs from the checkpoint's
+/// ([`resume_lora`]).
+pub fn resumed_lora(
+    out: &Path,
+    wanted: Option<LoraConfig>,
+) -> Result<Option<LoraConfig>, CommandError> {
+    let Some(latest) = checkpoint::latest(out)? else {
+        return Ok(wanted);
+    };
+    let saved = checkpoint::load_config(&latest)?.lora;
+    resume_lora(saved.as_ref(), wanted).map_err(|diffs| {
+        TrainError::Checkpoint {
+            path: latest,
+            msg: format!(
+                "cannot resume with other LoRA settings: {}; resume without the --lora-* flags \
+                 (the checkpoint's are kept) or start a new run in another --out",
+                diffs.join("; ")
+            ),
+        }
+        .into()
+    })
 }

@@ -83,7 +83,8 @@ fn against(total: u128, available: Option<u64>) -> String {
     })
 }
 
-/// The compact budget a training run prints at its start (four lines).
+/// The compact budget a training run prints at its start (three lines, a fourth for the
+/// models a stage holds beside the trained one).
 pub fn budget(
     cfg: &ModelConfig,
     plan: &MemoryPlan,
@@ -122,6 +123,13 @@ pub fn budget(
         gib(plan.lora_kept),
         gib(plan.lora_scratch)
     );
+    if plan.held > 0 {
+        let _ = writeln!(
+            s,
+            "  models held beside (frozen weights and forward buffers): {}",
+            gib(plan.held)
+        );
+    }
     s
 }
 
@@ -159,6 +167,7 @@ pub fn describe(
             recompute,
             zero,
             world_size,
+            logit_rows: None,
         };
         MemoryPlan::training_with(cfg, b, t, opts, bytes)
     };

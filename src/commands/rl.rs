@@ -2,19 +2,21 @@
 //! leash (`stages/rl.rs`), on the shared stage runner. The policy's start (`--init`) is loaded
 //! twice (the policy the loop trains, and the frozen reference held beside it), with the reward
 //! model (`--reward`), on one backend; the three must share a tokenizer. A LoRA run loads it
-//! once: the reference is the policy with its adapters off.
+//! once: the reference is the policy with its adapters off. The reference and the reward
+//! model are frozen (one working copy, no gradients or master), and the memory plan counts
+//! them beside the policy (`held_models`).
 //!
 //! Prompts file: JSON Lines, one `{"prompt": "text"}` per line (blank lines skipped), rendered as
 //! one user turn followed by `<|assistant|>` (data/chat.rs); completions stop at `<|end|>`.
 
 use super::inputs::{describe_tokenizer, resolve_checkpoint, same_tokenizer};
+use super::preflight::HeldModel;
 use super::stage::{tuning_defaults, Init, Result, Stage, StageContext, TrainJob};
 use crate::backend::Backend;
 use crate::config::{ConfigError, RunConfig};
 use crate::data::chat::{render_prompt, Message, Role};
 use crate::data::{DataError, Tokenizer};
-use crate::model::BatchFlag;
-use crate::model::RewardModel;
+use crate::model::{BatchFlag, Gpt, RewardModel};
 use crate::stages::rl::{ModelScorer, Rl, RlConfig, RlReference};
 use crate::train::checkpoint;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,28 @@ impl Stage for RlStage {
         Init::Checkpoint(&self.init)
     }
 
+    /// The reward model scores the `k` completions of one prompt at a time; the reference
+    /// (none under LoRA: the policy with its adapters off) reads the whole micro-batch.
+    fn held_models(&self, ctx: &StageContext) -> Result<Vec<HeldModel>> {
+        let (run, k) = (ctx.run, self.k.max(1));
+        let reward = resolve_checkpoint(&self.reward)?;
+        let mut held = vec![HeldModel {
+            cfg: checkpoint::load_config(&reward)?,
+            rows: k,
+            seq_len: run.seq_len,
+            extra: ctx.model.n_embd + 1,
+        }];
+        if ctx.model.lora.is_none() {
+            held.push(HeldModel {
+                cfg: ctx.model.clone(),
+                rows: run.batch_size.saturating_mul(k),
+                seq_len: run.seq_len,
+                extra: 0,
+            });
+        }
+        Ok(held)
+    }
+
     fn data(&self) -> Option<(&Path, &'static str)> {
         None
     }
@@ -142,11 +166,17 @@ impl Stage for RlStage {
             pad: tok.eot(),
         };
         rl_cfg.check().map_err(ConfigError::Invalid)?;
+        // Both held for forward passes only: one working copy each, as the plan counts them.
+        let frozen = |dir: &Path| -> Result<Gpt<B>> {
+            let mut m = checkpoint::load_model(be, dir, None)?;
+            m.freeze(be)?;
+            Ok(m)
+        };
         let reference = match ctx.model.lora {
             Some(_) => RlReference::AdaptersOff,
-            None => RlReference::Model(checkpoint::load_model(be, ckpt, None)?),
+            None => RlReference::Model(frozen(ckpt)?),
         };
-        let reward_model = RewardModel::new(checkpoint::load_model(be, &reward, None)?)
+        let reward_model = RewardModel::new(frozen(&reward)?)
             .map_err(|e| ConfigError::Invalid(format!("--reward {}: {e}", reward.display())))?;
         let scorer = ModelScorer {
             model: reward_model,

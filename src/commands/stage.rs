@@ -124,6 +124,13 @@ pub trait Stage {
         BatchFlag::ROWS_LORA
     }
 
+    /// The models `open` will hold beside the trained one, for the memory plan (none by
+    /// default; RL: its reward model, and its reference without LoRA).
+    fn held_models(&self, ctx: &StageContext) -> Result<Vec<super::preflight::HeldModel>> {
+        let _ = ctx;
+        Ok(Vec::new())
+    }
+
     /// Opens the objective (its data, and any models it holds on `be`), printing what it found.
     fn open<B: Backend + 'static>(
         &self,
@@ -235,7 +242,8 @@ pub fn run_stage<S: Stage, B: Backend + 'static>(
     let progress: &dyn Fn(&str) = if writer { progress } else { &quiet };
     let ctx = resolve(job, run)?;
     let data = job.stage.data().map(|(dir, _)| dir);
-    let plan = super::preflight::check(be, &ctx, data, job.stage.batch_flag())?;
+    let held = job.stage.held_models(&ctx)?;
+    let plan = super::preflight::check(be, &ctx, data, job.stage.batch_flag(), &held)?;
     let bytes = |r| be.element_bytes(r);
     let storage = super::plan::storage_name(&bytes);
     let budget = super::plan::budget(&ctx.model, &plan, &storage, be.memory_available());
@@ -365,17 +373,23 @@ fn resolve<'a, S: Stage>(job: &'a TrainJob<S>, run: &'a RunConfig) -> Result<Sta
                 ))
                 .into());
             }
-            if let Some(lora) = run.lora(&model)? {
-                if model.lora.is_some() {
-                    return Err(ConfigError::Invalid(format!(
-                        "{}: --init {} is a LoRA run's checkpoint; LoRA trains adapters on a                          plain model: merge it first (`topcoat export hf {} --merge --out DIR`,                          then `topcoat import hf DIR`) or start from its base",
-                        S::NAME,
-                        ckpt.display(),
-                        ckpt.display()
-                    ))
-                    .into());
-                }
-                model.lora = Some(lora);
+            let mut lora = run.lora(&model)?;
+            if lora.is_some() && model.lora.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: --init {} is a LoRA run's checkpoint; LoRA trains adapters on a plain \
+                     model: merge it first (`topcoat export hf {} --merge --out DIR`, then \
+                     `topcoat import hf DIR`) or start from its base",
+                    S::NAME,
+                    ckpt.display(),
+                    ckpt.display()
+                ))
+                .into());
+            }
+            if job.resume {
+                lora = super::inputs::resumed_lora(&job.out, lora)?;
+            }
+            if lora.is_some() {
+                model.lora = lora;
             }
             ctx(Some(ckpt), model, tokenizer)
         }

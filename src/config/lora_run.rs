@@ -35,6 +35,65 @@ impl RunConfig {
     }
 }
 
+/// The adapters a resumed run trains, given those of the checkpoint it resumes (`saved`) and
+/// those its settings ask for (`wanted`, from [`RunConfig::lora`]): none asked is the
+/// checkpoint's; asked, they must be the checkpoint's. Else each setting that differs, as
+/// `lora_rank (--lora-rank) is 8 in the checkpoint but 4 in this run`.
+pub fn resume_lora(
+    saved: Option<&LoraConfig>,
+    wanted: Option<LoraConfig>,
+) -> Result<Option<LoraConfig>, Vec<String>> {
+    let (old, new) = match (saved, wanted) {
+        (None, None) => return Ok(None),
+        (Some(old), None) => return Ok(Some(old.clone())),
+        (None, Some(new)) => {
+            return Err(vec![format!(
+                "lora_rank (--lora-rank) is unset in the checkpoint (every weight trained) but \
+                 {} in this run",
+                new.rank
+            )])
+        }
+        (Some(old), Some(new)) => (old, new),
+    };
+    let names = |l: &LoraConfig| {
+        let t: Vec<&str> = l.targets.iter().map(|t| t.name()).collect();
+        t.join(",")
+    };
+    let settings = [
+        (
+            "lora_rank",
+            "--lora-rank",
+            old.rank.to_string(),
+            new.rank.to_string(),
+        ),
+        (
+            "lora_alpha",
+            "--lora-alpha",
+            old.alpha.to_string(),
+            new.alpha.to_string(),
+        ),
+        (
+            "lora_dropout",
+            "--lora-dropout",
+            old.dropout.to_string(),
+            new.dropout.to_string(),
+        ),
+        ("lora_targets", "--lora-targets", names(old), names(&new)),
+    ];
+    let diffs: Vec<String> = settings
+        .iter()
+        .filter(|(_, _, a, b)| a != b)
+        .map(|(key, flag, a, b)| {
+            format!("{key} ({flag}) is {a} in the checkpoint but {b} in this run")
+        })
+        .collect();
+    if diffs.is_empty() {
+        Ok(Some(new))
+    } else {
+        Err(diffs)
+    }
+}
+
 /// `LoRA r=16 alpha=32 on q,k,v,o,gate,up,down: 11.3M trained of 1.24B (0.91%)`: the adapters
 /// of `lora`, `trained` elements of `total`.
 pub fn lora_line(lora: &LoraConfig, trained: usize, total: usize) -> String {
@@ -105,6 +164,50 @@ mod tests {
         };
         let err = bad.lora(&llama).unwrap_err().to_string();
         assert!(err.contains("unknown target `wq`"), "{err}");
+    }
+
+    /// A resume keeps the checkpoint's adapters: none asked adopts them, the same asked is
+    /// accepted, and each differing setting is named with both values.
+    #[test]
+    fn a_resume_names_each_lora_setting_that_differs() {
+        let llama = ModelConfig::preset("llama-tiny", 512).unwrap();
+        let run = |rank, alpha, dropout: f32, targets: &str| RunConfig {
+            lora_rank: Some(rank),
+            lora_alpha: alpha,
+            lora_dropout: dropout,
+            lora_targets: targets.into(),
+            ..RunConfig::default()
+        };
+        let old = run(8, None, 0.1, "q,v").lora(&llama).unwrap().unwrap();
+        assert_eq!(resume_lora(Some(&old), None), Ok(Some(old.clone())));
+        assert_eq!(resume_lora(None, None), Ok(None));
+        let same = run(8, Some(16.0), 0.1, "v,q").lora(&llama).unwrap();
+        assert_eq!(resume_lora(Some(&old), same), Ok(Some(old.clone())));
+        let diffs = resume_lora(
+            Some(&old),
+            run(4, Some(16.0), 0.0, "all").lora(&llama).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            diffs,
+            vec![
+                "lora_rank (--lora-rank) is 8 in the checkpoint but 4 in this run".to_string(),
+                "lora_dropout (--lora-dropout) is 0.1 in the checkpoint but 0 in this run".into(),
+                "lora_targets (--lora-targets) is q,v in the checkpoint but q,k,v,o,gate,up,down \
+                 in this run"
+                    .into(),
+            ]
+        );
+        let alpha = resume_lora(
+            Some(&old),
+            run(8, Some(8.0), 0.1, "q,v").lora(&llama).unwrap(),
+        );
+        assert_eq!(
+            alpha.unwrap_err(),
+            vec!["lora_alpha (--lora-alpha) is 16 in the checkpoint but 8 in this run".to_string()]
+        );
+        let full = resume_lora(None, Some(old)).unwrap_err();
+        assert!(full[0].contains("unset in the checkpoint"), "{full:?}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod presets;
 
 pub use family::{Family, LlamaShape, RopeScaling};
 pub use lora::{LoraConfig, LoraTarget};
-pub use lora_run::lora_line;
+pub use lora_run::{lora_line, resume_lora};
 pub use presets::PRESETS;
 
 use serde::{Deserialize, Serialize};

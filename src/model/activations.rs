@@ -252,6 +252,24 @@ impl<B: Backend> Activations<B> {
 }
 
 impl<B: Backend> GradScratch<B> {
+    /// Elements of every buffer (all of the `Activation` role).
+    pub fn elements(&self, be: &B) -> usize {
+        let len = |x: &Option<B::Buf>| x.as_ref().map_or(0, |x| be.len(x));
+        [
+            &self.dresidual,
+            &self.dln,
+            &self.datty,
+            &self.dqkv,
+            &self.dfch,
+        ]
+        .iter()
+        .map(|x| be.len(x))
+        .sum::<usize>()
+            + len(&self.dswiglu)
+            + len(&self.dgelu)
+            + self.lora.as_ref().map_or(0, |l| l.elements(be))
+    }
+
     pub fn new(be: &B, cfg: &ModelConfig, n: usize) -> Result<Self> {
         let c = cfg.n_embd;
         let z = |len: usize| be.zeros(len, Role::Activation);

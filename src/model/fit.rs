@@ -53,6 +53,9 @@ pub struct FitQuery<'a> {
     pub seq_len: usize,
     pub opts: PlanOptions,
     pub batch: BatchFlag,
+    /// Bytes of the models the stage holds beside the trained one ([`MemoryPlan::held`]):
+    /// no flag of the advice changes them.
+    pub held: u128,
 }
 
 /// The advice for a run that does not fit.
@@ -107,7 +110,7 @@ impl FitQuery<'_> {
         bytes: &dyn Fn(Role) -> usize,
     ) -> MemoryPlan {
         let rows = units.saturating_mul(self.batch.rows_per_unit.max(1));
-        MemoryPlan::training_with(cfg, rows, self.seq_len, opts, bytes)
+        MemoryPlan::training_with(cfg, rows, self.seq_len, opts, bytes).with_held(self.held)
     }
 
     /// The plan of the run as asked.
@@ -269,6 +272,7 @@ mod tests {
                 ..PlanOptions::default()
             },
             batch: BatchFlag::ROWS_LORA,
+            held: 0,
         }
     }
 

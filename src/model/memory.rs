@@ -1,6 +1,7 @@
 //! The memory plan: how many bytes a training run of one model shape and batch shape needs
 //! (frozen and trained weights, master copy, gradients, optimizer moments, activations,
-//! logits, LoRA's own activations), checked against what the device has before anything is
+//! logits and a chunked head's staging, LoRA's own activations, and the models a stage holds
+//! beside the trained one), checked against what the device has before anything is
 //! allocated, so that a batch too large for the machine is a named error rather than an
 //! allocator abort minutes later. The weights' rows come from the model's [`ParamLayout`]
 //! (frozen or trained per tensor), so the plan of a LoRA model counts what is allocated.
@@ -9,7 +10,7 @@
 //! All arithmetic is in `u128`: no batch or sequence length a user can type overflows it.
 
 use super::head::logit_chunk_rows;
-use super::ParamLayout;
+use super::{LoraSlot, ParamLayout};
 use crate::backend::Role;
 use crate::config::ModelConfig;
 use thiserror::Error;
@@ -55,6 +56,9 @@ pub struct PlanOptions {
     /// 1: the AdamW moments and the fp32 master copy are sharded over `world_size` ranks.
     pub zero: u8,
     pub world_size: usize,
+    /// Rows per chunk of the LM head forced by `Gpt::set_logit_chunk_rows` (`None`: the
+    /// default rule, [`logit_chunk_rows`]).
+    pub logit_rows: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -63,6 +67,7 @@ impl Default for PlanOptions {
             recompute: 0,
             zero: 0,
             world_size: 1,
+            logit_rows: None,
         }
     }
 }
@@ -96,12 +101,20 @@ pub struct MemoryPlan {
     pub activations: u128,
     /// [`Self::activations`] at recompute 0, 1 and 2.
     pub activations_at: [u128; 3],
-    /// The logits buffer: one chunk of rows of the chunked classifier (`model/head.rs`).
+    /// The logits buffer: one chunk of rows of the chunked classifier (`model/head.rs`), and
+    /// when it runs in several chunks, their staging (a chunk's rows of `lnf` and `dlnf`, and
+    /// its fp32 losses).
     pub logits: u128,
     /// LoRA: each adapter's `x A^T` (`N x rank`) saved for the backward pass.
     pub lora_kept: u128,
-    /// LoRA: one adapter's scratch, reused by all (`N x (max width + max in + rank)`).
+    /// LoRA: the buffers the adapters share (model/lora/pass.rs): the forward's `t` per
+    /// distinct output width (and with dropout, `xd` per distinct input width), the
+    /// backward's `du` (`N x rank`) and `dxl` per distinct input width, and GPT-2 with a
+    /// `down` adapter the GELU's output gradient (`N x 4C`).
     pub lora_scratch: u128,
+    /// Models held beside the trained one (RL's reward model, and its reference without
+    /// LoRA): their frozen weights and forward-only activations ([`MemoryPlan::held_model`]).
+    pub held: u128,
 }
 
 impl MemoryPlan {
@@ -136,6 +149,10 @@ impl MemoryPlan {
         let activations_at = [0, 1, 2].map(|level| activation_bytes(cfg, b, t, level, &w));
         let n = b as u128 * t as u128; // < 2^128: two factors below 2^64
         let (lora_kept, lora_scratch) = lora_bytes(cfg, &layout, n, w(Role::Activation));
+        let rows = opts.logit_rows.map_or_else(
+            || logit_chunk_rows(b.saturating_mul(t), cfg.padded_vocab_size),
+            |r| r.clamp(1, b.saturating_mul(t).max(1)),
+        );
         Self {
             batch_size: b,
             seq_len: t,
@@ -151,9 +168,44 @@ impl MemoryPlan {
             grads: trainable * w(Role::Grad),
             activations: activations_at[usize::from(opts.recompute.min(2))],
             activations_at,
-            logits: logit_bytes(cfg, b, t, w(Role::Activation)),
+            logits: logit_bytes(cfg, n, rows as u128, &w),
             lora_kept,
             lora_scratch,
+            held: 0,
+        }
+    }
+
+    /// Bytes of a model of `cfg` held beside the trained one for forward passes of `b x t`
+    /// (RL's reference and reward model): its weights frozen (one working copy, no master,
+    /// gradients or moments), its activations at recompute 0 without the backward's scratch,
+    /// and its logits at the default chunk rule.
+    pub fn held_model(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        bytes: impl Fn(Role) -> usize,
+    ) -> u128 {
+        let w = |role: Role| bytes(role) as u128;
+        let params = ParamLayout::new(cfg).num_params() as u128;
+        let n = b as u128 * t as u128;
+        let acts = activation_bytes(cfg, b, t, 0, &w).saturating_sub(scratch_bytes(cfg, n, &w));
+        let rows = logit_chunk_rows(b.saturating_mul(t), cfg.padded_vocab_size) as u128;
+        // A forward pass stages no chunk of a gradient: its logits alone, plus its staging.
+        let kept = lora_bytes(cfg, &ParamLayout::new(cfg), n, w(Role::Activation)).0;
+        sum(&[
+            prod(&[params, w(Role::Param)]),
+            acts,
+            logit_bytes(cfg, n, rows, &w),
+            kept,
+            forward_lora_scratch(cfg, &ParamLayout::new(cfg).lora, n, w(Role::Activation)),
+        ])
+    }
+
+    /// This plan with `bytes` of models held beside the trained one ([`Self::held`]).
+    pub fn with_held(self, bytes: u128) -> Self {
+        Self {
+            held: bytes,
+            ..self
         }
     }
 
@@ -165,12 +217,13 @@ impl MemoryPlan {
             master: 0,
             moments: 0,
             grads: 0,
+            held: 0,
             ..self
         }
     }
 
-    /// The weights, their master copy, gradients and moments: what the batch shape does not
-    /// change.
+    /// The weights, their master copy, gradients and moments, and the models held beside
+    /// (whose own batch shape is the stage's): what the run's micro-batch does not change.
     pub fn fixed(&self) -> u128 {
         sum(&[
             self.frozen,
@@ -178,6 +231,7 @@ impl MemoryPlan {
             self.master,
             self.moments,
             self.grads,
+            self.held,
         ])
     }
 
@@ -216,28 +270,77 @@ pub fn available_bytes(available: Option<u64>) -> u128 {
     available.map_or(usize::MAX as u128, u128::from)
 }
 
-/// The logits buffer of a `b x t` pass: the chunked classifier holds `logit_chunk_rows` rows
-/// of the padded vocabulary at a time.
-fn logit_bytes(cfg: &ModelConfig, b: usize, t: usize, act: u128) -> u128 {
-    let vp = cfg.padded_vocab_size;
-    let rows = logit_chunk_rows(b.saturating_mul(t), vp) as u128;
-    prod(&[act, rows, vp as u128])
+/// The logits buffer of an `n`-position pass run `rows` rows at a time (`model/head.rs`):
+/// `rows x VP` logits, and with several chunks their staging (`lnf` and `dlnf` rows,
+/// `logit_staging_elements`) and `rows` fp32 losses.
+fn logit_bytes(cfg: &ModelConfig, n: u128, rows: u128, w: &impl Fn(Role) -> u128) -> u128 {
+    let (c, vp) = (cfg.n_embd as u128, cfg.padded_vocab_size as u128);
+    let act = w(Role::Activation);
+    let logits = prod(&[act, rows, vp]);
+    if rows >= n {
+        return logits;
+    }
+    sum(&[
+        logits,
+        prod(&[act, 2, rows, c]),
+        prod(&[w(Role::State), rows]),
+    ])
 }
 
-/// LoRA's activations over `n` positions: per adapter its `x A^T` (`n x rank`), kept for the
-/// backward pass; and one scratch set every adapter reuses in turn: the adapter's output
-/// (`n x` the widest slice), its dropped input (`n x` the widest input) and `n x rank`.
+/// LoRA's activations over `n` positions (model/lora/pass.rs `LoraActs`, `LoraGrads` and
+/// `GradScratch::dgelu`): per adapter its `x A^T` (`n x rank`), kept for the backward pass;
+/// and the scratch all adapters share (see [`MemoryPlan::lora_scratch`]).
 fn lora_bytes(cfg: &ModelConfig, layout: &ParamLayout, n: u128, act: u128) -> (u128, u128) {
     let Some(lora) = &cfg.lora else {
         return (0, 0);
     };
     let r = lora.rank as u128;
-    let slots = layout.lora.len() as u128;
-    let widest = layout.lora.iter().map(|s| s.width).max().unwrap_or(0) as u128;
-    let widest_in = layout.lora.iter().map(|s| s.in_dim).max().unwrap_or(0) as u128;
-    let kept = prod(&[act, slots, n, r]);
-    let scratch = prod(&[act, n, sum(&[widest, widest_in, r])]);
-    (kept, scratch)
+    let slots = &layout.lora;
+    let kept = prod(&[act, slots.len() as u128, n, r]);
+    let forward = forward_lora_scratch(cfg, slots, n, act);
+    let ins = distinct_sum(slots.iter().map(|s| s.in_dim));
+    // GPT-2's `down` adapter: the gradient on the GELU's output, apart from its input's.
+    let down = cfg.llama().is_none() && lora.targets.contains(&crate::config::LoraTarget::Down);
+    let dgelu = if down { cfg.mlp_width() as u128 } else { 0 };
+    let backward = prod(&[act, n, sum(&[r, ins, dgelu])]);
+    (kept, sum(&[forward, backward]))
+}
+
+/// The forward's LoRA scratch (`LoraActs`'s pool): one buffer per distinct length among the
+/// output widths and, with dropout, the input widths.
+fn forward_lora_scratch(cfg: &ModelConfig, slots: &[LoraSlot], n: u128, act: u128) -> u128 {
+    let Some(lora) = &cfg.lora else {
+        return 0;
+    };
+    let ins = slots
+        .iter()
+        .filter(|_| lora.dropout > 0.0)
+        .map(|s| s.in_dim);
+    prod(&[
+        act,
+        n,
+        distinct_sum(slots.iter().map(|s| s.width).chain(ins)),
+    ])
+}
+
+/// The sum of the distinct values of `xs` (one pooled buffer per distinct width).
+fn distinct_sum(xs: impl Iterator<Item = usize>) -> u128 {
+    let mut v: Vec<usize> = xs.collect();
+    v.sort_unstable();
+    v.dedup();
+    v.iter().map(|&x| x as u128).sum()
+}
+
+/// The backward's scratch (`GradScratch` without LoRA's) over `n` positions: dresidual, dln,
+/// datty (3 C), dqkv, dfch (GPT-2 4C; Llama 2I) and Llama's dswiglu (I).
+fn scratch_bytes(cfg: &ModelConfig, n: u128, w: &impl Fn(Role) -> u128) -> u128 {
+    let (c, qkv, i) = (
+        cfg.n_embd as u128,
+        cfg.qkv_width() as u128,
+        cfg.mlp_width() as u128,
+    );
+    let mlp = if cfg.llama().is_some() { 3 * i } else { i };
+    prod(&[w(Role::Activation), n, sum(&[3 * c, qkv, mlp])])
 }
 
 /// Activation bytes of a `b x t` pass at recompute `level` (activations.rs `Activations` and
@@ -343,212 +446,5 @@ pub(crate) fn gib(bytes: u128) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::PlanOptions;
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::Backend;
-    use crate::model::Activations;
-
-    fn cpu_bytes(_: Role) -> usize {
-        4
-    }
-
-    /// The plan's activation count is the one `Activations::new` allocates (plus the scratch)
-    /// at every recompute level, and each level saves what the plan says.
-    #[test]
-    fn activations_match_the_allocation() {
-        let cfg = ModelConfig::preset("tiny", 300).unwrap();
-        let be = CpuBackend::new();
-        let (b, t) = (3, 17);
-        let (n, c) = (b * t, cfg.n_embd);
-        let mut bytes = Vec::new();
-        for level in 0..=2 {
-            let acts = Activations::new(&be, &cfg, b, t, level).unwrap();
-            let stats =
-                be.len(&acts.losses) + acts.layers.iter().map(|l| be.len(&l.lse)).sum::<usize>();
-            let scratch = 10 * n * c;
-            let elems = acts.activation_elements(&be) + stats + scratch;
-            let opts = PlanOptions {
-                recompute: level,
-                ..PlanOptions::default()
-            };
-            let plan = MemoryPlan::training_with(&cfg, b, t, opts, cpu_bytes);
-            // At this size one logit chunk holds every row: the logits are N x VP.
-            assert_eq!(plan.logits, 4 * (n * cfg.padded_vocab_size) as u128);
-            assert_eq!(
-                plan.activations + plan.logits,
-                4 * elems as u128,
-                "level {level}"
-            );
-            assert_eq!(plan.activations_at[level as usize], plan.activations);
-            bytes.push(plan.activations);
-        }
-        // Level 1: 4 NC per layer, less one shared 4 NC; level 2: 2 NC more, less a shared NC.
-        let (l, nc) = (cfg.n_layer as u128, (n * c) as u128);
-        assert_eq!(bytes[0] - bytes[1], 4 * (4 * nc * (l - 1)));
-        assert_eq!(bytes[1] - bytes[2], 4 * (2 * nc * l - nc));
-        let plan = MemoryPlan::training(&cfg, b, t, cpu_bytes);
-        assert_eq!(plan.weights, 4 * cfg.num_params() as u128);
-        assert_eq!(plan.moments, 2 * plan.grads);
-        assert_eq!(plan.master, 0);
-    }
-
-    /// The same for the Llama family (grouped KV heads, untied head, q/k/v biases), with the
-    /// fp32 statistics by role: each level drops what it says.
-    #[test]
-    fn llama_activations_match_the_allocation() {
-        use crate::config::{Family, LlamaShape};
-        let mut cfg = ModelConfig::preset("llama-tiny", 300).unwrap();
-        cfg.family = Family::Llama(LlamaShape {
-            qkv_bias: true,
-            ..LlamaShape::new(2, 96)
-        });
-        let be = CpuBackend::new();
-        let (b, t) = (3, 17);
-        let (n, c, i) = (b * t, cfg.n_embd, 96);
-        let stat_bytes = |r: Role| if r == Role::Stat { 8 } else { 4 };
-        let mut acts_at = Vec::new();
-        for level in 0..=2 {
-            let acts = Activations::new(&be, &cfg, b, t, level).unwrap();
-            let stats: usize = acts
-                .llama
-                .iter()
-                .map(|l| be.len(&l.lse) + be.len(&l.ln1_rstd) + be.len(&l.ln2_rstd))
-                .sum::<usize>()
-                + be.len(&acts.lnf_rstd);
-            let scratch = 3 * n * c + n * cfg.qkv_width() + 3 * n * i;
-            let elems = acts.activation_elements(&be) + scratch;
-            let opts = PlanOptions {
-                recompute: level,
-                ..PlanOptions::default()
-            };
-            let plan = MemoryPlan::training_with(&cfg, b, t, opts, stat_bytes);
-            let want = 4 * (elems + be.len(&acts.losses)) + 8 * stats;
-            assert_eq!(
-                plan.activations + plan.logits,
-                want as u128,
-                "level {level}"
-            );
-            acts_at.push(plan.activations);
-        }
-        let (l, nc, ni) = (cfg.n_layer as u128, (n * c) as u128, (n * i) as u128);
-        assert_eq!(acts_at[0] - acts_at[1], 4 * ni * (l - 1));
-        assert_eq!(acts_at[1] - acts_at[2], 4 * (2 * nc * l - nc));
-    }
-
-    fn cuda_bytes(r: Role) -> usize {
-        match r {
-            Role::Param | Role::Activation => 2,
-            _ => 4,
-        }
-    }
-
-    fn with_lora(mut cfg: ModelConfig, rank: usize, targets: &str) -> ModelConfig {
-        let targets = crate::config::LoraTarget::parse_list(targets, &cfg).unwrap();
-        cfg.lora = Some(crate::config::LoraConfig {
-            rank,
-            alpha: 8.0,
-            dropout: 0.1,
-            targets,
-        });
-        cfg.validate().unwrap();
-        cfg
-    }
-
-    /// A Llama model with adapters on q, v and down, rank 4, by hand: per layer q adds
-    /// `4 x 128 + 128 x 4`, v (two KV heads of 32) `4 x 128 + 64 x 4`, down `4 x 384 + 128 x 4`;
-    /// the base is frozen (one bf16 copy), and master, moments and gradients count the
-    /// adapters alone. LoRA's activations: `N x 4` kept per adapter, and one scratch of
-    /// `N x (128 + 384 + 4)` (the widest output slice, the widest input, the rank).
-    #[test]
-    fn lora_rows_by_hand_llama() {
-        let base = ModelConfig::preset("llama-tiny", 300).unwrap();
-        let cfg = with_lora(base.clone(), 4, "q,v,down");
-        let (b, t) = (3usize, 17usize);
-        let n = (b * t) as u128;
-        let p = MemoryPlan::training_with(&cfg, b, t, PlanOptions::default(), cuda_bytes);
-        let full = MemoryPlan::training_with(&base, b, t, PlanOptions::default(), cuda_bytes);
-        let per_layer = (4 * 128 + 128 * 4) + (4 * 128 + 64 * 4) + (4 * 384 + 128 * 4);
-        assert_eq!(per_layer, 3840);
-        let trained = 4 * per_layer as u128;
-        let base_params = base.num_params() as u128;
-        assert_eq!(
-            (p.trainable_params, p.frozen_params),
-            (trained, base_params)
-        );
-        assert_eq!(p.frozen, 2 * base_params);
-        assert_eq!(p.weights, 2 * trained);
-        assert_eq!(p.master, 4 * trained);
-        assert_eq!(p.moments, 8 * trained);
-        assert_eq!(p.grads, 4 * trained);
-        assert_eq!(p.lora_kept, 2 * (4 * 3) * n * 4);
-        assert_eq!(p.lora_scratch, 2 * n * (128 + 384 + 4));
-        // The base's activations and logits are the full model's.
-        assert_eq!(p.activations_at, full.activations_at);
-        assert_eq!(p.logits, full.logits);
-        assert_eq!(
-            p.total(),
-            p.fixed() + p.activations + p.logits + p.lora_kept + p.lora_scratch
-        );
-        // A full fine-tune freezes nothing and has no LoRA rows.
-        assert_eq!((full.frozen, full.frozen_params), (0, 0));
-        assert_eq!((full.lora_kept, full.lora_scratch), (0, 0));
-        assert_eq!(full.grads, 4 * base_params);
-    }
-
-    /// GPT-2's fused `c_attn` is one adapter of width 3C; `c_fc`'s input is C, `c_proj`'s 4C.
-    /// With f32 storage (the CPU) there is no master copy, and the frozen base still has no
-    /// gradients or moments.
-    #[test]
-    fn lora_rows_by_hand_gpt2() {
-        let base = ModelConfig::preset("tiny", 300).unwrap();
-        let cfg = with_lora(base.clone(), 8, "all");
-        let c = 128u128;
-        let (b, t) = (2usize, 9usize);
-        let n = (b * t) as u128;
-        let p = MemoryPlan::training(&cfg, b, t, cpu_bytes);
-        // qkv (C -> 3C), o (C -> C), up (C -> 4C), down (4C -> C): A r x in, B width x r.
-        let per_layer = 8 * (c + 3 * c) + 8 * (c + c) + 8 * (c + 4 * c) + 8 * (4 * c + c);
-        let trained = 4 * per_layer;
-        assert_eq!(p.trainable_params, trained);
-        assert_eq!(p.frozen, 4 * base.num_params() as u128);
-        assert_eq!((p.weights, p.master), (4 * trained, 0));
-        assert_eq!((p.grads, p.moments), (4 * trained, 8 * trained));
-        assert_eq!(p.lora_kept, 4 * (4 * 4) * n * 8);
-        assert_eq!(p.lora_scratch, 4 * n * (4 * c + 4 * c + 8));
-    }
-
-    /// The logits buffer is one chunk of the chunked classifier: all rows while they fit in
-    /// `LOGIT_CHUNK_ELEMENTS`, then as many rows as fit.
-    #[test]
-    fn logits_are_one_chunk() {
-        let cfg = ModelConfig::preset("llama-3.2-1b", 128256).unwrap();
-        let vp = cfg.padded_vocab_size as u128;
-        let small = MemoryPlan::training(&cfg, 1, 64, cuda_bytes);
-        assert_eq!(small.logits, 2 * 64 * vp);
-        let big = MemoryPlan::training(&cfg, 8, 2048, cuda_bytes);
-        let rows = (crate::model::head::LOGIT_CHUNK_ELEMENTS as u128) / vp;
-        assert!(rows < 8 * 2048);
-        assert_eq!(big.logits, 2 * rows * vp);
-    }
-
-    /// A batch no machine holds is refused with the sizes named, without overflowing.
-    #[test]
-    fn a_huge_batch_is_refused() {
-        let cfg = ModelConfig::preset("gpt2-124m", 50257).unwrap();
-        let plan = MemoryPlan::training(&cfg, usize::MAX, usize::MAX, cpu_bytes);
-        assert!(plan.check("cpu", None).is_err());
-        let plan = MemoryPlan::training(&cfg, 100_000_000, 256, cpu_bytes);
-        let e = plan.check("cpu", Some(16 << 30)).unwrap_err().to_string();
-        assert!(
-            e.contains("batch_size 100000000 x seq_len 256")
-                && e.contains("cpu has 16.0 GiB available")
-                && e.contains("lower --batch-size"),
-            "{e}"
-        );
-        MemoryPlan::training(&cfg, 4, 64, cpu_bytes)
-            .check("cpu", Some(16 << 30))
-            .unwrap();
-    }
-}
+#[path = "memory_tests.rs"]
+mod tests;

@@ -175,6 +175,23 @@ impl<B: Backend> Gpt<B> {
         self.acts.as_ref().map(|a| a.activation_elements(be))
     }
 
+    /// Elements of the backward pass's scratch (`GradScratch`, LoRA's included; all of the
+    /// `Activation` role), `None` before any pass with a gradient.
+    pub fn scratch_elements(&self, be: &B) -> Option<usize> {
+        self.scratch.as_ref().map(|s| s.elements(be))
+    }
+
+    /// Drops every gradient and fp32 master copy: a model held for forward passes only (RL's
+    /// reference and reward model) keeps one working copy of its weights, as the memory plan
+    /// counts it. A later backward pass finds no gradient to write into and is refused.
+    pub fn freeze(&mut self, be: &B) -> Result<()> {
+        for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
+            be.release_master(p)?;
+            *g = None;
+        }
+        Ok(())
+    }
+
     /// Downloads every parameter tensor, in layout order.
     pub fn param_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
         download_all(be, &self.params)
@@ -229,6 +246,7 @@ impl<B: Backend> Gpt<B> {
             // The weights already live on the device: the new set must fit what is left.
             let opts = PlanOptions {
                 recompute: level,
+                logit_rows: self.logit_chunk,
                 ..PlanOptions::default()
             };
             MemoryPlan::training_with(&self.cfg, b, t, opts, |r| be.element_bytes(r))

@@ -76,7 +76,7 @@ impl BenchJob {
         };
         // bench takes --lora-rank: a full model's advice may name it.
         let batch = BatchFlag::ROWS_LORA;
-        crate::commands::preflight::check_memory(be, &self.model, b, t, opts, batch)
+        crate::commands::preflight::check_memory(be, &self.model, b, t, opts, batch, 0)
     }
 }
 

@@ -106,6 +106,11 @@ impl<B: Backend> LoraGrads<B> {
             dx: Pool::new(be, slots.iter().map(|s| n * s.in_dim))?,
         })
     }
+
+    /// Elements of its buffers (all of the Activation role).
+    pub fn elements(&self, be: &B) -> usize {
+        be.len(&self.du) + self.dx.elements(be)
+    }
 }
 
 /// The adapters as one pass sees them: the model's slots and tensors, the scale, and the

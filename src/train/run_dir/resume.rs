@@ -35,6 +35,11 @@ const FIXED: [&str; 5] = ["preset", "batch_size", "seq_len", "seed", "pack"];
 /// Fields a resume neither refuses nor notes: checked by [`world_change`] or per process.
 const SPECIAL: [&str; 3] = ["rank", "world_size", "total_batch_tokens"];
 
+/// LoRA's settings: the model's, checked against the checkpoint's `config.json` before the model
+/// is built (`commands::inputs::resumed_lora`; none given keeps the checkpoint's), so neither
+/// refused nor noted here.
+const LORA: [&str; 4] = ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets"];
+
 /// Tokens per optimizer step over all ranks: `total_batch_tokens`, or with 0 one micro-batch
 /// per rank.
 fn global_batch(run: &RunConfig) -> usize {
@@ -116,7 +121,7 @@ pub fn resume_changes(
     let new_fields = fields(new);
     let (mut refused, mut notes) = (Vec::new(), Vec::new());
     for ((name, was), (_, now)) in old_fields.iter().zip(&new_fields) {
-        if was == now || SPECIAL.contains(&name.as_str()) {
+        if was == now || SPECIAL.contains(&name.as_str()) || LORA.contains(&name.as_str()) {
             continue;
         }
         let change = format!("{name} {was} -> {now}");
