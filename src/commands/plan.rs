@@ -114,14 +114,21 @@ pub fn budget(
         gib(plan.moments),
         gib(plan.grads)
     );
+    let lora = if cfg.lora.is_some() {
+        format!(
+            "; LoRA activations {} (kept {}, scratch {})",
+            gib(plan.lora_kept + plan.lora_scratch),
+            gib(plan.lora_kept),
+            gib(plan.lora_scratch)
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         s,
-        "  activations {}; logits {}; LoRA activations {} (kept {}, scratch {})",
+        "  activations {}; logits {}{lora}",
         activations_by_level(plan),
         gib(plan.logits),
-        gib(plan.lora_kept + plan.lora_scratch),
-        gib(plan.lora_kept),
-        gib(plan.lora_scratch)
     );
     if plan.held > 0 {
         let _ = writeln!(
