@@ -9,6 +9,7 @@
 mod common;
 
 use common::cli::{copy_dir, fails, ok, s};
+use common::hf_fixtures::{argmax, fixture, reference};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
@@ -25,59 +26,6 @@ const LOGIT_TOL_F32: f64 = 5e-6;
 const LOSS_TOL_F32: f64 = 1e-6;
 
 const FIXTURES: [&str; 5] = ["gpt2", "llama", "llama_mqa_bf16", "qwen2", "mistral"];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-/// `reference.safetensors` of a fixture: the i64 and f64 tensors by name.
-struct Reference {
-    ids: Vec<i32>,
-    logits: Vec<f64>,
-    loss: f64,
-    prompt: Vec<i32>,
-    greedy: Vec<u32>,
-}
-
-fn reference(dir: &Path) -> Reference {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let i64s = |n: &str| -> Vec<i64> {
-        let t = st.tensor(n).unwrap();
-        assert_eq!(t.dtype(), Dtype::I64, "{n}");
-        t.data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    let f64s = |n: &str| -> Vec<f64> {
-        let t = st.tensor(n).unwrap();
-        assert_eq!(t.dtype(), Dtype::F64, "{n}");
-        t.data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    Reference {
-        ids: i64s("input_ids").into_iter().map(|x| x as i32).collect(),
-        logits: f64s("logits"),
-        loss: f64s("loss")[0],
-        prompt: i64s("prompt_ids").into_iter().map(|x| x as i32).collect(),
-        greedy: i64s("greedy").into_iter().map(|x| x as u32).collect(),
-    }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// Each fixture read by the library runs on the CPU backend to the reference's logits (every
 /// position of both rows), loss (next-token cross entropy over 22 targets) and 6 greedy

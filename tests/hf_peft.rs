@@ -8,6 +8,7 @@
 mod common;
 
 use common::cli::{copy_dir, fails, s};
+use common::hf_fixtures::{argmax, fixture, reference, Reference};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
@@ -26,58 +27,6 @@ const LOSS_TOL_F32: f64 = 1e-6;
 
 /// (adapter fixture, base fixture, lora_dropout it was saved with).
 const ADAPTERS: [(&str, &str, f32); 2] = [("peft_llama", "llama", 0.1), ("peft_gpt2", "gpt2", 0.0)];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-struct Reference {
-    ids: Vec<i32>,
-    logits: Vec<f64>,
-    loss: f64,
-    prompt: Vec<i32>,
-    greedy: Vec<u32>,
-}
-
-fn reference(dir: &Path) -> Reference {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let f64s = |n: &str| -> Vec<f64> {
-        let t = st.tensor(n).unwrap();
-        assert_eq!(t.dtype(), Dtype::F64, "{n}");
-        t.data()
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    let i64s = |n: &str| -> Vec<i64> {
-        let t = st.tensor(n).unwrap();
-        assert_eq!(t.dtype(), Dtype::I64, "{n}");
-        t.data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    Reference {
-        ids: i64s("input_ids").into_iter().map(|x| x as i32).collect(),
-        logits: f64s("logits"),
-        loss: f64s("loss")[0],
-        prompt: i64s("prompt_ids").into_iter().map(|x| x as i32).collect(),
-        greedy: i64s("greedy").into_iter().map(|x| x as u32).collect(),
-    }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// The model's logits at every position of `r.ids` (2 rows of 12) against the reference's:
 /// the relative error.

@@ -156,26 +156,7 @@ fn records(path: &Path) -> Vec<serde_json::Value> {
 fn the_command_runs_with_a_reward_checkpoint_and_names_a_bad_prompt_line() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let text = String::from_utf8_lossy(&EMBEDDED_CORPUS[..20_000]).into_owned();
-    let tok = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, |_, _| {}).unwrap();
-    let cfg = ModelConfig {
-        vocab_size: tok.vocab_size(),
-        padded_vocab_size: 320,
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 32,
-        max_seq_len: 32,
-        family: Default::default(),
-        lora: None,
-    };
-    let be = CpuBackend;
-    let mut model = Gpt::init(&be, &cfg, 21).unwrap();
-    let init = root.join("sft");
-    checkpoint::save(&be, &init, &model, &tok, None).unwrap();
-    model.init_reward_head(&be, 22).unwrap();
-    let reward = root.join("reward");
-    checkpoint::save(&be, &reward, &model, &tok, None).unwrap();
-    let prompts = root.join("prompts.jsonl");
+    let (init, reward, prompts, _) = rl_inputs(root, 21);
     std::fs::write(
         &prompts,
         "{\"prompt\": \"What color is the sky?\"}\n\n{\"prompt\": \"Name a fruit.\"}\n",
@@ -331,10 +312,11 @@ fn per_token_backward_matches_finite_differences_and_rows_sum_to_sequence_logps(
     }
 }
 
-/// An SFT checkpoint, a reward checkpoint trained from it (same tokenizer) and a prompts file
-/// under `root`; their model's config.
+/// An SFT checkpoint (model drawn from `seed`), a reward checkpoint made from it (head drawn
+/// from `seed + 1`, same tokenizer) and a prompts file under `root`; their model's config.
 fn rl_inputs(
     root: &Path,
+    seed: u64,
 ) -> (
     std::path::PathBuf,
     std::path::PathBuf,
@@ -354,10 +336,10 @@ fn rl_inputs(
         lora: None,
     };
     let be = CpuBackend;
-    let mut model = Gpt::init(&be, &cfg, 31).unwrap();
+    let mut model = Gpt::init(&be, &cfg, seed).unwrap();
     let init = root.join("sft");
     checkpoint::save(&be, &init, &model, &tok, None).unwrap();
-    model.init_reward_head(&be, 32).unwrap();
+    model.init_reward_head(&be, seed + 1).unwrap();
     let reward = root.join("reward");
     checkpoint::save(&be, &reward, &model, &tok, None).unwrap();
     let prompts = root.join("prompts.jsonl");
@@ -375,7 +357,7 @@ fn rl_memory_plan_counts_the_reward_model_and_the_reference() {
     use topcoat::commands::plan::gib;
     use topcoat::commands::preflight::HeldModel;
     let dir = tempfile::tempdir().unwrap();
-    let (init, reward, prompts, cfg) = rl_inputs(dir.path());
+    let (init, reward, prompts, cfg) = rl_inputs(dir.path(), 31);
     let (k, prompts_per_batch, t) = (3, 2, 32);
     let cpu_bytes = |_| 4;
     let reward_model = HeldModel {

@@ -76,4 +76,5 @@ pub fn safetensors_data_start(bytes: &[u8]) -> usize {
 }
 
 pub mod cli;
+pub mod hf_fixtures;
 pub mod ranks;
