@@ -14,8 +14,8 @@ pub mod config; // model presets and run configs (TOML + flag overrides)
 pub mod data; // token shards, the window loader, tokenizers, `prepare`
 pub mod dist; // data parallelism: rank info, the Collective trait (NCCL, loopback TCP, solo)
 pub mod generate; // generation with a KV cache: sampling (temperature, top-k, top-p), sessions
-pub mod hf; // Hugging Face model directories in and out: config.json, safetensors, names
-pub mod model; // GPT-2 and the Llama family: parameter layout, forward, backward and decoding against Backend
+pub mod hf; // Hugging Face model directories and PEFT adapter directories in and out
+pub mod model; // GPT-2 and the Llama family against Backend: layout, LoRA, chunked head, memory plan
 pub mod optim; // AdamW parameter groups and the learning-rate schedule
 pub mod rng; // a small seedable RNG whose whole state is saved in checkpoints
 pub mod runtime; // the one place that picks the device, rank and collective; opens the backend once
